@@ -1,0 +1,1 @@
+"""catflap: a self-hostable, Pipecat-Cloud-compatible WebSocket session gateway."""

@@ -1,0 +1,56 @@
+"""WebSocket close codes that catflap itself may send, and when.
+
+Codes a peer sends are relayed unchanged; this table is only for closes that the gateway or the
+agent runtime originates. 1005, 1006 and 1015 are reserved by RFC 6455 for local reporting and
+must never appear on the wire: :func:`assert_sendable` guards every close catflap builds.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["CLOSE_CODE_EXPLANATIONS", "SENDABLE", "CloseCode", "assert_sendable"]
+
+
+class CloseCode(enum.IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+    BAD_GATEWAY = 1014
+    # Never sent; listed so that code can name them when it reports what it saw.
+    NO_STATUS = 1005
+    ABNORMAL = 1006
+    TLS_FAILURE = 1015
+
+
+#: When catflap sends each code. Rendered into docs/operations.md.
+CLOSE_CODE_EXPLANATIONS: dict[CloseCode, str] = {
+    CloseCode.NORMAL: "runtime: bot() returned and the socket was still open",
+    CloseCode.GOING_AWAY: "gateway -> agent: the client vanished without a close frame",
+    CloseCode.POLICY_VIOLATION: "provider endpoints: not the named provider, or no handshake in time",
+    CloseCode.INTERNAL_ERROR: "gateway -> client: the agent leg dropped without a close "
+    "(agent crash); runtime -> client: bot() raised",
+    CloseCode.SERVICE_RESTART: "gateway: drain deadline reached during shutdown",
+    CloseCode.TRY_AGAIN_LATER: "gateway: a peer stopped reading and its buffer stayed full",
+    CloseCode.BAD_GATEWAY: "gateway -> client: the agent could not be reached after the upgrade",
+}
+
+#: The codes catflap may put on the wire.
+SENDABLE: frozenset[int] = frozenset(CLOSE_CODE_EXPLANATIONS)
+
+
+def assert_sendable(code: int) -> int:
+    """Return ``code`` if catflap may send it; raise ``AssertionError`` otherwise.
+
+    Raises:
+        AssertionError: ``code`` is reserved (1005/1006/1015) or not in the documented table.
+            This is catflap misuse, never a peer's fault.
+    """
+    if code not in SENDABLE:
+        raise AssertionError(f"close code {code} is not in catflap's documented table")
+    return code

@@ -1,0 +1,38 @@
+"""Header and query-parameter names of both hops, defined once.
+
+All header names are lower-case bytes/str as they appear after parsing (HTTP header names are
+case-insensitive; catflap compares lower-case).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AGENT_PATH",
+    "MAX_SESSION_SECONDS_HEADER",
+    "QUERY_BODY",
+    "QUERY_SERVICE_HOST",
+    "QUERY_TOKEN",
+    "SESSION_ID_HEADER",
+    "TRANSPORT_TYPE_HEADER",
+    "TRANSPORT_TYPE_WEBSOCKET",
+]
+
+#: The session id, on the gateway -> agent upgrade (PCC base image reads this header).
+SESSION_ID_HEADER = "x-daily-session-id"
+#: Tells the runtime to set ``args.transport_type``. Absent means ``None`` (pipecat
+#: auto-detects the telephony provider). PCC does not document its own mechanism; this name is
+#: catflap's.
+TRANSPORT_TYPE_HEADER = "x-catflap-transport-type"
+#: The only value of :data:`TRANSPORT_TYPE_HEADER`: a plain, non-telephony WebSocket client.
+TRANSPORT_TYPE_WEBSOCKET = "websocket"
+#: The session budget in seconds (PCC base image >= 0.1.27 reads it on ``POST /bot``; catflap
+#: sends it on ``/ws`` too, and the runtime cancels ``bot()`` when it runs out).
+MAX_SESSION_SECONDS_HEADER = "x-pcc-max-session-seconds"
+
+#: The agent runtime's WebSocket route (PCC base image).
+AGENT_PATH = "/ws"
+
+#: Query parameters of the public WebSocket URL.
+QUERY_BODY = "body"
+QUERY_TOKEN = "token"
+QUERY_SERVICE_HOST = "serviceHost"

@@ -1,0 +1,114 @@
+"""Every limit of the contract, defined once, each with the reason for its value.
+
+The config dataclasses and the CLI build their defaults from these names; nothing else in the
+code base writes these numbers again.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AGENT_NAME_MAX_LEN",
+    "AGENT_READY_TIMEOUT_S",
+    "BODY_MAX_BYTES",
+    "BODY_MAX_ENCODED_CHARS",
+    "CLOSE_WAIT_S",
+    "DRAIN_TIMEOUT_S",
+    "IDLE_REAP_S",
+    "MAX_AGENTS_DEFAULT",
+    "MAX_SESSION_DURATION_DEFAULT_S",
+    "MAX_SESSION_DURATION_MAX_S",
+    "MAX_SESSION_DURATION_MIN_S",
+    "MIN_AGENTS_DEFAULT",
+    "ORG_NAME_MAX_LEN",
+    "REQUEST_HEAD_MAX_BYTES",
+    "REQUEST_HEAD_TIMEOUT_S",
+    "REQUEST_URL_MAX_BYTES",
+    "RELAY_HIGH_WATER_BYTES",
+    "RELAY_LOW_WATER_BYTES",
+    "RETRY_AFTER_AT_CAPACITY_S",
+    "RETRY_AFTER_NOT_READY_S",
+    "SERVICE_HOST_MAX_LEN",
+    "START_REQUEST_MAX_BYTES",
+    "TOKEN_CLOCK_SKEW_S",
+    "TOKEN_TTL_S",
+    "UPSTREAM_HANDSHAKE_TIMEOUT_S",
+]
+
+# --- Names ---------------------------------------------------------------------------------
+
+#: PCC's ``CreateServiceRequest.serviceName``: ``^[a-z0-9]([-a-z0-9]*[a-z0-9])$``, at most 54.
+AGENT_NAME_MAX_LEN = 54
+#: Organisation names are DNS-label-like (``three-random-words-12345``); 63 is a DNS label.
+ORG_NAME_MAX_LEN = 63
+#: A service host is ``{agent}.{org}``: 54 + 1 + 63 = 118 fits; anything over 200 is refused
+#: outright before any parsing (the lifecycle issue names 200 as the hard bound).
+SERVICE_HOST_MAX_LEN = 200
+
+# --- Body (?body=) ---------------------------------------------------------------------------
+
+#: PCC: "4 KB of JSON" for WebSocket sessions because the body rides in the upgrade URL.
+#: catflap reads it as 4096 bytes of *decoded* UTF-8 JSON (spec decision table).
+BODY_MAX_BYTES = 4096
+#: The longest raw ``?body=`` value worth decoding: padded base64 of 4096 bytes is 5464
+#: characters, and percent-encoding can triple that. Longer values are refused with 413
+#: without decoding them.
+BODY_MAX_ENCODED_CHARS = 5464 * 3
+
+# --- HTTP request heads (gateway) ----------------------------------------------------------
+
+#: Longest request target. A worst-case percent-encoded 4 KiB body (16,392 chars) plus a token
+#: and service host must fit; nginx's default ``large_client_header_buffers`` is 4 x 8 KiB.
+#: Longer targets get 414.
+REQUEST_URL_MAX_BYTES = 20 * 1024
+#: Whole request head (request line + headers). h11 uses 16 KiB and nginx 32 KiB; we need the
+#: long URL above plus ordinary headers. Larger heads get 431.
+REQUEST_HEAD_MAX_BYTES = 32 * 1024
+#: A client must finish sending its request head within this time (slow-loris bound).
+REQUEST_HEAD_TIMEOUT_S = 10.0
+#: The /start request is a small JSON document; anything larger is refused with 413.
+START_REQUEST_MAX_BYTES = 64 * 1024
+
+# --- Tokens ----------------------------------------------------------------------------------
+
+#: PCC: "5 minutes from when it is generated".
+TOKEN_TTL_S = 300
+#: Clocks of several gateways may disagree slightly; ``iat`` this far in the future is still
+#: accepted, and ``exp`` is enforced exactly (a token is never valid past its ``exp``).
+TOKEN_CLOCK_SKEW_S = 5
+
+# --- Capacity and pool -----------------------------------------------------------------------
+
+#: PCC defaults for ``[scaling]``: scale to zero, hard cap 50.
+MIN_AGENTS_DEFAULT = 0
+MAX_AGENTS_DEFAULT = 50
+#: PCC keeps an idle instance warm for 5 minutes after its session.
+IDLE_REAP_S = 300.0
+#: How long a handshake may wait for a cold-starting instance before 503. A real Pipecat import
+#: takes about 1 s here; PCC's cold start is 10 s at best.
+AGENT_READY_TIMEOUT_S = 30.0
+#: ``Retry-After`` on 429: capacity frees when any session ends, so retrying soon is sensible.
+RETRY_AFTER_AT_CAPACITY_S = 1
+#: ``Retry-After`` on 503 (agent not ready, draining, upstream unreachable). LiveKit uses 1.
+RETRY_AFTER_NOT_READY_S = 2
+
+# --- Sessions ----------------------------------------------------------------------------------
+
+#: PCC ``max_session_duration``: default 2 h, range 60 s to 4 h.
+MAX_SESSION_DURATION_DEFAULT_S = 7200
+MAX_SESSION_DURATION_MIN_S = 60
+MAX_SESSION_DURATION_MAX_S = 14400
+#: Graceful shutdown lets live sessions run this long (PCC base image ``SHUTDOWN_TIMEOUT``).
+DRAIN_TIMEOUT_S = 7200.0
+
+# --- Relay -------------------------------------------------------------------------------------
+
+#: The agent must answer the forwarded upgrade within this time, or the client gets 503.
+UPSTREAM_HANDSHAKE_TIMEOUT_S = 10.0
+#: Write-buffer marks per relay leg. Above the high mark the opposite leg stops reading, so a
+#: slow reader throttles the sender through TCP instead of growing memory. 64 KiB is asyncio's
+#: default and about 4 s of 8 kHz PCM16: enough to ride out jitter, small enough to bound RAM.
+RELAY_HIGH_WATER_BYTES = 64 * 1024
+RELAY_LOW_WATER_BYTES = 16 * 1024
+#: After one leg closes, how long the other leg's close handshake may take before the socket is
+#: torn down. Pipecat cut its own wait to 0.5 s after 10 s stalls hit 19 % of calls.
+CLOSE_WAIT_S = 2.0
