@@ -1,2 +1,169 @@
-def main() -> None:
-    raise SystemExit("not yet")
+"""The ``catflap`` command line.
+
+``main(argv)`` parses arguments, builds the config and turns typed errors into named exit
+codes; nothing below the CLI calls ``sys.exit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import tempfile
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import click
+
+from catflap.auth.replay import MemoryReplayStore
+from catflap.config import (
+    CatflapConfig,
+    generated_public_key,
+    load_config,
+    token_keyring,
+    zero_config,
+)
+from catflap.contract.errors import ConfigError
+from catflap.logs import configure_logging
+
+__all__ = ["EXIT_CONFIG", "EXIT_OK", "main"]
+
+EXIT_OK = 0
+#: The configuration is invalid; the message names the file, the key and the problem.
+EXIT_CONFIG = 2
+#: The gateway could not start (port in use, ...).
+EXIT_STARTUP = 3
+
+log = logging.getLogger("catflap")
+
+
+@click.group()
+@click.version_option(package_name="catflap")
+def cli() -> None:
+    """catflap: self-hosted, Pipecat-Cloud-compatible WebSocket sessions."""
+
+
+def _build_config(
+    folder: Path | None, config_file: Path | None, org: str | None, listen: str | None,
+    public_url: str | None, public_keys: tuple[str, ...], private_keys: tuple[str, ...],
+) -> CatflapConfig:
+    if config_file is not None:
+        if folder is not None:
+            raise click.UsageError("give either a bot folder or --config, not both")
+        cfg = load_config(config_file)
+        updates = {k: v for k, v in (("listen", listen), ("public_url", public_url)) if v}
+        return cfg.model_copy(update=updates) if updates else cfg
+    if folder is None:
+        raise click.UsageError("give a folder with bot.py, or --config catflap.toml")
+    if not org:
+        raise click.UsageError("zero-config mode needs --org (the organization name)")
+    keys = list(public_keys)
+    if not keys:
+        keys = [generated_public_key()]
+        log.warning("no --public-key given; generated %s for this run (POST /start needs it)",
+                    keys[0])
+    return zero_config(
+        folder, org=org, listen=listen or "127.0.0.1:8080", public_url=public_url,
+        public_keys=keys, private_keys=list(private_keys),
+    )
+
+
+@cli.command()
+@click.argument("folder", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="catflap.toml with several agents and organizations.")
+@click.option("--org", help="Organization name (zero-config mode).")
+@click.option("--listen", help="host:port for /ws/... and /v1/... [default: 127.0.0.1:8080]")
+@click.option("--public-url", help="Base of the wsUrl /start returns, e.g. wss://voice.example.com")
+@click.option("--public-key", "public_keys", multiple=True, help="Public API key (repeatable).")
+@click.option("--private-key", "private_keys", multiple=True, help="Private API key (repeatable).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(
+    folder: Path | None, config_file: Path | None, org: str | None, listen: str | None,
+    public_url: str | None, public_keys: tuple[str, ...], private_keys: tuple[str, ...],
+    log_level: str,
+) -> None:
+    """Run the gateway, the control API and a warm pool of agents on this machine."""
+    configure_logging(log_level)
+    try:
+        cfg = _build_config(folder, config_file, org, listen, public_url, public_keys,
+                            private_keys)
+        keyring, generated = token_keyring()
+    except ConfigError as exc:
+        click.echo(f"catflap: configuration error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if generated:
+        log.warning("CATFLAP_TOKEN_KEYS is not set: using a random signing key; tokens "
+                    "won't survive a restart or work across gateways")
+    try:
+        _run(_serve(cfg, keyring, log_level))
+    except OSError as exc:
+        click.echo(f"catflap: could not start: {exc}", err=True)
+        sys.exit(EXIT_STARTUP)
+
+
+async def _serve(cfg: CatflapConfig, keyring: object, log_level: str) -> None:
+    from catflap.auth.tokens import KeyRing
+    from catflap.gateway.server import Gateway
+    from catflap.pool.launcher import SubprocessLauncher
+    from catflap.pool.pool import LocalPool
+
+    assert isinstance(keyring, KeyRing)
+    with tempfile.TemporaryDirectory(prefix="catflap-") as socket_dir:
+        launcher = SubprocessLauncher(Path(socket_dir), log_level=log_level)
+        pool = LocalPool(cfg.agents(), launcher,
+                         ready_timeout=cfg.gateway.agent_ready_timeout)
+        gateway = Gateway(cfg, keyring=keyring, replay=MemoryReplayStore(), pool=pool)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        terms = 0
+
+        def on_signal() -> None:  # handlers only set flags; the main flow acts on them
+            nonlocal terms
+            terms += 1
+            if terms == 1:
+                stop.set()
+            else:
+                gateway.abort_all()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        host, port = cfg.host_port
+        pool.start()
+        await gateway.start(host, port)
+        for agent in cfg.agents():
+            log.info("agent %s: ws://%s:%d/ws/generic/%s", agent.key, host, gateway.port,
+                     agent.key)
+        await stop.wait()
+        log.info("x shutting down (send the signal again to close every session now)")
+        await gateway.shutdown(drain_timeout=cfg.gateway.drain_timeout)
+        await pool.close()
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def agent(ctx: click.Context) -> None:
+    """Run one agent runtime (started by the pool; see `catflap agent --help`)."""
+    from catflap.runtime.main import main as runtime_main
+
+    sys.exit(runtime_main(list(ctx.args)))
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed (it is a dependency on Linux and macOS)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(coro)
+
+
+def main(argv: list[str] | None = None) -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        cli.main(args=argv, prog_name="catflap")

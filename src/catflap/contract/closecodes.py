@@ -32,7 +32,8 @@ class CloseCode(enum.IntEnum):
 CLOSE_CODE_EXPLANATIONS: dict[CloseCode, str] = {
     CloseCode.NORMAL: "runtime: bot() returned and the socket was still open",
     CloseCode.GOING_AWAY: "gateway -> agent: the client vanished without a close frame",
-    CloseCode.POLICY_VIOLATION: "provider endpoints: not the named provider, or no handshake in time",
+    CloseCode.POLICY_VIOLATION: "provider endpoints: not the named provider, "
+    "or no handshake in time",
     CloseCode.INTERNAL_ERROR: "gateway -> client: the agent leg dropped without a close "
     "(agent crash); runtime -> client: bot() raised",
     CloseCode.SERVICE_RESTART: "gateway: drain deadline reached during shutdown",

@@ -16,6 +16,7 @@
     │   ├── NotFound                  404 not_found
     │   │   └── AgentNotFound         404 "404" (PCC's code)
     │   ├── MethodNotAllowed          405 method_not_allowed
+    │   ├── RequestTimeout            408 request_timeout
     │   ├── BodyTooLarge              413 body_too_large
     │   ├── RequestTooLarge           413 request_too_large
     │   ├── UrlTooLong                414 url_too_long
@@ -23,6 +24,7 @@
     │   ├── UpgradeRequired           426 upgrade_required
     │   ├── AtCapacity                429 PCC-AGENT-AT-CAPACITY (+ Retry-After)
     │   ├── HeadersTooLarge           431 headers_too_large
+    │   ├── InternalError             500 internal_error (details only in the log)
     │   └── ServiceUnavailable        503 (+ Retry-After)
     │       ├── AgentNotReady         503 PCC-1001
     │       └── Draining              503 draining
@@ -56,11 +58,13 @@ __all__ = [
     "HeadersTooLarge",
     "InvalidBody",
     "InvalidHandshake",
+    "InternalError",
     "InvalidServiceHost",
     "MalformedRequest",
     "MethodNotAllowed",
     "NotFound",
     "RequestRejected",
+    "RequestTimeout",
     "RequestTooLarge",
     "ServiceUnavailable",
     "TokenRejected",
@@ -148,8 +152,9 @@ class Unauthorized(RequestRejected):
 class TokenRejected(RequestRejected):
     """403: the session token is missing or not valid for this agent.
 
-    ``reason`` is one of ``missing``, ``malformed``, ``bad_signature``, ``unknown_key``,
-    ``expired``, ``replayed``, ``wrong_agent``; the JSON code is ``token_<reason>``.
+    ``reason`` is a :class:`catflap.auth.tokens.TokenFailure` value (``missing``,
+    ``malformed``, ``unknown_key``, ``bad_signature``, ``expired``, ``not_yet_valid``,
+    ``wrong_agent``, ``replayed``); the JSON code is ``token_<reason>``.
     """
 
     status = 403
@@ -175,6 +180,11 @@ class AgentNotFound(NotFound):
 class MethodNotAllowed(RequestRejected):
     status = 405
     code = "method_not_allowed"
+
+
+class RequestTimeout(RequestRejected):
+    status = 408
+    code = "request_timeout"
 
 
 class BodyTooLarge(RequestRejected):
@@ -213,6 +223,11 @@ class AtCapacity(RequestRejected):
 class HeadersTooLarge(RequestRejected):
     status = 431
     code = "headers_too_large"
+
+
+class InternalError(RequestRejected):
+    status = 500
+    code = "internal_error"
 
 
 class ServiceUnavailable(RequestRejected):

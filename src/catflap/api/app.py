@@ -1,0 +1,195 @@
+"""The control API: ``POST /v1/public/{agent}/start`` and friends, as a FastAPI app.
+
+Every error leaves as ``{"error": ..., "code": ...}``: catflap's typed errors, FastAPI's own
+404/405, and request-validation failures alike go through :func:`_error_response`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from catflap.auth.tokens import mint_token
+from catflap.contract import limits
+from catflap.contract.body import encode_body
+from catflap.contract.errors import (
+    AgentNotFound,
+    AtCapacity,
+    BadRequest,
+    BodyNotAllowed,
+    RequestRejected,
+    RequestTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    UnsupportedTransport,
+    UpgradeRequired,
+    error_body,
+)
+
+if TYPE_CHECKING:
+    from catflap.gateway.server import Gateway
+
+__all__ = ["StartRequest", "StartResponse", "create_api"]
+
+log = logging.getLogger("catflap.api")
+
+_TELEPHONY = ("twilio", "telnyx", "plivo", "exotel")
+
+
+class StartRequest(BaseModel):
+    """Body of ``POST /v1/public/{agent}/start`` (PCC's ``StartRequest``)."""
+
+    model_config = ConfigDict(extra="allow")
+    transport: str | None = None
+    body: Any = None
+    createDailyRoom: bool = False  # noqa: N815 - PCC's wire name
+
+
+class StartResponse(BaseModel):
+    sessionId: str  # noqa: N815 - PCC's wire name
+    wsUrl: str  # noqa: N815
+    token: str | None = None
+    body: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: str
+    code: str
+
+
+def _error_response(status: int, message: str, code: str,
+                    headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, code), status_code=status, headers=headers)
+
+
+def _bearer(request: Request) -> str | None:
+    value = request.headers.get("authorization", "")
+    scheme, _, credentials = value.partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
+
+
+async def _read_json(request: Request) -> Any:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise UnsupportedMediaType(
+            "send the request body as JSON with Content-Type: application/json"
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limits.START_REQUEST_MAX_BYTES:
+        raise RequestTooLarge(f"request body over {limits.START_REQUEST_MAX_BYTES} bytes")
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limits.START_REQUEST_MAX_BYTES:
+            raise RequestTooLarge(f"request body over {limits.START_REQUEST_MAX_BYTES} bytes")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise BadRequest("the request body is not valid JSON") from None
+
+
+def create_api(gateway: Gateway) -> FastAPI:
+    """Build the control API bound to one gateway."""
+    app = FastAPI(
+        title="catflap control API",
+        description="Pipecat-Cloud-compatible session API of a catflap gateway.",
+        version="0.1.0",
+    )
+    error_responses: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorBody} for status in (400, 401, 404, 413, 415, 429)
+    }
+
+    @app.exception_handler(RequestRejected)
+    async def _rejected(_: Request, exc: RequestRejected) -> JSONResponse:
+        body = exc.to_body()
+        return _error_response(exc.status, body["error"], body["code"], dict(exc.headers))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = "not found" if exc.status_code == 404 else str(exc.detail)
+        return _error_response(exc.status_code, message, str(exc.status_code))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(400, f"invalid request: {exc.errors()[0]['msg']}", "bad_request")
+
+    @app.get("/livez", include_in_schema=False)
+    async def livez() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        if gateway.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.post(
+        "/v1/public/{agent}/start", response_model=StartResponse,
+        response_model_exclude_none=True, responses=error_responses,
+    )
+    async def start(agent: str, request: Request) -> dict[str, Any]:
+        """Start a session: mint the WebSocket URL (and token) a client connects with.
+
+        No bot starts here; it starts when the client connects to ``wsUrl``.
+        """
+        key = _bearer(request)
+        org = gateway.org_for_public_key(key) if key else None
+        if org is None:
+            raise Unauthorized("missing or invalid public API key: send Authorization: Bearer pk_...")
+        spec = gateway.agent_by_name(org, agent)
+        if spec is None:
+            raise AgentNotFound(f"no agent {agent!r} in organization {org!r}")
+        try:
+            payload = StartRequest.model_validate(await _read_json(request))
+        except ValidationError as exc:
+            raise BadRequest(f"invalid request: {exc.errors()[0]['msg']}") from None
+        if payload.transport != "websocket":
+            hint = (
+                "telephony transports are not supported yet; use \"websocket\" and point the "
+                "provider at the wsUrl with the token as a path segment"
+                if payload.transport in _TELEPHONY
+                else "catflap serves WebSocket sessions: send {\"transport\": \"websocket\"}"
+            )
+            raise UnsupportedTransport(f"transport {payload.transport!r} is not supported: {hint}")
+        body_b64: str | None = None
+        if "body" in (payload.model_fields_set or ()):
+            if spec.config.websocket_auth == "none":
+                raise BodyNotAllowed(
+                    "this agent uses websocket_auth = \"none\": do not send a body to /start; "
+                    "base64-encode it yourself and append ?body=<b64> to the WebSocket URL"
+                )
+            body_b64 = encode_body(payload.body)
+        if gateway.pool.at_capacity(spec.key):
+            raise AtCapacity(f"agent {spec.key} is at max_agents; retry shortly")
+        response: dict[str, Any] = {
+            "wsUrl": f"{gateway.config.ws_base_url}/ws/generic/{spec.key}",
+        }
+        if spec.config.websocket_auth == "token":
+            token, claims = mint_token(gateway.keyring, spec.key, now=gateway.clock())
+            response["token"] = token
+            response["sessionId"] = claims.jti
+        else:
+            response["sessionId"] = str(uuid.uuid4())
+        if body_b64 is not None:
+            response["body"] = body_b64
+        return response
+
+    @app.api_route("/ws/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
+                   include_in_schema=False)
+    async def websocket_over_http(rest: str) -> None:
+        # Reached only by a plain request on a kept-alive API connection.
+        raise UpgradeRequired(
+            "this is a WebSocket endpoint: open a new connection with a WebSocket client",
+            headers=(("upgrade", "websocket"),),
+        )
+
+    return app
+

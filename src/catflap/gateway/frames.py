@@ -1,0 +1,136 @@
+"""Just enough of RFC 6455 framing for a byte relay.
+
+The relay never decodes or re-encodes frames: it forwards bytes as they arrive. It still has to
+know three things about each direction of the stream, and :class:`FrameScanner` tracks them by
+reading frame headers only (payloads are skipped, never copied or unmasked):
+
+- where the frame boundaries are, so that catflap can inject a close frame of its own (agent
+  crash, drain, stop) without corrupting a frame in flight;
+- whether the peer has sent a close frame, and with which code, for the session record and to
+  tell a clean close from a vanished peer;
+- how many frames passed, for the session record and metrics.
+
+Cost per chunk is a handful of integer operations; in the common case (one whole frame per
+read) the loop runs once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+
+from catflap.contract.closecodes import assert_sendable
+
+__all__ = ["FrameScanner", "close_frame"]
+
+_OP_CLOSE = 0x8
+#: Orders close frames across all scanners, to tell which peer closed first.
+_CLOSE_SEQUENCE = itertools.count(1)
+#: A reason is at most 123 bytes: a control payload is 125 bytes, 2 of which hold the code.
+_MAX_REASON = 123
+
+
+class FrameScanner:
+    """Follows frame boundaries in one direction of a WebSocket byte stream."""
+
+    __slots__ = (
+        "_partial", "_skip", "close_code", "close_reason", "close_seen", "close_seq", "frames",
+    )
+
+    def __init__(self) -> None:
+        self._skip = 0  # payload bytes of the current frame still to come
+        self._partial = b""  # an incomplete frame header (or close frame) waiting for more
+        self.frames = 0
+        self.close_seen = False
+        self.close_code: int | None = None
+        self.close_reason = ""
+        #: Increases with every close frame seen by any scanner; 0 until this one sees one.
+        self.close_seq = 0
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when the bytes seen so far end exactly at a frame boundary."""
+        return self._skip == 0 and not self._partial
+
+    def feed(self, data: bytes) -> None:
+        n = len(data)
+        skip = self._skip
+        if skip >= n:  # still inside a payload: the common case for large frames
+            self._skip = skip - n
+            return
+        if self._partial:
+            data = self._partial + data[skip:]
+            self._partial = b""
+            pos = 0
+            n = len(data)
+        else:
+            pos = skip
+        while pos < n:
+            if n - pos < 2:
+                break
+            b1 = data[pos + 1]
+            length = b1 & 0x7F
+            head = 2
+            if length == 126:
+                head = 4
+                if n - pos < 4:
+                    break
+                length = (data[pos + 2] << 8) | data[pos + 3]
+            elif length == 127:
+                head = 10
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+            masked = b1 & 0x80
+            if masked:
+                head += 4
+            end = pos + head + length
+            if data[pos] & 0x0F == _OP_CLOSE:
+                if end > n:  # wait for the whole close frame: it is at most 131 bytes
+                    break
+                self._read_close(data[pos + head - 4 : pos + head] if masked else b"",
+                                 data[pos + head : end])
+            elif n - pos < head:
+                break
+            self.frames += 1
+            if end >= n:
+                self._skip = end - n
+                return
+            pos = end
+        self._skip = 0
+        self._partial = bytes(data[pos:])
+
+    def _read_close(self, mask: bytes, payload: bytes) -> None:
+        if mask:
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        if self.close_seen:
+            return
+        self.close_seen = True
+        self.close_seq = next(_CLOSE_SEQUENCE)
+        if len(payload) >= 2:
+            self.close_code = struct.unpack("!H", payload[:2])[0]
+            self.close_reason = payload[2:].decode("utf-8", "replace")
+        else:
+            self.close_code = 1005  # "no status received", as RFC 6455 reports it locally
+
+
+def close_frame(code: int, reason: str = "", *, masked: bool) -> bytes:
+    """Build a close frame that catflap originates.
+
+    Args:
+        code: must be in :data:`catflap.contract.closecodes.SENDABLE`.
+        reason: truncated to 123 bytes of UTF-8 (never splitting a character).
+        masked: True toward a server (the agent), False toward a client.
+
+    Raises:
+        AssertionError: ``code`` is not one catflap may send.
+    """
+    assert_sendable(code)
+    encoded = reason.encode("utf-8")[:_MAX_REASON].decode("utf-8", "ignore").encode("utf-8")
+    payload = struct.pack("!H", code) + encoded
+    if not masked:
+        return bytes((0x80 | _OP_CLOSE, len(payload))) + payload
+    mask = os.urandom(4)
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes((0x80 | _OP_CLOSE, 0x80 | len(payload))) + mask + body

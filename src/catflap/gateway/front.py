@@ -1,0 +1,96 @@
+"""The gateway's per-connection front: read one request head, then pick who handles it.
+
+- ``/ws`` and below: catflap's own upgrade path (:func:`~catflap.gateway.session.run_session`),
+  which answers every refusal itself with a JSON error before any upgrade.
+- anything else: the control API. The connection is handed, with every byte read so far, to
+  uvicorn's HTTP protocol running the FastAPI app (uvicorn's own ``set_protocol`` hand-off,
+  used the other way round).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, cast
+
+from catflap.contract import limits
+from catflap.contract.errors import RequestRejected, RequestTimeout, http_error_response
+from catflap.gateway.httphead import HeadParser
+from catflap.gateway.session import run_session
+from catflap.gateway.upgrade import is_websocket_path
+
+if TYPE_CHECKING:
+    from catflap.gateway.server import Gateway
+
+__all__ = ["GatewayConnection"]
+
+log = logging.getLogger("catflap.gateway")
+
+
+class GatewayConnection(asyncio.Protocol):
+    """Owns a client connection until its first request head has been read."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.transport: asyncio.Transport
+        self.client_host: str | None = None
+        self._parser: HeadParser | None = HeadParser()
+        self._timer: asyncio.TimerHandle | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.client_host = str(peer[0])
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(limits.REQUEST_HEAD_TIMEOUT_S, self._head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:  # already decided; bytes wait in the kernel while we are paused
+            return
+        try:
+            result = parser.feed(data)
+        except RequestRejected as rejected:
+            self.reject(rejected)
+            return
+        if result is None:
+            return
+        self._cancel_timer()
+        head, trailing = result
+        self._parser = None
+        if is_websocket_path(head.path):
+            self.transport.pause_reading()
+            self.gateway.spawn(run_session(self.gateway, self, head, trailing))
+        else:
+            self._hand_to_api(bytes(parser.raw))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._cancel_timer()
+
+    def reject(self, rejected: RequestRejected) -> None:
+        """Answer with the JSON error and close; nothing was upgraded."""
+        self._parser = None
+        self._cancel_timer()
+        if not self.transport.is_closing():
+            self.transport.write(http_error_response(rejected))
+            self.transport.close()
+
+    def _hand_to_api(self, raw: bytes) -> None:
+        protocol = self.gateway.make_http_protocol()
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        protocol.data_received(raw)
+
+    def _head_timeout(self) -> None:
+        self.reject(RequestTimeout(
+            f"the request head did not arrive within {limits.REQUEST_HEAD_TIMEOUT_S:g} s"
+        ))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

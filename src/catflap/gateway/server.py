@@ -1,0 +1,141 @@
+"""The gateway process: one port for ``/ws/...`` (relay) and ``/v1/...`` (control API).
+
+Shutdown runs in a fixed order (uvicorn's, with a drain): refuse new upgrades with 503, let
+live sessions run until they end or the drain deadline passes, close the rest with 1012, stop
+listening, then stop the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from catflap.auth.replay import ReplayStore
+from catflap.auth.tokens import KeyRing
+from catflap.config import AgentSpec, CatflapConfig
+from catflap.contract import limits
+from catflap.contract.closecodes import CloseCode
+from catflap.contract.names import ServiceHost
+from catflap.gateway.front import GatewayConnection
+from catflap.gateway.relay import Relay
+from catflap.pool.pool import SessionPool
+from catflap.sessions.registry import SessionRegistry
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("catflap.gateway")
+
+
+class Gateway:
+    """Everything a gateway connection needs, and the listening socket."""
+
+    def __init__(
+        self,
+        config: CatflapConfig,
+        *,
+        keyring: KeyRing,
+        replay: ReplayStore,
+        pool: SessionPool,
+        clock: Callable[[], float] = time.time,
+        upstream_timeout: float = limits.UPSTREAM_HANDSHAKE_TIMEOUT_S,
+    ) -> None:
+        self.config = config
+        self.keyring = keyring
+        self.replay = replay
+        self.pool = pool
+        self.clock = clock
+        self.upstream_timeout = upstream_timeout
+        self.sessions = SessionRegistry()
+        self.relays: dict[str, Relay] = {}
+        self.draining = False
+        self._agents = {agent.key: agent for agent in config.agents()}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: asyncio.Server | None = None
+        self._http_state = ServerState()
+        self._http_config: uvicorn.Config | None = None
+
+    # --- lookups ---------------------------------------------------------------------------
+
+    def directory(self, service_host: ServiceHost) -> AgentSpec | None:
+        return self._agents.get(str(service_host))
+
+    def agent_by_name(self, org: str, agent: str) -> AgentSpec | None:
+        return self._agents.get(f"{agent}.{org}")
+
+    def org_for_public_key(self, key: str) -> str | None:
+        for org, org_cfg in self.config.organizations.items():
+            if key in org_cfg.public_keys:
+                return org
+        return None
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` as a task held in the registry, so it is neither lost nor leaked."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def make_http_protocol(self) -> asyncio.Protocol:
+        if self._http_config is None:
+            from catflap.api.app import create_api
+
+            self._http_config = uvicorn.Config(
+                create_api(self), http="httptools", ws="none", lifespan="off",
+                access_log=False, log_level="warning", server_header=False,
+            )
+            self._http_config.load()
+        return HttpToolsProtocol(
+            config=self._http_config, server_state=self._http_state, app_state={}
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: GatewayConnection(self), host, port, reuse_address=True, backlog=2048
+        )
+        log.info("= gateway listening on %s:%d", host, self.port)
+
+    # --- shutdown ------------------------------------------------------------------------------
+
+    async def shutdown(self, *, drain_timeout: float) -> None:
+        """Drain, then stop. Safe to call twice; the second call skips the drain."""
+        already = self.draining
+        self.draining = True
+        if not already and self.relays:
+            log.info("x draining %d live session(s) for up to %g s", len(self.relays),
+                     drain_timeout)
+            deadline = time.monotonic() + drain_timeout
+            while self.relays and time.monotonic() < deadline:
+                await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        for relay in list(self.relays.values()):
+            relay.drained = True
+            relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._http_state.connections):
+            connection.shutdown()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=limits.CLOSE_WAIT_S + 1)
+        for task in list(self._tasks):
+            task.cancel()
+
+    def abort_all(self) -> None:
+        """Second SIGTERM: drop every session at once."""
+        self.draining = True
+        for relay in list(self.relays.values()):
+            relay.drained = True
+            relay.abort()

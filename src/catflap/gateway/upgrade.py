@@ -1,0 +1,180 @@
+"""The upgrade check: a pure function from a parsed request to Accept or a typed rejection.
+
+No sockets, no clock reads, no I/O: the caller passes the directory of agents, the token key
+ring and the current time. Everything that can be refused without I/O is refused here, before
+the WebSocket upgrade and before any bot is touched. What needs I/O (spending the token's
+``jti``, reserving a pool slot) happens afterwards in :mod:`catflap.gateway.session`.
+
+Order of checks, and the status each failure gets:
+
+1. method is GET ........................................ 405
+2. it is a WebSocket upgrade (Upgrade/Connection) ........ 426
+3. ``Sec-WebSocket-Version: 13`` ......................... 426; ``Sec-WebSocket-Key`` ... 400
+4. route ``/ws/generic[/{agent}.{org}[/{token}]]`` ....... 404 unknown path
+5. query: no duplicate ``body``/``token``/``serviceHost`` . 400
+6. service host: well formed, path and query agree ...... 400; known agent .......... 404
+7. token (``websocket_auth = "token"`` agents) ........... 403
+8. ``?body=`` decodes to at most 4096 bytes of JSON ...... 400 / 413
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import unquote
+
+from catflap.auth.tokens import KeyRing, TokenClaims, TokenFailure, rejection, verify_token
+from catflap.config import AgentSpec
+from catflap.contract import headers as H
+from catflap.contract.body import DecodedBody, decode_body
+from catflap.contract.errors import (
+    AgentNotFound,
+    BadRequest,
+    InvalidHandshake,
+    InvalidServiceHost,
+    MethodNotAllowed,
+    NotFound,
+    UpgradeRequired,
+)
+from catflap.contract.names import ServiceHost, parse_service_host
+from catflap.contract.query import QueryParams, parse_query
+from catflap.gateway.httphead import RequestHead
+
+__all__ = ["Directory", "UpgradeAccepted", "check_upgrade", "is_websocket_path"]
+
+#: Looks an agent up by service host; None when no such agent or organisation exists.
+Directory = Callable[[ServiceHost], AgentSpec | None]
+
+_GENERIC = "generic"
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeAccepted:
+    """Everything the gateway needs to start the session."""
+
+    agent: AgentSpec
+    session_id: str
+    endpoint: Literal["generic"]
+    claims: TokenClaims | None
+    body: DecodedBody | None
+
+
+def is_websocket_path(path: str) -> bool:
+    """True for ``/ws`` and everything below it: the paths the gateway itself answers."""
+    return path == "/ws" or path.startswith("/ws/")
+
+
+def _tokens(value: str | None) -> set[str]:
+    return {part.strip().lower() for part in (value or "").split(",")}
+
+
+def _check_handshake_headers(head: RequestHead) -> None:
+    if "websocket" not in _tokens(head.header("upgrade")) or "upgrade" not in _tokens(
+        head.header("connection")
+    ):
+        raise UpgradeRequired(
+            "this is a WebSocket endpoint: connect with a WebSocket client "
+            "(Upgrade: websocket, Connection: Upgrade)",
+            headers=(("upgrade", "websocket"),),
+        )
+    if head.header("sec-websocket-version") != "13" or head.header_count(
+        "sec-websocket-version"
+    ) != 1:
+        raise UpgradeRequired(
+            "unsupported or missing Sec-WebSocket-Version: only version 13 is supported",
+            headers=(("sec-websocket-version", "13"),),
+        )
+    key = head.header("sec-websocket-key")
+    if key is None or head.header_count("sec-websocket-key") != 1:
+        raise InvalidHandshake("missing or repeated Sec-WebSocket-Key header")
+    try:
+        raw = base64.b64decode(key.strip(), validate=True)
+    except binascii.Error:
+        raw = b""
+    if len(raw) != 16:
+        raise InvalidHandshake("Sec-WebSocket-Key must be 16 random bytes, base64-encoded")
+
+
+def _segments(path: str) -> list[str]:
+    try:
+        return [unquote(part, errors="strict") for part in path.split("/")[2:]]
+    except UnicodeDecodeError:
+        raise BadRequest("the URL path has percent-escapes that are not UTF-8") from None
+
+
+def _route(path: str, query: QueryParams) -> tuple[ServiceHost, str | None]:
+    """Find the service host and the path token of a ``/ws/generic`` URL."""
+    segments = _segments(path)
+    if not segments or segments[0] != _GENERIC or len(segments) > 3:
+        raise NotFound(
+            f"no WebSocket endpoint at {path!r}: use /ws/generic/{{agent}}.{{org}} or "
+            "/ws/generic?serviceHost={agent}.{org}"
+        )
+    from_path = segments[1] if len(segments) > 1 else None
+    path_token = segments[2] if len(segments) > 2 else None
+    from_query = query.get_one_decoded(H.QUERY_SERVICE_HOST)
+    if from_path is not None and from_query is not None and from_path != from_query:
+        raise InvalidServiceHost(
+            f"?serviceHost={from_query!r} disagrees with the path's {from_path!r}: give one"
+        )
+    text = from_path if from_path is not None else from_query
+    if text is None or text == "":
+        raise InvalidServiceHost(
+            "no service host: connect to /ws/generic/{agent}.{org} or add ?serviceHost="
+        )
+    return parse_service_host(text), path_token
+
+
+def _find_token(head: RequestHead, query: QueryParams, path_token: str | None) -> str | None:
+    """Header, then ``?token=``, then the path segment (PCC's documented order)."""
+    authorization = head.header("authorization")
+    if authorization is not None:
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+    from_query = query.get_one_decoded(H.QUERY_TOKEN)
+    if from_query:
+        return from_query
+    return path_token or None
+
+
+def check_upgrade(
+    head: RequestHead, directory: Directory, keyring: KeyRing, *, now: float
+) -> UpgradeAccepted:
+    """Decide whether a WebSocket upgrade request may start a session.
+
+    Raises:
+        RequestRejected: a subclass carrying the status to send (400, 403, 404, 405, 413 or
+            426) and the JSON error code; nothing has been started.
+    """
+    if head.method != "GET":
+        raise MethodNotAllowed(
+            f"{head.method} is not allowed here: WebSocket upgrades use GET",
+            headers=(("allow", "GET"),),
+        )
+    _check_handshake_headers(head)
+    query = parse_query(head.query)
+    service_host, path_token = _route(head.path, query)
+    for name in (H.QUERY_BODY, H.QUERY_TOKEN):
+        query.get_one(name)  # refuses duplicates even where the value is not used
+    agent = directory(service_host)
+    if agent is None:
+        raise AgentNotFound(
+            f"no agent {service_host.agent!r} in organization {service_host.org!r}"
+        )
+    claims: TokenClaims | None = None
+    if agent.config.websocket_auth == "token":
+        token = _find_token(head, query, path_token)
+        if token is None:
+            raise rejection(TokenFailure.MISSING)
+        claims = verify_token(token, keyring, service_host=str(service_host), now=now)
+    raw_body = query.get_one(H.QUERY_BODY)
+    body = decode_body(raw_body) if raw_body is not None else None
+    session_id = claims.jti if claims is not None else str(uuid.uuid4())
+    return UpgradeAccepted(
+        agent=agent, session_id=session_id, endpoint="generic", claims=claims, body=body
+    )

@@ -1,0 +1,145 @@
+"""The gateway -> agent hop: forward the client's upgrade to the instance's ``/ws``.
+
+The agent's uvicorn answers the client's own ``Sec-WebSocket-Key``, so its 101 response is
+valid for the client as it stands and is forwarded verbatim. Subprotocol and extension
+negotiation therefore happen end to end between the client and the agent; the gateway takes
+no part in them and never sees a decoded frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+from dataclasses import dataclass
+
+from catflap.contract import headers as H
+from catflap.contract.errors import ServiceUnavailable
+from catflap.gateway.httphead import RequestHead
+from catflap.gateway.upgrade import UpgradeAccepted
+
+__all__ = ["UpstreamReply", "build_upstream_request", "open_upstream"]
+
+#: The agent's response head is a few hundred bytes; anything past this is not an agent.
+_RESPONSE_HEAD_MAX = 16 * 1024
+
+#: Client headers that are not passed on: connection-level ones, the ones the gateway sets
+#: itself, and (for token agents) the Authorization that carried catflap's token.
+_NOT_FORWARDED = frozenset({
+    "host", "connection", "upgrade", "keep-alive", "proxy-connection", "te", "trailer",
+    "transfer-encoding", "content-length", "x-forwarded-for",
+})
+#: Header prefixes that only catflap may set on the agent hop; a client cannot spoof them.
+_RESERVED_PREFIXES = ("x-daily-", "x-catflap-", "x-pcc-")
+
+
+def build_upstream_request(
+    head: RequestHead,
+    accepted: UpgradeAccepted,
+    *,
+    client_host: str | None,
+    transport_type: str | None,
+) -> bytes:
+    """The upgrade request the agent's ``/ws`` receives.
+
+    Args:
+        head: the client's request head.
+        accepted: the result of the upgrade check.
+        client_host: the client's address, appended to ``X-Forwarded-For``.
+        transport_type: value for the transport-type header, or None to leave it out
+            (pipecat then auto-detects a telephony provider).
+    """
+    target = H.AGENT_PATH
+    if accepted.body is not None:
+        target += f"?{H.QUERY_BODY}={accepted.body.forward}"
+    drop_authorization = accepted.claims is not None
+    lines = [
+        f"GET {target} HTTP/1.1",
+        "host: catflap-agent",
+        "upgrade: websocket",
+        "connection: Upgrade",
+        f"{H.SESSION_ID_HEADER}: {accepted.session_id}",
+        f"{H.MAX_SESSION_SECONDS_HEADER}: {accepted.agent.config.max_session_duration}",
+    ]
+    if transport_type is not None:
+        lines.append(f"{H.TRANSPORT_TYPE_HEADER}: {transport_type}")
+    forwarded_for = [v for k, v in head.headers if k == "x-forwarded-for"]
+    if client_host:
+        forwarded_for.append(client_host)
+    if forwarded_for:
+        lines.append("x-forwarded-for: " + ", ".join(forwarded_for))
+    for name, value in head.headers:
+        if name in _NOT_FORWARDED or name.startswith(_RESERVED_PREFIXES):
+            continue
+        if name == "authorization" and drop_authorization:
+            continue
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamReply:
+    transport: asyncio.Transport
+    status: int
+    head: bytes
+    trailing: bytes
+
+
+class _AwaitResponseHead(asyncio.Protocol):
+    """Reads the agent's response head; the relay takes the transport over afterwards."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.buffer = bytearray()
+        self.done: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end >= 0 and not self.done.done():
+            assert self.transport is not None
+            self.transport.pause_reading()  # the relay resumes it
+            self.done.set_result((bytes(self.buffer[: end + 4]), bytes(self.buffer[end + 4 :])))
+        elif len(self.buffer) > _RESPONSE_HEAD_MAX and not self.done.done():
+            self.done.set_exception(ConnectionError("agent response head too large"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError("agent closed the connection during the upgrade"))
+
+
+async def open_upstream(address: str, request: bytes, *, timeout: float) -> UpstreamReply:
+    """Connect to an instance, send the upgrade, and wait for its response head.
+
+    Args:
+        address: ``unix:/path`` or ``tcp:host:port``, as the runtime reported it.
+
+    Raises:
+        ServiceUnavailable: 503, the instance could not be reached or did not answer in time.
+    """
+    loop = asyncio.get_running_loop()
+    protocol = _AwaitResponseHead(loop)
+    kind, _, where = address.partition(":")
+    try:
+        async with asyncio.timeout(timeout):
+            if kind == "unix":
+                transport, _ = await loop.create_unix_connection(lambda: protocol, where)
+            else:
+                host, _, port = where.rpartition(":")
+                transport, _ = await loop.create_connection(lambda: protocol, host, int(port))
+            transport.write(request)
+            try:
+                head, trailing = await protocol.done
+            except BaseException:
+                transport.abort()
+                raise
+    except (OSError, TimeoutError) as exc:
+        raise ServiceUnavailable(
+            f"could not reach the agent instance ({type(exc).__name__}); retry shortly"
+        ) from None
+    status_line = head.split(b"\r\n", 1)[0].split(b" ", 2)
+    status = int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else 0
+    return UpstreamReply(transport=transport, status=status, head=head, trailing=trailing)

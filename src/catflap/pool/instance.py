@@ -1,0 +1,131 @@
+"""One agent instance (a runtime process) and its lifecycle.
+
+States and the only transitions allowed (every change is logged with ``=`` and the pid)::
+
+    STARTING ──ready──▶ READY ──stop──▶ STOPPING ──exit──▶ DEAD
+        │                 │                                  ▲
+        └──start_failed / exit / timeout ────────────────────┘
+                          └──exit (crash) ───────────────────┘
+
+An instance holds *slots*: a slot is taken when the gateway accepts a handshake (reservation),
+and given back only when the runtime reports that ``bot()`` has ended, or when the process dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+from catflap.contract.errors import CatflapMisuse
+from catflap.pool.launcher import LaunchedProcess
+
+__all__ = ["Instance", "InstanceState", "Lease", "SessionEnd"]
+
+log = logging.getLogger("catflap.pool")
+
+
+class InstanceState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    DEAD = "dead"
+
+
+_TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
+    InstanceState.STARTING: frozenset({InstanceState.READY, InstanceState.DEAD,
+                                       InstanceState.STOPPING}),
+    InstanceState.READY: frozenset({InstanceState.STOPPING, InstanceState.DEAD}),
+    InstanceState.STOPPING: frozenset({InstanceState.DEAD}),
+    InstanceState.DEAD: frozenset(),
+}
+
+#: How a session ended, as far as the pool knows: the runtime's report, or the process died.
+EndStatus = Literal["completed", "bot_error", "time_limit", "stopped", "agent_crashed"]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    status: EndStatus
+    error: str | None = None
+    client_disconnected: bool = False
+    bot_seconds: float | None = None
+
+
+@dataclass(eq=False)
+class Lease:
+    """One reserved slot on one instance, for one session."""
+
+    session_id: str
+    instance: Instance
+    #: Set once the runtime reported ``session_started`` (its ``bot()`` is running).
+    started: bool = False
+    #: True when the session had to wait for an instance to start.
+    cold_start: bool = False
+    ended: asyncio.Future[SessionEnd] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    @property
+    def address(self) -> str:
+        if self.instance.address is None:
+            raise CatflapMisuse("lease address read before the instance was ready")
+        return self.instance.address
+
+
+@dataclass(eq=False)
+class Instance:
+    instance_id: int
+    agent_key: str
+    capacity: int
+    started_at: float
+    state: InstanceState = InstanceState.STARTING
+    process: LaunchedProcess | None = None
+    address: str | None = None
+    leases: dict[str, Lease] = field(default_factory=dict)
+    idle_since: float = 0.0
+    ready: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def free_slots(self) -> int:
+        if self.state in (InstanceState.STOPPING, InstanceState.DEAD):
+            return 0
+        return self.capacity - len(self.leases)
+
+    def set_state(self, new: InstanceState) -> None:
+        """The one place an instance changes state.
+
+        Raises:
+            CatflapMisuse: the transition is not in the table above.
+        """
+        if new is self.state:
+            return
+        if new not in _TRANSITIONS[self.state]:
+            raise CatflapMisuse(f"instance {self.instance_id}: {self.state.value} -> {new.value}")
+        log.info(
+            "= %s instance %d pid %s: %s -> %s",
+            self.agent_key, self.instance_id, self.pid, self.state.value, new.value,
+        )
+        self.state = new
+
+    def reserve(self, session_id: str) -> Lease:
+        if self.free_slots <= 0:
+            raise CatflapMisuse(f"instance {self.instance_id} has no free slot")
+        lease = Lease(session_id=session_id, instance=self)
+        self.leases[session_id] = lease
+        return lease
+
+    def release(self, session_id: str, end: SessionEnd, *, now: float) -> None:
+        lease = self.leases.pop(session_id, None)
+        if lease is not None and not lease.ended.done():
+            lease.ended.set_result(end)
+        if not self.leases:
+            self.idle_since = now

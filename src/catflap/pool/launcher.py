@@ -1,0 +1,93 @@
+"""Starting agent runtime processes.
+
+A launcher turns "start instance N of this agent" into a running ``catflap agent`` process with
+a connected control channel. The pool does not care how the process came to be, so a fork
+server (a pre-imported runtime that forks) can replace :class:`SubprocessLauncher` without the
+pool changing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from catflap.config import AgentSpec
+from catflap.runtime.control import ControlChannel
+
+__all__ = ["LaunchedProcess", "Launcher", "SubprocessLauncher"]
+
+
+@dataclass
+class LaunchedProcess:
+    """A running runtime process and our end of its control channel."""
+
+    pid: int
+    channel: ControlChannel
+    process: asyncio.subprocess.Process
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            try:
+                self.process.kill()
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        if self.process.returncode is None:
+            try:
+                self.process.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+class Launcher(Protocol):
+    async def launch(self, agent: AgentSpec, instance_id: int) -> LaunchedProcess: ...
+
+
+class SubprocessLauncher:
+    """Start each instance as ``python -m catflap.runtime.main`` listening on a Unix socket.
+
+    Unix sockets keep the gateway -> agent hop off the TCP stack and need no port allocation.
+    """
+
+    def __init__(self, socket_dir: Path, *, log_level: str = "info") -> None:
+        self._socket_dir = socket_dir
+        self._log_level = log_level
+
+    def socket_path(self, agent: AgentSpec, instance_id: int) -> Path:
+        # Short names: AF_UNIX paths are limited to 107 bytes, and agent names can be long.
+        return self._socket_dir / f"i{instance_id}.sock"
+
+    async def launch(self, agent: AgentSpec, instance_id: int) -> LaunchedProcess:
+        sock_path = self.socket_path(agent, instance_id)
+        sock_path.unlink(missing_ok=True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "catflap.runtime.main",
+                "--bot-dir", str(agent.config.path),
+                "--listen", f"unix:{sock_path}",
+                "--control-fd", str(theirs.fileno()),
+                "--agent-name", agent.key,
+                "--log-level", self._log_level,
+                pass_fds=(theirs.fileno(),),
+                cwd=str(agent.config.path),
+                env=dict(os.environ),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        channel = await ControlChannel.from_socket(ours)
+        return LaunchedProcess(pid=process.pid, channel=channel, process=process)

@@ -1,0 +1,399 @@
+"""The warm pool: keeps each agent's instances running and hands out slots to sessions.
+
+Theory of operation, per agent:
+
+- At start, ``min_agents`` instances are spawned and kept warm.
+- ``acquire()`` reserves a slot on a ready instance with room. With none, it cold-starts a new
+  instance while the agent has fewer than ``max_agents``; past that it refuses with 429. The
+  reservation is made before any await, so two handshakes can never take the same slot.
+- A slot comes back only when the runtime reports that ``bot()`` has ended (or the process
+  died): an instance is never reused while a bot may still be running in it.
+- A crashed instance fails its sessions with ``agent_crashed`` and is replaced up to
+  ``min_agents``. An instance that fails to start (say, an import error in bot.py) is retried
+  with exponential backoff, and the traceback is logged once, not in a loop.
+- Idle instances above ``min_agents`` are stopped after ``idle_timeout`` seconds.
+
+:class:`SessionPool` is the small interface the gateway uses, so that a Redis-backed pool for
+many gateways can stand in for :class:`LocalPool`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from catflap.config import AgentSpec
+from catflap.contract.errors import AgentNotFound, AgentNotReady, AtCapacity
+from catflap.pool.instance import Instance, InstanceState, Lease, SessionEnd
+from catflap.pool.launcher import Launcher
+
+__all__ = ["AgentPool", "LocalPool", "SessionPool"]
+
+log = logging.getLogger("catflap.pool")
+
+#: Backoff between failed starts: 0.5 s, 1 s, 2 s, ... capped at one minute.
+_BACKOFF_FIRST_S = 0.5
+_BACKOFF_MAX_S = 60.0
+#: How long a stopping instance may take to exit before it is killed.
+_STOP_GRACE_S = 5.0
+
+
+class SessionPool(Protocol):
+    """What the gateway needs from a pool."""
+
+    def at_capacity(self, agent_key: str) -> bool: ...
+
+    async def acquire(self, agent_key: str, session_id: str) -> Lease: ...
+
+    def cancel(self, lease: Lease) -> None: ...
+
+    async def stop_session(self, session_id: str) -> bool: ...
+
+
+class AgentPool:
+    """The instances of one agent."""
+
+    def __init__(
+        self,
+        agent: AgentSpec,
+        launcher: Launcher,
+        *,
+        ready_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.agent = agent
+        self._launcher = launcher
+        self._ready_timeout = ready_timeout
+        self._clock = clock
+        self._ids = itertools.count(1)
+        self.instances: dict[int, Instance] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error: str | None = None
+        self._respawn_handle: asyncio.TimerHandle | None = None
+
+    # --- counts ------------------------------------------------------------------------------
+
+    @property
+    def scaling(self) -> Any:
+        return self.agent.config.scaling
+
+    def live(self) -> list[Instance]:
+        return [i for i in self.instances.values() if i.state is not InstanceState.DEAD]
+
+    def counting(self) -> list[Instance]:
+        """Instances that count against ``max_agents``: all but the dead."""
+        return self.live()
+
+    def at_capacity(self) -> bool:
+        has_room = any(i.free_slots > 0 for i in self.live())
+        return not has_room and len(self.counting()) >= self.scaling.max_agents
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._replenish()
+        self._spawn_task(self._reap_forever())
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._respawn_handle:
+            self._respawn_handle.cancel()
+        await asyncio.gather(*(self._stop(i) for i in self.live()), return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    async def acquire(self, session_id: str) -> Lease:
+        """Reserve a slot for ``session_id``, cold-starting an instance if needed.
+
+        Raises:
+            AtCapacity: 429, every instance is full and there are ``max_agents`` of them.
+            AgentNotReady: 503, the agent cannot start (backoff) or did not become ready in
+                time.
+        """
+        instance = self._pick()
+        if instance is None:
+            if len(self.counting()) >= self.scaling.max_agents:
+                raise AtCapacity(
+                    f"agent {self.agent.key} is at max_agents={self.scaling.max_agents} and "
+                    "every instance is busy; retry shortly or raise max_agents"
+                )
+            self._check_backoff()
+            instance = self._spawn()
+        lease = instance.reserve(session_id)
+        if instance.state is InstanceState.READY:
+            return lease
+        lease.cold_start = True
+        try:
+            await asyncio.wait_for(asyncio.shield(instance.ready), self._ready_timeout)
+        except TimeoutError:
+            self.cancel(lease)
+            raise AgentNotReady(
+                f"agent {self.agent.key} did not become ready within {self._ready_timeout:g} s"
+            ) from None
+        except AgentNotReady:
+            self.cancel(lease)
+            raise
+        except BaseException:
+            self.cancel(lease)
+            raise
+        return lease
+
+    def cancel(self, lease: Lease) -> None:
+        """Give back a reservation whose session never reached ``bot()``."""
+        instance = lease.instance
+        if instance.leases.get(lease.session_id) is lease and not lease.started:
+            instance.leases.pop(lease.session_id)
+            lease.ended.cancel()
+            if not instance.leases:
+                instance.idle_since = self._clock()
+
+    async def stop_session(self, session_id: str) -> bool:
+        for instance in self.live():
+            if session_id in instance.leases and instance.process is not None:
+                with contextlib.suppress(ConnectionError):
+                    await instance.process.channel.send(
+                        {"command": "stop_session", "session_id": session_id}
+                    )
+                return True
+        return False
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _pick(self) -> Instance | None:
+        ready = [i for i in self.live() if i.free_slots > 0]
+        # Ready before starting; among ready ones the fullest, so idle ones can be reaped.
+        ready.sort(key=lambda i: (i.state is not InstanceState.READY, -len(i.leases)))
+        return ready[0] if ready else None
+
+    def _check_backoff(self) -> None:
+        wait = self._retry_at - self._clock()
+        if self._failures and wait > 0:
+            raise AgentNotReady(
+                f"agent {self.agent.key} failed to start ({self._last_error_line()}); "
+                f"retrying in {wait:.1f} s. The gateway log has the traceback."
+            )
+
+    def _last_error_line(self) -> str:
+        lines = (self._last_error or "exited before it was ready").strip().splitlines()
+        return lines[-1] if lines else "exited before it was ready"
+
+    def _spawn_task(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _spawn(self) -> Instance:
+        instance = Instance(
+            instance_id=next(self._ids),
+            agent_key=self.agent.key,
+            capacity=self.scaling.sessions_per_instance,
+            started_at=self._clock(),
+        )
+        # Nobody may be waiting when a start fails; retrieve the exception so asyncio stays quiet.
+        instance.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.instances[instance.instance_id] = instance
+        self._spawn_task(self._run(instance))
+        return instance
+
+    def _replenish(self) -> None:
+        """Spawn instances up to ``min_agents``, respecting the start-failure backoff."""
+        if self._closing:
+            return
+        missing = self.scaling.min_agents - len(self.live())
+        if missing <= 0:
+            return
+        delay = self._retry_at - self._clock() if self._failures else 0.0
+        if delay > 0:
+            if self._respawn_handle is None:
+                loop = asyncio.get_running_loop()
+                self._respawn_handle = loop.call_later(delay, self._respawn_after_backoff)
+            return
+        for _ in range(missing):
+            self._spawn()
+
+    def _respawn_after_backoff(self) -> None:
+        self._respawn_handle = None
+        self._replenish()
+
+    async def _run(self, instance: Instance) -> None:
+        """Launch one instance and follow its control channel until the process is gone."""
+        error: str | None = None
+        try:
+            process = await self._launcher.launch(self.agent, instance.instance_id)
+        except Exception as exc:
+            log.exception("! %s: could not launch an instance", self.agent.key)
+            error = f"{type(exc).__name__}: {exc}"
+            self._on_death(instance, error=error, returncode=None)
+            return
+        instance.process = process
+        timer = asyncio.get_running_loop().call_later(
+            self._ready_timeout, self._ready_timed_out, instance
+        )
+        try:
+            while (msg := await process.channel.receive()) is not None:
+                event = msg.get("event")
+                if event == "ready":
+                    timer.cancel()
+                    self._on_ready(instance, str(msg["address"]))
+                elif event == "start_failed":
+                    error = str(msg.get("error") or "")
+                elif event == "session_started":
+                    lease = instance.leases.get(str(msg["session_id"]))
+                    if lease is not None:
+                        lease.started = True
+                elif event == "session_ended":
+                    instance.release(
+                        str(msg["session_id"]),
+                        SessionEnd(
+                            status=msg["status"],
+                            error=msg.get("error"),
+                            client_disconnected=bool(msg.get("client_disconnected")),
+                            bot_seconds=msg.get("bot_seconds"),
+                        ),
+                        now=self._clock(),
+                    )
+        except Exception:
+            log.exception("! %s instance %d: control channel failed", self.agent.key,
+                          instance.instance_id)
+            process.kill()
+        finally:
+            timer.cancel()
+        try:
+            returncode = await asyncio.wait_for(process.wait(), _STOP_GRACE_S)
+        except TimeoutError:
+            process.kill()
+            returncode = await process.wait()
+        await process.channel.aclose()
+        self._on_death(instance, error=error, returncode=returncode)
+
+    def _ready_timed_out(self, instance: Instance) -> None:
+        if instance.state is InstanceState.STARTING and instance.process is not None:
+            log.warning("! %s instance %d not ready after %g s; killing it",
+                        self.agent.key, instance.instance_id, self._ready_timeout)
+            instance.process.kill()
+
+    def _on_ready(self, instance: Instance, address: str) -> None:
+        instance.address = address
+        instance.idle_since = self._clock()
+        if instance.state is InstanceState.STARTING:
+            instance.set_state(InstanceState.READY)
+        self._failures = 0
+        self._last_error = None
+        if not instance.ready.done():
+            instance.ready.set_result(None)
+
+    def _on_death(self, instance: Instance, *, error: str | None, returncode: int | None) -> None:
+        was = instance.state
+        instance.set_state(InstanceState.DEAD)
+        self.instances.pop(instance.instance_id, None)
+        if was is InstanceState.STARTING:
+            self._on_start_failure(instance, error, returncode)
+        elif was is InstanceState.READY:
+            log.warning("! %s instance %d (pid %s) died with code %s; replacing it",
+                        self.agent.key, instance.instance_id, instance.pid, returncode)
+        for session_id in list(instance.leases):
+            instance.release(session_id, SessionEnd(status="agent_crashed", error=error),
+                             now=self._clock())
+        self._replenish()
+
+    def _on_start_failure(self, instance: Instance, error: str | None, code: int | None) -> None:
+        if self._closing:
+            return
+        self._failures += 1
+        delay = min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2 ** (self._failures - 1))
+        self._retry_at = self._clock() + delay
+        text = error or f"the runtime exited with code {code} before it was ready"
+        if text != self._last_error:
+            log.error("! %s failed to start:\n%s", self.agent.key, text.rstrip())
+        else:
+            log.error("! %s still failing to start (%d times); next try in %.1f s",
+                      self.agent.key, self._failures, delay)
+        self._last_error = text
+        if not instance.ready.done():
+            instance.ready.set_exception(AgentNotReady(
+                f"agent {self.agent.key} failed to start ({self._last_error_line()}). "
+                "The gateway log has the traceback."
+            ))
+
+    async def _stop(self, instance: Instance) -> None:
+        if instance.state is InstanceState.DEAD or instance.process is None:
+            return
+        if instance.state is not InstanceState.STOPPING:
+            instance.set_state(InstanceState.STOPPING)
+        process = instance.process
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await process.channel.send({"command": "shutdown"})
+        try:
+            await asyncio.wait_for(asyncio.shield(process.process.wait()), _STOP_GRACE_S)
+        except TimeoutError:
+            process.kill()
+
+    async def _reap_forever(self) -> None:
+        interval = min(1.0, self.scaling.idle_timeout / 2)
+        while True:
+            await asyncio.sleep(interval)
+            self._reap_once()
+
+    def _reap_once(self) -> None:
+        now = self._clock()
+        surplus = len(self.live()) - self.scaling.min_agents
+        for instance in sorted(self.live(), key=lambda i: i.idle_since):
+            if surplus <= 0:
+                break
+            idle = instance.state is InstanceState.READY and not instance.leases
+            if idle and now - instance.idle_since >= self.scaling.idle_timeout:
+                log.info("x %s instance %d idle for %.0f s; stopping it",
+                         self.agent.key, instance.instance_id, now - instance.idle_since)
+                surplus -= 1
+                self._spawn_task(self._stop(instance))
+
+
+class LocalPool:
+    """All agents' pools in this process: catflap's single-machine mode."""
+
+    def __init__(
+        self, agents: Iterable[AgentSpec], launcher: Launcher, *, ready_timeout: float
+    ) -> None:
+        self.agents = {
+            agent.key: AgentPool(agent, launcher, ready_timeout=ready_timeout) for agent in agents
+        }
+
+    def _pool(self, agent_key: str) -> AgentPool:
+        try:
+            return self.agents[agent_key]
+        except KeyError:
+            raise AgentNotFound(f"no agent {agent_key!r}") from None
+
+    def start(self) -> None:
+        for pool in self.agents.values():
+            pool.start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(pool.close() for pool in self.agents.values()))
+
+    def at_capacity(self, agent_key: str) -> bool:
+        return self._pool(agent_key).at_capacity()
+
+    async def acquire(self, agent_key: str, session_id: str) -> Lease:
+        return await self._pool(agent_key).acquire(session_id)
+
+    def cancel(self, lease: Lease) -> None:
+        self._pool(lease.instance.agent_key).cancel(lease)
+
+    async def stop_session(self, session_id: str) -> bool:
+        for pool in self.agents.values():
+            if await pool.stop_session(session_id):
+                return True
+        return False

@@ -1,0 +1,78 @@
+"""One session's record and the rule that names how it ended.
+
+Completion statuses (documented in docs/operations.md):
+
+=================  ==============================================================
+``completed``      ``bot()`` returned on its own
+``client_closed``  the client closed (or vanished) first, then ``bot()`` returned
+``bot_error``      ``bot()`` raised; ``error`` holds the exception class and message
+``agent_crashed``  the agent process died during the session
+``stopped``        an operator stopped the session
+``time_limit``     ``max_session_duration`` ran out and ``bot()`` was cancelled
+``drained``        the gateway shut down and its drain deadline passed
+=================  ==============================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from catflap.gateway.relay import RelayStats
+from catflap.pool.instance import SessionEnd
+
+__all__ = ["CompletionStatus", "SessionRecord", "completion_status"]
+
+CompletionStatus = Literal[
+    "completed", "client_closed", "bot_error", "agent_crashed", "stopped", "time_limit", "drained"
+]
+
+
+def completion_status(end: SessionEnd, stats: RelayStats, *, drained: bool) -> CompletionStatus:
+    """Combine the runtime's report and what the relay saw into one status."""
+    if drained:
+        return "drained"
+    if end.status == "completed":
+        return "client_closed" if stats.client_initiated else "completed"
+    return end.status
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """A session as the sessions API returns it (camelCase on the wire, like PCC)."""
+
+    session_id: str
+    agent: str
+    organization: str
+    created_at: float
+    cold_start: bool = False
+    bot_start_seconds: float | None = None
+    ended_at: float | None = None
+    completion_status: CompletionStatus | None = None
+    error: str | None = None
+    client_close_code: int | None = None
+    agent_close_code: int | None = None
+    gateway_close_code: int | None = None
+    bytes_client_to_agent: int = 0
+    bytes_agent_to_client: int = 0
+    frames_client_to_agent: int = 0
+    frames_agent_to_client: int = 0
+
+    def finish(self, end: SessionEnd, stats: RelayStats, *, drained: bool, now: float) -> None:
+        self.ended_at = now
+        self.completion_status = completion_status(end, stats, drained=drained)
+        self.error = end.error
+        self.client_close_code = stats.client_close_code
+        self.agent_close_code = stats.agent_close_code
+        self.gateway_close_code = stats.gateway_close_code
+        self.bytes_client_to_agent = stats.bytes_client_to_agent
+        self.bytes_agent_to_client = stats.bytes_agent_to_client
+        self.frames_client_to_agent = stats.frames_client_to_agent
+        self.frames_agent_to_client = stats.frames_agent_to_client
+
+    def to_api(self) -> dict[str, Any]:
+        def camel(name: str) -> str:
+            head, *rest = name.split("_")
+            return head + "".join(part.title() for part in rest)
+
+        return {camel(key): value for key, value in asdict(self).items()}

@@ -1,0 +1,30 @@
+"""Live sessions and recently ended ones, in memory."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from catflap.sessions.record import SessionRecord
+
+__all__ = ["SessionRegistry"]
+
+#: Ended records kept in memory (a persistent store keeps them all).
+_RECENT_MAX = 10_000
+
+
+class SessionRegistry:
+    def __init__(self) -> None:
+        self.live: dict[str, SessionRecord] = {}
+        self.ended: OrderedDict[str, SessionRecord] = OrderedDict()
+
+    def started(self, record: SessionRecord) -> None:
+        self.live[record.session_id] = record
+
+    def ended_now(self, record: SessionRecord) -> None:
+        self.live.pop(record.session_id, None)
+        self.ended[record.session_id] = record
+        while len(self.ended) > _RECENT_MAX:
+            self.ended.popitem(last=False)
+
+    def get(self, session_id: str) -> SessionRecord | None:
+        return self.live.get(session_id) or self.ended.get(session_id)
