@@ -9,6 +9,7 @@ pool changing.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import socket
@@ -62,13 +63,12 @@ class SubprocessLauncher:
     def __init__(self, socket_dir: Path, *, log_level: str = "info") -> None:
         self._socket_dir = socket_dir
         self._log_level = log_level
-
-    def socket_path(self, agent: AgentSpec, instance_id: int) -> Path:
-        # Short names: AF_UNIX paths are limited to 107 bytes, and agent names can be long.
-        return self._socket_dir / f"i{instance_id}.sock"
+        self._serial = itertools.count(1)
 
     async def launch(self, agent: AgentSpec, instance_id: int) -> LaunchedProcess:
-        sock_path = self.socket_path(agent, instance_id)
+        # Short, unique names: AF_UNIX paths are limited to 107 bytes and agent names can be
+        # long; instance ids are only unique within one agent.
+        sock_path = self._socket_dir / f"i{next(self._serial)}.sock"
         sock_path.unlink(missing_ok=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

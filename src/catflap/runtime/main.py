@@ -151,9 +151,7 @@ def _make_emitter(channel: ControlChannel | None) -> EventSink:
 
 
 async def _drain(server: uvicorn.Server, registry: SessionRegistry) -> None:
-    """Stop accepting connections, let running sessions finish, then stop the server."""
-    for listener in getattr(server, "servers", []):
-        listener.close()
+    """Let running sessions finish, then stop the server (which no longer accepts)."""
     logger.info("x shutdown requested: draining %d session(s)", len(registry))
     await registry.wait_idle()
     server.should_exit = True
@@ -186,6 +184,9 @@ async def _control_loop(
             if not registry.stop(msg["session_id"]):
                 logger.info("stop_session: no running session %s", msg["session_id"])
         elif command == "shutdown":
+            # Stop accepting now, before the next command is read: the pool may rely on it.
+            for listener in getattr(server, "servers", []):
+                listener.close()
             drain = drain or asyncio.create_task(_drain(server, registry))
         else:
             logger.warning("! ignoring unknown control message %.200s", msg)

@@ -1,0 +1,178 @@
+"""Shared test harness: real gateways on port 0, real agent processes, raw HTTP helpers.
+
+Every timeout in the suite is a multiple of ``MS`` (env ``CATFLAP_TEST_MS``, default 1.0), so a
+slow machine can scale them all at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from catflap.auth.replay import MemoryReplayStore
+from catflap.auth.tokens import KeyRing, SigningKey
+from catflap.config import CatflapConfig, load_config
+from catflap.gateway.server import Gateway
+from catflap.pool.launcher import SubprocessLauncher
+from catflap.pool.pool import LocalPool
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+ECHO = EXAMPLES / "echo"
+PIPECAT_ECHO = EXAMPLES / "pipecat-echo"
+MS = float(os.environ.get("CATFLAP_TEST_MS", "1.0"))
+
+PUBLIC_KEY = "pk_test_123"
+PRIVATE_KEY = "sk_test_123"
+TEST_KEYRING = KeyRing([SigningKey("k1", b"test-secret-one-0123456789abcdef")])
+
+
+def seconds(value: float) -> float:
+    """A test timeout, scaled for slow machines."""
+    return value * MS
+
+
+class FakeClock:
+    """A wall clock tests can move."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def agent_toml(name: str, path: Path, **settings: Any) -> str:
+    scaling = settings.pop("scaling", {})
+    lines = [f"[organizations.my-org.agents.{name}]", f'path = "{path}"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    if scaling:
+        lines.append(f"[organizations.my-org.agents.{name}.scaling]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in scaling.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_config(directory: Path, agents: dict[str, dict[str, Any]]) -> Path:
+    text = (
+        'listen = "127.0.0.1:0"\npublic_url = "ws://gateway.test:8080"\n'
+        "[organizations.my-org]\n"
+        f'public_keys = ["{PUBLIC_KEY}"]\nprivate_keys = ["{PRIVATE_KEY}"]\n'
+    )
+    for name, settings in agents.items():
+        settings = dict(settings)
+        path = settings.pop("path", ECHO)
+        text += agent_toml(name, path, **settings)
+    path = directory / "catflap.toml"
+    path.write_text(text)
+    return path
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    pool: LocalPool
+    config: CatflapConfig
+
+    @property
+    def port(self) -> int:
+        return self.gateway.port
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def wait_ready(self, agent_key: str, count: int = 1) -> None:
+        """Wait until ``count`` instances of the agent are ready."""
+        from catflap.pool.instance import InstanceState
+
+        pool = self.pool.agents[agent_key]
+        async with asyncio.timeout(seconds(30)):
+            while sum(i.state is InstanceState.READY for i in pool.live()) < count:
+                await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def running_gateway(
+    agents: dict[str, dict[str, Any]],
+    *,
+    clock: Callable[[], float] = time.time,
+    keyring: KeyRing = TEST_KEYRING,
+    ready_timeout: float = 30.0,
+) -> AsyncIterator[RunningGateway]:
+    """A gateway on 127.0.0.1:0 with a real pool of agent processes; stops itself."""
+    workdir = Path(tempfile.mkdtemp(prefix="cf"))  # short: AF_UNIX paths are limited
+    try:
+        config = load_config(write_config(workdir, agents))
+        pool = LocalPool(config.agents(), SubprocessLauncher(workdir, log_level="warning"),
+                         ready_timeout=seconds(ready_timeout))
+        gateway = Gateway(config, keyring=keyring, replay=MemoryReplayStore(clock=clock),
+                          pool=pool, clock=clock)
+        pool.start()
+        await gateway.start("127.0.0.1", 0)
+        try:
+            yield RunningGateway(gateway, pool, config)
+        finally:
+            await gateway.shutdown(drain_timeout=0)
+            await pool.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def raw_request(port: int, request: bytes, *, timeout: float = 10.0) -> RawResponse:
+    """Send raw bytes, read the whole response until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(seconds(timeout)):
+            data = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return RawResponse(status, headers, body)
+
+
+def upgrade_request(target: str, *, extra: str = "", method: str = "GET",
+                    key: str = "dGhlIHNhbXBsZSBub25jZQ==", version: str = "13") -> bytes:
+    """A valid WebSocket upgrade request head (break one field to test a refusal)."""
+    return (
+        f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: {version}\r\n{extra}\r\n"
+    ).encode("latin-1")
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()
