@@ -1,0 +1,5 @@
+"""``python -m catflap``."""
+
+from catflap.cli import main
+
+main()

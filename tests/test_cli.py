@@ -1,0 +1,106 @@
+"""`catflap serve` as a user runs it, driven with the documented Pipecat Cloud snippets."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+from websockets.sync.client import connect
+
+from .conftest import ECHO, seconds
+
+CATFLAP = [sys.executable, "-m", "catflap"]
+
+
+@contextmanager
+def serve(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """Run `catflap serve ... --listen 127.0.0.1:0`; yield the process and its port."""
+    proc = subprocess.Popen(
+        [*CATFLAP, "serve", *args, "--listen", "127.0.0.1:0"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    found = threading.Event()
+
+    def drain() -> None:  # keep reading so the server never blocks on a full pipe
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "gateway listening on" in line:
+                found.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        assert found.wait(seconds(30)), "catflap serve did not start:\n" + "".join(lines)
+        match = re.search(r"gateway listening on 127\.0\.0\.1:(\d+)", "".join(lines))
+        assert match is not None
+        yield proc, int(match.group(1))
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=seconds(15))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        reader.join(timeout=seconds(5))
+        proc.stderr.close()
+
+
+def test_zero_config_serve_echoes_and_exits_0_on_sigterm() -> None:
+    with serve(str(ECHO), "--org", "my-org") as (proc, port):
+        with connect(f"ws://127.0.0.1:{port}/ws/generic/my-agent.my-org",
+                     open_timeout=seconds(30)) as ws:
+            first = json.loads(ws.recv(timeout=seconds(10)))
+            assert first["body"] is None
+            ws.send("hi")
+            assert ws.recv(timeout=seconds(5)) == "hi"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=seconds(15)) == 0
+
+
+def test_documented_token_flow_with_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "catflap.toml"
+    config.write_text(
+        '[organizations.my-org]\npublic_keys = ["pk_test_123"]\n'
+        f'[organizations.my-org.agents.my-agent]\npath = "{ECHO}"\nwebsocket_auth = "token"\n'
+    )
+    env = {"CATFLAP_TOKEN_KEYS": "k1:first-secret,k0:older-secret"}
+    with serve("--config", str(config), "--public-url", "wss://voice.example.com",
+               env=env) as (_, port):
+        # The Pipecat Cloud docs' snippet, with only the host changed:
+        response = requests.post(
+            f"http://127.0.0.1:{port}/v1/public/my-agent/start",
+            headers={"Authorization": "Bearer pk_test_123"},
+            json={"transport": "websocket", "body": {"caller_id": "abc123"}},
+            timeout=seconds(10),
+        )
+        assert response.status_code == 200
+        data = response.json()
+        assert data["wsUrl"] == "wss://voice.example.com/ws/generic/my-agent.my-org"
+        url = f"ws://127.0.0.1:{port}/ws/generic/my-agent.my-org?body={data['body']}"
+        with connect(url, additional_headers={"Authorization": f"Bearer {data['token']}"},
+                     open_timeout=seconds(30)) as ws:
+            first = json.loads(ws.recv(timeout=seconds(10)))
+        assert first == {"session_id": data["sessionId"], "body": {"caller_id": "abc123"},
+                         "transport_type": "websocket"}
+
+
+def test_bad_config_exits_2_naming_file_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "catflap.toml"
+    config.write_text(f'[organizations.my-org.agents.my-agent]\npath = "{ECHO}"\ncolour = 1\n')
+    result = subprocess.run([*CATFLAP, "serve", "--config", str(config)], capture_output=True,
+                            text=True, timeout=seconds(30))
+    assert result.returncode == 2
+    assert f"{config}: organizations.my-org.agents.my-agent.colour: unknown key" in result.stderr
