@@ -177,8 +177,7 @@ async def test_session_record_counts_frames_and_codes(gw: RunningGateway) -> Non
 
 
 def _no_session_started(gw: RunningGateway, before: int) -> None:
-    assert len(gw.gateway.sessions.live) == 0
-    assert len(gw.gateway.sessions.ended) == before
+    assert gw.gateway.sessions.started_total == before
 
 
 @pytest.mark.parametrize(
@@ -212,7 +211,7 @@ def _no_session_started(gw: RunningGateway, before: int) -> None:
 async def test_bad_requests_are_refused_with_json_before_the_upgrade(
     gw: RunningGateway, request_bytes: bytes, status: int, code: str
 ) -> None:
-    before = len(gw.gateway.sessions.ended)
+    before = gw.gateway.sessions.started_total
     response = await raw_request(gw.port, request_bytes)
     assert response.status == status
     assert response.headers["content-type"] == "application/json"
@@ -319,7 +318,7 @@ async def test_each_token_placement_works_and_binds_the_session_id(
 
 
 async def _refused(gw: RunningGateway, token: str, agent: str = "tok-agent") -> dict[str, Any]:
-    before = len(gw.gateway.sessions.ended)
+    before = gw.gateway.sessions.started_total
     response = await raw_request(
         gw.port, upgrade_request(f"/ws/generic/{agent}.my-org", extra=f"Authorization: Bearer {token}\r\n")
     )

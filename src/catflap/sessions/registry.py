@@ -16,8 +16,11 @@ class SessionRegistry:
     def __init__(self) -> None:
         self.live: dict[str, SessionRecord] = {}
         self.ended: OrderedDict[str, SessionRecord] = OrderedDict()
+        #: Sessions ever started (upgraded) through this gateway.
+        self.started_total = 0
 
     def started(self, record: SessionRecord) -> None:
+        self.started_total += 1
         self.live[record.session_id] = record
 
     def ended_now(self, record: SessionRecord) -> None:
