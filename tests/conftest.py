@@ -118,10 +118,14 @@ async def running_gateway(
     workdir = Path(tempfile.mkdtemp(prefix="cf"))  # short: AF_UNIX paths are limited
     try:
         config = load_config(write_config(workdir, agents))
-        pool = LocalPool(config.agents(), SubprocessLauncher(workdir, log_level="warning"),
-                         ready_timeout=seconds(ready_timeout))
-        gateway = Gateway(config, keyring=keyring, replay=MemoryReplayStore(clock=clock),
-                          pool=pool, clock=clock)
+        pool = LocalPool(
+            config.agents(),
+            SubprocessLauncher(workdir, log_level="warning"),
+            ready_timeout=seconds(ready_timeout),
+        )
+        gateway = Gateway(
+            config, keyring=keyring, replay=MemoryReplayStore(clock=clock), pool=pool, clock=clock
+        )
         pool.start()
         await gateway.start("127.0.0.1", 0)
         try:
@@ -163,8 +167,14 @@ async def raw_request(port: int, request: bytes, *, timeout: float = 10.0) -> Ra
     return RawResponse(status, headers, body)
 
 
-def upgrade_request(target: str, *, extra: str = "", method: str = "GET",
-                    key: str = "dGhlIHNhbXBsZSBub25jZQ==", version: str = "13") -> bytes:
+def upgrade_request(
+    target: str,
+    *,
+    extra: str = "",
+    method: str = "GET",
+    key: str = "dGhlIHNhbXBsZSBub25jZQ==",
+    version: str = "13",
+) -> bytes:
     """A valid WebSocket upgrade request head (break one field to test a refusal)."""
     return (
         f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"

@@ -22,11 +22,15 @@ CATFLAP = [sys.executable, "-m", "catflap"]
 
 
 @contextmanager
-def serve(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[str], int]]:
+def serve(
+    *args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """Run `catflap serve ... --listen 127.0.0.1:0`; yield the process and its port."""
     proc = subprocess.Popen(
         [*CATFLAP, "serve", *args, "--listen", "127.0.0.1:0"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
     assert proc.stderr is not None
     lines: list[str] = []
@@ -60,8 +64,9 @@ def serve(*args: str, env: dict[str, str] | None = None) -> Iterator[tuple[subpr
 
 def test_zero_config_serve_echoes_and_exits_0_on_sigterm() -> None:
     with serve(str(ECHO), "--org", "my-org") as (proc, port):
-        with connect(f"ws://127.0.0.1:{port}/ws/generic/my-agent.my-org",
-                     open_timeout=seconds(30)) as ws:
+        with connect(
+            f"ws://127.0.0.1:{port}/ws/generic/my-agent.my-org", open_timeout=seconds(30)
+        ) as ws:
             first = json.loads(ws.recv(timeout=seconds(10)))
             assert first["body"] is None
             ws.send("hi")
@@ -77,8 +82,10 @@ def test_documented_token_flow_with_config_file(tmp_path: Path) -> None:
         f'[organizations.my-org.agents.my-agent]\npath = "{ECHO}"\nwebsocket_auth = "token"\n'
     )
     env = {"CATFLAP_TOKEN_KEYS": "k1:first-secret,k0:older-secret"}
-    with serve("--config", str(config), "--public-url", "wss://voice.example.com",
-               env=env) as (_, port):
+    with serve("--config", str(config), "--public-url", "wss://voice.example.com", env=env) as (
+        _,
+        port,
+    ):
         # The Pipecat Cloud docs' snippet, with only the host changed:
         response = requests.post(
             f"http://127.0.0.1:{port}/v1/public/my-agent/start",
@@ -90,17 +97,27 @@ def test_documented_token_flow_with_config_file(tmp_path: Path) -> None:
         data = response.json()
         assert data["wsUrl"] == "wss://voice.example.com/ws/generic/my-agent.my-org"
         url = f"ws://127.0.0.1:{port}/ws/generic/my-agent.my-org?body={data['body']}"
-        with connect(url, additional_headers={"Authorization": f"Bearer {data['token']}"},
-                     open_timeout=seconds(30)) as ws:
+        with connect(
+            url,
+            additional_headers={"Authorization": f"Bearer {data['token']}"},
+            open_timeout=seconds(30),
+        ) as ws:
             first = json.loads(ws.recv(timeout=seconds(10)))
-        assert first == {"session_id": data["sessionId"], "body": {"caller_id": "abc123"},
-                         "transport_type": "websocket"}
+        assert first == {
+            "session_id": data["sessionId"],
+            "body": {"caller_id": "abc123"},
+            "transport_type": "websocket",
+        }
 
 
 def test_bad_config_exits_2_naming_file_and_key(tmp_path: Path) -> None:
     config = tmp_path / "catflap.toml"
     config.write_text(f'[organizations.my-org.agents.my-agent]\npath = "{ECHO}"\ncolour = 1\n')
-    result = subprocess.run([*CATFLAP, "serve", "--config", str(config)], capture_output=True,
-                            text=True, timeout=seconds(30))
+    result = subprocess.run(
+        [*CATFLAP, "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=seconds(30),
+    )
     assert result.returncode == 2
     assert f"{config}: organizations.my-org.agents.my-agent.colour: unknown key" in result.stderr

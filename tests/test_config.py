@@ -61,16 +61,31 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "key", "problem"),
     [
-        (("max_agents = 5", "max_agents = 5\nmax_agent = 3"),
-         "organizations.my-org.agents.my-agent.scaling.max_agent", "unknown key"),
-        (("agents.my-agent", "agents.My_Agent"),
-         "organizations.my-org.agents.My_Agent", "bad agent name"),
-        (("websocket_auth = \"none\"", "websocket_auth = \"hmac\""),
-         "organizations.my-org.agents.my-agent.websocket_auth", "'none' or 'token'"),
-        (("max_session_duration = 7200", "max_session_duration = 30"),
-         "organizations.my-org.agents.my-agent.max_session_duration", "greater than or equal"),
-        (("min_agents = 1", "min_agents = 9"),
-         "organizations.my-org.agents.my-agent.scaling", "larger than max_agents"),
+        (
+            ("max_agents = 5", "max_agents = 5\nmax_agent = 3"),
+            "organizations.my-org.agents.my-agent.scaling.max_agent",
+            "unknown key",
+        ),
+        (
+            ("agents.my-agent", "agents.My_Agent"),
+            "organizations.my-org.agents.My_Agent",
+            "bad agent name",
+        ),
+        (
+            ('websocket_auth = "none"', 'websocket_auth = "hmac"'),
+            "organizations.my-org.agents.my-agent.websocket_auth",
+            "'none' or 'token'",
+        ),
+        (
+            ("max_session_duration = 7200", "max_session_duration = 30"),
+            "organizations.my-org.agents.my-agent.max_session_duration",
+            "greater than or equal",
+        ),
+        (
+            ("min_agents = 1", "min_agents = 9"),
+            "organizations.my-org.agents.my-agent.scaling",
+            "larger than max_agents",
+        ),
         (('listen = "127.0.0.1:8080"', 'listen = "8080"'), "listen", "host:port"),
         (('public_url = "ws://127.0.0.1:8080"', 'public_url = "http://x"'), "public_url", "ws://"),
     ],

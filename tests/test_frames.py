@@ -31,15 +31,22 @@ def encode(opcode: int, payload: bytes, *, masked: bool, fin: bool = True) -> by
 
 
 frame_specs = st.lists(
-    st.tuples(st.sampled_from([0x1, 0x2, 0x9, 0xA]),
-              st.sampled_from([0, 1, 125, 126, 127, 300, 65535, 65536, 70000])),
-    min_size=1, max_size=12,
+    st.tuples(
+        st.sampled_from([0x1, 0x2, 0x9, 0xA]),
+        st.sampled_from([0, 1, 125, 126, 127, 300, 65535, 65536, 70000]),
+    ),
+    min_size=1,
+    max_size=12,
 )
 
 
 @settings(max_examples=150, deadline=None)
-@given(specs=frame_specs, masked=st.booleans(), cuts=st.lists(st.integers(0, 10**6), max_size=20),
-       close_code=st.sampled_from([1000, 1001, 4001]))
+@given(
+    specs=frame_specs,
+    masked=st.booleans(),
+    cuts=st.lists(st.integers(0, 10**6), max_size=20),
+    close_code=st.sampled_from([1000, 1001, 4001]),
+)
 def test_scanner_counts_frames_and_close_for_any_chunking(
     specs: list[tuple[int, int]], masked: bool, cuts: list[int], close_code: int
 ) -> None:

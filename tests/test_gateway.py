@@ -63,11 +63,15 @@ def b64(value: Any) -> str:
     return base64.b64encode(json.dumps(value).encode()).decode()
 
 
-async def start(gw: RunningGateway, agent: str, payload: dict[str, Any],
-                key: str = PUBLIC_KEY) -> httpx.Response:
+async def start(
+    gw: RunningGateway, agent: str, payload: dict[str, Any], key: str = PUBLIC_KEY
+) -> httpx.Response:
     async with httpx.AsyncClient() as client:
-        return await client.post(f"{gw.http}/v1/public/{agent}/start", json=payload,
-                                 headers={"Authorization": f"Bearer {key}"})
+        return await client.post(
+            f"{gw.http}/v1/public/{agent}/start",
+            json=payload,
+            headers={"Authorization": f"Bearer {key}"},
+        )
 
 
 # --- routes and relay ---------------------------------------------------------------------------
@@ -82,7 +86,9 @@ async def test_path_form_reaches_the_bot_with_a_plain_transport(gw: RunningGatew
 
 
 async def test_query_form_reaches_the_same_agent(gw: RunningGateway) -> None:
-    async with connect(f"{gw.ws}/ws/generic?serviceHost=my-agent.my-org&body={b64({'x': 1})}") as ws:
+    async with connect(
+        f"{gw.ws}/ws/generic?serviceHost=my-agent.my-org&body={b64({'x': 1})}"
+    ) as ws:
         assert (await hello(ws))["body"] == {"x": 1}
 
 
@@ -108,8 +114,9 @@ async def test_ten_thousand_random_frames_come_back_byte_exact_and_in_order(
     gw: RunningGateway,
 ) -> None:
     frames = _random_frames(10_000, random.Random(1234))
-    async with connect(f"{gw.ws}/ws/generic/my-agent.my-org", max_size=2**20,
-                       compression=None) as ws:
+    async with connect(
+        f"{gw.ws}/ws/generic/my-agent.my-org", max_size=2**20, compression=None
+    ) as ws:
         await hello(ws)
 
         async def send_all() -> None:
@@ -125,8 +132,9 @@ async def test_ten_thousand_random_frames_come_back_byte_exact_and_in_order(
         await sender
 
 
-async def test_client_close_code_and_reason_reach_the_bot(gw: RunningGateway,
-                                                           tmp_path: Path) -> None:
+async def test_client_close_code_and_reason_reach_the_bot(
+    gw: RunningGateway, tmp_path: Path
+) -> None:
     report = tmp_path / "close.json"
     url = f"{gw.ws}/ws/generic/closecode.my-org?body={b64({'report': str(report)})}"
     async with connect(url) as ws:
@@ -193,16 +201,28 @@ def _no_session_started(gw: RunningGateway, before: int) -> None:
         (upgrade_request("/ws/generic/my-agent.my.org"), 400, "invalid_service_host"),
         (upgrade_request("/ws/generic/My-Agent.my-org"), 400, "invalid_service_host"),
         (upgrade_request("/ws/generic/a" + "b" * 200 + ".my-org"), 400, "invalid_service_host"),
-        (upgrade_request("/ws/generic/my-agent.my-org?serviceHost=solo.my-org"), 400,
-         "invalid_service_host"),
-        (upgrade_request("/ws/generic/my-agent.my-org?body=e30%3D&body=e30%3D"), 400,
-         "bad_request"),
+        (
+            upgrade_request("/ws/generic/my-agent.my-org?serviceHost=solo.my-org"),
+            400,
+            "invalid_service_host",
+        ),
+        (
+            upgrade_request("/ws/generic/my-agent.my-org?body=e30%3D&body=e30%3D"),
+            400,
+            "bad_request",
+        ),
         (upgrade_request("/ws/generic/my-agent.my-org?body=!!!"), 400, "invalid_body"),
-        (upgrade_request("/ws/generic/my-agent.my-org?body=" + b64("x" * 5000)), 413,
-         "body_too_large"),
+        (
+            upgrade_request("/ws/generic/my-agent.my-org?body=" + b64("x" * 5000)),
+            413,
+            "body_too_large",
+        ),
         (upgrade_request("/ws/generic/my-agent.my-org?body=" + "A" * 30000), 414, "url_too_long"),
-        (upgrade_request("/ws/generic/my-agent.my-org", extra="X-Big: " + "a" * 40000 + "\r\n"),
-         431, "headers_too_large"),
+        (
+            upgrade_request("/ws/generic/my-agent.my-org", extra="X-Big: " + "a" * 40000 + "\r\n"),
+            431,
+            "headers_too_large",
+        ),
         (b"GARBAGE\r\n\r\n", 400, "malformed_request"),
         (upgrade_request("/ws/generic/tok-agent.my-org"), 403, "token_missing"),
         (upgrade_request("/ws/generic/tok-agent.my-org?token=abc.def"), 403, "token_malformed"),
@@ -254,7 +274,9 @@ async def test_draining_gateway_refuses_upgrades_with_503(gw: RunningGateway) ->
 # --- body decoding -----------------------------------------------------------------------------
 
 BODY = {"k": "ÿÿþ", "n": [1, 2.5, None, True]}
-_STD = base64.b64encode(json.dumps(BODY, separators=(",", ":"), ensure_ascii=False).encode()).decode()
+_STD = base64.b64encode(
+    json.dumps(BODY, separators=(",", ":"), ensure_ascii=False).encode()
+).decode()
 assert "+" in _STD and "/" in _STD
 
 
@@ -270,8 +292,7 @@ assert "+" in _STD and "/" in _STD
     ],
     ids=["raw-plus", "percent", "space", "unpadded", "urlsafe", "urlsafe-unpadded"],
 )
-async def test_every_body_variant_reaches_the_bot_intact(gw: RunningGateway,
-                                                         encoded: str) -> None:
+async def test_every_body_variant_reaches_the_bot_intact(gw: RunningGateway, encoded: str) -> None:
     async with connect(f"{gw.ws}/ws/generic/my-agent.my-org?body={encoded}") as ws:
         assert (await hello(ws))["body"] == BODY
 
@@ -320,7 +341,8 @@ async def test_each_token_placement_works_and_binds_the_session_id(
 async def _refused(gw: RunningGateway, token: str, agent: str = "tok-agent") -> dict[str, Any]:
     before = gw.gateway.sessions.started_total
     response = await raw_request(
-        gw.port, upgrade_request(f"/ws/generic/{agent}.my-org", extra=f"Authorization: Bearer {token}\r\n")
+        gw.port,
+        upgrade_request(f"/ws/generic/{agent}.my-org", extra=f"Authorization: Bearer {token}\r\n"),
     )
     assert response.status == 403
     _no_session_started(gw, before)
@@ -381,16 +403,27 @@ async def test_previous_key_still_verifies_after_rotation() -> None:
     [
         ("my-agent", {"transport": "websocket"}, "pk_wrong", 401, "401"),
         ("nope", {"transport": "websocket"}, PUBLIC_KEY, 404, "404"),
-        ("my-agent", {"transport": "websocket", "body": {"a": 1}}, PUBLIC_KEY, 400,
-         "body_not_allowed"),
-        ("tok-agent", {"transport": "websocket", "body": "x" * 5000}, PUBLIC_KEY, 413,
-         "body_too_large"),
+        (
+            "my-agent",
+            {"transport": "websocket", "body": {"a": 1}},
+            PUBLIC_KEY,
+            400,
+            "body_not_allowed",
+        ),
+        (
+            "tok-agent",
+            {"transport": "websocket", "body": "x" * 5000},
+            PUBLIC_KEY,
+            413,
+            "body_too_large",
+        ),
         ("my-agent", {"transport": "daily"}, PUBLIC_KEY, 400, "unsupported_transport"),
         ("my-agent", {"transport": "twilio"}, PUBLIC_KEY, 400, "unsupported_transport"),
     ],
 )
-async def test_start_refusals(gw: RunningGateway, agent: str, payload: dict[str, Any],
-                              key: str, status: int, code: str) -> None:
+async def test_start_refusals(
+    gw: RunningGateway, agent: str, payload: dict[str, Any], key: str, status: int, code: str
+) -> None:
     response = await start(gw, agent, payload, key=key)
     assert response.status_code == status
     assert response.json()["code"] == code
@@ -400,9 +433,15 @@ async def test_start_refuses_non_json_and_wrong_content_type(gw: RunningGateway)
     url = f"{gw.http}/v1/public/my-agent/start"
     auth = {"Authorization": f"Bearer {PUBLIC_KEY}"}
     async with httpx.AsyncClient() as client:
-        wrong_type = await client.post(url, content=b"{}", headers={**auth, "content-type": "text/plain"})
-        not_json = await client.post(url, content=b"{nope", headers={**auth, "content-type": "application/json"})
-        too_big = await client.post(url, content=b" " * 70_000, headers={**auth, "content-type": "application/json"})
+        wrong_type = await client.post(
+            url, content=b"{}", headers={**auth, "content-type": "text/plain"}
+        )
+        not_json = await client.post(
+            url, content=b"{nope", headers={**auth, "content-type": "application/json"}
+        )
+        too_big = await client.post(
+            url, content=b" " * 70_000, headers={**auth, "content-type": "application/json"}
+        )
         missing = await client.post(url, json={"transport": "websocket"})
     assert (wrong_type.status_code, wrong_type.json()["code"]) == (415, "unsupported_media_type")
     assert (not_json.status_code, not_json.json()["code"]) == (400, "bad_request")

@@ -142,8 +142,9 @@ async def test_agent_that_fails_to_start_gets_503_and_backs_off(
     caplog.set_level(logging.ERROR, logger="catflap.pool")
     agents = {"broken": {"path": ROOT / "tests/bots/broken", "scaling": {"min_agents": 0}}}
     async with running_gateway(agents) as gw:
-        first: RawResponse = await raw_request(gw.port, upgrade_request("/ws/generic/broken.my-org"),
-                                               timeout=30)
+        first: RawResponse = await raw_request(
+            gw.port, upgrade_request("/ws/generic/broken.my-org"), timeout=30
+        )
         second = await raw_request(gw.port, upgrade_request("/ws/generic/broken.my-org"))
     assert first.status == 503 and second.status == 503
     assert first.json()["code"] == "PCC-1001"

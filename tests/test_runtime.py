@@ -140,7 +140,11 @@ async def spawn() -> AsyncIterator[Spawn]:
             agents.append(agent)
             if wait_ready:
                 ready = await agent.event("ready")
-                assert ready == {"event": "ready", "address": f"unix:{socket_path}", "pid": proc.pid}
+                assert ready == {
+                    "event": "ready",
+                    "address": f"unix:{socket_path}",
+                    "pid": proc.pid,
+                }
             return agent
 
         try:
@@ -221,7 +225,11 @@ def test_bad_or_absent_body_is_none(raw: str | None) -> None:
 async def test_session_gets_id_body_and_transport_and_echoes_byte_exact(spawn: Spawn) -> None:
     agent = await spawn()
     async with agent.connect(session_id="sess-1", query=f"?body={encoded_body(BODY)}") as ws:
-        assert await hello(ws) == {"session_id": "sess-1", "body": BODY, "transport_type": "websocket"}
+        assert await hello(ws) == {
+            "session_id": "sess-1",
+            "body": BODY,
+            "transport_type": "websocket",
+        }
         # permessage-deflate is offered by the client and declined by the runtime.
         assert ws.response is not None
         assert ws.response.headers.get("sec-websocket-extensions") is None

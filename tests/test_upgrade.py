@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from .conftest import ECHO, TEST_KEYRING
 NOW = 1_800_000_000.0
 AGENTS = {
     "open.org": AgentSpec(ServiceHost(AgentName("open"), OrgName("org")), AgentConfig(path=ECHO)),
-    "tok.org": AgentSpec(ServiceHost(AgentName("tok"), OrgName("org")),
-                         AgentConfig(path=ECHO, websocket_auth="token")),
+    "tok.org": AgentSpec(
+        ServiceHost(AgentName("tok"), OrgName("org")),
+        AgentConfig(path=ECHO, websocket_auth="token"),
+    ),
 }
 
 
@@ -30,16 +33,21 @@ def directory(service_host: ServiceHost) -> AgentSpec | None:
     return AGENTS.get(str(service_host))
 
 
-def head(target: str = "/ws/generic/open.org", *, method: str = "GET",
-         drop: str = "", **replace: str) -> RequestHead:
+def head(
+    target: str = "/ws/generic/open.org", *, method: str = "GET", drop: str = "", **replace: str
+) -> RequestHead:
     headers = {
-        "host": "x", "upgrade": "websocket", "connection": "Upgrade",
-        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-version": "13",
+        "host": "x",
+        "upgrade": "websocket",
+        "connection": "Upgrade",
+        "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "sec-websocket-version": "13",
     }
     headers.update({k.replace("_", "-"): v for k, v in replace.items()})
     headers.pop(drop, None)
-    return RequestHead(method=method, target=target, http_version="1.1",
-                       headers=list(headers.items()))
+    return RequestHead(
+        method=method, target=target, http_version="1.1", headers=list(headers.items())
+    )
 
 
 def refusal(request: RequestHead) -> tuple[int, str]:
@@ -79,8 +87,9 @@ def test_template_request_is_accepted() -> None:
         (head("/ws/generic/open.org?body=%%%"), (400, "invalid_body")),
     ],
 )
-def test_one_broken_field_gets_its_status(request_head: RequestHead,
-                                          expected: tuple[int, str]) -> None:
+def test_one_broken_field_gets_its_status(
+    request_head: RequestHead, expected: tuple[int, str]
+) -> None:
     assert refusal(request_head) == expected
 
 
@@ -88,24 +97,35 @@ def test_token_order_is_header_then_query_then_path() -> None:
     good, claims = mint_token(TEST_KEYRING, "tok.org", now=NOW)
     # The header wins, so a bad header fails even with a good query token and path token.
     with pytest.raises(TokenRejected):
-        check_upgrade(head(f"/ws/generic/tok.org/{good}?token={good}", authorization="Bearer x.y"),
-                      directory, TEST_KEYRING, now=NOW)
+        check_upgrade(
+            head(f"/ws/generic/tok.org/{good}?token={good}", authorization="Bearer x.y"),
+            directory,
+            TEST_KEYRING,
+            now=NOW,
+        )
     with pytest.raises(TokenRejected):
-        check_upgrade(head(f"/ws/generic/tok.org/{good}?token=x.y"), directory, TEST_KEYRING, now=NOW)
+        check_upgrade(
+            head(f"/ws/generic/tok.org/{good}?token=x.y"), directory, TEST_KEYRING, now=NOW
+        )
     accepted = check_upgrade(head(f"/ws/generic/tok.org/{good}"), directory, TEST_KEYRING, now=NOW)
     assert accepted.session_id == claims.jti
 
 
 def test_a_non_bearer_authorization_header_is_not_a_token() -> None:
     good, _ = mint_token(TEST_KEYRING, "tok.org", now=NOW)
-    accepted = check_upgrade(head(f"/ws/generic/tok.org?token={good}", authorization="Basic abc"),
-                             directory, TEST_KEYRING, now=NOW)
+    accepted = check_upgrade(
+        head(f"/ws/generic/tok.org?token={good}", authorization="Basic abc"),
+        directory,
+        TEST_KEYRING,
+        now=NOW,
+    )
     assert accepted.claims is not None
 
 
 def test_query_service_host_may_repeat_the_path() -> None:
-    accepted = check_upgrade(head("/ws/generic/open.org?serviceHost=open.org"), directory,
-                             TEST_KEYRING, now=NOW)
+    accepted = check_upgrade(
+        head("/ws/generic/open.org?serviceHost=open.org"), directory, TEST_KEYRING, now=NOW
+    )
     assert accepted.agent is AGENTS["open.org"]
 
 
@@ -113,19 +133,15 @@ def test_query_service_host_may_repeat_the_path() -> None:
 @given(path=st.text(max_size=80), query=st.text(max_size=80))
 def test_arbitrary_urls_only_ever_raise_typed_refusals(path: str, query: str) -> None:
     target = "/ws/generic/" + path + ("?" + query if query else "")
-    try:
+    with contextlib.suppress(RequestRejected):
         check_upgrade(dataclasses.replace(head(), target=target), directory, TEST_KEYRING, now=NOW)
-    except RequestRejected:
-        pass
 
 
 @settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=400))
 def test_head_parser_only_ever_raises_typed_refusals(data: bytes) -> None:
-    try:
+    with contextlib.suppress(RequestRejected):
         HeadParser().feed(b"GET /ws/generic/a.b HTTP/1.1\r\n" + data)
-    except RequestRejected:
-        pass
 
 
 def test_head_parser_returns_bytes_after_the_head() -> None:
@@ -141,5 +157,7 @@ def test_head_parser_returns_bytes_after_the_head() -> None:
 
 def test_unused_path_is_fine(tmp_path: Path) -> None:
     # A path token on a "none" agent is ignored, not an error.
-    accepted = check_upgrade(head("/ws/generic/open.org/whatever"), directory, TEST_KEYRING, now=NOW)
+    accepted = check_upgrade(
+        head("/ws/generic/open.org/whatever"), directory, TEST_KEYRING, now=NOW
+    )
     assert accepted.claims is None

@@ -47,8 +47,13 @@ def cli() -> None:
 
 
 def _build_config(
-    folder: Path | None, config_file: Path | None, org: str | None, listen: str | None,
-    public_url: str | None, public_keys: tuple[str, ...], private_keys: tuple[str, ...],
+    folder: Path | None,
+    config_file: Path | None,
+    org: str | None,
+    listen: str | None,
+    public_url: str | None,
+    public_keys: tuple[str, ...],
+    private_keys: tuple[str, ...],
 ) -> CatflapConfig:
     if config_file is not None:
         if folder is not None:
@@ -63,42 +68,61 @@ def _build_config(
     keys = list(public_keys)
     if not keys:
         keys = [generated_public_key()]
-        log.warning("no --public-key given; generated %s for this run (POST /start needs it)",
-                    keys[0])
+        log.warning(
+            "no --public-key given; generated %s for this run (POST /start needs it)", keys[0]
+        )
     return zero_config(
-        folder, org=org, listen=listen or "127.0.0.1:8080", public_url=public_url,
-        public_keys=keys, private_keys=list(private_keys),
+        folder,
+        org=org,
+        listen=listen or "127.0.0.1:8080",
+        public_url=public_url,
+        public_keys=keys,
+        private_keys=list(private_keys),
     )
 
 
 @cli.command()
 @click.argument("folder", required=False, type=click.Path(path_type=Path, file_okay=False))
-@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
-              help="catflap.toml with several agents and organizations.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="catflap.toml with several agents and organizations.",
+)
 @click.option("--org", help="Organization name (zero-config mode).")
 @click.option("--listen", help="host:port for /ws/... and /v1/... [default: 127.0.0.1:8080]")
 @click.option("--public-url", help="Base of the wsUrl /start returns, e.g. wss://voice.example.com")
 @click.option("--public-key", "public_keys", multiple=True, help="Public API key (repeatable).")
 @click.option("--private-key", "private_keys", multiple=True, help="Private API key (repeatable).")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 def serve(
-    folder: Path | None, config_file: Path | None, org: str | None, listen: str | None,
-    public_url: str | None, public_keys: tuple[str, ...], private_keys: tuple[str, ...],
+    folder: Path | None,
+    config_file: Path | None,
+    org: str | None,
+    listen: str | None,
+    public_url: str | None,
+    public_keys: tuple[str, ...],
+    private_keys: tuple[str, ...],
     log_level: str,
 ) -> None:
     """Run the gateway, the control API and a warm pool of agents on this machine."""
     configure_logging(log_level)
     try:
-        cfg = _build_config(folder, config_file, org, listen, public_url, public_keys,
-                            private_keys)
+        cfg = _build_config(folder, config_file, org, listen, public_url, public_keys, private_keys)
         keyring, generated = token_keyring()
     except ConfigError as exc:
         click.echo(f"catflap: configuration error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     if generated:
-        log.warning("CATFLAP_TOKEN_KEYS is not set: using a random signing key; tokens "
-                    "won't survive a restart or work across gateways")
+        log.warning(
+            "CATFLAP_TOKEN_KEYS is not set: using a random signing key; tokens "
+            "won't survive a restart or work across gateways"
+        )
     try:
         _run(_serve(cfg, keyring, log_level))
     except OSError as exc:
@@ -115,8 +139,7 @@ async def _serve(cfg: CatflapConfig, keyring: object, log_level: str) -> None:
     assert isinstance(keyring, KeyRing)
     with tempfile.TemporaryDirectory(prefix="catflap-") as socket_dir:
         launcher = SubprocessLauncher(Path(socket_dir), log_level=log_level)
-        pool = LocalPool(cfg.agents(), launcher,
-                         ready_timeout=cfg.gateway.agent_ready_timeout)
+        pool = LocalPool(cfg.agents(), launcher, ready_timeout=cfg.gateway.agent_ready_timeout)
         gateway = Gateway(cfg, keyring=keyring, replay=MemoryReplayStore(), pool=pool)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -136,8 +159,7 @@ async def _serve(cfg: CatflapConfig, keyring: object, log_level: str) -> None:
         pool.start()
         await gateway.start(host, port)
         for agent in cfg.agents():
-            log.info("agent %s: ws://%s:%d/ws/generic/%s", agent.key, host, gateway.port,
-                     agent.key)
+            log.info("agent %s: ws://%s:%d/ws/generic/%s", agent.key, host, gateway.port, agent.key)
         await stop.wait()
         log.info("x shutting down (send the signal again to close every session now)")
         await gateway.shutdown(drain_timeout=cfg.gateway.drain_timeout)

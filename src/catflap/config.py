@@ -20,8 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from catflap.auth.tokens import KeyRing
 from catflap.contract import limits
 from catflap.contract.errors import ConfigError
-from catflap.contract.names import AgentName, OrgName, ServiceHost, agent_name_problem
-from catflap.contract.names import org_name_problem
+from catflap.contract.names import (
+    AgentName,
+    OrgName,
+    ServiceHost,
+    agent_name_problem,
+    org_name_problem,
+)
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -46,8 +51,18 @@ PCC_DEPLOY_FILE = "pcc-deploy.toml"
 # refused, as PCC's CLI refuses it.
 _PCC_READ = {"agent_name", "websocket_auth", "max_session_duration", "scaling"}
 _PCC_IGNORED = {
-    "image", "build_id", "image_credentials", "secret_set", "region", "agent_profile",
-    "enable_krisp", "krisp_viva", "build", "docker", "resources", "architecture",
+    "image",
+    "build_id",
+    "image_credentials",
+    "secret_set",
+    "region",
+    "agent_profile",
+    "enable_krisp",
+    "krisp_viva",
+    "build",
+    "docker",
+    "resources",
+    "architecture",
 }
 _PCC_SCALING = {"min_agents", "max_agents"}
 
@@ -226,7 +241,8 @@ def _check_semantics(source: str, cfg: CatflapConfig) -> None:
                     raise ConfigError(source, f"organizations.{org}.{kind}", "empty key")
                 if key in owners:
                     raise ConfigError(
-                        source, f"organizations.{org}.{kind}",
+                        source,
+                        f"organizations.{org}.{kind}",
                         f"key is already used by organization {owners[key]!r}; keys must be unique",
                     )
                 owners[key] = org
@@ -288,7 +304,8 @@ def zero_config(
     problem = agent_name_problem(name)
     if problem:
         raise ConfigError(
-            source, "agent_name",
+            source,
+            "agent_name",
             f"{name!r} is not a valid agent name ({problem}); set agent_name in pcc-deploy.toml",
         )
     raw = {

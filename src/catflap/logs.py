@@ -24,7 +24,9 @@ class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"[{extra.get('session_id', '-')}] {msg}", kwargs
 
 
-def session_log(logger: logging.Logger, session_id: str, *, agent: str = "", org: str = "") -> SessionLog:
+def session_log(
+    logger: logging.Logger, session_id: str, *, agent: str = "", org: str = ""
+) -> SessionLog:
     return SessionLog(logger, {"session_id": session_id, "agent": agent, "org": org})
 
 

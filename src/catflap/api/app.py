@@ -65,8 +65,9 @@ class ErrorBody(BaseModel):
     code: str
 
 
-def _error_response(status: int, message: str, code: str,
-                    headers: dict[str, str] | None = None) -> JSONResponse:
+def _error_response(
+    status: int, message: str, code: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(message, code), status_code=status, headers=headers)
 
 
@@ -83,7 +84,11 @@ async def _read_json(request: Request) -> Any:
             "send the request body as JSON with Content-Type: application/json"
         )
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limits.START_REQUEST_MAX_BYTES:
+    if (
+        declared is not None
+        and declared.isdigit()
+        and int(declared) > limits.START_REQUEST_MAX_BYTES
+    ):
         raise RequestTooLarge(f"request body over {limits.START_REQUEST_MAX_BYTES} bytes")
     data = bytearray()
     async for chunk in request.stream():
@@ -132,8 +137,10 @@ def create_api(gateway: Gateway) -> FastAPI:
         return JSONResponse({"status": "ok"})
 
     @app.post(
-        "/v1/public/{agent}/start", response_model=StartResponse,
-        response_model_exclude_none=True, responses=error_responses,
+        "/v1/public/{agent}/start",
+        response_model=StartResponse,
+        response_model_exclude_none=True,
+        responses=error_responses,
     )
     async def start(agent: str, request: Request) -> dict[str, Any]:
         """Start a session: mint the WebSocket URL (and token) a client connects with.
@@ -143,7 +150,9 @@ def create_api(gateway: Gateway) -> FastAPI:
         key = _bearer(request)
         org = gateway.org_for_public_key(key) if key else None
         if org is None:
-            raise Unauthorized("missing or invalid public API key: send Authorization: Bearer pk_...")
+            raise Unauthorized(
+                "missing or invalid public API key: send Authorization: Bearer pk_..."
+            )
         spec = gateway.agent_by_name(org, agent)
         if spec is None:
             raise AgentNotFound(f"no agent {agent!r} in organization {org!r}")
@@ -153,17 +162,17 @@ def create_api(gateway: Gateway) -> FastAPI:
             raise BadRequest(f"invalid request: {exc.errors()[0]['msg']}") from None
         if payload.transport != "websocket":
             hint = (
-                "telephony transports are not supported yet; use \"websocket\" and point the "
+                'telephony transports are not supported yet; use "websocket" and point the '
                 "provider at the wsUrl with the token as a path segment"
                 if payload.transport in _TELEPHONY
-                else "catflap serves WebSocket sessions: send {\"transport\": \"websocket\"}"
+                else 'catflap serves WebSocket sessions: send {"transport": "websocket"}'
             )
             raise UnsupportedTransport(f"transport {payload.transport!r} is not supported: {hint}")
         body_b64: str | None = None
         if "body" in (payload.model_fields_set or ()):
             if spec.config.websocket_auth == "none":
                 raise BodyNotAllowed(
-                    "this agent uses websocket_auth = \"none\": do not send a body to /start; "
+                    'this agent uses websocket_auth = "none": do not send a body to /start; '
                     "base64-encode it yourself and append ?body=<b64> to the WebSocket URL"
                 )
             body_b64 = encode_body(payload.body)
@@ -182,8 +191,11 @@ def create_api(gateway: Gateway) -> FastAPI:
             response["body"] = body_b64
         return response
 
-    @app.api_route("/ws/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
-                   include_in_schema=False)
+    @app.api_route(
+        "/ws/{rest:path}",
+        methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
+        include_in_schema=False,
+    )
     async def websocket_over_http(rest: str) -> None:
         # Reached only by a plain request on a kept-alive API connection.
         raise UpgradeRequired(
@@ -192,4 +204,3 @@ def create_api(gateway: Gateway) -> FastAPI:
         )
 
     return app
-

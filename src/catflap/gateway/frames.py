@@ -35,7 +35,13 @@ class FrameScanner:
     """Follows frame boundaries in one direction of a WebSocket byte stream."""
 
     __slots__ = (
-        "_partial", "_skip", "close_code", "close_reason", "close_seen", "close_seq", "frames",
+        "_partial",
+        "_skip",
+        "close_code",
+        "close_reason",
+        "close_seen",
+        "close_seq",
+        "frames",
     )
 
     def __init__(self) -> None:
@@ -89,8 +95,9 @@ class FrameScanner:
             if data[pos] & 0x0F == _OP_CLOSE:
                 if end > n:  # wait for the whole close frame: it is at most 131 bytes
                     break
-                self._read_close(data[pos + head - 4 : pos + head] if masked else b"",
-                                 data[pos + head : end])
+                self._read_close(
+                    data[pos + head - 4 : pos + head] if masked else b"", data[pos + head : end]
+                )
             elif n - pos < head:
                 break
             self.frames += 1

@@ -86,9 +86,11 @@ class GatewayConnection(asyncio.Protocol):
         protocol.data_received(raw)
 
     def _head_timeout(self) -> None:
-        self.reject(RequestTimeout(
-            f"the request head did not arrive within {limits.REQUEST_HEAD_TIMEOUT_S:g} s"
-        ))
+        self.reject(
+            RequestTimeout(
+                f"the request head did not arrive within {limits.REQUEST_HEAD_TIMEOUT_S:g} s"
+            )
+        )
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

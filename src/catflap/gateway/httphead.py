@@ -56,7 +56,14 @@ class HeadParser:
     """
 
     __slots__ = (
-        "_complete", "_head", "_headers", "_hname", "_parser", "_url", "_upgrade_offset", "raw",
+        "_complete",
+        "_head",
+        "_headers",
+        "_hname",
+        "_parser",
+        "_url",
+        "_upgrade_offset",
+        "raw",
     )
 
     def __init__(self) -> None:

@@ -185,8 +185,7 @@ class Relay:
         else:
             self._agent_vanished = True
             self._gateway_close = int(CloseCode.INTERNAL_ERROR)
-            self._send_close(other, CloseCode.INTERNAL_ERROR, "agent connection lost",
-                             masked=False)
+            self._send_close(other, CloseCode.INTERNAL_ERROR, "agent connection lost", masked=False)
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -203,17 +202,19 @@ class Relay:
             self._timer.cancel()
         if self.done.done():
             return
-        self.done.set_result(RelayStats(
-            bytes_client_to_agent=self.client.bytes_in,
-            bytes_agent_to_client=self.agent.bytes_in,
-            frames_client_to_agent=self.client.scanner.frames,
-            frames_agent_to_client=self.agent.scanner.frames,
-            client_close_code=self.client.scanner.close_code,
-            agent_close_code=self.agent.scanner.close_code,
-            gateway_close_code=self._gateway_close,
-            client_initiated=self._client_first(),
-            agent_vanished=self._agent_vanished,
-        ))
+        self.done.set_result(
+            RelayStats(
+                bytes_client_to_agent=self.client.bytes_in,
+                bytes_agent_to_client=self.agent.bytes_in,
+                frames_client_to_agent=self.client.scanner.frames,
+                frames_agent_to_client=self.agent.scanner.frames,
+                client_close_code=self.client.scanner.close_code,
+                agent_close_code=self.agent.scanner.close_code,
+                gateway_close_code=self._gateway_close,
+                client_initiated=self._client_first(),
+                agent_vanished=self._agent_vanished,
+            )
+        )
 
     def _client_first(self) -> bool:
         client, agent = self.client.scanner.close_seq, self.agent.scanner.close_seq

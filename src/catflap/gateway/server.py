@@ -89,8 +89,13 @@ class Gateway:
             from catflap.api.app import create_api
 
             self._http_config = uvicorn.Config(
-                create_api(self), http="httptools", ws="none", lifespan="off",
-                access_log=False, log_level="warning", server_header=False,
+                create_api(self),
+                http="httptools",
+                ws="none",
+                lifespan="off",
+                access_log=False,
+                log_level="warning",
+                server_header=False,
             )
             self._http_config.load()
         return HttpToolsProtocol(
@@ -115,12 +120,12 @@ class Gateway:
         """Drain, then stop. Safe to call twice; the second call skips the drain."""
         already = self.draining
         self.draining = True
-        if not already and self.relays:
-            log.info("x draining %d live session(s) for up to %g s", len(self.relays),
-                     drain_timeout)
-            deadline = time.monotonic() + drain_timeout
-            while self.relays and time.monotonic() < deadline:
-                await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        if not already and self._tasks:
+            # Session tasks end when their sessions end; wait for them up to the deadline.
+            log.info(
+                "x draining %d live session(s) for up to %g s", len(self.relays), drain_timeout
+            )
+            await asyncio.wait(list(self._tasks), timeout=drain_timeout)
         for relay in list(self.relays.values()):
             relay.drained = True
             relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")

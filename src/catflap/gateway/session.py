@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from catflap.auth.replay import consume_or_reject
-from catflap.contract import headers as H
+from catflap.contract import headers as hdrs
 from catflap.contract.errors import Draining, InternalError, RequestRejected, ServiceUnavailable
 from catflap.gateway.httphead import RequestHead
 from catflap.gateway.relay import Relay
@@ -40,7 +40,7 @@ log = logging.getLogger("catflap.gateway")
 def _transport_type(accepted: UpgradeAccepted) -> str | None:
     if accepted.agent.config.generic_transport_type == "auto":
         return None
-    return H.TRANSPORT_TYPE_WEBSOCKET
+    return hdrs.TRANSPORT_TYPE_WEBSOCKET
 
 
 async def run_session(
@@ -60,9 +60,7 @@ async def run_session(
         request = build_upstream_request(
             head, accepted, client_host=conn.client_host, transport_type=_transport_type(accepted)
         )
-        reply = await open_upstream(
-            lease.address, request, timeout=gateway.upstream_timeout
-        )
+        reply = await open_upstream(lease.address, request, timeout=gateway.upstream_timeout)
         if reply.status != 101:
             reply.transport.abort()
             raise ServiceUnavailable(
@@ -73,7 +71,10 @@ async def run_session(
             gateway.pool.cancel(lease)
         sid = accepted.session_id if accepted else "-"
         session_log(log, sid).info(
-            "! %s %s -> %d %s", head.method, _loggable(head.path), rejected.status,
+            "! %s %s -> %d %s",
+            head.method,
+            _loggable(head.path),
+            rejected.status,
             rejected.to_body()["code"],
         )
         conn.reject(rejected)
@@ -86,20 +87,25 @@ async def run_session(
         return
 
     agent = accepted.agent
-    slog = session_log(log, accepted.session_id, agent=agent.service_host.agent,
-                       org=agent.service_host.org)
+    slog = session_log(
+        log, accepted.session_id, agent=agent.service_host.agent, org=agent.service_host.org
+    )
+    start_seconds = time.perf_counter() - started
     record = SessionRecord(
         session_id=accepted.session_id,
         agent=agent.service_host.agent,
         organization=agent.service_host.org,
         created_at=gateway.clock(),
         cold_start=lease.cold_start,
-        bot_start_seconds=time.perf_counter() - started,
+        bot_start_seconds=start_seconds,
     )
     gateway.sessions.started(record)
-    slog.info("= session started on instance %d (%s start, %.1f ms)",
-              lease.instance.instance_id, "cold" if lease.cold_start else "warm",
-              record.bot_start_seconds * 1000)
+    slog.info(
+        "= session started on instance %d (%s start, %.1f ms)",
+        lease.instance.instance_id,
+        "cold" if lease.cold_start else "warm",
+        start_seconds * 1000,
+    )
 
     relay = Relay(conn.transport, reply.transport)
     gateway.relays[accepted.session_id] = relay
@@ -117,8 +123,11 @@ async def run_session(
     gateway.sessions.ended_now(record)
     slog.info(
         "= session ended: %s (client close %s, agent close %s, %d/%d frames in/out)",
-        record.completion_status, stats.client_close_code, stats.agent_close_code,
-        stats.frames_client_to_agent, stats.frames_agent_to_client,
+        record.completion_status,
+        stats.client_close_code,
+        stats.agent_close_code,
+        stats.frames_client_to_agent,
+        stats.frames_agent_to_client,
     )
 
 

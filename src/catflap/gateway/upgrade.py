@@ -29,7 +29,7 @@ from urllib.parse import unquote
 
 from catflap.auth.tokens import KeyRing, TokenClaims, TokenFailure, rejection, verify_token
 from catflap.config import AgentSpec
-from catflap.contract import headers as H
+from catflap.contract import headers as hdrs
 from catflap.contract.body import DecodedBody, decode_body
 from catflap.contract.errors import (
     AgentNotFound,
@@ -81,9 +81,10 @@ def _check_handshake_headers(head: RequestHead) -> None:
             "(Upgrade: websocket, Connection: Upgrade)",
             headers=(("upgrade", "websocket"),),
         )
-    if head.header("sec-websocket-version") != "13" or head.header_count(
-        "sec-websocket-version"
-    ) != 1:
+    if (
+        head.header("sec-websocket-version") != "13"
+        or head.header_count("sec-websocket-version") != 1
+    ):
         raise UpgradeRequired(
             "unsupported or missing Sec-WebSocket-Version: only version 13 is supported",
             headers=(("sec-websocket-version", "13"),),
@@ -116,7 +117,7 @@ def _route(path: str, query: QueryParams) -> tuple[ServiceHost, str | None]:
         )
     from_path = segments[1] if len(segments) > 1 else None
     path_token = segments[2] if len(segments) > 2 else None
-    from_query = query.get_one_decoded(H.QUERY_SERVICE_HOST)
+    from_query = query.get_one_decoded(hdrs.QUERY_SERVICE_HOST)
     if from_path is not None and from_query is not None and from_path != from_query:
         raise InvalidServiceHost(
             f"?serviceHost={from_query!r} disagrees with the path's {from_path!r}: give one"
@@ -136,7 +137,7 @@ def _find_token(head: RequestHead, query: QueryParams, path_token: str | None) -
         scheme, _, credentials = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
             return credentials.strip()
-    from_query = query.get_one_decoded(H.QUERY_TOKEN)
+    from_query = query.get_one_decoded(hdrs.QUERY_TOKEN)
     if from_query:
         return from_query
     return path_token or None
@@ -159,20 +160,18 @@ def check_upgrade(
     _check_handshake_headers(head)
     query = parse_query(head.query)
     service_host, path_token = _route(head.path, query)
-    for name in (H.QUERY_BODY, H.QUERY_TOKEN):
+    for name in (hdrs.QUERY_BODY, hdrs.QUERY_TOKEN):
         query.get_one(name)  # refuses duplicates even where the value is not used
     agent = directory(service_host)
     if agent is None:
-        raise AgentNotFound(
-            f"no agent {service_host.agent!r} in organization {service_host.org!r}"
-        )
+        raise AgentNotFound(f"no agent {service_host.agent!r} in organization {service_host.org!r}")
     claims: TokenClaims | None = None
     if agent.config.websocket_auth == "token":
         token = _find_token(head, query, path_token)
         if token is None:
             raise rejection(TokenFailure.MISSING)
         claims = verify_token(token, keyring, service_host=str(service_host), now=now)
-    raw_body = query.get_one(H.QUERY_BODY)
+    raw_body = query.get_one(hdrs.QUERY_BODY)
     body = decode_body(raw_body) if raw_body is not None else None
     session_id = claims.jti if claims is not None else str(uuid.uuid4())
     return UpgradeAccepted(

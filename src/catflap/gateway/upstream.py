@@ -9,10 +9,10 @@ no part in them and never sees a decoded frame.
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 from dataclasses import dataclass
+from typing import cast
 
-from catflap.contract import headers as H
+from catflap.contract import headers as hdrs
 from catflap.contract.errors import ServiceUnavailable
 from catflap.gateway.httphead import RequestHead
 from catflap.gateway.upgrade import UpgradeAccepted
@@ -24,10 +24,20 @@ _RESPONSE_HEAD_MAX = 16 * 1024
 
 #: Client headers that are not passed on: connection-level ones, the ones the gateway sets
 #: itself, and (for token agents) the Authorization that carried catflap's token.
-_NOT_FORWARDED = frozenset({
-    "host", "connection", "upgrade", "keep-alive", "proxy-connection", "te", "trailer",
-    "transfer-encoding", "content-length", "x-forwarded-for",
-})
+_NOT_FORWARDED = frozenset(
+    {
+        "host",
+        "connection",
+        "upgrade",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "content-length",
+        "x-forwarded-for",
+    }
+)
 #: Header prefixes that only catflap may set on the agent hop; a client cannot spoof them.
 _RESERVED_PREFIXES = ("x-daily-", "x-catflap-", "x-pcc-")
 
@@ -48,20 +58,20 @@ def build_upstream_request(
         transport_type: value for the transport-type header, or None to leave it out
             (pipecat then auto-detects a telephony provider).
     """
-    target = H.AGENT_PATH
+    target = hdrs.AGENT_PATH
     if accepted.body is not None:
-        target += f"?{H.QUERY_BODY}={accepted.body.forward}"
+        target += f"?{hdrs.QUERY_BODY}={accepted.body.forward}"
     drop_authorization = accepted.claims is not None
     lines = [
         f"GET {target} HTTP/1.1",
         "host: catflap-agent",
         "upgrade: websocket",
         "connection: Upgrade",
-        f"{H.SESSION_ID_HEADER}: {accepted.session_id}",
-        f"{H.MAX_SESSION_SECONDS_HEADER}: {accepted.agent.config.max_session_duration}",
+        f"{hdrs.SESSION_ID_HEADER}: {accepted.session_id}",
+        f"{hdrs.MAX_SESSION_SECONDS_HEADER}: {accepted.agent.config.max_session_duration}",
     ]
     if transport_type is not None:
-        lines.append(f"{H.TRANSPORT_TYPE_HEADER}: {transport_type}")
+        lines.append(f"{hdrs.TRANSPORT_TYPE_HEADER}: {transport_type}")
     forwarded_for = [v for k, v in head.headers if k == "x-forwarded-for"]
     if client_host:
         forwarded_for.append(client_host)
@@ -108,10 +118,18 @@ class _AwaitResponseHead(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done.done():
-            self.done.set_exception(ConnectionError("agent closed the connection during the upgrade"))
+            self.done.set_exception(
+                ConnectionError("agent closed the connection during the upgrade")
+            )
 
 
-async def open_upstream(address: str, request: bytes, *, timeout: float) -> UpstreamReply:
+# One bound covers connect and response head, so the caller passes it in.
+async def open_upstream(
+    address: str,
+    request: bytes,
+    *,
+    timeout: float,  # noqa: ASYNC109
+) -> UpstreamReply:
     """Connect to an instance, send the upgrade, and wait for its response head.
 
     Args:

@@ -35,8 +35,9 @@ class InstanceState(enum.Enum):
 
 
 _TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
-    InstanceState.STARTING: frozenset({InstanceState.READY, InstanceState.DEAD,
-                                       InstanceState.STOPPING}),
+    InstanceState.STARTING: frozenset(
+        {InstanceState.READY, InstanceState.DEAD, InstanceState.STOPPING}
+    ),
     InstanceState.READY: frozenset({InstanceState.STOPPING, InstanceState.DEAD}),
     InstanceState.STOPPING: frozenset({InstanceState.DEAD}),
     InstanceState.DEAD: frozenset(),
@@ -112,7 +113,11 @@ class Instance:
             raise CatflapMisuse(f"instance {self.instance_id}: {self.state.value} -> {new.value}")
         log.info(
             "= %s instance %d pid %s: %s -> %s",
-            self.agent_key, self.instance_id, self.pid, self.state.value, new.value,
+            self.agent_key,
+            self.instance_id,
+            self.pid,
+            self.state.value,
+            new.value,
         )
         self.state = new
 

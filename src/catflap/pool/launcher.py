@@ -9,6 +9,7 @@ pool changing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -37,17 +38,13 @@ class LaunchedProcess:
 
     def kill(self) -> None:
         if self.process.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
-            except ProcessLookupError:
-                pass
 
     def terminate(self) -> None:
         if self.process.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
 
 class Launcher(Protocol):
@@ -73,12 +70,19 @@ class SubprocessLauncher:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "catflap.runtime.main",
-                "--bot-dir", str(agent.config.path),
-                "--listen", f"unix:{sock_path}",
-                "--control-fd", str(theirs.fileno()),
-                "--agent-name", agent.key,
-                "--log-level", self._log_level,
+                sys.executable,
+                "-m",
+                "catflap.runtime.main",
+                "--bot-dir",
+                str(agent.config.path),
+                "--listen",
+                f"unix:{sock_path}",
+                "--control-fd",
+                str(theirs.fileno()),
+                "--agent-name",
+                agent.key,
+                "--log-level",
+                self._log_level,
                 pass_fds=(theirs.fileno(),),
                 cwd=str(agent.config.path),
                 env=dict(os.environ),

@@ -265,8 +265,9 @@ class AgentPool:
                         now=self._clock(),
                     )
         except Exception:
-            log.exception("! %s instance %d: control channel failed", self.agent.key,
-                          instance.instance_id)
+            log.exception(
+                "! %s instance %d: control channel failed", self.agent.key, instance.instance_id
+            )
             process.kill()
         finally:
             timer.cancel()
@@ -280,8 +281,12 @@ class AgentPool:
 
     def _ready_timed_out(self, instance: Instance) -> None:
         if instance.state is InstanceState.STARTING and instance.process is not None:
-            log.warning("! %s instance %d not ready after %g s; killing it",
-                        self.agent.key, instance.instance_id, self._ready_timeout)
+            log.warning(
+                "! %s instance %d not ready after %g s; killing it",
+                self.agent.key,
+                instance.instance_id,
+                self._ready_timeout,
+            )
             instance.process.kill()
 
     def _on_ready(self, instance: Instance, address: str) -> None:
@@ -301,11 +306,17 @@ class AgentPool:
         if was is InstanceState.STARTING:
             self._on_start_failure(instance, error, returncode)
         elif was is InstanceState.READY:
-            log.warning("! %s instance %d (pid %s) died with code %s; replacing it",
-                        self.agent.key, instance.instance_id, instance.pid, returncode)
+            log.warning(
+                "! %s instance %d (pid %s) died with code %s; replacing it",
+                self.agent.key,
+                instance.instance_id,
+                instance.pid,
+                returncode,
+            )
         for session_id in list(instance.leases):
-            instance.release(session_id, SessionEnd(status="agent_crashed", error=error),
-                             now=self._clock())
+            instance.release(
+                session_id, SessionEnd(status="agent_crashed", error=error), now=self._clock()
+            )
         self._replenish()
 
     def _on_start_failure(self, instance: Instance, error: str | None, code: int | None) -> None:
@@ -318,14 +329,20 @@ class AgentPool:
         if text != self._last_error:
             log.error("! %s failed to start:\n%s", self.agent.key, text.rstrip())
         else:
-            log.error("! %s still failing to start (%d times); next try in %.1f s",
-                      self.agent.key, self._failures, delay)
+            log.error(
+                "! %s still failing to start (%d times); next try in %.1f s",
+                self.agent.key,
+                self._failures,
+                delay,
+            )
         self._last_error = text
         if not instance.ready.done():
-            instance.ready.set_exception(AgentNotReady(
-                f"agent {self.agent.key} failed to start ({self._last_error_line()}). "
-                "The gateway log has the traceback."
-            ))
+            instance.ready.set_exception(
+                AgentNotReady(
+                    f"agent {self.agent.key} failed to start ({self._last_error_line()}). "
+                    "The gateway log has the traceback."
+                )
+            )
 
     async def _stop(self, instance: Instance) -> None:
         if instance.state is InstanceState.DEAD or instance.process is None:
@@ -354,8 +371,12 @@ class AgentPool:
                 break
             idle = instance.state is InstanceState.READY and not instance.leases
             if idle and now - instance.idle_since >= self.scaling.idle_timeout:
-                log.info("x %s instance %d idle for %.0f s; stopping it",
-                         self.agent.key, instance.instance_id, now - instance.idle_since)
+                log.info(
+                    "x %s instance %d idle for %.0f s; stopping it",
+                    self.agent.key,
+                    instance.instance_id,
+                    now - instance.idle_since,
+                )
                 surplus -= 1
                 self._spawn_task(self._stop(instance))
 

@@ -225,8 +225,10 @@ async def _await_outcome(
         log.warning("bot() raised while being cancelled", exc_info=task.exception())
     error = None if done else "bot ignored cancellation"
     if not done:
-        log.error("! bot() still running %.0f s after cancel; the pool must kill this process",
-                  BOT_CANCEL_GRACE_S)
+        log.error(
+            "! bot() still running %.0f s after cancel; the pool must kill this process",
+            BOT_CANCEL_GRACE_S,
+        )
     if stopped:
         return _Outcome("stopped", error, CloseCode.NORMAL, "session stopped")
     return _Outcome("time_limit", error, CloseCode.NORMAL, "session time limit reached")

@@ -125,9 +125,7 @@ class ControlChannel:
     @classmethod
     async def from_socket(cls, sock: socket.socket) -> ControlChannel:
         """Wrap a connected ``AF_UNIX`` stream socket (one end of a ``socketpair()``)."""
-        reader, writer = await asyncio.open_unix_connection(
-            sock=sock, limit=CONTROL_LINE_MAX_BYTES
-        )
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=CONTROL_LINE_MAX_BYTES)
         return cls(reader, writer)
 
     async def send(self, msg: Mapping[str, Any]) -> None:

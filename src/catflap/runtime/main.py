@@ -235,8 +235,9 @@ async def run_agent(
     logger.info("%s: session arguments are %s", agent_name or "agent", session_args_class())
     sock, reported = _bind(address)
     registry = SessionRegistry()
-    server = uvicorn.Server(make_server_config(create_app(loaded, registry=registry, emit=emit),
-                                               log_level=log_level))
+    server = uvicorn.Server(
+        make_server_config(create_app(loaded, registry=registry, emit=emit), log_level=log_level)
+    )
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     control: asyncio.Task[None] | None = None
     try:
