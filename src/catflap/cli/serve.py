@@ -1,24 +1,18 @@
-"""The ``catflap`` command line.
-
-``main(argv)`` parses arguments, builds the config and turns typed errors into named exit
-codes; nothing below the CLI calls ``sys.exit``.
-"""
+"""``catflap serve``: the gateway, the control API and a warm pool on this machine."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
 import tempfile
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
 import click
 
 from catflap.auth.replay import MemoryReplayStore
+from catflap.cli.exits import EXIT_CONFIG, EXIT_STARTUP, run_async
 from catflap.config import (
     CatflapConfig,
     generated_public_key,
@@ -29,21 +23,9 @@ from catflap.config import (
 from catflap.contract.errors import ConfigError
 from catflap.logs import configure_logging
 
-__all__ = ["EXIT_CONFIG", "EXIT_OK", "main"]
-
-EXIT_OK = 0
-#: The configuration is invalid; the message names the file, the key and the problem.
-EXIT_CONFIG = 2
-#: The gateway could not start (port in use, ...).
-EXIT_STARTUP = 3
+__all__ = ["serve"]
 
 log = logging.getLogger("catflap")
-
-
-@click.group()
-@click.version_option(package_name="catflap")
-def cli() -> None:
-    """catflap: self-hosted, Pipecat-Cloud-compatible WebSocket sessions."""
 
 
 def _build_config(
@@ -81,7 +63,7 @@ def _build_config(
     )
 
 
-@cli.command()
+@click.command()
 @click.argument("folder", required=False, type=click.Path(path_type=Path, file_okay=False))
 @click.option(
     "--config",
@@ -124,7 +106,7 @@ def serve(
             "won't survive a restart or work across gateways"
         )
     try:
-        _run(_serve(cfg, keyring, log_level))
+        run_async(_serve(cfg, keyring, log_level))
     except OSError as exc:
         click.echo(f"catflap: could not start: {exc}", err=True)
         sys.exit(EXIT_STARTUP)
@@ -164,28 +146,3 @@ async def _serve(cfg: CatflapConfig, keyring: object, log_level: str) -> None:
         log.info("x shutting down (send the signal again to close every session now)")
         await gateway.shutdown(drain_timeout=cfg.gateway.drain_timeout)
         await pool.close()
-
-
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.pass_context
-def agent(ctx: click.Context) -> None:
-    """Run one agent runtime (started by the pool; see `catflap agent --help`)."""
-    from catflap.runtime.main import main as runtime_main
-
-    sys.exit(runtime_main(list(ctx.args)))
-
-
-def _run(coro: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop when it is installed (it is a dependency on Linux and macOS)."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(coro)
-
-
-def main(argv: list[str] | None = None) -> None:
-    with contextlib.suppress(KeyboardInterrupt):
-        cli.main(args=argv, prog_name="catflap")
