@@ -26,6 +26,7 @@ from catflap.config import CatflapConfig, load_config
 from catflap.gateway.server import Gateway
 from catflap.pool.launcher import SubprocessLauncher
 from catflap.pool.pool import LocalPool
+from catflap.sessions.store import SqliteSessionStore
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -123,8 +124,14 @@ async def running_gateway(
             SubprocessLauncher(workdir, log_level="warning"),
             ready_timeout=seconds(ready_timeout),
         )
+        store = SqliteSessionStore(workdir / "sessions.sqlite3")
         gateway = Gateway(
-            config, keyring=keyring, replay=MemoryReplayStore(clock=clock), pool=pool, clock=clock
+            config,
+            keyring=keyring,
+            replay=MemoryReplayStore(clock=clock),
+            pool=pool,
+            store=store,
+            clock=clock,
         )
         pool.start()
         await gateway.start("127.0.0.1", 0)
@@ -133,6 +140,7 @@ async def running_gateway(
         finally:
             await gateway.shutdown(drain_timeout=0)
             await pool.close()
+            await store.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -97,7 +97,7 @@ class Agent:
             str(self.socket_path),
             uri=f"ws://agent{headers.AGENT_PATH}{query}",
             additional_headers=extra,
-            subprotocols=subprotocols,  # type: ignore[arg-type]
+            subprotocols=subprotocols,
             open_timeout=WAIT_S,
         )
 

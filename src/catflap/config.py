@@ -120,6 +120,11 @@ class GatewaySettings(_Strict):
 class CatflapConfig(_Strict):
     listen: str = DEFAULT_LISTEN
     public_url: str | None = None
+    #: Session records (SQLite) and other state; relative paths are below the config file's
+    #: folder (or the working directory in zero-config mode).
+    state_dir: Path = Path(".catflap")
+    #: ``postgresql://...`` to keep session records in PostgreSQL instead of SQLite.
+    database_url: str | None = None
     gateway: GatewaySettings = GatewaySettings()
     organizations: dict[str, OrgConfig] = {}
 
@@ -263,6 +268,8 @@ def load_config(path: Path) -> CatflapConfig:
     """
     raw = _read_toml(path)
     base = path.parent
+    if isinstance(raw.get("state_dir"), str):
+        raw["state_dir"] = base / raw["state_dir"]
     for org, org_raw in (raw.get("organizations") or {}).items():
         if not isinstance(org_raw, dict):
             continue

@@ -117,12 +117,14 @@ async def _serve(cfg: CatflapConfig, keyring: object, log_level: str) -> None:
     from catflap.gateway.server import Gateway
     from catflap.pool.launcher import SubprocessLauncher
     from catflap.pool.pool import LocalPool
+    from catflap.sessions.store import open_store
 
     assert isinstance(keyring, KeyRing)
     with tempfile.TemporaryDirectory(prefix="catflap-") as socket_dir:
         launcher = SubprocessLauncher(Path(socket_dir), log_level=log_level)
         pool = LocalPool(cfg.agents(), launcher, ready_timeout=cfg.gateway.agent_ready_timeout)
-        gateway = Gateway(cfg, keyring=keyring, replay=MemoryReplayStore(), pool=pool)
+        store = open_store(cfg.database_url, cfg.state_dir)
+        gateway = Gateway(cfg, keyring=keyring, replay=MemoryReplayStore(), pool=pool, store=store)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         terms = 0
@@ -146,3 +148,4 @@ async def _serve(cfg: CatflapConfig, keyring: object, log_level: str) -> None:
         log.info("x shutting down (send the signal again to close every session now)")
         await gateway.shutdown(drain_timeout=cfg.gateway.drain_timeout)
         await pool.close()
+        await store.close()

@@ -27,6 +27,7 @@ from catflap.gateway.front import GatewayConnection
 from catflap.gateway.relay import Relay
 from catflap.pool.pool import SessionPool
 from catflap.sessions.registry import SessionRegistry
+from catflap.sessions.store import SessionStore
 
 __all__ = ["Gateway"]
 
@@ -43,6 +44,7 @@ class Gateway:
         keyring: KeyRing,
         replay: ReplayStore,
         pool: SessionPool,
+        store: SessionStore,
         clock: Callable[[], float] = time.time,
         upstream_timeout: float = limits.UPSTREAM_HANDSHAKE_TIMEOUT_S,
     ) -> None:
@@ -50,6 +52,7 @@ class Gateway:
         self.keyring = keyring
         self.replay = replay
         self.pool = pool
+        self.store = store
         self.clock = clock
         self.upstream_timeout = upstream_timeout
         self.sessions = SessionRegistry()

@@ -13,6 +13,7 @@ Steps, in order; any failure before step 5 is an HTTP error with no bot started:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -100,6 +101,8 @@ async def run_session(
         bot_start_seconds=start_seconds,
     )
     gateway.sessions.started(record)
+    # Persist off the handshake path; the end-of-session save waits for this one.
+    first_save = gateway.spawn(_store(gateway, dataclasses.replace(record)))
     slog.info(
         "= session started on instance %d (%s start, %.1f ms)",
         lease.instance.instance_id,
@@ -121,6 +124,8 @@ async def run_session(
         gateway.relays.pop(accepted.session_id, None)
     record.finish(end, stats, drained=relay.drained, now=gateway.clock())
     gateway.sessions.ended_now(record)
+    await asyncio.wait([first_save])
+    await _store(gateway, record)
     slog.info(
         "= session ended: %s (client close %s, agent close %s, %d/%d frames in/out)",
         record.completion_status,
@@ -129,6 +134,13 @@ async def run_session(
         stats.frames_client_to_agent,
         stats.frames_agent_to_client,
     )
+
+
+async def _store(gateway: Gateway, record: SessionRecord) -> None:
+    try:
+        await gateway.store.save(record)
+    except Exception:
+        session_log(log, record.session_id).exception("! could not store the session record")
 
 
 def _loggable(path: str) -> str:

@@ -1,5 +1,4 @@
-"""The agent runtime's FastAPI app (``WS /ws``, ``GET /livez``, ``GET /readyz``) and its server
-configuration.
+"""The agent runtime's FastAPI app: ``WS /ws``, ``GET /livez`` and ``GET /readyz``.
 
 One ``/ws`` connection is one session: read the session id, ``?body=``, the transport type and
 the budget from the upgrade request, accept, call ``bot(args)`` as a task registered under the
@@ -262,7 +261,11 @@ async def _run_session(
         else None
     )
     budget = _read_budget(websocket.headers.get(headers.MAX_SESSION_SECONDS_HEADER), log)
-    await websocket.accept(subprotocol=_choose_subprotocol(loaded, websocket, log))
+    try:
+        await websocket.accept(subprotocol=_choose_subprotocol(loaded, websocket, log))
+    except (OSError, RuntimeError) as exc:  # the client left during the handshake
+        log.info("x client gone before the session started: %r", exc)
+        return
     if session_id in registry:
         log.warning("! a session with this id is already running; refusing the duplicate")
         await close_quietly(websocket, CloseCode.POLICY_VIOLATION, "duplicate session id", log)

@@ -1,0 +1,212 @@
+"""Where session records live: SQLite under the state directory by default, or PostgreSQL.
+
+A record is written when the session starts (status ``None``: active) and again when it ends.
+Both backends keep one row per session, so ``GET /v1/agents/{agent}/sessions`` works the same
+after a restart. The SQLite backend runs sqlite3 (stdlib) on one worker thread, so the event
+loop never blocks on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from catflap.sessions.record import SessionRecord
+
+__all__ = ["SessionQuery", "SessionStore", "SqliteSessionStore", "open_store"]
+
+StatusFilter = Literal["active", "ended", "all"]
+
+_COLUMNS = [f.name for f in fields(SessionRecord)]
+
+
+class SessionQuery:
+    """Filters of ``GET /v1/agents/{agent}/sessions``."""
+
+    __slots__ = ("agent", "end_time", "limit", "offset", "org", "start_time", "status")
+
+    def __init__(
+        self,
+        *,
+        org: str,
+        agent: str,
+        status: StatusFilter = "all",
+        limit: int = 10,
+        offset: int = 0,
+        start_time: float | None = None,
+        end_time: float | None = None,
+    ) -> None:
+        self.org = org
+        self.agent = agent
+        self.status = status
+        self.limit = limit
+        self.offset = offset
+        self.start_time = start_time
+        self.end_time = end_time
+
+    def where(self, placeholder: str) -> tuple[str, list[Any]]:
+        """A SQL WHERE clause and its parameters (``placeholder`` is ``?`` or ``$``)."""
+        clauses = ["organization = {}", "agent = {}"]
+        params: list[Any] = [self.org, self.agent]
+        if self.status == "active":
+            clauses.append("ended_at IS NULL")
+        elif self.status == "ended":
+            clauses.append("ended_at IS NOT NULL")
+        if self.start_time is not None:
+            clauses.append("created_at >= {}")
+            params.append(self.start_time)
+        if self.end_time is not None:
+            clauses.append("created_at <= {}")
+            params.append(self.end_time)
+        numbered = []
+        for index, clause in enumerate(clauses, start=1):
+            mark = f"${index}" if placeholder == "$" else "?"
+            numbered.append(clause.format(mark))
+        return " AND ".join(numbered), params
+
+
+class SessionStore(Protocol):
+    async def save(self, record: SessionRecord) -> None: ...
+
+    async def get(self, session_id: str) -> SessionRecord | None: ...
+
+    async def query(self, query: SessionQuery) -> tuple[int, list[SessionRecord]]: ...
+
+    async def close(self) -> None: ...
+
+
+def _row_values(record: SessionRecord) -> list[Any]:
+    return [asdict(record)[name] for name in _COLUMNS]
+
+
+def _from_row(row: Sequence[Any]) -> SessionRecord:
+    return SessionRecord(**dict(zip(_COLUMNS, row, strict=True)))
+
+
+_SQLITE_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    organization TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    {
+    ", ".join(
+        f"{name} {'TEXT' if name in ('completion_status', 'error') else 'REAL'}"
+        for name in _COLUMNS[4:]
+    )
+}
+);
+CREATE INDEX IF NOT EXISTS sessions_by_agent ON sessions (organization, agent, created_at);
+"""
+
+
+class SqliteSessionStore:
+    """Session records in one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # One thread owns the connection: sqlite3 objects must stay on their thread.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catflap-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._run_sync(self._open)
+
+    def _open(self) -> None:
+        self._db = sqlite3.connect(self.path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SQLITE_SCHEMA)
+
+    def _run_sync(self, fn: Any, *args: Any) -> Any:
+        return self._executor.submit(fn, *args).result()
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def _save(self, values: list[Any]) -> None:
+        assert self._db is not None
+        marks = ", ".join("?" for _ in _COLUMNS)
+        self._db.execute(
+            f"INSERT OR REPLACE INTO sessions ({', '.join(_COLUMNS)}) VALUES ({marks})", values
+        )
+
+    async def save(self, record: SessionRecord) -> None:
+        await self._run(self._save, _row_values(record))
+
+    def _get(self, session_id: str) -> SessionRecord | None:
+        assert self._db is not None
+        row = self._db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        return _from_row(_decode(row)) if row else None
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        result: SessionRecord | None = await self._run(self._get, session_id)
+        return result
+
+    def _query(self, query: SessionQuery) -> tuple[int, list[SessionRecord]]:
+        assert self._db is not None
+        where, params = query.where("?")
+        (total,) = self._db.execute(
+            f"SELECT COUNT(*) FROM sessions WHERE {where}", params
+        ).fetchone()
+        rows = self._db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM sessions WHERE {where} "
+            "ORDER BY created_at DESC LIMIT ? OFFSET ?",
+            [*params, query.limit, query.offset],
+        ).fetchall()
+        return int(total), [_from_row(_decode(row)) for row in rows]
+
+    async def query(self, query: SessionQuery) -> tuple[int, list[SessionRecord]]:
+        result: tuple[int, list[SessionRecord]] = await self._run(self._query, query)
+        return result
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+
+_INT_COLUMNS = {f.name for f in fields(SessionRecord) if f.type in ("int", "int | None")}
+_BOOL_COLUMNS = {f.name for f in fields(SessionRecord) if f.type == "bool"}
+
+
+def _decode(row: Sequence[Any]) -> list[Any]:
+    """SQLite hands back REAL for every number; restore ints and bools."""
+    out = []
+    for name, value in zip(_COLUMNS, row, strict=True):
+        if value is not None and name in _INT_COLUMNS:
+            value = int(value)
+        elif value is not None and name in _BOOL_COLUMNS:
+            value = bool(value)
+        out.append(value)
+    return out
+
+
+def open_store(database_url: str | None, state_dir: Path) -> SessionStore:
+    """The store for a database URL (``sqlite:///path`` or ``postgresql://...``).
+
+    Without a URL, records go to ``<state_dir>/sessions.sqlite3``.
+
+    Raises:
+        ValueError: the URL's scheme is not one catflap supports.
+    """
+    if not database_url:
+        return SqliteSessionStore(state_dir / "sessions.sqlite3")
+    if database_url.startswith("sqlite:///"):
+        return SqliteSessionStore(Path(database_url.removeprefix("sqlite:///")))
+    if database_url.startswith(("postgresql://", "postgres://")):
+        from catflap.sessions.postgres import PostgresSessionStore  # type: ignore[import-not-found]
+
+        store: SessionStore = PostgresSessionStore(database_url)
+        return store
+    raise ValueError(
+        f"unsupported database URL {database_url.split(':', 1)[0]!r}: "
+        "use sqlite:///path/to/file or postgresql://user@host/db"
+    )

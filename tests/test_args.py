@@ -1,0 +1,100 @@
+"""Which session-arguments class ``bot(args)`` receives, and how it is filled in."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+import pytest
+from starlette.types import Message
+from starlette.websockets import WebSocket
+
+from catflap.runtime import args as runtime_args
+from catflap.runtime.args import WebSocketSessionArguments, make_session_args, session_args_class
+
+pipecat_types: Any = pytest.importorskip("pipecat.runner.types")
+pipecatcloud_agent: Any = pytest.importorskip("pipecatcloud.agent")
+
+
+def real_websocket() -> WebSocket:
+    """A Starlette WebSocket over a scope that never talks to anyone (it is only stored)."""
+
+    async def receive() -> Message:
+        raise AssertionError("not used")
+
+    async def send(message: Message) -> None:
+        raise AssertionError("not used")
+
+    scope = {"type": "websocket", "path": "/ws", "headers": [], "query_string": b""}
+    return WebSocket(scope, receive, send)
+
+
+def hide(monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:
+    """Make ``import`` of each module raise ImportError for this test."""
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def build(**overrides: Any) -> Any:
+    kwargs: dict[str, Any] = {
+        "session_id": "s-1",
+        "websocket": real_websocket(),
+        "body": {"k": [1, 2]},
+        "transport_type": "websocket",
+    }
+    kwargs.update(overrides)
+    return make_session_args(**kwargs)
+
+
+def test_pipecatcloud_class_is_preferred_and_passes_pipecat_checks() -> None:
+    assert session_args_class() is pipecatcloud_agent.WebSocketSessionArguments
+    made = build()
+    assert isinstance(made, pipecatcloud_agent.WebSocketSessionArguments)
+    assert isinstance(made, pipecat_types.WebSocketRunnerArguments)
+    assert isinstance(made, pipecat_types.RunnerArguments)
+
+
+def test_pipecat_runner_class_without_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    hide(monkeypatch, "pipecatcloud", "pipecatcloud.agent")
+    assert session_args_class() is pipecat_types.WebSocketRunnerArguments
+    made = build()
+    assert type(made) is pipecat_types.WebSocketRunnerArguments
+
+
+def test_own_class_without_pipecat(monkeypatch: pytest.MonkeyPatch) -> None:
+    hide(monkeypatch, "pipecatcloud", "pipecatcloud.agent", "pipecat", "pipecat.runner")
+    hide(monkeypatch, "pipecat.runner.types")
+    assert session_args_class() is WebSocketSessionArguments
+    made = build()
+    assert type(made) is runtime_args.WebSocketSessionArguments
+
+
+@pytest.mark.parametrize("tier", ["sdk", "pipecat", "own"])
+def test_every_tier_gets_the_same_values(monkeypatch: pytest.MonkeyPatch, tier: str) -> None:
+    if tier != "sdk":
+        hide(monkeypatch, "pipecatcloud", "pipecatcloud.agent")
+    if tier == "own":
+        hide(monkeypatch, "pipecat", "pipecat.runner", "pipecat.runner.types")
+    websocket = real_websocket()
+    made = build(websocket=websocket)
+    assert made.session_id == "s-1"
+    assert made.websocket is websocket
+    assert made.body == {"k": [1, 2]}
+    assert made.transport_type == "websocket"
+    assert made.handle_sigint is False
+    assert made.handle_sigterm is False
+    assert made.call_data is None
+    assert made.pipeline_idle_timeout_secs == 300
+    # Absent values stay None: pipecat's own default body would be {}.
+    bare = build(body=None, transport_type=None)
+    assert (bare.body, bare.transport_type) == (None, None)
+
+
+def test_own_class_mirrors_pipecat_fields_and_is_keyword_only() -> None:
+    own = {f.name for f in dataclasses.fields(WebSocketSessionArguments)}
+    pipecat = {f.name for f in dataclasses.fields(pipecat_types.WebSocketRunnerArguments)}
+    # cli_args and file_storage are dev-runner features no PCC bot relies on.
+    assert own == pipecat - {"cli_args", "file_storage"}
+    with pytest.raises(TypeError):
+        WebSocketSessionArguments("s", real_websocket())  # type: ignore[call-arg]
