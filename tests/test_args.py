@@ -2,19 +2,41 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import importlib
+import json
+import logging
 import sys
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.types import Message
 from starlette.websockets import WebSocket
 
-from catflap.runtime import args as runtime_args
-from catflap.runtime.args import WebSocketSessionArguments, make_session_args, session_args_class
+from catflap.runtime.args import (
+    WebSocketSessionArguments,
+    decode_body_param,
+    make_session_args,
+    session_args_class,
+)
 
-pipecat_types: Any = pytest.importorskip("pipecat.runner.types")
-pipecatcloud_agent: Any = pytest.importorskip("pipecatcloud.agent")
+
+def optional_module(name: str) -> Any:
+    """The module, or ``None`` when the optional ``[pipecat]`` extra is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+pipecat_types = optional_module("pipecat.runner.types")
+pipecatcloud_agent = optional_module("pipecatcloud.agent")
+
+#: The class-selection tests need pipecat and pipecatcloud installed (hidden where needed).
+needs_pipecat = pytest.mark.skipif(pipecatcloud_agent is None, reason="needs catflap[pipecat]")
 
 
 def real_websocket() -> WebSocket:
@@ -47,6 +69,7 @@ def build(**overrides: Any) -> Any:
     return make_session_args(**kwargs)
 
 
+@needs_pipecat
 def test_pipecatcloud_class_is_preferred_and_passes_pipecat_checks() -> None:
     assert session_args_class() is pipecatcloud_agent.WebSocketSessionArguments
     made = build()
@@ -55,6 +78,7 @@ def test_pipecatcloud_class_is_preferred_and_passes_pipecat_checks() -> None:
     assert isinstance(made, pipecat_types.RunnerArguments)
 
 
+@needs_pipecat
 def test_pipecat_runner_class_without_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
     hide(monkeypatch, "pipecatcloud", "pipecatcloud.agent")
     assert session_args_class() is pipecat_types.WebSocketRunnerArguments
@@ -62,14 +86,16 @@ def test_pipecat_runner_class_without_the_sdk(monkeypatch: pytest.MonkeyPatch) -
     assert type(made) is pipecat_types.WebSocketRunnerArguments
 
 
+@needs_pipecat
 def test_own_class_without_pipecat(monkeypatch: pytest.MonkeyPatch) -> None:
     hide(monkeypatch, "pipecatcloud", "pipecatcloud.agent", "pipecat", "pipecat.runner")
     hide(monkeypatch, "pipecat.runner.types")
     assert session_args_class() is WebSocketSessionArguments
     made = build()
-    assert type(made) is runtime_args.WebSocketSessionArguments
+    assert type(made) is WebSocketSessionArguments
 
 
+@needs_pipecat
 @pytest.mark.parametrize("tier", ["sdk", "pipecat", "own"])
 def test_every_tier_gets_the_same_values(monkeypatch: pytest.MonkeyPatch, tier: str) -> None:
     if tier != "sdk":
@@ -91,6 +117,7 @@ def test_every_tier_gets_the_same_values(monkeypatch: pytest.MonkeyPatch, tier: 
     assert (bare.body, bare.transport_type) == (None, None)
 
 
+@needs_pipecat
 def test_own_class_mirrors_pipecat_fields_and_is_keyword_only() -> None:
     own = {f.name for f in dataclasses.fields(WebSocketSessionArguments)}
     pipecat = {f.name for f in dataclasses.fields(pipecat_types.WebSocketRunnerArguments)}
@@ -98,3 +125,24 @@ def test_own_class_mirrors_pipecat_fields_and_is_keyword_only() -> None:
     assert own == pipecat - {"cli_args", "file_storage"}
     with pytest.raises(TypeError):
         WebSocketSessionArguments("s", real_websocket())  # type: ignore[call-arg]
+
+
+LOG = logging.LoggerAdapter(logging.getLogger("test"))
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+    max_leaves=10,
+)
+
+
+@given(JSON)
+def test_body_decodes_whether_or_not_plus_became_a_space(value: Any) -> None:
+    b64 = base64.b64encode(json.dumps(value).encode()).decode()
+    assert decode_body_param(b64, LOG) == value
+    # Starlette turns an unencoded '+' into ' '.
+    assert decode_body_param(b64.replace("+", " "), LOG) == value
+
+
+@pytest.mark.parametrize("raw", [None, "", "not base64!", "bm90IGpzb24=", "/w=="])
+def test_bad_or_absent_body_is_none(raw: str | None) -> None:
+    assert decode_body_param(raw, LOG) is None

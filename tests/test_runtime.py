@@ -7,7 +7,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import logging
 import os
 import signal
 import socket
@@ -24,20 +23,18 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed
 
 from catflap.contract import headers
 from catflap.contract.closecodes import CloseCode
 from catflap.contract.errors import ConfigError
-from catflap.runtime.app import decode_body_param
 from catflap.runtime.control import ControlChannel
 from catflap.runtime.main import (
     EXIT_BOT_IMPORT_FAILED,
     EXIT_BOT_STUCK,
     EXIT_CONFIG,
+    EXIT_LISTEN_FAILED,
     ListenAddress,
     parse_listen,
 )
@@ -119,10 +116,12 @@ async def spawn() -> AsyncIterator[Spawn]:
     # A short directory: unix socket paths are limited to 107 bytes.
     with tempfile.TemporaryDirectory(prefix="catflap-rt-") as tmp:
 
-        async def start(bot_dir: Path = ECHO, *, wait_ready: bool = True) -> Agent:
+        async def start(
+            bot_dir: Path = ECHO, *, wait_ready: bool = True, socket_path: Path | None = None
+        ) -> Agent:
             n = len(agents)
             parent, child = socket.socketpair()
-            socket_path = Path(tmp) / f"a{n}.sock"
+            socket_path = socket_path or Path(tmp) / f"a{n}.sock"
             stderr_path = Path(tmp) / f"stderr{n}.log"
             with open(stderr_path, "wb") as stderr:
                 proc = await asyncio.create_subprocess_exec(
@@ -196,27 +195,6 @@ def test_parse_listen_accepts_unix_and_tcp() -> None:
 def test_parse_listen_rejects_garbage(spec: str) -> None:
     with pytest.raises(ConfigError):
         parse_listen(spec)
-
-
-LOG = logging.LoggerAdapter(logging.getLogger("test"))
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(),
-    lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
-    max_leaves=10,
-)
-
-
-@given(JSON)
-def test_body_decodes_whether_or_not_plus_became_a_space(value: Any) -> None:
-    b64 = base64.b64encode(json.dumps(value).encode()).decode()
-    assert decode_body_param(b64, LOG) == value
-    # Starlette turns an unencoded '+' into ' '.
-    assert decode_body_param(b64.replace("+", " "), LOG) == value
-
-
-@pytest.mark.parametrize("raw", [None, "", "not base64!", "bm90IGpzb24=", "/w=="])
-def test_bad_or_absent_body_is_none(raw: str | None) -> None:
-    assert decode_body_param(raw, LOG) is None
 
 
 # --- Sessions ---------------------------------------------------------------------------------
@@ -454,6 +432,13 @@ async def test_bad_bot_sends_start_failed_and_exits_3(
     if "Traceback" in failed["error"]:
         assert stderr.count("Traceback (most recent call last)") == 1
     assert [e["event"] for e in agent.events] == ["start_failed"]
+
+
+async def test_unusable_listen_address_sends_start_failed(spawn: Spawn, tmp_path: Path) -> None:
+    agent = await spawn(socket_path=tmp_path / "no-such-dir" / "a.sock", wait_ready=False)
+    failed = await agent.event("start_failed")
+    assert failed["error"].startswith("cannot listen on unix:")
+    assert await agent.exit_code() == EXIT_LISTEN_FAILED
 
 
 # --- Lifecycle -----------------------------------------------------------------------------------

@@ -115,6 +115,7 @@ class GatewaySettings(_Strict):
 
     agent_ready_timeout: float = Field(default=limits.AGENT_READY_TIMEOUT_S, gt=0)
     drain_timeout: float = Field(default=limits.DRAIN_TIMEOUT_S, ge=0)
+    provider_handshake_timeout: float = Field(default=limits.PROVIDER_HANDSHAKE_TIMEOUT_S, gt=0)
 
 
 class CatflapConfig(_Strict):

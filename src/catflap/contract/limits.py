@@ -20,6 +20,8 @@ __all__ = [
     "MAX_SESSION_DURATION_MIN_S",
     "MIN_AGENTS_DEFAULT",
     "ORG_NAME_MAX_LEN",
+    "PROVIDER_HANDSHAKE_TIMEOUT_S",
+    "PROVIDER_OPENING_FRAME_MAX_BYTES",
     "REQUEST_HEAD_MAX_BYTES",
     "REQUEST_HEAD_TIMEOUT_S",
     "REQUEST_URL_MAX_BYTES",
@@ -102,6 +104,12 @@ DRAIN_TIMEOUT_S = 7200.0
 
 # --- Relay -------------------------------------------------------------------------------------
 
+#: Provider endpoints: the opening messages (``connected``/``start``) must arrive within this
+#: time after the upgrade, or the stream is closed with 1008 and no bot is started.
+PROVIDER_HANDSHAKE_TIMEOUT_S = 10.0
+#: The largest opening message a provider endpoint reads; real ``start`` messages are a few
+#: hundred bytes, plus custom parameters (Exotel: 256 characters; Twilio: a few KiB).
+PROVIDER_OPENING_FRAME_MAX_BYTES = 64 * 1024
 #: The agent must answer the forwarded upgrade within this time, or the client gets 503.
 UPSTREAM_HANDSHAKE_TIMEOUT_S = 10.0
 #: Write-buffer marks per relay leg. Above the high mark the opposite leg stops reading, so a

@@ -19,10 +19,11 @@ from __future__ import annotations
 import itertools
 import os
 import struct
+from typing import NamedTuple
 
 from catflap.contract.closecodes import assert_sendable
 
-__all__ = ["FrameScanner", "close_frame"]
+__all__ = ["FrameReader", "FrameScanner", "ReadFrame", "close_frame"]
 
 _OP_CLOSE = 0x8
 #: Orders close frames across all scanners, to tell which peer closed first.
@@ -120,6 +121,77 @@ class FrameScanner:
             self.close_reason = payload[2:].decode("utf-8", "replace")
         else:
             self.close_code = 1005  # "no status received", as RFC 6455 reports it locally
+
+
+class ReadFrame(NamedTuple):
+    opcode: int
+    fin: bool
+    payload: bytes  # unmasked
+    raw: bytes  # exactly as received, mask included
+
+
+class FrameReader:
+    """Decode whole frames from a byte stream, for the few frames catflap must read itself.
+
+    Used only while a provider's opening messages are read; the relay never decodes frames.
+    Raw bytes are kept so the frames can be replayed to the bot exactly as received.
+    """
+
+    def __init__(self, *, max_frame: int) -> None:
+        self._buffer = bytearray()
+        self._max_frame = max_frame
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def take_remaining(self) -> bytes:
+        """Bytes received after the last frame returned by :meth:`next_frame`."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        return rest
+
+    def next_frame(self) -> ReadFrame | None:
+        """The next complete frame, or None until more bytes arrive.
+
+        Raises:
+            ValueError: the frame is larger than ``max_frame``.
+        """
+        buf = self._buffer
+        if len(buf) < 2:
+            return None
+        length = buf[1] & 0x7F
+        head = 2
+        if length == 126:
+            head = 4
+            if len(buf) < head:
+                return None
+            length = int.from_bytes(buf[2:4], "big")
+        elif length == 127:
+            head = 10
+            if len(buf) < head:
+                return None
+            length = int.from_bytes(buf[2:10], "big")
+        if length > self._max_frame:
+            raise ValueError(f"frame of {length} bytes exceeds {self._max_frame}")
+        masked = bool(buf[1] & 0x80)
+        mask = bytes(buf[head : head + 4]) if masked else b""
+        head += len(mask)
+        end = head + length
+        if len(buf) < end:
+            return None
+        payload = bytes(buf[head:end])
+        if masked:
+            payload = _unmask(payload, mask)
+        frame = ReadFrame(buf[0] & 0x0F, bool(buf[0] & 0x80), payload, bytes(buf[:end]))
+        del buf[:end]
+        return frame
+
+
+def _unmask(payload: bytes, mask: bytes) -> bytes:
+    # XOR four bytes at a time through int arithmetic: fast enough for opening messages.
+    repeated = (mask * (len(payload) // 4 + 1))[: len(payload)]
+    n = int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")
+    return n.to_bytes(len(payload), "big")
 
 
 def close_frame(code: int, reason: str = "", *, masked: bool) -> bytes:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from catflap.contract import limits
+from catflap.contract.closecodes import CloseCode
 from catflap.contract.errors import RequestRejected, RequestTimeout, http_error_response
+from catflap.gateway.frames import close_frame
 from catflap.gateway.httphead import HeadParser
 from catflap.gateway.session import run_session
 from catflap.gateway.upgrade import is_websocket_path
@@ -37,6 +40,8 @@ class GatewayConnection(asyncio.Protocol):
         self._parser: HeadParser | None = HeadParser()
         self._timer: asyncio.TimerHandle | None = None
         self.lost = False
+        #: While a provider's opening messages are read, bytes go here instead.
+        self.sink: Callable[[bytes | None], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -49,7 +54,9 @@ class GatewayConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
-        if parser is None:  # already decided; bytes wait in the kernel while we are paused
+        if parser is None:
+            if self.sink is not None:
+                self.sink(data)
             return
         try:
             result = parser.feed(data)
@@ -70,6 +77,14 @@ class GatewayConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._cancel_timer()
+        if self.sink is not None:
+            self.sink(None)
+
+    def close_websocket(self, code: CloseCode, reason: str) -> None:
+        """Close a WebSocket the gateway accepted itself (provider endpoints)."""
+        if not self.transport.is_closing():
+            self.transport.write(close_frame(code, reason, masked=False))
+            self.transport.close()
 
     def reject(self, rejected: RequestRejected) -> None:
         """Answer with the JSON error and close; nothing was upgraded."""

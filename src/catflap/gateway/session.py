@@ -1,6 +1,7 @@
 """One WebSocket session through the gateway, from upgrade request to record.
 
-Steps, in order; any failure before step 5 is an HTTP error with no bot started:
+Steps, in order; on the generic endpoint any failure before step 5 is an HTTP error with no bot
+started:
 
 1. the pure upgrade check (:func:`~catflap.gateway.upgrade.check_upgrade`);
 2. spend the token's ``jti`` (a replay is 403);
@@ -8,6 +9,9 @@ Steps, in order; any failure before step 5 is an HTTP error with no bot started:
 4. forward the upgrade to the instance and wait for its 101 (503 if it does not come);
 5. send the 101 to the client and relay bytes until both sides close;
 6. wait for the runtime to report that ``bot()`` ended, then finish the record.
+
+Provider endpoints insert their opening-message handshake between steps 1 and 4; see
+:mod:`catflap.gateway.telephony`.
 """
 
 from __future__ import annotations
@@ -20,28 +24,29 @@ from typing import TYPE_CHECKING
 
 from catflap.auth.replay import consume_or_reject
 from catflap.contract import headers as hdrs
-from catflap.contract.errors import Draining, InternalError, RequestRejected, ServiceUnavailable
+from catflap.contract.errors import (
+    CatflapMisuse,
+    Draining,
+    InternalError,
+    RequestRejected,
+    ServiceUnavailable,
+)
 from catflap.gateway.httphead import RequestHead
 from catflap.gateway.relay import Relay
 from catflap.gateway.upgrade import UpgradeAccepted, check_upgrade
-from catflap.gateway.upstream import build_upstream_request, open_upstream
+from catflap.gateway.upstream import UpstreamReply, build_upstream_request, open_upstream
 from catflap.logs import session_log
 from catflap.pool.instance import Lease
 from catflap.sessions.record import SessionRecord
 
 if TYPE_CHECKING:
+    from catflap.config import AgentSpec
     from catflap.gateway.front import GatewayConnection
     from catflap.gateway.server import Gateway
 
-__all__ = ["run_session"]
+__all__ = ["admit", "connect_agent", "relay_session", "run_session"]
 
 log = logging.getLogger("catflap.gateway")
-
-
-def _transport_type(accepted: UpgradeAccepted) -> str | None:
-    if accepted.agent.config.generic_transport_type == "auto":
-        return None
-    return hdrs.TRANSPORT_TYPE_WEBSOCKET
 
 
 async def run_session(
@@ -49,54 +54,116 @@ async def run_session(
 ) -> None:
     """Take one upgrade request from check to record. Never raises."""
     started = time.perf_counter()
-    lease: Lease | None = None
-    accepted: UpgradeAccepted | None = None
     try:
         if gateway.draining:
             raise Draining("the gateway is shutting down; connect again to reach another one")
         accepted = check_upgrade(head, gateway.directory, gateway.keyring, now=gateway.clock())
-        if accepted.claims is not None:
-            await consume_or_reject(gateway.replay, accepted.claims)
-        lease = await gateway.pool.acquire(accepted.agent.key, accepted.session_id)
-        request = build_upstream_request(
-            head, accepted, client_host=conn.client_host, transport_type=_transport_type(accepted)
+    except RequestRejected as rejected:
+        refuse(conn, head, rejected, "-")
+        return
+    except Exception:
+        log.exception("! unexpected error checking %s", loggable(head.path))
+        conn.reject(InternalError("internal error while checking the request; see the log"))
+        return
+    if accepted.provider is not None:
+        from catflap.gateway.telephony import run_provider_session
+
+        await run_provider_session(gateway, conn, head, trailing, accepted, started)
+        return
+    agent = _agent(accepted)
+    lease: Lease | None = None
+    try:
+        lease = await admit(gateway, accepted)
+        transport_type = (
+            None if agent.config.generic_transport_type == "auto" else hdrs.TRANSPORT_TYPE_WEBSOCKET
         )
-        reply = await open_upstream(lease.address, request, timeout=gateway.upstream_timeout)
-        if reply.status != 101:
-            reply.transport.abort()
-            raise ServiceUnavailable(
-                f"the agent refused the session with HTTP {reply.status}; retry shortly"
-            )
+        request = build_upstream_request(
+            head, accepted, client_host=conn.client_host, transport_type=transport_type
+        )
+        reply = await connect_agent(gateway, lease, request)
     except RequestRejected as rejected:
         if lease is not None:
             gateway.pool.cancel(lease)
-        sid = accepted.session_id if accepted else "-"
-        session_log(log, sid).info(
-            "! %s %s -> %d %s",
-            head.method,
-            _loggable(head.path),
-            rejected.status,
-            rejected.to_body()["code"],
-        )
-        conn.reject(rejected)
+        refuse(conn, head, rejected, accepted.session_id)
         return
     except Exception:
         if lease is not None:
             gateway.pool.cancel(lease)
-        log.exception("! unexpected error while starting a session for %s", _loggable(head.path))
-        conn.reject(InternalError("internal error while starting the session; see the gateway log"))
+        log.exception("! unexpected error while starting a session for %s", loggable(head.path))
+        conn.reject(InternalError("internal error while starting the session; see the log"))
         return
-
-    agent = accepted.agent
-    slog = session_log(
-        log, accepted.session_id, agent=agent.service_host.agent, org=agent.service_host.org
+    conn.transport.write(reply.head)  # the agent's 101, valid for the client's own key
+    await relay_session(
+        gateway, conn, accepted, lease, reply, client_pending=trailing, started=started
     )
+
+
+def _agent(accepted: UpgradeAccepted) -> AgentSpec:
+    if accepted.agent is None:
+        raise CatflapMisuse("a session reached the pool before its agent was known")
+    return accepted.agent
+
+
+def refuse(conn: GatewayConnection, head: RequestHead, rejected: RequestRejected, sid: str) -> None:
+    session_log(log, sid).info(
+        "! %s %s -> %d %s",
+        head.method,
+        loggable(head.path),
+        rejected.status,
+        rejected.to_body()["code"],
+    )
+    conn.reject(rejected)
+
+
+async def admit(gateway: Gateway, accepted: UpgradeAccepted) -> Lease:
+    """Spend the token and reserve a slot.
+
+    Raises:
+        TokenRejected: 403, the token was used before.
+        AtCapacity: 429.
+        AgentNotReady: 503.
+    """
+    if accepted.claims is not None:
+        await consume_or_reject(gateway.replay, accepted.claims)
+    return await gateway.pool.acquire(_agent(accepted).key, accepted.session_id)
+
+
+async def connect_agent(gateway: Gateway, lease: Lease, request: bytes) -> UpstreamReply:
+    """Forward the upgrade to the leased instance and wait for its 101.
+
+    Raises:
+        ServiceUnavailable: 503, the instance is unreachable or did not switch protocols.
+    """
+    reply = await open_upstream(lease.address, request, timeout=gateway.upstream_timeout)
+    if reply.status != 101:
+        reply.transport.abort()
+        raise ServiceUnavailable(
+            f"the agent refused the session with HTTP {reply.status}; retry shortly"
+        )
+    return reply
+
+
+async def relay_session(
+    gateway: Gateway,
+    conn: GatewayConnection,
+    accepted: UpgradeAccepted,
+    lease: Lease,
+    reply: UpstreamReply,
+    *,
+    client_pending: bytes,
+    started: float,
+) -> None:
+    """Relay an upgraded session until both sides close and ``bot()`` has ended."""
+    agent = _agent(accepted)
+    name, org = agent.service_host.agent, agent.service_host.org
+    slog = session_log(log, accepted.session_id, agent=name, org=org)
     start_seconds = time.perf_counter() - started
     record = SessionRecord(
         session_id=accepted.session_id,
-        agent=agent.service_host.agent,
-        organization=agent.service_host.org,
+        agent=name,
+        organization=org,
         created_at=gateway.clock(),
+        transport=accepted.provider.name if accepted.provider else "websocket",
         cold_start=lease.cold_start,
         bot_start_seconds=start_seconds,
     )
@@ -104,17 +171,16 @@ async def run_session(
     # Persist off the handshake path; the end-of-session save waits for this one.
     first_save = gateway.spawn(_store(gateway, dataclasses.replace(record)))
     slog.info(
-        "= session started on instance %d (%s start, %.1f ms)",
+        "= %s session started on instance %d (%s start, %.1f ms)",
+        record.transport,
         lease.instance.instance_id,
         "cold" if lease.cold_start else "warm",
         start_seconds * 1000,
     )
-
     relay = Relay(conn.transport, reply.transport)
     gateway.relays[accepted.session_id] = relay
     try:
-        conn.transport.write(reply.head)
-        relay.start(client_pending=trailing, agent_pending=reply.trailing)
+        relay.start(client_pending=client_pending, agent_pending=reply.trailing)
         stats = await relay.done
         end = await lease.ended
     except asyncio.CancelledError:
@@ -143,7 +209,8 @@ async def _store(gateway: Gateway, record: SessionRecord) -> None:
         session_log(log, record.session_id).exception("! could not store the session record")
 
 
-def _loggable(path: str) -> str:
-    """The path without a trailing token segment: tokens never go to the log."""
+def loggable(path: str) -> str:
+    """The path without a token segment: tokens never go to the log."""
     parts = path.split("/")
-    return "/".join(parts[:4]) + ("/<token>" if len(parts) > 4 else "")
+    keep = 4 if len(parts) > 2 and parts[2] == "generic" else 3
+    return "/".join(parts[:keep]) + ("/<token>" if len(parts) > keep else "")

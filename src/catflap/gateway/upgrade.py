@@ -10,7 +10,7 @@ Order of checks, and the status each failure gets:
 1. method is GET ........................................ 405
 2. it is a WebSocket upgrade (Upgrade/Connection) ........ 426
 3. ``Sec-WebSocket-Version: 13`` ......................... 426; ``Sec-WebSocket-Key`` ... 400
-4. route ``/ws/generic[/{agent}.{org}[/{token}]]`` ....... 404 unknown path
+4. route ``/ws/generic[/{agent}.{org}[/{token}]]`` or ``/ws/{provider}[/{token}]`` 404
 5. query: no duplicate ``body``/``token``/``serviceHost`` . 400
 6. service host: well formed, path and query agree ...... 400; known agent .......... 404
 7. token (``websocket_auth = "token"`` agents) ........... 403
@@ -24,7 +24,6 @@ import binascii
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 from urllib.parse import unquote
 
 from catflap.auth.tokens import KeyRing, TokenClaims, TokenFailure, rejection, verify_token
@@ -43,24 +42,32 @@ from catflap.contract.errors import (
 from catflap.contract.names import ServiceHost, parse_service_host
 from catflap.contract.query import QueryParams, parse_query
 from catflap.gateway.httphead import RequestHead
+from catflap.gateway.providers import PROVIDERS, Provider
 
-__all__ = ["Directory", "UpgradeAccepted", "check_upgrade", "is_websocket_path"]
+__all__ = ["Directory", "UpgradeAccepted", "check_upgrade", "is_websocket_path", "resolve_agent"]
 
 #: Looks an agent up by service host; None when no such agent or organisation exists.
 Directory = Callable[[ServiceHost], AgentSpec | None]
 
 _GENERIC = "generic"
+_PATH_TOKEN_HINT = "on a provider endpoint, put the token in the path: /ws/<provider>/<token>"
 
 
 @dataclass(frozen=True, slots=True)
 class UpgradeAccepted:
-    """Everything the gateway needs to start the session."""
+    """Everything the gateway needs to start the session.
 
-    agent: AgentSpec
+    ``agent`` is None only on ``/ws/twilio`` without ``?serviceHost=``: the agent is then named
+    by the stream's ``start`` message, and ``path_token`` waits to be checked against it.
+    """
+
+    agent: AgentSpec | None
     session_id: str
-    endpoint: Literal["generic"]
+    #: ``None`` for the generic endpoint, else the telephony provider.
+    provider: Provider | None
     claims: TokenClaims | None
     body: DecodedBody | None
+    path_token: str | None = None
 
 
 def is_websocket_path(path: str) -> bool:
@@ -107,14 +114,8 @@ def _segments(path: str) -> list[str]:
         raise BadRequest("the URL path has percent-escapes that are not UTF-8") from None
 
 
-def _route(path: str, query: QueryParams) -> tuple[ServiceHost, str | None]:
-    """Find the service host and the path token of a ``/ws/generic`` URL."""
-    segments = _segments(path)
-    if not segments or segments[0] != _GENERIC or len(segments) > 3:
-        raise NotFound(
-            f"no WebSocket endpoint at {path!r}: use /ws/generic/{{agent}}.{{org}} or "
-            "/ws/generic?serviceHost={agent}.{org}"
-        )
+def _generic_route(segments: list[str], query: QueryParams) -> tuple[str, str | None]:
+    """The service host text and path token of a ``/ws/generic`` URL."""
     from_path = segments[1] if len(segments) > 1 else None
     path_token = segments[2] if len(segments) > 2 else None
     from_query = query.get_one_decoded(hdrs.QUERY_SERVICE_HOST)
@@ -123,11 +124,11 @@ def _route(path: str, query: QueryParams) -> tuple[ServiceHost, str | None]:
             f"?serviceHost={from_query!r} disagrees with the path's {from_path!r}: give one"
         )
     text = from_path if from_path is not None else from_query
-    if text is None or text == "":
+    if not text:
         raise InvalidServiceHost(
             "no service host: connect to /ws/generic/{agent}.{org} or add ?serviceHost="
         )
-    return parse_service_host(text), path_token
+    return text, path_token
 
 
 def _find_token(head: RequestHead, query: QueryParams, path_token: str | None) -> str | None:
@@ -141,6 +142,33 @@ def _find_token(head: RequestHead, query: QueryParams, path_token: str | None) -
     if from_query:
         return from_query
     return path_token or None
+
+
+def resolve_agent(
+    service_host_text: str,
+    token: str | None,
+    directory: Directory,
+    keyring: KeyRing,
+    *,
+    now: float,
+    token_hint: str = "",
+) -> tuple[AgentSpec, TokenClaims | None]:
+    """Find the agent a service host names and check the token its ``websocket_auth`` needs.
+
+    Raises:
+        InvalidServiceHost: 400, the service host is malformed.
+        AgentNotFound: 404, no such agent or organization.
+        TokenRejected: 403, a token agent without a valid token.
+    """
+    service_host = parse_service_host(service_host_text)
+    agent = directory(service_host)
+    if agent is None:
+        raise AgentNotFound(f"no agent {service_host.agent!r} in organization {service_host.org!r}")
+    if agent.config.websocket_auth != "token":
+        return agent, None
+    if token is None:
+        raise rejection(TokenFailure.MISSING, token_hint)
+    return agent, verify_token(token, keyring, service_host=str(service_host), now=now)
 
 
 def check_upgrade(
@@ -159,21 +187,45 @@ def check_upgrade(
         )
     _check_handshake_headers(head)
     query = parse_query(head.query)
-    service_host, path_token = _route(head.path, query)
-    for name in (hdrs.QUERY_BODY, hdrs.QUERY_TOKEN):
+    segments = _segments(head.path)
+    for name in (hdrs.QUERY_BODY, hdrs.QUERY_TOKEN, hdrs.QUERY_SERVICE_HOST):
         query.get_one(name)  # refuses duplicates even where the value is not used
-    agent = directory(service_host)
-    if agent is None:
-        raise AgentNotFound(f"no agent {service_host.agent!r} in organization {service_host.org!r}")
-    claims: TokenClaims | None = None
-    if agent.config.websocket_auth == "token":
+    kind = segments[0] if segments else ""
+    provider = PROVIDERS.get(kind)
+    agent: AgentSpec | None
+    claims: TokenClaims | None
+    path_token: str | None
+    if kind == _GENERIC and len(segments) <= 3:
+        text, path_token = _generic_route(segments, query)
         token = _find_token(head, query, path_token)
-        if token is None:
-            raise rejection(TokenFailure.MISSING)
-        claims = verify_token(token, keyring, service_host=str(service_host), now=now)
+        agent, claims = resolve_agent(text, token, directory, keyring, now=now)
+    elif provider is not None and len(segments) <= 2:
+        # Providers cannot send headers; a token agent needs /ws/<provider>/<token>.
+        path_token = segments[1] if len(segments) > 1 else None
+        named = query.get_one_decoded(hdrs.QUERY_SERVICE_HOST)
+        if named is None and not provider.routes_from_start:
+            raise InvalidServiceHost(
+                f"no service host: configure {provider.title} with "
+                f"/ws/{provider.name}?serviceHost={{agent}}.{{org}}"
+            )
+        agent, claims = None, None
+        if named is not None:
+            agent, claims = resolve_agent(
+                named, path_token, directory, keyring, now=now, token_hint=_PATH_TOKEN_HINT
+            )
+    else:
+        raise NotFound(
+            f"no WebSocket endpoint at {head.path!r}: use /ws/generic/{{agent}}.{{org}}, "
+            "/ws/generic?serviceHost={agent}.{org} or /ws/{twilio,telnyx,plivo,exotel}"
+        )
     raw_body = query.get_one(hdrs.QUERY_BODY)
     body = decode_body(raw_body) if raw_body is not None else None
     session_id = claims.jti if claims is not None else str(uuid.uuid4())
     return UpgradeAccepted(
-        agent=agent, session_id=session_id, endpoint="generic", claims=claims, body=body
+        agent=agent,
+        session_id=session_id,
+        provider=provider,
+        claims=claims,
+        body=body,
+        path_token=path_token if provider is not None else None,
     )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from catflap.contract import headers as hdrs
-from catflap.contract.errors import ServiceUnavailable
+from catflap.contract.errors import CatflapMisuse, ServiceUnavailable
 from catflap.gateway.httphead import RequestHead
 from catflap.gateway.upgrade import UpgradeAccepted
 
@@ -48,6 +48,7 @@ def build_upstream_request(
     *,
     client_host: str | None,
     transport_type: str | None,
+    websocket_key: str | None = None,
 ) -> bytes:
     """The upgrade request the agent's ``/ws`` receives.
 
@@ -57,7 +58,12 @@ def build_upstream_request(
         client_host: the client's address, appended to ``X-Forwarded-For``.
         transport_type: value for the transport-type header, or None to leave it out
             (pipecat then auto-detects a telephony provider).
+        websocket_key: when the gateway itself accepted the client's WebSocket (provider
+            endpoints), its own key for this hop; the client's negotiation headers then stay
+            behind, since the agent's answer never reaches the client.
     """
+    if accepted.agent is None:
+        raise CatflapMisuse("the upstream request needs the agent to be known")
     target = hdrs.AGENT_PATH
     if accepted.body is not None:
         target += f"?{hdrs.QUERY_BODY}={accepted.body.forward}"
@@ -72,6 +78,8 @@ def build_upstream_request(
     ]
     if transport_type is not None:
         lines.append(f"{hdrs.TRANSPORT_TYPE_HEADER}: {transport_type}")
+    if websocket_key is not None:
+        lines += [f"sec-websocket-key: {websocket_key}", "sec-websocket-version: 13"]
     forwarded_for = [v for k, v in head.headers if k == "x-forwarded-for"]
     if client_host:
         forwarded_for.append(client_host)
@@ -81,6 +89,8 @@ def build_upstream_request(
         if name in _NOT_FORWARDED or name.startswith(_RESERVED_PREFIXES):
             continue
         if name == "authorization" and drop_authorization:
+            continue
+        if websocket_key is not None and name.startswith("sec-websocket-"):
             continue
         lines.append(f"{name}: {value}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

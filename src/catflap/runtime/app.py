@@ -9,10 +9,7 @@ matching code, and report ``session_ended``. See :mod:`catflap.runtime` for the 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import inspect
-import json
 import logging
 import time
 import uuid
@@ -26,7 +23,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from catflap.contract import headers
 from catflap.contract.closecodes import CloseCode, assert_sendable
-from catflap.runtime.args import make_session_args
+from catflap.runtime.args import decode_body_param, make_session_args
 from catflap.runtime.botloader import LoadedBot
 from catflap.runtime.control import ChildEvent, SessionStatus
 
@@ -42,7 +39,6 @@ __all__ = [
     "SessionRegistry",
     "close_quietly",
     "create_app",
-    "decode_body_param",
 ]
 
 # Candidates for contract/limits.py; defined here until they move there.
@@ -135,23 +131,6 @@ class _Outcome:
     error: str | None
     close_code: CloseCode
     close_reason: str
-
-
-def decode_body_param(raw: str | None, log: logging.LoggerAdapter[logging.Logger]) -> Any:
-    """Decode an already percent-decoded ``?body=`` value; ``None`` if absent or invalid.
-
-    Like PCC's base image, a body that fails to decode is logged and passed on as ``None``
-    instead of failing the session.
-    """
-    if not raw:
-        return None
-    try:
-        # Starlette reads '+' in a query string as a space; base64 has no spaces.
-        data = base64.b64decode(raw.replace(" ", "+"), validate=True)
-        return json.loads(data.decode("utf-8"))
-    except (binascii.Error, ValueError) as exc:  # UnicodeDecodeError, JSONDecodeError too
-        log.warning("?body= is not base64 UTF-8 JSON, passing body=None: %s", exc)
-        return None
 
 
 def _read_budget(raw: str | None, log: logging.LoggerAdapter[logging.Logger]) -> float | None:

@@ -1,4 +1,5 @@
-"""The session-arguments object that ``bot(args)`` receives for a WebSocket session.
+"""The session-arguments object that ``bot(args)`` receives for a WebSocket session, and the
+decoding of its ``body`` from ``?body=``.
 
 Bots check it with ``isinstance`` (``create_transport`` does), so the runtime hands over the most
 specific class that is installed, in this order:
@@ -15,12 +16,21 @@ differs from their declaration order, and keywords are what the base image uses.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.websockets import WebSocket
 
-__all__ = ["WebSocketSessionArguments", "make_session_args", "session_args_class"]
+__all__ = [
+    "WebSocketSessionArguments",
+    "decode_body_param",
+    "make_session_args",
+    "session_args_class",
+]
 
 
 @dataclass(kw_only=True)
@@ -88,3 +98,20 @@ def make_session_args(
     args.handle_sigterm = False
     args.call_data = None
     return args
+
+
+def decode_body_param(raw: str | None, log: logging.LoggerAdapter[logging.Logger]) -> Any:
+    """Decode an already percent-decoded ``?body=`` value; ``None`` if absent or invalid.
+
+    Like PCC's base image, a body that fails to decode is logged and passed on as ``None``
+    instead of failing the session.
+    """
+    if not raw:
+        return None
+    try:
+        # Starlette reads '+' in a query string as a space; base64 has no spaces.
+        data = base64.b64decode(raw.replace(" ", "+"), validate=True)
+        return json.loads(data.decode("utf-8"))
+    except (binascii.Error, ValueError) as exc:  # UnicodeDecodeError, JSONDecodeError too
+        log.warning("?body= is not base64 UTF-8 JSON, passing body=None: %s", exc)
+        return None

@@ -41,8 +41,8 @@ __all__ = [
     "EXIT_BOT_IMPORT_FAILED",
     "EXIT_BOT_STUCK",
     "EXIT_CONFIG",
+    "EXIT_LISTEN_FAILED",
     "EXIT_OK",
-    "EXIT_SERVER_FAILED",
     "ListenAddress",
     "main",
     "make_server_config",
@@ -57,8 +57,8 @@ EXIT_CONFIG = 2
 EXIT_BOT_IMPORT_FAILED = 3
 #: A cancelled bot kept running; the process exits without waiting for it.
 EXIT_BOT_STUCK = 4
-#: uvicorn could not start serving (for example the app's lifespan startup failed).
-EXIT_SERVER_FAILED = 5
+#: The listening socket could not be bound or served; ``start_failed`` was sent.
+EXIT_LISTEN_FAILED = 5
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 logger = logging.getLogger("catflap.runtime")
@@ -150,6 +150,17 @@ def _make_emitter(channel: ControlChannel | None) -> EventSink:
     return emit
 
 
+async def _start_failed(
+    emit: EventSink, channel: ControlChannel | None, error: str, code: int
+) -> int:
+    """Report a start-up failure once on stderr and once to the pool; return ``code``."""
+    print(f"catflap agent: cannot start:\n{error}", file=sys.stderr, flush=True)
+    await emit({"event": "start_failed", "error": error})
+    if channel is not None:
+        await channel.aclose()
+    return code
+
+
 async def _drain(server: uvicorn.Server, registry: SessionRegistry) -> None:
     """Let running sessions finish, then stop the server (which no longer accepts)."""
     logger.info("x shutdown requested: draining %d session(s)", len(registry))
@@ -210,7 +221,7 @@ async def run_agent(
         log_level: uvicorn's log level name.
 
     Returns:
-        :data:`EXIT_OK`, :data:`EXIT_BOT_IMPORT_FAILED`, :data:`EXIT_SERVER_FAILED` or
+        :data:`EXIT_OK`, :data:`EXIT_BOT_IMPORT_FAILED`, :data:`EXIT_LISTEN_FAILED` or
         :data:`EXIT_BOT_STUCK`.
 
     Raises:
@@ -226,14 +237,14 @@ async def run_agent(
     try:
         loaded = load_bot(bot_dir)
     except BotImportError as exc:
-        print(f"catflap agent: cannot start the bot:\n{exc}", file=sys.stderr, flush=True)
-        await emit({"event": "start_failed", "error": str(exc)})
-        if channel is not None:
-            await channel.aclose()
-        return EXIT_BOT_IMPORT_FAILED
+        return await _start_failed(emit, channel, str(exc), EXIT_BOT_IMPORT_FAILED)
     # Import pipecat now rather than on the first session (~1 s of import time).
     logger.info("%s: session arguments are %s", agent_name or "agent", session_args_class())
-    sock, reported = _bind(address)
+    try:
+        sock, reported = _bind(address)
+    except OSError as exc:
+        error = f"cannot listen on {listen}: {exc}"
+        return await _start_failed(emit, channel, error, EXIT_LISTEN_FAILED)
     registry = SessionRegistry()
     server = uvicorn.Server(
         make_server_config(create_app(loaded, registry=registry, emit=emit), log_level=log_level)
@@ -252,8 +263,6 @@ async def run_agent(
                 await emit({"event": "ready", "address": reported, "pid": os.getpid()})
                 control = asyncio.create_task(_control_loop(channel, server, registry, emit))
         await serving
-    except SystemExit:  # uvicorn exits this way when its startup fails
-        return EXIT_SERVER_FAILED
     finally:
         if control is not None:
             control.cancel()
@@ -262,9 +271,9 @@ async def run_agent(
         if address.kind == "unix":
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(address.path)
-    if not server.started:
-        return EXIT_SERVER_FAILED
-    return EXIT_BOT_STUCK if registry.stuck else EXIT_OK
+    if registry.stuck:
+        return EXIT_BOT_STUCK
+    return EXIT_OK if server.started else EXIT_LISTEN_FAILED
 
 
 def _parser() -> argparse.ArgumentParser:

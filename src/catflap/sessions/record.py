@@ -45,6 +45,8 @@ class SessionRecord:
     agent: str
     organization: str
     created_at: float
+    #: ``websocket`` for the generic endpoint, else the telephony provider's name.
+    transport: str = "websocket"
     cold_start: bool = False
     bot_start_seconds: float | None = None
     ended_at: float | None = None

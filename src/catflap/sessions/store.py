@@ -88,18 +88,21 @@ def _from_row(row: Sequence[Any]) -> SessionRecord:
     return SessionRecord(**dict(zip(_COLUMNS, row, strict=True)))
 
 
+def _sqlite_type(type_name: str) -> str:
+    base = type_name.replace(" | None", "")
+    return {"int": "INTEGER", "bool": "INTEGER", "float": "REAL"}.get(base, "TEXT")
+
+
+_COLUMN_TYPES = ",\n    ".join(
+    f"{f.name} {_sqlite_type(str(f.type))}" for f in fields(SessionRecord)[4:]
+)
 _SQLITE_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS sessions (
     session_id TEXT PRIMARY KEY,
     agent TEXT NOT NULL,
     organization TEXT NOT NULL,
     created_at REAL NOT NULL,
-    {
-    ", ".join(
-        f"{name} {'TEXT' if name in ('completion_status', 'error') else 'REAL'}"
-        for name in _COLUMNS[4:]
-    )
-}
+    {_COLUMN_TYPES}
 );
 CREATE INDEX IF NOT EXISTS sessions_by_agent ON sessions (organization, agent, created_at);
 """
@@ -120,6 +123,12 @@ class SqliteSessionStore:
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SQLITE_SCHEMA)
+        # Records written by an older catflap lack newer columns: add them, keeping the rows.
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
+        for field in fields(SessionRecord):
+            if field.name not in present:
+                column = f"{field.name} {_sqlite_type(str(field.type))}"
+                self._db.execute(f"ALTER TABLE sessions ADD COLUMN {column}")
 
     def _run_sync(self, fn: Any, *args: Any) -> Any:
         return self._executor.submit(fn, *args).result()
@@ -157,7 +166,7 @@ class SqliteSessionStore:
         ).fetchone()
         rows = self._db.execute(
             f"SELECT {', '.join(_COLUMNS)} FROM sessions WHERE {where} "
-            "ORDER BY created_at DESC LIMIT ? OFFSET ?",
+            "ORDER BY created_at DESC, session_id DESC LIMIT ? OFFSET ?",
             [*params, query.limit, query.offset],
         ).fetchall()
         return int(total), [_from_row(_decode(row)) for row in rows]
@@ -202,7 +211,7 @@ def open_store(database_url: str | None, state_dir: Path) -> SessionStore:
     if database_url.startswith("sqlite:///"):
         return SqliteSessionStore(Path(database_url.removeprefix("sqlite:///")))
     if database_url.startswith(("postgresql://", "postgres://")):
-        from catflap.sessions.postgres import PostgresSessionStore  # type: ignore[import-not-found]
+        from catflap.sessions.postgres import PostgresSessionStore
 
         store: SessionStore = PostgresSessionStore(database_url)
         return store

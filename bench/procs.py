@@ -1,0 +1,198 @@
+"""Processes for the benchmark: start them pinned and bounded, read their CPU and memory, kill them.
+
+Every process the suite starts goes through :func:`spawn`, which puts it in its own process
+group (so that :meth:`Child.stop` can end it together with anything it started, such as the
+gateway's agent instances), pins it to a set of cores, raises its file-descriptor limit and asks
+the kernel to kill it if the suite itself dies (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+__all__ = [
+    "LOAD_CORE",
+    "RELAY_CORE",
+    "Child",
+    "children_of",
+    "cpu_ticks",
+    "free_port",
+    "pin",
+    "raise_nofile",
+    "rss_kb",
+    "spawn",
+]
+
+#: Core for the load client and the upstream echo; the relay gets the other one (anchors §2.3).
+LOAD_CORE = 0
+RELAY_CORE = 1
+_PR_SET_PDEATHSIG = 1
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cores() -> tuple[set[int], set[int]]:
+    """(load cores, relay cores); on a one-core machine both are that core."""
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2:
+        return set(available), set(available)
+    return {available[LOAD_CORE]}, {available[RELAY_CORE]}
+
+
+def raise_nofile() -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit to the hard limit; returns the new limit."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of ``pid`` to ``cpus`` (threads started later inherit the main one's)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.sched_setaffinity(tid, cpus)
+
+
+def _preexec(cpus: set[int] | None) -> Callable[[], None]:
+    def setup() -> None:
+        raise_nofile()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return setup
+
+
+@dataclass
+class Child:
+    """A process started by :func:`spawn`; its process group is killed by :meth:`stop`."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path | None = None
+    stopped: bool = field(default=False)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def stop(self, *, grace: float = 5.0) -> None:
+        """SIGTERM the process, wait up to ``grace`` s, then SIGKILL its whole process group."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(grace)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)  # the group: agents, nginx workers
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(grace)
+
+
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    *,
+    cpus: set[int] | None,
+    log_path: Path | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    stdout: int | IO[bytes] | None = None,
+) -> Child:
+    """Start ``argv`` in a new process group, pinned to ``cpus``, stderr to ``log_path``."""
+    log = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else log,
+            stderr=log,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_preexec(cpus),  # noqa: PLW1509 - single-threaded orchestrator
+        )
+    finally:
+        if log_path is not None and not isinstance(log, int):
+            log.close()
+    return Child(name, popen, log_path)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, *, timeout: float, child: Child | None = None) -> None:
+    """Wait until something accepts TCP connections on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child is not None and not child.alive():
+            raise RuntimeError(f"{child.name} exited early:\n{child.log_tail()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout:g} s")
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid`` in clock ticks (``/proc/<pid>/stat`` fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def rss_kb(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB (``VmRSS`` of ``/proc/<pid>/status``)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid``, from a scan of ``/proc``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        ppid = int(data[data.rindex(b")") + 2 :].split()[1])
+        if ppid == pid:
+            found.append(int(entry))
+    return sorted(found)

@@ -1,0 +1,242 @@
+"""A session on ``/ws/{twilio,telnyx,plivo,exotel}``: handshake, route, replay, relay.
+
+Unlike the generic endpoint, the gateway accepts the provider's WebSocket itself, because it has
+to read the provider's opening messages before it can name (Twilio) or trust (all four) the
+stream:
+
+1. Checks that need no messages run before the upgrade, with HTTP statuses as on the generic
+   endpoint: a malformed or unknown ``?serviceHost=`` (400/404), a token agent without a valid
+   path token (403), ``?body=`` (400/413), and, when the agent is known, capacity (429/503).
+2. The gateway answers 101 and reads frames until the ``start`` message
+   (:mod:`catflap.gateway.providers` judges them). A stream that is not the provider, or that
+   stays silent past ``provider_handshake_timeout``, is closed with 1008; no bot starts.
+3. For Twilio without ``?serviceHost=``, the ``start`` message names the agent; routing and
+   token failures found now are closed with 1008, capacity with 1013.
+4. The gateway opens ``/ws`` on the instance with a key of its own and no
+   ``x-catflap-transport-type`` header (pipecat then auto-detects the provider), replays the
+   opening frames exactly as received, in order, and from then on relays bytes as on the
+   generic path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from catflap.contract import limits
+from catflap.contract.closecodes import CloseCode
+from catflap.contract.errors import (
+    AtCapacity,
+    InternalError,
+    RequestRejected,
+    ServiceUnavailable,
+)
+from catflap.gateway.frames import FrameReader
+from catflap.gateway.httphead import RequestHead
+from catflap.gateway.providers import HandshakeDone, HandshakeInvalid, Provider, ProviderHandshake
+from catflap.gateway.session import admit, connect_agent, loggable, refuse, relay_session
+from catflap.gateway.upgrade import UpgradeAccepted, resolve_agent
+from catflap.gateway.upstream import build_upstream_request
+from catflap.logs import session_log
+from catflap.pool.instance import Lease
+
+if TYPE_CHECKING:
+    from catflap.gateway.front import GatewayConnection
+    from catflap.gateway.server import Gateway
+
+__all__ = ["HandshakeFailed", "accept_response", "read_opening", "run_provider_session"]
+
+log = logging.getLogger("catflap.gateway")
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_OP_TEXT, _OP_BINARY, _OP_CLOSE = 0x1, 0x2, 0x8
+
+
+class HandshakeFailed(Exception):
+    """The provider's opening messages were wrong, absent or cut off (close 1008)."""
+
+
+def accept_response(key: str) -> bytes:
+    """The 101 the gateway sends when it accepts a provider's WebSocket itself."""
+    accept = base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest()).decode()
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept}\r\n\r\n"
+    ).encode()
+
+
+async def read_opening(
+    conn: GatewayConnection, provider: Provider, initial: bytes, *, deadline: float
+) -> tuple[bytes, bytes, HandshakeDone]:
+    """Read frames until the provider's ``start`` message.
+
+    Args:
+        initial: bytes the client sent right after its request head.
+        deadline: seconds the messages may take.
+
+    Returns:
+        The opening frames exactly as received, the bytes after them, and the verdict.
+
+    Raises:
+        HandshakeFailed: the stream is not the provider, closed, or stayed silent too long.
+    """
+    reader = FrameReader(max_frame=limits.PROVIDER_OPENING_FRAME_MAX_BYTES)
+    judge = ProviderHandshake(provider)
+    arrived = asyncio.Event()
+    ended = False
+
+    def sink(data: bytes | None) -> None:
+        nonlocal ended
+        if data is None:
+            ended = True
+        else:
+            reader.feed(data)
+        arrived.set()
+
+    reader.feed(initial)
+    conn.sink = sink
+    conn.transport.resume_reading()
+    opening = bytearray()
+    try:
+        async with asyncio.timeout(deadline):
+            while True:
+                try:
+                    frame = reader.next_frame()
+                except ValueError as exc:
+                    raise HandshakeFailed(f"{provider.expectation()}; {exc}") from None
+                if frame is None:
+                    if ended:
+                        raise HandshakeFailed("closed before the opening messages")
+                    arrived.clear()
+                    await arrived.wait()
+                    continue
+                if frame.opcode == _OP_CLOSE:
+                    raise HandshakeFailed("closed before the opening messages")
+                opening += frame.raw
+                if frame.opcode & 0x8:  # ping/pong: kept for the bot, not judged
+                    continue
+                if not frame.fin or frame.opcode not in (_OP_TEXT, _OP_BINARY):
+                    raise HandshakeFailed(f"{provider.expectation()}; got a fragmented message")
+                text = None
+                if frame.opcode == _OP_TEXT:
+                    try:
+                        text = frame.payload.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise HandshakeFailed("text frame is not UTF-8") from None
+                verdict = judge.feed(text)
+                if isinstance(verdict, HandshakeInvalid):
+                    raise HandshakeFailed(verdict.reason)
+                if isinstance(verdict, HandshakeDone):
+                    return bytes(opening), reader.take_remaining(), verdict
+    except TimeoutError:
+        raise HandshakeFailed(
+            f"no {provider.title} 'start' message within {deadline:g} s"
+        ) from None
+    finally:
+        conn.sink = None
+        if not conn.transport.is_closing():
+            conn.transport.pause_reading()
+
+
+async def run_provider_session(
+    gateway: Gateway,
+    conn: GatewayConnection,
+    head: RequestHead,
+    trailing: bytes,
+    accepted: UpgradeAccepted,
+    started: float,
+) -> None:
+    """Run one provider session; never raises."""
+    provider = accepted.provider
+    assert provider is not None
+    slog = session_log(log, accepted.session_id)
+    lease: Lease | None = None
+    # 1. Known agent: capacity is still an HTTP answer.
+    if accepted.agent is not None:
+        try:
+            lease = await admit(gateway, accepted)
+        except RequestRejected as rejected:
+            refuse(conn, head, rejected, accepted.session_id)
+            return
+    key = head.header("sec-websocket-key") or ""
+    conn.transport.write(accept_response(key))
+    try:
+        # 2. The provider's opening messages.
+        try:
+            opening, rest, verdict = await read_opening(
+                conn, provider, trailing, deadline=gateway.config.gateway.provider_handshake_timeout
+            )
+        except HandshakeFailed as failed:
+            slog.info("! %s %s: %s", provider.name, loggable(head.path), failed)
+            conn.close_websocket(CloseCode.POLICY_VIOLATION, str(failed))
+            return
+        # 3. Twilio names its agent in the start message.
+        if accepted.agent is None:
+            try:
+                agent, claims = resolve_agent(
+                    verdict.service_host or "",
+                    accepted.path_token,
+                    gateway.directory,
+                    gateway.keyring,
+                    now=gateway.clock(),
+                    token_hint="put the token in the stream URL path: /ws/twilio/<token>",
+                )
+                accepted = dataclasses.replace(
+                    accepted,
+                    agent=agent,
+                    claims=claims,
+                    session_id=claims.jti if claims else accepted.session_id,
+                )
+                slog = session_log(log, accepted.session_id)
+                lease = await admit(gateway, accepted)
+            except (AtCapacity, ServiceUnavailable) as busy:
+                slog.info("! twilio: %s", busy.message)
+                conn.close_websocket(CloseCode.TRY_AGAIN_LATER, busy.message)
+                return
+            except RequestRejected as rejected:
+                slog.info("! twilio: %s", rejected.message)
+                reason = (
+                    rejected.message
+                    if verdict.service_host
+                    else ("no _pipecatCloudServiceHost <Parameter> in the Twilio 'start' message")
+                )
+                conn.close_websocket(CloseCode.POLICY_VIOLATION, reason)
+                return
+        assert lease is not None
+        # 4. Open the agent's /ws as a client of our own, then replay and relay.
+        request = build_upstream_request(
+            head,
+            accepted,
+            client_host=conn.client_host,
+            transport_type=None,
+            websocket_key=base64.b64encode(os.urandom(16)).decode(),
+        )
+        try:
+            reply = await connect_agent(gateway, lease, request)
+        except RequestRejected as unreachable:
+            gateway.pool.cancel(lease)
+            lease = None
+            slog.warning("! %s", unreachable.message)
+            conn.close_websocket(CloseCode.BAD_GATEWAY, "the agent could not be reached")
+            return
+        session_lease, lease = lease, None
+        await relay_session(
+            gateway,
+            conn,
+            accepted,
+            session_lease,
+            reply,
+            client_pending=opening + rest,
+            started=started,
+        )
+    except Exception:
+        slog.exception("! unexpected error in a %s session", provider.name)
+        conn.close_websocket(CloseCode.INTERNAL_ERROR, InternalError.code)
+    finally:
+        if lease is not None:
+            gateway.pool.cancel(lease)
