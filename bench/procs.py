@@ -125,19 +125,20 @@ def spawn(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
     stdout: int | IO[bytes] | None = None,
+    stdin: int | None = None,
 ) -> Child:
     """Start ``argv`` in a new process group, pinned to ``cpus``, stderr to ``log_path``."""
     log = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
     try:
         popen = subprocess.Popen(
             list(argv),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=stdout if stdout is not None else log,
             stderr=log,
             cwd=cwd,
             env=env,
             start_new_session=True,
-            preexec_fn=_preexec(cpus),  # noqa: PLW1509 - single-threaded orchestrator
+            preexec_fn=_preexec(cpus),  # the orchestrator is single-threaded
         )
     finally:
         if log_path is not None and not isinstance(log, int):

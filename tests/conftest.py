@@ -26,12 +26,13 @@ from catflap.config import CatflapConfig, load_config
 from catflap.gateway.server import Gateway
 from catflap.pool.launcher import SubprocessLauncher
 from catflap.pool.pool import LocalPool
-from catflap.sessions.store import SqliteSessionStore
+from catflap.sessions.store import SessionStore, SqliteSessionStore
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 ECHO = EXAMPLES / "echo"
 PIPECAT_ECHO = EXAMPLES / "pipecat-echo"
+PIPECAT_TELEPHONY = EXAMPLES / "pipecat-telephony"
 MS = float(os.environ.get("CATFLAP_TEST_MS", "1.0"))
 
 PUBLIC_KEY = "pk_test_123"
@@ -114,8 +115,12 @@ async def running_gateway(
     clock: Callable[[], float] = time.time,
     keyring: KeyRing = TEST_KEYRING,
     ready_timeout: float = 30.0,
+    store: SessionStore | None = None,
 ) -> AsyncIterator[RunningGateway]:
-    """A gateway on 127.0.0.1:0 with a real pool of agent processes; stops itself."""
+    """A gateway on 127.0.0.1:0 with a real pool of agent processes; stops itself.
+
+    Session records go to ``store`` (which the caller closes), or else to a fresh SQLite file.
+    """
     workdir = Path(tempfile.mkdtemp(prefix="cf"))  # short: AF_UNIX paths are limited
     try:
         config = load_config(write_config(workdir, agents))
@@ -124,7 +129,9 @@ async def running_gateway(
             SubprocessLauncher(workdir, log_level="warning"),
             ready_timeout=seconds(ready_timeout),
         )
-        store = SqliteSessionStore(workdir / "sessions.sqlite3")
+        own_store = store is None
+        if store is None:
+            store = SqliteSessionStore(workdir / "sessions.sqlite3")
         gateway = Gateway(
             config,
             keyring=keyring,
@@ -140,7 +147,8 @@ async def running_gateway(
         finally:
             await gateway.shutdown(drain_timeout=0)
             await pool.close()
-            await store.close()
+            if own_store:
+                await store.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from catflap.api.sessions import sessions_router
 from catflap.auth.tokens import mint_token
 from catflap.contract import limits
 from catflap.contract.body import encode_body
@@ -203,4 +204,5 @@ def create_api(gateway: Gateway) -> FastAPI:
             headers=(("upgrade", "websocket"),),
         )
 
+    app.include_router(sessions_router(gateway))
     return app

@@ -12,6 +12,7 @@ import sys
 import click
 
 from catflap.cli.serve import serve
+from catflap.cli.sessions import sessions
 
 __all__ = ["cli", "main"]
 
@@ -39,6 +40,7 @@ def agent(ctx: click.Context) -> None:
 
 cli.add_command(serve)
 cli.add_command(agent)
+cli.add_command(sessions)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,9 +6,11 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
-__all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_STARTUP", "run_async"]
+__all__ = ["EXIT_API", "EXIT_CONFIG", "EXIT_OK", "EXIT_STARTUP", "run_async"]
 
 EXIT_OK = 0
+#: ``catflap sessions``: the gateway refused the call or could not be reached.
+EXIT_API = 1
 #: The configuration is invalid; the message names the file, the key and the problem.
 EXIT_CONFIG = 2
 #: The gateway could not start (port in use, ...).

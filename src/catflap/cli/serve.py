@@ -27,8 +27,46 @@ __all__ = ["serve"]
 
 log = logging.getLogger("catflap")
 
+#: URL schemes that catflap.sessions.store.open_store knows.
+_DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+
 
 def _build_config(
+    folder: Path | None,
+    config_file: Path | None,
+    org: str | None,
+    listen: str | None,
+    public_url: str | None,
+    public_keys: tuple[str, ...],
+    private_keys: tuple[str, ...],
+    database_url: str | None = None,
+    state_dir: Path | None = None,
+) -> CatflapConfig:
+    cfg = _base_config(folder, config_file, org, listen, public_url, public_keys, private_keys)
+    storage = {"database_url": database_url, "state_dir": state_dir}
+    updates = {key: value for key, value in storage.items() if value}
+    if updates:
+        cfg = cfg.model_copy(update=updates)
+    _check_database_url(cfg.database_url, "--database-url" if database_url else str(config_file))
+    return cfg
+
+
+def _check_database_url(url: str | None, source: str) -> None:
+    """Refuse a database URL that :func:`~catflap.sessions.store.open_store` cannot open.
+
+    Raises:
+        ConfigError: the scheme is neither ``sqlite:///`` nor ``postgresql://``.
+    """
+    if url and not url.startswith(_DATABASE_SCHEMES):
+        raise ConfigError(
+            source,
+            "database_url",
+            f"unsupported URL {url.split(':', 1)[0]!r}: use postgresql://user@host/db "
+            "or sqlite:///path/to/file",
+        )
+
+
+def _base_config(
     folder: Path | None,
     config_file: Path | None,
     org: str | None,
@@ -77,6 +115,17 @@ def _build_config(
 @click.option("--public-key", "public_keys", multiple=True, help="Public API key (repeatable).")
 @click.option("--private-key", "private_keys", multiple=True, help="Private API key (repeatable).")
 @click.option(
+    "--database-url",
+    help="Keep session records in PostgreSQL (postgresql://user@host/db) or in one SQLite file "
+    "(sqlite:///path); overrides database_url in the config file.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for session records (sessions.sqlite3) when there is no database URL; "
+    "overrides state_dir in the config file.  [default: .catflap]",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -90,12 +139,24 @@ def serve(
     public_url: str | None,
     public_keys: tuple[str, ...],
     private_keys: tuple[str, ...],
+    database_url: str | None,
+    state_dir: Path | None,
     log_level: str,
 ) -> None:
     """Run the gateway, the control API and a warm pool of agents on this machine."""
     configure_logging(log_level)
     try:
-        cfg = _build_config(folder, config_file, org, listen, public_url, public_keys, private_keys)
+        cfg = _build_config(
+            folder,
+            config_file,
+            org,
+            listen,
+            public_url,
+            public_keys,
+            private_keys,
+            database_url=database_url,
+            state_dir=state_dir,
+        )
         keyring, generated = token_keyring()
     except ConfigError as exc:
         click.echo(f"catflap: configuration error: {exc}", err=True)

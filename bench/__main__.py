@@ -1,0 +1,145 @@
+"""``python -m bench [SCENARIO] [--sessions N] [--seconds T] [--out DIR] [--quick]``.
+
+Runs catflap side by side with nginx and a direct connection on loopback and writes
+``<out>/<date>-<scenario>.json``, ``<out>/latest.md`` and the latency-vs-sessions PNG.
+See ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from bench.contestants import ensure_nginx, nginx_version
+from bench.procs import raise_nofile
+from bench.report import machine_info, plot_sweep, write_latest, write_result
+
+__all__ = ["main"]
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "bench" / "results"
+
+SCENARIOS: dict[str, tuple[Callable[[scenarios.Settings], dict[str, Any]], str]] = {
+    "telephony": (scenarios.telephony, "N sessions x 320 B every 20 ms, echoed: CPU/frame, latency"),
+    "throughput": (scenarios.throughput, "100 connections in a closed loop, 400 B and 8 KiB"),
+    "start": (scenarios.start, "warm session starts (p50/p99, rate) and Pipecat cold starts"),
+    "memory": (scenarios.memory, "gateway RSS with 0, 1,000 and 5,000 idle sessions"),
+    "sweep": (scenarios.sweep, "latency vs sessions (100..1,000), catflap vs nginx, PNG"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    listing = "\n".join(f"  {name:<11} {doc}" for name, (_, doc) in SCENARIOS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="catflap benchmark suite: catflap vs nginx vs a direct connection.",
+        epilog=f"scenarios:\n  {'all':<11} every scenario below, in this order\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "scenario",
+        nargs="?",
+        default="all",
+        choices=["all", *SCENARIOS],
+        help="what to run (default: all)",
+    )
+    parser.add_argument(
+        "--sessions", type=int, help="telephony sessions (default 300; 20 with --quick)"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        help="seconds per telephony and throughput run (default 10; 2 with --quick)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default bench/results; a temporary folder with --quick)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test (< 60 s): tiny loads; fails if a scenario fails or loses a frame",
+    )
+    return parser
+
+
+def _lost(name: str, data: dict[str, Any]) -> int:
+    """Frames lost in a result (telephony, throughput, sweep), for --quick's check."""
+    if name == "telephony":
+        return sum(r["lost"] for r in data["contestants"].values())
+    if name == "throughput":
+        return sum(r["lost"] for by in data["sizes"].values() for r in by.values())
+    if name == "sweep":
+        return sum(r["lost"] for lvl in data["levels"] for r in lvl["by"].values())
+    return 0
+
+
+def _failed(name: str, data: dict[str, Any]) -> str:
+    """Why a scenario's result is incomplete (sessions that did not start), or ''."""
+    if name == "start":
+        bad = [k for k, r in data["warm"].items() if r["ok"] != r["count"]]
+        if data["cold"]["ok"] != data["cold"]["count"]:
+            bad.append("pipecat cold")
+        return f"failed starts: {', '.join(bad)}" if bad else ""
+    if name == "memory":
+        return "connect failures" if data["connect_failures"] else ""
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen scenarios, write results, and return the exit code."""
+    args = _parser().parse_args(argv)
+    settings = scenarios.Settings.quick_mode() if args.quick else scenarios.Settings()
+    if args.sessions is not None:
+        settings.sessions = args.sessions
+    if args.seconds is not None:
+        settings.seconds = args.seconds
+    out: Path = args.out or (
+        Path(tempfile.mkdtemp(prefix="catflap-bench-")) if args.quick else DEFAULT_OUT
+    )
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    raise_nofile()
+    settings.nginx_binary = ensure_nginx()
+    meta = machine_info(REPO, nginx_version(settings.nginx_binary))
+    problems: list[str] = []
+    crashed = 0
+    began = time.monotonic()
+    for name in names:
+        run, _ = SCENARIOS[name]
+        t0 = time.monotonic()
+        try:
+            data = run(settings)
+        except Exception as exc:
+            traceback.print_exc()
+            crashed += 1
+            problems.append(f"{name}: {type(exc).__name__}: {exc}")
+            continue
+        data["elapsed_s"] = round(time.monotonic() - t0, 1)
+        if name == "sweep":
+            data["plot"] = plot_sweep(out, data, meta["date"][:10])
+        path = write_result(out, name, meta, data)
+        scenarios.log(f"{name}: done in {data['elapsed_s']:g} s -> {path}")
+        if lost := _lost(name, data):
+            problems.append(f"{name}: {lost} frames lost")
+        if why := _failed(name, data):
+            problems.append(f"{name}: {why}")
+    latest = write_latest(out)
+    scenarios.log(f"wrote {latest} in {time.monotonic() - began:.0f} s")
+    print(latest.read_text())
+    for problem in problems:
+        print(f"bench: PROBLEM: {problem}", file=sys.stderr)
+    if args.quick:
+        return 1 if problems else 0
+    return 1 if crashed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

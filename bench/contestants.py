@@ -1,0 +1,360 @@
+"""The contestants and their upstream, each a context manager that starts and always stops it.
+
+- ``direct``: the load client talks to the upstream itself (the physical floor);
+- ``nginx``: Debian's nginx, one worker, as a WebSocket reverse proxy in front of the upstream;
+- ``catflap``: ``catflap serve`` with a generated config whose agent runs the same fast echo bot.
+
+The upstream of ``direct`` and ``nginx`` is a standalone catflap agent runtime
+(``python -m catflap.runtime.main``) serving ``bench/bots/fast-echo`` on TCP; catflap's gateway
+starts its own instance of the same runtime and bot, and reaches it over a Unix socket.
+
+Placement (anchors §2.3): the relay (nginx, the gateway) runs alone on the relay core; the load
+client and every upstream run on the load core.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import OP_BINARY, FrameTemplate, control_frame, upgrade_request
+from bench.procs import Child, children_of, free_port, pin, spawn, wait_port
+
+__all__ = [
+    "FAST_ECHO",
+    "PIPECAT_ECHO",
+    "Endpoint",
+    "catflap_gateway",
+    "ensure_nginx",
+    "nginx",
+    "nginx_version",
+    "probe",
+    "upstream",
+]
+
+REPO = Path(__file__).resolve().parent.parent
+FAST_ECHO = REPO / "bench" / "bots" / "fast-echo"
+PIPECAT_ECHO = REPO / "examples" / "pipecat-echo"
+#: The runtime serves the agent side of the contract on this path.
+AGENT_PATH = "/ws"
+ORG = "bench-org"
+START_TIMEOUT_S = 60.0
+
+
+@dataclass
+class Endpoint:
+    """Where a contestant listens and which processes to watch."""
+
+    name: str
+    port: int
+    path: str
+    #: CPU of these is the relay's (nginx: master + worker; catflap: the gateway).
+    relay_pids: list[int] = field(default_factory=list)
+    #: The echo upstream's process (for direct, the only process measured).
+    upstream_pid: int = 0
+    child: Child | None = None
+
+    def cpu_pids(self) -> dict[str, int]:
+        pids = {f"relay{i}": pid for i, pid in enumerate(self.relay_pids)}
+        pids["upstream"] = self.upstream_pid
+        return pids
+
+
+def _runtime_argv(bot_dir: Path, listen: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "catflap.runtime.main",
+        "--bot-dir",
+        str(bot_dir),
+        "--listen",
+        listen,
+        "--log-level",
+        "warning",
+    ]
+
+
+@contextlib.contextmanager
+def upstream(workdir: Path, cpus: set[int]) -> Iterator[Endpoint]:
+    """A standalone agent runtime with the fast echo bot on ``tcp:127.0.0.1:<any>``."""
+    child = spawn(
+        "upstream",
+        _runtime_argv(FAST_ECHO, "tcp:127.0.0.1:0"),
+        cpus=cpus,
+        log_path=workdir / "upstream.log",
+        cwd=FAST_ECHO,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        port = _read_listen_port(child)
+        endpoint = Endpoint("direct", port, AGENT_PATH, [], child.pid, child)
+        probe(port, AGENT_PATH)
+        yield endpoint
+    finally:
+        child.stop()
+
+
+def _read_listen_port(child: Child) -> int:
+    """The runtime prints ``catflap agent listening on tcp:HOST:PORT`` once it serves."""
+    assert child.popen.stdout is not None
+    deadline = time.monotonic() + START_TIMEOUT_S
+    line = b""
+    while time.monotonic() < deadline and not line.endswith(b"\n"):
+        ready, _, _ = select.select([child.popen.stdout], [], [], 0.2)
+        if ready:
+            chunk = os.read(child.popen.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            line += chunk
+    text = line.decode(errors="replace").strip()
+    if "listening on tcp:" not in text:
+        raise RuntimeError(f"the upstream runtime did not start ({text!r}):\n{child.log_tail()}")
+    return int(text.rsplit(":", 1)[1])
+
+
+# --- nginx ------------------------------------------------------------------------------------
+
+
+def ensure_nginx() -> str:
+    """The nginx binary; installs Debian's ``nginx-light`` with apt-get when it is missing."""
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
+    if found:
+        return found
+    if shutil.which("apt-get") is None:
+        raise RuntimeError("nginx is not installed and apt-get is not available")
+    print("bench: nginx missing; installing Debian's nginx-light with apt-get", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "nginx-light"]
+    if subprocess.run(install, env=env, timeout=600, check=False).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, timeout=600, check=True)
+        subprocess.run(install, env=env, timeout=600, check=True)
+    found = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(found).exists():
+        raise RuntimeError("apt-get installed nginx-light but no nginx binary was found")
+    return found
+
+
+def nginx_version(binary: str) -> str:
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10, check=False)
+    return (out.stderr or out.stdout).strip().removeprefix("nginx version: ")
+
+
+_NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+master_process on;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp-body;
+    proxy_temp_path {dir}/tmp-proxy;
+    fastcgi_temp_path {dir}/tmp-fastcgi;
+    uwsgi_temp_path {dir}/tmp-uwsgi;
+    scgi_temp_path {dir}/tmp-scgi;
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://127.0.0.1:{upstream_port};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_buffering off;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx(binary: str, workdir: Path, up: Endpoint, cpus: set[int]) -> Iterator[Endpoint]:
+    """nginx, one worker, proxying WebSocket upgrades to ``up``; pinned to ``cpus``."""
+    conf_dir = workdir / "nginx"
+    conf_dir.mkdir(exist_ok=True)
+    port = free_port()
+    conf = conf_dir / "nginx.conf"
+    conf.write_text(_NGINX_CONF.format(dir=conf_dir, port=port, upstream_port=up.port))
+    child = spawn(
+        "nginx",
+        [binary, "-p", str(conf_dir), "-e", str(conf_dir / "error.log"), "-c", str(conf)],
+        cpus=cpus,
+        log_path=conf_dir / "stderr.log",
+    )
+    try:
+        wait_port(port, timeout=START_TIMEOUT_S, child=child)
+        workers = _wait_children(child.pid, 1)
+        probe(port, AGENT_PATH)
+        yield Endpoint("nginx", port, AGENT_PATH, [child.pid, *workers], up.upstream_pid, child)
+    finally:
+        child.stop()
+        if child.log_path is not None:
+            err = conf_dir / "error.log"
+            if err.exists() and err.stat().st_size:
+                child.log_path.write_bytes(child.log_path.read_bytes() + err.read_bytes())
+
+
+def _wait_children(pid: int, count: int, *, timeout: float = START_TIMEOUT_S) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = children_of(pid)
+        if len(found) >= count:
+            return found
+        time.sleep(0.05)
+    raise TimeoutError(f"process {pid} has fewer than {count} children after {timeout:g} s")
+
+
+# --- catflap ----------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    return json.dumps(str(value)) if isinstance(value, Path) else json.dumps(value)
+
+
+def gateway_config(agents: dict[str, dict[str, Any]], port: int) -> str:
+    """A ``catflap.toml`` with one organization (``bench-org``) and the given agents."""
+    lines = [
+        f'listen = "127.0.0.1:{port}"',
+        "[gateway]",
+        "agent_ready_timeout = 60",
+        "drain_timeout = 1",
+        f"[organizations.{ORG}]",
+        'public_keys = ["pk_bench"]',
+    ]
+    for name, settings in agents.items():
+        settings = dict(settings)
+        scaling = settings.pop("scaling", {})
+        lines.append(f"[organizations.{ORG}.agents.{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in settings.items()]
+        lines.append(f"[organizations.{ORG}.agents.{name}.scaling]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in scaling.items()]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Gateway:
+    """A running ``catflap serve``."""
+
+    child: Child
+    port: int
+    load_cpus: set[int]
+
+    def path(self, agent: str) -> str:
+        return f"/ws/generic/{agent}.{ORG}"
+
+    def agents(self) -> list[int]:
+        """The pids of the agent instances the gateway started."""
+        return children_of(self.child.pid)
+
+    def pin_agents(self) -> list[int]:
+        """Move every agent instance to the load core (they inherit the gateway's core)."""
+        pids = self.agents()
+        for pid in pids:
+            pin(pid, self.load_cpus)
+        return pids
+
+    def endpoint(self, agent: str) -> Endpoint:
+        pids = self.pin_agents()
+        return Endpoint(
+            "catflap", self.port, self.path(agent), [self.child.pid], pids[0] if pids else 0
+        )
+
+
+@contextlib.contextmanager
+def catflap_gateway(
+    workdir: Path,
+    agents: dict[str, dict[str, Any]],
+    *,
+    relay_cpus: set[int],
+    load_cpus: set[int],
+    name: str = "catflap",
+) -> Iterator[Gateway]:
+    """``python -m catflap serve --config <generated>`` on a free port, pinned to ``relay_cpus``."""
+    port = free_port()
+    config = workdir / f"{name}.toml"
+    config.write_text(gateway_config(agents, port))
+    child = spawn(
+        name,
+        [sys.executable, "-m", "catflap", "serve", "--config", str(config)]
+        + ["--log-level", "warning"],
+        cpus=relay_cpus,
+        log_path=workdir / f"{name}.log",
+        cwd=workdir,
+    )
+    try:
+        wait_port(port, timeout=START_TIMEOUT_S, child=child)
+        yield Gateway(child, port, load_cpus)
+    finally:
+        child.stop()
+
+
+# --- probing ----------------------------------------------------------------------------------
+
+
+def probe(
+    port: int,
+    path: str,
+    *,
+    payload: bytes | None = None,
+    timeout: float = START_TIMEOUT_S,
+) -> float:
+    """Open one session, send one binary frame and wait for any data frame back.
+
+    Retries refusals (503 while an agent starts) until ``timeout``; returns the seconds it took.
+    """
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            if _probe_once(port, path, payload, deadline - time.monotonic()):
+                return time.monotonic() - started
+            last = "no echo"
+        except OSError as exc:
+            last = repr(exc)
+        time.sleep(0.1)
+    raise TimeoutError(f"no echo through 127.0.0.1:{port}{path} within {timeout:g} s ({last})")
+
+
+def _probe_once(port: int, path: str, payload: bytes | None, timeout: float) -> bool:
+    key = os.urandom(4)
+    with socket.create_connection(("127.0.0.1", port), timeout=max(0.1, timeout)) as sock:
+        sock.sendall(upgrade_request("127.0.0.1", port, path))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return False
+            head += chunk
+        if not head.startswith(b"HTTP/1.1 101"):
+            return False
+        if payload is None:
+            frame = FrameTemplate(64, key).frame(1, 0)
+        else:
+            frame = control_frame(OP_BINARY, payload, key)
+        sock.sendall(frame)
+        rest = head.split(b"\r\n\r\n", 1)[1]
+        while len(rest) < 2:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return False
+            rest += chunk
+        ok = rest[0] & 0x0F in (0x1, 0x2)
+        sock.sendall(control_frame(0x8, b"\x03\xe8", key))
+        return ok

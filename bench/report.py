@@ -1,0 +1,464 @@
+"""Results on disk: one JSON per scenario, ``latest.md`` and the latency-vs-sessions PNG.
+
+``latest.md`` is rebuilt from the newest JSON of each scenario in the results folder, so running
+one scenario refreshes its section and keeps the others (each section names its own command).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["evaluate_targets", "machine_info", "plot_sweep", "write_latest", "write_result"]
+
+SCENARIOS = ("telephony", "throughput", "start", "memory", "sweep")
+PLOT_NAME = "latency-vs-sessions.png"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_revision(repo: Path) -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")
+
+
+def machine_info(repo: Path, nginx: str) -> dict[str, Any]:
+    """Date, machine and versions, for every result file."""
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "nproc": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "uvloop": _version("uvloop"),
+        "uvicorn": _version("uvicorn"),
+        "websockets": _version("websockets"),
+        "nginx": nginx,
+        "catflap": _version("catflap"),
+        "pipecat_ai": _version("pipecat-ai"),
+        "git": _git_revision(repo),
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+    }
+
+
+def write_result(out: Path, scenario: str, meta: dict[str, Any], data: dict[str, Any]) -> Path:
+    """Write ``<out>/<date>-<scenario>.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{meta['date'][:10]}-{scenario}.json"
+    payload = {"scenario": scenario, "meta": meta, "results": data}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def _latest(out: Path) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(out.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        scenario = doc.get("scenario")
+        if scenario in SCENARIOS:
+            if scenario not in found or doc["meta"]["date"] >= found[scenario]["meta"]["date"]:
+                found[scenario] = doc
+    return found
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None or value == "":
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _telephony_md(res: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, r in res["contestants"].items():
+        lat = r.get("latency_us", {})
+        rows.append(
+            [
+                name,
+                r.get("cpu_label", ""),
+                r.get("cpu_us_per_frame"),
+                r.get("cpu_vs_nginx"),
+                lat.get("p50"),
+                lat.get("p99"),
+                lat.get("p999"),
+                r.get("lost"),
+                r.get("upstream_cpu_us_per_frame"),
+                r.get("load_core_busy"),
+            ]
+        )
+    header = [
+        "contestant",
+        "CPU measured",
+        "µs CPU / forwarded frame",
+        "× nginx",
+        "p50 µs",
+        "p99 µs",
+        "p999 µs",
+        "frames lost",
+        "upstream µs / frame",
+        "load core busy",
+    ]
+    text = [f"{res['sessions']} sessions × 320 B every 20 ms for {res['seconds']:g} s, echoed.", ""]
+    return text + _table(header, rows)
+
+
+def _throughput_md(res: dict[str, Any]) -> list[str]:
+    rows = []
+    for size, by in res["sizes"].items():
+        for name, r in by.items():
+            rows.append(
+                [
+                    size,
+                    name,
+                    r.get("messages_per_s"),
+                    r.get("vs_direct"),
+                    r.get("vs_nginx"),
+                    r.get("latency_us", {}).get("p50"),
+                    r.get("relay_cpu_us_per_frame"),
+                    r.get("lost"),
+                ]
+            )
+    header = [
+        "size",
+        "contestant",
+        "messages/s",
+        "× direct",
+        "× nginx",
+        "p50 RTT µs",
+        "relay µs / frame",
+        "lost",
+    ]
+    text = [f"{res['connections']} connections, closed loop, {res['seconds']:g} s per run.", ""]
+    return text + _table(header, rows)
+
+
+def _start_md(res: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, r in res.get("warm", {}).items():
+        up, first = r.get("upgrade_us", {}), r.get("first_frame_us", {})
+        rate = r.get("rate", {})
+        rows.append(
+            [
+                name,
+                f"{r.get('ok')}/{r.get('count')}",
+                _ms(up.get("p50")),
+                _ms(up.get("p99")),
+                _ms(first.get("p50")),
+                _ms(first.get("p99")),
+                rate.get("sessions_per_s"),
+            ]
+        )
+    header = [
+        "warm start",
+        "ok",
+        "upgrade→101 p50 ms",
+        "p99 ms",
+        "upgrade→first echo p50 ms",
+        "p99 ms",
+        "sessions/s",
+    ]
+    lines = _table(header, rows)
+    cold = res.get("cold", {})
+    if cold:
+        lines += ["", "Real Pipecat bot (`examples/pipecat-echo`) through catflap:", ""]
+        crow = []
+        for label, key in (("cold start", "cold"), ("warm instance", "pipecat_warm")):
+            block = res.get(key, {})
+            if not block:
+                continue
+            up, first = block.get("upgrade_us", {}), block.get("first_frame_us", {})
+            crow.append(
+                [
+                    label,
+                    f"{block.get('ok')}/{block.get('count')}",
+                    _ms(up.get("p50")),
+                    _ms(up.get("max")),
+                    _ms(first.get("p50")),
+                    _ms(first.get("max")),
+                ]
+            )
+        lines += _table(
+            ["pipecat-echo", "ok", "upgrade→101 p50 ms", "max ms", "→first bot frame p50 ms", "max ms"],
+            crow,
+        )
+    return lines
+
+
+def _ms(us: float | None) -> float | None:
+    return None if us is None else round(us / 1000, 2)
+
+
+def _memory_md(res: dict[str, Any]) -> list[str]:
+    rows = [
+        [lvl["sessions"], lvl["rss_kb"].get("gateway"), lvl["rss_kb"].get("agent")]
+        for lvl in res["levels"]
+    ]
+    lines = _table(["idle sessions", "gateway RSS KiB", "agent RSS KiB"], rows)
+    lines += [
+        "",
+        f"Gateway: **{_fmt(res.get('gateway_kb_per_session'), 2)} KiB per session** "
+        f"(ΔRSS 0 → {res['levels'][-1]['sessions']:,}); "
+        f"agent: {_fmt(res.get('agent_kb_per_session'), 2)} KiB per session.",
+    ]
+    return lines
+
+
+def _sweep_md(res: dict[str, Any]) -> list[str]:
+    rows = []
+    for level in res["levels"]:
+        row: list[Any] = [level["sessions"]]
+        for name in res["contestants"]:
+            r = level["by"].get(name, {})
+            lat = r.get("latency_us", {})
+            row += [lat.get("p50"), lat.get("p99"), r.get("cpu_us_per_frame"), r.get("lost")]
+        rows.append(row)
+    header = ["sessions"]
+    for name in res["contestants"]:
+        header += [f"{name} p50 µs", f"{name} p99 µs", f"{name} µs/frame", f"{name} lost"]
+    lines = [f"{res['seconds']:g} s per point.", "", *_table(header, rows)]
+    if res.get("plot"):
+        lines += ["", f"![latency vs sessions]({res['plot']})"]
+    return lines
+
+
+_SECTIONS = {
+    "telephony": ("Telephony", _telephony_md),
+    "throughput": ("Throughput", _throughput_md),
+    "start": ("Session start", _start_md),
+    "memory": ("Memory", _memory_md),
+    "sweep": ("Latency vs sessions", _sweep_md),
+}
+
+
+def evaluate_targets(latest: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue #5's targets, checked against the newest results (ratios within one run)."""
+    targets: list[dict[str, Any]] = []
+
+    def add(target: str, measured: str, met: bool) -> None:
+        targets.append({"target": target, "measured": measured, "met": met})
+
+    if "telephony" in latest:
+        res = latest["telephony"]["results"]
+        cat, ngx = res["contestants"]["catflap"], res["contestants"]["nginx"]
+        ratio = cat.get("cpu_vs_nginx")
+        if ratio is not None:
+            add(
+                "gateway CPU per forwarded frame ≤ 1.0× nginx (stretch ≤ 0.9×)",
+                f"{cat['cpu_us_per_frame']} µs vs {ngx['cpu_us_per_frame']} µs = {ratio}×",
+                ratio <= 1.0,
+            )
+        cp99, np99 = cat["latency_us"].get("p99"), ngx["latency_us"].get("p99")
+        if cp99 is not None and np99 is not None:
+            add(
+                f"p99 echo latency at {res['sessions']} sessions ≤ nginx's + 1 ms",
+                f"{cp99 / 1000:.2f} ms vs {np99 / 1000:.2f} ms (+{(cp99 - np99) / 1000:.2f} ms)",
+                cp99 <= np99 + 1000,
+            )
+    if "start" in latest:
+        res = latest["start"]["results"]
+        warm = res.get("warm", {}).get("catflap", {})
+        first = warm.get("first_frame_us", {})
+        if first:
+            add(
+                "warm start p50 ≤ 5 ms, p99 ≤ 20 ms (upgrade request → first echoed frame)",
+                f"p50 {first['p50'] / 1000:.2f} ms, p99 {first['p99'] / 1000:.2f} ms",
+                first["p50"] <= 5000 and first["p99"] <= 20000,
+            )
+        cold = res.get("cold", {}).get("first_frame_us", {})
+        if cold:
+            add(
+                "cold start with the real Pipecat bot ≤ 1 s (upgrade request → first bot frame)",
+                f"median {cold['p50'] / 1e6:.2f} s, max {cold['max'] / 1e6:.2f} s "
+                f"({cold['count']} samples)",
+                cold["p50"] <= 1e6,
+            )
+    if "memory" in latest:
+        res = latest["memory"]["results"]
+        kb = res.get("gateway_kb_per_session")
+        if kb is not None:
+            add(
+                "gateway memory ≤ 20 KB per relayed session",
+                f"{kb:.2f} KiB/session at {res['levels'][-1]['sessions']:,} sessions",
+                kb * 1024 <= 20 * 1000,
+            )
+    return targets
+
+
+def write_latest(out: Path) -> Path:
+    """Rebuild ``<out>/latest.md`` from the newest result of each scenario."""
+    latest = _latest(out)
+    targets = evaluate_targets(latest)
+    lines = ["# catflap benchmark: latest results", ""]
+    if latest:
+        meta = max((d["meta"] for d in latest.values()), key=lambda m: str(m["date"]))
+        lines += _table(
+            ["date", "nproc", "CPU", "Python", "uvloop", "nginx", "catflap", "git", "command"],
+            [
+                [
+                    meta["date"],
+                    meta["nproc"],
+                    meta["cpu_model"],
+                    meta["python"],
+                    meta["uvloop"],
+                    meta["nginx"],
+                    meta["catflap"],
+                    meta["git"],
+                    f"`{meta['command']}`",
+                ]
+            ],
+        )
+        lines += [
+            "",
+            f"uvicorn {meta['uvicorn']}, websockets {meta['websockets']}, "
+            f"pipecat-ai {meta['pipecat_ai']}, kernel {meta['kernel']}. Loopback only; the relay "
+            "is pinned to one core, the load client and the upstream echo to the other. "
+            "See `docs/benchmarks.md` for what each number means.",
+        ]
+    if targets:
+        lines += ["", "## Targets (issue #5)", ""]
+        lines += _table(
+            ["target", "measured", "met"],
+            [[t["target"], t["measured"], "yes" if t["met"] else "**no**"] for t in targets],
+        )
+    for scenario in SCENARIOS:
+        doc = latest.get(scenario)
+        if doc is None:
+            continue
+        title, render = _SECTIONS[scenario]
+        lines += ["", f"## {title}", ""]
+        lines += [f"{doc['meta']['date']}, `{doc['meta']['command']}`", ""]
+        lines += render(doc["results"])
+    path = out / "latest.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot_sweep(out: Path, res: dict[str, Any], date: str) -> str | None:
+    """Draw p50/p99 echo latency vs sessions per contestant; returns the PNG's file name."""
+    path = out / f"{date}-sweep.png"
+    try:
+        _plot_matplotlib(path, res)
+    except ImportError:
+        try:
+            _plot_pillow(path, res)
+        except ImportError:
+            return None
+    shutil.copyfile(path, out / PLOT_NAME)
+    return PLOT_NAME
+
+
+def _series(res: dict[str, Any], name: str, key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for level in res["levels"]:
+        lat = level["by"].get(name, {}).get("latency_us", {})
+        if key in lat:
+            xs.append(int(level["sessions"]))
+            ys.append(float(lat[key]) / 1000)
+    return xs, ys
+
+
+def _plot_matplotlib(path: Path, res: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"catflap": "tab:orange", "nginx": "tab:green", "direct": "tab:gray"}
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for name in res["contestants"]:
+        for key, style in (("p50", "-o"), ("p99", "--s")):
+            xs, ys = _series(res, name, key)
+            ax.plot(xs, ys, style, color=colours.get(name), label=f"{name} {key}", markersize=4)
+    ax.set_xlabel("concurrent sessions (320 B every 20 ms, echoed)")
+    ax.set_ylabel("echo latency (ms)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"Echo latency vs sessions ({res['seconds']:g} s per point)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_pillow(path: Path, res: dict[str, Any]) -> None:
+    """Fallback without matplotlib: a bare line chart drawn with Pillow (linear axes)."""
+    from PIL import Image, ImageDraw
+
+    width, height, margin = 720, 420, 50
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    series = []
+    colours = {"catflap": (230, 120, 20), "nginx": (40, 150, 40), "direct": (120, 120, 120)}
+    for name in res["contestants"]:
+        for key in ("p50", "p99"):
+            xs, ys = _series(res, name, key)
+            series.append((f"{name} {key}", colours.get(name, (0, 0, 0)), xs, ys))
+    xmax = max((max(s[2]) for s in series if s[2]), default=1)
+    ymax = max((max(s[3]) for s in series if s[3]), default=1.0)
+
+    def point(x: float, y: float) -> tuple[float, float]:
+        return (
+            margin + (width - 2 * margin) * x / xmax,
+            height - margin - (height - 2 * margin) * y / ymax,
+        )
+
+    draw.line([point(0, 0), point(xmax, 0)], fill="black")
+    draw.line([point(0, 0), point(0, ymax)], fill="black")
+    draw.text((margin, 10), f"echo latency (ms, max {ymax:.1f}) vs sessions (max {xmax})", "black")
+    for i, (label, colour, xs, ys) in enumerate(series):
+        if len(xs) > 1:
+            draw.line([point(x, y) for x, y in zip(xs, ys, strict=True)], fill=colour, width=2)
+        draw.text((width - 160, 30 + 14 * i), label, colour)
+    img.save(path)

@@ -1,0 +1,440 @@
+"""The scenarios: each starts what it needs, drives the load client, and returns plain data.
+
+CPU per forwarded frame = Δ(utime + stime) of the relay's processes (``/proc/<pid>/stat``) over
+the send window, divided by the frames the relay forwarded in both directions: frames the
+client sent plus echoes it received (2 x echoes when nothing is lost). For ``direct`` there is
+no relay; the upstream's own CPU is reported in that column, labelled so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import contestants as cs
+from bench.procs import children_of, cores, spawn
+
+__all__ = ["Settings", "memory", "run_loadgen", "start", "sweep", "telephony", "throughput"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Settings:
+    """Knobs of one suite run (``--quick`` shrinks every one of them)."""
+
+    sessions: int = 300
+    seconds: float = 10.0
+    quick: bool = False
+    throughput_connections: int = 100
+    throughput_sizes: tuple[int, ...] = (400, 8192)
+    start_count: int = 500
+    starters: int = 20
+    rate_seconds: float = 3.0
+    cold_samples: int = 3
+    pipecat_warm_samples: int = 20
+    memory_levels: tuple[int, ...] = (1000, 5000)
+    sweep_levels: tuple[int, ...] = (100, 300, 500, 700, 1000)
+    sweep_seconds: float = 5.0
+    nginx_binary: str = "nginx"
+
+    @classmethod
+    def quick_mode(cls) -> Settings:
+        """Every scenario, tiny: a smoke test that finishes in well under a minute."""
+        return cls(
+            sessions=20,
+            seconds=2.0,
+            quick=True,
+            throughput_connections=10,
+            throughput_sizes=(400, 8192),
+            start_count=30,
+            starters=4,
+            rate_seconds=1.0,
+            cold_samples=1,
+            pipecat_warm_samples=3,
+            memory_levels=(100, 300),
+            sweep_levels=(20, 50),
+            sweep_seconds=1.5,
+        )
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _workdir() -> Iterator[Path]:
+    # Short: the gateway puts its agents' Unix sockets in here (AF_UNIX paths are limited).
+    with tempfile.TemporaryDirectory(prefix="cfb") as path:
+        yield Path(path)
+
+
+def run_loadgen(spec: dict[str, Any], *, timeout: float, workdir: Path) -> dict[str, Any]:  # noqa: ASYNC109
+    """Run ``python -m bench.loadgen`` pinned to the load core; returns its JSON result."""
+    load_cpus, _ = cores()
+    child = spawn(
+        "loadgen",
+        [sys.executable, "-m", "bench.loadgen"],
+        cpus=load_cpus,
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        log_path=workdir / "loadgen.log",
+    )
+    try:
+        out, _ = child.popen.communicate(
+            json.dumps({**spec, "deadline": timeout}).encode(), timeout=timeout + 30
+        )
+    finally:
+        child.stop(grace=1.0)
+    if child.popen.returncode != 0:
+        raise RuntimeError(f"load client failed ({child.popen.returncode}):\n{child.log_tail()}")
+    return dict(json.loads(out.decode().strip().splitlines()[-1]))
+
+
+def fast_echo_agent(sessions_per_instance: int) -> dict[str, Any]:
+    """One warm instance of the fast echo bot that holds every session of the run."""
+    return {
+        "path": cs.FAST_ECHO,
+        "websocket_auth": "none",
+        "scaling": {
+            "min_agents": 1,
+            "max_agents": 1,
+            "sessions_per_instance": sessions_per_instance,
+            "idle_timeout": 300,
+        },
+    }
+
+
+@contextlib.contextmanager
+def fleet(
+    settings: Settings, names: tuple[str, ...], *, sessions_per_instance: int = 2000
+) -> Iterator[tuple[dict[str, cs.Endpoint], Path]]:
+    """Start the upstream and the contestants in ``names``; stops them all on exit."""
+    load, relay = cores()
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(_workdir())
+        up = stack.enter_context(cs.upstream(workdir, load))
+        endpoints: dict[str, cs.Endpoint] = {}
+        if "direct" in names:
+            endpoints["direct"] = up
+        if "nginx" in names:
+            endpoints["nginx"] = stack.enter_context(
+                cs.nginx(settings.nginx_binary, workdir, up, relay)
+            )
+        if "catflap" in names:
+            gateway = stack.enter_context(
+                cs.catflap_gateway(
+                    workdir,
+                    {"bench": fast_echo_agent(sessions_per_instance)},
+                    relay_cpus=relay,
+                    load_cpus=load,
+                )
+            )
+            cs.probe(gateway.port, gateway.path("bench"))
+            endpoints["catflap"] = gateway.endpoint("bench")
+        yield endpoints, workdir
+
+
+# --- telephony ----------------------------------------------------------------------------------
+
+
+def _cpu_label(endpoint: cs.Endpoint) -> str:
+    return {
+        "direct": "upstream (no relay)",
+        "nginx": "nginx master + worker",
+        "catflap": "gateway process",
+    }[endpoint.name]
+
+
+def telephony_run(
+    endpoint: cs.Endpoint, sessions: int, seconds: float, workdir: Path
+) -> dict[str, Any]:
+    """One telephony run against one contestant, with CPU per forwarded frame worked out."""
+    spec = {
+        "mode": "telephony",
+        "port": endpoint.port,
+        "path": endpoint.path,
+        "sessions": sessions,
+        "seconds": seconds,
+        "cpu_pids": endpoint.cpu_pids(),
+    }
+    r = run_loadgen(spec, timeout=seconds + 180, workdir=workdir)
+    frames = r["sent"] + r["received"]
+    cpu = r.pop("cpu_s")
+    relay_cpu = sum(v for k, v in cpu.items() if k.startswith("relay"))
+    upstream_cpu = cpu.get("upstream", 0.0)
+    window = r["window_s"] or 1.0
+    measured = relay_cpu if endpoint.relay_pids else upstream_cpu
+    r.update(
+        cpu_label=_cpu_label(endpoint),
+        frames_forwarded=frames,
+        cpu_us_per_frame=round(measured / frames * 1e6, 2) if frames else None,
+        upstream_cpu_us_per_frame=round(upstream_cpu / frames * 1e6, 2) if frames else None,
+        relay_core_busy=round(relay_cpu / window, 3),
+        load_core_busy=round((cpu.get("loadgen", 0.0) + upstream_cpu) / window, 3),
+        cpu_seconds={k: round(v, 3) for k, v in cpu.items()},
+    )
+    return r
+
+
+def _vs(value: float | None, reference: float | None) -> float | None:
+    if value is None or not reference:
+        return None
+    return round(value / reference, 3)
+
+
+def telephony(settings: Settings) -> dict[str, Any]:
+    """N sessions x 320 B every 20 ms for T s, through each contestant in turn."""
+    names = ("direct", "nginx", "catflap")
+    results: dict[str, Any] = {}
+    with fleet(settings, names) as (endpoints, workdir):
+        for name in names:
+            log(f"telephony: {name}, {settings.sessions} sessions for {settings.seconds:g} s")
+            results[name] = telephony_run(
+                endpoints[name], settings.sessions, settings.seconds, workdir
+            )
+            time.sleep(1.0)
+    nginx_cpu = results["nginx"]["cpu_us_per_frame"]
+    for r in results.values():
+        r["cpu_vs_nginx"] = _vs(r["cpu_us_per_frame"], nginx_cpu)
+    return {
+        "sessions": settings.sessions,
+        "seconds": settings.seconds,
+        "frame_bytes": 320,
+        "interval_ms": 20,
+        "agent_hop": "nginx/direct: TCP to a standalone runtime; catflap: Unix socket to its own",
+        "contestants": results,
+    }
+
+
+# --- throughput -------------------------------------------------------------------------------
+
+
+def throughput(settings: Settings) -> dict[str, Any]:
+    """Closed loop: each connection sends its next message when the echo arrives."""
+    names = ("direct", "nginx", "catflap")
+    sizes: dict[str, dict[str, Any]] = {}
+    with fleet(settings, names) as (endpoints, workdir):
+        for size in settings.throughput_sizes:
+            by: dict[str, Any] = {}
+            for name in names:
+                endpoint = endpoints[name]
+                log(f"throughput: {name}, {size} B, {settings.throughput_connections} connections")
+                spec = {
+                    "mode": "closed",
+                    "port": endpoint.port,
+                    "path": endpoint.path,
+                    "connections": settings.throughput_connections,
+                    "seconds": settings.seconds,
+                    "size": size,
+                    "cpu_pids": endpoint.cpu_pids(),
+                }
+                r = run_loadgen(spec, timeout=settings.seconds + 120, workdir=workdir)
+                cpu = r.pop("cpu_s")
+                relay_cpu = sum(v for k, v in cpu.items() if k.startswith("relay"))
+                frames = 2 * r["messages"]
+                if endpoint.relay_pids and frames:
+                    r["relay_cpu_us_per_frame"] = round(relay_cpu / frames * 1e6, 2)
+                r["relay_core_busy"] = round(relay_cpu / r["seconds"], 3)
+                r["cpu_seconds"] = {k: round(v, 3) for k, v in cpu.items()}
+                by[name] = r
+                time.sleep(0.5)
+            for r in by.values():
+                r["vs_direct"] = _vs(r["messages_per_s"], by["direct"]["messages_per_s"])
+                r["vs_nginx"] = _vs(r["messages_per_s"], by["nginx"]["messages_per_s"])
+            sizes[f"{size} B" if size < 1024 else f"{size // 1024} KiB"] = by
+    return {
+        "connections": settings.throughput_connections,
+        "seconds": settings.seconds,
+        "sizes": sizes,
+    }
+
+
+# --- start ----------------------------------------------------------------------------------------
+
+
+def pipecat_message(data: str) -> bytes:
+    """A pipecat protobuf ``Frame{message: MessageFrame{data}}``; the bot echoes it back."""
+    raw = data.encode()
+    if len(raw) > 120:
+        raise ValueError("keep the message short (single-byte protobuf lengths)")
+    inner = bytes((0x0A, len(raw))) + raw  # MessageFrame.data = 1 (string)
+    return bytes((0x22, len(inner))) + inner  # Frame.message = 4 (MessageFrame)
+
+
+def start(settings: Settings) -> dict[str, Any]:
+    """Warm starts on every contestant (catflap is the one measured), then Pipecat cold starts."""
+    warm: dict[str, Any] = {}
+    names = ("direct", "nginx", "catflap")
+    with fleet(settings, names) as (endpoints, workdir):
+        for name in names:
+            endpoint = endpoints[name]
+            log(f"start: {name}, {settings.start_count} sequential warm starts + rate")
+            spec = {
+                "mode": "start",
+                "port": endpoint.port,
+                "path": endpoint.path,
+                "count": settings.start_count,
+                "starters": settings.starters,
+                "rate_seconds": settings.rate_seconds,
+            }
+            warm[name] = run_loadgen(spec, timeout=300, workdir=workdir)
+            time.sleep(0.5)
+    result: dict[str, Any] = {"warm": warm}
+    result.update(_pipecat_starts(settings))
+    return result
+
+
+def _pipecat_starts(settings: Settings) -> dict[str, Any]:
+    """Cold starts (no instance: min_agents=0, reaped between samples) and warm ones, Pipecat."""
+    load, relay = cores()
+    agents = {
+        "pcold": {
+            "path": cs.PIPECAT_ECHO,
+            "scaling": {
+                "min_agents": 0,
+                "max_agents": 1,
+                "sessions_per_instance": 1,
+                "idle_timeout": 0.5,
+            },
+        },
+        "pwarm": {
+            "path": cs.PIPECAT_ECHO,
+            "scaling": {
+                "min_agents": 1,
+                "max_agents": 1,
+                "sessions_per_instance": 4,
+                "idle_timeout": 300,
+            },
+        },
+    }
+    first = pipecat_message('{"bench":1}').hex()
+    samples: list[dict[str, Any]] = []
+    with (
+        _workdir() as workdir,
+        cs.catflap_gateway(
+            workdir, agents, relay_cpus=relay, load_cpus=load, name="catflap-pipecat"
+        ) as gateway,
+    ):
+        cs.probe(gateway.port, gateway.path("pwarm"), payload=bytes.fromhex(first))
+        warm_agent = gateway.pin_agents()
+        for i in range(settings.cold_samples):
+            _wait_only(gateway.child.pid, warm_agent, timeout=30)
+            log(f"start: Pipecat cold start {i + 1}/{settings.cold_samples}")
+            spec = {
+                "mode": "start",
+                "port": gateway.port,
+                "path": gateway.path("pcold"),
+                "count": 1,
+                "first_frame_hex": first,
+                "timeout": 60,
+                "raw_samples": True,
+            }
+            r = run_loadgen(spec, timeout=120, workdir=workdir)
+            samples += r.get("samples", [])
+        log(f"start: Pipecat warm instance, {settings.pipecat_warm_samples} sessions")
+        spec = {
+            "mode": "start",
+            "port": gateway.port,
+            "path": gateway.path("pwarm"),
+            "count": settings.pipecat_warm_samples,
+            "first_frame_hex": first,
+            "timeout": 30,
+        }
+        pipecat_warm = run_loadgen(spec, timeout=300, workdir=workdir)
+    from bench.loadgen import percentiles
+
+    ok = [s for s in samples if s.get("status") == 101 and "first_frame_us" in s]
+    cold = {
+        "count": len(samples),
+        "ok": len(ok),
+        "upgrade_us": percentiles([int(s["upgrade_us"] * 1000) for s in ok]),
+        "first_frame_us": percentiles([int(s["first_frame_us"] * 1000) for s in ok]),
+        "samples_ms": [round(s.get("first_frame_us", 0) / 1000, 1) for s in samples],
+    }
+    return {"cold": cold, "pipecat_warm": pipecat_warm}
+
+
+def _wait_only(pid: int, keep: list[int], *, timeout: float) -> None:
+    """Wait until the gateway's only agent processes are ``keep`` (cold ones were reaped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if set(children_of(pid)) <= set(keep):
+            time.sleep(0.2)
+            return
+        time.sleep(0.05)
+    raise TimeoutError("the cold instance was not reaped in time")
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+
+def memory(settings: Settings) -> dict[str, Any]:
+    """Gateway RSS with 0 and each level of idle relayed sessions, all on one agent instance."""
+    load, relay = cores()
+    top = max(settings.memory_levels)
+    with (
+        _workdir() as workdir,
+        cs.catflap_gateway(
+            workdir,
+            {"bench": fast_echo_agent(top + 1000)},
+            relay_cpus=relay,
+            load_cpus=load,
+        ) as gateway,
+    ):
+        cs.probe(gateway.port, gateway.path("bench"))
+        endpoint = gateway.endpoint("bench")
+        log(f"memory: holding {', '.join(str(n) for n in settings.memory_levels)} idle sessions")
+        spec = {
+            "mode": "idle",
+            "port": gateway.port,
+            "path": endpoint.path,
+            "levels": list(settings.memory_levels),
+            "rss_pids": {"gateway": gateway.child.pid, "agent": endpoint.upstream_pid},
+            "settle": 1.0 if settings.quick else 3.0,
+        }
+        r = run_loadgen(spec, timeout=600, workdir=workdir)
+    levels = r["levels"]
+    base, last = levels[0], levels[-1]
+
+    def per_session(who: str, level: dict[str, Any]) -> float | None:
+        if not level["sessions"] or who not in level["rss_kb"] or who not in base["rss_kb"]:
+            return None
+        return round((level["rss_kb"][who] - base["rss_kb"][who]) / level["sessions"], 2)
+
+    for level in levels[1:]:
+        level["gateway_kb_per_session"] = per_session("gateway", level)
+        level["agent_kb_per_session"] = per_session("agent", level)
+    r["gateway_kb_per_session"] = per_session("gateway", last)
+    r["agent_kb_per_session"] = per_session("agent", last)
+    return r
+
+
+# --- sweep ----------------------------------------------------------------------------------------
+
+
+def sweep(settings: Settings) -> dict[str, Any]:
+    """Telephony latency at each session count, catflap and nginx, interleaved."""
+    names = ("nginx", "catflap")
+    levels = []
+    top = max(settings.sweep_levels)
+    with fleet(settings, names, sessions_per_instance=2 * top) as (endpoints, workdir):
+        for sessions in settings.sweep_levels:
+            by = {}
+            for name in names:
+                log(f"sweep: {name}, {sessions} sessions for {settings.sweep_seconds:g} s")
+                by[name] = telephony_run(
+                    endpoints[name], sessions, settings.sweep_seconds, workdir
+                )
+                time.sleep(0.5)
+            levels.append({"sessions": sessions, "by": by})
+    return {"seconds": settings.sweep_seconds, "contestants": list(names), "levels": levels}

@@ -1,0 +1,342 @@
+"""The sessions API: list, show and stop an agent's sessions with a private key.
+
+::
+
+    GET    /v1/agents/{agent}/sessions                 {"total_count": n, "sessions": [...]}
+    GET    /v1/agents/{agent}/sessions/{session_id}    one session record
+    DELETE /v1/agents/{agent}/sessions/{session_id}    {"status": "terminated", "session_id": id}
+
+Every call needs ``Authorization: Bearer sk_...``: the private key picks the organization, as a
+public key does for ``/start``. Checks run in this order: key (401), query and session id
+format (400), agent in the key's organization (404), session (404).
+
+Records come from the session store, which the gateway writes when a session starts and again
+when it ends; a record this gateway still holds in memory is fresher and replaces the stored
+copy. Stopping is asynchronous: the answer comes once the agent's runtime has been told to
+cancel ``bot()``; the client then gets close 1000 "session stopped" and the record ends with
+``completionStatus`` ``stopped``.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at run
+# time, and they name dependencies local to ``sessions_router``.
+
+import hmac
+import logging
+import re
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from catflap.contract.errors import (
+    AgentNotFound,
+    BadRequest,
+    InternalError,
+    NotFound,
+    Unauthorized,
+)
+from catflap.logs import session_log
+from catflap.sessions.record import CompletionStatus, SessionRecord
+from catflap.sessions.store import SessionQuery
+
+if TYPE_CHECKING:
+    from catflap.gateway.server import Gateway
+
+__all__ = [
+    "LIST_LIMIT_DEFAULT",
+    "LIST_LIMIT_MAX",
+    "SessionList",
+    "SessionModel",
+    "SessionNotFound",
+    "StopResponse",
+    "sessions_router",
+]
+
+log = logging.getLogger("catflap.api")
+
+#: Page size of ``GET .../sessions`` when ``limit`` is not given (PCC's default).
+LIST_LIMIT_DEFAULT = 10
+#: Largest page: bounds the rows one request reads and the size of its answer.
+LIST_LIMIT_MAX = 1000
+
+#: The canonical 8-4-4-4-12 form that catflap gives every session id.
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+_T = TypeVar("_T")
+
+
+class SessionNotFound(NotFound):
+    """404: no such session for this agent (PCC's code ``"404"``, like :class:`AgentNotFound`)."""
+
+    code = "404"
+
+
+class SessionModel(BaseModel):
+    """One session record (``SessionRecord.to_api()``); times are Unix seconds."""
+
+    sessionId: str  # noqa: N815 - PCC's wire names are camelCase
+    agent: str
+    organization: str
+    createdAt: float = Field(description="when the client's upgrade was accepted")  # noqa: N815
+    transport: str = Field(
+        default="websocket", description="websocket, or the telephony provider's name"
+    )
+    coldStart: bool = Field(  # noqa: N815
+        default=False, description="a new agent instance was started for this session"
+    )
+    botStartSeconds: float | None = Field(  # noqa: N815
+        default=None, description="from the upgrade request to the agent's 101"
+    )
+    endedAt: float | None = Field(default=None, description="null while the session is active")  # noqa: N815
+    completionStatus: CompletionStatus | None = Field(  # noqa: N815
+        default=None, description="how the session ended; null while it is active"
+    )
+    error: str | None = Field(default=None, description="bot_error: exception class and message")
+    clientCloseCode: int | None = None  # noqa: N815
+    agentCloseCode: int | None = None  # noqa: N815
+    gatewayCloseCode: int | None = None  # noqa: N815
+    bytesClientToAgent: int = 0  # noqa: N815
+    bytesAgentToClient: int = 0  # noqa: N815
+    framesClientToAgent: int = 0  # noqa: N815
+    framesAgentToClient: int = 0  # noqa: N815
+
+
+class SessionList(BaseModel):
+    """One page of an agent's sessions, newest first."""
+
+    total_count: int = Field(description="sessions matching the filters, on every page")
+    sessions: list[SessionModel]
+
+
+class StopResponse(BaseModel):
+    """Answer of ``DELETE /v1/agents/{agent}/sessions/{session_id}``."""
+
+    status: Literal["terminated"]
+    session_id: str
+
+
+class _SessionsRoute(APIRoute):
+    """A route whose invalid parameters are a 400 naming the parameter.
+
+    FastAPI's own validation error goes through the app's generic handler, whose message does
+    not say which parameter was wrong.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                first = exc.errors()[0]
+                where = str(first["loc"][-1]) if first.get("loc") else "request"
+                raise BadRequest(f"invalid {where}: {first['msg']}") from None
+
+        return checked
+
+
+def _key_in(key: str, keys: list[str]) -> bool:
+    # Check every key (no early exit) in constant time per key: no timing hint on private keys.
+    found = False
+    for candidate in keys:
+        found |= hmac.compare_digest(key.encode(), candidate.encode())
+    return found
+
+
+def _session_id(value: str) -> str:
+    """The session id in canonical form.
+
+    Raises:
+        BadRequest: 400, ``value`` is not a UUID string.
+    """
+    canonical = value.lower()
+    if not _UUID.fullmatch(canonical):
+        raise BadRequest(
+            f"invalid session id {value[:64]!r}: session ids are UUID strings such as "
+            "'123e4567-e89b-42d3-a456-426614174000'"
+        )
+    return canonical
+
+
+def sessions_router(gateway: "Gateway") -> APIRouter:
+    """The sessions API of one gateway, as a router for :func:`catflap.api.app.create_api`."""
+    # Imported here: app.py imports this module, so ErrorBody is defined by the time we run.
+    from catflap.api.app import ErrorBody
+
+    router = APIRouter(tags=["sessions"], route_class=_SessionsRoute)
+    errors: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorBody} for status in (400, 401, 404, 500)
+    }
+    bearer = HTTPBearer(
+        auto_error=False,
+        scheme_name="private key",
+        description="A private API key of the organization: `Authorization: Bearer sk_...`",
+    )
+
+    def organization(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> str:
+        """The organization whose private key the request carries.
+
+        Raises:
+            Unauthorized: 401, no key, an unknown key, or a public key.
+        """
+        key = credentials.credentials.strip() if credentials else ""
+        if key:
+            orgs = gateway.config.organizations.items()
+            for org, org_cfg in orgs:
+                if _key_in(key, org_cfg.private_keys):
+                    return org
+            if any(key in org_cfg.public_keys for _, org_cfg in orgs):
+                raise Unauthorized(
+                    "this is a public key (pk_...); the sessions API needs a private key: "
+                    "send Authorization: Bearer sk_..."
+                )
+        raise Unauthorized("missing or invalid private API key: send Authorization: Bearer sk_...")
+
+    def check_agent(org: str, agent: str) -> None:
+        if gateway.agent_by_name(org, agent) is None:
+            raise AgentNotFound(f"no agent {agent!r} in organization {org!r}")
+
+    async def from_store(call: Callable[[], Awaitable[_T]]) -> _T:
+        try:
+            return await call()
+        except Exception:
+            log.exception("! the session store failed")
+            raise InternalError("could not read the session records; see the gateway log") from None
+
+    async def find(org: str, agent: str, session_id: str) -> SessionRecord:
+        record = gateway.sessions.get(session_id)
+        if record is None:
+            record = await from_store(lambda: gateway.store.get(session_id))
+        if record is None or (record.organization, record.agent) != (org, agent):
+            raise SessionNotFound(f"no session {session_id} for agent {agent!r}")
+        return record
+
+    @router.get(
+        "/v1/agents/{agent}/sessions",
+        response_model=SessionList,
+        responses=errors,
+        summary="List an agent's sessions",
+    )
+    async def list_sessions(
+        agent: str,
+        org: Annotated[str, Depends(organization)],
+        status: Annotated[
+            Literal["active", "ended", "all"],
+            Query(description="active: not ended yet; ended: has an endedAt"),
+        ] = "all",
+        limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX)] = LIST_LIMIT_DEFAULT,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        start_time: Annotated[
+            float | None,
+            Query(
+                alias="startTime",
+                ge=0,
+                allow_inf_nan=False,
+                description="only sessions created at or after this Unix time (seconds)",
+            ),
+        ] = None,
+        end_time: Annotated[
+            float | None,
+            Query(
+                alias="endTime",
+                ge=0,
+                allow_inf_nan=False,
+                description="only sessions created at or before this Unix time (seconds)",
+            ),
+        ] = None,
+    ) -> dict[str, Any]:
+        """An agent's sessions, newest first, with the total number that match.
+
+        Raises:
+            BadRequest: 400, a query parameter is invalid, or startTime is after endTime.
+            Unauthorized: 401, no private key.
+            AgentNotFound: 404, the agent is not in the key's organization.
+            InternalError: 500, the session store failed.
+        """
+        if start_time is not None and end_time is not None and start_time > end_time:
+            raise BadRequest(f"startTime ({start_time:g}) is after endTime ({end_time:g})")
+        check_agent(org, agent)
+        query = SessionQuery(
+            org=org,
+            agent=agent,
+            status=status,
+            limit=limit,
+            offset=offset,
+            start_time=start_time,
+            end_time=end_time,
+        )
+        total, records = await from_store(lambda: gateway.store.query(query))
+        fresher = (gateway.sessions.get(record.session_id) or record for record in records)
+        return {"total_count": total, "sessions": [record.to_api() for record in fresher]}
+
+    @router.get(
+        "/v1/agents/{agent}/sessions/{session_id}",
+        response_model=SessionModel,
+        responses=errors,
+        summary="Show one session",
+    )
+    async def show_session(
+        agent: str, session_id: str, org: Annotated[str, Depends(organization)]
+    ) -> dict[str, Any]:
+        """One session's record, active or ended.
+
+        Raises:
+            BadRequest: 400, the session id is not a UUID.
+            Unauthorized: 401, no private key.
+            AgentNotFound: 404, the agent is not in the key's organization.
+            SessionNotFound: 404, the agent has no such session.
+            InternalError: 500, the session store failed.
+        """
+        sid = _session_id(session_id)
+        check_agent(org, agent)
+        return (await find(org, agent, sid)).to_api()
+
+    @router.delete(
+        "/v1/agents/{agent}/sessions/{session_id}",
+        response_model=StopResponse,
+        responses=errors,
+        summary="Stop a live session",
+    )
+    async def stop_session(
+        agent: str, session_id: str, org: Annotated[str, Depends(organization)]
+    ) -> dict[str, str]:
+        """Stop a live session: ``bot()`` is cancelled and the client gets close 1000.
+
+        The answer comes as soon as the agent's runtime has the order; the record then ends
+        with ``completionStatus`` ``stopped``.
+
+        Raises:
+            BadRequest: 400, the session id is not a UUID.
+            Unauthorized: 401, no private key.
+            AgentNotFound: 404, the agent is not in the key's organization.
+            SessionNotFound: 404, no such session, it has ended, or it is not on this gateway.
+            InternalError: 500, the session store failed.
+        """
+        sid = _session_id(session_id)
+        check_agent(org, agent)
+        record = await find(org, agent, sid)
+        if record.ended_at is not None:
+            raise SessionNotFound(
+                f"session {sid} has already ended ({record.completion_status}); "
+                "only live sessions can be stopped"
+            )
+        if sid not in gateway.sessions.live:
+            raise SessionNotFound(
+                f"session {sid} is not running on this gateway; stop it through the gateway "
+                "that serves it"
+            )
+        if not await gateway.pool.stop_session(sid):
+            raise SessionNotFound(
+                f"session {sid} has already ended; only live sessions can be stopped"
+            )
+        session_log(log, sid, agent=agent, org=org).info("x stop requested through the API")
+        return {"status": "terminated", "session_id": sid}
+
+    return router
