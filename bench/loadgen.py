@@ -85,15 +85,19 @@ def control_frame(opcode: int, payload: bytes, key: bytes) -> bytes:
 class Stats:
     """Counters shared by every session of one run."""
 
-    __slots__ = ("latencies", "pending_closes", "received", "record", "sent")
+    __slots__ = ("arrivals", "latencies", "received", "record", "sent")
 
     def __init__(self) -> None:
         self.sent = 0
         self.received = 0
-        #: Echo latencies in ns, only while ``record`` is true.
+        #: Echo latencies in ns, only while ``record`` is true, and when each echo arrived.
         self.latencies = array.array("q")
+        self.arrivals = array.array("q")
         self.record = True
-        self.pending_closes = 0
+
+    def reset(self) -> None:
+        self.latencies = array.array("q")
+        self.arrivals = array.array("q")
 
 
 class WSClient(asyncio.Protocol):
@@ -229,6 +233,7 @@ class WSClient(asyncio.Protocol):
                     if not now:
                         now = _now()
                     stats.latencies.append(now - _SEQ_TS.unpack_from(data, pos + head)[1])
+                    stats.arrivals.append(now)
                 if not self.first_data.done():
                     self.first_data.set_result(_now())
                 if self.on_message is not None:
@@ -402,9 +407,10 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
     for i, client in enumerate(clients):
         buckets[i % nslots].append(client)
     await asyncio.sleep(0.5)  # let handshake stragglers settle before the window opens
-    stats.latencies = array.array("q")
+    stats.reset()
     cpu0 = sample_cpu(pids)
     t0 = loop.time()
+    t0_ns = _now()
     end = t0 + seconds
     tick = 0
     while True:
@@ -437,9 +443,23 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
         "received": stats.received,
         "lost": stats.sent - stats.received,
         "latency_us": percentiles(stats.latencies),
+        "timeline": timeline(stats, t0_ns),
         "cpu_s": cpu,
         "close_lingering": lingering,
     }
+
+
+def timeline(stats: Stats, t0_ns: int, step_s: float = 1.0) -> list[dict[str, float]]:
+    """Echo latency p50/p99 per ``step_s`` of arrival time: shows a queue building up."""
+    buckets: dict[int, list[int]] = {}
+    step = int(step_s * 1e9)
+    for arrived, latency in zip(stats.arrivals, stats.latencies, strict=True):
+        buckets.setdefault((arrived - t0_ns) // step, []).append(latency)
+    out = []
+    for k in sorted(buckets):
+        p = percentiles(buckets[k])
+        out.append({"t_s": round(k * step_s, 1), "p50": p["p50"], "p99": p["p99"], "n": p["count"]})
+    return out
 
 
 async def run_closed(spec: dict[str, Any]) -> dict[str, Any]:

@@ -196,7 +196,7 @@ async def _serve(cfg: CatflapConfig, keyring: object, log_level: str) -> None:
             if terms == 1:
                 stop.set()
             else:
-                gateway.abort_all()
+                gateway.drain_now()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)

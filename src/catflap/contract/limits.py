@@ -8,9 +8,12 @@ from __future__ import annotations
 
 __all__ = [
     "AGENT_NAME_MAX_LEN",
+    "AGENT_PING_INTERVAL_S",
+    "AGENT_PING_TIMEOUT_S",
     "AGENT_READY_TIMEOUT_S",
     "BODY_MAX_BYTES",
     "BODY_MAX_ENCODED_CHARS",
+    "BOT_CANCEL_GRACE_S",
     "CLOSE_WAIT_S",
     "DRAIN_TIMEOUT_S",
     "IDLE_REAP_S",
@@ -30,7 +33,11 @@ __all__ = [
     "RETRY_AFTER_AT_CAPACITY_S",
     "RETRY_AFTER_NOT_READY_S",
     "SERVICE_HOST_MAX_LEN",
+    "SLOW_PEER_TIMEOUT_S",
     "START_REQUEST_MAX_BYTES",
+    "TCP_KEEPALIVE_COUNT",
+    "TCP_KEEPALIVE_IDLE_S",
+    "TCP_KEEPALIVE_INTERVAL_S",
     "TOKEN_CLOCK_SKEW_S",
     "TOKEN_TTL_S",
     "UPSTREAM_HANDSHAKE_TIMEOUT_S",
@@ -85,6 +92,14 @@ MIN_AGENTS_DEFAULT = 0
 MAX_AGENTS_DEFAULT = 50
 #: PCC keeps an idle instance warm for 5 minutes after its session.
 IDLE_REAP_S = 300.0
+#: The pool pings every runtime this often over its control channel...
+AGENT_PING_INTERVAL_S = 5.0
+#: ...and kills and replaces one that has not answered for this long (a hung event loop:
+#: a bot blocking it stalls every session's audio anyway). uvicorn's supervisor does the same.
+AGENT_PING_TIMEOUT_S = 20.0
+#: A bot that ignores cancellation this long has its process killed and replaced, so that an
+#: instance is never reused while a bot may still be running in it.
+BOT_CANCEL_GRACE_S = 5.0
 #: How long a handshake may wait for a cold-starting instance before 503. A real Pipecat import
 #: takes about 1 s here; PCC's cold start is 10 s at best.
 AGENT_READY_TIMEOUT_S = 30.0
@@ -117,6 +132,15 @@ UPSTREAM_HANDSHAKE_TIMEOUT_S = 10.0
 #: default and about 4 s of 8 kHz PCM16: enough to ride out jitter, small enough to bound RAM.
 RELAY_HIGH_WATER_BYTES = 64 * 1024
 RELAY_LOW_WATER_BYTES = 16 * 1024
+#: A side whose write buffer stays above the high-water mark this long is not reading at all
+#: (a stalled or malicious peer): the session is closed with 1013. At 8 kHz PCM16 the buffer
+#: alone already holds 4 s of audio, so a live client never comes near this.
+SLOW_PEER_TIMEOUT_S = 10.0
+#: TCP keepalive on client sockets, so a peer that vanished without a FIN or RST (half-open
+#: TCP) is noticed in about idle + interval x count = 35 s even if nothing is being sent.
+TCP_KEEPALIVE_IDLE_S = 20
+TCP_KEEPALIVE_INTERVAL_S = 5
+TCP_KEEPALIVE_COUNT = 3
 #: After one leg closes, how long the other leg's close handshake may take before the socket is
 #: torn down. Pipecat cut its own wait to 0.5 s after 10 s stalls hit 19 % of calls.
 CLOSE_WAIT_S = 2.0

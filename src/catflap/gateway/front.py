@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
@@ -28,6 +29,15 @@ if TYPE_CHECKING:
 __all__ = ["GatewayConnection"]
 
 log = logging.getLogger("catflap.gateway")
+
+
+def _enable_keepalive(sock: socket.socket) -> None:
+    """Detect half-open client connections even when no byte is in flight."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; macOS only has the on/off switch
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, limits.TCP_KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, limits.TCP_KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, limits.TCP_KEEPALIVE_COUNT)
 
 
 class GatewayConnection(asyncio.Protocol):
@@ -49,6 +59,9 @@ class GatewayConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.client_host = str(peer[0])
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _enable_keepalive(sock)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(limits.REQUEST_HEAD_TIMEOUT_S, self._head_timeout)
 

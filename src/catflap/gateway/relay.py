@@ -18,6 +18,9 @@ event                         what the gateway does
 a peer sent a close frame     it was relayed; the other side answers and closes
 client vanished (no close)    send close 1001 to the agent, then close that leg
 agent vanished (no close)     send close 1011 to the client (the agent crashed)
+a side stops reading          pause the other side; after ``SLOW_PEER_TIMEOUT_S`` with the
+                              buffer still full, close both sides with 1013
+gateway drain deadline        close both sides with 1012
 either leg lingers            abort it after ``CLOSE_WAIT_S``
 ============================  =======================================================
 
@@ -39,7 +42,16 @@ __all__ = ["Relay", "RelayLeg", "RelayStats"]
 class RelayLeg(asyncio.Protocol):
     """One side of a relayed session: reads from its socket, writes to the peer's."""
 
-    __slots__ = ("bytes_in", "closed", "is_client", "peer", "relay", "scanner", "transport")
+    __slots__ = (
+        "bytes_in",
+        "closed",
+        "is_client",
+        "peer",
+        "relay",
+        "scanner",
+        "slow_timer",
+        "transport",
+    )
 
     def __init__(self, relay: Relay, transport: asyncio.Transport, *, is_client: bool) -> None:
         self.relay = relay
@@ -50,6 +62,8 @@ class RelayLeg(asyncio.Protocol):
         self.scanner = FrameScanner()
         self.bytes_in = 0
         self.closed = False
+        #: Runs while this side's write buffer is over the high-water mark.
+        self.slow_timer: asyncio.TimerHandle | None = None
 
     # hot path ---------------------------------------------------------------------------
 
@@ -61,14 +75,19 @@ class RelayLeg(asyncio.Protocol):
             peer.transport.write(data)
 
     def pause_writing(self) -> None:
+        # This side reads too slowly: stop reading from the other side, and give it a bound.
         peer = self.peer
         if peer is not None and not peer.closed:
             peer.transport.pause_reading()
+        self.relay.slow_started(self)
 
     def resume_writing(self) -> None:
         peer = self.peer
         if peer is not None and not peer.closed:
             peer.transport.resume_reading()
+        if self.slow_timer is not None:
+            self.slow_timer.cancel()
+            self.slow_timer = None
 
     # ending -------------------------------------------------------------------------------
 
@@ -107,6 +126,7 @@ class Relay:
         agent: asyncio.Transport,
         *,
         close_wait: float = limits.CLOSE_WAIT_S,
+        slow_peer_timeout: float = limits.SLOW_PEER_TIMEOUT_S,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.client = RelayLeg(self, client, is_client=True)
@@ -115,6 +135,7 @@ class Relay:
         self.agent.peer = self.client
         self.done: asyncio.Future[RelayStats] = self.loop.create_future()
         self._close_wait = close_wait
+        self._slow_peer_timeout = slow_peer_timeout
         self._timer: asyncio.TimerHandle | None = None
         self._first_lost: RelayLeg | None = None
         self._gateway_close: int | None = None
@@ -145,6 +166,23 @@ class Relay:
         self._gateway_close = int(code)
         for leg, masked in ((self.client, False), (self.agent, True)):
             self._send_close(leg, code, reason, masked=masked)
+        self._arm_timer()
+
+    def slow_started(self, leg: RelayLeg) -> None:
+        if leg.slow_timer is None and not leg.closed:
+            leg.slow_timer = self.loop.call_later(self._slow_peer_timeout, self._too_slow, leg)
+
+    def _too_slow(self, leg: RelayLeg) -> None:
+        """``leg`` kept its buffer full for the whole bound: end the session with 1013."""
+        leg.slow_timer = None
+        if leg.closed or self.done.done():
+            return
+        self._gateway_close = int(CloseCode.TRY_AGAIN_LATER)
+        reason = f"{'client' if leg.is_client else 'agent'} stopped reading"
+        # The close toward the slow side queues behind its full buffer; the timer below
+        # aborts it if it never drains.
+        for target, masked in ((self.client, False), (self.agent, True)):
+            self._send_close(target, CloseCode.TRY_AGAIN_LATER, reason, masked=masked)
         self._arm_timer()
 
     def abort(self) -> None:
@@ -198,8 +236,9 @@ class Relay:
                 leg.transport.abort()
 
     def _finish(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self.client.slow_timer, self.agent.slow_timer):
+            if timer is not None:
+                timer.cancel()
         if self.done.done():
             return
         self.done.set_result(

@@ -58,6 +58,7 @@ class Gateway:
         self.sessions = SessionRegistry()
         self.relays: dict[str, Relay] = {}
         self.draining = False
+        self._drain_now = asyncio.Event()
         self._agents = {agent.key: agent for agent in config.agents()}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
@@ -120,15 +121,24 @@ class Gateway:
     # --- shutdown ------------------------------------------------------------------------------
 
     async def shutdown(self, *, drain_timeout: float) -> None:
-        """Drain, then stop. Safe to call twice; the second call skips the drain."""
-        already = self.draining
+        """Drain, then stop: refuse new upgrades (503), let live sessions end by themselves
+        until ``drain_timeout``, close the rest with 1012, stop listening.
+
+        :meth:`drain_now` (a second SIGTERM) cuts the wait short.
+        """
         self.draining = True
-        if not already and self._tasks:
-            # Session tasks end when their sessions end; wait for them up to the deadline.
+        sessions = [t for t in self._tasks if not t.done()]
+        if sessions and not self._drain_now.is_set():
             log.info(
                 "x draining %d live session(s) for up to %g s", len(self.relays), drain_timeout
             )
-            await asyncio.wait(list(self._tasks), timeout=drain_timeout)
+            all_ended = asyncio.ensure_future(asyncio.wait(sessions))
+            cut_short = asyncio.ensure_future(self._drain_now.wait())
+            await asyncio.wait(
+                [all_ended, cut_short], timeout=drain_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            all_ended.cancel()
+            cut_short.cancel()
         for relay in list(self.relays.values()):
             relay.drained = True
             relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")
@@ -137,13 +147,13 @@ class Gateway:
         for connection in list(self._http_state.connections):
             connection.shutdown()
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=limits.CLOSE_WAIT_S + 1)
+            # Closed sessions still record themselves once their bot has ended.
+            await asyncio.wait(list(self._tasks), timeout=limits.CLOSE_WAIT_S + 5)
         for task in list(self._tasks):
             task.cancel()
+        log.info("x gateway stopped")
 
-    def abort_all(self) -> None:
-        """Second SIGTERM: drop every session at once."""
+    def drain_now(self) -> None:
+        """Second SIGTERM: stop waiting for live sessions and close them with 1012 now."""
         self.draining = True
-        for relay in list(self.relays.values()):
-            relay.drained = True
-            relay.abort()
+        self._drain_now.set()

@@ -87,6 +87,8 @@ class Instance:
     address: str | None = None
     leases: dict[str, Lease] = field(default_factory=dict)
     idle_since: float = 0.0
+    #: When the runtime last answered a ping (pool clock).
+    last_pong: float = 0.0
     ready: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )

@@ -28,9 +28,11 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from catflap.config import AgentSpec
+from catflap.contract import limits
 from catflap.contract.errors import AgentNotFound, AgentNotReady, AtCapacity
 from catflap.pool.instance import Instance, InstanceState, Lease, SessionEnd
 from catflap.pool.launcher import Launcher
+from catflap.runtime.control import BOT_IGNORED_CANCELLATION
 
 __all__ = ["AgentPool", "LocalPool", "SessionPool"]
 
@@ -65,8 +67,12 @@ class AgentPool:
         *,
         ready_timeout: float,
         clock: Callable[[], float] = time.monotonic,
+        ping_interval: float = limits.AGENT_PING_INTERVAL_S,
+        ping_timeout: float = limits.AGENT_PING_TIMEOUT_S,
     ) -> None:
         self.agent = agent
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
         self._launcher = launcher
         self._ready_timeout = ready_timeout
         self._clock = clock
@@ -241,6 +247,7 @@ class AgentPool:
         timer = asyncio.get_running_loop().call_later(
             self._ready_timeout, self._ready_timed_out, instance
         )
+        pinger = self._spawn_task(self._ping_forever(instance))
         try:
             while (msg := await process.channel.receive()) is not None:
                 event = msg.get("event")
@@ -253,7 +260,11 @@ class AgentPool:
                     lease = instance.leases.get(str(msg["session_id"]))
                     if lease is not None:
                         lease.started = True
+                elif event == "pong":
+                    instance.last_pong = self._clock()
                 elif event == "session_ended":
+                    if msg.get("error") == BOT_IGNORED_CANCELLATION:
+                        self._kill_stuck(instance)
                     instance.release(
                         str(msg["session_id"]),
                         SessionEnd(
@@ -271,6 +282,7 @@ class AgentPool:
             process.kill()
         finally:
             timer.cancel()
+            pinger.cancel()
         try:
             returncode = await asyncio.wait_for(process.wait(), _STOP_GRACE_S)
         except TimeoutError:
@@ -278,6 +290,44 @@ class AgentPool:
             returncode = await process.wait()
         await process.channel.aclose()
         self._on_death(instance, error=error, returncode=returncode)
+
+    async def _ping_forever(self, instance: Instance) -> None:
+        """Liveness: a runtime that stops answering pings is hung; kill it to replace it."""
+        assert instance.process is not None
+        channel = instance.process.channel
+        instance.last_pong = self._clock()
+        for seq in itertools.count(1):
+            await asyncio.sleep(self._ping_interval)
+            if instance.state is InstanceState.STARTING:
+                instance.last_pong = self._clock()  # importing bot.py is not hanging
+                continue
+            silent = self._clock() - instance.last_pong
+            if silent > self._ping_timeout:
+                log.error(
+                    "! %s instance %d (pid %s) answered no ping for %.0f s; killing it",
+                    self.agent.key,
+                    instance.instance_id,
+                    instance.pid,
+                    silent,
+                )
+                instance.process.kill()
+                return
+            try:
+                await channel.send({"command": "ping", "seq": seq})
+            except (ConnectionError, RuntimeError):
+                return
+
+    def _kill_stuck(self, instance: Instance) -> None:
+        log.error(
+            "! %s instance %d (pid %s): a bot ignored cancellation; replacing the process",
+            self.agent.key,
+            instance.instance_id,
+            instance.pid,
+        )
+        if instance.state is InstanceState.READY:
+            instance.set_state(InstanceState.STOPPING)
+        if instance.process is not None:
+            instance.process.kill()
 
     def _ready_timed_out(self, instance: Instance) -> None:
         if instance.state is InstanceState.STARTING and instance.process is not None:

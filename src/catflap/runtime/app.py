@@ -25,7 +25,7 @@ from catflap.contract import headers
 from catflap.contract.closecodes import CloseCode, assert_sendable
 from catflap.runtime.args import decode_body_param, make_session_args
 from catflap.runtime.botloader import LoadedBot
-from catflap.runtime.control import ChildEvent, SessionStatus
+from catflap.runtime.control import BOT_IGNORED_CANCELLATION, ChildEvent, SessionStatus
 
 __all__ = [
     "BOT_CANCEL_GRACE_S",
@@ -201,7 +201,7 @@ async def _await_outcome(
     done, _ = await asyncio.wait({task}, timeout=BOT_CANCEL_GRACE_S)
     if done and not task.cancelled() and task.exception() is not None:
         log.warning("bot() raised while being cancelled", exc_info=task.exception())
-    error = None if done else "bot ignored cancellation"
+    error = None if done else BOT_IGNORED_CANCELLATION
     if not done:
         log.error(
             "! bot() still running %.0f s after cancel; the pool must kill this process",

@@ -34,6 +34,7 @@ from typing import Any, Literal, TypedDict
 from catflap.contract.errors import CatflapError
 
 __all__ = [
+    "BOT_IGNORED_CANCELLATION",
     "CONTROL_LINE_MAX_BYTES",
     "ChildEvent",
     "ControlChannel",
@@ -53,6 +54,10 @@ __all__ = [
 #: Longest control line either end accepts. ``start_failed`` carries a whole traceback, which
 #: can exceed asyncio's 64 KiB default for a deep import chain; 1 MiB still bounds memory.
 CONTROL_LINE_MAX_BYTES = 1024 * 1024
+
+#: ``session_ended.error`` when ``bot()`` outlived its cancellation grace: the pool must kill
+#: and replace the process, since that bot may still be running in it.
+BOT_IGNORED_CANCELLATION = "bot ignored cancellation"
 
 #: How a session ended: ``bot()`` returned, ``bot()`` raised, the session budget ran out, or the
 #: pool asked for a stop.
