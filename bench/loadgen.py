@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from bench.procs import cpu_ticks, raise_nofile, rss_kb
+from bench.procs import cpu_ticks, cpu_times, machine_load, raise_nofile, rss_kb
 
 __all__ = ["FrameTemplate", "Stats", "WSClient", "main", "percentiles"]
 
@@ -382,6 +382,13 @@ def sample_cpu(pids: dict[str, int]) -> dict[str, int]:
     return ticks
 
 
+def _machine(before: dict[str, tuple[int, int, int]], ours: dict[str, float]) -> dict[str, float]:
+    """Machine-wide CPU over the window, and how much of it was not the benchmark's."""
+    load = machine_load(before)
+    load["foreign_cpu_s"] = round(max(0.0, load["busy_cpu_s"] - sum(ours.values())), 3)
+    return load
+
+
 def cpu_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
     """CPU seconds used per process between two samples."""
     hz = os.sysconf("SC_CLK_TCK")
@@ -409,6 +416,7 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
     await asyncio.sleep(0.5)  # let handshake stragglers settle before the window opens
     stats.reset()
     cpu0 = sample_cpu(pids)
+    machine0 = cpu_times()
     t0 = loop.time()
     t0_ns = _now()
     end = t0 + seconds
@@ -429,6 +437,7 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(0.005)
     t1 = loop.time()
     cpu = cpu_delta(cpu0, sample_cpu(pids))
+    machine = _machine(machine0, cpu)
     alive = sum(not c.closed.done() for c in clients)
     lingering = await close_all(clients)
     return {
@@ -445,6 +454,7 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
         "latency_us": percentiles(stats.latencies),
         "timeline": timeline(stats, t0_ns),
         "cpu_s": cpu,
+        "machine": machine,
         "close_lingering": lingering,
     }
 
@@ -480,6 +490,7 @@ async def run_closed(spec: dict[str, Any]) -> dict[str, Any]:
         client.on_message = again
     await asyncio.sleep(0.3)
     cpu0 = sample_cpu(pids)
+    machine0 = cpu_times()
     t0 = loop.time()
     for client in clients:
         client.send()
@@ -488,6 +499,7 @@ async def run_closed(spec: dict[str, Any]) -> dict[str, Any]:
     done = stats.received
     elapsed = loop.time() - t0
     cpu = cpu_delta(cpu0, sample_cpu(pids))
+    machine = _machine(machine0, cpu)
     deadline = loop.time() + 3.0
     while stats.received < stats.sent and loop.time() < deadline:
         await asyncio.sleep(0.005)
@@ -503,6 +515,7 @@ async def run_closed(spec: dict[str, Any]) -> dict[str, Any]:
         "lost": lost,
         "latency_us": percentiles(stats.latencies),
         "cpu_s": cpu,
+        "machine": machine,
         "close_lingering": lingering,
     }
 

@@ -197,3 +197,48 @@ def children_of(pid: int) -> list[int]:
         if ppid == pid:
             found.append(int(entry))
     return sorted(found)
+
+
+def cpu_times() -> dict[str, tuple[int, int, int]]:
+    """Per-CPU (busy, steal, total) ticks from ``/proc/stat`` (key ``cpu`` is the sum)."""
+    out: dict[str, tuple[int, int, int]] = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if not line.startswith("cpu"):
+                break
+            name, *values = line.split()
+            user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in values[:8])
+            busy = user + nice + system + irq + softirq
+            out[name] = (busy, steal, busy + idle + iowait + steal)
+    return out
+
+
+def machine_load(before: dict[str, tuple[int, int, int]]) -> dict[str, float]:
+    """Busy and steal fraction per CPU since ``before`` (a :func:`cpu_times` sample)."""
+    after = cpu_times()
+    load: dict[str, float] = {}
+    for name, (busy, steal, total) in after.items():
+        if name not in before:
+            continue
+        b0, s0, t0 = before[name]
+        span = max(1, total - t0)
+        load[f"{name}_busy"] = round((busy - b0) / span, 3)
+        if steal - s0:
+            load[f"{name}_steal"] = round((steal - s0) / span, 3)
+    load["busy_cpu_s"] = round((after["cpu"][0] - before["cpu"][0]) / CLOCK_TICKS, 3)
+    return load
+
+
+def wait_quiet(*, threshold: float = 0.15, patience: float = 60.0) -> float:
+    """Wait until the whole machine is less than ``threshold`` busy over one second.
+
+    Other work on a shared 2-core VM wrecks latency figures, so each run starts on a quiet
+    machine when it can. Gives up after ``patience`` seconds; returns the last busy fraction.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        before = cpu_times()
+        time.sleep(1.0)
+        busy = machine_load(before)["cpu_busy"]
+        if busy < threshold or time.monotonic() > deadline:
+            return busy

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import contestants as cs
-from bench.procs import children_of, cores, spawn
+from bench.procs import children_of, cores, spawn, wait_quiet
 
 __all__ = ["Settings", "memory", "run_loadgen", "start", "sweep", "telephony", "throughput"]
 
@@ -167,7 +167,9 @@ def telephony_run(
         "seconds": seconds,
         "cpu_pids": endpoint.cpu_pids(),
     }
+    quiet = wait_quiet()
     r = run_loadgen(spec, timeout=seconds + 180, workdir=workdir)
+    r["machine_busy_before"] = quiet
     frames = r["sent"] + r["received"]
     cpu = r.pop("cpu_s")
     relay_cpu = sum(v for k, v in cpu.items() if k.startswith("relay"))
