@@ -157,7 +157,8 @@ def _serve(config: Path) -> tuple[subprocess.Popen[str], int]:
 def _drain_config(tmp_path: Path, drain_timeout: float) -> Path:
     config = tmp_path / "catflap.toml"
     config.write_text(
-        f'listen = "127.0.0.1:0"\nstate_dir = "{tmp_path}"\n[gateway]\ndrain_timeout = {drain_timeout}\n'
+        f'listen = "127.0.0.1:0"\nstate_dir = "{tmp_path}"\n'
+        f"[gateway]\ndrain_timeout = {drain_timeout}\n"
         f'[organizations.my-org.agents.echo]\npath = "{ECHO}"\n'
         "[organizations.my-org.agents.echo.scaling]\nmin_agents = 1\n"
     )
