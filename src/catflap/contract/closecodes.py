@@ -30,15 +30,31 @@ class CloseCode(enum.IntEnum):
 
 #: When catflap sends each code. Rendered into docs/operations.md.
 CLOSE_CODE_EXPLANATIONS: dict[CloseCode, str] = {
-    CloseCode.NORMAL: "runtime: bot() returned and the socket was still open",
+    CloseCode.NORMAL: (
+        "runtime -> client: bot() returned with the socket open; the session time limit ran "
+        "out (reason 'session time limit reached'); an operator stopped the session "
+        "(reason 'session stopped')"
+    ),
     CloseCode.GOING_AWAY: "gateway -> agent: the client vanished without a close frame",
-    CloseCode.POLICY_VIOLATION: "provider endpoints: not the named provider, "
-    "or no handshake in time",
-    CloseCode.INTERNAL_ERROR: "gateway -> client: the agent leg dropped without a close "
-    "(agent crash); runtime -> client: bot() raised",
-    CloseCode.SERVICE_RESTART: "gateway: drain deadline reached during shutdown",
-    CloseCode.TRY_AGAIN_LATER: "gateway: a peer stopped reading and its buffer stayed full",
-    CloseCode.BAD_GATEWAY: "gateway -> client: the agent could not be reached after the upgrade",
+    CloseCode.POLICY_VIOLATION: (
+        "gateway -> provider: the stream is not the named provider, its opening messages did "
+        "not arrive in time, or (Twilio) the agent it names is unknown or needs a token"
+    ),
+    CloseCode.INTERNAL_ERROR: (
+        "gateway -> client: the agent connection dropped without a close (agent crash); "
+        "runtime -> client: bot() raised (reason: the exception class)"
+    ),
+    CloseCode.SERVICE_RESTART: (
+        "gateway -> both: shutdown drain deadline reached, or a second SIGTERM"
+    ),
+    CloseCode.TRY_AGAIN_LATER: (
+        "gateway -> both: one side kept its buffer full for SLOW_PEER_TIMEOUT_S; "
+        "gateway -> Twilio: the agent named in 'start' is at capacity"
+    ),
+    CloseCode.BAD_GATEWAY: (
+        "gateway -> provider: the agent instance could not be reached after the gateway "
+        "accepted the stream"
+    ),
 }
 
 #: The codes catflap may put on the wire.
