@@ -55,7 +55,9 @@ async def test_client_reset_reaches_the_bot_within_a_second(tmp_path: Path) -> N
         await gw.wait_ready("closecode.my-org")
         body = json.dumps({"report": str(report)}).encode()
         target = f"/ws/generic/closecode.my-org?body={base64.b64encode(body).decode()}"
-        sock, _ = await _raw_upgrade(gw.port, target)
+        sock, first = await _raw_upgrade(gw.port, target)
+        while b"ready" not in first:  # the bot is past its greeting and waiting to receive
+            first += await asyncio.get_running_loop().sock_recv(sock, 4096)
         (session_id,) = gw.gateway.sessions.live
         # SO_LINGER 0: close() sends a TCP RST, as a crashed client or a dropped call would.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -258,6 +258,8 @@ async def test_an_unknown_session_is_404(gw: RunningGateway, method: str) -> Non
         ("GET", f"{SESSIONS}/{uuid.uuid4()}"),
         ("DELETE", f"{SESSIONS}/{uuid.uuid4()}"),
         ("DELETE", f"{SESSIONS}/not-a-uuid"),
+        ("GET", f"{SESSIONS}?limit=0&status=bogus"),  # the key is checked first
+        ("GET", "/v1/agents/nope/sessions"),
     ],
 )
 @pytest.mark.parametrize(

@@ -1,17 +1,73 @@
 """The benchmark's upstream: echo every WebSocket message back, and nothing else.
 
-It runs in the real catflap agent runtime (uvicorn + Starlette), like any ``bot.py``. To keep the
-upstream as cheap as that stack allows, so that the relay in front of it is what the benchmark
-measures, it works on raw ASGI messages: ``ws.receive()`` hands over uvicorn's message dict and
-``ws.send()`` passes one back, skipping the ``receive_bytes``/``send_text`` wrappers. Unlike
-``examples/echo`` it sends no greeting, so the first frame a client sees is its own echo.
+It runs in the real catflap agent runtime like any ``bot.py``: the session is accepted by the
+runtime's ``/ws``, gets its arguments, is reported to the pool, and ends when ``bot()`` returns.
+Unlike ``examples/echo`` it sends no greeting, so the first frame a client sees is its own echo.
+
+Two ways to echo, chosen with the environment variable ``CATFLAP_BENCH_ECHO``:
+
+- ``fast`` (default): the echo is written from uvicorn's frame handler, straight to the socket.
+  uvicorn's websockets-sansio protocol still parses and unmasks every frame, answers pings and
+  handles the close; only the hop through the ASGI queue, the bot task and the frame encoder is
+  skipped. This is the issue's "fast path": with both the load client and the upstream on one
+  core of a 2-core machine, the plain ASGI loop below costs about 3x more per frame and saturates
+  that core at 300 sessions, which would make the relay's latency unmeasurable.
+- ``asgi``: ``msg = await ws.receive()`` and ``await ws.send(...)`` with uvicorn's own message
+  dicts, the plainest bot possible. Also used when the fast path is not available (another
+  uvicorn WebSocket implementation) and for fragmented messages.
 """
+
+import os
+
+_FAST = os.environ.get("CATFLAP_BENCH_ECHO", "fast") != "asgi"
+
+
+def _header(opcode, length):
+    if length < 126:
+        return bytes((0x80 | opcode, length))
+    if length < 65536:
+        return bytes((0x80 | opcode, 126)) + length.to_bytes(2, "big")
+    return bytes((0x80 | opcode, 127)) + length.to_bytes(8, "big")
+
+
+def _install_fast_path(ws):
+    """Echo whole frames from uvicorn's frame handlers; False if this uvicorn has none."""
+    proto = getattr(ws._receive, "__self__", None)
+    transport = getattr(proto, "transport", None)
+    if transport is None or not hasattr(proto, "handle_bytes") or not hasattr(proto, "queue"):
+        return False
+    slow_bytes, slow_text = proto.handle_bytes, proto.handle_text
+
+    def echo(opcode, slow):
+        def handle(event):
+            if not event.fin:  # fragmented: let uvicorn assemble it; the ASGI loop echoes it
+                slow(event)
+            elif not proto.close_sent and not transport.is_closing():
+                transport.write(_header(opcode, len(event.data)) + event.data)
+
+        return handle
+
+    # Messages uvicorn parsed before this point are already queued: echo them first, in order.
+    while not proto.queue.empty():
+        message = proto.queue.get_nowait()
+        if message["type"] != "websocket.receive":
+            proto.queue.put_nowait(message)  # a disconnect: leave it for receive()
+            break
+        if message.get("text") is not None:
+            data = message["text"].encode()
+            transport.write(_header(0x1, len(data)) + data)
+        else:
+            transport.write(_header(0x2, len(message["bytes"])) + message["bytes"])
+    proto.handle_bytes = echo(0x2, slow_bytes)
+    proto.handle_text = echo(0x1, slow_text)
+    return True
 
 
 async def bot(args):
     ws = args.websocket
-    receive = ws.receive
-    send = ws.send
+    if _FAST:
+        _install_fast_path(ws)
+    receive, send = ws.receive, ws.send
     while True:
         message = await receive()
         if message["type"] != "websocket.receive":

@@ -178,7 +178,7 @@ def sessions_router(gateway: "Gateway") -> APIRouter:
         description="A private API key of the organization: `Authorization: Bearer sk_...`",
     )
 
-    def organization(
+    async def organization(  # async: a plain def would run on a worker thread
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> str:
         """The organization whose private key the request carries.

@@ -36,7 +36,7 @@ from catflap.gateway.relay import Relay
 from catflap.gateway.upgrade import UpgradeAccepted, check_upgrade
 from catflap.gateway.upstream import UpstreamReply, build_upstream_request, open_upstream
 from catflap.logs import session_log
-from catflap.pool.instance import Lease
+from catflap.pool.pool import SessionLease
 from catflap.sessions.record import SessionRecord
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ async def run_session(
         await run_provider_session(gateway, conn, head, trailing, accepted, started)
         return
     agent = _agent(accepted)
-    lease: Lease | None = None
+    lease: SessionLease | None = None
     try:
         lease = await admit(gateway, accepted)
         transport_type = (
@@ -115,7 +115,7 @@ def refuse(conn: GatewayConnection, head: RequestHead, rejected: RequestRejected
     conn.reject(rejected)
 
 
-async def admit(gateway: Gateway, accepted: UpgradeAccepted) -> Lease:
+async def admit(gateway: Gateway, accepted: UpgradeAccepted) -> SessionLease:
     """Spend the token and reserve a slot.
 
     Raises:
@@ -128,7 +128,7 @@ async def admit(gateway: Gateway, accepted: UpgradeAccepted) -> Lease:
     return await gateway.pool.acquire(_agent(accepted).key, accepted.session_id)
 
 
-async def connect_agent(gateway: Gateway, lease: Lease, request: bytes) -> UpstreamReply:
+async def connect_agent(gateway: Gateway, lease: SessionLease, request: bytes) -> UpstreamReply:
     """Forward the upgrade to the leased instance and wait for its 101.
 
     Raises:
@@ -147,7 +147,7 @@ async def relay_session(
     gateway: Gateway,
     conn: GatewayConnection,
     accepted: UpgradeAccepted,
-    lease: Lease,
+    lease: SessionLease,
     reply: UpstreamReply,
     *,
     client_pending: bytes,
@@ -171,9 +171,9 @@ async def relay_session(
     # Persist off the handshake path; the end-of-session save waits for this one.
     first_save = gateway.spawn(_store(gateway, dataclasses.replace(record)))
     slog.info(
-        "= %s session started on instance %d (%s start, %.1f ms)",
+        "= %s session started on %s (%s start, %.1f ms)",
         record.transport,
-        lease.instance.instance_id,
+        lease.instance_label,
         "cold" if lease.cold_start else "warm",
         start_seconds * 1000,
     )

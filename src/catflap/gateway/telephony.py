@@ -43,7 +43,7 @@ from catflap.gateway.session import admit, connect_agent, loggable, refuse, rela
 from catflap.gateway.upgrade import UpgradeAccepted, resolve_agent
 from catflap.gateway.upstream import build_upstream_request
 from catflap.logs import session_log
-from catflap.pool.instance import Lease
+from catflap.pool.pool import SessionLease
 
 if TYPE_CHECKING:
     from catflap.gateway.front import GatewayConnection
@@ -155,7 +155,7 @@ async def run_provider_session(
     provider = accepted.provider
     assert provider is not None
     slog = session_log(log, accepted.session_id)
-    lease: Lease | None = None
+    lease: SessionLease | None = None
     # 1. Known agent: capacity is still an HTTP answer.
     if accepted.agent is not None:
         try:

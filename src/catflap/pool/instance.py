@@ -75,6 +75,10 @@ class Lease:
             raise CatflapMisuse("lease address read before the instance was ready")
         return self.instance.address
 
+    @property
+    def instance_label(self) -> str:
+        return f"instance {self.instance.instance_id} (pid {self.instance.pid})"
+
 
 @dataclass(eq=False)
 class Instance:

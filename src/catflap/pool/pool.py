@@ -34,7 +34,7 @@ from catflap.pool.instance import Instance, InstanceState, Lease, SessionEnd
 from catflap.pool.launcher import Launcher
 from catflap.runtime.control import BOT_IGNORED_CANCELLATION
 
-__all__ = ["AgentPool", "LocalPool", "SessionPool"]
+__all__ = ["AgentPool", "LocalPool", "PoolObserver", "SessionLease", "SessionPool"]
 
 log = logging.getLogger("catflap.pool")
 
@@ -45,14 +45,41 @@ _BACKOFF_MAX_S = 60.0
 _STOP_GRACE_S = 5.0
 
 
+class SessionLease(Protocol):
+    """A reserved slot, as the gateway sees it (local or cluster-wide)."""
+
+    session_id: str
+    cold_start: bool
+    #: Resolves when ``bot()`` has really ended (or the instance died).
+    ended: asyncio.Future[SessionEnd]
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def instance_label(self) -> str: ...
+
+
+class PoolObserver(Protocol):
+    """Told about instance and session changes (an agent host mirrors them into Redis)."""
+
+    def instance_ready(self, instance: Instance) -> None: ...
+
+    def instance_gone(self, instance: Instance) -> None: ...
+
+    def session_started(self, instance: Instance, session_id: str) -> None: ...
+
+    def session_ended(self, instance: Instance, session_id: str, end: SessionEnd) -> None: ...
+
+
 class SessionPool(Protocol):
     """What the gateway needs from a pool."""
 
     def at_capacity(self, agent_key: str) -> bool: ...
 
-    async def acquire(self, agent_key: str, session_id: str) -> Lease: ...
+    async def acquire(self, agent_key: str, session_id: str) -> SessionLease: ...
 
-    def cancel(self, lease: Lease) -> None: ...
+    def cancel(self, lease: SessionLease) -> None: ...
 
     async def stop_session(self, session_id: str) -> bool: ...
 
@@ -69,8 +96,10 @@ class AgentPool:
         clock: Callable[[], float] = time.monotonic,
         ping_interval: float = limits.AGENT_PING_INTERVAL_S,
         ping_timeout: float = limits.AGENT_PING_TIMEOUT_S,
+        observer: PoolObserver | None = None,
     ) -> None:
         self.agent = agent
+        self.observer = observer
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._launcher = launcher
@@ -257,24 +286,25 @@ class AgentPool:
                 elif event == "start_failed":
                     error = str(msg.get("error") or "")
                 elif event == "session_started":
-                    lease = instance.leases.get(str(msg["session_id"]))
-                    if lease is not None:
-                        lease.started = True
+                    session_id = str(msg["session_id"])
+                    lease = instance.leases.get(session_id)
+                    if lease is None:  # reserved elsewhere (a gateway, through Redis)
+                        lease = instance.leases[session_id] = Lease(session_id, instance)
+                    lease.started = True
+                    if self.observer:
+                        self.observer.session_started(instance, session_id)
                 elif event == "pong":
                     instance.last_pong = self._clock()
                 elif event == "session_ended":
                     if msg.get("error") == BOT_IGNORED_CANCELLATION:
                         self._kill_stuck(instance)
-                    instance.release(
-                        str(msg["session_id"]),
-                        SessionEnd(
-                            status=msg["status"],
-                            error=msg.get("error"),
-                            client_disconnected=bool(msg.get("client_disconnected")),
-                            bot_seconds=msg.get("bot_seconds"),
-                        ),
-                        now=self._clock(),
+                    end = SessionEnd(
+                        status=msg["status"],
+                        error=msg.get("error"),
+                        client_disconnected=bool(msg.get("client_disconnected")),
+                        bot_seconds=msg.get("bot_seconds"),
                     )
+                    self._release(instance, str(msg["session_id"]), end)
         except Exception:
             log.exception(
                 "! %s instance %d: control channel failed", self.agent.key, instance.instance_id
@@ -348,6 +378,8 @@ class AgentPool:
         self._last_error = None
         if not instance.ready.done():
             instance.ready.set_result(None)
+        if self.observer:
+            self.observer.instance_ready(instance)
 
     def _on_death(self, instance: Instance, *, error: str | None, returncode: int | None) -> None:
         was = instance.state
@@ -364,10 +396,16 @@ class AgentPool:
                 returncode,
             )
         for session_id in list(instance.leases):
-            instance.release(
-                session_id, SessionEnd(status="agent_crashed", error=error), now=self._clock()
-            )
+            self._release(instance, session_id, SessionEnd(status="agent_crashed", error=error))
+        if self.observer and was is not InstanceState.STARTING:
+            self.observer.instance_gone(instance)
         self._replenish()
+
+    def _release(self, instance: Instance, session_id: str, end: SessionEnd) -> None:
+        lease = instance.leases.get(session_id)
+        instance.release(session_id, end, now=self._clock())
+        if self.observer and lease is not None and lease.started:
+            self.observer.session_ended(instance, session_id, end)
 
     def _on_start_failure(self, instance: Instance, error: str | None, code: int | None) -> None:
         if self._closing:
@@ -460,7 +498,8 @@ class LocalPool:
     async def acquire(self, agent_key: str, session_id: str) -> Lease:
         return await self._pool(agent_key).acquire(session_id)
 
-    def cancel(self, lease: Lease) -> None:
+    def cancel(self, lease: SessionLease) -> None:
+        assert isinstance(lease, Lease)
         self._pool(lease.instance.agent_key).cancel(lease)
 
     async def stop_session(self, session_id: str) -> bool:

@@ -26,6 +26,10 @@ DEFAULT_TABLE = "catflap_sessions"
 #: Connections per gateway: a save at start and at end of each session, plus API reads.
 _POOL_MIN = 1
 _POOL_MAX = 4
+#: A database that does not answer must not hold a session's end (or a drain) for asyncpg's
+#: default minute; the record is logged as not stored instead.
+_CONNECT_TIMEOUT_S = 10.0
+_COMMAND_TIMEOUT_S = 30.0
 #: PostgreSQL truncates identifiers to 63 bytes; a longer name would silently alias another.
 _TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -118,7 +122,11 @@ class PostgresSessionStore:
         async with self._opening:
             if self._pool is None:
                 pool = await asyncpg.create_pool(
-                    self.database_url, min_size=_POOL_MIN, max_size=_POOL_MAX
+                    self.database_url,
+                    min_size=_POOL_MIN,
+                    max_size=_POOL_MAX,
+                    timeout=_CONNECT_TIMEOUT_S,
+                    command_timeout=_COMMAND_TIMEOUT_S,
                 )
                 try:
                     async with pool.acquire() as conn, conn.transaction():
@@ -146,7 +154,8 @@ class PostgresSessionStore:
         pool = await self._connected()
         where, params = query.where("$")
         page = len(params)
-        async with pool.acquire() as conn:
+        # One snapshot for both statements, so the count matches the page.
+        async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             total = await conn.fetchval(f"SELECT COUNT(*) FROM {self.table} WHERE {where}", *params)
             rows = await conn.fetch(
                 f"{self._select} WHERE {where} ORDER BY created_at DESC, session_id DESC "
