@@ -177,7 +177,7 @@ def create_api(gateway: Gateway) -> FastAPI:
                     "base64-encode it yourself and append ?body=<b64> to the WebSocket URL"
                 )
             body_b64 = encode_body(payload.body)
-        if gateway.pool.at_capacity(spec.key):
+        if await gateway.pool.at_capacity(spec.key):
             raise AtCapacity(f"agent {spec.key} is at max_agents; retry shortly")
         response: dict[str, Any] = {
             "wsUrl": f"{gateway.config.ws_base_url}/ws/generic/{spec.key}",

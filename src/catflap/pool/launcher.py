@@ -52,21 +52,32 @@ class Launcher(Protocol):
 
 
 class SubprocessLauncher:
-    """Start each instance as ``python -m catflap.runtime.main`` listening on a Unix socket.
+    """Start each instance as ``python -m catflap.runtime.main``.
 
-    Unix sockets keep the gateway -> agent hop off the TCP stack and need no port allocation.
+    Instances listen on a Unix socket by default: that keeps the gateway -> agent hop off the
+    TCP stack and needs no port allocation. Agent hosts use TCP so that remote gateways reach
+    them.
     """
 
-    def __init__(self, socket_dir: Path, *, log_level: str = "info") -> None:
+    def __init__(
+        self, socket_dir: Path, *, log_level: str = "info", tcp_host: str | None = None
+    ) -> None:
         self._socket_dir = socket_dir
         self._log_level = log_level
+        #: Listen on TCP at this address (agent hosts: gateways on other machines connect).
+        self._tcp_host = tcp_host
         self._serial = itertools.count(1)
 
     async def launch(self, agent: AgentSpec, instance_id: int) -> LaunchedProcess:
         # Short, unique names: AF_UNIX paths are limited to 107 bytes and agent names can be
         # long; instance ids are only unique within one agent.
-        sock_path = self._socket_dir / f"i{next(self._serial)}.sock"
-        sock_path.unlink(missing_ok=True)
+        serial = next(self._serial)
+        if self._tcp_host is not None:
+            listen = f"tcp:{self._tcp_host}:0"
+        else:
+            sock_path = self._socket_dir / f"i{serial}.sock"
+            sock_path.unlink(missing_ok=True)
+            listen = f"unix:{sock_path}"
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             process = await asyncio.create_subprocess_exec(
@@ -76,7 +87,7 @@ class SubprocessLauncher:
                 "--bot-dir",
                 str(agent.config.path),
                 "--listen",
-                f"unix:{sock_path}",
+                listen,
                 "--control-fd",
                 str(theirs.fileno()),
                 "--agent-name",

@@ -75,7 +75,7 @@ class PoolObserver(Protocol):
 class SessionPool(Protocol):
     """What the gateway needs from a pool."""
 
-    def at_capacity(self, agent_key: str) -> bool: ...
+    async def at_capacity(self, agent_key: str) -> bool: ...
 
     async def acquire(self, agent_key: str, session_id: str) -> SessionLease: ...
 
@@ -192,6 +192,16 @@ class AgentPool:
             lease.ended.cancel()
             if not instance.leases:
                 instance.idle_since = self._clock()
+
+    def spawn_one(self) -> None:
+        """Start one more instance if the agent is under ``max_agents`` (agent hosts grow)."""
+        in_backoff = self._failures and self._retry_at > self._clock()
+        if not self._closing and not in_backoff and len(self.counting()) < self.scaling.max_agents:
+            self._spawn()
+
+    def stop_instance(self, instance: Instance) -> None:
+        """Stop one instance gracefully (sessions on it run to their end)."""
+        self._spawn_task(self._stop(instance))
 
     async def stop_session(self, session_id: str) -> bool:
         for instance in self.live():
@@ -492,7 +502,7 @@ class LocalPool:
     async def close(self) -> None:
         await asyncio.gather(*(pool.close() for pool in self.agents.values()))
 
-    def at_capacity(self, agent_key: str) -> bool:
+    async def at_capacity(self, agent_key: str) -> bool:
         return self._pool(agent_key).at_capacity()
 
     async def acquire(self, agent_key: str, session_id: str) -> Lease:

@@ -1,0 +1,42 @@
+"""Single-use tokens across gateways: ``SET jti 1 NX PXAT exp`` on the shared Redis."""
+
+from __future__ import annotations
+
+import logging
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from catflap.cluster.keys import Keys
+from catflap.contract.errors import ServiceUnavailable
+
+__all__ = ["RedisReplayStore"]
+
+log = logging.getLogger("catflap.cluster")
+
+
+class RedisReplayStore:
+    """A :class:`~catflap.auth.replay.ReplayStore` shared by every gateway.
+
+    The first ``SET NX`` wins; the key expires exactly when the token would, so memory stays
+    bounded by the tokens minted in the last five minutes.
+    """
+
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+        self._redis = client
+        self._keys = keys
+
+    async def consume(self, jti: str, exp: int) -> bool:
+        """True on the first use of ``jti``.
+
+        Raises:
+            ServiceUnavailable: 503, Redis is unreachable (a token is never accepted blind).
+        """
+        try:
+            first = await self._redis.set(self._keys.jti(jti), b"1", nx=True, exat=exp)
+        except (RedisError, OSError) as exc:
+            log.error("! Redis unreachable while spending a token (%s)", exc)
+            raise ServiceUnavailable(
+                "the session broker (Redis) is unreachable; retry shortly"
+            ) from None
+        return bool(first)

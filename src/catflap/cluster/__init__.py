@@ -1,0 +1,20 @@
+"""Scale-out on one Redis: many gateways, many agent hosts.
+
+Theory of operation:
+
+- An **agent host** (``catflap agent-host``) runs a local pool of one agent's instances and
+  registers each ready instance in Redis: a hash with its address and capacity whose TTL a
+  heartbeat keeps refreshing. An instance whose heartbeat lapses disappears from dispatch within
+  one TTL.
+- A **gateway** (``catflap gateway``) reserves a slot with one Lua script
+  (:data:`~catflap.cluster.dispatch.DISPATCH_LUA`), so two gateways can never take the same
+  slot. The reservation lives until the runtime reports ``session_started`` (the host then
+  moves it to the instance's active set) or expires.
+- When ``bot()`` ends, the host frees the slot and publishes the outcome; the gateway that
+  relays the session hears it and finishes the record.
+- Tokens are single use across gateways (``SET jti NX PXAT exp``); stop requests travel by
+  pub/sub to whichever host holds the session.
+- Frames never pass through Redis: the media path is gateway -> instance over TCP.
+
+Every key name and TTL is in :mod:`catflap.cluster.keys`.
+"""

@@ -1,0 +1,254 @@
+"""The gateway's pool in cluster mode: reserve slots on instances registered in Redis.
+
+:class:`RedisPool` implements :class:`~catflap.pool.pool.SessionPool`. Its one Redis round
+trip per handshake is :data:`DISPATCH_LUA`, which prunes dead instances and expired
+reservations, then reserves a slot on the first instance with room, starting at a random
+offset so that load spreads across hosts. Lua runs atomically, so no two gateways can take
+the same slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from catflap.cluster.keys import HEARTBEAT_TTL_S, RESERVATION_TTL_S, Keys
+from catflap.config import AgentSpec
+from catflap.contract.errors import AgentNotFound, AtCapacity, ServiceUnavailable
+from catflap.pool.instance import SessionEnd
+from catflap.pool.pool import SessionLease
+
+__all__ = ["DISPATCH_LUA", "ClusterLease", "RedisPool"]
+
+log = logging.getLogger("catflap.cluster")
+
+#: KEYS[1]: the agent's instance set. ARGV: prefix, now_ms, session_id, reservation expiry
+#: (ms), random offset. Returns {instance_id, address, live_count} or {false, false, live}.
+DISPATCH_LUA = """
+local ids = redis.call('SMEMBERS', KEYS[1])
+local n = #ids
+local live = 0
+local chosen = nil
+for i = 0, n - 1 do
+  local id = ids[((i + tonumber(ARGV[5])) % n) + 1]
+  local ikey = ARGV[1] .. ':inst:' .. id
+  if redis.call('EXISTS', ikey) == 0 then
+    redis.call('SREM', KEYS[1], id)
+  else
+    live = live + 1
+    if chosen == nil and redis.call('HGET', ikey, 'state') == 'ready' then
+      local rkey = ikey .. ':resv'
+      redis.call('ZREMRANGEBYSCORE', rkey, '-inf', ARGV[2])
+      local used = redis.call('SCARD', ikey .. ':active') + redis.call('ZCARD', rkey)
+      if used < tonumber(redis.call('HGET', ikey, 'capacity')) then
+        redis.call('ZADD', rkey, ARGV[4], ARGV[3])
+        redis.call('PEXPIREAT', rkey, ARGV[4])
+        chosen = {id, redis.call('HGET', ikey, 'address')}
+      end
+    end
+  end
+end
+if chosen then return {chosen[1], chosen[2], live} end
+return {false, false, live}
+"""
+
+
+@dataclass(eq=False)
+class ClusterLease:
+    """A slot reserved in Redis on one instance, for one session."""
+
+    session_id: str
+    instance_id: str
+    instance_address: str
+    cold_start: bool = False
+    ended: asyncio.Future[SessionEnd] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    @property
+    def address(self) -> str:
+        return self.instance_address
+
+    @property
+    def instance_label(self) -> str:
+        return f"instance {self.instance_id} ({self.instance_address})"
+
+
+def _unavailable(exc: Exception) -> ServiceUnavailable:
+    log.error("! Redis unreachable (%s); refusing new sessions until it is back", exc)
+    return ServiceUnavailable("the session broker (Redis) is unreachable; retry shortly")
+
+
+class RedisPool:
+    """Cluster-wide dispatch for one gateway."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, agents: Iterable[AgentSpec]) -> None:
+        self._redis = client
+        self._keys = keys
+        self._agents = {agent.key: agent for agent in agents}
+        self._dispatch = client.register_script(DISPATCH_LUA)
+        self._leases: dict[str, ClusterLease] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def start(self) -> None:
+        for coro in (self._listen_for_endings(), self._watch_instances()):
+            task = asyncio.get_running_loop().create_task(coro)
+            self._tasks.add(task)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _agent(self, agent_key: str) -> AgentSpec:
+        try:
+            return self._agents[agent_key]
+        except KeyError:
+            raise AgentNotFound(f"no agent {agent_key!r}") from None
+
+    async def _run_dispatch(self, agent_key: str, session_id: str) -> tuple[Any, Any, int]:
+        now_ms = int(time.time() * 1000)
+        try:
+            result = await self._dispatch(
+                keys=[self._keys.agent_instances(agent_key)],
+                args=[
+                    self._keys.prefix,
+                    now_ms,
+                    session_id,
+                    now_ms + int(RESERVATION_TTL_S * 1000),
+                    random.randrange(1 << 30),
+                ],
+            )
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from None
+        instance_id, address, live = result
+        return instance_id, address, int(live)
+
+    async def at_capacity(self, agent_key: str) -> bool:
+        """True when every registered instance is full and there are ``max_agents`` of them."""
+        agent = self._agent(agent_key)
+        try:
+            ids = await self._redis.smembers(self._keys.agent_instances(agent_key))
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from None
+        return len(ids) >= agent.config.scaling.max_agents and not await self._any_room(ids)
+
+    async def _any_room(self, ids: Iterable[Any]) -> bool:
+        now_ms = int(time.time() * 1000)
+        for raw in ids:
+            iid = raw.decode() if isinstance(raw, bytes) else str(raw)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hget(self._keys.instance(iid), "capacity")
+                pipe.scard(self._keys.active(iid))
+                pipe.zcount(self._keys.reserved(iid), now_ms, "+inf")
+                capacity, active, reserved = await pipe.execute()
+            if capacity is not None and int(active) + int(reserved) < int(capacity):
+                return True
+        return False
+
+    async def acquire(self, agent_key: str, session_id: str) -> SessionLease:
+        """Reserve a slot anywhere in the cluster.
+
+        Raises:
+            AtCapacity: 429, the agent has ``max_agents`` live instances and all are full.
+            ServiceUnavailable: 503, no instance has room yet (hosts are starting more), or
+                Redis is unreachable.
+        """
+        agent = self._agent(agent_key)
+        instance_id, address, live = await self._run_dispatch(agent_key, session_id)
+        if not instance_id:
+            if live >= agent.config.scaling.max_agents:
+                raise AtCapacity(
+                    f"agent {agent_key} is at max_agents={agent.config.scaling.max_agents} "
+                    "across the cluster and every instance is busy; retry shortly"
+                )
+            raise ServiceUnavailable(
+                f"no idle instance of {agent_key} right now ({live} registered); "
+                "agent hosts are starting more, retry shortly"
+            )
+        lease = ClusterLease(
+            session_id=session_id,
+            instance_id=instance_id.decode() if isinstance(instance_id, bytes) else instance_id,
+            instance_address=address.decode() if isinstance(address, bytes) else address,
+        )
+        self._leases[session_id] = lease
+        return lease
+
+    def cancel(self, lease: SessionLease) -> None:
+        """Give the reservation back (the session never reached ``bot()``)."""
+        assert isinstance(lease, ClusterLease)
+        self._leases.pop(lease.session_id, None)
+        if not lease.ended.done():
+            lease.ended.cancel()
+        task = asyncio.get_running_loop().create_task(self._unreserve(lease))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _unreserve(self, lease: ClusterLease) -> None:
+        with contextlib.suppress(RedisError, OSError):  # else it expires by itself
+            await self._redis.zrem(self._keys.reserved(lease.instance_id), lease.session_id)
+
+    async def stop_session(self, session_id: str) -> bool:
+        try:
+            receivers = await self._redis.publish(
+                self._keys.stop_channel, json.dumps({"session_id": session_id})
+            )
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from None
+        return int(receivers) > 0
+
+    def _resolve(self, session_id: str, end: SessionEnd) -> None:
+        lease = self._leases.pop(session_id, None)
+        if lease is not None and not lease.ended.done():
+            lease.ended.set_result(end)
+
+    async def _listen_for_endings(self) -> None:
+        """Follow the ``ended`` channel; reconnect with backoff when Redis goes away."""
+        delay = 0.1
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._keys.ended_channel)
+                    delay = 0.1
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        data = json.loads(message["data"])
+                        self._resolve(
+                            str(data["session_id"]),
+                            SessionEnd(
+                                status=data["status"],
+                                error=data.get("error"),
+                                client_disconnected=bool(data.get("client_disconnected")),
+                                bot_seconds=data.get("bot_seconds"),
+                            ),
+                        )
+            except (RedisError, OSError) as exc:
+                log.warning("! lost the Redis subscription (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _watch_instances(self) -> None:
+        """A session whose instance vanished (its host died) ends as ``agent_crashed``."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_TTL_S / 2)
+            for session_id, lease in list(self._leases.items()):
+                try:
+                    alive = await self._redis.exists(self._keys.instance(lease.instance_id))
+                except (RedisError, OSError):
+                    break  # cannot tell; try again later
+                if not alive:
+                    self._resolve(
+                        session_id,
+                        SessionEnd(status="agent_crashed", error="agent host lost"),
+                    )

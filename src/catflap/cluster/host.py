@@ -1,0 +1,263 @@
+"""``catflap agent-host``: one agent's instances on this machine, registered in Redis.
+
+The host runs an ordinary :class:`~catflap.pool.pool.AgentPool` (warm instances, crash
+replacement, start backoff, reaping) whose instances listen on TCP at the advertised address,
+and mirrors what happens into Redis as the :class:`~catflap.pool.pool.PoolObserver`:
+
+==================  ===========================================================
+pool event          Redis
+==================  ===========================================================
+instance ready      hash ``inst:{id}`` (address, capacity, state), added to the
+                    agent's set if the cluster has fewer than ``max_agents``
+heartbeat           every TTL/3: refresh the TTL of ``inst:{id}`` and its sets
+session started     reservation -> active set (the slot is now held by a bot)
+session ended       leave the active set; publish on ``ended``
+instance gone       delete its keys
+==================  ===========================================================
+
+Redis updates go through one ordered queue, so ``started`` never lands after ``ended``; while
+Redis is away they wait and retry, and live sessions are not touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from catflap.cluster.keys import HEARTBEAT_TTL_S, Keys
+from catflap.config import AgentSpec
+from catflap.pool.instance import Instance, InstanceState, SessionEnd
+from catflap.pool.launcher import Launcher
+from catflap.pool.pool import AgentPool
+
+__all__ = ["REGISTER_LUA", "AgentHost"]
+
+log = logging.getLogger("catflap.cluster")
+
+#: KEYS[1]: agent instance set, KEYS[2]: instance hash. ARGV: instance id, max_agents,
+#: ttl_ms, key prefix, then field/value pairs. Registers only while the cluster is under
+#: max_agents (an instance already registered may always refresh itself).
+REGISTER_LUA = """
+local members = redis.call('SMEMBERS', KEYS[1])
+local live = 0
+for _, id in ipairs(members) do
+  if redis.call('EXISTS', ARGV[4] .. ':inst:' .. id) == 1 then live = live + 1
+  else redis.call('SREM', KEYS[1], id) end
+end
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 and live >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
+
+Op = Callable[[], Awaitable[Any]]
+
+
+class AgentHost:
+    """Runs one agent's instances and keeps Redis in step with them."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        agent: AgentSpec,
+        launcher: Launcher,
+        *,
+        slots: int,
+        warm: int,
+        ready_timeout: float,
+        heartbeat_ttl: float = HEARTBEAT_TTL_S,
+    ) -> None:
+        self._redis = client
+        self._keys = keys
+        self.agent = agent
+        self.host_id = secrets.token_hex(4)
+        self._slots = slots
+        self._ttl = heartbeat_ttl
+        scaling = agent.config.scaling.model_copy(
+            update={"min_agents": min(warm, slots), "max_agents": slots}
+        )
+        local_agent = AgentSpec(
+            agent.service_host, agent.config.model_copy(update={"scaling": scaling})
+        )
+        self.pool = AgentPool(local_agent, launcher, ready_timeout=ready_timeout, observer=self)
+        self._register = client.register_script(REGISTER_LUA)
+        self._ops: asyncio.Queue[Op] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._registered: set[str] = set()
+
+    def instance_key(self, instance: Instance) -> str:
+        return f"{self.host_id}-{instance.instance_id}"
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for coro in (self._apply_ops(), self._heartbeat(), self._listen_for_stops()):
+            self._tasks.add(loop.create_task(coro))
+        self.pool.start()
+
+    async def close(self) -> None:
+        await self.pool.close()
+        # Let queued deregistrations reach Redis, briefly; the TTLs clean up otherwise.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                await self._ops.join()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- PoolObserver -------------------------------------------------------------------------
+
+    def instance_ready(self, instance: Instance) -> None:
+        self._ops.put_nowait(lambda: self._register_instance(instance))
+
+    def instance_gone(self, instance: Instance) -> None:
+        iid = self.instance_key(instance)
+        self._registered.discard(iid)
+
+        async def deregister() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.srem(self._keys.agent_instances(self.agent.key), iid)
+                pipe.delete(self._keys.instance(iid), self._keys.active(iid))
+                await pipe.execute()
+
+        self._ops.put_nowait(deregister)
+
+    def session_started(self, instance: Instance, session_id: str) -> None:
+        iid = self.instance_key(instance)
+
+        async def started() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(self._keys.reserved(iid), session_id)
+                pipe.sadd(self._keys.active(iid), session_id)
+                pipe.pexpire(self._keys.active(iid), int(self._ttl * 1000))
+                await pipe.execute()
+
+        self._ops.put_nowait(started)
+        self._grow_if_full()
+
+    def session_ended(self, instance: Instance, session_id: str, end: SessionEnd) -> None:
+        iid = self.instance_key(instance)
+        message = json.dumps(
+            {
+                "session_id": session_id,
+                "status": end.status,
+                "error": end.error,
+                "client_disconnected": end.client_disconnected,
+                "bot_seconds": end.bot_seconds,
+            }
+        )
+
+        async def ended() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.srem(self._keys.active(iid), session_id)
+                pipe.zrem(self._keys.reserved(iid), session_id)
+                pipe.publish(self._keys.ended_channel, message)
+                await pipe.execute()
+
+        self._ops.put_nowait(ended)
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _grow_if_full(self) -> None:
+        """Keep one idle instance spare while under ``--slots`` (PCC's auto-scaling buffer)."""
+        live = self.pool.live()
+        idle = [i for i in live if i.free_slots > 0]
+        if not idle and len(live) < self._slots:
+            self.pool.spawn_one()
+
+    async def _register_instance(self, instance: Instance) -> None:
+        if instance.state is not InstanceState.READY or instance.address is None:
+            return
+        iid = self.instance_key(instance)
+        fields = {
+            "agent": self.agent.key,
+            "address": instance.address,
+            "host": self.host_id,
+            "capacity": instance.capacity,
+            "state": "ready",
+            "pid": instance.pid or 0,
+        }
+        flat = [str(x) for pair in fields.items() for x in pair]
+        ok = await self._register(
+            keys=[self._keys.agent_instances(self.agent.key), self._keys.instance(iid)],
+            args=[
+                iid,
+                self.agent.config.scaling.max_agents,
+                int(self._ttl * 1000),
+                self._keys.prefix,
+                *flat,
+            ],
+        )
+        if ok:
+            self._registered.add(iid)
+            log.info("= %s registered %s at %s", self.agent.key, iid, instance.address)
+        else:
+            log.warning(
+                "! %s is at max_agents across the cluster; stopping %s", self.agent.key, iid
+            )
+            self.pool.stop_instance(instance)
+
+    async def _apply_ops(self) -> None:
+        while True:
+            op = await self._ops.get()
+            delay = 0.1
+            while True:
+                try:
+                    await op()
+                    break
+                except (RedisError, OSError) as exc:
+                    log.warning("! Redis update failed (%s); retrying in %.1f s", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            self._ops.task_done()
+
+    async def _heartbeat(self) -> None:
+        ttl_ms = int(self._ttl * 1000)
+        while True:
+            await asyncio.sleep(self._ttl / 3)
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for instance in self.pool.live():
+                        iid = self.instance_key(instance)
+                        if iid not in self._registered:
+                            continue
+                        pipe.pexpire(self._keys.instance(iid), ttl_ms)
+                        pipe.pexpire(self._keys.active(iid), ttl_ms)
+                    results = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("! heartbeat failed (%s)", exc)
+                continue
+            if results and not all(results[0::2]):
+                # Redis lost our keys (it restarted): register again.
+                for instance in self.pool.live():
+                    self._ops.put_nowait(functools.partial(self._register_instance, instance))
+
+    async def _listen_for_stops(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._keys.stop_channel)
+                    delay = 0.1
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            session_id = str(json.loads(message["data"])["session_id"])
+                            await self.pool.stop_session(session_id)
+            except (RedisError, OSError) as exc:
+                log.warning("! lost the stop subscription (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
