@@ -15,6 +15,7 @@ __all__ = [
     "BODY_MAX_ENCODED_CHARS",
     "BOT_CANCEL_GRACE_S",
     "CLOSE_WAIT_S",
+    "DISPATCH_ATTEMPTS",
     "DRAIN_TIMEOUT_S",
     "IDLE_REAP_S",
     "MAX_AGENTS_DEFAULT",
@@ -125,6 +126,9 @@ PROVIDER_HANDSHAKE_TIMEOUT_S = 10.0
 #: The largest opening message a provider endpoint reads; real ``start`` messages are a few
 #: hundred bytes, plus custom parameters (Exotel: 256 characters; Twilio: a few KiB).
 PROVIDER_OPENING_FRAME_MAX_BYTES = 64 * 1024
+#: A handshake tries this many instances when one cannot be reached, then answers 503
+#: (LiveKit's agent endpoints use the same bound).
+DISPATCH_ATTEMPTS = 3
 #: The agent must answer the forwarded upgrade within this time, or the client gets 503.
 UPSTREAM_HANDSHAKE_TIMEOUT_S = 10.0
 #: Write-buffer marks per relay leg. Above the high mark the opposite leg stops reading, so a

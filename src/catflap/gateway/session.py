@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from catflap.auth.replay import consume_or_reject
 from catflap.contract import headers as hdrs
+from catflap.contract import limits
 from catflap.contract.errors import (
     CatflapMisuse,
     Draining,
@@ -71,24 +72,21 @@ async def run_session(
         await run_provider_session(gateway, conn, head, trailing, accepted, started)
         return
     agent = _agent(accepted)
-    lease: SessionLease | None = None
+    transport_type = (
+        None if agent.config.generic_transport_type == "auto" else hdrs.TRANSPORT_TYPE_WEBSOCKET
+    )
+    request = build_upstream_request(
+        head, accepted, client_host=conn.client_host, transport_type=transport_type
+    )
     try:
-        lease = await admit(gateway, accepted)
-        transport_type = (
-            None if agent.config.generic_transport_type == "auto" else hdrs.TRANSPORT_TYPE_WEBSOCKET
+        # connect_agent owns the lease from here: it cancels it on failure.
+        lease, reply = await connect_agent(
+            gateway, accepted, await admit(gateway, accepted), request
         )
-        request = build_upstream_request(
-            head, accepted, client_host=conn.client_host, transport_type=transport_type
-        )
-        reply = await connect_agent(gateway, lease, request)
     except RequestRejected as rejected:
-        if lease is not None:
-            gateway.pool.cancel(lease)
         refuse(conn, head, rejected, accepted.session_id)
         return
     except Exception:
-        if lease is not None:
-            gateway.pool.cancel(lease)
         log.exception("! unexpected error while starting a session for %s", loggable(head.path))
         conn.reject(InternalError("internal error while starting the session; see the log"))
         return
@@ -128,19 +126,42 @@ async def admit(gateway: Gateway, accepted: UpgradeAccepted) -> SessionLease:
     return await gateway.pool.acquire(_agent(accepted).key, accepted.session_id)
 
 
-async def connect_agent(gateway: Gateway, lease: SessionLease, request: bytes) -> UpstreamReply:
+async def connect_agent(
+    gateway: Gateway, accepted: UpgradeAccepted, lease: SessionLease, request: bytes
+) -> tuple[SessionLease, UpstreamReply]:
     """Forward the upgrade to the leased instance and wait for its 101.
 
+    An instance that cannot be reached is given up and another one leased, up to
+    ``DISPATCH_ATTEMPTS`` in all. This function owns ``lease``: on failure it has been
+    cancelled.
+
+    Returns:
+        The lease that worked (perhaps not the one passed in) and the agent's reply.
+
     Raises:
-        ServiceUnavailable: 503, the instance is unreachable or did not switch protocols.
+        ServiceUnavailable: 503, no instance could be reached or switched protocols.
+        AtCapacity: 429, no other instance was free for a retry.
     """
-    reply = await open_upstream(lease.address, request, timeout=gateway.upstream_timeout)
-    if reply.status != 101:
-        reply.transport.abort()
-        raise ServiceUnavailable(
-            f"the agent refused the session with HTTP {reply.status}; retry shortly"
+    for attempt in range(1, limits.DISPATCH_ATTEMPTS + 1):
+        try:
+            reply = await open_upstream(lease.address, request, timeout=gateway.upstream_timeout)
+            if reply.status == 101:
+                return lease, reply
+            reply.transport.abort()
+            problem = f"the agent refused the session with HTTP {reply.status}"
+        except ServiceUnavailable as unreachable:
+            problem = unreachable.message
+        except BaseException:
+            gateway.pool.cancel(lease)
+            raise
+        gateway.pool.cancel(lease)
+        session_log(log, accepted.session_id).warning(
+            "! attempt %d: %s at %s", attempt, problem, lease.instance_label
         )
-    return reply
+        if attempt == limits.DISPATCH_ATTEMPTS:
+            raise ServiceUnavailable(f"{problem}; retry shortly")
+        lease = await gateway.pool.acquire(_agent(accepted).key, accepted.session_id)
+    raise CatflapMisuse("unreachable")
 
 
 async def relay_session(

@@ -216,15 +216,13 @@ async def run_provider_session(
             transport_type=None,
             websocket_key=base64.b64encode(os.urandom(16)).decode(),
         )
+        owned, lease = lease, None  # connect_agent owns it now
         try:
-            reply = await connect_agent(gateway, lease, request)
+            session_lease, reply = await connect_agent(gateway, accepted, owned, request)
         except RequestRejected as unreachable:
-            gateway.pool.cancel(lease)
-            lease = None
             slog.warning("! %s", unreachable.message)
             conn.close_websocket(CloseCode.BAD_GATEWAY, "the agent could not be reached")
             return
-        session_lease, lease = lease, None
         await relay_session(
             gateway,
             conn,
