@@ -316,7 +316,7 @@ def sessions_router(gateway: "Gateway") -> APIRouter:
             BadRequest: 400, the session id is not a UUID.
             Unauthorized: 401, no private key.
             AgentNotFound: 404, the agent is not in the key's organization.
-            SessionNotFound: 404, no such session, it has ended, or it is not on this gateway.
+            SessionNotFound: 404, no such session, or it has ended.
             InternalError: 500, the session store failed.
         """
         sid = _session_id(session_id)
@@ -327,14 +327,12 @@ def sessions_router(gateway: "Gateway") -> APIRouter:
                 f"session {sid} has already ended ({record.completion_status}); "
                 "only live sessions can be stopped"
             )
-        if sid not in gateway.sessions.live:
-            raise SessionNotFound(
-                f"session {sid} is not running on this gateway; stop it through the gateway "
-                "that serves it"
-            )
+        # The pool reaches the session wherever it runs: this machine, or (cluster mode) the
+        # agent host that holds it, through Redis.
         if not await gateway.pool.stop_session(sid):
             raise SessionNotFound(
-                f"session {sid} has already ended; only live sessions can be stopped"
+                f"session {sid} is not running (it has ended, or no gateway of this "
+                "deployment serves it); only live sessions can be stopped"
             )
         session_log(log, sid, agent=agent, org=org).info("x stop requested through the API")
         return {"status": "terminated", "session_id": sid}

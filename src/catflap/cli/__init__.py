@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from catflap.cli.cluster import agent_host, gateway
 from catflap.cli.serve import serve
 from catflap.cli.sessions import sessions
 
@@ -41,6 +42,8 @@ def agent(ctx: click.Context) -> None:
 cli.add_command(serve)
 cli.add_command(agent)
 cli.add_command(sessions)
+cli.add_command(gateway)
+cli.add_command(agent_host)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,217 @@
+"""``catflap gateway`` and ``catflap agent-host``: the scale-out mode on one Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from catflap.cli.exits import EXIT_CONFIG, EXIT_STARTUP, run_async
+from catflap.config import CatflapConfig, load_config, token_keyring
+from catflap.contract.errors import ConfigError
+from catflap.logs import configure_logging
+
+__all__ = ["agent_host", "gateway"]
+
+log = logging.getLogger("catflap")
+
+_config_option = click.option(
+    "--config",
+    "config_file",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="The catflap.toml every gateway and agent host of the deployment shares.",
+)
+_redis_option = click.option(
+    "--redis", "redis_url", required=True, help="redis://host:port/db shared by the deployment."
+)
+_prefix_option = click.option(
+    "--prefix", default="catflap", show_default=True, help="Redis key prefix of this deployment."
+)
+_log_option = click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+
+
+def _load(config_file: Path) -> CatflapConfig:
+    try:
+        return load_config(config_file)
+    except ConfigError as exc:
+        click.echo(f"catflap: configuration error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+async def _until_signalled() -> asyncio.Event:
+    """Returns an event set by the second SIGTERM; waits for the first one."""
+    first, second = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:  # handlers only set flags
+        (second if first.is_set() else first).set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    await first.wait()
+    return second
+
+
+@click.command()
+@_config_option
+@_redis_option
+@click.option("--listen", help="host:port to serve on; overrides the config file.")
+@_prefix_option
+@_log_option
+def gateway(
+    config_file: Path, redis_url: str, listen: str | None, prefix: str, log_level: str
+) -> None:
+    """Run one gateway of a cluster: relay and control API, dispatching through Redis."""
+    configure_logging(log_level)
+    cfg = _load(config_file)
+    if listen:
+        cfg = cfg.model_copy(update={"listen": listen})
+    try:
+        keyring, generated = token_keyring()
+    except ConfigError as exc:
+        click.echo(f"catflap: configuration error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if generated:
+        log.warning("CATFLAP_TOKEN_KEYS is not set: tokens minted here fail on other gateways")
+    try:
+        run_async(_gateway(cfg, keyring, redis_url, prefix))
+    except OSError as exc:
+        click.echo(f"catflap: could not start: {exc}", err=True)
+        sys.exit(EXIT_STARTUP)
+
+
+async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    from catflap.auth.redis_replay import RedisReplayStore
+    from catflap.auth.tokens import KeyRing
+    from catflap.cluster.dispatch import RedisPool
+    from catflap.cluster.keys import Keys
+    from catflap.cluster.store import RedisSessionStore
+    from catflap.gateway.server import Gateway
+    from catflap.sessions.store import SessionStore, open_store
+
+    assert isinstance(keyring, KeyRing)
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    keys = Keys(prefix)
+    pool = RedisPool(client, keys, cfg.agents())
+    store: SessionStore = (
+        open_store(cfg.database_url, cfg.state_dir)
+        if cfg.database_url
+        else RedisSessionStore(client, keys)
+    )
+    gw = Gateway(
+        cfg, keyring=keyring, replay=RedisReplayStore(client, keys), pool=pool, store=store
+    )
+    pool.start()
+    host, port = cfg.host_port
+    await gw.start(host, port)
+    second = await _until_signalled()
+    second_task = asyncio.ensure_future(second.wait())
+    second_task.add_done_callback(lambda _: gw.drain_now())
+    await gw.shutdown(drain_timeout=cfg.gateway.drain_timeout)
+    second_task.cancel()
+    await pool.close()
+    await store.close()
+    await client.aclose()
+
+
+@click.command(name="agent-host")
+@_config_option
+@_redis_option
+@click.option("--agent", "agent_key", required=True, help="The agent to run, as agent.org.")
+@click.option(
+    "--slots",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Instances this host may run at most.",
+)
+@click.option(
+    "--warm",
+    type=click.IntRange(min=0),
+    help="Instances kept running when idle. [default: the agent's min_agents, at most --slots]",
+)
+@click.option(
+    "--advertise",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address gateways use to reach this host's instances.",
+)
+@_prefix_option
+@_log_option
+def agent_host(
+    config_file: Path,
+    redis_url: str,
+    agent_key: str,
+    slots: int,
+    warm: int | None,
+    advertise: str,
+    prefix: str,
+    log_level: str,
+) -> None:
+    """Run one agent's instances on this machine and register them in Redis."""
+    configure_logging(log_level)
+    cfg = _load(config_file)
+    spec = next((a for a in cfg.agents() if a.key == agent_key), None)
+    if spec is None:
+        known = ", ".join(a.key for a in cfg.agents()) or "none"
+        click.echo(f"catflap: no agent {agent_key!r} in {config_file} (known: {known})", err=True)
+        sys.exit(EXIT_CONFIG)
+    warm_count = spec.config.scaling.min_agents if warm is None else warm
+    run_async(_agent_host(cfg, spec, redis_url, prefix, slots, warm_count, advertise, log_level))
+
+
+async def _agent_host(
+    cfg: CatflapConfig,
+    spec: object,
+    redis_url: str,
+    prefix: str,
+    slots: int,
+    warm: int,
+    advertise: str,
+    log_level: str,
+) -> None:
+    import redis.asyncio as aioredis
+
+    from catflap.cluster.host import AgentHost
+    from catflap.cluster.keys import Keys
+    from catflap.config import AgentSpec
+    from catflap.pool.launcher import SubprocessLauncher
+
+    assert isinstance(spec, AgentSpec)
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    with tempfile.TemporaryDirectory(prefix="catflap-host-") as workdir:
+        launcher = SubprocessLauncher(Path(workdir), log_level=log_level, tcp_host=advertise)
+        host = AgentHost(
+            client,
+            Keys(prefix),
+            spec,
+            launcher,
+            slots=slots,
+            warm=warm,
+            ready_timeout=cfg.gateway.agent_ready_timeout,
+        )
+        host.start()
+        log.info(
+            "= agent host %s serving %s with %d slot(s), %d warm",
+            host.host_id,
+            spec.key,
+            slots,
+            warm,
+        )
+        await _until_signalled()
+        with contextlib.suppress(Exception):
+            await host.close()
+        await client.aclose()
