@@ -100,6 +100,8 @@ class AgentPool:
     ) -> None:
         self.agent = agent
         self.observer = observer
+        #: Set by an agent host when the cluster refused an instance (cluster max_agents).
+        self.min_override: int | None = None
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._launcher = launcher
@@ -119,6 +121,11 @@ class AgentPool:
     @property
     def scaling(self) -> Any:
         return self.agent.config.scaling
+
+    @property
+    def min_agents(self) -> int:
+        """Instances kept warm: ``min_agents``, unless an agent host lowered it."""
+        return self.scaling.min_agents if self.min_override is None else self.min_override
 
     def live(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.state is not InstanceState.DEAD]
@@ -256,7 +263,7 @@ class AgentPool:
         """Spawn instances up to ``min_agents``, respecting the start-failure backoff."""
         if self._closing:
             return
-        missing = self.scaling.min_agents - len(self.live())
+        missing = self.min_agents - len(self.live())
         if missing <= 0:
             return
         delay = self._retry_at - self._clock() if self._failures else 0.0
@@ -463,7 +470,7 @@ class AgentPool:
 
     def _reap_once(self) -> None:
         now = self._clock()
-        surplus = len(self.live()) - self.scaling.min_agents
+        surplus = len(self.live()) - self.min_agents
         for instance in sorted(self.live(), key=lambda i: i.idle_since):
             if surplus <= 0:
                 break
