@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from typing import Any
 
 from bench import contestants as cs
 from bench.procs import children_of, cores, spawn, wait_quiet
+from bench.profile import Spy, py_spy, summarize_speedscope
 
 __all__ = ["Settings", "memory", "run_loadgen", "start", "sweep", "telephony", "throughput"]
 
@@ -44,6 +46,12 @@ class Settings:
     memory_levels: tuple[int, ...] = (1000, 5000)
     sweep_levels: tuple[int, ...] = (100, 300, 500, 700, 1000)
     sweep_seconds: float = 5.0
+    #: Telephony runs per contestant; results are medians over rounds.
+    rounds: int = 3
+    #: ``fast`` or ``asgi``: how the upstream bot echoes (bench/bots/fast-echo/bot.py).
+    echo: str = "fast"
+    #: Where to write a py-spy profile of the gateway (an extra telephony run); None: no profile.
+    profile_to: Path | None = None
     nginx_binary: str = "nginx"
 
     @classmethod
@@ -51,7 +59,7 @@ class Settings:
         """Every scenario, tiny: a smoke test that finishes in well under a minute."""
         return cls(
             sessions=20,
-            seconds=2.0,
+            seconds=1.0,
             quick=True,
             throughput_connections=10,
             throughput_sizes=(400, 8192),
@@ -62,7 +70,8 @@ class Settings:
             pipecat_warm_samples=3,
             memory_levels=(100, 300),
             sweep_levels=(20, 50),
-            sweep_seconds=1.5,
+            sweep_seconds=1.0,
+            rounds=1,
         )
 
 
@@ -194,28 +203,92 @@ def _vs(value: float | None, reference: float | None) -> float | None:
     return round(value / reference, 3)
 
 
-def telephony(settings: Settings) -> dict[str, Any]:
-    """N sessions x 320 B every 20 ms for T s, through each contestant in turn."""
-    names = ("direct", "nginx", "catflap")
-    results: dict[str, Any] = {}
-    with fleet(settings, names) as (endpoints, workdir):
-        for name in names:
-            log(f"telephony: {name}, {settings.sessions} sessions for {settings.seconds:g} s")
-            results[name] = telephony_run(
-                endpoints[name], settings.sessions, settings.seconds, workdir
-            )
-            time.sleep(1.0)
-    nginx_cpu = results["nginx"]["cpu_us_per_frame"]
-    for r in results.values():
-        r["cpu_vs_nginx"] = _vs(r["cpu_us_per_frame"], nginx_cpu)
+def _median(values: list[float | None]) -> float | None:
+    present = sorted(v for v in values if v is not None)
+    return round(statistics.median(present), 3) if present else None
+
+
+def _summarize(runs: list[dict[str, Any]], nginx_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over rounds; ratios to nginx are taken round by round (same conditions)."""
+    lat = [r["latency_us"] for r in runs]
+    pairs = list(zip(runs, nginx_runs, strict=True))
     return {
+        "cpu_label": runs[0]["cpu_label"],
+        "cpu_us_per_frame": _median([r["cpu_us_per_frame"] for r in runs]),
+        "cpu_vs_nginx": _median([_vs(r["cpu_us_per_frame"], n["cpu_us_per_frame"]) for r, n in pairs]),
+        "latency_us": {k: _median([x.get(k) for x in lat]) for k in ("p50", "p99", "p999", "max")},
+        "p99_minus_nginx_us": _median(
+            [r["latency_us"]["p99"] - n["latency_us"]["p99"] for r, n in pairs]
+        ),
+        "lost": sum(r["lost"] for r in runs),
+        "upstream_cpu_us_per_frame": _median([r["upstream_cpu_us_per_frame"] for r in runs]),
+        "relay_core_busy": _median([r["relay_core_busy"] for r in runs]),
+        "load_core_busy": _median([r["load_core_busy"] for r in runs]),
+        "foreign_cpu_s": [r["machine"].get("foreign_cpu_s") for r in runs],
+        "rounds": runs,
+    }
+
+
+def telephony(settings: Settings) -> dict[str, Any]:
+    """N sessions x 320 B every 20 ms for T s, through each contestant, ``rounds`` times.
+
+    The order of contestants rotates each round, so that drift on a shared machine does not
+    always favour the same one. With ``profile``, one extra catflap run follows under py-spy
+    (its numbers are not used).
+    """
+    names = ("direct", "nginx", "catflap")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    result: dict[str, Any] = {
         "sessions": settings.sessions,
         "seconds": settings.seconds,
+        "rounds": settings.rounds,
         "frame_bytes": 320,
         "interval_ms": 20,
-        "agent_hop": "nginx/direct: TCP to a standalone runtime; catflap: Unix socket to its own",
-        "contestants": results,
+        "echo": settings.echo,
+        "agent_hop": "direct, nginx: TCP to a standalone runtime; catflap: Unix socket to its own",
     }
+    with fleet(settings, names) as (endpoints, workdir):
+        for i in range(settings.rounds):
+            for name in names[i % 3 :] + names[: i % 3]:
+                log(
+                    f"telephony round {i + 1}/{settings.rounds}: {name}, "
+                    f"{settings.sessions} sessions for {settings.seconds:g} s"
+                )
+                runs[name].append(
+                    telephony_run(endpoints[name], settings.sessions, settings.seconds, workdir)
+                )
+                time.sleep(0.5)
+        if settings.profile_to is not None:
+            result["profile"] = _profile_gateway(settings, endpoints["catflap"], workdir)
+    result["contestants"] = {name: _summarize(runs[name], runs["nginx"]) for name in names}
+    return result
+
+
+def _profile_gateway(settings: Settings, endpoint: cs.Endpoint, workdir: Path) -> dict[str, Any]:
+    """One more catflap telephony run with py-spy on the gateway, during the send window."""
+    binary = py_spy()
+    if binary is None or settings.profile_to is None:
+        return {"error": "py-spy is not installed (pip install py-spy)"}
+    load, _ = cores()
+    out = settings.profile_to
+    log(f"telephony: profiling the gateway with py-spy -> {out}")
+    # Handshakes take ~1-2 s at 300 sessions; record the steady state only.
+    spy = Spy(
+        binary,
+        endpoint.relay_pids[0],
+        out,
+        delay=2.5,
+        duration=max(1.0, settings.seconds - 2),
+        cpus=load,
+    )
+    with spy:
+        run = telephony_run(endpoint, settings.sessions, settings.seconds, workdir)
+    if spy.error or not out.exists():
+        return {"error": spy.error or "py-spy wrote nothing"}
+    summary = summarize_speedscope(out)
+    summary["file"] = out.name
+    summary["run_cpu_us_per_frame"] = run["cpu_us_per_frame"]
+    return summary
 
 
 # --- throughput -------------------------------------------------------------------------------
@@ -240,7 +313,9 @@ def throughput(settings: Settings) -> dict[str, Any]:
                     "size": size,
                     "cpu_pids": endpoint.cpu_pids(),
                 }
+                quiet = wait_quiet()
                 r = run_loadgen(spec, timeout=settings.seconds + 120, workdir=workdir)
+                r["machine_busy_before"] = quiet
                 cpu = r.pop("cpu_s")
                 relay_cpu = sum(v for k, v in cpu.items() if k.startswith("relay"))
                 frames = 2 * r["messages"]

@@ -394,6 +394,7 @@ async def test_livez_and_readyz_without_a_hook(spawn: Spawn) -> None:
         ("async def readyz():\n    return {'ready': False}\n", 503),
         ("def readyz():\n    raise ValueError('nope')\n", 503),
     ],
+    ids=["false", "true", "async-dict-ready", "async-dict-not-ready", "raises"],
 )
 async def test_readyz_follows_the_bot_hook(
     spawn: Spawn, tmp_path: Path, source: str, status: int
@@ -419,6 +420,7 @@ async def test_readyz_follows_the_bot_hook(
         ("def bot(args):\n    pass\n", "bot must be an async function"),
         ("x = 1\n", "defines no bot()"),
     ],
+    ids=["import-error", "syntax-error", "raises", "not-async", "no-bot"],
 )
 async def test_bad_bot_sends_start_failed_and_exits_3(
     spawn: Spawn, tmp_path: Path, source: str, expected: str

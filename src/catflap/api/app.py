@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from catflap.api.sessions import sessions_router
+from catflap.api.telephony import TELEPHONY_TRANSPORTS, provider_ws_url
 from catflap.auth.tokens import mint_token
 from catflap.contract import limits
 from catflap.contract.body import encode_body
@@ -42,8 +43,6 @@ __all__ = ["StartRequest", "StartResponse", "create_api"]
 
 log = logging.getLogger("catflap.api")
 
-_TELEPHONY = ("twilio", "telnyx", "plivo", "exotel")
-
 
 class StartRequest(BaseModel):
     """Body of ``POST /v1/public/{agent}/start`` (PCC's ``StartRequest``)."""
@@ -59,6 +58,9 @@ class StartResponse(BaseModel):
     wsUrl: str  # noqa: N815
     token: str | None = None
     body: str | None = None
+    #: Telephony transports: the ``agent.org`` to put in Twilio's
+    #: ``<Parameter name="_pipecatCloudServiceHost">`` (already in the URL for the others).
+    serviceHost: str | None = None  # noqa: N815
 
 
 class ErrorBody(BaseModel):
@@ -161,14 +163,13 @@ def create_api(gateway: Gateway) -> FastAPI:
             payload = StartRequest.model_validate(await _read_json(request))
         except ValidationError as exc:
             raise BadRequest(f"invalid request: {exc.errors()[0]['msg']}") from None
-        if payload.transport != "websocket":
-            hint = (
-                'telephony transports are not supported yet; use "websocket" and point the '
-                "provider at the wsUrl with the token as a path segment"
-                if payload.transport in _TELEPHONY
-                else 'catflap serves WebSocket sessions: send {"transport": "websocket"}'
+        transport = payload.transport
+        if transport != "websocket" and transport not in TELEPHONY_TRANSPORTS:
+            choices = ", ".join(["websocket", *TELEPHONY_TRANSPORTS])
+            raise UnsupportedTransport(
+                f"transport {transport!r} is not supported: catflap serves WebSocket sessions; "
+                f"send one of {choices}"
             )
-            raise UnsupportedTransport(f"transport {payload.transport!r} is not supported: {hint}")
         body_b64: str | None = None
         if "body" in (payload.model_fields_set or ()):
             if spec.config.websocket_auth == "none":
@@ -179,15 +180,24 @@ def create_api(gateway: Gateway) -> FastAPI:
             body_b64 = encode_body(payload.body)
         if await gateway.pool.at_capacity(spec.key):
             raise AtCapacity(f"agent {spec.key} is at max_agents; retry shortly")
-        response: dict[str, Any] = {
-            "wsUrl": f"{gateway.config.ws_base_url}/ws/generic/{spec.key}",
-        }
+        response: dict[str, Any] = {}
+        token: str | None = None
         if spec.config.websocket_auth == "token":
             token, claims = mint_token(gateway.keyring, spec.key, now=gateway.clock())
             response["token"] = token
             response["sessionId"] = claims.jti
         else:
             response["sessionId"] = str(uuid.uuid4())
+        base = gateway.config.ws_base_url
+        if transport == "websocket":
+            response["wsUrl"] = f"{base}/ws/generic/{spec.key}"
+        else:
+            # The provider cannot send headers: the token goes in the path, the agent in
+            # ?serviceHost= (or, for Twilio, in a <Parameter>: see serviceHost).
+            response["wsUrl"] = provider_ws_url(
+                base, transport, spec.key, token=token, body_b64=body_b64
+            )
+            response["serviceHost"] = spec.key
         if body_b64 is not None:
             response["body"] = body_b64
         return response

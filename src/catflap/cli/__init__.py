@@ -14,6 +14,7 @@ import click
 from catflap.cli.cluster import agent_host, gateway
 from catflap.cli.serve import serve
 from catflap.cli.sessions import sessions
+from catflap.cli.telephony import telephony_xml
 
 __all__ = ["cli", "main"]
 
@@ -44,6 +45,7 @@ cli.add_command(agent)
 cli.add_command(sessions)
 cli.add_command(gateway)
 cli.add_command(agent_host)
+cli.add_command(telephony_xml)
 
 
 def main(argv: list[str] | None = None) -> None:
