@@ -8,6 +8,7 @@ See ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 from bench import scenarios
 from bench.contestants import ensure_nginx, nginx_version
-from bench.procs import raise_nofile
+from bench.procs import raise_nofile, set_quiet_budget
 from bench.report import machine_info, plot_sweep, write_latest, write_result
 
 __all__ = ["main"]
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results"
 
 SCENARIOS: dict[str, tuple[Callable[[scenarios.Settings], dict[str, Any]], str]] = {
-    "telephony": (scenarios.telephony, "N sessions x 320 B every 20 ms, echoed: CPU/frame, latency"),
+    "telephony": (scenarios.telephony, "N sessions x 320 B every 20 ms, echoed: CPU, latency"),
     "throughput": (scenarios.throughput, "100 connections in a closed loop, 400 B and 8 KiB"),
     "start": (scenarios.start, "warm session starts (p50/p99, rate) and Pipecat cold starts"),
     "memory": (scenarios.memory, "gateway RSS with 0, 1,000 and 5,000 idle sessions"),
@@ -62,6 +63,27 @@ def _parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         help="results folder (default bench/results; a temporary folder with --quick)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, help="telephony runs per contestant, medians reported (default 3)"
+    )
+    parser.add_argument(
+        "--echo",
+        choices=["fast", "asgi"],
+        default="fast",
+        help="upstream bot's echo path: fast (uvicorn frame handler) or asgi (receive/send loop)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the telephony rounds, one more catflap run with py-spy on the gateway",
+    )
+    parser.add_argument(
+        "--quiet-budget",
+        type=float,
+        default=120.0,
+        help="seconds the suite may wait in total for other load on the machine to pass "
+        "(default 120; 0 with --quick)",
     )
     parser.add_argument(
         "--quick",
@@ -102,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         settings.sessions = args.sessions
     if args.seconds is not None:
         settings.seconds = args.seconds
+    if args.rounds is not None:
+        settings.rounds = args.rounds
+    settings.echo = args.echo
+    os.environ["CATFLAP_BENCH_ECHO"] = args.echo  # read by bench/bots/fast-echo/bot.py
+    set_quiet_budget(0.0 if args.quick else args.quiet_budget)
     out: Path = args.out or (
         Path(tempfile.mkdtemp(prefix="catflap-bench-")) if args.quick else DEFAULT_OUT
     )
@@ -109,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile()
     settings.nginx_binary = ensure_nginx()
     meta = machine_info(REPO, nginx_version(settings.nginx_binary))
+    if args.profile:
+        settings.profile_to = out / f"{meta['date'][:10]}-gateway-profile.speedscope.json"
+        out.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
     crashed = 0
     began = time.monotonic()

@@ -227,7 +227,7 @@ class WSClient(asyncio.Protocol):
             if end > n:
                 break
             opcode = data[pos] & 0x0F
-            if opcode == OP_BINARY or opcode == OP_TEXT:
+            if opcode in (OP_BINARY, OP_TEXT):
                 stats.received += 1
                 if stats.record and length >= 16 and not b1 & 0x80:
                     if not now:
@@ -239,7 +239,8 @@ class WSClient(asyncio.Protocol):
                 if self.on_message is not None:
                     self.on_message(self)
             elif opcode == OP_PING:
-                self._write(control_frame(OP_PONG, bytes(data[pos + head : end]), self.template.key))
+                pong = control_frame(OP_PONG, bytes(data[pos + head : end]), self.template.key)
+                self._write(pong)
             elif opcode == OP_CLOSE:
                 if not self.closing:
                     self.closing = True
@@ -382,6 +383,14 @@ def sample_cpu(pids: dict[str, int]) -> dict[str, int]:
     return ticks
 
 
+async def _drain(stats: Stats, limit: float) -> None:
+    """Wait up to ``limit`` s for every echo still in flight (polled every 5 ms)."""
+    for _ in range(int(limit / 0.005)):
+        if stats.received >= stats.sent:
+            return
+        await asyncio.sleep(0.005)
+
+
 def _machine(before: dict[str, tuple[int, int, int]], ours: dict[str, float]) -> dict[str, float]:
     """Machine-wide CPU over the window, and how much of it was not the benchmark's."""
     load = machine_load(before)
@@ -432,9 +441,7 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
             client.send()
         tick += 1
     sent_end = loop.time()
-    drain_deadline = sent_end + float(spec.get("drain", 3.0))
-    while stats.received < stats.sent and loop.time() < drain_deadline:
-        await asyncio.sleep(0.005)
+    await _drain(stats, float(spec.get("drain", 3.0)))
     t1 = loop.time()
     cpu = cpu_delta(cpu0, sample_cpu(pids))
     machine = _machine(machine0, cpu)
@@ -500,9 +507,7 @@ async def run_closed(spec: dict[str, Any]) -> dict[str, Any]:
     elapsed = loop.time() - t0
     cpu = cpu_delta(cpu0, sample_cpu(pids))
     machine = _machine(machine0, cpu)
-    deadline = loop.time() + 3.0
-    while stats.received < stats.sent and loop.time() < deadline:
-        await asyncio.sleep(0.005)
+    await _drain(stats, 3.0)
     lost = stats.sent - stats.received
     lingering = await close_all(clients)
     return {

@@ -86,14 +86,16 @@ class Spy:
 def summarize_speedscope(path: Path, *, top: int = 15) -> dict[str, Any]:
     """Self and inclusive shares of the busiest thread's frames (the event loop's)."""
     doc = json.loads(path.read_text())
-    names = [f["name"] + (f" ({Path(f['file']).name})" if f.get("file") else "") for f in
-             doc["shared"]["frames"]]
+    names = [
+        f["name"] + (f" ({Path(f['file']).name})" if f.get("file") else "")
+        for f in doc["shared"]["frames"]
+    ]
     best: dict[str, Any] | None = None
     for profile in doc["profiles"]:
         frames = {i for stack in profile["samples"] for i in stack}
-        if any("Runner.run" in names[i] or "run_forever" in names[i] for i in frames):
-            if best is None or len(profile["samples"]) > len(best["samples"]):
-                best = profile
+        is_loop = any("Runner.run" in names[i] or "run_forever" in names[i] for i in frames)
+        if is_loop and (best is None or len(profile["samples"]) > len(best["samples"])):
+            best = profile
     if best is None:
         return {"error": "no event-loop thread in the profile"}
     own: Counter[str] = Counter()
@@ -111,10 +113,8 @@ def summarize_speedscope(path: Path, *, top: int = 15) -> dict[str, Any]:
         return [[name, round(100 * w / total, 1)] for name, w in counter.most_common(top)]
 
     return {
-        "samples": int(total),
+        "samples": len(best["samples"]),
         "idle_pct": round(100 * idle / total, 1) if total else 0.0,
         "self_pct": share(own),
-        "inclusive_pct": share(
-            Counter({n: w for n, w in inclusive.items() if w < 0.999 * total})
-        ),
+        "inclusive_pct": share(Counter({n: w for n, w in inclusive.items() if w < 0.999 * total})),
     }

@@ -215,7 +215,9 @@ def _summarize(runs: list[dict[str, Any]], nginx_runs: list[dict[str, Any]]) -> 
     return {
         "cpu_label": runs[0]["cpu_label"],
         "cpu_us_per_frame": _median([r["cpu_us_per_frame"] for r in runs]),
-        "cpu_vs_nginx": _median([_vs(r["cpu_us_per_frame"], n["cpu_us_per_frame"]) for r, n in pairs]),
+        "cpu_vs_nginx": _median(
+            [_vs(r["cpu_us_per_frame"], n["cpu_us_per_frame"]) for r, n in pairs]
+        ),
         "latency_us": {k: _median([x.get(k) for x in lat]) for k in ("p50", "p99", "p999", "max")},
         "p99_minus_nginx_us": _median(
             [r["latency_us"]["p99"] - n["latency_us"]["p99"] for r, n in pairs]
@@ -509,9 +511,7 @@ def sweep(settings: Settings) -> dict[str, Any]:
             by = {}
             for name in names:
                 log(f"sweep: {name}, {sessions} sessions for {settings.sweep_seconds:g} s")
-                by[name] = telephony_run(
-                    endpoints[name], sessions, settings.sweep_seconds, workdir
-                )
+                by[name] = telephony_run(endpoints[name], sessions, settings.sweep_seconds, workdir)
                 time.sleep(0.5)
             levels.append({"sessions": sessions, "by": by})
     return {"seconds": settings.sweep_seconds, "contestants": list(names), "levels": levels}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -35,6 +35,7 @@ from catflap.contract.errors import (
     UpgradeRequired,
     error_body,
 )
+from catflap.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
     from catflap.gateway.server import Gateway
@@ -128,6 +129,10 @@ def create_api(gateway: Gateway) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error_response(400, f"invalid request: {exc.errors()[0]['msg']}", "bad_request")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/livez", include_in_schema=False)
     async def livez() -> dict[str, str]:

@@ -20,7 +20,7 @@ from catflap.contract.closecodes import CloseCode
 from catflap.contract.errors import RequestRejected, RequestTimeout, http_error_response
 from catflap.gateway.frames import close_frame
 from catflap.gateway.httphead import HeadParser
-from catflap.gateway.session import run_session
+from catflap.gateway.session import count_refusal, run_session
 from catflap.gateway.upgrade import is_websocket_path
 
 if TYPE_CHECKING:
@@ -103,6 +103,7 @@ class GatewayConnection(asyncio.Protocol):
         """Answer with the JSON error and close; nothing was upgraded."""
         self._parser = None
         self._cancel_timer()
+        count_refusal(self.gateway, str(rejected.status), rejected)
         if not self.transport.is_closing():
             self.transport.write(http_error_response(rejected))
             self.transport.close()

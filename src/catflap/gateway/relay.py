@@ -168,6 +168,15 @@ class Relay:
             self._send_close(leg, code, reason, masked=masked)
         self._arm_timer()
 
+    def traffic(self) -> dict[str, int]:
+        """Bytes and frames relayed so far, for metrics (read at scrape time)."""
+        return {
+            "bytes_client_to_agent": self.client.bytes_in,
+            "bytes_agent_to_client": self.agent.bytes_in,
+            "frames_client_to_agent": self.client.scanner.frames,
+            "frames_agent_to_client": self.agent.scanner.frames,
+        }
+
     def slow_started(self, leg: RelayLeg) -> None:
         if leg.slow_timer is None and not leg.closed:
             leg.slow_timer = self.loop.call_later(self._slow_peer_timeout, self._too_slow, leg)

@@ -25,6 +25,7 @@ from catflap.contract.closecodes import CloseCode
 from catflap.contract.names import ServiceHost
 from catflap.gateway.front import GatewayConnection
 from catflap.gateway.relay import Relay
+from catflap.metrics import GatewayMetrics
 from catflap.pool.pool import SessionPool
 from catflap.sessions.registry import SessionRegistry
 from catflap.sessions.store import SessionStore
@@ -56,6 +57,11 @@ class Gateway:
         self.clock = clock
         self.upstream_timeout = upstream_timeout
         self.sessions = SessionRegistry()
+        self.metrics = GatewayMetrics()
+        self.metrics.gateway = self
+        instance_states = getattr(pool, "instance_states", None)
+        if instance_states is not None:
+            self.metrics.pool_states = instance_states
         self.relays: dict[str, Relay] = {}
         self.draining = False
         self._drain_now = asyncio.Event()

@@ -31,6 +31,7 @@ from catflap.contract.errors import (
     InternalError,
     RequestRejected,
     ServiceUnavailable,
+    TokenRejected,
 )
 from catflap.gateway.httphead import RequestHead
 from catflap.gateway.relay import Relay
@@ -60,7 +61,7 @@ async def run_session(
             raise Draining("the gateway is shutting down; connect again to reach another one")
         accepted = check_upgrade(head, gateway.directory, gateway.keyring, now=gateway.clock())
     except RequestRejected as rejected:
-        refuse(conn, head, rejected, "-")
+        refuse(gateway, conn, head, rejected, "-")
         return
     except Exception:
         log.exception("! unexpected error checking %s", loggable(head.path))
@@ -84,7 +85,7 @@ async def run_session(
             gateway, accepted, await admit(gateway, accepted), request
         )
     except RequestRejected as rejected:
-        refuse(conn, head, rejected, accepted.session_id)
+        refuse(gateway, conn, head, rejected, accepted.session_id)
         return
     except Exception:
         log.exception("! unexpected error while starting a session for %s", loggable(head.path))
@@ -102,7 +103,13 @@ def _agent(accepted: UpgradeAccepted) -> AgentSpec:
     return accepted.agent
 
 
-def refuse(conn: GatewayConnection, head: RequestHead, rejected: RequestRejected, sid: str) -> None:
+def refuse(
+    gateway: Gateway,
+    conn: GatewayConnection,
+    head: RequestHead,
+    rejected: RequestRejected,
+    sid: str,
+) -> None:
     session_log(log, sid).info(
         "! %s %s -> %d %s",
         head.method,
@@ -111,6 +118,14 @@ def refuse(conn: GatewayConnection, head: RequestHead, rejected: RequestRejected
         rejected.to_body()["code"],
     )
     conn.reject(rejected)
+
+
+def count_refusal(gateway: Gateway, status: str, rejected: RequestRejected) -> None:
+    """Count a refusal (``status`` is an HTTP status, or a close code after the upgrade)."""
+    reason = rejected.to_body()["code"]
+    gateway.metrics.refusals.labels(status, reason).inc()
+    if isinstance(rejected, TokenRejected):
+        gateway.metrics.token_verifications.labels(rejected.reason).inc()
 
 
 async def admit(gateway: Gateway, accepted: UpgradeAccepted) -> SessionLease:
@@ -123,6 +138,7 @@ async def admit(gateway: Gateway, accepted: UpgradeAccepted) -> SessionLease:
     """
     if accepted.claims is not None:
         await consume_or_reject(gateway.replay, accepted.claims)
+        gateway.metrics.token_verifications.labels("ok").inc()
     return await gateway.pool.acquire(_agent(accepted).key, accepted.session_id)
 
 
@@ -189,6 +205,11 @@ async def relay_session(
         bot_start_seconds=start_seconds,
     )
     gateway.sessions.started(record)
+    metrics = gateway.metrics
+    metrics.sessions_started.labels(agent.key, record.transport).inc()
+    metrics.start_seconds.labels("cold" if lease.cold_start else "warm").observe(start_seconds)
+    if lease.cold_start:
+        metrics.cold_starts.labels(agent.key).inc()
     # Persist off the handshake path; the end-of-session save waits for this one.
     first_save = gateway.spawn(_store(gateway, dataclasses.replace(record)))
     slog.info(
@@ -211,6 +232,7 @@ async def relay_session(
         gateway.relays.pop(accepted.session_id, None)
     record.finish(end, stats, drained=relay.drained, now=gateway.clock())
     gateway.sessions.ended_now(record)
+    metrics.session_ended(agent.key, str(record.completion_status), relay.traffic())
     await asyncio.wait([first_save])
     await _store(gateway, record)
     slog.info(

@@ -39,7 +39,14 @@ from catflap.contract.errors import (
 from catflap.gateway.frames import FrameReader
 from catflap.gateway.httphead import RequestHead
 from catflap.gateway.providers import HandshakeDone, HandshakeInvalid, Provider, ProviderHandshake
-from catflap.gateway.session import admit, connect_agent, loggable, refuse, relay_session
+from catflap.gateway.session import (
+    admit,
+    connect_agent,
+    count_refusal,
+    loggable,
+    refuse,
+    relay_session,
+)
 from catflap.gateway.upgrade import UpgradeAccepted, resolve_agent
 from catflap.gateway.upstream import build_upstream_request
 from catflap.logs import session_log
@@ -161,7 +168,7 @@ async def run_provider_session(
         try:
             lease = await admit(gateway, accepted)
         except RequestRejected as rejected:
-            refuse(conn, head, rejected, accepted.session_id)
+            refuse(gateway, conn, head, rejected, accepted.session_id)
             return
     key = head.header("sec-websocket-key") or ""
     conn.transport.write(accept_response(key))
@@ -172,6 +179,9 @@ async def run_provider_session(
                 conn, provider, trailing, deadline=gateway.config.gateway.provider_handshake_timeout
             )
         except HandshakeFailed as failed:
+            gateway.metrics.refusals.labels(
+                str(int(CloseCode.POLICY_VIOLATION)), "provider_handshake"
+            ).inc()
             slog.info("! %s %s: %s", provider.name, loggable(head.path), failed)
             conn.close_websocket(CloseCode.POLICY_VIOLATION, str(failed))
             return
@@ -195,10 +205,12 @@ async def run_provider_session(
                 slog = session_log(log, accepted.session_id)
                 lease = await admit(gateway, accepted)
             except (AtCapacity, ServiceUnavailable) as busy:
+                count_refusal(gateway, str(int(CloseCode.TRY_AGAIN_LATER)), busy)
                 slog.info("! twilio: %s", busy.message)
                 conn.close_websocket(CloseCode.TRY_AGAIN_LATER, busy.message)
                 return
             except RequestRejected as rejected:
+                count_refusal(gateway, str(int(CloseCode.POLICY_VIOLATION)), rejected)
                 slog.info("! twilio: %s", rejected.message)
                 reason = (
                     rejected.message

@@ -506,6 +506,22 @@ class LocalPool:
         for pool in self.agents.values():
             pool.start()
 
+    def instance_states(self) -> dict[tuple[str, str], int]:
+        """``{(agent, state): count}`` with states starting, idle, busy and draining."""
+        counts: dict[tuple[str, str], int] = {}
+        for key, pool in self.agents.items():
+            for state in ("starting", "idle", "busy", "draining"):
+                counts[(key, state)] = 0
+            for instance in pool.live():
+                if instance.state is InstanceState.STARTING:
+                    state = "starting"
+                elif instance.state is InstanceState.STOPPING:
+                    state = "draining"
+                else:
+                    state = "busy" if instance.leases else "idle"
+                counts[(key, state)] += 1
+        return counts
+
     async def close(self) -> None:
         await asyncio.gather(*(pool.close() for pool in self.agents.values()))
 

@@ -1,0 +1,135 @@
+"""Prometheus metrics of a gateway (``GET /metrics``), on a registry of its own.
+
+The relay's hot path gains nothing: byte and frame counters are read from the live relays at
+scrape time (plus the totals of ended sessions), not incremented per frame. Everything else is
+counted once per handshake or per session. docs/operations.md lists every metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from catflap.gateway.server import Gateway
+
+__all__ = ["CONTENT_TYPE", "GatewayMetrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Session start (upgrade request -> 101) buckets: warm starts take milliseconds, cold starts
+#: seconds.
+_START_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _LiveCollector(Collector):
+    """Values read at scrape time: active sessions, relayed traffic, pool instances."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        gateway = self._metrics.gateway
+        if gateway is None:
+            return
+        active = GaugeMetricFamily(
+            "catflap_sessions_active", "Sessions relayed right now.", labels=["agent"]
+        )
+        per_agent: dict[str, int] = {}
+        for record in gateway.sessions.live.values():
+            key = f"{record.agent}.{record.organization}"
+            per_agent[key] = per_agent.get(key, 0) + 1
+        for agent in self._metrics.agent_keys():
+            active.add_metric([agent], per_agent.get(agent, 0))
+        yield active
+
+        totals = dict(self._metrics.ended_traffic)
+        for relay in list(gateway.relays.values()):
+            for name, value in relay.traffic().items():
+                totals[name] = totals.get(name, 0) + value
+        relayed_bytes = CounterMetricFamily(
+            "catflap_relayed_bytes", "Bytes relayed, by direction.", labels=["direction"]
+        )
+        relayed_frames = CounterMetricFamily(
+            "catflap_relayed_frames",
+            "WebSocket frames relayed, by direction.",
+            labels=["direction"],
+        )
+        for direction in ("client_to_agent", "agent_to_client"):
+            relayed_bytes.add_metric([direction], totals.get(f"bytes_{direction}", 0))
+            relayed_frames.add_metric([direction], totals.get(f"frames_{direction}", 0))
+        yield relayed_bytes
+        yield relayed_frames
+
+        states = self._metrics.pool_states()
+        if states is not None:
+            instances = GaugeMetricFamily(
+                "catflap_pool_instances", "Agent instances by state.", labels=["agent", "state"]
+            )
+            for (agent, state), count in sorted(states.items()):
+                instances.add_metric([agent, state], count)
+            yield instances
+
+
+class GatewayMetrics:
+    """The metrics of one gateway."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.gateway: Gateway | None = None
+        #: Returns ``{(agent, state): count}``; None when the pool lives elsewhere (cluster).
+        self.pool_states: Callable[[], dict[tuple[str, str], int] | None] = lambda: None
+        self.ended_traffic: dict[str, int] = {}
+        self.sessions_started = Counter(
+            "catflap_sessions_started",
+            "Sessions started (upgraded), by agent and transport.",
+            ["agent", "transport"],
+            registry=self.registry,
+        )
+        self.refusals = Counter(
+            "catflap_handshake_refusals",
+            "Requests refused before or during the handshake, by status and reason.",
+            ["status", "reason"],
+            registry=self.registry,
+        )
+        self.completions = Counter(
+            "catflap_sessions_completed",
+            "Ended sessions, by agent and completion status.",
+            ["agent", "status"],
+            registry=self.registry,
+        )
+        self.start_seconds = Histogram(
+            "catflap_session_start_seconds",
+            "Upgrade request to 101, split by warm and cold start.",
+            ["start"],
+            buckets=_START_BUCKETS,
+            registry=self.registry,
+        )
+        self.cold_starts = Counter(
+            "catflap_cold_starts",
+            "Sessions that had to wait for an instance to start.",
+            ["agent"],
+            registry=self.registry,
+        )
+        self.token_verifications = Counter(
+            "catflap_token_verifications",
+            "Session tokens checked, by result.",
+            ["result"],
+            registry=self.registry,
+        )
+        self.registry.register(_LiveCollector(self))
+
+    def agent_keys(self) -> list[str]:
+        return [] if self.gateway is None else sorted(a.key for a in self.gateway.config.agents())
+
+    def session_ended(self, agent: str, status: str, traffic: dict[str, int]) -> None:
+        self.completions.labels(agent, status).inc()
+        for name, value in traffic.items():
+            self.ended_traffic[name] = self.ended_traffic.get(name, 0) + value
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))
