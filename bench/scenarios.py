@@ -165,7 +165,7 @@ def _cpu_label(endpoint: cs.Endpoint) -> str:
 
 
 def telephony_run(
-    endpoint: cs.Endpoint, sessions: int, seconds: float, workdir: Path
+    endpoint: cs.Endpoint, sessions: int, seconds: float, workdir: Path, *, quiet: bool = True
 ) -> dict[str, Any]:
     """One telephony run against one contestant, with CPU per forwarded frame worked out."""
     spec = {
@@ -176,9 +176,9 @@ def telephony_run(
         "seconds": seconds,
         "cpu_pids": endpoint.cpu_pids(),
     }
-    quiet = wait_quiet()
+    busy = wait_quiet() if quiet else None
     r = run_loadgen(spec, timeout=seconds + 180, workdir=workdir)
-    r["machine_busy_before"] = quiet
+    r["machine_busy_before"] = busy
     frames = r["sent"] + r["received"]
     cpu = r.pop("cpu_s")
     relay_cpu = sum(v for k, v in cpu.items() if k.startswith("relay"))
@@ -283,8 +283,9 @@ def _profile_gateway(settings: Settings, endpoint: cs.Endpoint, workdir: Path) -
         duration=max(1.0, settings.seconds - 2),
         cpus=load,
     )
+    wait_quiet()
     with spy:
-        run = telephony_run(endpoint, settings.sessions, settings.seconds, workdir)
+        run = telephony_run(endpoint, settings.sessions, settings.seconds, workdir, quiet=False)
     if spy.error or not out.exists():
         return {"error": spy.error or "py-spy wrote nothing"}
     summary = summarize_speedscope(out)

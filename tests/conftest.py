@@ -116,18 +116,25 @@ async def running_gateway(
     keyring: KeyRing = TEST_KEYRING,
     ready_timeout: float = 30.0,
     store: SessionStore | None = None,
+    adjust: Callable[[CatflapConfig], CatflapConfig] | None = None,
+    pool_options: dict[str, Any] | None = None,
 ) -> AsyncIterator[RunningGateway]:
     """A gateway on 127.0.0.1:0 with a real pool of agent processes; stops itself.
 
     Session records go to ``store`` (which the caller closes), or else to a fresh SQLite file.
+    ``adjust`` may change the loaded config (to go below a validated minimum in a test), and
+    ``pool_options`` are passed to every agent's pool.
     """
     workdir = Path(tempfile.mkdtemp(prefix="cf"))  # short: AF_UNIX paths are limited
     try:
         config = load_config(write_config(workdir, agents))
+        if adjust is not None:
+            config = adjust(config)
         pool = LocalPool(
             config.agents(),
             SubprocessLauncher(workdir, log_level="warning"),
             ready_timeout=seconds(ready_timeout),
+            **(pool_options or {}),
         )
         own_store = store is None
         if store is None:

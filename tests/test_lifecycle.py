@@ -18,6 +18,7 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect
 
+from catflap.config import CatflapConfig
 from catflap.contract import limits
 from catflap.gateway.relay import Relay
 
@@ -219,3 +220,64 @@ async def test_second_sigterm_closes_everything_at_once(tmp_path: Path) -> None:
         proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def _shorter_sessions(config: CatflapConfig) -> CatflapConfig:
+    """max_session_duration = 1 s, below the 60 s the config accepts, for a quick test."""
+    org = config.organizations["my-org"]
+    agent = org.agents["echo"].model_copy(update={"max_session_duration": 1})
+    org = org.model_copy(update={"agents": {**org.agents, "echo": agent}})
+    return config.model_copy(update={"organizations": {"my-org": org}})
+
+
+async def test_max_session_duration_cancels_the_bot_and_closes_the_client() -> None:
+    agents = {"echo": {"scaling": {"min_agents": 1}}}
+    async with running_gateway(agents, adjust=_shorter_sessions) as gw:
+        await gw.wait_ready("echo.my-org")
+        async with connect(f"{gw.ws}/ws/generic/echo.my-org") as ws:
+            session_id = json.loads(await ws.recv())["session_id"]
+            opened = time.perf_counter()
+            with pytest.raises(websockets.ConnectionClosedOK):
+                async with asyncio.timeout(seconds(5)):
+                    await ws.recv()
+        assert 0.9 < time.perf_counter() - opened < 2.5
+        assert (ws.close_code, ws.close_reason) == (1000, "session time limit reached")
+        record = await _ended(gw, session_id)
+        assert record.completion_status == "time_limit"
+
+
+async def test_a_hung_runtime_is_killed_and_replaced() -> None:
+    agents = {"hang": {"path": BOTS / "hang", "scaling": {"min_agents": 1}}}
+    options = {"ping_interval": 0.2, "ping_timeout": 1.0}
+    async with running_gateway(agents, pool_options=options) as gw:
+        await gw.wait_ready("hang.my-org")
+        pool = gw.pool.agents["hang.my-org"]
+        (hung,) = pool.live()
+        async with connect(f"{gw.ws}/ws/generic/hang.my-org") as ws:
+            assert await ws.recv() == "ready"
+            (session_id,) = gw.gateway.sessions.live
+            await ws.send("__hang__")
+            with pytest.raises(websockets.ConnectionClosedError):
+                async with asyncio.timeout(seconds(10)):
+                    await ws.recv()
+        assert ws.close_code == 1011
+        record = await _ended(gw, session_id)
+        assert record.completion_status == "agent_crashed"
+        await gw.wait_ready("hang.my-org")
+        assert pool.live()[0].pid != hung.pid
+
+
+async def test_client_sockets_have_tcp_keepalive() -> None:
+    async with running_gateway({"echo": {"scaling": {"min_agents": 1}}}) as gw:
+        await gw.wait_ready("echo.my-org")
+        async with connect(f"{gw.ws}/ws/generic/echo.my-org") as ws:
+            await ws.recv()
+            (relay,) = gw.gateway.relays.values()
+            sock = relay.client.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == (
+                limits.TCP_KEEPALIVE_IDLE_S
+            )
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == (
+                limits.TCP_KEEPALIVE_COUNT
+            )

@@ -14,6 +14,7 @@ __all__ = [
     "BODY_MAX_BYTES",
     "BODY_MAX_ENCODED_CHARS",
     "BOT_CANCEL_GRACE_S",
+    "CLOSE_REASON_MAX_BYTES",
     "CLOSE_WAIT_S",
     "DISPATCH_ATTEMPTS",
     "DRAIN_TIMEOUT_S",
@@ -42,6 +43,10 @@ __all__ = [
     "TOKEN_CLOCK_SKEW_S",
     "TOKEN_TTL_S",
     "UPSTREAM_HANDSHAKE_TIMEOUT_S",
+    "WS_MAX_SIZE_BYTES",
+    "WS_PER_MESSAGE_DEFLATE",
+    "WS_PING_INTERVAL_S",
+    "WS_PING_TIMEOUT_S",
 ]
 
 # --- Names ---------------------------------------------------------------------------------
@@ -145,6 +150,21 @@ SLOW_PEER_TIMEOUT_S = 10.0
 TCP_KEEPALIVE_IDLE_S = 20
 TCP_KEEPALIVE_INTERVAL_S = 5
 TCP_KEEPALIVE_COUNT = 3
+#: A close reason is at most 123 bytes: a control frame's payload is 125, 2 of them the code.
+CLOSE_REASON_MAX_BYTES = 123
+
+# --- Agent runtime (uvicorn's WebSocket settings) ---------------------------------------------
+
+#: Audio does not compress, and deflate would cost CPU on every frame of every session; the
+#: agent's choice reaches the client, since the gateway relays the negotiation untouched.
+WS_PER_MESSAGE_DEFLATE = False
+#: uvicorn's defaults: the runtime pings its peer (the client, through the relay) and a dead
+#: peer is noticed within 40 s even when no frame flows.
+WS_PING_INTERVAL_S = 20.0
+WS_PING_TIMEOUT_S = 20.0
+#: uvicorn's default; far above any audio frame, and it bounds one message's memory.
+WS_MAX_SIZE_BYTES = 16 * 1024 * 1024
+
 #: After one leg closes, how long the other leg's close handshake may take before the socket is
 #: torn down. Pipecat cut its own wait to 0.5 s after 10 s stalls hit 19 % of calls.
 CLOSE_WAIT_S = 2.0

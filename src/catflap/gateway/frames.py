@@ -21,6 +21,7 @@ import os
 import struct
 from typing import NamedTuple
 
+from catflap.contract import limits
 from catflap.contract.closecodes import assert_sendable
 
 __all__ = ["FrameReader", "FrameScanner", "ReadFrame", "close_frame"]
@@ -28,8 +29,6 @@ __all__ = ["FrameReader", "FrameScanner", "ReadFrame", "close_frame"]
 _OP_CLOSE = 0x8
 #: Orders close frames across all scanners, to tell which peer closed first.
 _CLOSE_SEQUENCE = itertools.count(1)
-#: A reason is at most 123 bytes: a control payload is 125 bytes, 2 of which hold the code.
-_MAX_REASON = 123
 
 
 class FrameScanner:
@@ -206,7 +205,11 @@ def close_frame(code: int, reason: str = "", *, masked: bool) -> bytes:
         AssertionError: ``code`` is not one catflap may send.
     """
     assert_sendable(code)
-    encoded = reason.encode("utf-8")[:_MAX_REASON].decode("utf-8", "ignore").encode("utf-8")
+    encoded = (
+        reason.encode("utf-8")[: limits.CLOSE_REASON_MAX_BYTES]
+        .decode("utf-8", "ignore")
+        .encode("utf-8")
+    )
     payload = struct.pack("!H", code) + encoded
     if not masked:
         return bytes((0x80 | _OP_CLOSE, len(payload))) + payload

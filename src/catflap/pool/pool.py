@@ -490,10 +490,23 @@ class LocalPool:
     """All agents' pools in this process: catflap's single-machine mode."""
 
     def __init__(
-        self, agents: Iterable[AgentSpec], launcher: Launcher, *, ready_timeout: float
+        self,
+        agents: Iterable[AgentSpec],
+        launcher: Launcher,
+        *,
+        ready_timeout: float,
+        ping_interval: float = limits.AGENT_PING_INTERVAL_S,
+        ping_timeout: float = limits.AGENT_PING_TIMEOUT_S,
     ) -> None:
         self.agents = {
-            agent.key: AgentPool(agent, launcher, ready_timeout=ready_timeout) for agent in agents
+            agent.key: AgentPool(
+                agent,
+                launcher,
+                ready_timeout=ready_timeout,
+                ping_interval=ping_interval,
+                ping_timeout=ping_timeout,
+            )
+            for agent in agents
         }
 
     def _pool(self, agent_key: str) -> AgentPool:

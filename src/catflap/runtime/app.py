@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from catflap.contract import headers
+from catflap.contract import headers, limits
 from catflap.contract.closecodes import CloseCode, assert_sendable
 from catflap.runtime.args import decode_body_param, make_session_args
 from catflap.runtime.botloader import LoadedBot
@@ -41,18 +41,12 @@ __all__ = [
     "create_app",
 ]
 
-# Candidates for contract/limits.py; defined here until they move there.
-#: Audio does not compress, and deflate would cost CPU on every frame of every session.
-WS_PER_MESSAGE_DEFLATE = False
-#: uvicorn's defaults: a dead gateway leg is noticed within 40 s even if no frame flows.
-WS_PING_INTERVAL_S = 20.0
-WS_PING_TIMEOUT_S = 20.0
-#: uvicorn's default; far above any audio frame, and it bounds one message's memory.
-WS_MAX_SIZE_BYTES = 16 * 1024 * 1024
-#: A cancelled bot gets this long to unwind before the session is reported anyway.
-BOT_CANCEL_GRACE_S = 5.0
-#: RFC 6455: a close frame's payload is at most 125 bytes, two of which are the code.
-CLOSE_REASON_MAX_BYTES = 123
+WS_PER_MESSAGE_DEFLATE = limits.WS_PER_MESSAGE_DEFLATE
+WS_PING_INTERVAL_S = limits.WS_PING_INTERVAL_S
+WS_PING_TIMEOUT_S = limits.WS_PING_TIMEOUT_S
+WS_MAX_SIZE_BYTES = limits.WS_MAX_SIZE_BYTES
+BOT_CANCEL_GRACE_S = limits.BOT_CANCEL_GRACE_S
+CLOSE_REASON_MAX_BYTES = limits.CLOSE_REASON_MAX_BYTES
 
 #: Where the runtime reports events (the control channel, or a log line when standalone).
 EventSink = Callable[[ChildEvent], Awaitable[None]]
