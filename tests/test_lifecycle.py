@@ -281,3 +281,19 @@ async def test_client_sockets_have_tcp_keepalive() -> None:
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == (
                 limits.TCP_KEEPALIVE_COUNT
             )
+
+
+async def test_gateway_close_is_recorded_even_when_it_has_to_abort_mid_frame() -> None:
+    # The flood bot keeps the agent -> client stream mid-frame most of the time, so the close
+    # toward the client is an abort; the record must still say the gateway closed with 1013,
+    # never that the agent vanished.
+    agents = {"flood": {"path": BOTS / "flood", "scaling": {"min_agents": 1}}}
+    async with running_gateway(agents) as gw:
+        await gw.wait_ready("flood.my-org")
+        sock, _ = await _raw_upgrade(gw.port, "/ws/generic/flood.my-org")
+        (session_id,) = gw.gateway.sessions.live
+        relay = gw.gateway.relays[session_id]
+        relay._too_slow(relay.client)  # what the slow-peer timer does
+        record = await _ended(gw, session_id)
+        sock.close()
+    assert record.gateway_close_code == 1013

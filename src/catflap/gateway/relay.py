@@ -223,7 +223,11 @@ class Relay:
         if other.closed:
             self._finish()
             return
-        if leg.is_client:
+        if self._gateway_close is not None:
+            # catflap is already ending this session (drain, slow peer): its closes are on
+            # their way, so a leg dropping now is expected, not a vanished peer.
+            pass
+        elif leg.is_client:
             if not leg.scanner.close_seen:
                 # The client vanished: tell the bot, as a clean client would have.
                 self._send_close(other, CloseCode.GOING_AWAY, "client went away", masked=True)
