@@ -381,3 +381,47 @@ async def test_sessions_survive_redis_going_away_and_new_ones_resume_after() -> 
                         await asyncio.sleep(0.2)
             await ws.close()
             await live.close()
+
+
+async def test_an_agent_host_drains_on_sigterm() -> None:
+    async with cluster(gateways=1, hosts=1, slots=1) as cl:
+        live, _ = await _open(cl, 0)
+        host = cl.hosts[0].popen
+        host.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)  # the instance turns "draining" in Redis
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            started = await _token(cl, 0)
+            await connect(f"{cl.url(0)}/ws/generic/echo.my-org/{started['token']}")
+        assert refused.value.response.status_code == 503
+        await live.send("still here")
+        assert await live.recv() == "still here"
+        assert host.poll() is None  # it waits for the live call
+        await live.close()
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, lambda: host.wait(timeout=seconds(20))) == 0
+
+
+async def test_a_busy_instance_keeps_its_slot_when_redis_forgets_it() -> None:
+    async with cluster(gateways=1, hosts=1, slots=1) as cl:
+        live, hello = await _open(cl, 0)
+        client = redis.Redis.from_url(cl.redis_url)
+        try:
+            keys = list(client.scan_iter(f"{cl.prefix}:*"))
+            client.delete(*keys)  # what a Redis restart without persistence does
+            async with asyncio.timeout(seconds(15)):
+                while cl.registered() < 1:  # the heartbeat notices and registers again
+                    await asyncio.sleep(0.1)
+            (iid,) = [
+                i.decode() for i in client.smembers(f"{cl.prefix}:agent:echo.my-org:instances")
+            ]
+            active = {s.decode() for s in client.smembers(f"{cl.prefix}:inst:{iid}:active")}
+        finally:
+            client.close()
+        assert active == {hello["session_id"]}
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            started = await _token(cl, 0)
+            await connect(f"{cl.url(0)}/ws/generic/echo.my-org/{started['token']}")
+        assert refused.value.response.status_code == 503  # not a second session on it
+        await live.send("fine")
+        assert await live.recv() == "fine"
+        await live.close()

@@ -33,9 +33,12 @@ __all__ = ["DISPATCH_LUA", "ClusterLease", "RedisPool"]
 log = logging.getLogger("catflap.cluster")
 
 #: KEYS[1]: the agent's instance set. ARGV: prefix, now_ms, session_id, reservation expiry
-#: (ms), random offset. Returns {instance_id, address, live_count} or {false, false, live}.
+#: (ms), random offset, then instance ids to avoid (a retry after a failed connect).
+#: Returns {instance_id, address, live_count} or {false, false, live}.
 DISPATCH_LUA = """
 local ids = redis.call('SMEMBERS', KEYS[1])
+local avoid = {}
+for i = 6, #ARGV do avoid[ARGV[i]] = true end
 local n = #ids
 local live = 0
 local chosen = nil
@@ -46,7 +49,7 @@ for i = 0, n - 1 do
     redis.call('SREM', KEYS[1], id)
   else
     live = live + 1
-    if chosen == nil and redis.call('HGET', ikey, 'state') == 'ready' then
+    if chosen == nil and not avoid[id] and redis.call('HGET', ikey, 'state') == 'ready' then
       local rkey = ikey .. ':resv'
       redis.call('ZREMRANGEBYSCORE', rkey, '-inf', ARGV[2])
       local used = redis.call('SCARD', ikey .. ':active') + redis.call('ZCARD', rkey)
@@ -83,6 +86,10 @@ class ClusterLease:
     def instance_label(self) -> str:
         return f"instance {self.instance_id} ({self.instance_address})"
 
+    @property
+    def instance_key(self) -> str:
+        return self.instance_id
+
 
 def _unavailable(exc: Exception) -> ServiceUnavailable:
     log.error("! Redis unreachable (%s); refusing new sessions until it is back", exc)
@@ -98,6 +105,8 @@ class RedisPool:
         self._agents = {agent.key: agent for agent in agents}
         self._dispatch = client.register_script(DISPATCH_LUA)
         self._leases: dict[str, ClusterLease] = {}
+        #: Consecutive checks that found a lease's instance missing from Redis.
+        self._missing: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def start(self) -> None:
@@ -116,7 +125,9 @@ class RedisPool:
         except KeyError:
             raise AgentNotFound(f"no agent {agent_key!r}") from None
 
-    async def _run_dispatch(self, agent_key: str, session_id: str) -> tuple[Any, Any, int]:
+    async def _run_dispatch(
+        self, agent_key: str, session_id: str, avoid: frozenset[str]
+    ) -> tuple[Any, Any, int]:
         now_ms = int(time.time() * 1000)
         try:
             result = await self._dispatch(
@@ -127,6 +138,7 @@ class RedisPool:
                     session_id,
                     now_ms + int(RESERVATION_TTL_S * 1000),
                     random.randrange(1 << 30),
+                    *sorted(avoid),
                 ],
             )
         except (RedisError, OSError) as exc:
@@ -156,7 +168,9 @@ class RedisPool:
                 return True
         return False
 
-    async def acquire(self, agent_key: str, session_id: str) -> SessionLease:
+    async def acquire(
+        self, agent_key: str, session_id: str, *, avoid: frozenset[str] = frozenset()
+    ) -> SessionLease:
         """Reserve a slot anywhere in the cluster.
 
         Raises:
@@ -165,7 +179,7 @@ class RedisPool:
                 Redis is unreachable.
         """
         agent = self._agent(agent_key)
-        instance_id, address, live = await self._run_dispatch(agent_key, session_id)
+        instance_id, address, live = await self._run_dispatch(agent_key, session_id, avoid)
         if not instance_id:
             if live >= agent.config.scaling.max_agents:
                 raise AtCapacity(
@@ -239,7 +253,12 @@ class RedisPool:
                 delay = min(delay * 2, 5.0)
 
     async def _watch_instances(self) -> None:
-        """A session whose instance vanished (its host died) ends as ``agent_crashed``."""
+        """A session whose instance vanished (its host died) ends as ``agent_crashed``.
+
+        An instance must be missing at three checks in a row (1.5 heartbeat TTLs): after a
+        Redis restart, live hosts register their instances again within a third of a TTL,
+        and their sessions must not be written off meanwhile.
+        """
         while True:
             await asyncio.sleep(HEARTBEAT_TTL_S / 2)
             for session_id, lease in list(self._leases.items()):
@@ -247,7 +266,12 @@ class RedisPool:
                     alive = await self._redis.exists(self._keys.instance(lease.instance_id))
                 except (RedisError, OSError):
                     break  # cannot tell; try again later
-                if not alive:
+                if alive:
+                    self._missing.pop(session_id, None)
+                    continue
+                misses = self._missing[session_id] = self._missing.get(session_id, 0) + 1
+                if misses >= 3:
+                    self._missing.pop(session_id, None)
                     self._resolve(
                         session_id,
                         SessionEnd(status="agent_crashed", error="agent host lost"),

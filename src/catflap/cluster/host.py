@@ -97,6 +97,9 @@ class AgentHost:
         self._ops: asyncio.Queue[Op] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._registered: set[str] = set()
+        self._draining = False
+        #: Set whenever the last running session on this host ends.
+        self._idle = asyncio.Event()
 
     def instance_key(self, instance: Instance) -> str:
         return f"{self.host_id}-{instance.instance_id}"
@@ -109,7 +112,32 @@ class AgentHost:
             self._tasks.add(loop.create_task(coro))
         self.pool.start()
 
-    async def close(self) -> None:
+    async def close(
+        self, *, drain_timeout: float = 0.0, stop_now: asyncio.Event | None = None
+    ) -> None:
+        """Drain, then stop.
+
+        Gateways stop dispatching here at once (the instances turn ``draining``); live
+        sessions run until they end, ``drain_timeout`` passes or ``stop_now`` is set (a second
+        SIGTERM); then the instances stop and are deregistered.
+        """
+        self._draining = True
+        for instance in self.pool.live():
+            self._ops.put_nowait(functools.partial(self._register_instance, instance))
+        busy = [i for i in self.pool.live() if i.leases]
+        if busy and drain_timeout > 0:
+            log.info(
+                "x draining %d session(s) for up to %g s",
+                sum(len(i.leases) for i in busy),
+                drain_timeout,
+            )
+            self._idle.clear()
+            waits = [asyncio.ensure_future(self._idle.wait())]
+            if stop_now is not None:
+                waits.append(asyncio.ensure_future(stop_now.wait()))
+            await asyncio.wait(waits, timeout=drain_timeout, return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
         await self.pool.close()
         # Let queued deregistrations reach Redis, briefly; the TTLs clean up otherwise.
         with contextlib.suppress(TimeoutError):
@@ -169,6 +197,8 @@ class AgentHost:
                 await pipe.execute()
 
         self._ops.put_nowait(ended)
+        if not any(i.leases for i in self.pool.live()):
+            self._idle.set()
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -188,7 +218,7 @@ class AgentHost:
             "address": instance.address,
             "host": self.host_id,
             "capacity": instance.capacity,
-            "state": "ready",
+            "state": "draining" if self._draining else "ready",
             "pid": instance.pid or 0,
         }
         flat = [str(x) for pair in fields.items() for x in pair]
@@ -204,6 +234,14 @@ class AgentHost:
         )
         if ok:
             self._registered.add(iid)
+            running = [sid for sid, lease in instance.leases.items() if lease.started]
+            if running:
+                # Redis may have lost the instance (it restarted): its running sessions must
+                # hold their slots again, or a busy instance would take a second session.
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.sadd(self._keys.active(iid), *running)
+                    pipe.pexpire(self._keys.active(iid), int(self._ttl * 1000))
+                    await pipe.execute()
             log.info("= %s registered %s at %s", self.agent.key, iid, instance.address)
         else:
             log.warning(

@@ -158,7 +158,9 @@ async def connect_agent(
         ServiceUnavailable: 503, no instance could be reached or switched protocols.
         AtCapacity: 429, no other instance was free for a retry.
     """
+    tried: set[str] = set()
     for attempt in range(1, limits.DISPATCH_ATTEMPTS + 1):
+        tried.add(lease.instance_key)
         try:
             reply = await open_upstream(lease.address, request, timeout=gateway.upstream_timeout)
             if reply.status == 101:
@@ -176,7 +178,9 @@ async def connect_agent(
         )
         if attempt == limits.DISPATCH_ATTEMPTS:
             raise ServiceUnavailable(f"{problem}; retry shortly")
-        lease = await gateway.pool.acquire(_agent(accepted).key, accepted.session_id)
+        lease = await gateway.pool.acquire(
+            _agent(accepted).key, accepted.session_id, avoid=frozenset(tried)
+        )
     raise CatflapMisuse("unreachable")
 
 

@@ -9,6 +9,7 @@ no part in them and never sees a decoded frame.
 from __future__ import annotations
 
 import asyncio
+import socket
 from dataclasses import dataclass
 from typing import cast
 
@@ -158,6 +159,10 @@ async def open_upstream(
             else:
                 host, _, port = where.rpartition(":")
                 transport, _ = await loop.create_connection(lambda: protocol, host, int(port))
+            sock = transport.get_extra_info("socket")
+            if kind == "tcp" and sock is not None:
+                # Agent hosts on other machines: notice a dead path even when no byte flows.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             transport.write(request)
             try:
                 head, trailing = await protocol.done

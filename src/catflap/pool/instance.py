@@ -79,6 +79,10 @@ class Lease:
     def instance_label(self) -> str:
         return f"instance {self.instance.instance_id} (pid {self.instance.pid})"
 
+    @property
+    def instance_key(self) -> str:
+        return str(self.instance.instance_id)
+
 
 @dataclass(eq=False)
 class Instance:

@@ -60,12 +60,28 @@ class SubprocessLauncher:
     """
 
     def __init__(
-        self, socket_dir: Path, *, log_level: str = "info", tcp_host: str | None = None
+        self,
+        socket_dir: Path,
+        *,
+        log_level: str = "info",
+        tcp_host: str | None = None,
+        log_dir: Path | None = None,
+        log_format: str = "json",
     ) -> None:
+        """Args:
+        socket_dir: Where instances' Unix sockets go.
+        log_level: The runtimes' ``--log-level``.
+        tcp_host: Listen on TCP at this address (agent hosts: gateways on other machines
+            connect) instead of a Unix socket.
+        log_dir: The runtimes' ``--log-dir``: each session's bot output goes below it.
+        log_format: The runtimes' ``--log-format`` (``json`` or ``text``) on stderr.
+        """
         self._socket_dir = socket_dir
         self._log_level = log_level
-        #: Listen on TCP at this address (agent hosts: gateways on other machines connect).
         self._tcp_host = tcp_host
+        #: Absolute: the runtime runs in the bot's folder.
+        self._log_dir = log_dir.resolve() if log_dir is not None else None
+        self._log_format = log_format
         self._serial = itertools.count(1)
 
     async def launch(self, agent: AgentSpec, instance_id: int) -> LaunchedProcess:
@@ -78,6 +94,9 @@ class SubprocessLauncher:
             sock_path = self._socket_dir / f"i{serial}.sock"
             sock_path.unlink(missing_ok=True)
             listen = f"unix:{sock_path}"
+        options = ["--log-level", self._log_level, "--log-format", self._log_format]
+        if self._log_dir is not None:
+            options += ["--log-dir", str(self._log_dir)]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             process = await asyncio.create_subprocess_exec(
@@ -92,8 +111,7 @@ class SubprocessLauncher:
                 str(theirs.fileno()),
                 "--agent-name",
                 agent.key,
-                "--log-level",
-                self._log_level,
+                *options,
                 pass_fds=(theirs.fileno(),),
                 cwd=str(agent.config.path),
                 env=dict(os.environ),

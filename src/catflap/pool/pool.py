@@ -59,6 +59,11 @@ class SessionLease(Protocol):
     @property
     def instance_label(self) -> str: ...
 
+    @property
+    def instance_key(self) -> str:
+        """Identifies the instance, for ``acquire(avoid=...)``."""
+        ...
+
 
 class PoolObserver(Protocol):
     """Told about instance and session changes (an agent host mirrors them into Redis)."""
@@ -77,7 +82,11 @@ class SessionPool(Protocol):
 
     async def at_capacity(self, agent_key: str) -> bool: ...
 
-    async def acquire(self, agent_key: str, session_id: str) -> SessionLease: ...
+    async def acquire(
+        self, agent_key: str, session_id: str, *, avoid: frozenset[str] = frozenset()
+    ) -> SessionLease:
+        """Reserve a slot, not on the instances named in ``avoid`` (a retry after a failure)."""
+        ...
 
     def cancel(self, lease: SessionLease) -> None: ...
 
@@ -155,7 +164,7 @@ class AgentPool:
 
     # --- sessions ----------------------------------------------------------------------------
 
-    async def acquire(self, session_id: str) -> Lease:
+    async def acquire(self, session_id: str, *, avoid: frozenset[str] = frozenset()) -> Lease:
         """Reserve a slot for ``session_id``, cold-starting an instance if needed.
 
         Raises:
@@ -163,7 +172,7 @@ class AgentPool:
             AgentNotReady: 503, the agent cannot start (backoff) or did not become ready in
                 time.
         """
-        instance = self._pick()
+        instance = self._pick(avoid)
         if instance is None:
             if len(self.counting()) >= self.scaling.max_agents:
                 raise AtCapacity(
@@ -222,8 +231,8 @@ class AgentPool:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _pick(self) -> Instance | None:
-        ready = [i for i in self.live() if i.free_slots > 0]
+    def _pick(self, avoid: frozenset[str] = frozenset()) -> Instance | None:
+        ready = [i for i in self.live() if i.free_slots > 0 and str(i.instance_id) not in avoid]
         # Ready before starting; among ready ones the fullest, so idle ones can be reaped.
         ready.sort(key=lambda i: (i.state is not InstanceState.READY, -len(i.leases)))
         return ready[0] if ready else None
@@ -541,8 +550,10 @@ class LocalPool:
     async def at_capacity(self, agent_key: str) -> bool:
         return self._pool(agent_key).at_capacity()
 
-    async def acquire(self, agent_key: str, session_id: str) -> Lease:
-        return await self._pool(agent_key).acquire(session_id)
+    async def acquire(
+        self, agent_key: str, session_id: str, *, avoid: frozenset[str] = frozenset()
+    ) -> Lease:
+        return await self._pool(agent_key).acquire(session_id, avoid=avoid)
 
     def cancel(self, lease: SessionLease) -> None:
         assert isinstance(lease, Lease)
