@@ -118,21 +118,26 @@ async def running_gateway(
     store: SessionStore | None = None,
     adjust: Callable[[CatflapConfig], CatflapConfig] | None = None,
     pool_options: dict[str, Any] | None = None,
+    dashboard: bool = False,
 ) -> AsyncIterator[RunningGateway]:
     """A gateway on 127.0.0.1:0 with a real pool of agent processes; stops itself.
 
-    Session records go to ``store`` (which the caller closes), or else to a fresh SQLite file.
-    ``adjust`` may change the loaded config (to go below a validated minimum in a test), and
-    ``pool_options`` are passed to every agent's pool.
+    Session records go to ``store`` (which the caller closes), or else to a fresh SQLite file;
+    session logs to a fresh folder (``config.log_dir``). ``adjust`` may change the loaded
+    config (to go below a validated minimum in a test), ``pool_options`` are passed to every
+    agent's pool, and ``dashboard`` serves the live view.
     """
     workdir = Path(tempfile.mkdtemp(prefix="cf"))  # short: AF_UNIX paths are limited
     try:
         config = load_config(write_config(workdir, agents))
+        logs = config.logs.model_copy(update={"dir": workdir / "logs"})
+        settings = config.gateway.model_copy(update={"dashboard": dashboard})
+        config = config.model_copy(update={"logs": logs, "gateway": settings})
         if adjust is not None:
             config = adjust(config)
         pool = LocalPool(
             config.agents(),
-            SubprocessLauncher(workdir, log_level="warning"),
+            SubprocessLauncher(workdir, log_level="warning", log_dir=config.log_dir),
             ready_timeout=seconds(ready_timeout),
             **(pool_options or {}),
         )

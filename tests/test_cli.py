@@ -121,3 +121,14 @@ def test_bad_config_exits_2_naming_file_and_key(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert f"{config}: organizations.my-org.agents.my-agent.colour: unknown key" in result.stderr
+
+
+def test_serve_dashboard_flag_serves_the_live_view() -> None:
+    with serve(str(ECHO), "--org", "my-org", "--dashboard") as (_, port):
+        page = requests.get(f"http://127.0.0.1:{port}/dashboard", timeout=seconds(10))
+        assert page.status_code == 200 and "catflap live view" in page.text
+        state = requests.get(f"http://127.0.0.1:{port}/v1/dashboard/state", timeout=seconds(10))
+        assert state.status_code == 401
+    with serve(str(ECHO), "--org", "my-org") as (_, port):
+        off = requests.get(f"http://127.0.0.1:{port}/dashboard", timeout=seconds(10))
+        assert off.status_code == 404

@@ -136,6 +136,7 @@ async def cluster(
         f'[organizations.my-org.agents.echo]\npath = "{EXCLUSIVE}"\n'
         'websocket_auth = "token"\n'
         f"[organizations.my-org.agents.echo.scaling]\nmax_agents = {max_agents}\n"
+        '[logs]\ndir = "logs"\n'  # agent hosts write there, gateways read it
     )
     running = Cluster(redis_url, prefix, config)
     common = [
@@ -252,6 +253,30 @@ async def test_a_token_spent_on_one_gateway_is_refused_on_the_other() -> None:
         assert refused.value.response.status_code == 403
         body = json.loads(refused.value.response.body)
         assert body["code"] == "token_replayed"
+
+
+async def test_an_agent_hosts_session_logs_are_read_through_any_gateway() -> None:
+    async with cluster(hosts=1, slots=1) as cl:
+        ws, hello = await _open(cl, 0)
+        await ws.close()
+        sid = hello["session_id"]
+        headers = {"Authorization": "Bearer sk_test"}
+        async with httpx.AsyncClient(base_url=cl.http(1), timeout=seconds(10)) as client:
+            async with asyncio.timeout(seconds(10)):
+                while True:
+                    answer = (
+                        await client.get(
+                            "/v1/agents/echo/logs",
+                            params={"sessionId": sid, "order": "asc"},
+                            headers=headers,
+                        )
+                    ).json()
+                    texts = [entry["log"] for entry in answer.get("logs", [])]
+                    if texts and "= session ended" in texts[-1]:
+                        break
+                    await asyncio.sleep(0.05)
+        assert any(t.startswith("catflap.runtime.app: = session started") for t in texts)
+        assert (cl.config.parent / "logs" / "my-org" / "echo" / f"{sid}.jsonl").is_file()
 
 
 async def test_cluster_wide_max_agents_gives_429() -> None:

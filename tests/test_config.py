@@ -100,6 +100,34 @@ def test_mistakes_name_the_file_key_and_problem(
     assert str(err).startswith(f"{tmp_path / 'catflap.toml'}: {key}: ")
 
 
+def test_logs_settings_default_and_resolve_against_the_config_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, DOCUMENTED.format(path=ECHO)))
+    assert (cfg.logs.retention_days, cfg.logs.max_total_mb) == (7, 1024)
+    assert cfg.log_dir == cfg.state_dir / "logs"
+    assert cfg.gateway.dashboard is False
+    text = DOCUMENTED.format(path=ECHO) + (
+        '[gateway]\ndashboard = true\n[logs]\ndir = "var/logs"\nretention_days = 1.5\n'
+        "max_total_mb = 10\n"
+    )
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.log_dir == tmp_path / "var" / "logs"
+    assert (cfg.logs.retention_days, cfg.logs.max_total_mb) == (1.5, 10)
+    assert cfg.gateway.dashboard is True
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "problem"),
+    [
+        ("[logs]\nretention_days = 0\n", "logs.retention_days", "greater than 0"),
+        ("[logs]\nmax_total_mb = -1\n", "logs.max_total_mb", "greater than 0"),
+        ("[logs]\nkeep = 3\n", "logs.keep", "unknown key"),
+    ],
+)
+def test_bad_logs_settings_are_refused(tmp_path: Path, table: str, key: str, problem: str) -> None:
+    err = error(tmp_path, DOCUMENTED.format(path=ECHO) + table)
+    assert (err.key, problem in err.problem) == (key, True)
+
+
 def test_missing_bot_py_is_refused(tmp_path: Path) -> None:
     err = error(tmp_path, DOCUMENTED.format(path=tmp_path))
     assert err.key == "organizations.my-org.agents.my-agent.path"

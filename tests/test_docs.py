@@ -18,3 +18,23 @@ def test_operations_close_code_table_matches_the_code() -> None:
         documented = next(c for c in CLOSE_CODE_EXPLANATIONS if int(c) == int(code))
         assert (name, when) == (documented.name, CLOSE_CODE_EXPLANATIONS[documented])
     assert not {1005, 1006, 1015} & set(SENDABLE)
+
+
+def test_operations_lists_every_metric_with_its_labels() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text.split("## Metrics")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `(catflap_\w+)` \| (\w+) \| ([^|]*) \|", section, flags=re.MULTILINE)
+    documented = {name.removesuffix("_total"): labels for name, _, labels in rows}
+    sources = [ROOT / "src" / "catflap" / "metrics.py", ROOT / "src/catflap/runtime/metrics.py"]
+    defined: dict[str, str] = {}
+    named = 0
+    for source in sources:
+        code = source.read_text()
+        named += len(re.findall(r'"catflap_\w+"', code))
+        for match in re.finditer(r'"(catflap_\w+)",\s*"[^"]*",\s*(?:labels=)?\[([^\]]*)\]', code):
+            defined[match.group(1)] = match.group(2)
+    assert len(defined) == named  # every metric the code names was read with its labels
+    assert set(documented) == set(defined)
+    for name, labels in defined.items():
+        expected = re.findall(r'"(\w+)"', labels)
+        assert re.findall(r"`(\w+)`", documented[name]) == expected, name

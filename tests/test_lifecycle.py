@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -149,8 +150,9 @@ def _serve(config: Path) -> tuple[subprocess.Popen[str], int]:
     deadline = time.monotonic() + seconds(30)
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
-        if "gateway listening on" in line:
-            port = int(line.rsplit(":", 1)[1])
+        match = re.search(r"gateway listening on [\d.]+:(\d+)", line)
+        if match:
+            port = int(match.group(1))
             os.set_blocking(proc.stderr.fileno(), False)
             return proc, port
     proc.kill()

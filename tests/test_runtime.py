@@ -262,7 +262,14 @@ async def test_bot_that_raises_closes_1011_and_reports_bot_error(spawn: Spawn) -
     assert ended["status"] == "bot_error"
     assert ended["error"] == "RuntimeError: echo bot asked to raise"
     assert ended["client_disconnected"] is False
-    assert "[boom] ! bot() raised" in agent.stderr_path.read_text()
+    records = [
+        json.loads(line)
+        for line in agent.stderr_path.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    (raised,) = [r for r in records if r["message"] == "! bot() raised"]
+    assert (raised["session_id"], raised["level"]) == ("boom", "ERROR")
+    assert "RuntimeError: echo bot asked to raise" in raised["exc_info"]
 
 
 async def test_bot_that_closes_the_socket_itself_keeps_its_code(spawn: Spawn) -> None:

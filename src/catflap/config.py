@@ -34,6 +34,7 @@ __all__ = [
     "AgentSpec",
     "CatflapConfig",
     "GatewaySettings",
+    "LogsConfig",
     "OrgConfig",
     "ScalingConfig",
     "load_config",
@@ -116,6 +117,20 @@ class GatewaySettings(_Strict):
     agent_ready_timeout: float = Field(default=limits.AGENT_READY_TIMEOUT_S, gt=0)
     drain_timeout: float = Field(default=limits.DRAIN_TIMEOUT_S, ge=0)
     provider_handshake_timeout: float = Field(default=limits.PROVIDER_HANDSHAKE_TIMEOUT_S, gt=0)
+    #: Serve the live view at ``/dashboard`` (``--dashboard``); off unless asked for.
+    dashboard: bool = False
+
+
+class LogsConfig(_Strict):
+    """``[logs]``: where session log files live and how long they stay."""
+
+    #: Session log files (``<dir>/<org>/<agent>/<session_id>.jsonl``); ``<state_dir>/logs``
+    #: when not set. Relative paths are below the config file's folder.
+    dir: Path | None = None
+    #: Files older than this many days are deleted.
+    retention_days: float = Field(default=limits.LOG_RETENTION_DAYS_DEFAULT, gt=0)
+    #: Above this many MiB in all, the oldest files are deleted.
+    max_total_mb: float = Field(default=limits.LOG_MAX_TOTAL_MB_DEFAULT, gt=0)
 
 
 class CatflapConfig(_Strict):
@@ -127,7 +142,13 @@ class CatflapConfig(_Strict):
     #: ``postgresql://...`` to keep session records in PostgreSQL instead of SQLite.
     database_url: str | None = None
     gateway: GatewaySettings = GatewaySettings()
+    logs: LogsConfig = LogsConfig()
     organizations: dict[str, OrgConfig] = {}
+
+    @property
+    def log_dir(self) -> Path:
+        """Where the agents' session log files live: ``[logs] dir``, else ``<state_dir>/logs``."""
+        return self.logs.dir if self.logs.dir is not None else self.state_dir / "logs"
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -271,6 +292,9 @@ def load_config(path: Path) -> CatflapConfig:
     base = path.parent
     if isinstance(raw.get("state_dir"), str):
         raw["state_dir"] = base / raw["state_dir"]
+    logs_raw = raw.get("logs")
+    if isinstance(logs_raw, dict) and isinstance(logs_raw.get("dir"), str):
+        logs_raw["dir"] = base / logs_raw["dir"]
     for org, org_raw in (raw.get("organizations") or {}).items():
         if not isinstance(org_raw, dict):
             continue

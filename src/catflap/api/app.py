@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from catflap.api.dashboard import dashboard_router
+from catflap.api.logs import logs_router
 from catflap.api.sessions import sessions_router
 from catflap.api.telephony import TELEPHONY_TRANSPORTS, provider_ws_url
 from catflap.auth.tokens import mint_token
@@ -220,4 +222,7 @@ def create_api(gateway: Gateway) -> FastAPI:
         )
 
     app.include_router(sessions_router(gateway))
+    app.include_router(logs_router(gateway))
+    if gateway.config.gateway.dashboard:
+        app.include_router(dashboard_router(gateway))
     return app

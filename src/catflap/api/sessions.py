@@ -20,25 +20,15 @@ cancel ``bot()``; the client then gets close 1000 "session stopped" and the reco
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at run
 # time, and they name dependencies local to ``sessions_router``.
 
-import hmac
 import logging
-import re
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
-from catflap.contract.errors import (
-    AgentNotFound,
-    BadRequest,
-    InternalError,
-    NotFound,
-    Unauthorized,
-)
+from catflap.api.auth import ParamCheckedRoute, canonical_session_id, private_key_org
+from catflap.contract.errors import AgentNotFound, BadRequest, InternalError, NotFound
 from catflap.logs import session_log
 from catflap.sessions.record import CompletionStatus, SessionRecord
 from catflap.sessions.store import SessionQuery
@@ -62,9 +52,6 @@ log = logging.getLogger("catflap.api")
 LIST_LIMIT_DEFAULT = 10
 #: Largest page: bounds the rows one request reads and the size of its answer.
 LIST_LIMIT_MAX = 1000
-
-#: The canonical 8-4-4-4-12 form that catflap gives every session id.
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 _T = TypeVar("_T")
 
@@ -119,85 +106,16 @@ class StopResponse(BaseModel):
     session_id: str
 
 
-class _SessionsRoute(APIRoute):
-    """A route whose invalid parameters are a 400 naming the parameter.
-
-    FastAPI's own validation error goes through the app's generic handler, whose message does
-    not say which parameter was wrong.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def checked(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                first = exc.errors()[0]
-                where = str(first["loc"][-1]) if first.get("loc") else "request"
-                raise BadRequest(f"invalid {where}: {first['msg']}") from None
-
-        return checked
-
-
-def _key_in(key: str, keys: list[str]) -> bool:
-    # Check every key (no early exit) in constant time per key: no timing hint on private keys.
-    found = False
-    for candidate in keys:
-        found |= hmac.compare_digest(key.encode(), candidate.encode())
-    return found
-
-
-def _session_id(value: str) -> str:
-    """The session id in canonical form.
-
-    Raises:
-        BadRequest: 400, ``value`` is not a UUID string.
-    """
-    canonical = value.lower()
-    if not _UUID.fullmatch(canonical):
-        raise BadRequest(
-            f"invalid session id {value[:64]!r}: session ids are UUID strings such as "
-            "'123e4567-e89b-42d3-a456-426614174000'"
-        )
-    return canonical
-
-
 def sessions_router(gateway: "Gateway") -> APIRouter:
     """The sessions API of one gateway, as a router for :func:`catflap.api.app.create_api`."""
     # Imported here: app.py imports this module, so ErrorBody is defined by the time we run.
     from catflap.api.app import ErrorBody
 
-    router = APIRouter(tags=["sessions"], route_class=_SessionsRoute)
+    router = APIRouter(tags=["sessions"], route_class=ParamCheckedRoute)
     errors: dict[int | str, dict[str, Any]] = {
         status: {"model": ErrorBody} for status in (400, 401, 404, 500)
     }
-    bearer = HTTPBearer(
-        auto_error=False,
-        scheme_name="private key",
-        description="A private API key of the organization: `Authorization: Bearer sk_...`",
-    )
-
-    async def organization(  # async: a plain def would run on a worker thread
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> str:
-        """The organization whose private key the request carries.
-
-        Raises:
-            Unauthorized: 401, no key, an unknown key, or a public key.
-        """
-        key = credentials.credentials.strip() if credentials else ""
-        if key:
-            orgs = gateway.config.organizations.items()
-            for org, org_cfg in orgs:
-                if _key_in(key, org_cfg.private_keys):
-                    return org
-            if any(key in org_cfg.public_keys for _, org_cfg in orgs):
-                raise Unauthorized(
-                    "this is a public key (pk_...); the sessions API needs a private key: "
-                    "send Authorization: Bearer sk_..."
-                )
-        raise Unauthorized("missing or invalid private API key: send Authorization: Bearer sk_...")
+    organization = private_key_org(gateway)
 
     def check_agent(org: str, agent: str) -> None:
         if gateway.agent_by_name(org, agent) is None:
@@ -294,7 +212,7 @@ def sessions_router(gateway: "Gateway") -> APIRouter:
             SessionNotFound: 404, the agent has no such session.
             InternalError: 500, the session store failed.
         """
-        sid = _session_id(session_id)
+        sid = canonical_session_id(session_id)
         check_agent(org, agent)
         return (await find(org, agent, sid)).to_api()
 
@@ -319,7 +237,7 @@ def sessions_router(gateway: "Gateway") -> APIRouter:
             SessionNotFound: 404, no such session, or it has ended.
             InternalError: 500, the session store failed.
         """
-        sid = _session_id(session_id)
+        sid = canonical_session_id(session_id)
         check_agent(org, agent)
         record = await find(org, agent, sid)
         if record.ended_at is not None:

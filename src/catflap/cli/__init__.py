@@ -12,6 +12,7 @@ import sys
 import click
 
 from catflap.cli.cluster import agent_host, gateway
+from catflap.cli.logs import logs
 from catflap.cli.serve import serve
 from catflap.cli.sessions import sessions
 from catflap.cli.telephony import telephony_xml
@@ -43,6 +44,7 @@ def agent(ctx: click.Context) -> None:
 cli.add_command(serve)
 cli.add_command(agent)
 cli.add_command(sessions)
+cli.add_command(logs)
 cli.add_command(gateway)
 cli.add_command(agent_host)
 cli.add_command(telephony_xml)

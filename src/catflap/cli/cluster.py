@@ -8,14 +8,16 @@ import logging
 import signal
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from catflap.cli.exits import EXIT_CONFIG, EXIT_STARTUP, run_async
+from catflap.cli.serve import dashboard_option, log_format_option, start_pruner, with_dashboard
 from catflap.config import CatflapConfig, load_config, token_keyring
 from catflap.contract.errors import ConfigError
-from catflap.logs import configure_logging
+from catflap.logs import LogFormat, configure_logging
 
 __all__ = ["agent_host", "gateway"]
 
@@ -70,12 +72,24 @@ async def _until_signalled() -> asyncio.Event:
 @click.option("--listen", help="host:port to serve on; overrides the config file.")
 @_prefix_option
 @_log_option
+@log_format_option
+@dashboard_option
 def gateway(
-    config_file: Path, redis_url: str, listen: str | None, prefix: str, log_level: str
+    config_file: Path,
+    redis_url: str,
+    listen: str | None,
+    prefix: str,
+    log_level: str,
+    log_format: LogFormat,
+    dashboard: bool,
 ) -> None:
-    """Run one gateway of a cluster: relay and control API, dispatching through Redis."""
-    configure_logging(log_level)
-    cfg = _load(config_file)
+    """Run one gateway of a cluster: relay and control API, dispatching through Redis.
+
+    The logs API reads [logs] dir (default <state_dir>/logs): point agent hosts' --log-dir at
+    it (same machine or a shared filesystem) for it to find their sessions' lines.
+    """
+    configure_logging(log_level, log_format)
+    cfg = with_dashboard(_load(config_file), dashboard)
     if listen:
         cfg = cfg.model_copy(update={"listen": listen})
     try:
@@ -149,8 +163,15 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
     show_default=True,
     help="Address gateways use to reach this host's instances.",
 )
+@click.option(
+    "--log-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where sessions' log files go.  [default: [logs] dir, else <state_dir>/logs, "
+    "which is .catflap/logs unless the config file says otherwise]",
+)
 @_prefix_option
 @_log_option
+@log_format_option
 def agent_host(
     config_file: Path,
     redis_url: str,
@@ -158,11 +179,16 @@ def agent_host(
     slots: int,
     warm: int | None,
     advertise: str,
+    log_dir: Path | None,
     prefix: str,
     log_level: str,
+    log_format: LogFormat,
 ) -> None:
-    """Run one agent's instances on this machine and register them in Redis."""
-    configure_logging(log_level)
+    """Run one agent's instances on this machine and register them in Redis.
+
+    Session logs go to --log-dir and are pruned every minute ([logs] limits).
+    """
+    configure_logging(log_level, log_format)
     cfg = _load(config_file)
     spec = next((a for a in cfg.agents() if a.key == agent_key), None)
     if spec is None:
@@ -170,7 +196,25 @@ def agent_host(
         click.echo(f"catflap: no agent {agent_key!r} in {config_file} (known: {known})", err=True)
         sys.exit(EXIT_CONFIG)
     warm_count = spec.config.scaling.min_agents if warm is None else warm
-    run_async(_agent_host(cfg, spec, redis_url, prefix, slots, warm_count, advertise, log_level))
+    run_async(
+        _agent_host(
+            cfg,
+            spec,
+            redis_url,
+            prefix,
+            slots,
+            warm_count,
+            advertise,
+            _HostLogging(log_level, log_format, log_dir or cfg.log_dir),
+        )
+    )
+
+
+@dataclass(frozen=True)
+class _HostLogging:
+    level: str
+    format: LogFormat
+    dir: Path
 
 
 async def _agent_host(
@@ -181,7 +225,7 @@ async def _agent_host(
     slots: int,
     warm: int,
     advertise: str,
-    log_level: str,
+    logging_: _HostLogging,
 ) -> None:
     import redis.asyncio as aioredis
 
@@ -193,7 +237,13 @@ async def _agent_host(
     assert isinstance(spec, AgentSpec)
     client = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
     with tempfile.TemporaryDirectory(prefix="catflap-host-") as workdir:
-        launcher = SubprocessLauncher(Path(workdir), log_level=log_level, tcp_host=advertise)
+        launcher = SubprocessLauncher(
+            Path(workdir),
+            log_level=logging_.level,
+            tcp_host=advertise,
+            log_dir=logging_.dir,
+            log_format=logging_.format,
+        )
         host = AgentHost(
             client,
             Keys(prefix),
@@ -204,6 +254,7 @@ async def _agent_host(
             ready_timeout=cfg.gateway.agent_ready_timeout,
         )
         host.start()
+        pruner = start_pruner(cfg, logging_.dir)
         log.info(
             "= agent host %s serving %s with %d slot(s), %d warm",
             host.host_id,
@@ -211,7 +262,9 @@ async def _agent_host(
             slots,
             warm,
         )
-        await _until_signalled()
+        second = await _until_signalled()
+        log.info("x draining (send the signal again to stop at once)")
+        pruner.cancel()
         with contextlib.suppress(Exception):
-            await host.close()
+            await host.close(drain_timeout=cfg.gateway.drain_timeout, stop_now=second)
         await client.aclose()

@@ -21,9 +21,9 @@ from catflap.config import (
     zero_config,
 )
 from catflap.contract.errors import ConfigError
-from catflap.logs import configure_logging
+from catflap.logs import LOG_FORMATS, LogFormat, configure_logging
 
-__all__ = ["serve"]
+__all__ = ["dashboard_option", "log_format_option", "serve", "start_pruner", "with_dashboard"]
 
 log = logging.getLogger("catflap")
 
@@ -101,6 +101,47 @@ def _base_config(
     )
 
 
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default=LOG_FORMATS[0],
+    show_default=True,
+    help="Log lines on stderr (gateway and agents) as JSON objects or plain text.",
+)
+dashboard_option = click.option(
+    "--dashboard",
+    is_flag=True,
+    help="Serve the live view at /dashboard (it asks for a private key).",
+)
+
+
+def with_dashboard(cfg: CatflapConfig, dashboard: bool) -> CatflapConfig:
+    """``cfg`` with the live view switched on when ``--dashboard`` was given."""
+    if not dashboard:
+        return cfg
+    return cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update={"dashboard": True})})
+
+
+def start_pruner(cfg: CatflapConfig, log_dir: Path) -> asyncio.Task[None]:
+    """Keep ``log_dir`` within ``[logs]`` retention_days and max_total_mb, every minute."""
+    from catflap.logstore import LogStore, prune_forever
+
+    log.info(
+        "= session logs in %s (kept %g days, %g MiB at most)",
+        log_dir,
+        cfg.logs.retention_days,
+        cfg.logs.max_total_mb,
+    )
+    return asyncio.create_task(
+        prune_forever(
+            LogStore(log_dir),
+            retention_days=cfg.logs.retention_days,
+            max_total_mb=cfg.logs.max_total_mb,
+        ),
+        name="log pruner",
+    )
+
+
 @click.command()
 @click.argument("folder", required=False, type=click.Path(path_type=Path, file_okay=False))
 @click.option(
@@ -122,8 +163,9 @@ def _base_config(
 @click.option(
     "--state-dir",
     type=click.Path(path_type=Path, file_okay=False),
-    help="Folder for session records (sessions.sqlite3) when there is no database URL; "
-    "overrides state_dir in the config file.  [default: .catflap]",
+    help="Folder for session records (sessions.sqlite3, when there is no database URL) and "
+    "session logs (logs/, unless [logs] dir is set); overrides state_dir in the config file.  "
+    "[default: .catflap]",
 )
 @click.option(
     "--log-level",
@@ -131,6 +173,8 @@ def _base_config(
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
+@log_format_option
+@dashboard_option
 def serve(
     folder: Path | None,
     config_file: Path | None,
@@ -142,9 +186,14 @@ def serve(
     database_url: str | None,
     state_dir: Path | None,
     log_level: str,
+    log_format: LogFormat,
+    dashboard: bool,
 ) -> None:
-    """Run the gateway, the control API and a warm pool of agents on this machine."""
-    configure_logging(log_level)
+    """Run the gateway, the control API and a warm pool of agents on this machine.
+
+    Session logs go to <state_dir>/logs (or [logs] dir) and are pruned every minute.
+    """
+    configure_logging(log_level, log_format)
     try:
         cfg = _build_config(
             folder,
@@ -157,6 +206,7 @@ def serve(
             database_url=database_url,
             state_dir=state_dir,
         )
+        cfg = with_dashboard(cfg, dashboard)
         keyring, generated = token_keyring()
     except ConfigError as exc:
         click.echo(f"catflap: configuration error: {exc}", err=True)
@@ -167,13 +217,15 @@ def serve(
             "won't survive a restart or work across gateways"
         )
     try:
-        run_async(_serve(cfg, keyring, log_level))
+        run_async(_serve(cfg, keyring, log_level, log_format))
     except OSError as exc:
         click.echo(f"catflap: could not start: {exc}", err=True)
         sys.exit(EXIT_STARTUP)
 
 
-async def _serve(cfg: CatflapConfig, keyring: object, log_level: str) -> None:
+async def _serve(
+    cfg: CatflapConfig, keyring: object, log_level: str, log_format: LogFormat
+) -> None:
     from catflap.auth.tokens import KeyRing
     from catflap.gateway.server import Gateway
     from catflap.pool.launcher import SubprocessLauncher
@@ -182,7 +234,9 @@ async def _serve(cfg: CatflapConfig, keyring: object, log_level: str) -> None:
 
     assert isinstance(keyring, KeyRing)
     with tempfile.TemporaryDirectory(prefix="catflap-") as socket_dir:
-        launcher = SubprocessLauncher(Path(socket_dir), log_level=log_level)
+        launcher = SubprocessLauncher(
+            Path(socket_dir), log_level=log_level, log_dir=cfg.log_dir, log_format=log_format
+        )
         pool = LocalPool(cfg.agents(), launcher, ready_timeout=cfg.gateway.agent_ready_timeout)
         store = open_store(cfg.database_url, cfg.state_dir)
         gateway = Gateway(cfg, keyring=keyring, replay=MemoryReplayStore(), pool=pool, store=store)
@@ -202,11 +256,15 @@ async def _serve(cfg: CatflapConfig, keyring: object, log_level: str) -> None:
             loop.add_signal_handler(sig, on_signal)
         host, port = cfg.host_port
         pool.start()
+        pruner = start_pruner(cfg, cfg.log_dir)
         await gateway.start(host, port)
         for agent in cfg.agents():
             log.info("agent %s: ws://%s:%d/ws/generic/%s", agent.key, host, gateway.port, agent.key)
+        if cfg.gateway.dashboard:
+            log.info("= live view at http://%s:%d/dashboard", host, gateway.port)
         await stop.wait()
         log.info("x shutting down (send the signal again to close every session now)")
         await gateway.shutdown(drain_timeout=cfg.gateway.drain_timeout)
+        pruner.cancel()
         await pool.close()
         await store.close()

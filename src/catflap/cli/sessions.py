@@ -10,82 +10,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import quote
 
 import click
 
-from catflap.cli.exits import EXIT_API
+from catflap.cli.apiclient import DEFAULT_URL, ApiError, api_options, call_api
 
-__all__ = ["DEFAULT_URL", "ApiError", "sessions"]
-
-#: Where ``catflap serve`` listens unless told otherwise.
-DEFAULT_URL = "http://127.0.0.1:8080"
-#: Per request; the API answers from memory or one indexed query.
-_TIMEOUT_S = 10.0
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-class ApiError(click.ClickException):
-    """The gateway refused the call or could not be reached; exits with :data:`EXIT_API`."""
-
-    exit_code = EXIT_API
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"catflap: {self.format_message()}", err=True)
-
-
-def _api_options(command: _F) -> _F:
-    """``--url``, ``--key`` and ``--json``, shared by every sessions command."""
-    command = click.option(
-        "--json", "as_json", is_flag=True, help="Print the API's JSON answer as it came."
-    )(command)
-    command = click.option(
-        "--key",
-        envvar="CATFLAP_PRIVATE_KEY",
-        required=True,
-        show_envvar=True,
-        help="Private API key (sk_...) of the agent's organization.",
-    )(command)
-    command = click.option(
-        "--url",
-        envvar="CATFLAP_URL",
-        default=DEFAULT_URL,
-        show_default=True,
-        show_envvar=True,
-        help="The gateway's HTTP address.",
-    )(command)
-    return command
-
-
-def _call(url: str, key: str, method: str, path: str, params: dict[str, Any] | None = None) -> Any:
-    """One API call; its JSON answer.
-
-    Raises:
-        ApiError: the gateway is unreachable, or answered with an error (its message shown).
-    """
-    import httpx  # here, not at the top: `catflap serve` and `catflap agent` never need it
-
-    try:
-        with httpx.Client(base_url=url, timeout=_TIMEOUT_S) as client:
-            response = client.request(
-                method, path, params=params, headers={"Authorization": f"Bearer {key}"}
-            )
-    except httpx.HTTPError as exc:
-        raise ApiError(f"could not reach the gateway at {url}: {exc}") from None
-    try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if response.is_success and body is not None:
-        return body
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        raise ApiError(f"{body['error']} (HTTP {response.status_code}, code {body.get('code')})")
-    text = response.text.strip()[:200] or response.reason_phrase
-    raise ApiError(f"unexpected answer from {url}: HTTP {response.status_code}: {text}")
+__all__ = ["DEFAULT_URL", "ApiError", "format_record", "format_table", "sessions"]
 
 
 def _session_path(agent: str, session_id: str | None = None) -> str:
@@ -192,13 +125,13 @@ def sessions() -> None:
 @click.option(
     "--offset", type=click.IntRange(min=0), default=0, show_default=True, help="Skip this many."
 )
-@_api_options
+@api_options
 def list_sessions(
     agent: str, status: str, limit: int, offset: int, url: str, key: str, as_json: bool
 ) -> None:
     """List AGENT's sessions, newest first."""
     params = {"status": status, "limit": limit, "offset": offset}
-    answer = _call(url, key, "GET", _session_path(agent), params)
+    answer = call_api(url, key, "GET", _session_path(agent), params)
     if as_json:
         _print_json(answer)
     else:
@@ -208,10 +141,10 @@ def list_sessions(
 @sessions.command("show")
 @click.argument("agent")
 @click.argument("session_id")
-@_api_options
+@api_options
 def show_session(agent: str, session_id: str, url: str, key: str, as_json: bool) -> None:
     """Show one session of AGENT: times, how it ended, close codes, bytes and frames."""
-    record = _call(url, key, "GET", _session_path(agent, session_id))
+    record = call_api(url, key, "GET", _session_path(agent, session_id))
     if as_json:
         _print_json(record)
     else:
@@ -221,10 +154,10 @@ def show_session(agent: str, session_id: str, url: str, key: str, as_json: bool)
 @sessions.command("stop")
 @click.argument("agent")
 @click.argument("session_id")
-@_api_options
+@api_options
 def stop_session(agent: str, session_id: str, url: str, key: str, as_json: bool) -> None:
     """Stop a live session of AGENT: bot() is cancelled and the client gets close 1000."""
-    answer = _call(url, key, "DELETE", _session_path(agent, session_id))
+    answer = call_api(url, key, "DELETE", _session_path(agent, session_id))
     if as_json:
         _print_json(answer)
     else:

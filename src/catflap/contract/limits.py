@@ -19,6 +19,14 @@ __all__ = [
     "DISPATCH_ATTEMPTS",
     "DRAIN_TIMEOUT_S",
     "IDLE_REAP_S",
+    "LOGS_LIMIT_DEFAULT",
+    "LOGS_LIMIT_MAX",
+    "LOGS_PAGE_MAX_BYTES",
+    "LOGS_RECENT_SESSIONS_MAX",
+    "LOG_LINE_MAX_CHARS",
+    "LOG_MAX_TOTAL_MB_DEFAULT",
+    "LOG_PRUNE_INTERVAL_S",
+    "LOG_RETENTION_DAYS_DEFAULT",
     "MAX_AGENTS_DEFAULT",
     "MAX_SESSION_DURATION_DEFAULT_S",
     "MAX_SESSION_DURATION_MAX_S",
@@ -27,11 +35,11 @@ __all__ = [
     "ORG_NAME_MAX_LEN",
     "PROVIDER_HANDSHAKE_TIMEOUT_S",
     "PROVIDER_OPENING_FRAME_MAX_BYTES",
+    "RELAY_HIGH_WATER_BYTES",
+    "RELAY_LOW_WATER_BYTES",
     "REQUEST_HEAD_MAX_BYTES",
     "REQUEST_HEAD_TIMEOUT_S",
     "REQUEST_URL_MAX_BYTES",
-    "RELAY_HIGH_WATER_BYTES",
-    "RELAY_LOW_WATER_BYTES",
     "RETRY_AFTER_AT_CAPACITY_S",
     "RETRY_AFTER_NOT_READY_S",
     "SERVICE_HOST_MAX_LEN",
@@ -168,3 +176,27 @@ WS_MAX_SIZE_BYTES = 16 * 1024 * 1024
 #: After one leg closes, how long the other leg's close handshake may take before the socket is
 #: torn down. Pipecat cut its own wait to 0.5 s after 10 s stalls hit 19 % of calls.
 CLOSE_WAIT_S = 2.0
+
+# --- Logs ------------------------------------------------------------------------------------
+
+#: Session log files older than this are deleted. A week covers "what happened on that call
+#: last Tuesday" and keeps a busy host's disk bounded; ``[logs] retention_days`` overrides it.
+LOG_RETENTION_DAYS_DEFAULT = 7.0
+#: Session log files above this total are deleted oldest first (``[logs] max_total_mb``):
+#: about a million lines of a chatty Pipecat bot.
+LOG_MAX_TOTAL_MB_DEFAULT = 1024.0
+#: How often the pruner enforces both limits; a minute of overshoot is a few MiB at most.
+LOG_PRUNE_INTERVAL_S = 60.0
+#: A captured line longer than this is cut (a bot printing megabytes without a newline); it also
+#: bounds one line of a logs API answer.
+LOG_LINE_MAX_CHARS = 64 * 1024
+#: Lines one logs API call returns when ``limit`` is not given.
+LOGS_LIMIT_DEFAULT = 100
+#: Most lines one logs API call returns.
+LOGS_LIMIT_MAX = 10_000
+#: A logs API page stops growing past this many bytes of lines (at least one line is always
+#: returned): 10,000 lines of up to 64 KiB would otherwise be 640 MiB. ``total`` still counts
+#: every line, so a client pages on with ``offset``.
+LOGS_PAGE_MAX_BYTES = 4 * 1024 * 1024
+#: Without ``sessionId``, the logs API reads this many of the agent's most recent session files.
+LOGS_RECENT_SESSIONS_MAX = 20

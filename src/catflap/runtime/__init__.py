@@ -6,6 +6,7 @@ Theory of operation
 The pool starts one runtime process per agent instance::
 
     catflap agent --bot-dir DIR --listen unix:/run/a.sock --control-fd N [--agent-name NAME]
+                  [--log-dir DIR] [--log-format json|text]
 
 1. **Start.** :mod:`~catflap.runtime.botloader` puts ``DIR`` first on ``sys.path``, changes into
    it and imports ``bot.py`` as the module ``bot``; it must define ``async def bot(args)``. A
@@ -39,7 +40,12 @@ The pool starts one runtime process per agent instance::
    every session is cancelled and the process exits, so no runtime outlives its pool.
    Without ``--control-fd`` the runtime runs standalone and prints its address.
 
-4. **Signals.** SIGTERM/SIGINT get uvicorn's graceful shutdown (WebSockets are closed with 1012,
+4. **Observability.** ``GET /metrics`` (:mod:`~catflap.runtime.metrics`) counts sessions by
+   how they ended. The ``/ws`` handler binds the session to its task (a ``ContextVar``), so
+   every log line of the runtime and of the bot names it; with ``--log-dir``,
+   :mod:`~catflap.runtime.botlogs` writes each session's output to its own ``.jsonl`` file.
+
+5. **Signals.** SIGTERM/SIGINT get uvicorn's graceful shutdown (WebSockets are closed with 1012,
    handlers get up to ``DRAIN_TIMEOUT_S``); uvicorn then re-raises the signal.
 
 Like PCC, the runtime never sets ``ENV=local`` and always passes ``handle_sigint=False``.

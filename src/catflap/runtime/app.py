@@ -15,17 +15,20 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from catflap.contract import headers, limits
 from catflap.contract.closecodes import CloseCode, assert_sendable
+from catflap.logs import SessionContext, bind_session, session_log, unbind_session
+from catflap.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from catflap.runtime.args import decode_body_param, make_session_args
 from catflap.runtime.botloader import LoadedBot
+from catflap.runtime.botlogs import BotOutputCapture
 from catflap.runtime.control import BOT_IGNORED_CANCELLATION, ChildEvent, SessionStatus
+from catflap.runtime.metrics import RuntimeMetrics
 
 __all__ = [
     "BOT_CANCEL_GRACE_S",
@@ -35,7 +38,7 @@ __all__ = [
     "WS_PING_INTERVAL_S",
     "WS_PING_TIMEOUT_S",
     "EventSink",
-    "SessionLog",
+    "Observers",
     "SessionRegistry",
     "close_quietly",
     "create_app",
@@ -54,15 +57,16 @@ EventSink = Callable[[ChildEvent], Awaitable[None]]
 logger = logging.getLogger(__name__)
 
 
-class SessionLog(logging.LoggerAdapter[logging.Logger]):
-    """A logger that starts every line with ``[session_id]``."""
+@dataclass(frozen=True)
+class Observers:
+    """Who this runtime is, for log lines, and what watches its sessions."""
 
-    def __init__(self, base: logging.Logger, session_id: str) -> None:
-        super().__init__(base, {"session_id": session_id})
-        self.session_id = session_id
-
-    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.session_id}] {msg}", kwargs
+    agent: str = "agent"
+    org: str = "local"
+    #: Counts sessions for ``GET /metrics``; a fresh one when not given.
+    metrics: RuntimeMetrics | None = None
+    #: Writes each session's bot output to its own file (``--log-dir``); off when ``None``.
+    capture: BotOutputCapture | None = None
 
 
 class SessionRegistry:
@@ -223,10 +227,35 @@ async def close_quietly(
 
 
 async def _run_session(
-    websocket: WebSocket, loaded: LoadedBot, registry: SessionRegistry, emit: EventSink
+    websocket: WebSocket,
+    loaded: LoadedBot,
+    registry: SessionRegistry,
+    emit: EventSink,
+    observers: Observers,
+    metrics: RuntimeMetrics,
 ) -> None:
     session_id = websocket.headers.get(headers.SESSION_ID_HEADER) or str(uuid.uuid4())
-    log = SessionLog(logger, session_id)
+    context = SessionContext(session_id, observers.agent, observers.org)
+    # Bound to this handler's task: bot() and every task it starts inherit it, so their log
+    # lines (logging, loguru, print) are attributed to this session.
+    token = bind_session(context)
+    try:
+        await _serve_session(websocket, loaded, registry, emit, observers, metrics, context)
+    finally:
+        unbind_session(token)
+
+
+async def _serve_session(
+    websocket: WebSocket,
+    loaded: LoadedBot,
+    registry: SessionRegistry,
+    emit: EventSink,
+    observers: Observers,
+    metrics: RuntimeMetrics,
+    context: SessionContext,
+) -> None:
+    session_id = context.session_id
+    log = session_log(logger, session_id, agent=context.agent, org=context.org)
     body = decode_body_param(websocket.query_params.get(headers.QUERY_BODY), log)
     transport_type = (
         headers.TRANSPORT_TYPE_WEBSOCKET
@@ -251,7 +280,11 @@ async def _run_session(
             )
         )
 
+    capture = observers.capture
+    if capture is not None:
+        capture.session_started(context)
     await emit({"event": "session_started", "session_id": session_id})
+    metrics.session_started()
     log.info("= session started (transport_type=%s, budget=%s s)", transport_type, budget)
     started = time.monotonic()
     task = asyncio.create_task(call_bot(), name=f"bot[{session_id}]")
@@ -263,9 +296,13 @@ async def _run_session(
         if not task.done():
             task.cancel()  # this handler itself was cancelled (forced server exit)
     bot_seconds = time.monotonic() - started
+    metrics.session_ended(outcome.status, bot_seconds)
     client_disconnected = websocket.client_state == WebSocketState.DISCONNECTED
     await close_quietly(websocket, outcome.close_code, outcome.close_reason, log)
     log.info("= session ended: %s after %.3f s", outcome.status, bot_seconds)
+    if capture is not None:
+        # Before session_ended: once the gateway records the end, the file is complete.
+        capture.session_ended(context)
     await emit(
         {
             "event": "session_ended",
@@ -291,18 +328,30 @@ async def _check_ready(loaded: LoadedBot) -> bool:
     return bool(result.get("ready")) if isinstance(result, dict) else bool(result)
 
 
-def create_app(loaded: LoadedBot, *, registry: SessionRegistry, emit: EventSink) -> FastAPI:
+def create_app(
+    loaded: LoadedBot,
+    *,
+    registry: SessionRegistry,
+    emit: EventSink,
+    observers: Observers | None = None,
+) -> FastAPI:
     """Build the runtime's ASGI app around an imported bot.
 
     Args:
         loaded: The imported ``bot.py``.
         registry: Where running sessions are registered (the control loop stops them there).
         emit: Called with ``session_started`` / ``session_ended`` events; must not raise.
+        observers: The agent's name for log lines, its metrics and the bot output capture.
     """
+    observers = observers or Observers()
+    metrics = observers.metrics or RuntimeMetrics(f"{observers.agent}.{observers.org}")
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     async def ws_endpoint(websocket: WebSocket) -> None:
-        await _run_session(websocket, loaded, registry, emit)
+        await _run_session(websocket, loaded, registry, emit, observers, metrics)
+
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     async def livez() -> dict[str, str]:
         return {"status": "ok"}
@@ -315,4 +364,5 @@ def create_app(loaded: LoadedBot, *, registry: SessionRegistry, emit: EventSink)
     app.add_api_websocket_route(headers.AGENT_PATH, ws_endpoint)
     app.add_api_route("/livez", livez, methods=["GET"])
     app.add_api_route("/readyz", readyz, methods=["GET"])
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"])
     return app

@@ -1,6 +1,8 @@
 """``catflap agent``: run one agent's ``bot.py`` behind ``WS /ws``, as PCC's base image does.
 
-Also runnable as ``python -m catflap.runtime.main --bot-dir DIR --listen ADDRESS``.
+Also runnable as ``python -m catflap.runtime.main --bot-dir DIR --listen ADDRESS``. With
+``--log-dir DIR``, each session's bot output goes to ``DIR/<org>/<agent>/<session_id>.jsonl``
+(:mod:`catflap.runtime.botlogs`); ``--log-format`` picks JSON lines or text on stderr.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fastapi import FastAPI
 
 from catflap.contract import limits
 from catflap.contract.errors import ConfigError
+from catflap.logs import LOG_FORMATS, LogFormat, configure_logging
 from catflap.runtime.app import (
     BOT_CANCEL_GRACE_S,
     WS_MAX_SIZE_BYTES,
@@ -30,12 +33,15 @@ from catflap.runtime.app import (
     WS_PING_INTERVAL_S,
     WS_PING_TIMEOUT_S,
     EventSink,
+    Observers,
     SessionRegistry,
     create_app,
 )
 from catflap.runtime.args import session_args_class
 from catflap.runtime.botloader import BotImportError, load_bot
+from catflap.runtime.botlogs import BotOutputCapture, SessionLogWriter
 from catflap.runtime.control import ChildEvent, ControlChannel, ControlProtocolError
+from catflap.runtime.metrics import RuntimeMetrics
 
 __all__ = [
     "EXIT_BOT_IMPORT_FAILED",
@@ -48,6 +54,7 @@ __all__ = [
     "make_server_config",
     "parse_listen",
     "run_agent",
+    "split_agent_name",
 ]
 
 EXIT_OK = 0
@@ -132,6 +139,9 @@ def make_server_config(app: FastAPI, *, log_level: str) -> uvicorn.Config:
         lifespan="auto",
         access_log=False,
         log_level=log_level,
+        # uvicorn's own logging config would give its loggers text handlers of their own; left
+        # alone, they propagate to the root handler and come out in --log-format.
+        log_config=None,
         # SIGTERM: sessions get PCC's SHUTDOWN_TIMEOUT before uvicorn cancels them.
         timeout_graceful_shutdown=int(limits.DRAIN_TIMEOUT_S),
     )
@@ -203,6 +213,15 @@ async def _control_loop(
             logger.warning("! ignoring unknown control message %.200s", msg)
 
 
+def split_agent_name(agent_name: str | None) -> tuple[str, str]:
+    """``my-agent.my-org`` -> ``("my-agent", "my-org")``; standalone runtimes are
+    ``("agent", "local")`` unless named."""
+    if not agent_name:
+        return "agent", "local"
+    agent, dot, org = agent_name.rpartition(".")
+    return (agent, org) if dot and agent and org else (agent_name, "local")
+
+
 async def run_agent(
     *,
     bot_dir: Path,
@@ -210,6 +229,7 @@ async def run_agent(
     control_fd: int | None = None,
     agent_name: str | None = None,
     log_level: str = "info",
+    log_dir: Path | None = None,
 ) -> int:
     """Import the bot, serve ``/ws`` until told to stop, and return the exit code.
 
@@ -217,8 +237,10 @@ async def run_agent(
         bot_dir: The folder holding ``bot.py``.
         listen: ``unix:/path/to.sock`` or ``tcp:HOST:PORT``.
         control_fd: The child end of the pool's ``socketpair()``; ``None`` runs standalone.
-        agent_name: Only used in log lines.
+        agent_name: ``agent.org``: names log lines, metrics and the session log files.
         log_level: uvicorn's log level name.
+        log_dir: Write each session's bot output below this folder (absolute: the bot's
+            import changes the working directory); ``None``: don't.
 
     Returns:
         :data:`EXIT_OK`, :data:`EXIT_BOT_IMPORT_FAILED`, :data:`EXIT_LISTEN_FAILED` or
@@ -246,9 +268,17 @@ async def run_agent(
         error = f"cannot listen on {listen}: {exc}"
         return await _start_failed(emit, channel, error, EXIT_LISTEN_FAILED)
     registry = SessionRegistry()
-    server = uvicorn.Server(
-        make_server_config(create_app(loaded, registry=registry, emit=emit), log_level=log_level)
+    agent, org = split_agent_name(agent_name)
+    capture = None
+    if log_dir is not None:
+        # After the import: a bot may reset loguru's sinks at import time.
+        capture = BotOutputCapture(SessionLogWriter(log_dir))
+        capture.install()
+    observers = Observers(
+        agent=agent, org=org, metrics=RuntimeMetrics(f"{agent}.{org}"), capture=capture
     )
+    app = create_app(loaded, registry=registry, emit=emit, observers=observers)
+    server = uvicorn.Server(make_server_config(app, log_level=log_level))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     control: asyncio.Task[None] | None = None
     try:
@@ -271,6 +301,8 @@ async def run_agent(
         if address.kind == "unix":
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(address.path)
+        if capture is not None and not registry.stuck:
+            capture.uninstall()
     if registry.stuck:
         return EXIT_BOT_STUCK
     return EXIT_OK if server.started else EXIT_LISTEN_FAILED
@@ -283,16 +315,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--control-fd", type=int, default=None, help="pool control socket fd")
     parser.add_argument("--agent-name", default=None, help="agent name, for log lines")
     parser.add_argument("--log-level", default="info", choices=_LOG_LEVELS)
+    parser.add_argument(
+        "--log-format", default=LOG_FORMATS[0], choices=LOG_FORMATS, help="stderr line format"
+    )
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="write each session's bot output to DIR/<org>/<agent>/<session_id>.jsonl",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse options, run the agent and return the process exit code."""
     options = _parser().parse_args(argv)
-    level = options.log_level.upper() if options.log_level != "trace" else "DEBUG"
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    level = options.log_level if options.log_level != "trace" else "debug"
+    log_format: LogFormat = options.log_format
+    configure_logging(level, log_format)
     runner = asyncio.Runner(loop_factory=_loop_factory())
     try:
         code = runner.run(
@@ -302,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                 control_fd=options.control_fd,
                 agent_name=options.agent_name,
                 log_level=options.log_level,
+                log_dir=options.log_dir.resolve() if options.log_dir else None,
             )
         )
     except ConfigError as exc:

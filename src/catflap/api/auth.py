@@ -1,0 +1,106 @@
+"""What the private-key APIs share: the key check, the session id check, and 400s that name
+the bad parameter.
+
+Every call needs ``Authorization: Bearer sk_...``: the private key picks the organization, as a
+public key does for ``/start``.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the dependency's annotations at run
+# time.
+
+import hmac
+import re
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from catflap.contract.errors import BadRequest, Unauthorized
+
+if TYPE_CHECKING:
+    from catflap.gateway.server import Gateway
+
+__all__ = ["ParamCheckedRoute", "canonical_session_id", "key_in", "private_key_org"]
+
+#: The canonical 8-4-4-4-12 form that catflap gives every session id.
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+class ParamCheckedRoute(APIRoute):
+    """A route whose invalid parameters are a 400 naming the parameter.
+
+    FastAPI's own validation error goes through the app's generic handler, whose message does
+    not say which parameter was wrong.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                first = exc.errors()[0]
+                where = str(first["loc"][-1]) if first.get("loc") else "request"
+                raise BadRequest(f"invalid {where}: {first['msg']}") from None
+
+        return checked
+
+
+def key_in(key: str, keys: list[str]) -> bool:
+    """Whether ``key`` is one of ``keys``; checks every key (no early exit) in constant time per
+    key, so the answer's timing gives no hint about private keys."""
+    found = False
+    for candidate in keys:
+        found |= hmac.compare_digest(key.encode(), candidate.encode())
+    return found
+
+
+def canonical_session_id(value: str) -> str:
+    """The session id in canonical form.
+
+    Raises:
+        BadRequest: 400, ``value`` is not a UUID string.
+    """
+    canonical = value.lower()
+    if not _UUID.fullmatch(canonical):
+        raise BadRequest(
+            f"invalid session id {value[:64]!r}: session ids are UUID strings such as "
+            "'123e4567-e89b-42d3-a456-426614174000'"
+        )
+    return canonical
+
+
+def private_key_org(gateway: "Gateway") -> Callable[..., Awaitable[str]]:
+    """A FastAPI dependency giving the organization whose private key the request carries."""
+    bearer = HTTPBearer(
+        auto_error=False,
+        scheme_name="private key",
+        description="A private API key of the organization: `Authorization: Bearer sk_...`",
+    )
+
+    async def organization(  # async: a plain def would run on a worker thread
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> str:
+        """The organization whose private key the request carries.
+
+        Raises:
+            Unauthorized: 401, no key, an unknown key, or a public key.
+        """
+        key = credentials.credentials.strip() if credentials else ""
+        if key:
+            orgs = gateway.config.organizations.items()
+            for org, org_cfg in orgs:
+                if key_in(key, org_cfg.private_keys):
+                    return org
+            if any(key in org_cfg.public_keys for _, org_cfg in orgs):
+                raise Unauthorized(
+                    "this is a public key (pk_...); this API needs a private key: "
+                    "send Authorization: Bearer sk_..."
+                )
+        raise Unauthorized("missing or invalid private API key: send Authorization: Bearer sk_...")
+
+    return organization

@@ -1,0 +1,139 @@
+"""The logs API: a session's log lines, with a private key.
+
+::
+
+    GET /v1/agents/{agent}/logs?sessionId=&limit=&offset=&order=asc|desc
+        {"total": {"value": n, "relation": "eq"},
+         "logs": [{"log": line, "timestamp": iso, "sessionId": id, "level": .., "stream": ..}]}
+
+Lines come from the session log files the agent runtimes write
+(:mod:`catflap.runtime.botlogs`, read by :mod:`catflap.logstore`): the bot's own ``logging``,
+``loguru`` and ``print`` output, and the runtime's lines about the session. Without
+``sessionId`` the answer merges the agent's most recent session files by timestamp.
+Checks run in the sessions API's order: key (401), query and session id format (400), agent in
+the key's organization (404), session (404).
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at run
+# time, and they name dependencies local to ``logs_router``.
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, Field
+
+from catflap.api.auth import ParamCheckedRoute, canonical_session_id, private_key_org
+from catflap.api.sessions import SessionNotFound
+from catflap.contract import limits
+from catflap.contract.errors import AgentNotFound, InternalError
+from catflap.logstore import LogPage, LogStore
+
+if TYPE_CHECKING:
+    from catflap.gateway.server import Gateway
+
+__all__ = ["LogLine", "LogsAnswer", "LogsTotal", "logs_router"]
+
+log = logging.getLogger("catflap.api")
+
+
+class LogsTotal(BaseModel):
+    value: int = Field(description="lines that match, on every page")
+    relation: Literal["eq"] = "eq"
+
+
+class LogLine(BaseModel):
+    log: str = Field(description="the line as the bot (or the runtime) wrote it")
+    timestamp: str | None = Field(description="UTC, ISO 8601 with milliseconds")
+    sessionId: str  # noqa: N815 - PCC's wire names are camelCase
+    level: str | None = None
+    stream: str | None = Field(default=None, description="stdout, stderr, logging or loguru")
+
+
+class LogsAnswer(BaseModel):
+    """One page of log lines (Pipecat Cloud's shape, with ``sessionId`` on each line)."""
+
+    total: LogsTotal
+    logs: list[LogLine]
+
+
+def logs_router(gateway: "Gateway") -> APIRouter:
+    """The logs API of one gateway, as a router for :func:`catflap.api.app.create_api`."""
+    from catflap.api.app import ErrorBody
+
+    router = APIRouter(tags=["logs"], route_class=ParamCheckedRoute)
+    errors: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorBody} for status in (400, 401, 404, 500)
+    }
+    organization = private_key_org(gateway)
+    store = LogStore(gateway.config.log_dir)
+
+    async def known_session(org: str, agent: str, session_id: str) -> bool:
+        record = gateway.sessions.get(session_id)
+        if record is None:
+            try:
+                record = await gateway.store.get(session_id)
+            except Exception:
+                log.exception("! the session store failed")
+                raise InternalError("could not read the session records; see the log") from None
+        return record is not None and (record.organization, record.agent) == (org, agent)
+
+    @router.get(
+        "/v1/agents/{agent}/logs",
+        response_model=LogsAnswer,
+        responses=errors,
+        summary="Read an agent's log lines",
+    )
+    async def agent_logs(
+        agent: str,
+        org: Annotated[str, Depends(organization)],
+        session_id: Annotated[
+            str | None,
+            Query(
+                alias="sessionId",
+                description="one session's lines; without it, the agent's "
+                f"{limits.LOGS_RECENT_SESSIONS_MAX} most recent sessions, merged by time",
+            ),
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=limits.LOGS_LIMIT_MAX)] = limits.LOGS_LIMIT_DEFAULT,
+        offset: Annotated[int, Query(ge=0, description="skip this many lines first")] = 0,
+        order: Annotated[
+            Literal["asc", "desc"], Query(description="asc: oldest first; desc: newest first")
+        ] = "desc",
+    ) -> dict[str, Any]:
+        """Log lines of one session (or of the agent's recent sessions), with their total.
+
+        Raises:
+            BadRequest: 400, a query parameter is invalid or sessionId is not a UUID.
+            Unauthorized: 401, no private key.
+            AgentNotFound: 404, the agent is not in the key's organization.
+            SessionNotFound: 404, the agent has no such session.
+            InternalError: 500, the log files or the session store could not be read.
+        """
+        sid = canonical_session_id(session_id) if session_id is not None else None
+        if gateway.agent_by_name(org, agent) is None:
+            raise AgentNotFound(f"no agent {agent!r} in organization {org!r}")
+        try:
+            page: LogPage
+            if sid is None:
+                page = await asyncio.to_thread(
+                    store.read_recent, org, agent, limit=limit, offset=offset, order=order
+                )
+            elif await asyncio.to_thread(store.has_session, org, agent, sid):
+                page = await asyncio.to_thread(
+                    store.read_session, org, agent, sid, limit=limit, offset=offset, order=order
+                )
+            elif await known_session(org, agent, sid):
+                page = LogPage(0, [])  # no line written (yet), or pruned
+            else:
+                raise SessionNotFound(f"no session {sid} for agent {agent!r}")
+        except OSError:
+            log.exception("! could not read the session logs")
+            raise InternalError("could not read the session logs; see the gateway log") from None
+        return {
+            "total": {"value": page.total, "relation": "eq"},
+            "logs": [entry.to_api() for entry in page.entries],
+        }
+
+    return router
