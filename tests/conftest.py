@@ -7,9 +7,11 @@ slow machine can scale them all at once.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,11 +35,18 @@ EXAMPLES = ROOT / "examples"
 ECHO = EXAMPLES / "echo"
 PIPECAT_ECHO = EXAMPLES / "pipecat-echo"
 PIPECAT_TELEPHONY = EXAMPLES / "pipecat-telephony"
+_PR_SET_PDEATHSIG = 1
 MS = float(os.environ.get("CATFLAP_TEST_MS", "1.0"))
 
 PUBLIC_KEY = "pk_test_123"
 PRIVATE_KEY = "sk_test_123"
 TEST_KEYRING = KeyRing([SigningKey("k1", b"test-secret-one-0123456789abcdef")])
+
+
+def die_with_test_process() -> None:
+    """``preexec_fn`` for servers a test starts: Linux sends the child SIGTERM when the test
+    process dies, so no server outlives a killed test run."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def seconds(value: float) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 import requests
 from websockets.sync.client import connect
 
-from .conftest import ECHO, seconds
+from .conftest import ECHO, die_with_test_process, seconds
 
 CATFLAP = [sys.executable, "-m", "catflap"]
 
@@ -30,6 +30,7 @@ def serve(
         [*CATFLAP, "serve", *args, "--listen", "127.0.0.1:0"],
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=die_with_test_process,
         env={**os.environ, **(env or {})},
     )
     assert proc.stderr is not None

@@ -32,7 +32,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from catflap.cluster.keys import HEARTBEAT_TTL_S, RESERVATION_TTL_S
 
-from .conftest import ROOT, seconds
+from .conftest import ROOT, die_with_test_process, seconds
 
 REDIS_URL = os.environ.get("CATFLAP_TEST_REDIS", "redis://127.0.0.1:6379/0")
 EXCLUSIVE = ROOT / "tests" / "bots" / "exclusive"
@@ -85,6 +85,7 @@ def _spawn(args: list[str], ready_marker: str | None) -> Proc:
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
+        preexec_fn=die_with_test_process,
         env={**os.environ, **KEYS_ENV},
     )
     proc = Proc(popen)
@@ -362,6 +363,7 @@ def private_redis() -> Iterator[tuple[str, Any]]:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_test_process,
         )
 
     state = {"proc": start()}

@@ -23,7 +23,15 @@ from catflap.config import CatflapConfig
 from catflap.contract import limits
 from catflap.gateway.relay import Relay
 
-from .conftest import ECHO, ROOT, RunningGateway, running_gateway, seconds, upgrade_request
+from .conftest import (
+    ECHO,
+    ROOT,
+    RunningGateway,
+    die_with_test_process,
+    running_gateway,
+    seconds,
+    upgrade_request,
+)
 
 BOTS = ROOT / "tests" / "bots"
 
@@ -145,6 +153,7 @@ def _serve(config: Path) -> tuple[subprocess.Popen[str], int]:
         [sys.executable, "-m", "catflap", "serve", "--config", str(config)],
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=die_with_test_process,
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + seconds(30)

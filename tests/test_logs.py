@@ -28,7 +28,7 @@ from catflap.logs import (
     unbind_session,
 )
 
-from .conftest import ECHO, seconds
+from .conftest import ECHO, die_with_test_process, seconds
 
 SID = "11111111-2222-4333-8444-555555555555"
 
@@ -105,6 +105,7 @@ def serve(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], i
         ],
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=die_with_test_process,
         env={**os.environ, "CATFLAP_TOKEN_KEYS": "k1:secret"},
     )
     lines: list[str] = []

@@ -106,6 +106,7 @@ class Gateway:
                 access_log=False,
                 log_level="warning",
                 server_header=False,
+                log_config=None,  # catflap's logging setup (JSON or text) applies
             )
             self._http_config.load()
         return HttpToolsProtocol(

@@ -37,7 +37,7 @@ from catflap.gateway.httphead import RequestHead
 from catflap.gateway.relay import Relay
 from catflap.gateway.upgrade import UpgradeAccepted, check_upgrade
 from catflap.gateway.upstream import UpstreamReply, build_upstream_request, open_upstream
-from catflap.logs import session_log
+from catflap.logs import SessionLog, session_log
 from catflap.pool.pool import SessionLease
 from catflap.sessions.record import SessionRecord
 
@@ -61,7 +61,7 @@ async def run_session(
             raise Draining("the gateway is shutting down; connect again to reach another one")
         accepted = check_upgrade(head, gateway.directory, gateway.keyring, now=gateway.clock())
     except RequestRejected as rejected:
-        refuse(gateway, conn, head, rejected, "-")
+        refuse(gateway, conn, head, rejected, None)
         return
     except Exception:
         log.exception("! unexpected error checking %s", loggable(head.path))
@@ -85,7 +85,7 @@ async def run_session(
             gateway, accepted, await admit(gateway, accepted), request
         )
     except RequestRejected as rejected:
-        refuse(gateway, conn, head, rejected, accepted.session_id)
+        refuse(gateway, conn, head, rejected, accepted)
         return
     except Exception:
         log.exception("! unexpected error while starting a session for %s", loggable(head.path))
@@ -103,14 +103,24 @@ def _agent(accepted: UpgradeAccepted) -> AgentSpec:
     return accepted.agent
 
 
+def accepted_log(accepted: UpgradeAccepted | None) -> SessionLog:
+    """The session's logger, with the agent and organisation once they are known."""
+    if accepted is None:
+        return session_log(log, "-")
+    if accepted.agent is None:
+        return session_log(log, accepted.session_id)
+    host = accepted.agent.service_host
+    return session_log(log, accepted.session_id, agent=host.agent, org=host.org)
+
+
 def refuse(
     gateway: Gateway,
     conn: GatewayConnection,
     head: RequestHead,
     rejected: RequestRejected,
-    sid: str,
+    accepted: UpgradeAccepted | None,
 ) -> None:
-    session_log(log, sid).info(
+    accepted_log(accepted).info(
         "! %s %s -> %d %s",
         head.method,
         loggable(head.path),
@@ -173,7 +183,7 @@ async def connect_agent(
             gateway.pool.cancel(lease)
             raise
         gateway.pool.cancel(lease)
-        session_log(log, accepted.session_id).warning(
+        accepted_log(accepted).warning(
             "! attempt %d: %s at %s", attempt, problem, lease.instance_label
         )
         if attempt == limits.DISPATCH_ATTEMPTS:
@@ -253,7 +263,9 @@ async def _store(gateway: Gateway, record: SessionRecord) -> None:
     try:
         await gateway.store.save(record)
     except Exception:
-        session_log(log, record.session_id).exception("! could not store the session record")
+        session_log(log, record.session_id, agent=record.agent, org=record.organization).exception(
+            "! could not store the session record"
+        )
 
 
 def loggable(path: str) -> str:

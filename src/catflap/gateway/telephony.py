@@ -40,6 +40,7 @@ from catflap.gateway.frames import FrameReader
 from catflap.gateway.httphead import RequestHead
 from catflap.gateway.providers import HandshakeDone, HandshakeInvalid, Provider, ProviderHandshake
 from catflap.gateway.session import (
+    accepted_log,
     admit,
     connect_agent,
     count_refusal,
@@ -49,7 +50,6 @@ from catflap.gateway.session import (
 )
 from catflap.gateway.upgrade import UpgradeAccepted, resolve_agent
 from catflap.gateway.upstream import build_upstream_request
-from catflap.logs import session_log
 from catflap.pool.pool import SessionLease
 
 if TYPE_CHECKING:
@@ -161,14 +161,14 @@ async def run_provider_session(
     """Run one provider session; never raises."""
     provider = accepted.provider
     assert provider is not None
-    slog = session_log(log, accepted.session_id)
+    slog = accepted_log(accepted)
     lease: SessionLease | None = None
     # 1. Known agent: capacity is still an HTTP answer.
     if accepted.agent is not None:
         try:
             lease = await admit(gateway, accepted)
         except RequestRejected as rejected:
-            refuse(gateway, conn, head, rejected, accepted.session_id)
+            refuse(gateway, conn, head, rejected, accepted)
             return
     key = head.header("sec-websocket-key") or ""
     conn.transport.write(accept_response(key))
@@ -202,7 +202,7 @@ async def run_provider_session(
                     claims=claims,
                     session_id=claims.jti if claims else accepted.session_id,
                 )
-                slog = session_log(log, accepted.session_id)
+                slog = accepted_log(accepted)
                 lease = await admit(gateway, accepted)
             except (AtCapacity, ServiceUnavailable) as busy:
                 count_refusal(gateway, str(int(CloseCode.TRY_AGAIN_LATER)), busy)
