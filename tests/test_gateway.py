@@ -59,6 +59,10 @@ async def hello(ws: ClientConnection) -> dict[str, Any]:
     return result
 
 
+def _b64_raw(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 def b64(value: Any) -> str:
     return base64.b64encode(json.dumps(value).encode()).decode()
 
@@ -223,6 +227,22 @@ def _no_session_started(gw: RunningGateway, before: int) -> None:
             431,
             "headers_too_large",
         ),
+        (
+            upgrade_request("/ws/generic/my-agent.my-org?body=" + _b64_raw(b"[" * 10_000)),
+            413,
+            "body_too_large",
+        ),
+        (
+            upgrade_request("/ws/generic/my-agent.my-org?body=" + _b64_raw(b"[" * 3000)),
+            400,
+            "invalid_body",
+        ),
+        (
+            upgrade_request("/ws/generic/my-agent.my-org?body=" + _b64_raw(b"\xff\xfe{}")),
+            400,
+            "invalid_body",
+        ),
+        (upgrade_request("/ws/generic?serviceHost=a.b&serviceHost=a.b"), 400, "bad_request"),
         (b"GARBAGE\r\n\r\n", 400, "malformed_request"),
         (upgrade_request("/ws/generic/tok-agent.my-org"), 403, "token_missing"),
         (upgrade_request("/ws/generic/tok-agent.my-org?token=abc.def"), 403, "token_malformed"),
