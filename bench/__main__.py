@@ -76,14 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="after the telephony rounds, one more catflap run with py-spy on the gateway",
+        help="after the telephony rounds, one more run per relay under perf (or py-spy)",
     )
     parser.add_argument(
         "--quiet-budget",
         type=float,
         default=120.0,
-        help="seconds the suite may wait in total for other load on the machine to pass "
-        "(default 120; 0 with --quick)",
+        help="seconds the suite may spend in total waiting for other programs' load to pass "
+        "and repeating runs they disturbed (default 120; 0 with --quick)",
     )
     parser.add_argument(
         "--quick",
@@ -137,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.nginx_binary = ensure_nginx()
     meta = machine_info(REPO, nginx_version(settings.nginx_binary))
     if args.profile:
-        settings.profile_to = out / f"{meta['date'][:10]}-gateway-profile.speedscope.json"
-        out.mkdir(parents=True, exist_ok=True)
+        settings.profile_dir = out / "profiles"
     problems: list[str] = []
     crashed = 0
     began = time.monotonic()
@@ -154,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         data["elapsed_s"] = round(time.monotonic() - t0, 1)
         if name == "sweep":
-            data["plot"] = plot_sweep(out, data, meta["date"][:10])
+            try:
+                data["plot"] = plot_sweep(out, data, meta["date"][:10])
+            except Exception as exc:  # a plot must not cost the measurements
+                problems.append(f"sweep: no plot ({type(exc).__name__}: {exc})")
         path = write_result(out, name, meta, data)
         scenarios.log(f"{name}: done in {data['elapsed_s']:g} s -> {path}")
         if lost := _lost(name, data):

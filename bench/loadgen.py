@@ -110,7 +110,6 @@ class WSClient(asyncio.Protocol):
         "first_data",
         "head_buf",
         "loop",
-        "next_message",
         "on_message",
         "request",
         "seq",
@@ -147,7 +146,6 @@ class WSClient(asyncio.Protocol):
         self.closing = False
         #: Called after each echoed data frame (closed-loop mode sends the next one from here).
         self.on_message: Callable[[WSClient], None] | None = None
-        self.next_message: Callable[[], None] | None = None
 
     # --- asyncio.Protocol ---------------------------------------------------------------
 
@@ -417,7 +415,7 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
     pids = {**spec.get("cpu_pids", {}), "loadgen": os.getpid()}
     clients, failures = await target.open_many(sessions)
     # Stagger sessions over 1 ms slots of one interval, so sends are spread, not bursts.
-    slot = 0.001
+    slot = float(spec.get("slot", 0.001))
     nslots = max(1, round(interval / slot))
     buckets: list[list[WSClient]] = [[] for _ in range(nslots)]
     for i, client in enumerate(clients):
@@ -459,7 +457,8 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
         "received": stats.received,
         "lost": stats.sent - stats.received,
         "latency_us": percentiles(stats.latencies),
-        "timeline": timeline(stats, t0_ns),
+        "timeline": timeline(stats, t0_ns, float(spec.get("timeline_step", 1.0))),
+        "t0_ns": t0_ns,
         "cpu_s": cpu,
         "machine": machine,
         "close_lingering": lingering,
@@ -556,6 +555,7 @@ async def _one_start(target: Target, first: bytes | None, timeout: float) -> dic
 async def run_start(spec: dict[str, Any]) -> dict[str, Any]:
     """Sequential session starts, then (optionally) a sustained start rate with N starters."""
     stats = Stats()
+    stats.record = False  # replies may not carry our timestamps (a Pipecat bot's do not)
     target = Target(spec, stats)
     loop = target.loop
     first = bytes.fromhex(spec["first_frame_hex"]) if spec.get("first_frame_hex") else None
@@ -611,6 +611,7 @@ async def run_start(spec: dict[str, Any]) -> dict[str, Any]:
 async def run_idle(spec: dict[str, Any]) -> dict[str, Any]:
     """Hold idle sessions at each level and sample the RSS of the given processes."""
     stats = Stats()
+    stats.record = False
     target = Target(spec, stats)
     settle = float(spec.get("settle", 3.0))
     pids: dict[str, int] = spec.get("rss_pids", {})

@@ -237,7 +237,15 @@ def set_quiet_budget(seconds: float) -> None:
     _quiet_budget[0] = seconds
 
 
-def wait_quiet(*, threshold: float = 0.15, patience: float = 20.0) -> float | None:
+def spend_quiet_budget(seconds: float) -> bool:
+    """Charge a repeated run to the budget; False (nothing charged) if it does not fit."""
+    if _quiet_budget[0] < seconds:
+        return False
+    _quiet_budget[0] -= seconds
+    return True
+
+
+def wait_quiet(*, threshold: float = 0.15, patience: float = 10.0) -> float | None:
     """Wait until the whole machine is less than ``threshold`` busy over one second.
 
     Other work on a shared 2-core VM wrecks latency figures, so each run starts on a quiet

@@ -163,14 +163,18 @@ def _telephony_md(res: dict[str, Any]) -> list[str]:
         "",
     ]
     lines = text + _table(header, rows)
-    profile = res.get("profile")
-    if profile and "self_pct" in profile:
+    for name, prof in (res.get("profile") or {}).items():
+        if not isinstance(prof, dict) or "top_functions_pct" not in prof:
+            continue
+        libs = prof.get("by_library_pct") or []
+        funcs = prof["top_functions_pct"][:6]
         lines += [
             "",
-            f"py-spy on the gateway during an extra catflap run ({profile['samples']} samples of "
-            f"the event-loop thread, {profile['idle_pct']} % idle in epoll; "
-            f"`{profile.get('file')}`): "
-            + ", ".join(f"{name} {pct} %" for name, pct in profile["self_pct"][:6]),
+            f"Profile of {name} ({prof['tool']}, {prof['samples']} samples, extra run): "
+            + ("by library " + ", ".join(f"{n} {p} %" for n, p in libs[:5]) + "; " if libs else "")
+            + "top functions "
+            + ", ".join(f"{n} {p} %" for n, p in funcs)
+            + ".",
         ]
     return lines
 
@@ -192,6 +196,8 @@ def _throughput_md(res: dict[str, Any]) -> list[str]:
                     r.get("vs_nginx"),
                     r.get("latency_us", {}).get("p50"),
                     r.get("relay_cpu_us_per_frame"),
+                    _pct(r.get("relay_core_busy")),
+                    _pct(r.get("load_core_busy")),
                     r.get("lost"),
                 ]
             )
@@ -203,6 +209,8 @@ def _throughput_md(res: dict[str, Any]) -> list[str]:
         "× nginx",
         "p50 RTT µs",
         "relay µs / frame",
+        "relay core",
+        "load core",
         "lost",
     ]
     text = [f"{res['connections']} connections, closed loop, {res['seconds']:g} s per run.", ""]
@@ -267,10 +275,23 @@ def _ms(us: float | None) -> float | None:
 
 def _memory_md(res: dict[str, Any]) -> list[str]:
     rows = [
-        [lvl["sessions"], lvl["rss_kb"].get("gateway"), lvl["rss_kb"].get("agent")]
+        [
+            lvl["sessions"],
+            lvl["rss_kb"].get("gateway"),
+            lvl.get("gateway_kb_per_session"),
+            lvl["rss_kb"].get("agent"),
+            lvl.get("agent_kb_per_session"),
+        ]
         for lvl in res["levels"]
     ]
-    lines = _table(["idle sessions", "gateway RSS KiB", "agent RSS KiB"], rows)
+    header = [
+        "idle sessions",
+        "gateway RSS KiB",
+        "gateway KiB / session",
+        "agent RSS KiB",
+        "agent KiB / session",
+    ]
+    lines = _table(header, rows)
     lines += [
         "",
         f"Gateway: **{_fmt(res.get('gateway_kb_per_session'), 2)} KiB per session** "
@@ -365,6 +386,7 @@ def evaluate_targets(latest: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_latest(out: Path) -> Path:
     """Rebuild ``<out>/latest.md`` from the newest result of each scenario."""
+    out.mkdir(parents=True, exist_ok=True)
     latest = _latest(out)
     targets = evaluate_targets(latest)
     lines = ["# catflap benchmark: latest results", ""]
@@ -414,6 +436,7 @@ def write_latest(out: Path) -> Path:
 
 def plot_sweep(out: Path, res: dict[str, Any], date: str) -> str | None:
     """Draw p50/p99 echo latency vs sessions per contestant; returns the PNG's file name."""
+    out.mkdir(parents=True, exist_ok=True)
     path = out / f"{date}-sweep.png"
     try:
         _plot_matplotlib(path, res)
@@ -436,6 +459,14 @@ def _series(res: dict[str, Any], name: str, key: str) -> tuple[list[int], list[f
     return xs, ys
 
 
+def _first_saturated(res: dict[str, Any], threshold: float = 0.9) -> int | None:
+    """The smallest session count at which the load core (client + upstream) was saturated."""
+    for level in res["levels"]:
+        if any((r.get("load_core_busy") or 0) >= threshold for r in level["by"].values()):
+            return int(level["sessions"])
+    return None
+
+
 def _plot_matplotlib(path: Path, res: dict[str, Any]) -> None:
     import matplotlib
 
@@ -448,6 +479,12 @@ def _plot_matplotlib(path: Path, res: dict[str, Any]) -> None:
         for key, style in (("p50", "-o"), ("p99", "--s")):
             xs, ys = _series(res, name, key)
             ax.plot(xs, ys, style, color=colours.get(name), label=f"{name} {key}", markersize=4)
+    saturated = _first_saturated(res)
+    if saturated is not None:
+        top = max(int(level["sessions"]) for level in res["levels"])
+        ax.axvspan(
+            saturated, top, color="0.85", alpha=0.5, lw=0, zorder=0, label="load core ≥ 90 % busy"
+        )
     ax.set_xlabel("concurrent sessions (320 B every 20 ms, echoed)")
     ax.set_ylabel("echo latency (ms)")
     ax.set_yscale("log")

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import contestants as cs
-from bench.procs import children_of, cores, spawn, wait_quiet
-from bench.profile import Spy, py_spy, summarize_speedscope
+from bench.procs import children_of, cores, spawn, spend_quiet_budget, wait_quiet
+from bench.profile import recorder_for, summarize
 
 __all__ = ["Settings", "memory", "run_loadgen", "start", "sweep", "telephony", "throughput"]
 
@@ -50,8 +50,10 @@ class Settings:
     rounds: int = 3
     #: ``fast`` or ``asgi``: how the upstream bot echoes (bench/bots/fast-echo/bot.py).
     echo: str = "fast"
-    #: Where to write a py-spy profile of the gateway (an extra telephony run); None: no profile.
-    profile_to: Path | None = None
+    #: Where to write profiles of the relays (extra telephony runs); None: no profiling.
+    profile_dir: Path | None = None
+    #: Pause between runs, so that closing sessions do not overlap the next window.
+    pause: float = 0.5
     nginx_binary: str = "nginx"
 
     @classmethod
@@ -72,6 +74,7 @@ class Settings:
             sweep_levels=(20, 50),
             sweep_seconds=1.0,
             rounds=1,
+            pause=0.1,
         )
 
 
@@ -107,6 +110,48 @@ def run_loadgen(spec: dict[str, Any], *, timeout: float, workdir: Path) -> dict[
     if child.popen.returncode != 0:
         raise RuntimeError(f"load client failed ({child.popen.returncode}):\n{child.log_tail()}")
     return dict(json.loads(out.decode().strip().splitlines()[-1]))
+
+
+#: A run during which other programs used more than this share of a core is repeated.
+FOREIGN_CPU_LIMIT = 0.05
+
+
+def clean_run(
+    spec: dict[str, Any],
+    *,
+    timeout: float,  # noqa: ASYNC109
+    workdir: Path,
+    quiet: bool = True,
+    attempts: int = 3,
+) -> dict[str, Any]:
+    """A measured load-client run, started on a quiet machine, repeated if others intruded.
+
+    Each attempt waits for a quiet machine first (:func:`~bench.procs.wait_quiet`). When other
+    programs still used more than :data:`FOREIGN_CPU_LIMIT` of a core during the window, the run
+    is repeated while the suite's quiet budget lasts; the cleanest attempt is returned, with
+    ``attempts`` and every attempt's foreign CPU recorded.
+    """
+    best: dict[str, Any] | None = None
+    foreign_seen: list[float] = []
+    for attempt in range(1, attempts + 1):
+        busy = wait_quiet() if quiet else None
+        started = time.monotonic()
+        r = run_loadgen(spec, timeout=timeout, workdir=workdir)
+        r["machine_busy_before"] = busy
+        window = float(r.get("window_s") or r.get("seconds") or 1.0)
+        foreign = float(r.get("machine", {}).get("foreign_cpu_s", 0.0))
+        foreign_seen.append(foreign)
+        if best is None or foreign < best["machine"]["foreign_cpu_s"]:
+            best = r
+        if not quiet or foreign <= FOREIGN_CPU_LIMIT * window or attempt == attempts:
+            break
+        if not spend_quiet_budget(time.monotonic() - started):
+            break
+        log(f"  other programs used {foreign:.1f} s of CPU during the run; repeating it")
+    assert best is not None
+    best["attempts"] = len(foreign_seen)
+    best["foreign_cpu_s_per_attempt"] = foreign_seen
+    return best
 
 
 def fast_echo_agent(sessions_per_instance: int) -> dict[str, Any]:
@@ -176,9 +221,7 @@ def telephony_run(
         "seconds": seconds,
         "cpu_pids": endpoint.cpu_pids(),
     }
-    busy = wait_quiet() if quiet else None
-    r = run_loadgen(spec, timeout=seconds + 180, workdir=workdir)
-    r["machine_busy_before"] = busy
+    r = clean_run(spec, timeout=seconds + 180, workdir=workdir, quiet=quiet)
     frames = r["sent"] + r["received"]
     cpu = r.pop("cpu_s")
     relay_cpu = sum(v for k, v in cpu.items() if k.startswith("relay"))
@@ -259,39 +302,40 @@ def telephony(settings: Settings) -> dict[str, Any]:
                 runs[name].append(
                     telephony_run(endpoints[name], settings.sessions, settings.seconds, workdir)
                 )
-                time.sleep(0.5)
-        if settings.profile_to is not None:
-            result["profile"] = _profile_gateway(settings, endpoints["catflap"], workdir)
+                time.sleep(settings.pause)
+        if settings.profile_dir is not None:
+            result["profile"] = _profile_relays(settings, endpoints, workdir)
     result["contestants"] = {name: _summarize(runs[name], runs["nginx"]) for name in names}
+    result["contestants"]["direct"]["cpu_vs_nginx"] = None  # upstream CPU, not a relay's
     return result
 
 
-def _profile_gateway(settings: Settings, endpoint: cs.Endpoint, workdir: Path) -> dict[str, Any]:
-    """One more catflap telephony run with py-spy on the gateway, during the send window."""
-    binary = py_spy()
-    if binary is None or settings.profile_to is None:
-        return {"error": "py-spy is not installed (pip install py-spy)"}
+def _profile_relays(
+    settings: Settings, endpoints: dict[str, cs.Endpoint], workdir: Path
+) -> dict[str, Any]:
+    """One more telephony run per relay with a profiler attached (numbers not used)."""
+    assert settings.profile_dir is not None
+    settings.profile_dir.mkdir(parents=True, exist_ok=True)
     load, _ = cores()
-    out = settings.profile_to
-    log(f"telephony: profiling the gateway with py-spy -> {out}")
-    # Handshakes take ~1-2 s at 300 sessions; record the steady state only.
-    spy = Spy(
-        binary,
-        endpoint.relay_pids[0],
-        out,
-        delay=2.5,
-        duration=max(1.0, settings.seconds - 2),
-        cpus=load,
-    )
-    wait_quiet()
-    with spy:
-        run = telephony_run(endpoint, settings.sessions, settings.seconds, workdir, quiet=False)
-    if spy.error or not out.exists():
-        return {"error": spy.error or "py-spy wrote nothing"}
-    summary = summarize_speedscope(out)
-    summary["file"] = out.name
-    summary["run_cpu_us_per_frame"] = run["cpu_us_per_frame"]
-    return summary
+    profiles: dict[str, Any] = {}
+    for name in ("catflap", "nginx"):
+        endpoint = endpoints[name]
+        recorder = recorder_for(
+            endpoint.relay_pids[-1],  # the gateway; nginx's worker
+            settings.profile_dir / f"{time.strftime('%Y-%m-%d')}-{name}",
+            delay=2.5,  # handshakes take ~1-2 s at 300 sessions: record the steady state
+            duration=max(1.0, settings.seconds - 2),
+            cpus=load,
+        )
+        if recorder is None:
+            return {"error": "neither perf (apt: linux-perf) nor py-spy (pip) is installed"}
+        log(f"telephony: profiling {name} with {recorder.kind} -> {recorder.out}")
+        wait_quiet()
+        with recorder:
+            run = telephony_run(endpoint, settings.sessions, settings.seconds, workdir, quiet=False)
+        profiles[name] = summarize(recorder)
+        profiles[name]["run_cpu_us_per_frame"] = run["cpu_us_per_frame"]
+    return profiles
 
 
 # --- throughput -------------------------------------------------------------------------------
@@ -316,18 +360,18 @@ def throughput(settings: Settings) -> dict[str, Any]:
                     "size": size,
                     "cpu_pids": endpoint.cpu_pids(),
                 }
-                quiet = wait_quiet()
-                r = run_loadgen(spec, timeout=settings.seconds + 120, workdir=workdir)
-                r["machine_busy_before"] = quiet
+                r = clean_run(spec, timeout=settings.seconds + 120, workdir=workdir)
                 cpu = r.pop("cpu_s")
                 relay_cpu = sum(v for k, v in cpu.items() if k.startswith("relay"))
                 frames = 2 * r["messages"]
                 if endpoint.relay_pids and frames:
                     r["relay_cpu_us_per_frame"] = round(relay_cpu / frames * 1e6, 2)
                 r["relay_core_busy"] = round(relay_cpu / r["seconds"], 3)
+                load_cpu = cpu.get("loadgen", 0.0) + cpu.get("upstream", 0.0)
+                r["load_core_busy"] = round(load_cpu / r["seconds"], 3)
                 r["cpu_seconds"] = {k: round(v, 3) for k, v in cpu.items()}
                 by[name] = r
-                time.sleep(0.5)
+                time.sleep(settings.pause)
             for r in by.values():
                 r["vs_direct"] = _vs(r["messages_per_s"], by["direct"]["messages_per_s"])
                 r["vs_nginx"] = _vs(r["messages_per_s"], by["nginx"]["messages_per_s"])
@@ -368,7 +412,7 @@ def start(settings: Settings) -> dict[str, Any]:
                 "rate_seconds": settings.rate_seconds,
             }
             warm[name] = run_loadgen(spec, timeout=300, workdir=workdir)
-            time.sleep(0.5)
+            time.sleep(settings.pause)
     result: dict[str, Any] = {"warm": warm}
     result.update(_pipecat_starts(settings))
     return result
@@ -392,7 +436,9 @@ def _pipecat_starts(settings: Settings) -> dict[str, Any]:
             "scaling": {
                 "min_agents": 1,
                 "max_agents": 1,
-                "sessions_per_instance": 4,
+                # A Pipecat session ends (and frees its slot) a moment after the client
+                # leaves; sequential samples must not wait for that.
+                "sessions_per_instance": 100,
                 "idle_timeout": 300,
             },
         },
@@ -489,7 +535,8 @@ def memory(settings: Settings) -> dict[str, Any]:
     def per_session(who: str, level: dict[str, Any]) -> float | None:
         if not level["sessions"] or who not in level["rss_kb"] or who not in base["rss_kb"]:
             return None
-        return round((level["rss_kb"][who] - base["rss_kb"][who]) / level["sessions"], 2)
+        grown = float(level["rss_kb"][who] - base["rss_kb"][who])
+        return round(grown / int(level["sessions"]), 2)
 
     for level in levels[1:]:
         level["gateway_kb_per_session"] = per_session("gateway", level)
@@ -513,6 +560,6 @@ def sweep(settings: Settings) -> dict[str, Any]:
             for name in names:
                 log(f"sweep: {name}, {sessions} sessions for {settings.sweep_seconds:g} s")
                 by[name] = telephony_run(endpoints[name], sessions, settings.sweep_seconds, workdir)
-                time.sleep(0.5)
+                time.sleep(settings.pause)
             levels.append({"sessions": sessions, "by": by})
     return {"seconds": settings.sweep_seconds, "contestants": list(names), "levels": levels}

@@ -18,11 +18,13 @@ Two ways to echo, chosen with the environment variable ``CATFLAP_BENCH_ECHO``:
 """
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 _FAST = os.environ.get("CATFLAP_BENCH_ECHO", "fast") != "asgi"
 
 
-def _header(opcode, length):
+def _header(opcode: int, length: int) -> bytes:
     if length < 126:
         return bytes((0x80 | opcode, length))
     if length < 65536:
@@ -30,16 +32,16 @@ def _header(opcode, length):
     return bytes((0x80 | opcode, 127)) + length.to_bytes(8, "big")
 
 
-def _install_fast_path(ws):
+def _install_fast_path(ws: Any) -> bool:
     """Echo whole frames from uvicorn's frame handlers; False if this uvicorn has none."""
-    proto = getattr(ws._receive, "__self__", None)
+    proto: Any = getattr(ws._receive, "__self__", None)
     transport = getattr(proto, "transport", None)
     if transport is None or not hasattr(proto, "handle_bytes") or not hasattr(proto, "queue"):
         return False
     slow_bytes, slow_text = proto.handle_bytes, proto.handle_text
 
-    def echo(opcode, slow):
-        def handle(event):
+    def echo(opcode: int, slow: Callable[[Any], None]) -> Callable[[Any], None]:
+        def handle(event: Any) -> None:
             if not event.fin:  # fragmented: let uvicorn assemble it; the ASGI loop echoes it
                 slow(event)
             elif not proto.close_sent and not transport.is_closing():
@@ -60,10 +62,15 @@ def _install_fast_path(ws):
             transport.write(_header(0x2, len(message["bytes"])) + message["bytes"])
     proto.handle_bytes = echo(0x2, slow_bytes)
     proto.handle_text = echo(0x1, slow_text)
+    # uvicorn pauses reading after queueing each message and resumes in its receive(); the
+    # messages taken above bypassed that, so resume here.
+    if getattr(proto, "read_paused", False) and proto.queue.empty():
+        proto.read_paused = False
+        transport.resume_reading()
     return True
 
 
-async def bot(args):
+async def bot(args: Any) -> None:
     ws = args.websocket
     if _FAST:
         _install_fast_path(ws)

@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from catflap.cli.bench import bench
 from catflap.cli.cluster import agent_host, gateway
 from catflap.cli.logs import logs
 from catflap.cli.serve import serve
@@ -48,6 +49,7 @@ cli.add_command(logs)
 cli.add_command(gateway)
 cli.add_command(agent_host)
 cli.add_command(telephony_xml)
+cli.add_command(bench)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,8 @@ from catflap.contract.closecodes import assert_sendable
 __all__ = ["FrameReader", "FrameScanner", "ReadFrame", "close_frame"]
 
 _OP_CLOSE = 0x8
+#: A length no chunk can have: sends the fast path's single comparison to the general path.
+_NO_MATCH = -(1 << 62)
 #: Orders close frames across all scanners, to tell which peer closed first.
 _CLOSE_SEQUENCE = itertools.count(1)
 
@@ -65,6 +67,19 @@ class FrameScanner:
         if skip >= n:  # still inside a payload: the common case for large frames
             self._skip = skip - n
             return
+        if not skip and n > 1 and not self._partial and data[0] & 0x0F != _OP_CLOSE:
+            # Fast path: the chunk is exactly one whole frame (telephony audio, echoes).
+            b1 = data[1]
+            length = b1 & 0x7F
+            head = 6 if b1 & 0x80 else 2
+            if length == 126:
+                length = (data[2] << 8) | data[3] if n > 3 else _NO_MATCH
+                head += 2
+            elif length == 127:  # 64-bit lengths take the general path
+                length = _NO_MATCH
+            if head + length == n:
+                self.frames += 1
+                return
         if self._partial:
             data = self._partial + data[skip:]
             self._partial = b""

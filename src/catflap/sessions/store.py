@@ -12,7 +12,7 @@ import asyncio
 import sqlite3
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -81,7 +81,8 @@ class SessionStore(Protocol):
 
 
 def _row_values(record: SessionRecord) -> list[Any]:
-    return [asdict(record)[name] for name in _COLUMNS]
+    # Plain attribute reads: asdict() deep-copies, and this runs twice per session.
+    return [getattr(record, name) for name in _COLUMNS]
 
 
 def _from_row(row: Sequence[Any]) -> SessionRecord:
