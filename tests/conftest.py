@@ -26,6 +26,7 @@ from catflap.auth.replay import MemoryReplayStore
 from catflap.auth.tokens import KeyRing, SigningKey
 from catflap.config import CatflapConfig, load_config
 from catflap.gateway.server import Gateway
+from catflap.pool.forkserver import ForkServerLauncher
 from catflap.pool.launcher import SubprocessLauncher
 from catflap.pool.pool import LocalPool
 from catflap.sessions.store import SessionStore, SqliteSessionStore
@@ -144,9 +145,10 @@ async def running_gateway(
         config = config.model_copy(update={"logs": logs, "gateway": settings})
         if adjust is not None:
             config = adjust(config)
+        launcher_class = ForkServerLauncher if config.gateway.fork_server else SubprocessLauncher
         pool = LocalPool(
             config.agents(),
-            SubprocessLauncher(workdir, log_level="warning", log_dir=config.log_dir),
+            launcher_class(workdir, log_level="warning", log_dir=config.log_dir),
             ready_timeout=seconds(ready_timeout),
             **(pool_options or {}),
         )

@@ -116,6 +116,10 @@ class GatewaySettings(_Strict):
 
     agent_ready_timeout: float = Field(default=limits.AGENT_READY_TIMEOUT_S, gt=0)
     drain_timeout: float = Field(default=limits.DRAIN_TIMEOUT_S, ge=0)
+    #: Start instances by forking a process that has already imported the runtime and the
+    #: bot's dependencies (cold starts in ~0.1 s instead of an interpreter boot plus imports).
+    #: False starts every instance as a fresh interpreter.
+    fork_server: bool = True
     provider_handshake_timeout: float = Field(default=limits.PROVIDER_HANDSHAKE_TIMEOUT_S, gt=0)
     #: Serve the live view at ``/dashboard`` (``--dashboard``); off unless asked for.
     dashboard: bool = False

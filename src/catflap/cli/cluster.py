@@ -232,12 +232,14 @@ async def _agent_host(
     from catflap.cluster.host import AgentHost
     from catflap.cluster.keys import Keys
     from catflap.config import AgentSpec
+    from catflap.pool.forkserver import ForkServerLauncher
     from catflap.pool.launcher import SubprocessLauncher
 
     assert isinstance(spec, AgentSpec)
     client = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
     with tempfile.TemporaryDirectory(prefix="catflap-host-") as workdir:
-        launcher = SubprocessLauncher(
+        launcher_class = ForkServerLauncher if cfg.gateway.fork_server else SubprocessLauncher
+        launcher = launcher_class(
             Path(workdir),
             log_level=logging_.level,
             tcp_host=advertise,

@@ -228,13 +228,15 @@ async def _serve(
 ) -> None:
     from catflap.auth.tokens import KeyRing
     from catflap.gateway.server import Gateway
+    from catflap.pool.forkserver import ForkServerLauncher
     from catflap.pool.launcher import SubprocessLauncher
     from catflap.pool.pool import LocalPool
     from catflap.sessions.store import open_store
 
     assert isinstance(keyring, KeyRing)
     with tempfile.TemporaryDirectory(prefix="catflap-") as socket_dir:
-        launcher = SubprocessLauncher(
+        launcher_class = ForkServerLauncher if cfg.gateway.fork_server else SubprocessLauncher
+        launcher = launcher_class(
             Path(socket_dir), log_level=log_level, log_dir=cfg.log_dir, log_format=log_format
         )
         pool = LocalPool(cfg.agents(), launcher, ready_timeout=cfg.gateway.agent_ready_timeout)

@@ -93,6 +93,7 @@ class AgentHost:
             agent.service_host, agent.config.model_copy(update={"scaling": scaling})
         )
         self.pool = AgentPool(local_agent, launcher, ready_timeout=ready_timeout, observer=self)
+        self._launcher = launcher
         self._register = client.register_script(REGISTER_LUA)
         self._ops: asyncio.Queue[Op] = asyncio.Queue()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -139,6 +140,7 @@ class AgentHost:
             for wait in waits:
                 wait.cancel()
         await self.pool.close()
+        await self._launcher.close()
         # Let queued deregistrations reach Redis, briefly; the TTLs clean up otherwise.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2):

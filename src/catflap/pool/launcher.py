@@ -22,33 +22,66 @@ from typing import Protocol
 from catflap.config import AgentSpec
 from catflap.runtime.control import ControlChannel
 
-__all__ = ["LaunchedProcess", "Launcher", "SubprocessLauncher"]
+__all__ = ["ChildRef", "LaunchedProcess", "Launcher", "ProcessRef", "SubprocessLauncher"]
+
+
+class ProcessRef(Protocol):
+    """How to wait for and signal one runtime process, whoever started it."""
+
+    pid: int
+
+    async def wait(self) -> int | None:
+        """Wait for the process to end; its exit code when this process can know it."""
+        ...
+
+    def signal(self, sig: int) -> None: ...
+
+
+class ChildRef:
+    """A runtime that is our own child process."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.pid = process.pid
+
+    async def wait(self) -> int | None:
+        return await self.process.wait()
+
+    def signal(self, sig: int) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(sig)
 
 
 @dataclass
 class LaunchedProcess:
     """A running runtime process and our end of its control channel."""
 
-    pid: int
+    ref: ProcessRef
     channel: ControlChannel
-    process: asyncio.subprocess.Process
 
-    async def wait(self) -> int:
-        return await self.process.wait()
+    @property
+    def pid(self) -> int:
+        return self.ref.pid
+
+    async def wait(self) -> int | None:
+        return await self.ref.wait()
 
     def kill(self) -> None:
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
+        self.ref.signal(signal.SIGKILL)
 
     def terminate(self) -> None:
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
+        self.ref.signal(signal.SIGTERM)
 
 
 class Launcher(Protocol):
+    async def prepare(self, agent: AgentSpec) -> None:
+        """Get ready to launch the agent's instances quickly (called once at pool start)."""
+        ...
+
     async def launch(self, agent: AgentSpec, instance_id: int) -> LaunchedProcess: ...
+
+    async def close(self) -> None: ...
 
 
 class SubprocessLauncher:
@@ -84,6 +117,12 @@ class SubprocessLauncher:
         self._log_format = log_format
         self._serial = itertools.count(1)
 
+    async def prepare(self, agent: AgentSpec) -> None:
+        """Nothing to prepare: every instance is a fresh interpreter."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
     async def launch(self, agent: AgentSpec, instance_id: int) -> LaunchedProcess:
         # Short, unique names: AF_UNIX paths are limited to 107 bytes and agent names can be
         # long; instance ids are only unique within one agent.
@@ -94,33 +133,46 @@ class SubprocessLauncher:
             sock_path = self._socket_dir / f"i{serial}.sock"
             sock_path.unlink(missing_ok=True)
             listen = f"unix:{sock_path}"
-        options = ["--log-level", self._log_level, "--log-format", self._log_format]
-        if self._log_dir is not None:
-            options += ["--log-dir", str(self._log_dir)]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "catflap.runtime.main",
-                "--bot-dir",
-                str(agent.config.path),
-                "--listen",
-                listen,
-                "--control-fd",
-                str(theirs.fileno()),
-                "--agent-name",
-                agent.key,
-                *options,
-                pass_fds=(theirs.fileno(),),
-                cwd=str(agent.config.path),
-                env=dict(os.environ),
-                stdin=asyncio.subprocess.DEVNULL,
-            )
+            ref = await self._start(agent, self.runtime_args(agent, listen), theirs)
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
-        channel = await ControlChannel.from_socket(ours)
-        return LaunchedProcess(pid=process.pid, channel=channel, process=process)
+        return LaunchedProcess(ref, await ControlChannel.from_socket(ours))
+
+    def runtime_args(self, agent: AgentSpec, listen: str) -> list[str]:
+        """``catflap agent`` options for one instance, without ``--control-fd``."""
+        args = [
+            "--bot-dir",
+            str(agent.config.path),
+            "--listen",
+            listen,
+            "--agent-name",
+            agent.key,
+            "--log-level",
+            self._log_level,
+            "--log-format",
+            self._log_format,
+        ]
+        if self._log_dir is not None:
+            args += ["--log-dir", str(self._log_dir)]
+        return args
+
+    async def _start(self, agent: AgentSpec, args: list[str], control: socket.socket) -> ProcessRef:
+        """Start the runtime with ``control`` as its control channel (a fresh interpreter)."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "catflap.runtime.main",
+            *args,
+            "--control-fd",
+            str(control.fileno()),
+            pass_fds=(control.fileno(),),
+            cwd=str(agent.config.path),
+            env=dict(os.environ),
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        return ChildRef(process)

@@ -150,8 +150,17 @@ class AgentPool:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._replenish()
+        self._spawn_task(self._prepare_then_replenish())
         self._spawn_task(self._reap_forever())
+
+    async def _prepare_then_replenish(self) -> None:
+        try:
+            await self._launcher.prepare(self.agent)
+        except Exception:
+            log.exception(
+                "! %s: could not prepare fast starts; starting the slow way", self.agent.key
+            )
+        self._replenish()
 
     async def close(self) -> None:
         self._closing = True
@@ -467,7 +476,7 @@ class AgentPool:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await process.channel.send({"command": "shutdown"})
         try:
-            await asyncio.wait_for(asyncio.shield(process.process.wait()), _STOP_GRACE_S)
+            await asyncio.wait_for(asyncio.shield(process.wait()), _STOP_GRACE_S)
         except TimeoutError:
             process.kill()
 
@@ -507,6 +516,7 @@ class LocalPool:
         ping_interval: float = limits.AGENT_PING_INTERVAL_S,
         ping_timeout: float = limits.AGENT_PING_TIMEOUT_S,
     ) -> None:
+        self._launcher = launcher
         self.agents = {
             agent.key: AgentPool(
                 agent,
@@ -546,6 +556,7 @@ class LocalPool:
 
     async def close(self) -> None:
         await asyncio.gather(*(pool.close() for pool in self.agents.values()))
+        await self._launcher.close()
 
     async def at_capacity(self, agent_key: str) -> bool:
         return self._pool(agent_key).at_capacity()

@@ -1,0 +1,203 @@
+"""Cold starts in milliseconds: fork instances from a runtime that has already imported.
+
+A fresh runtime pays for an interpreter boot, FastAPI and uvicorn (about 0.5 s) and the bot's
+imports (Pipecat: about 0.7 s) before it can take a session. :class:`ForkServerLauncher` keeps
+one *fork server* per agent folder: a process that imported all of that once, holds no event
+loop and no threads, and forks a new instance on request. The child runs ``catflap agent``'s
+``main`` with the same options a fresh process gets; it imports ``bot.py`` again (its module
+state is fresh, and its dependencies are already loaded), so every instance still starts from
+a clean ``bot`` module.
+
+Protocol over a ``SOCK_SEQPACKET`` socketpair: the launcher sends the child's options as JSON
+with the child's control-channel fd attached (``SCM_RIGHTS``); the fork server answers
+``{"pid": N}``. End of file means the gateway is gone: the fork server exits (instances live on
+until their own control channels close). The fork server ignores ``SIGCHLD`` so the kernel reaps
+its children; the launcher watches them through ``pidfd``.
+
+Module-level code in ``bot.py`` therefore runs once in the fork server as well as once per
+instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import traceback
+from pathlib import Path
+
+from catflap.config import AgentSpec
+from catflap.pool.launcher import ProcessRef, SubprocessLauncher
+
+__all__ = ["ForkServerLauncher", "ForkedRef", "serve_forks"]
+
+_MESSAGE_MAX = 64 * 1024
+
+
+class ForkedRef:
+    """An instance forked by a fork server: not our child, so it is watched by ``pidfd``."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[None] = loop.create_future()
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:  # already gone
+            self._pidfd = None
+            self._exited.set_result(None)
+            return
+        loop.add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if not self._exited.done():
+            self._exited.set_result(None)
+
+    async def wait(self) -> int | None:
+        await asyncio.shield(self._exited)
+        return None  # the fork server reaped it; its exit code is not ours to read
+
+    def signal(self, sig: int) -> None:
+        if not self._exited.done():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+
+class _ForkServer:
+    """The launcher's handle on one fork server process."""
+
+    def __init__(self, process: asyncio.subprocess.Process, sock: socket.socket) -> None:
+        self.process = process
+        self.sock = sock
+        self.lock = asyncio.Lock()
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None
+
+    async def fork(self, args: list[str], control: socket.socket) -> int:
+        async with self.lock:
+            loop = asyncio.get_running_loop()
+            # One small datagram: the kernel takes it at once even on a non-blocking socket.
+            socket.send_fds(self.sock, [json.dumps(args).encode()], [control.fileno()])
+            answer = await loop.sock_recv(self.sock, _MESSAGE_MAX)
+        if not answer:
+            raise ConnectionError("the fork server exited")
+        return int(json.loads(answer)["pid"])
+
+    async def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.process.wait(), 5)
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+class ForkServerLauncher(SubprocessLauncher):
+    """Start instances by forking a pre-imported runtime (one fork server per agent)."""
+
+    def __init__(self, socket_dir: Path, **options: object) -> None:
+        super().__init__(socket_dir, **options)  # type: ignore[arg-type]
+        self._servers: dict[str, _ForkServer] = {}
+        self._starting = asyncio.Lock()
+
+    async def prepare(self, agent: AgentSpec) -> None:
+        """Start the agent's fork server now, so that even the first cold start is fast."""
+        await self._server(agent)
+
+    async def _server(self, agent: AgentSpec) -> _ForkServer:
+        async with self._starting:
+            server = self._servers.get(agent.key)
+            if server is not None:
+                if server.alive:
+                    return server
+                await server.close()  # it died: release its socket, start another
+            return await self._spawn_server(agent)
+
+    async def _spawn_server(self, agent: AgentSpec) -> _ForkServer:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "catflap.pool.forkserver",
+                str(theirs.fileno()), str(agent.config.path),
+                pass_fds=(theirs.fileno(),),
+                cwd=str(agent.config.path),
+                stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        server = self._servers[agent.key] = _ForkServer(process, ours)
+        return server
+
+    async def _start(self, agent: AgentSpec, args: list[str], control: socket.socket) -> ProcessRef:
+        server = await self._server(agent)
+        try:
+            pid = await server.fork(args, control)
+        except (ConnectionError, OSError):
+            # A dead fork server never blocks a start: this one starts the slow way.
+            await server.close()
+            self._servers.pop(agent.key, None)
+            return await super()._start(agent, args, control)
+        return ForkedRef(pid)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(server.close() for server in self._servers.values()))
+        self._servers.clear()
+
+
+def _preload(bot_dir: Path) -> None:
+    """Import what every instance needs; failures only mean a slower start, never an error."""
+    import catflap.runtime.main  # noqa: F401 - FastAPI, uvicorn, the runtime
+    from catflap.runtime.args import session_args_class
+    from catflap.runtime.botloader import BotImportError, load_bot
+
+    session_args_class()  # pipecatcloud / pipecat, when installed
+    with contextlib.suppress(BotImportError):
+        load_bot(bot_dir)  # the bot's own imports; the child imports bot.py afresh
+
+
+def serve_forks(fd: int, bot_dir: Path) -> None:
+    """The fork server's loop (blocking, no event loop, no threads)."""
+    sock = socket.socket(fileno=fd)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway decides when we stop
+    _preload(bot_dir)
+    while True:
+        payload, fds, _, _ = socket.recv_fds(sock, _MESSAGE_MAX, 1)
+        if not payload:
+            return
+        args: list[str] = json.loads(payload)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                sock.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                from catflap.runtime.main import main
+
+                code = main([*args, "--control-fd", str(fds[0])])
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        for received in fds:
+            os.close(received)
+        sock.send(json.dumps({"pid": pid}).encode())
+
+
+if __name__ == "__main__":
+    serve_forks(int(sys.argv[1]), Path(sys.argv[2]))

@@ -1,0 +1,53 @@
+"""The fork server: instances forked from a pre-imported runtime, and its fallbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+from catflap.config import load_config
+from catflap.pool.forkserver import ForkServerLauncher
+
+from .conftest import PIPECAT_ECHO, seconds, write_config
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+async def _ready(launcher: ForkServerLauncher, agent, instance_id: int):  # type: ignore[no-untyped-def]
+    process = await launcher.launch(agent, instance_id)
+    async with asyncio.timeout(seconds(30)):
+        while (message := await process.channel.receive()) is not None:
+            if message["event"] == "ready":
+                return process, message
+    raise AssertionError("no ready event")
+
+
+async def test_instances_are_forked_from_the_fork_server_and_it_can_die() -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="cf"))
+    agent = next(load_config(write_config(workdir, {"pe": {"path": PIPECAT_ECHO}})).agents())
+    launcher = ForkServerLauncher(workdir, log_level="warning")
+    try:
+        await launcher.prepare(agent)
+        server = launcher._servers[agent.key].process
+        first, ready = await _ready(launcher, agent, 1)
+        assert ready["pid"] == first.pid
+        assert _parent(first.pid) == server.pid  # forked, not a fresh interpreter
+        first.kill()
+        await asyncio.wait_for(first.wait(), seconds(5))
+        await first.channel.aclose()
+
+        os.kill(server.pid, signal.SIGKILL)
+        await server.wait()
+        second, _ = await _ready(launcher, agent, 2)  # a new fork server, or the slow way
+        assert second.pid != first.pid
+        second.kill()
+        await asyncio.wait_for(second.wait(), seconds(5))
+        await second.channel.aclose()
+    finally:
+        await launcher.close()
