@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import OP_BINARY, FrameTemplate, control_frame, upgrade_request
-from bench.procs import Child, children_of, free_port, pin, spawn, wait_port
+from bench.procs import Child, agent_instances_of, children_of, free_port, pin, spawn, wait_port
 
 __all__ = [
     "FAST_ECHO",
@@ -260,7 +260,7 @@ class Gateway:
 
     def agents(self) -> list[int]:
         """The pids of the agent instances the gateway started."""
-        return children_of(self.child.pid)
+        return agent_instances_of(self.child.pid)
 
     def pin_agents(self) -> list[int]:
         """Move every agent instance to the load core (they inherit the gateway's core)."""

@@ -25,6 +25,7 @@ __all__ = [
     "LOAD_CORE",
     "RELAY_CORE",
     "Child",
+    "agent_instances_of",
     "children_of",
     "cpu_ticks",
     "free_port",
@@ -180,6 +181,23 @@ def rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def agent_instances_of(gateway_pid: int) -> list[int]:
+    """The agent runtime processes a gateway started: its own children, or (fork server, the
+    default) the children of its fork servers."""
+    found = []
+    for child in children_of(gateway_pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if b"catflap.pool.forkserver" in cmdline:
+            found += children_of(child)
+        else:
+            found.append(child)
+    return sorted(found)
 
 
 def children_of(pid: int) -> list[int]:

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from bench import contestants as cs
-from bench.procs import children_of, cores, spawn, spend_quiet_budget, wait_quiet
+from bench.procs import (
+    agent_instances_of,
+    cores,
+    spawn,
+    spend_quiet_budget,
+    wait_quiet,
+)
 from bench.profile import recorder_for, summarize
 
 __all__ = ["Settings", "memory", "run_loadgen", "start", "sweep", "telephony", "throughput"]
@@ -494,7 +500,7 @@ def _wait_only(pid: int, keep: list[int], *, timeout: float) -> None:
     """Wait until the gateway's only agent processes are ``keep`` (cold ones were reaped)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if set(children_of(pid)) <= set(keep):
+        if set(agent_instances_of(pid)) <= set(keep):
             time.sleep(0.2)
             return
         time.sleep(0.05)

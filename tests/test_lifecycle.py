@@ -5,13 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import re
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,11 +23,11 @@ from .conftest import (
     ECHO,
     ROOT,
     RunningGateway,
-    die_with_test_process,
     running_gateway,
     seconds,
     upgrade_request,
 )
+from .test_cli import serve
 
 BOTS = ROOT / "tests" / "bots"
 
@@ -148,26 +144,6 @@ async def test_a_bot_that_ignores_cancellation_gets_its_process_replaced() -> No
         assert replacement.pid != first.pid
 
 
-def _serve(config: Path) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "catflap", "serve", "--config", str(config)],
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=die_with_test_process,
-    )
-    assert proc.stderr is not None
-    deadline = time.monotonic() + seconds(30)
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        match = re.search(r"gateway listening on [\d.]+:(\d+)", line)
-        if match:
-            port = int(match.group(1))
-            os.set_blocking(proc.stderr.fileno(), False)
-            return proc, port
-    proc.kill()
-    raise AssertionError("catflap serve did not start")
-
-
 def _drain_config(tmp_path: Path, drain_timeout: float) -> Path:
     config = tmp_path / "catflap.toml"
     config.write_text(
@@ -180,8 +156,7 @@ def _drain_config(tmp_path: Path, drain_timeout: float) -> Path:
 
 
 async def test_sigterm_drains_then_closes_with_1012_and_exits_0(tmp_path: Path) -> None:
-    proc, port = _serve(_drain_config(tmp_path, drain_timeout=1.5))
-    try:
+    with serve("--config", str(_drain_config(tmp_path, drain_timeout=1.5))) as (proc, port):
         async with connect(
             f"ws://127.0.0.1:{port}/ws/generic/echo.my-org", open_timeout=seconds(30)
         ) as ws:
@@ -200,17 +175,10 @@ async def test_sigterm_drains_then_closes_with_1012_and_exits_0(tmp_path: Path) 
                     await ws.recv()
             assert ws.close_code == 1012
         assert proc.wait(timeout=seconds(20)) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
 
 
 async def test_second_sigterm_closes_everything_at_once(tmp_path: Path) -> None:
-    proc, port = _serve(_drain_config(tmp_path, drain_timeout=3600))
-    try:
+    with serve("--config", str(_drain_config(tmp_path, drain_timeout=3600))) as (proc, port):
         async with connect(
             f"ws://127.0.0.1:{port}/ws/generic/echo.my-org", open_timeout=seconds(30)
         ) as ws:
@@ -225,12 +193,6 @@ async def test_second_sigterm_closes_everything_at_once(tmp_path: Path) -> None:
             assert ws.close_code == 1012
             assert time.perf_counter() - second < 2.0
         assert proc.wait(timeout=seconds(20)) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
 
 
 def _shorter_sessions(config: CatflapConfig) -> CatflapConfig:
