@@ -15,9 +15,7 @@ __all__ = ["CLOSE_CODE_EXPLANATIONS", "SENDABLE", "CloseCode", "assert_sendable"
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001
-    PROTOCOL_ERROR = 1002
     POLICY_VIOLATION = 1008
-    MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012
     TRY_AGAIN_LATER = 1013

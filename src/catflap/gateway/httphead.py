@@ -114,8 +114,6 @@ class HeadParser:
             if isinstance(exc.__context__, UrlTooLong | HeadersTooLarge):
                 raise exc.__context__ from None
             raise MalformedRequest(f"malformed HTTP request: {exc}") from None
-        except (UrlTooLong, HeadersTooLarge):
-            raise
         if not self._complete:
             if len(self.raw) > limits.REQUEST_HEAD_MAX_BYTES:
                 raise HeadersTooLarge(
