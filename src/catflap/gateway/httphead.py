@@ -82,7 +82,7 @@ class HeadParser:
         if len(self._url) > limits.REQUEST_URL_MAX_BYTES:
             raise UrlTooLong(
                 f"request target longer than {limits.REQUEST_URL_MAX_BYTES} bytes; "
-                "a ?body= may hold at most 4096 bytes of JSON"
+                f"a ?body= may hold at most {limits.BODY_MAX_BYTES} bytes of JSON"
             )
 
     def on_header(self, name: bytes, value: bytes) -> None:
