@@ -10,12 +10,16 @@ import asyncio
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,3 +229,48 @@ def upgrade_request(
 @pytest.fixture
 def fake_clock() -> FakeClock:
     return FakeClock()
+
+
+@contextmanager
+def catflap_serve(
+    args: list[str], *, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
+    """Run ``catflap serve ARGS`` (it must listen on 127.0.0.1:0); yield the process, its port
+    and its stderr lines so far. stderr is drained all along, so the server never blocks on a
+    full pipe; at the end the server gets SIGTERM, then SIGKILL if it lingers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "catflap", "serve", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=die_with_test_process,
+        env={**os.environ, **(env or {})},
+    )
+    lines: list[str] = []
+    port: list[int] = []
+    started = threading.Event()
+
+    def drain() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            match = re.search(r"gateway listening on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                port.append(int(match.group(1)))
+                started.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        assert started.wait(seconds(30)), "catflap serve did not start:\n" + "\n".join(lines)
+        yield proc, port[0], lines
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=seconds(15))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=seconds(5))
+        assert proc.stderr is not None
+        proc.stderr.close()

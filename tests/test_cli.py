@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +13,7 @@ from pathlib import Path
 import requests
 from websockets.sync.client import connect
 
-from .conftest import ECHO, die_with_test_process, seconds
+from .conftest import ECHO, catflap_serve, seconds
 
 CATFLAP = [sys.executable, "-m", "catflap"]
 
@@ -26,41 +23,8 @@ def serve(
     *args: str, env: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """Run `catflap serve ... --listen 127.0.0.1:0`; yield the process and its port."""
-    proc = subprocess.Popen(
-        [*CATFLAP, "serve", *args, "--listen", "127.0.0.1:0"],
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=die_with_test_process,
-        env={**os.environ, **(env or {})},
-    )
-    assert proc.stderr is not None
-    lines: list[str] = []
-    found = threading.Event()
-
-    def drain() -> None:  # keep reading so the server never blocks on a full pipe
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if "gateway listening on" in line:
-                found.set()
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        assert found.wait(seconds(30)), "catflap serve did not start:\n" + "".join(lines)
-        match = re.search(r"gateway listening on 127\.0\.0\.1:(\d+)", "".join(lines))
-        assert match is not None
-        yield proc, int(match.group(1))
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=seconds(15))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        reader.join(timeout=seconds(5))
-        proc.stderr.close()
+    with catflap_serve([*args, "--listen", "127.0.0.1:0"], env=env) as (proc, port, _):
+        yield proc, port
 
 
 def test_zero_config_serve_echoes_and_exits_0_on_sigterm() -> None:

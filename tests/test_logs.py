@@ -5,11 +5,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +26,7 @@ from catflap.logs import (
     unbind_session,
 )
 
-from .conftest import ECHO, die_with_test_process, seconds
+from .conftest import ECHO, catflap_serve, seconds
 
 SID = "11111111-2222-4333-8444-555555555555"
 
@@ -97,46 +95,14 @@ def test_json_formatter_keeps_non_ascii_and_odd_arguments() -> None:
 @contextmanager
 def serve(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
     """`catflap serve examples/echo` with its state in ``tmp_path``; stderr lines collected."""
-    proc = subprocess.Popen(
+    with catflap_serve(
         [
-            *(sys.executable, "-m", "catflap", "serve", str(ECHO)),
-            *("--org", "my-org", "--private-key", "sk_test_123", "--listen", "127.0.0.1:0"),
-            *("--state-dir", str(tmp_path / "state"), *args),
+            *(str(ECHO), "--org", "my-org", "--private-key", "sk_test_123"),
+            *("--listen", "127.0.0.1:0", "--state-dir", str(tmp_path / "state"), *args),
         ],
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=die_with_test_process,
-        env={**os.environ, "CATFLAP_TOKEN_KEYS": "k1:secret"},
-    )
-    lines: list[str] = []
-    port: list[int] = []
-    started = threading.Event()
-
-    def drain() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line.rstrip("\n"))
-            match = re.search(r"gateway listening on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                port.append(int(match.group(1)))
-                started.set()
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        assert started.wait(seconds(30)), "catflap serve did not start:\n" + "\n".join(lines)
-        yield proc, port[0], lines
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=seconds(15))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        reader.join(timeout=seconds(5))
-        assert proc.stderr is not None
-        proc.stderr.close()
+        env={"CATFLAP_TOKEN_KEYS": "k1:secret"},
+    ) as running:
+        yield running
 
 
 def one_session(port: int) -> str:

@@ -42,12 +42,43 @@ def _build_config(
     database_url: str | None = None,
     state_dir: Path | None = None,
 ) -> CatflapConfig:
-    cfg = _base_config(folder, config_file, org, listen, public_url, public_keys, private_keys)
+    if config_file is not None:
+        if folder is not None:
+            raise click.UsageError("give either a bot folder or --config, not both")
+        cfg = load_config(config_file)
+        updates = {k: v for k, v in (("listen", listen), ("public_url", public_url)) if v}
+        cfg = cfg.model_copy(update=updates) if updates else cfg
+        return _with_storage(cfg, database_url, state_dir, str(config_file))
+    if folder is None:
+        raise click.UsageError("give a folder with bot.py, or --config catflap.toml")
+    if not org:
+        raise click.UsageError("zero-config mode needs --org (the organization name)")
+    keys = list(public_keys)
+    if not keys:
+        keys = [generated_public_key()]
+        log.warning(
+            "no --public-key given; generated %s for this run (POST /start needs it)", keys[0]
+        )
+    cfg = zero_config(
+        folder,
+        org=org,
+        listen=listen or "127.0.0.1:8080",
+        public_url=public_url,
+        public_keys=keys,
+        private_keys=list(private_keys),
+    )
+    return _with_storage(cfg, database_url, state_dir, str(folder))
+
+
+def _with_storage(
+    cfg: CatflapConfig, database_url: str | None, state_dir: Path | None, source: str
+) -> CatflapConfig:
+    """Apply ``--database-url``/``--state-dir`` and check the URL catflap must open."""
     storage = {"database_url": database_url, "state_dir": state_dir}
     updates = {key: value for key, value in storage.items() if value}
     if updates:
         cfg = cfg.model_copy(update=updates)
-    _check_database_url(cfg.database_url, "--database-url" if database_url else str(config_file))
+    _check_database_url(cfg.database_url, "--database-url" if database_url else source)
     return cfg
 
 
@@ -64,41 +95,6 @@ def _check_database_url(url: str | None, source: str) -> None:
             f"unsupported URL {url.split(':', 1)[0]!r}: use postgresql://user@host/db "
             "or sqlite:///path/to/file",
         )
-
-
-def _base_config(
-    folder: Path | None,
-    config_file: Path | None,
-    org: str | None,
-    listen: str | None,
-    public_url: str | None,
-    public_keys: tuple[str, ...],
-    private_keys: tuple[str, ...],
-) -> CatflapConfig:
-    if config_file is not None:
-        if folder is not None:
-            raise click.UsageError("give either a bot folder or --config, not both")
-        cfg = load_config(config_file)
-        updates = {k: v for k, v in (("listen", listen), ("public_url", public_url)) if v}
-        return cfg.model_copy(update=updates) if updates else cfg
-    if folder is None:
-        raise click.UsageError("give a folder with bot.py, or --config catflap.toml")
-    if not org:
-        raise click.UsageError("zero-config mode needs --org (the organization name)")
-    keys = list(public_keys)
-    if not keys:
-        keys = [generated_public_key()]
-        log.warning(
-            "no --public-key given; generated %s for this run (POST /start needs it)", keys[0]
-        )
-    return zero_config(
-        folder,
-        org=org,
-        listen=listen or "127.0.0.1:8080",
-        public_url=public_url,
-        public_keys=keys,
-        private_keys=list(private_keys),
-    )
 
 
 log_format_option = click.option(
