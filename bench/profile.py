@@ -27,7 +27,7 @@ from typing import Any
 __all__ = ["Recorder", "recorder_for", "summarize"]
 
 _ROW = re.compile(r"^\s+([\d.]+)%\s+(.+?)\s*$")
-_SAMPLES = re.compile(r"^# Samples: ([\d.]+)([KM]?) of event")
+_SAMPLES = re.compile(r"^# Samples: ([\d.]+)([KM]?)\s+of event")
 
 
 def _tool(name: str) -> str | None:
@@ -80,7 +80,7 @@ def recorder_for(
     perf = _tool("perf")
     if perf is not None:
         out = out_base.with_suffix(".perf.data")
-        argv = [perf, "record", "-F", "499", "-g", "-p", str(pid), "-o", str(out)]
+        argv = [perf, "record", "-F", "1999", "-g", "-p", str(pid), "-o", str(out)]
         return Recorder("perf", [*argv, "--", "sleep", seconds], out, delay=delay, cpus=cpus)
     spy = _tool("py-spy")
     if spy is not None:

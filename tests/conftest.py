@@ -47,6 +47,9 @@ PUBLIC_KEY = "pk_test_123"
 PRIVATE_KEY = "sk_test_123"
 TEST_KEYRING = KeyRing([SigningKey("k1", b"test-secret-one-0123456789abcdef")])
 
+#: Run a test both ways a gateway relays: on the fast lane's thread and on the event loop.
+RELAY_MODES = pytest.mark.parametrize("native_relay", [True, False], ids=["lane", "event-loop"])
+
 
 def die_with_test_process() -> None:
     """``preexec_fn`` for servers a test starts: Linux sends the child SIGTERM when the test
@@ -133,19 +136,23 @@ async def running_gateway(
     adjust: Callable[[CatflapConfig], CatflapConfig] | None = None,
     pool_options: dict[str, Any] | None = None,
     dashboard: bool = False,
+    native_relay: bool = True,
 ) -> AsyncIterator[RunningGateway]:
     """A gateway on 127.0.0.1:0 with a real pool of agent processes; stops itself.
 
     Session records go to ``store`` (which the caller closes), or else to a fresh SQLite file;
     session logs to a fresh folder (``config.log_dir``). ``adjust`` may change the loaded
     config (to go below a validated minimum in a test), ``pool_options`` are passed to every
-    agent's pool, and ``dashboard`` serves the live view.
+    agent's pool, ``dashboard`` serves the live view, and ``native_relay`` false relays on the
+    event loop instead of the fast lane.
     """
     workdir = Path(tempfile.mkdtemp(prefix="cf"))  # short: AF_UNIX paths are limited
     try:
         config = load_config(write_config(workdir, agents))
         logs = config.logs.model_copy(update={"dir": workdir / "logs"})
-        settings = config.gateway.model_copy(update={"dashboard": dashboard})
+        settings = config.gateway.model_copy(
+            update={"dashboard": dashboard, "native_relay": native_relay}
+        )
         config = config.model_copy(update={"logs": logs, "gateway": settings})
         if adjust is not None:
             config = adjust(config)

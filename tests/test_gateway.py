@@ -43,9 +43,11 @@ AGENTS: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def gw() -> AsyncIterator[RunningGateway]:
-    async with running_gateway(AGENTS, clock=CLOCK) as running:
+@pytest_asyncio.fixture(
+    loop_scope="module", scope="module", params=[True, False], ids=["lane", "event-loop"]
+)
+async def gw(request: pytest.FixtureRequest) -> AsyncIterator[RunningGateway]:
+    async with running_gateway(AGENTS, clock=CLOCK, native_relay=request.param) as running:
         for key in ("my-agent.my-org", "tok-agent.my-org", "solo.my-org", "closecode.my-org"):
             await running.wait_ready(key)
         yield running
@@ -159,6 +161,24 @@ async def test_bot_close_code_and_reason_reach_the_client(gw: RunningGateway) ->
                 await ws.recv()
     assert ws.close_code == 4001
     assert ws.close_reason == "bot says bye"
+
+
+async def test_a_steady_session_relays_on_the_fast_lane_unless_turned_off(
+    gw: RunningGateway,
+) -> None:
+    async with connect(f"{gw.ws}/ws/generic/my-agent.my-org") as ws:
+        sid = (await hello(ws))["session_id"]
+        relay = gw.gateway.relays[sid]
+        if not gw.gateway.config.gateway.native_relay:
+            assert gw.gateway.lane is None and not relay.in_lane
+            return
+        async with asyncio.timeout(seconds(5)):
+            while not relay.in_lane:  # it enters once the hello has been relayed
+                await asyncio.sleep(0.01)
+        assert gw.gateway.lane is not None and gw.gateway.lane.active >= 1
+        await ws.send(b"through the lane")
+        assert await ws.recv() == b"through the lane"
+        assert relay.traffic()["frames_client_to_agent"] == 1
 
 
 async def test_subprotocol_offer_passes_through(gw: RunningGateway) -> None:

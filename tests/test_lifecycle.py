@@ -21,6 +21,7 @@ from catflap.gateway.relay import Relay
 
 from .conftest import (
     ECHO,
+    RELAY_MODES,
     ROOT,
     RunningGateway,
     running_gateway,
@@ -54,10 +55,13 @@ async def _raw_upgrade(port: int, target: str) -> tuple[socket.socket, bytes]:
     return sock, rest
 
 
-async def test_client_reset_reaches_the_bot_within_a_second(tmp_path: Path) -> None:
+@RELAY_MODES
+async def test_client_reset_reaches_the_bot_within_a_second(
+    tmp_path: Path, native_relay: bool
+) -> None:
     report = tmp_path / "close.json"
     agents = {"closecode": {"path": BOTS / "closecode", "scaling": {"min_agents": 1}}}
-    async with running_gateway(agents) as gw:
+    async with running_gateway(agents, native_relay=native_relay) as gw:
         await gw.wait_ready("closecode.my-org")
         body = json.dumps({"report": str(report)}).encode()
         target = f"/ws/generic/closecode.my-org?body={base64.b64encode(body).decode()}"
@@ -80,8 +84,10 @@ async def test_client_reset_reaches_the_bot_within_a_second(tmp_path: Path) -> N
             assert await ws.recv() == "ready"
 
 
-async def test_bot_error_closes_the_client_with_1011_and_records_it() -> None:
-    async with running_gateway({"echo": {"scaling": {"min_agents": 1}}}) as gw:
+@RELAY_MODES
+async def test_bot_error_closes_the_client_with_1011_and_records_it(native_relay: bool) -> None:
+    agents = {"echo": {"scaling": {"min_agents": 1}}}
+    async with running_gateway(agents, native_relay=native_relay) as gw:
         await gw.wait_ready("echo.my-org")
         async with connect(f"{gw.ws}/ws/generic/echo.my-org") as ws:
             session_id = json.loads(await ws.recv())["session_id"]
@@ -97,17 +103,18 @@ async def test_bot_error_closes_the_client_with_1011_and_records_it() -> None:
         assert record.agent_close_code == 1011
 
 
+@RELAY_MODES
 async def test_a_client_that_stops_reading_is_paused_then_closed_with_1013(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, native_relay: bool
 ) -> None:
     # Shorten the bound for the test: the relay takes it as a keyword default.
     monkeypatch.setattr(
         Relay.__init__,
         "__kwdefaults__",
-        {"close_wait": limits.CLOSE_WAIT_S, "slow_peer_timeout": 1.0},
+        {"close_wait": limits.CLOSE_WAIT_S, "slow_peer_timeout": 1.0, "lane": None},
     )
     agents = {"flood": {"path": BOTS / "flood", "scaling": {"min_agents": 1}}}
-    async with running_gateway(agents) as gw:
+    async with running_gateway(agents, native_relay=native_relay) as gw:
         await gw.wait_ready("flood.my-org")
         sock, _ = await _raw_upgrade(gw.port, "/ws/generic/flood.my-org")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -144,19 +151,24 @@ async def test_a_bot_that_ignores_cancellation_gets_its_process_replaced() -> No
         assert replacement.pid != first.pid
 
 
-def _drain_config(tmp_path: Path, drain_timeout: float) -> Path:
+def _drain_config(tmp_path: Path, drain_timeout: float, *, native_relay: bool) -> Path:
     config = tmp_path / "catflap.toml"
     config.write_text(
         f'listen = "127.0.0.1:0"\nstate_dir = "{tmp_path}"\n'
         f"[gateway]\ndrain_timeout = {drain_timeout}\n"
+        f"native_relay = {'true' if native_relay else 'false'}\n"
         f'[organizations.my-org.agents.echo]\npath = "{ECHO}"\n'
         "[organizations.my-org.agents.echo.scaling]\nmin_agents = 1\n"
     )
     return config
 
 
-async def test_sigterm_drains_then_closes_with_1012_and_exits_0(tmp_path: Path) -> None:
-    with serve("--config", str(_drain_config(tmp_path, drain_timeout=1.5))) as (proc, port):
+@RELAY_MODES
+async def test_sigterm_drains_then_closes_with_1012_and_exits_0(
+    tmp_path: Path, native_relay: bool
+) -> None:
+    config = _drain_config(tmp_path, drain_timeout=1.5, native_relay=native_relay)
+    with serve("--config", str(config)) as (proc, port):
         async with connect(
             f"ws://127.0.0.1:{port}/ws/generic/echo.my-org", open_timeout=seconds(30)
         ) as ws:
@@ -177,8 +189,12 @@ async def test_sigterm_drains_then_closes_with_1012_and_exits_0(tmp_path: Path) 
         assert proc.wait(timeout=seconds(20)) == 0
 
 
-async def test_second_sigterm_closes_everything_at_once(tmp_path: Path) -> None:
-    with serve("--config", str(_drain_config(tmp_path, drain_timeout=3600))) as (proc, port):
+@RELAY_MODES
+async def test_second_sigterm_closes_everything_at_once(
+    tmp_path: Path, native_relay: bool
+) -> None:
+    config = _drain_config(tmp_path, drain_timeout=3600, native_relay=native_relay)
+    with serve("--config", str(config)) as (proc, port):
         async with connect(
             f"ws://127.0.0.1:{port}/ws/generic/echo.my-org", open_timeout=seconds(30)
         ) as ws:
@@ -219,10 +235,11 @@ async def test_max_session_duration_cancels_the_bot_and_closes_the_client() -> N
         assert record.completion_status == "time_limit"
 
 
-async def test_a_hung_runtime_is_killed_and_replaced() -> None:
+@RELAY_MODES
+async def test_a_hung_runtime_is_killed_and_replaced(native_relay: bool) -> None:
     agents = {"hang": {"path": BOTS / "hang", "scaling": {"min_agents": 1}}}
     options = {"ping_interval": 0.2, "ping_timeout": 1.0}
-    async with running_gateway(agents, pool_options=options) as gw:
+    async with running_gateway(agents, pool_options=options, native_relay=native_relay) as gw:
         await gw.wait_ready("hang.my-org")
         pool = gw.pool.agents["hang.my-org"]
         (hung,) = pool.live()
@@ -256,12 +273,15 @@ async def test_client_sockets_have_tcp_keepalive() -> None:
             )
 
 
-async def test_gateway_close_is_recorded_even_when_it_has_to_abort_mid_frame() -> None:
+@RELAY_MODES
+async def test_gateway_close_is_recorded_even_when_it_has_to_abort_mid_frame(
+    native_relay: bool,
+) -> None:
     # The flood bot keeps the agent -> client stream mid-frame most of the time, so the close
     # toward the client is an abort; the record must still say the gateway closed with 1013,
     # never that the agent vanished.
     agents = {"flood": {"path": BOTS / "flood", "scaling": {"min_agents": 1}}}
-    async with running_gateway(agents) as gw:
+    async with running_gateway(agents, native_relay=native_relay) as gw:
         await gw.wait_ready("flood.my-org")
         sock, _ = await _raw_upgrade(gw.port, "/ws/generic/flood.my-org")
         (session_id,) = gw.gateway.sessions.live

@@ -120,6 +120,9 @@ class GatewaySettings(_Strict):
     #: bot's dependencies (cold starts in ~0.1 s instead of an interpreter boot plus imports).
     #: False starts every instance as a fresh interpreter.
     fork_server: bool = True
+    #: Move steady-state relay bytes on a native thread (the fast lane, a C extension built at
+    #: install time) instead of the event loop. Without the extension, or false: event loop.
+    native_relay: bool = True
     provider_handshake_timeout: float = Field(default=limits.PROVIDER_HANDSHAKE_TIMEOUT_S, gt=0)
     #: Serve the live view at ``/dashboard`` (``--dashboard``); off unless asked for.
     dashboard: bool = False

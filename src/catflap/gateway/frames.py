@@ -61,6 +61,21 @@ class FrameScanner:
         """True when the bytes seen so far end exactly at a frame boundary."""
         return self._skip == 0 and not self._partial
 
+    def lane_state(self) -> tuple[int, bytes] | None:
+        """Where the fast lane (:mod:`catflap.gateway.fastlane`) can take over this stream:
+        (payload bytes to skip, incomplete header). None once a close frame has begun, since
+        the lane leaves close frames to Python."""
+        partial = self._partial
+        if self.close_seen or (partial and partial[0] & 0x0F == _OP_CLOSE):
+            return None
+        return self._skip, partial
+
+    def resume(self, skip: int, partial: bytes, frames: int) -> None:
+        """Continue where the fast lane stopped; ``frames`` were counted there."""
+        self._skip = skip
+        self._partial = partial
+        self.frames += frames
+
     def feed(self, data: bytes) -> None:
         n = len(data)
         skip = self._skip

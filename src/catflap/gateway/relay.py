@@ -25,18 +25,34 @@ either leg lingers            abort it after ``CLOSE_WAIT_S``
 ============================  =======================================================
 
 A close frame is injected only at a frame boundary; mid-frame, the socket is aborted instead.
+
+The fast lane. While a session needs no decisions, its bytes move on a native thread instead
+(:mod:`catflap.gateway.fastlane`): the relay lends both sockets to the lane, and the lane hands
+the session back, scanner state and all, when a close frame starts, a peer's buffer fills, a
+side ends or the gateway needs the session (drain, stop, abort). Everything in the table above
+then happens here, on the event loop, exactly as without the lane.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from catflap.contract import limits
 from catflap.contract.closecodes import CloseCode
+from catflap.gateway.fastlane import FastLane, LegReturn
 from catflap.gateway.frames import FrameScanner, close_frame
 
 __all__ = ["Relay", "RelayLeg", "RelayStats"]
+
+log = logging.getLogger("catflap.gateway")
+
+#: After the lane handed a session back for backpressure, how soon to try again, and the most
+#: the wait grows to while the session's buffers stay full.
+LANE_REENTRY_FIRST_S = 0.05
+LANE_REENTRY_MAX_S = 2.0
 
 
 class RelayLeg(asyncio.Protocol):
@@ -127,6 +143,7 @@ class Relay:
         *,
         close_wait: float = limits.CLOSE_WAIT_S,
         slow_peer_timeout: float = limits.SLOW_PEER_TIMEOUT_S,
+        lane: FastLane | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.client = RelayLeg(self, client, is_client=True)
@@ -142,6 +159,13 @@ class Relay:
         self._agent_vanished = False
         #: Set by the gateway when it ends the session because its drain deadline passed.
         self.drained = False
+        self._lane = lane
+        #: The session's handle while its sockets are lent to the lane.
+        self._lane_handle: int | None = None
+        #: What the gateway asked for while the session was in the lane; runs on its return.
+        self._after_lane: list[Callable[[], None]] = []
+        self._lane_timer: asyncio.TimerHandle | None = None
+        self._lane_wait = LANE_REENTRY_FIRST_S
 
     def start(self, client_pending: bytes, agent_pending: bytes) -> None:
         """Take over both transports; ``*_pending`` are bytes already read from each side."""
@@ -160,9 +184,17 @@ class Relay:
         for leg in (self.client, self.agent):
             if not leg.transport.is_closing():
                 leg.transport.resume_reading()
+        self._enter_lane()
+
+    @property
+    def in_lane(self) -> bool:
+        """True while the session's bytes move on the fast lane's thread."""
+        return self._lane_handle is not None
 
     def close_both(self, code: CloseCode, reason: str) -> None:
         """End the session from the gateway: close both sides with ``code`` (drain, stop)."""
+        if self._recall(lambda: self.close_both(code, reason)):
+            return
         self._gateway_close = int(code)
         for leg, masked in ((self.client, False), (self.agent, True)):
             self._send_close(leg, code, reason, masked=masked)
@@ -170,11 +202,14 @@ class Relay:
 
     def traffic(self) -> dict[str, int]:
         """Bytes and frames relayed so far, for metrics (read at scrape time)."""
+        lane = (0, 0, 0, 0)
+        if self._lane is not None and self._lane_handle is not None:
+            lane = self._lane.counters(self._lane_handle)
         return {
-            "bytes_client_to_agent": self.client.bytes_in,
-            "bytes_agent_to_client": self.agent.bytes_in,
-            "frames_client_to_agent": self.client.scanner.frames,
-            "frames_agent_to_client": self.agent.scanner.frames,
+            "bytes_client_to_agent": self.client.bytes_in + lane[0],
+            "bytes_agent_to_client": self.agent.bytes_in + lane[2],
+            "frames_client_to_agent": self.client.scanner.frames + lane[1],
+            "frames_agent_to_client": self.agent.scanner.frames + lane[3],
         }
 
     def slow_started(self, leg: RelayLeg) -> None:
@@ -184,6 +219,8 @@ class Relay:
     def _too_slow(self, leg: RelayLeg) -> None:
         """``leg`` kept its buffer full for the whole bound: end the session with 1013."""
         leg.slow_timer = None
+        if self._recall(lambda: self._too_slow(leg)):
+            return
         if leg.closed or self.done.done():
             return
         self._gateway_close = int(CloseCode.TRY_AGAIN_LATER)
@@ -196,7 +233,100 @@ class Relay:
 
     def abort(self) -> None:
         """Drop both connections at once (second SIGTERM, cancellation)."""
+        if self._recall(self._abort_both):
+            return
         self._abort_both()
+
+    # --- the fast lane ---------------------------------------------------------------------
+
+    def _lane_states(self) -> tuple[tuple[int, bytes], tuple[int, bytes]] | None:
+        """The scanner states to hand the lane, or None while the session needs Python."""
+        if self.done.done() or self._gateway_close is not None:
+            return None
+        states = []
+        for leg in (self.client, self.agent):
+            transport = leg.transport
+            if leg.closed or transport.is_closing() or leg.slow_timer is not None:
+                return None
+            if transport.get_write_buffer_size():
+                return None
+            state = leg.scanner.lane_state()
+            if state is None:
+                return None
+            states.append(state)
+        return states[0], states[1]
+
+    def _enter_lane(self) -> None:
+        self._lane_timer = None
+        if self._lane is None or self._lane_handle is not None:
+            return
+        states = self._lane_states()
+        if states is None:
+            if self._may_reenter():
+                # Only full write buffers hold it back: look again once they may have drained.
+                self._lane_timer = self.loop.call_later(self._lane_wait, self._enter_lane)
+                self._lane_wait = min(self._lane_wait * 2, LANE_REENTRY_MAX_S)
+            return
+        sockets = [leg.transport.get_extra_info("socket") for leg in (self.client, self.agent)]
+        if None in sockets:
+            self._lane = None  # not socket transports (tests): relay on the event loop
+            return
+        for leg in (self.client, self.agent):
+            leg.transport.pause_reading()
+        try:
+            self._lane_handle = self._lane.enter(
+                self, (sockets[0].fileno(), sockets[1].fileno()), states
+            )
+        except (OSError, RuntimeError) as exc:
+            log.warning("fast lane refused a session (%s); it relays on the event loop", exc)
+            self._lane = None
+            for leg in (self.client, self.agent):
+                leg.transport.resume_reading()
+            return
+        self._lane_wait = LANE_REENTRY_FIRST_S
+
+    def _may_reenter(self) -> bool:
+        """False once the session is ending: then it stays on the event loop to the end."""
+        return (
+            self._lane is not None
+            and not self._lane.closed
+            and not self.done.done()
+            and self._gateway_close is None
+            and not any(leg.closed or leg.scanner.close_seen for leg in (self.client, self.agent))
+        )
+
+    def _recall(self, action: Callable[[], None]) -> bool:
+        """If the session is in the lane, run ``action`` once it is back; True if deferred."""
+        if self._lane is None or self._lane_handle is None:
+            return False
+        self._after_lane.append(action)
+        self._lane.recall(self._lane_handle)
+        return True
+
+    def lane_returned(self, reason: int, client: LegReturn, agent: LegReturn) -> None:
+        """The lane handed the session back: continue exactly where it stopped."""
+        self._lane_handle = None
+        returns = ((self.client, client), (self.agent, agent))
+        for leg, back in returns:
+            leg.scanner.resume(back.skip, back.partial, back.frames)
+            leg.bytes_in += back.relayed
+        # Reading resumes before the leftovers are written, so that backpressure they cause
+        # (pause_writing -> pause_reading) is not undone; no bytes arrive before the next turn.
+        for leg, _ in returns:
+            if not leg.transport.is_closing():
+                leg.transport.resume_reading()
+        for leg, back in returns:
+            peer = leg.peer
+            if back.to_write and peer is not None and not peer.closed:
+                peer.transport.write(back.to_write)
+        for leg, back in returns:
+            if back.to_feed:
+                leg.data_received(back.to_feed)
+        actions, self._after_lane = self._after_lane, []
+        for action in actions:
+            action()
+        if self._may_reenter() and self._lane_timer is None:
+            self._lane_timer = self.loop.call_later(self._lane_wait, self._enter_lane)
 
     # --- internals -------------------------------------------------------------------------
 
@@ -249,7 +379,12 @@ class Relay:
                 leg.transport.abort()
 
     def _finish(self) -> None:
-        for timer in (self._timer, self.client.slow_timer, self.agent.slow_timer):
+        for timer in (
+            self._timer,
+            self.client.slow_timer,
+            self.agent.slow_timer,
+            self._lane_timer,
+        ):
             if timer is not None:
                 timer.cancel()
         if self.done.done():

@@ -23,6 +23,7 @@ from catflap.config import AgentSpec, CatflapConfig
 from catflap.contract import limits
 from catflap.contract.closecodes import CloseCode
 from catflap.contract.names import ServiceHost
+from catflap.gateway import fastlane
 from catflap.gateway.front import GatewayConnection
 from catflap.gateway.relay import Relay
 from catflap.metrics import GatewayMetrics
@@ -63,6 +64,8 @@ class Gateway:
         if instance_states is not None:
             self.metrics.pool_states = instance_states
         self.relays: dict[str, Relay] = {}
+        #: The native relay thread, from :meth:`start` until :meth:`shutdown` ends.
+        self.lane: fastlane.FastLane | None = None
         self.draining = False
         self._drain_now = asyncio.Event()
         self._agents = {agent.key: agent for agent in config.agents()}
@@ -120,6 +123,14 @@ class Gateway:
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
+        if self.config.gateway.native_relay:
+            if fastlane.available():
+                self.lane = fastlane.FastLane()
+            else:
+                log.warning(
+                    "the fast lane extension is not built, so sessions relay on the event loop "
+                    "(more CPU per frame); reinstall catflap where a C compiler is available"
+                )
         self._server = await loop.create_server(
             lambda: GatewayConnection(self), host, port, reuse_address=True, backlog=2048
         )
@@ -158,6 +169,8 @@ class Gateway:
             await asyncio.wait(list(self._tasks), timeout=limits.CLOSE_WAIT_S + 5)
         for task in list(self._tasks):
             task.cancel()
+        if self.lane is not None:
+            self.lane.close()
         log.info("x gateway stopped")
 
     def drain_now(self) -> None:

@@ -233,7 +233,7 @@ async def relay_session(
         "cold" if lease.cold_start else "warm",
         start_seconds * 1000,
     )
-    relay = Relay(conn.transport, reply.transport)
+    relay = Relay(conn.transport, reply.transport, lane=gateway.lane)
     gateway.relays[accepted.session_id] = relay
     try:
         relay.start(client_pending=client_pending, agent_pending=reply.trailing)

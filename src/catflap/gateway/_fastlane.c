@@ -1,0 +1,632 @@
+/*
+ * The relay's fast lane: a native thread that shuttles a session's bytes between its two
+ * sockets while nothing in the session needs Python.
+ *
+ * Why: on the event loop, every forwarded frame costs a GIL hand-off, a Python call and
+ * uvloop's bookkeeping (about 1 us on the reference machine, as much as nginx spends on a frame
+ * in user space in all). Here a frame costs one recv(), a header scan and one send().
+ *
+ * Contract with catflap/gateway/fastlane.py (the only caller):
+ *
+ * - enter(): Python has paused reading on both transports and their write buffers are empty.
+ *   From then on the thread alone reads and writes both sockets. Python never closes them or
+ *   writes to them until the session is handed back.
+ * - The thread hands a session back (take() returns it) when Python must act: a close frame
+ *   (opcode 8) starts in a chunk (that chunk is returned unsent and unscanned, "to_feed"), the
+ *   peer cannot take a whole chunk ("to_write": scanned, not yet sent), a side reached EOF or an
+ *   error, Python recalled it, or the lane stopped. The fds are out of the lane's epoll by then.
+ * - Scanner state per direction is handed back so that Python's FrameScanner continues exactly
+ *   where the lane stopped: payload bytes still to skip, an incomplete header, frames and bytes
+ *   counted in the lane.
+ *
+ * Memory: a session's struct is freed by the thread, after Python took it, at the top of the
+ * next loop turn, so that pointers in the epoll batch being processed stay valid.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define READ_CHUNK (64 * 1024)
+#define MAX_EVENTS 256
+#define MAX_HEADER 14 /* 2 + 8 (64-bit length) + 4 (mask) */
+#define OP_CLOSE 0x8
+
+enum reason { R_CLOSE_FRAME = 1, R_WRITE_BLOCKED = 2, R_EOF = 3, R_RECALLED = 4, R_STOPPED = 5 };
+enum state { S_ACTIVE = 1, S_BACK = 2, S_TAKEN = 3 };
+
+struct session;
+
+typedef struct {
+    struct session *session;
+    int index; /* 0: client, 1: agent */
+    int fd;
+    /* Scanner state of the bytes this side sends. */
+    uint64_t skip;
+    uint8_t partial[MAX_HEADER];
+    int partial_len;
+    uint64_t frames;
+    uint64_t bytes;
+    /* Handed back with the session. */
+    uint8_t *to_feed;
+    size_t to_feed_len;
+    uint8_t *to_write;
+    size_t to_write_len;
+} leg_t;
+
+typedef struct session {
+    leg_t legs[2];
+    uint64_t handle;
+    int state;
+    int reason;
+    int recall;
+    struct session *next; /* in the handed-back list or the to-free list */
+} session_t;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    int wake_fd;   /* Python -> thread: a recall or stop is pending */
+    int notify_fd; /* thread -> Python: handed-back sessions are waiting in take() */
+    pthread_t thread;
+    int thread_started;
+    int stopping;
+    pthread_mutex_t lock;
+    /* Slots, indexed by the low 32 bits of a handle; the high bits are a generation. */
+    session_t **slots;
+    uint32_t *generations;
+    uint32_t nslots;
+    uint32_t *free_slots;
+    uint32_t nfree;
+    uint32_t active;
+    session_t *back_head, *back_tail; /* handed back, waiting for take() */
+    session_t *to_free;               /* taken by Python; freed by the thread */
+    int recalls_pending;
+} Lane;
+
+/* --- scanning ---------------------------------------------------------------------------- */
+
+/* Follow frame headers through buf. Returns 1 when a close frame starts in it (state left
+ * unchanged: Python reads that chunk itself), 0 otherwise (state advanced). */
+static int scan(leg_t *leg, const uint8_t *buf, size_t n) {
+    uint64_t skip = leg->skip;
+    uint64_t frames = leg->frames;
+    uint8_t partial[MAX_HEADER];
+    int partial_len = leg->partial_len;
+    memcpy(partial, leg->partial, (size_t)partial_len);
+    size_t pos = 0;
+    while (pos < n) {
+        if (skip) {
+            size_t avail = n - pos;
+            if (skip >= avail) {
+                skip -= avail;
+                pos = n;
+                break;
+            }
+            pos += (size_t)skip;
+            skip = 0;
+            continue;
+        }
+        uint8_t head[MAX_HEADER];
+        size_t have = (size_t)partial_len;
+        memcpy(head, partial, have);
+        size_t take = MAX_HEADER - have;
+        if (take > n - pos) take = n - pos;
+        memcpy(head + have, buf + pos, take);
+        have += take;
+        if ((head[0] & 0x0F) == OP_CLOSE) return 1;
+        size_t need = 2;
+        if (have >= 2) {
+            uint8_t b1 = head[1];
+            uint8_t len7 = b1 & 0x7F;
+            need = 2 + (len7 == 126 ? 2 : len7 == 127 ? 8 : 0) + ((b1 & 0x80) ? 4 : 0);
+        }
+        if (have < need) { /* the chunk ends inside this header */
+            memcpy(partial, head, have);
+            partial_len = (int)have;
+            pos = n;
+            break;
+        }
+        uint64_t length = head[1] & 0x7F;
+        if (length == 126) {
+            length = ((uint64_t)head[2] << 8) | head[3];
+        } else if (length == 127) {
+            length = 0;
+            for (int i = 2; i < 10; i++) length = (length << 8) | head[i];
+        }
+        frames++;
+        pos += need - (size_t)partial_len;
+        partial_len = 0;
+        skip = length;
+    }
+    leg->skip = skip;
+    __atomic_store_n(&leg->frames, frames, __ATOMIC_RELAXED); /* counters() reads it live */
+    leg->partial_len = partial_len;
+    memcpy(leg->partial, partial, (size_t)partial_len);
+    return 0;
+}
+
+/* --- the thread ------------------------------------------------------------------------------ */
+
+static uint8_t *copy_bytes(const uint8_t *data, size_t n) {
+    uint8_t *out = malloc(n ? n : 1);
+    if (out != NULL) memcpy(out, data, n);
+    return out;
+}
+
+static void notify(int fd) {
+    uint64_t one = 1;
+    ssize_t r;
+    do {
+        r = write(fd, &one, sizeof one);
+    } while (r < 0 && errno == EINTR);
+}
+
+/* Take the session out of the lane and queue it for Python. Caller holds the lock. */
+static void hand_back_locked(Lane *lane, session_t *s, int reason) {
+    if (s->state != S_ACTIVE) return;
+    for (int i = 0; i < 2; i++) epoll_ctl(lane->epfd, EPOLL_CTL_DEL, s->legs[i].fd, NULL);
+    s->state = S_BACK;
+    s->reason = reason;
+    s->next = NULL;
+    if (lane->back_tail) lane->back_tail->next = s;
+    else lane->back_head = s;
+    lane->back_tail = s;
+    lane->active--;
+    notify(lane->notify_fd);
+}
+
+static void hand_back(Lane *lane, session_t *s, int reason) {
+    pthread_mutex_lock(&lane->lock);
+    hand_back_locked(lane, s, reason);
+    pthread_mutex_unlock(&lane->lock);
+}
+
+/* One readable event on `leg`: read a chunk, scan it, send it all to the peer. */
+static void on_readable(Lane *lane, leg_t *leg, uint8_t *buf) {
+    session_t *s = leg->session;
+    leg_t *peer = &s->legs[1 - leg->index];
+    ssize_t n;
+    do {
+        n = recv(leg->fd, buf, READ_CHUNK, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    if (n <= 0) { /* EOF or an error: Python's transport reads it again and ends the leg */
+        hand_back(lane, s, R_EOF);
+        return;
+    }
+    if (scan(leg, buf, (size_t)n)) {
+        leg->to_feed = copy_bytes(buf, (size_t)n);
+        leg->to_feed_len = leg->to_feed ? (size_t)n : 0;
+        hand_back(lane, s, R_CLOSE_FRAME);
+        return;
+    }
+    __atomic_store_n(&leg->bytes, leg->bytes + (uint64_t)n, __ATOMIC_RELAXED);
+    size_t sent = 0;
+    while (sent < (size_t)n) {
+        ssize_t w = send(peer->fd, buf + sent, (size_t)n - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w > 0) {
+            sent += (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR) continue;
+        break; /* full (EAGAIN) or broken: Python's transport buffers it or reports the error */
+    }
+    if (sent < (size_t)n) {
+        leg->to_write = copy_bytes(buf + sent, (size_t)n - sent);
+        leg->to_write_len = leg->to_write ? (size_t)n - sent : 0;
+        hand_back(lane, s, R_WRITE_BLOCKED);
+    }
+}
+
+static void free_session(session_t *s) {
+    for (int i = 0; i < 2; i++) {
+        free(s->legs[i].to_feed);
+        free(s->legs[i].to_write);
+    }
+    free(s);
+}
+
+/* Commands from Python (recalls, stop), and sessions Python has taken. Caller holds the lock. */
+static void housekeeping_locked(Lane *lane) {
+    while (lane->to_free) {
+        session_t *s = lane->to_free;
+        lane->to_free = s->next;
+        free_session(s);
+    }
+    if (lane->recalls_pending || lane->stopping) {
+        lane->recalls_pending = 0;
+        for (uint32_t i = 0; i < lane->nslots; i++) {
+            session_t *s = lane->slots[i];
+            if (s && s->state == S_ACTIVE && (s->recall || lane->stopping))
+                hand_back_locked(lane, s, lane->stopping ? R_STOPPED : R_RECALLED);
+        }
+    }
+}
+
+static void *run(void *arg) {
+    Lane *lane = (Lane *)arg;
+    struct epoll_event events[MAX_EVENTS];
+    uint8_t *buf = malloc(READ_CHUNK);
+    for (;;) {
+        pthread_mutex_lock(&lane->lock);
+        housekeeping_locked(lane);
+        int stop = lane->stopping;
+        pthread_mutex_unlock(&lane->lock);
+        if (stop || buf == NULL) break;
+        int n = epoll_wait(lane->epfd, events, MAX_EVENTS, -1);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            leg_t *leg = events[i].data.ptr;
+            if (leg == NULL) { /* the wake fd */
+                uint64_t count;
+                ssize_t r = read(lane->wake_fd, &count, sizeof count);
+                (void)r;
+                continue;
+            }
+            if (leg->session->state == S_ACTIVE) on_readable(lane, leg, buf);
+        }
+    }
+    free(buf);
+    pthread_mutex_lock(&lane->lock);
+    lane->stopping = 1;
+    housekeeping_locked(lane); /* whatever is still in the lane goes back to Python */
+    pthread_mutex_unlock(&lane->lock);
+    return NULL;
+}
+
+/* --- the Python type ------------------------------------------------------------------------ */
+
+static void lane_stop_thread(Lane *self) {
+    if (!self->thread_started) return;
+    pthread_mutex_lock(&self->lock);
+    self->stopping = 1;
+    pthread_mutex_unlock(&self->lock);
+    notify(self->wake_fd);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(self->thread, NULL);
+    Py_END_ALLOW_THREADS
+    self->thread_started = 0;
+}
+
+static PyObject *Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, ":Lane", kwlist)) return NULL;
+    Lane *self = (Lane *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->epfd = self->wake_fd = self->notify_fd = -1;
+    pthread_mutex_init(&self->lock, NULL);
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    self->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    self->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (self->epfd < 0 || self->wake_fd < 0 || self->notify_fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(self);
+        return NULL;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, self->wake_fd, &ev) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(self);
+        return NULL;
+    }
+    int err = pthread_create(&self->thread, NULL, run, self);
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->thread_started = 1;
+    return (PyObject *)self;
+}
+
+static void Lane_dealloc(Lane *self) {
+    lane_stop_thread(self);
+    for (uint32_t i = 0; i < self->nslots; i++)
+        if (self->slots[i]) free_session(self->slots[i]);
+    while (self->to_free) {
+        session_t *s = self->to_free;
+        self->to_free = s->next;
+        free_session(s);
+    }
+    free(self->slots);
+    free(self->generations);
+    free(self->free_slots);
+    if (self->epfd >= 0) close(self->epfd);
+    if (self->wake_fd >= 0) close(self->wake_fd);
+    if (self->notify_fd >= 0) close(self->notify_fd);
+    pthread_mutex_destroy(&self->lock);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int grow_slots_locked(Lane *self) {
+    uint32_t more = self->nslots ? self->nslots : 64;
+    uint32_t total = self->nslots + more;
+    session_t **slots = realloc(self->slots, total * sizeof *slots);
+    if (!slots) return -1;
+    self->slots = slots;
+    uint32_t *gens = realloc(self->generations, total * sizeof *gens);
+    if (!gens) return -1;
+    self->generations = gens;
+    uint32_t *free_slots = realloc(self->free_slots, total * sizeof *free_slots);
+    if (!free_slots) return -1;
+    self->free_slots = free_slots;
+    for (uint32_t i = self->nslots; i < total; i++) {
+        self->slots[i] = NULL;
+        self->generations[i] = 0;
+        self->free_slots[self->nfree++] = total - 1 - (i - self->nslots);
+    }
+    self->nslots = total;
+    return 0;
+}
+
+static int set_leg_state(leg_t *leg, PyObject *state) {
+    /* state: (skip, partial) as FrameScanner.lane_state() returns it */
+    unsigned long long skip;
+    const char *partial;
+    Py_ssize_t partial_len;
+    if (!PyArg_ParseTuple(state, "Ky#", &skip, &partial, &partial_len)) return -1;
+    if (partial_len >= MAX_HEADER) {
+        PyErr_SetString(PyExc_ValueError, "a partial frame header is at most 13 bytes");
+        return -1;
+    }
+    leg->skip = skip;
+    memcpy(leg->partial, partial, (size_t)partial_len);
+    leg->partial_len = (int)partial_len;
+    return 0;
+}
+
+static session_t *find_locked(Lane *self, uint64_t handle) {
+    uint32_t slot = (uint32_t)(handle & 0xFFFFFFFFu);
+    if (slot >= self->nslots || self->generations[slot] != (uint32_t)(handle >> 32)) return NULL;
+    return self->slots[slot];
+}
+
+PyDoc_STRVAR(enter_doc,
+    "enter(client_fd, agent_fd, client_state, agent_state) -> handle\n\n"
+    "Relay both sockets on the lane's thread until the session is handed back.\n"
+    "Each state is (payload bytes to skip, incomplete header) for what that side sends.");
+
+static PyObject *Lane_enter(Lane *self, PyObject *args) {
+    int fds[2];
+    PyObject *states[2];
+    if (!PyArg_ParseTuple(args, "iiO!O!:enter", &fds[0], &fds[1], &PyTuple_Type, &states[0],
+                          &PyTuple_Type, &states[1]))
+        return NULL;
+    session_t *s = calloc(1, sizeof *s);
+    if (!s) return PyErr_NoMemory();
+    for (int i = 0; i < 2; i++) {
+        s->legs[i].session = s;
+        s->legs[i].index = i;
+        s->legs[i].fd = fds[i];
+        if (set_leg_state(&s->legs[i], states[i]) < 0) {
+            free(s);
+            return NULL;
+        }
+    }
+    s->state = S_ACTIVE;
+    pthread_mutex_lock(&self->lock);
+    if (self->stopping || (self->nfree == 0 && grow_slots_locked(self) < 0)) {
+        pthread_mutex_unlock(&self->lock);
+        free(s);
+        if (self->stopping) {
+            PyErr_SetString(PyExc_RuntimeError, "the lane is stopped");
+            return NULL;
+        }
+        return PyErr_NoMemory();
+    }
+    uint32_t slot = self->free_slots[--self->nfree];
+    s->handle = ((uint64_t)self->generations[slot] << 32) | slot;
+    /* Both fds join the epoll under the lock, so the thread cannot hand back in between. */
+    for (int i = 0; i < 2; i++) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &s->legs[i]};
+        if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, fds[i], &ev) < 0) {
+            int err = errno;
+            if (i == 1) epoll_ctl(self->epfd, EPOLL_CTL_DEL, fds[0], NULL);
+            self->free_slots[self->nfree++] = slot;
+            pthread_mutex_unlock(&self->lock);
+            free(s);
+            errno = err;
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+    }
+    self->slots[slot] = s;
+    self->active++;
+    uint64_t handle = s->handle;
+    pthread_mutex_unlock(&self->lock);
+    return PyLong_FromUnsignedLongLong(handle);
+}
+
+PyDoc_STRVAR(recall_doc,
+    "recall(handle) -> None\n\nAsk the thread to hand the session back soon (no-op once it has).");
+
+static PyObject *Lane_recall(Lane *self, PyObject *arg) {
+    unsigned long long handle = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    pthread_mutex_lock(&self->lock);
+    session_t *s = find_locked(self, handle);
+    if (s && s->state == S_ACTIVE) {
+        s->recall = 1;
+        self->recalls_pending = 1;
+    }
+    pthread_mutex_unlock(&self->lock);
+    notify(self->wake_fd);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(counters_doc,
+    "counters(handle) -> (client_bytes, client_frames, agent_bytes, agent_frames)\n\n"
+    "Relayed so far in the lane (live, approximate while it runs).");
+
+static PyObject *Lane_counters(Lane *self, PyObject *arg) {
+    unsigned long long handle = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    uint64_t v[4] = {0, 0, 0, 0};
+    pthread_mutex_lock(&self->lock);
+    session_t *s = find_locked(self, handle);
+    if (s && s->state != S_TAKEN) {
+        for (int i = 0; i < 2; i++) {
+            v[2 * i] = __atomic_load_n(&s->legs[i].bytes, __ATOMIC_RELAXED);
+            v[2 * i + 1] = __atomic_load_n(&s->legs[i].frames, __ATOMIC_RELAXED);
+        }
+    }
+    pthread_mutex_unlock(&self->lock);
+    return Py_BuildValue("(KKKK)", v[0], v[1], v[2], v[3]);
+}
+
+static PyObject *leg_tuple(leg_t *leg) {
+    return Py_BuildValue(
+        "(Ky#KKy#y#)", (unsigned long long)leg->skip, (const char *)leg->partial,
+        (Py_ssize_t)leg->partial_len, (unsigned long long)leg->frames,
+        (unsigned long long)leg->bytes, (const char *)(leg->to_feed ? leg->to_feed : (uint8_t *)""),
+        (Py_ssize_t)leg->to_feed_len, (const char *)(leg->to_write ? leg->to_write : (uint8_t *)""),
+        (Py_ssize_t)leg->to_write_len);
+}
+
+PyDoc_STRVAR(take_doc,
+    "take() -> list of (handle, reason, client, agent)\n\n"
+    "Sessions handed back since the last call. Each side is (skip, partial, frames, bytes,\n"
+    "to_feed, to_write): the scanner state, what the lane counted, a chunk Python must scan and\n"
+    "send itself, and a scanned chunk the peer could not take yet.");
+
+static PyObject *Lane_take(Lane *self, PyObject *Py_UNUSED(ignored)) {
+    uint64_t count;
+    ssize_t r = read(self->notify_fd, &count, sizeof count); /* re-arm the readiness */
+    (void)r;
+    pthread_mutex_lock(&self->lock);
+    session_t *head = self->back_head;
+    self->back_head = self->back_tail = NULL;
+    pthread_mutex_unlock(&self->lock);
+    PyObject *out = PyList_New(0);
+    session_t *done = NULL;
+    for (session_t *s = head; s != NULL;) {
+        session_t *next = s->next;
+        if (out != NULL) {
+            PyObject *item = Py_BuildValue("(KiNN)", (unsigned long long)s->handle, s->reason,
+                                           leg_tuple(&s->legs[0]), leg_tuple(&s->legs[1]));
+            if (item == NULL || PyList_Append(out, item) < 0) Py_CLEAR(out);
+            Py_XDECREF(item);
+        }
+        s->next = done;
+        done = s;
+        s = next;
+    }
+    pthread_mutex_lock(&self->lock);
+    for (session_t *s = done; s != NULL;) {
+        session_t *next = s->next;
+        uint32_t slot = (uint32_t)(s->handle & 0xFFFFFFFFu);
+        self->slots[slot] = NULL;
+        self->generations[slot]++;
+        self->free_slots[self->nfree++] = slot;
+        s->state = S_TAKEN;
+        s->next = self->to_free;
+        self->to_free = s;
+        s = next;
+    }
+    pthread_mutex_unlock(&self->lock);
+    if (done != NULL && self->thread_started) notify(self->wake_fd); /* free them soon */
+    return out;
+}
+
+static PyObject *Lane_fileno(Lane *self, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromLong(self->notify_fd);
+}
+
+PyDoc_STRVAR(stop_doc,
+    "stop() -> None\n\nStop the thread; every session still in the lane is handed back.");
+
+static PyObject *Lane_stop(Lane *self, PyObject *Py_UNUSED(ignored)) {
+    lane_stop_thread(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lane_get_active(Lane *self, void *Py_UNUSED(closure)) {
+    pthread_mutex_lock(&self->lock);
+    uint32_t active = self->active;
+    pthread_mutex_unlock(&self->lock);
+    return PyLong_FromUnsignedLong(active);
+}
+
+static PyMethodDef Lane_methods[] = {
+    {"enter", (PyCFunction)Lane_enter, METH_VARARGS, enter_doc},
+    {"recall", (PyCFunction)Lane_recall, METH_O, recall_doc},
+    {"counters", (PyCFunction)Lane_counters, METH_O, counters_doc},
+    {"take", (PyCFunction)Lane_take, METH_NOARGS, take_doc},
+    {"fileno", (PyCFunction)Lane_fileno, METH_NOARGS, "The fd that is readable when take() has sessions."},
+    {"stop", (PyCFunction)Lane_stop, METH_NOARGS, stop_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Lane_getset[] = {
+    {"active", (getter)Lane_get_active, NULL, "Sessions in the lane now.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "catflap.gateway._fastlane.Lane",
+    .tp_basicsize = sizeof(Lane),
+    .tp_dealloc = (destructor)Lane_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A native relay thread for sessions whose bytes need no Python.",
+    .tp_methods = Lane_methods,
+    .tp_getset = Lane_getset,
+    .tp_new = Lane_new,
+};
+
+static PyObject *py_scan(PyObject *Py_UNUSED(module), PyObject *args) {
+    /* scan(state, data) -> (closes, skip, partial, frames): the lane's scanner, for tests */
+    PyObject *state;
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "O!y*:scan", &PyTuple_Type, &state, &data)) return NULL;
+    leg_t leg;
+    memset(&leg, 0, sizeof leg);
+    if (set_leg_state(&leg, state) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    int closes = scan(&leg, data.buf, (size_t)data.len);
+    PyBuffer_Release(&data);
+    return Py_BuildValue("(OKy#K)", closes ? Py_True : Py_False, (unsigned long long)leg.skip,
+                         (const char *)leg.partial, (Py_ssize_t)leg.partial_len,
+                         (unsigned long long)leg.frames);
+}
+
+static PyMethodDef module_methods[] = {
+    {"scan", py_scan, METH_VARARGS, "scan(state, data) -> (close_frame, skip, partial, frames)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "catflap.gateway._fastlane",
+    "The relay's fast lane (see catflap/gateway/fastlane.py).", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__fastlane(void) {
+    if (PyType_Ready(&LaneType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&LaneType);
+    if (PyModule_AddObject(m, "Lane", (PyObject *)&LaneType) < 0) {
+        Py_DECREF(&LaneType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "CLOSE_FRAME", R_CLOSE_FRAME);
+    PyModule_AddIntConstant(m, "WRITE_BLOCKED", R_WRITE_BLOCKED);
+    PyModule_AddIntConstant(m, "EOF", R_EOF);
+    PyModule_AddIntConstant(m, "RECALLED", R_RECALLED);
+    PyModule_AddIntConstant(m, "STOPPED", R_STOPPED);
+    return m;
+}
