@@ -86,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
         "and repeating runs they disturbed (default 120; 0 with --quick)",
     )
     parser.add_argument(
+        "--event-loop-relay",
+        action="store_true",
+        help="run catflap with [gateway] native_relay = false (no fast lane), for comparison",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke test (< 60 s): tiny loads; fails if a scenario fails or loses a frame",
@@ -127,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None:
         settings.rounds = args.rounds
     settings.echo = args.echo
+    settings.native_relay = not args.event_loop_relay
     os.environ["CATFLAP_BENCH_ECHO"] = args.echo  # read by bench/bots/fast-echo/bot.py
     set_quiet_budget(0.0 if args.quick else args.quiet_budget)
     out: Path = args.out or (

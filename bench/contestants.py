@@ -227,13 +227,16 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value)) if isinstance(value, Path) else json.dumps(value)
 
 
-def gateway_config(agents: dict[str, dict[str, Any]], port: int) -> str:
+def gateway_config(
+    agents: dict[str, dict[str, Any]], port: int, *, native_relay: bool = True
+) -> str:
     """A ``catflap.toml`` with one organization (``bench-org``) and the given agents."""
     lines = [
         f'listen = "127.0.0.1:{port}"',
         "[gateway]",
         "agent_ready_timeout = 60",
         "drain_timeout = 1",
+        f"native_relay = {'true' if native_relay else 'false'}",
         f"[organizations.{ORG}]",
         'public_keys = ["pk_bench"]',
     ]
@@ -284,11 +287,12 @@ def catflap_gateway(
     relay_cpus: set[int],
     load_cpus: set[int],
     name: str = "catflap",
+    native_relay: bool = True,
 ) -> Iterator[Gateway]:
     """``python -m catflap serve --config <generated>`` on a free port, pinned to ``relay_cpus``."""
     port = free_port()
     config = workdir / f"{name}.toml"
-    config.write_text(gateway_config(agents, port))
+    config.write_text(gateway_config(agents, port, native_relay=native_relay))
     child = spawn(
         name,
         [sys.executable, "-m", "catflap", "serve", "--config", str(config)]

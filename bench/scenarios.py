@@ -61,6 +61,8 @@ class Settings:
     #: Pause between runs, so that closing sessions do not overlap the next window.
     pause: float = 0.5
     nginx_binary: str = "nginx"
+    #: catflap's ``[gateway] native_relay``: False relays every session on the event loop.
+    native_relay: bool = True
 
     @classmethod
     def quick_mode(cls) -> Settings:
@@ -197,6 +199,7 @@ def fleet(
                     {"bench": fast_echo_agent(sessions_per_instance)},
                     relay_cpus=relay,
                     load_cpus=load,
+                    native_relay=settings.native_relay,
                 )
             )
             cs.probe(gateway.port, gateway.path("bench"))
@@ -454,7 +457,12 @@ def _pipecat_starts(settings: Settings) -> dict[str, Any]:
     with (
         _workdir() as workdir,
         cs.catflap_gateway(
-            workdir, agents, relay_cpus=relay, load_cpus=load, name="catflap-pipecat"
+            workdir,
+            agents,
+            relay_cpus=relay,
+            load_cpus=load,
+            name="catflap-pipecat",
+            native_relay=settings.native_relay,
         ) as gateway,
     ):
         cs.probe(gateway.port, gateway.path("pwarm"), payload=bytes.fromhex(first))
@@ -521,6 +529,7 @@ def memory(settings: Settings) -> dict[str, Any]:
             {"bench": fast_echo_agent(top + 1000)},
             relay_cpus=relay,
             load_cpus=load,
+            native_relay=settings.native_relay,
         ) as gateway,
     ):
         cs.probe(gateway.port, gateway.path("bench"))

@@ -27,6 +27,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -320,7 +321,12 @@ static PyObject *Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
         Py_DECREF(self);
         return NULL;
     }
+    /* Signals belong to the interpreter's main thread: the lane thread blocks them all. */
+    sigset_t all, previous;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &previous);
     int err = pthread_create(&self->thread, NULL, run, self);
+    pthread_sigmask(SIG_SETMASK, &previous, NULL);
     if (err) {
         errno = err;
         PyErr_SetFromErrno(PyExc_OSError);
