@@ -263,7 +263,8 @@ class Relay:
         states = self._lane_states()
         if states is None:
             if self._may_reenter():
-                # Only full write buffers hold it back: look again once they may have drained.
+                # Something passing holds it back (a full write buffer, a slow-peer bound
+                # running): look again later.
                 self._lane_timer = self.loop.call_later(self._lane_wait, self._enter_lane)
                 self._lane_wait = min(self._lane_wait * 2, LANE_REENTRY_MAX_S)
             return
