@@ -126,6 +126,16 @@ class GatewaySettings(_Strict):
     provider_handshake_timeout: float = Field(default=limits.PROVIDER_HANDSHAKE_TIMEOUT_S, gt=0)
     #: Serve the live view at ``/dashboard`` (``--dashboard``); off unless asked for.
     dashboard: bool = False
+    #: Open client connections at most; past it new ones get 503 (``too_many_connections``).
+    max_connections: int = Field(default=limits.MAX_CONNECTIONS_DEFAULT, ge=1)
+    #: ``host:port`` of a separate listener for ``/metrics`` (e.g. ``127.0.0.1:9090``); when
+    #: set, the main port does not serve ``/metrics``.
+    metrics_listen: str | None = None
+    #: When set, ``/metrics`` needs ``Authorization: Bearer <metrics_key>``.
+    metrics_key: str | None = None
+    #: Serve ``/docs`` and ``/redoc`` (Swagger UI and ReDoc); off by default, since they load
+    #: scripts onto the gateway's origin. ``/openapi.json`` is always served.
+    api_docs: bool = False
 
 
 class LogsConfig(_Strict):

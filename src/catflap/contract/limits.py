@@ -16,9 +16,14 @@ __all__ = [
     "BOT_CANCEL_GRACE_S",
     "CLOSE_REASON_MAX_BYTES",
     "CLOSE_WAIT_S",
+    "CONTROL_FRAME_MAX_PAYLOAD_BYTES",
     "DISPATCH_ATTEMPTS",
     "DRAIN_TIMEOUT_S",
+    "FRAME_HEADER_MAX_BYTES",
+    "FRAME_SCANNER_PARTIAL_MAX_BYTES",
     "IDLE_REAP_S",
+    "KEEPALIVE_IDLE_TIMEOUT_S",
+    "LEASE_END_TIMEOUT_S",
     "LOGS_LIMIT_DEFAULT",
     "LOGS_LIMIT_MAX",
     "LOGS_PAGE_MAX_BYTES",
@@ -28,6 +33,7 @@ __all__ = [
     "LOG_PRUNE_INTERVAL_S",
     "LOG_RETENTION_DAYS_DEFAULT",
     "MAX_AGENTS_DEFAULT",
+    "MAX_CONNECTIONS_DEFAULT",
     "MAX_SESSION_DURATION_DEFAULT_S",
     "MAX_SESSION_DURATION_MAX_S",
     "MAX_SESSION_DURATION_MIN_S",
@@ -35,8 +41,14 @@ __all__ = [
     "ORG_NAME_MAX_LEN",
     "PROVIDER_HANDSHAKE_TIMEOUT_S",
     "PROVIDER_OPENING_FRAME_MAX_BYTES",
+    "PROVIDER_OPENING_MAX_BYTES",
+    "PROVIDER_OPENING_MAX_FRAMES",
+    "RECORD_ERROR_MAX_CHARS",
     "RELAY_HIGH_WATER_BYTES",
     "RELAY_LOW_WATER_BYTES",
+    "REQUEST_BODY_TIMEOUT_S",
+    "REQUEST_HEADER_LINES_MAX",
+    "REQUEST_HEADER_LINE_MAX_BYTES",
     "REQUEST_HEAD_MAX_BYTES",
     "REQUEST_HEAD_TIMEOUT_S",
     "REQUEST_URL_MAX_BYTES",
@@ -51,6 +63,7 @@ __all__ = [
     "TOKEN_CLOCK_SKEW_S",
     "TOKEN_TTL_S",
     "UPSTREAM_HANDSHAKE_TIMEOUT_S",
+    "UPSTREAM_RESPONSE_HEAD_MAX_BYTES",
     "WS_MAX_SIZE_BYTES",
     "WS_PER_MESSAGE_DEFLATE",
     "WS_PING_INTERVAL_S",
@@ -88,6 +101,24 @@ REQUEST_URL_MAX_BYTES = 20 * 1024
 REQUEST_HEAD_MAX_BYTES = 32 * 1024
 #: A client must finish sending its request head within this time (slow-loris bound).
 REQUEST_HEAD_TIMEOUT_S = 10.0
+#: At most this many header lines per request head: websockets' ``MAX_NUM_HEADERS``, which the
+#: agent runtime's handshake parser enforces too, so the gateway refuses (431) what the agent
+#: would choke on instead of forwarding it. Applies to every request on a connection.
+REQUEST_HEADER_LINES_MAX = 128
+#: The longest single header line (name + value): websockets' ``MAX_LINE_LENGTH`` and nginx's
+#: ``large_client_header_buffers`` buffer size (8 KiB). Longer lines get 431.
+REQUEST_HEADER_LINE_MAX_BYTES = 8 * 1024
+#: A request body (the control API's JSON) must be complete this long after its head; nginx's
+#: ``client_body_timeout`` is 60 s between reads, we bound the whole body, which is at most
+#: ``START_REQUEST_MAX_BYTES``. Past it: 408 and close.
+REQUEST_BODY_TIMEOUT_S = 10.0
+#: An idle kept-alive connection (no byte of a next request) is closed after this long:
+#: uvicorn's ``timeout_keep_alive`` default; nginx's ``keepalive_timeout`` is 75 s.
+KEEPALIVE_IDLE_TIMEOUT_S = 5.0
+#: Open client connections one gateway holds at most (``[gateway] max_connections``); past it
+#: new connections get 503 at once, and idle ones with no complete head are closed first. Two
+#: fds per relayed session, well inside a raised ``RLIMIT_NOFILE``.
+MAX_CONNECTIONS_DEFAULT = 16384
 #: The /start request is a small JSON document; anything larger is refused with 413.
 START_REQUEST_MAX_BYTES = 64 * 1024
 
@@ -128,6 +159,9 @@ RETRY_AFTER_NOT_READY_S = 2
 MAX_SESSION_DURATION_DEFAULT_S = 7200
 MAX_SESSION_DURATION_MIN_S = 60
 MAX_SESSION_DURATION_MAX_S = 14400
+#: A bot's error text kept in a session record (and shown by the API and dashboard); longer
+#: texts are cut and marked, so one bot raising a 500 KB message cannot bloat every poll.
+RECORD_ERROR_MAX_CHARS = 4096
 #: Graceful shutdown lets live sessions run this long (PCC base image ``SHUTDOWN_TIMEOUT``).
 DRAIN_TIMEOUT_S = 7200.0
 
@@ -139,6 +173,10 @@ PROVIDER_HANDSHAKE_TIMEOUT_S = 10.0
 #: The largest opening message a provider endpoint reads; real ``start`` messages are a few
 #: hundred bytes, plus custom parameters (Exotel: 256 characters; Twilio: a few KiB).
 PROVIDER_OPENING_FRAME_MAX_BYTES = 64 * 1024
+#: Everything a provider may send before its ``start`` message, in bytes and in frames: real
+#: openings are one ``connected`` and one ``start`` of a few KiB. Past either: close 1008.
+PROVIDER_OPENING_MAX_BYTES = 64 * 1024
+PROVIDER_OPENING_MAX_FRAMES = 8
 #: A handshake tries this many instances when one cannot be reached, then answers 503
 #: (LiveKit's agent endpoints use the same bound).
 DISPATCH_ATTEMPTS = 3
@@ -158,6 +196,20 @@ SLOW_PEER_TIMEOUT_S = 10.0
 TCP_KEEPALIVE_IDLE_S = 20
 TCP_KEEPALIVE_INTERVAL_S = 5
 TCP_KEEPALIVE_COUNT = 3
+#: RFC 6455 section 5.5: a control frame (close, ping, pong) carries at most 125 bytes and is
+#: never fragmented. One declaring more is a protocol error: close 1002 to its sender.
+CONTROL_FRAME_MAX_PAYLOAD_BYTES = 125
+#: The longest frame header: 2 + 8 (64-bit length) + 4 (mask).
+FRAME_HEADER_MAX_BYTES = 14
+#: The most a frame scanner holds between chunks: an incomplete header, or a whole close frame
+#: being gathered (its code and reason go to the record).
+FRAME_SCANNER_PARTIAL_MAX_BYTES = FRAME_HEADER_MAX_BYTES + CONTROL_FRAME_MAX_PAYLOAD_BYTES
+#: The agent's 101 response head is a few hundred bytes; anything past this is not an agent.
+UPSTREAM_RESPONSE_HEAD_MAX_BYTES = 16 * 1024
+#: After both legs closed, how long the runtime may take to report that ``bot()`` ended:
+#: the bot's cancellation grace plus one missed ping. Past it the slot's instance is replaced
+#: (it may still run a bot) and the record says so.
+LEASE_END_TIMEOUT_S = BOT_CANCEL_GRACE_S + AGENT_PING_TIMEOUT_S
 #: A close reason is at most 123 bytes: a control frame's payload is 125, 2 of them the code.
 CLOSE_REASON_MAX_BYTES = 123
 
