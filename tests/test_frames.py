@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from websockets.frames import Close, Frame
 from websockets.streams import StreamReader
 
+from catflap.contract import limits
 from catflap.gateway.frames import FrameScanner, close_frame
 
 
@@ -30,10 +31,12 @@ def encode(opcode: int, payload: bytes, *, masked: bool, fin: bool = True) -> by
     return head + payload
 
 
+_DATA_SIZES = [0, 1, 125, 126, 127, 300, 65535, 65536, 70000]
+_CONTROL_SIZES = [0, 1, 124, 125]  # RFC 6455 5.5: control frames carry at most 125 bytes
 frame_specs = st.lists(
-    st.tuples(
-        st.sampled_from([0x1, 0x2, 0x9, 0xA]),
-        st.sampled_from([0, 1, 125, 126, 127, 300, 65535, 65536, 70000]),
+    st.one_of(
+        st.tuples(st.sampled_from([0x1, 0x2]), st.sampled_from(_DATA_SIZES)),
+        st.tuples(st.sampled_from([0x9, 0xA]), st.sampled_from(_CONTROL_SIZES)),
     ),
     min_size=1,
     max_size=12,
@@ -55,7 +58,8 @@ def test_scanner_counts_frames_and_close_for_any_chunking(
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     scanner = FrameScanner()
     for start, end in zip(points, points[1:], strict=False):
-        scanner.feed(stream[start:end])
+        assert scanner.feed(stream[start:end]) is None
+        assert scanner.buffered <= limits.FRAME_SCANNER_PARTIAL_MAX_BYTES
         if end < len(stream):
             assert not scanner.close_seen
     assert scanner.frames == len(specs) + 1
@@ -106,3 +110,70 @@ def test_close_frame_parses_with_websockets_and_truncates_reason(masked: bool) -
 def test_close_frame_refuses_codes_catflap_must_not_send(code: int) -> None:
     with pytest.raises(AssertionError):
         close_frame(code, masked=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    specs=frame_specs,
+    masked=st.booleans(),
+    cuts=st.lists(st.integers(0, 10**6), max_size=20),
+    bad_opcode=st.sampled_from([0x8, 0x9, 0xA]),
+    bad_size=st.sampled_from([126, 300, 65535, 65536, 16 * 1024 * 1024]),
+    fragmented=st.booleans(),
+)
+def test_oversized_or_fragmented_control_frame_is_a_protocol_error_for_any_chunking(
+    specs: list[tuple[int, int]],
+    masked: bool,
+    cuts: list[int],
+    bad_opcode: int,
+    bad_size: int,
+    fragmented: bool,
+) -> None:
+    """Whatever the chunking: the scanner never buffers more than its cap, reports the error
+    exactly where the bad frame starts, and never waits for the bad frame's payload."""
+    good = b"".join(encode(op, b"x" * size, masked=masked) for op, size in specs)
+    if fragmented:
+        bad_head = encode(bad_opcode, b"x" * 10, masked=masked, fin=False)
+    else:
+        # Only the header of the bad frame: a 16 MiB payload need never exist.
+        bad_head = encode(bad_opcode, b"", masked=masked)[:1] + _length_bytes(bad_size, masked)
+    stream = good + bad_head + b"y" * 200
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    scanner = FrameScanner()
+    reported: int | None = None
+    for start, end in zip(points, points[1:], strict=False):
+        result = scanner.feed(stream[start:end])
+        assert scanner.buffered <= limits.FRAME_SCANNER_PARTIAL_MAX_BYTES
+        if result is not None:
+            # Absolute position of the bad frame, when it starts in this chunk.
+            reported = start + result if result >= 0 else -1
+            break
+    assert reported is not None, "the bad control frame was not noticed"
+    assert scanner.protocol_error is not None
+    if reported >= 0:
+        assert reported == len(good)
+    else:  # the chunk holding its first byte had ended before the second arrived
+        assert any(len(good) < p < len(good) + 2 for p in points)
+    assert scanner.frames == len(specs)
+    assert scanner.feed(b"more") == 0  # a broken stream stays broken
+
+
+def _length_bytes(size: int, masked: bool) -> bytes:
+    bit = 0x80 if masked else 0
+    if size < 65536:
+        return bytes([bit | 126]) + struct.pack("!H", size)
+    return bytes([bit | 127]) + struct.pack("!Q", size)
+
+
+def test_scanner_holds_no_more_than_a_header_while_a_huge_close_frame_streams() -> None:
+    """Issue 11 row 5: a close frame declaring 16 MiB is refused at its header, not gathered."""
+    scanner = FrameScanner()
+    head = bytes([0x88, 0x80 | 127]) + struct.pack("!Q", 16 * 1024 * 1024) + os.urandom(4)
+    assert scanner.feed(head[:1]) is None
+    assert scanner.buffered == 1
+    # Its second byte settles it: the frame began in the earlier chunk (-1).
+    assert scanner.feed(head[1:] + b"z" * 65536) == -1
+    assert scanner.buffered == 0
+    scanner2 = FrameScanner()
+    assert scanner2.feed(b"\x82\x01a" + head) == 3
+    assert scanner2.protocol_error == "control frame declares more than 125 bytes"

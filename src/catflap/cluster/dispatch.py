@@ -208,6 +208,13 @@ class RedisPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def abandon(self, lease: SessionLease, problem: str) -> None:
+        """The host never reported the end: forget the lease here. The host's own pool
+        bounds its instances (pings, cancellation grace) and frees the slot in Redis."""
+        assert isinstance(lease, ClusterLease)
+        self._leases.pop(lease.session_id, None)
+        log.warning("! %s: %s", lease.instance_label, problem)
+
     async def _unreserve(self, lease: ClusterLease) -> None:
         with contextlib.suppress(RedisError, OSError):  # else it expires by itself
             await self._redis.zrem(self._keys.reserved(lease.instance_id), lease.session_id)

@@ -15,6 +15,7 @@ __all__ = ["CLOSE_CODE_EXPLANATIONS", "SENDABLE", "CloseCode", "assert_sendable"
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
     POLICY_VIOLATION = 1008
     INTERNAL_ERROR = 1011
     SERVICE_RESTART = 1012
@@ -33,13 +34,20 @@ CLOSE_CODE_EXPLANATIONS: dict[CloseCode, str] = {
         "out (reason 'session time limit reached'); an operator stopped the session "
         "(reason 'session stopped')"
     ),
-    CloseCode.GOING_AWAY: "gateway -> agent: the client vanished without a close frame",
+    CloseCode.GOING_AWAY: (
+        "gateway -> agent: the client vanished without a close frame, or broke the protocol"
+    ),
+    CloseCode.PROTOCOL_ERROR: (
+        "gateway -> the peer that sent a control frame over 125 bytes or a fragmented one "
+        "(RFC 6455 5.5); the other side gets 1001 (client at fault) or 1011 (agent at fault)"
+    ),
     CloseCode.POLICY_VIOLATION: (
         "gateway -> provider: the stream is not the named provider, its opening messages did "
         "not arrive in time, or (Twilio) the agent it names is unknown or needs a token"
     ),
     CloseCode.INTERNAL_ERROR: (
-        "gateway -> client: the agent connection dropped without a close (agent crash); "
+        "gateway -> client: the agent connection dropped without a close (agent crash), or "
+        "the agent broke the protocol; "
         "runtime -> client: bot() raised (reason: the exception class)"
     ),
     CloseCode.SERVICE_RESTART: (

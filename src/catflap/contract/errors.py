@@ -55,6 +55,7 @@ __all__ = [
     "CatflapMisuse",
     "ConfigError",
     "Draining",
+    "TooManyConnections",
     "HeadersTooLarge",
     "InvalidBody",
     "InvalidHandshake",
@@ -244,6 +245,12 @@ class AgentNotReady(ServiceUnavailable):
 
 class Draining(ServiceUnavailable):
     code = "draining"
+
+
+class TooManyConnections(ServiceUnavailable):
+    """The gateway holds ``[gateway] max_connections`` connections already."""
+
+    code = "too_many_connections"
 
 
 def error_body(message: str, code: str) -> dict[str, str]:

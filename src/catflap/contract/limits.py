@@ -46,6 +46,8 @@ __all__ = [
     "RECORD_ERROR_MAX_CHARS",
     "RELAY_HIGH_WATER_BYTES",
     "RELAY_LOW_WATER_BYTES",
+    "REPLAY_BUSY_TIMEOUT_S",
+    "REPLAY_MAINTENANCE_INTERVAL_S",
     "REQUEST_BODY_TIMEOUT_S",
     "REQUEST_HEADER_LINES_MAX",
     "REQUEST_HEADER_LINE_MAX_BYTES",
@@ -129,6 +131,14 @@ TOKEN_TTL_S = 300
 #: Clocks of several gateways may disagree slightly; ``iat`` this far in the future is still
 #: accepted, and ``exp`` is enforced exactly (a token is never valid past its ``exp``).
 TOKEN_CLOCK_SKEW_S = 5
+#: ``catflap serve`` keeps spent jtis in SQLite: this often a worker thread deletes expired ones
+#: and checkpoints the WAL (the fsync, kept off the event loop). About 5 KiB of WAL per spent
+#: token, so a second's worth stays small even at hundreds of sessions per second.
+REPLAY_MAINTENANCE_INTERVAL_S = 1.0
+#: A spend that finds the SQLite file locked (the pruner, or another gateway sharing the state
+#: dir, writing at that moment) waits this long on the worker thread before 503. Each writer
+#: holds the lock for microseconds; seconds means the disk is in trouble.
+REPLAY_BUSY_TIMEOUT_S = 2.0
 
 # --- Capacity and pool -----------------------------------------------------------------------
 

@@ -27,6 +27,8 @@ from catflap.contract.closecodes import assert_sendable
 __all__ = ["FrameReader", "FrameScanner", "ReadFrame", "close_frame"]
 
 _OP_CLOSE = 0x8
+_CONTROL = 0x08  # opcodes 0x8-0xF are control frames
+_FIN = 0x80
 #: A length no chunk can have: sends the fast path's single comparison to the general path.
 _NO_MATCH = -(1 << 62)
 #: Orders close frames across all scanners, to tell which peer closed first.
@@ -37,6 +39,7 @@ class FrameScanner:
     """Follows frame boundaries in one direction of a WebSocket byte stream."""
 
     __slots__ = (
+        "_failed",
         "_partial",
         "_skip",
         "close_code",
@@ -44,6 +47,7 @@ class FrameScanner:
         "close_seen",
         "close_seq",
         "frames",
+        "protocol_error",
     )
 
     def __init__(self) -> None:
@@ -55,6 +59,9 @@ class FrameScanner:
         self.close_reason = ""
         #: Increases with every close frame seen by any scanner; 0 until this one sees one.
         self.close_seq = 0
+        #: Why the stream broke RFC 6455, once it has (the session then ends with 1002).
+        self.protocol_error: str | None = None
+        self._failed = False
 
     @property
     def at_boundary(self) -> bool:
@@ -76,14 +83,24 @@ class FrameScanner:
         self._partial = partial
         self.frames += frames
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> int | None:
+        """Scan the next chunk of this direction.
+
+        Returns:
+            None while the stream is valid. When a frame breaks RFC 6455 (a control frame over
+            125 bytes or fragmented: :attr:`protocol_error` says which), the offset in ``data``
+            where that frame starts (the bytes before it are good), or -1 when it started in
+            an earlier chunk. The stream must not be relayed further; later feeds return 0.
+        """
+        if self._failed:
+            return 0
         n = len(data)
         skip = self._skip
         if skip >= n:  # still inside a payload: the common case for large frames
             self._skip = skip - n
-            return
-        if not skip and n > 1 and not self._partial and data[0] & 0x0F != _OP_CLOSE:
-            # Fast path: the chunk is exactly one whole frame (telephony audio, echoes).
+            return None
+        if not skip and n > 1 and not self._partial and not data[0] & _CONTROL:
+            # Fast path: the chunk is exactly one whole data frame (telephony audio, echoes).
             b1 = data[1]
             length = b1 & 0x7F
             head = 6 if b1 & 0x80 else 2
@@ -94,8 +111,9 @@ class FrameScanner:
                 length = _NO_MATCH
             if head + length == n:
                 self.frames += 1
-                return
-        if self._partial:
+                return None
+        carried = len(self._partial)
+        if carried:
             data = self._partial + data[skip:]
             self._partial = b""
             pos = 0
@@ -107,6 +125,20 @@ class FrameScanner:
                 break
             b1 = data[pos + 1]
             length = b1 & 0x7F
+            b0 = data[pos]
+            if b0 & _CONTROL and (length > limits.CONTROL_FRAME_MAX_PAYLOAD_BYTES or not b0 & _FIN):
+                # RFC 6455 5.5: a control frame is at most 125 bytes and never fragmented.
+                # Checked from the first two bytes, so nothing of it is ever waited for.
+                self.protocol_error = (
+                    "fragmented control frame"
+                    if not b0 & _FIN
+                    else f"control frame declares more than "
+                    f"{limits.CONTROL_FRAME_MAX_PAYLOAD_BYTES} bytes"
+                )
+                self._skip = 0
+                self._partial = b""
+                self._failed = True
+                return pos - carried if pos >= carried else -1
             head = 2
             if length == 126:
                 head = 4
@@ -133,10 +165,19 @@ class FrameScanner:
             self.frames += 1
             if end >= n:
                 self._skip = end - n
-                return
+                return None
             pos = end
         self._skip = 0
         self._partial = bytes(data[pos:])
+        # Bounded by construction: a header is at most 14 bytes and a close frame is gathered
+        # only once its declared length (checked above to be at most 125) is known.
+        assert len(self._partial) <= limits.FRAME_SCANNER_PARTIAL_MAX_BYTES
+        return None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held between chunks (at most ``FRAME_SCANNER_PARTIAL_MAX_BYTES``)."""
+        return len(self._partial)
 
     def _read_close(self, mask: bytes, payload: bytes) -> None:
         if mask:
@@ -172,6 +213,11 @@ class FrameReader:
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._buffer)
 
     def take_remaining(self) -> bytes:
         """Bytes received after the last frame returned by :meth:`next_frame`."""

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, cast
 
 from catflap.contract import limits
 from catflap.contract.closecodes import CloseCode
-from catflap.contract.errors import RequestRejected, RequestTimeout, http_error_response
+from catflap.contract.errors import (
+    RequestRejected,
+    RequestTimeout,
+    TooManyConnections,
+    http_error_response,
+)
 from catflap.gateway.frames import close_frame
 from catflap.gateway.httphead import HeadParser
 from catflap.gateway.session import count_refusal, run_session
@@ -64,6 +69,31 @@ class GatewayConnection(asyncio.Protocol):
             _enable_keepalive(sock)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(limits.REQUEST_HEAD_TIMEOUT_S, self._head_timeout)
+        if not self._admit_connection():
+            return
+        self.gateway.connections[self] = None
+
+    def _admit_connection(self) -> bool:
+        """Keep the open connections within ``max_connections``: the oldest connection that
+        has not sent a complete head yet goes first; with none, this one is refused."""
+        gateway = self.gateway
+        if gateway.open_connections() < gateway.config.gateway.max_connections:
+            return True
+        idle = next((c for c in gateway.connections if c._parser is not None), None)
+        refusal = TooManyConnections(
+            f"the gateway holds its maximum of {gateway.config.gateway.max_connections} "
+            "connections; retry shortly"
+        )
+        log.warning("! %s; dropping the oldest connection without a request", refusal.message)
+        if idle is None:
+            self.reject(refusal)
+            return False
+        idle.reject(refusal)
+        return True
+
+    def handed_off(self) -> None:
+        """Another protocol owns the connection now (the API, or a relay leg)."""
+        self.gateway.connections.pop(self, None)
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
@@ -89,6 +119,7 @@ class GatewayConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.gateway.connections.pop(self, None)
         self._cancel_timer()
         if self.sink is not None:
             self.sink(None)
@@ -110,6 +141,7 @@ class GatewayConnection(asyncio.Protocol):
 
     def _hand_to_api(self, raw: bytes) -> None:
         protocol = self.gateway.make_http_protocol()
+        self.handed_off()
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
         protocol.data_received(raw)

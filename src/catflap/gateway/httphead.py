@@ -86,6 +86,14 @@ class HeadParser:
             )
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # The agent runtime's handshake parser (websockets) allows 128 lines of 8 KiB: refuse
+        # here what it would refuse there, before any slot is reserved for the session.
+        if len(name) + len(value) + 2 > limits.REQUEST_HEADER_LINE_MAX_BYTES:
+            raise HeadersTooLarge(
+                f"header line longer than {limits.REQUEST_HEADER_LINE_MAX_BYTES} bytes"
+            )
+        if len(self._headers) >= limits.REQUEST_HEADER_LINES_MAX:
+            raise HeadersTooLarge(f"more than {limits.REQUEST_HEADER_LINES_MAX} header lines")
         self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:

@@ -85,10 +85,13 @@ class RelayLeg(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        self.scanner.feed(data)
+        broken_at = self.scanner.feed(data)
         peer = self.peer
-        if peer is not None and not peer.closed:
-            peer.transport.write(data)
+        if broken_at is None:
+            if peer is not None and not peer.closed:
+                peer.transport.write(data)
+            return
+        self.relay.protocol_error(self, data, broken_at)
 
     def pause_writing(self) -> None:
         # This side reads too slowly: stop reading from the other side, and give it a bound.
@@ -231,6 +234,38 @@ class Relay:
             self._send_close(target, CloseCode.TRY_AGAIN_LATER, reason, masked=masked)
         self._arm_timer()
 
+    def protocol_error(self, leg: RelayLeg, data: bytes, broken_at: int) -> None:
+        """``leg``'s peer broke RFC 6455 at ``data[broken_at]`` (-1: in an earlier chunk).
+
+        The good bytes before the bad frame are relayed, nothing after it; the sender gets
+        1002 and the other side 1001 (the client broke it) or 1011 (the agent did).
+        """
+        peer = leg.peer
+        assert peer is not None
+        if broken_at > 0 and not peer.closed:
+            peer.transport.write(data[:broken_at])
+        if not leg.closed and not leg.transport.is_closing():
+            leg.transport.pause_reading()
+        if self._gateway_close is not None or self.done.done():
+            return  # already ending this session: its closes are on their way
+        self._gateway_close = int(CloseCode.PROTOCOL_ERROR)
+        reason = leg.scanner.protocol_error or "protocol error"
+        log.info("! %s broke the protocol: %s", "client" if leg.is_client else "agent", reason)
+        self._send_close(leg, CloseCode.PROTOCOL_ERROR, reason, masked=not leg.is_client)
+        code, why = (
+            (CloseCode.GOING_AWAY, "client broke the protocol")
+            if leg.is_client
+            else (CloseCode.INTERNAL_ERROR, "agent broke the protocol")
+        )
+        if peer.closed or peer.transport.is_closing():
+            pass
+        elif broken_at >= 0:  # the stream toward peer ends at a frame boundary
+            peer.transport.write(close_frame(code, why, masked=leg.is_client))
+            peer.transport.close()
+        else:
+            peer.transport.abort()  # part of the bad frame already went out
+        self._arm_timer()
+
     def abort(self) -> None:
         """Drop both connections at once (second SIGTERM, cancellation)."""
         if self._recall(self._abort_both):
@@ -333,7 +368,7 @@ class Relay:
 
     def _send_close(self, leg: RelayLeg, code: CloseCode, reason: str, *, masked: bool) -> None:
         """Write a close frame of catflap's own to ``leg`` if that stream is at a boundary."""
-        if leg.closed:
+        if leg.closed or leg.transport.is_closing():
             return
         # Frames written *to* leg come from its peer; the peer's scanner knows the boundaries.
         assert leg.peer is not None

@@ -49,6 +49,7 @@ class Gateway:
         store: SessionStore,
         clock: Callable[[], float] = time.time,
         upstream_timeout: float = limits.UPSTREAM_HANDSHAKE_TIMEOUT_S,
+        lease_end_timeout: float = limits.LEASE_END_TIMEOUT_S,
     ) -> None:
         self.config = config
         self.keyring = keyring
@@ -57,6 +58,10 @@ class Gateway:
         self.store = store
         self.clock = clock
         self.upstream_timeout = upstream_timeout
+        self.lease_end_timeout = lease_end_timeout
+        #: Client connections open now (``[gateway] max_connections`` bounds it).
+        #: In opening order, so the oldest idle one is found first.
+        self.connections: dict[GatewayConnection, None] = {}
         self.sessions = SessionRegistry()
         self.metrics = GatewayMetrics()
         self.metrics.gateway = self
@@ -87,6 +92,10 @@ class Gateway:
             if key in org_cfg.public_keys:
                 return org
         return None
+
+    def open_connections(self) -> int:
+        """Client connections open now: not yet handed off, in the API, or relayed."""
+        return len(self.connections) + len(self._http_state.connections) + len(self.relays)
 
     # --- plumbing ------------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ started:
 2. spend the token's ``jti`` (a replay is 403);
 3. reserve a pool slot (429 at capacity, 503 when no instance can be made ready);
 4. forward the upgrade to the instance and wait for its 101 (503 if it does not come);
+   steps 2-4 run while the client is watched: if it leaves, they are cancelled, and a refusal
+   or a departure gives the slot and the token back;
 5. send the 101 to the client and relay bytes until both sides close;
 6. wait for the runtime to report that ``bot()`` ended, then finish the record.
 
@@ -20,7 +22,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from catflap.auth.replay import consume_or_reject
 from catflap.contract import headers as hdrs
@@ -36,8 +39,14 @@ from catflap.contract.errors import (
 from catflap.gateway.httphead import RequestHead
 from catflap.gateway.relay import Relay
 from catflap.gateway.upgrade import UpgradeAccepted, check_upgrade
-from catflap.gateway.upstream import UpstreamReply, build_upstream_request, open_upstream
+from catflap.gateway.upstream import (
+    AgentSilent,
+    UpstreamReply,
+    build_upstream_request,
+    open_upstream,
+)
 from catflap.logs import SessionLog, session_log
+from catflap.pool.instance import SessionEnd
 from catflap.pool.pool import SessionLease
 from catflap.sessions.record import SessionRecord
 
@@ -46,9 +55,19 @@ if TYPE_CHECKING:
     from catflap.gateway.front import GatewayConnection
     from catflap.gateway.server import Gateway
 
-__all__ = ["admit", "connect_agent", "relay_session", "run_session"]
+__all__ = [
+    "ClientLeft",
+    "admit",
+    "connect_agent",
+    "give_token_back",
+    "relay_session",
+    "run_session",
+    "start_on_agent",
+    "while_client_waits",
+]
 
 log = logging.getLogger("catflap.gateway")
+T = TypeVar("T")
 
 
 async def run_session(
@@ -80,10 +99,12 @@ async def run_session(
         head, accepted, client_host=conn.client_host, transport_type=transport_type
     )
     try:
-        # connect_agent owns the lease from here: it cancels it on failure.
-        lease, reply = await connect_agent(
-            gateway, accepted, await admit(gateway, accepted), request
+        (lease, reply), early = await while_client_waits(
+            conn, start_on_agent(gateway, accepted, request)
         )
+    except ClientLeft:
+        accepted_log(accepted).info("! client left before its session started")
+        return
     except RequestRejected as rejected:
         refuse(gateway, conn, head, rejected, accepted)
         return
@@ -93,8 +114,63 @@ async def run_session(
         return
     conn.transport.write(reply.head)  # the agent's 101, valid for the client's own key
     await relay_session(
-        gateway, conn, accepted, lease, reply, client_pending=trailing, started=started
+        gateway, conn, accepted, lease, reply, client_pending=trailing + early, started=started
     )
+
+
+class ClientLeft(Exception):
+    """The client closed its connection while its session was being admitted."""
+
+
+async def while_client_waits(
+    conn: GatewayConnection, admission: Coroutine[Any, Any, T]
+) -> tuple[T, bytes]:
+    """Run ``admission`` while reading the client, so that its departure cancels it.
+
+    A paused transport would notice neither a FIN nor a reset, and a session would be started
+    (token spent, instance cold-started, ``bot()`` run) for nobody. A WebSocket client sends
+    nothing before the 101, so what it does send meanwhile is kept, bounded, for the relay.
+
+    Returns:
+        What ``admission`` returned, and the bytes the client sent meanwhile.
+
+    Raises:
+        ClientLeft: the client went away; ``admission`` was cancelled (and gave back what it
+            held).
+    """
+    task = asyncio.ensure_future(admission)
+    early = bytearray()
+
+    def sink(data: bytes | None) -> None:
+        if data is None:
+            task.cancel()
+            return
+        early.extend(data)
+        if len(early) > limits.RELAY_HIGH_WATER_BYTES and not conn.transport.is_closing():
+            conn.transport.pause_reading()  # a client that will not wait: TCP holds the rest
+
+    if conn.lost:
+        task.cancel()
+    else:
+        conn.sink = sink
+        conn.transport.resume_reading()
+    try:
+        result = await task
+    except asyncio.CancelledError:
+        if conn.lost and not _cancelling():
+            raise ClientLeft from None
+        raise
+    finally:
+        conn.sink = None
+        if not conn.transport.is_closing():
+            conn.transport.pause_reading()
+    return result, bytes(early)
+
+
+def _cancelling() -> bool:
+    """True when the running task itself is being cancelled (shutdown), not just its child."""
+    current = asyncio.current_task()
+    return current is not None and current.cancelling() > 0
 
 
 def _agent(accepted: UpgradeAccepted) -> AgentSpec:
@@ -139,7 +215,11 @@ def count_refusal(gateway: Gateway, status: str, rejected: RequestRejected) -> N
 
 
 async def admit(gateway: Gateway, accepted: UpgradeAccepted) -> SessionLease:
-    """Spend the token and reserve a slot.
+    """Spend the token and reserve a slot; a refusal or cancellation gives the token back.
+
+    The token is spent first, so that a replay racing its first use is refused without
+    touching the pool; if the pool then refuses (429, 503) or the client leaves, the jti is
+    released, so that the client can retry with the same token after ``Retry-After``.
 
     Raises:
         TokenRejected: 403, the token was used before.
@@ -148,8 +228,43 @@ async def admit(gateway: Gateway, accepted: UpgradeAccepted) -> SessionLease:
     """
     if accepted.claims is not None:
         await consume_or_reject(gateway.replay, accepted.claims)
+    try:
+        lease = await gateway.pool.acquire(_agent(accepted).key, accepted.session_id)
+    except BaseException:
+        await give_token_back(gateway, accepted)
+        raise
+    if accepted.claims is not None:
         gateway.metrics.token_verifications.labels("ok").inc()
-    return await gateway.pool.acquire(_agent(accepted).key, accepted.session_id)
+    return lease
+
+
+async def give_token_back(gateway: Gateway, accepted: UpgradeAccepted) -> None:
+    """Forget a spent jti whose session never reached the agent; never raises."""
+    if accepted.claims is None:
+        return
+    try:
+        await gateway.replay.release(accepted.claims.jti)
+    except Exception:
+        # The token then stays spent: the client mints another one.
+        accepted_log(accepted).exception("! could not give the token back")
+
+
+async def start_on_agent(
+    gateway: Gateway, accepted: UpgradeAccepted, request: bytes
+) -> tuple[SessionLease, UpstreamReply]:
+    """Admit the session (:func:`admit`) and reach its instance (:func:`connect_agent`).
+
+    On any failure, and on cancellation, the slot and the token are given back.
+
+    Raises:
+        RequestRejected: 403, 429 or 503, as :func:`admit` and :func:`connect_agent`.
+    """
+    lease = await admit(gateway, accepted)
+    try:
+        return await connect_agent(gateway, accepted, lease, request)
+    except BaseException:
+        await give_token_back(gateway, accepted)
+        raise
 
 
 async def connect_agent(
@@ -177,6 +292,10 @@ async def connect_agent(
                 return lease, reply
             reply.transport.abort()
             problem = f"the agent refused the session with HTTP {reply.status}"
+        except AgentSilent:
+            # Connected but no answer: the request may be what stalls it, so no retry.
+            gateway.pool.cancel(lease)
+            raise
         except ServiceUnavailable as unreachable:
             problem = unreachable.message
         except BaseException:
@@ -233,12 +352,13 @@ async def relay_session(
         "cold" if lease.cold_start else "warm",
         start_seconds * 1000,
     )
+    conn.handed_off()
     relay = Relay(conn.transport, reply.transport, lane=gateway.lane)
     gateway.relays[accepted.session_id] = relay
     try:
         relay.start(client_pending=client_pending, agent_pending=reply.trailing)
         stats = await relay.done
-        end = await lease.ended
+        end = await _bot_ended(gateway, lease, slog)
     except asyncio.CancelledError:
         relay.abort()
         raise
@@ -257,6 +377,23 @@ async def relay_session(
         stats.frames_client_to_agent,
         stats.frames_agent_to_client,
     )
+
+
+async def _bot_ended(gateway: Gateway, lease: SessionLease, slog: SessionLog) -> SessionEnd:
+    """The runtime's report that ``bot()`` ended, within ``LEASE_END_TIMEOUT_S`` of the relay
+    ending. A runtime that never reports would hold the slot forever: its instance is
+    replaced instead (it may still run a bot) and the session recorded ``agent_crashed``."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(lease.ended), gateway.lease_end_timeout)
+    except TimeoutError:
+        pass
+    problem = (
+        f"the agent runtime did not report the end of bot() within "
+        f"{gateway.lease_end_timeout:g} s of the connection closing"
+    )
+    slog.error("! %s on %s; replacing the instance", problem, lease.instance_label)
+    gateway.pool.abandon(lease, problem)
+    return SessionEnd(status="agent_crashed", error=problem)
 
 
 async def _store(gateway: Gateway, record: SessionRecord) -> None:

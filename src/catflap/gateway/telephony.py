@@ -40,13 +40,16 @@ from catflap.gateway.frames import FrameReader
 from catflap.gateway.httphead import RequestHead
 from catflap.gateway.providers import HandshakeDone, HandshakeInvalid, Provider, ProviderHandshake
 from catflap.gateway.session import (
+    ClientLeft,
     accepted_log,
     admit,
     connect_agent,
     count_refusal,
+    give_token_back,
     loggable,
     refuse,
     relay_session,
+    while_client_waits,
 )
 from catflap.gateway.upgrade import UpgradeAccepted, resolve_agent
 from catflap.gateway.upstream import build_upstream_request
@@ -65,7 +68,12 @@ _OP_TEXT, _OP_BINARY, _OP_CLOSE = 0x1, 0x2, 0x8
 
 
 class HandshakeFailed(Exception):
-    """The provider's opening messages were wrong, absent or cut off (close 1008)."""
+    """The provider's opening messages were wrong, absent, cut off or too much (close 1008),
+    or broke RFC 6455 itself (close 1002)."""
+
+    def __init__(self, reason: str, code: CloseCode = CloseCode.POLICY_VIOLATION) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 def accept_response(key: str) -> bytes:
@@ -92,10 +100,14 @@ async def read_opening(
     Raises:
         HandshakeFailed: the stream is not the provider, closed, or stayed silent too long.
     """
+    # Frames are read with catflap's own small reader rather than websockets' parser because
+    # they must be replayed to the bot byte for byte, masks included.
     reader = FrameReader(max_frame=limits.PROVIDER_OPENING_FRAME_MAX_BYTES)
     judge = ProviderHandshake(provider)
     arrived = asyncio.Event()
     ended = False
+    #: Never hold more than the whole opening may be, plus one frame header, plus one read.
+    buffer_cap = limits.PROVIDER_OPENING_MAX_BYTES + limits.FRAME_HEADER_MAX_BYTES
 
     def sink(data: bytes | None) -> None:
         nonlocal ended
@@ -103,12 +115,15 @@ async def read_opening(
             ended = True
         else:
             reader.feed(data)
+            if reader.buffered > buffer_cap and not conn.transport.is_closing():
+                conn.transport.pause_reading()  # the loop below decides, TCP holds the rest
         arrived.set()
 
     reader.feed(initial)
     conn.sink = sink
     conn.transport.resume_reading()
     opening = bytearray()
+    frames = 0
     try:
         async with asyncio.timeout(deadline):
             while True:
@@ -119,12 +134,29 @@ async def read_opening(
                 if frame is None:
                     if ended:
                         raise HandshakeFailed("closed before the opening messages")
+                    if reader.buffered > buffer_cap:
+                        raise HandshakeFailed(_too_much(provider))
                     arrived.clear()
+                    if not conn.transport.is_closing():
+                        conn.transport.resume_reading()
                     await arrived.wait()
                     continue
+                if frame.opcode & 0x8 and (
+                    len(frame.payload) > limits.CONTROL_FRAME_MAX_PAYLOAD_BYTES or not frame.fin
+                ):
+                    raise HandshakeFailed(
+                        "control frame over 125 bytes or fragmented (RFC 6455 5.5)",
+                        CloseCode.PROTOCOL_ERROR,
+                    )
                 if frame.opcode == _OP_CLOSE:
                     raise HandshakeFailed("closed before the opening messages")
                 opening += frame.raw
+                frames += 1
+                if (
+                    len(opening) > limits.PROVIDER_OPENING_MAX_BYTES
+                    or frames > limits.PROVIDER_OPENING_MAX_FRAMES
+                ):
+                    raise HandshakeFailed(_too_much(provider))
                 if frame.opcode & 0x8:  # ping/pong: kept for the bot, not judged
                     continue
                 if not frame.fin or frame.opcode not in (_OP_TEXT, _OP_BINARY):
@@ -150,6 +182,13 @@ async def read_opening(
             conn.transport.pause_reading()
 
 
+def _too_much(provider: Provider) -> str:
+    return (
+        f"{provider.expectation()}; no 'start' within {limits.PROVIDER_OPENING_MAX_FRAMES} "
+        f"frames or {limits.PROVIDER_OPENING_MAX_BYTES} bytes"
+    )
+
+
 async def run_provider_session(
     gateway: Gateway,
     conn: GatewayConnection,
@@ -166,7 +205,11 @@ async def run_provider_session(
     # 1. Known agent: capacity is still an HTTP answer.
     if accepted.agent is not None:
         try:
-            lease = await admit(gateway, accepted)
+            lease, early = await while_client_waits(conn, admit(gateway, accepted))
+            trailing += early
+        except ClientLeft:
+            slog.info("! client left before its session started")
+            return
         except RequestRejected as rejected:
             refuse(gateway, conn, head, rejected, accepted)
             return
@@ -179,11 +222,9 @@ async def run_provider_session(
                 conn, provider, trailing, deadline=gateway.config.gateway.provider_handshake_timeout
             )
         except HandshakeFailed as failed:
-            gateway.metrics.refusals.labels(
-                str(int(CloseCode.POLICY_VIOLATION)), "provider_handshake"
-            ).inc()
+            gateway.metrics.refusals.labels(str(int(failed.code)), "provider_handshake").inc()
             slog.info("! %s %s: %s", provider.name, loggable(head.path), failed)
-            conn.close_websocket(CloseCode.POLICY_VIOLATION, str(failed))
+            conn.close_websocket(failed.code, str(failed))
             return
         # 3. Twilio names its agent in the start message.
         if accepted.agent is None:
@@ -203,7 +244,11 @@ async def run_provider_session(
                     session_id=claims.jti if claims else accepted.session_id,
                 )
                 slog = accepted_log(accepted)
-                lease = await admit(gateway, accepted)
+                lease, early = await while_client_waits(conn, admit(gateway, accepted))
+                rest += early
+            except ClientLeft:
+                slog.info("! twilio: client left before its session started")
+                return
             except (AtCapacity, ServiceUnavailable) as busy:
                 count_refusal(gateway, str(int(CloseCode.TRY_AGAIN_LATER)), busy)
                 slog.info("! twilio: %s", busy.message)
@@ -230,8 +275,16 @@ async def run_provider_session(
         )
         owned, lease = lease, None  # connect_agent owns it now
         try:
-            session_lease, reply = await connect_agent(gateway, accepted, owned, request)
+            (session_lease, reply), early = await while_client_waits(
+                conn, connect_agent(gateway, accepted, owned, request)
+            )
+            rest += early
+        except ClientLeft:
+            await give_token_back(gateway, accepted)
+            slog.info("! %s: client left before its session started", provider.name)
+            return
         except RequestRejected as unreachable:
+            await give_token_back(gateway, accepted)
             slog.warning("! %s", unreachable.message)
             conn.close_websocket(CloseCode.BAD_GATEWAY, "the agent could not be reached")
             return
@@ -250,3 +303,4 @@ async def run_provider_session(
     finally:
         if lease is not None:
             gateway.pool.cancel(lease)
+            await give_token_back(gateway, accepted)

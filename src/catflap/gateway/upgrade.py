@@ -80,6 +80,15 @@ def _tokens(value: str | None) -> set[str]:
 
 
 def _check_handshake_headers(head: RequestHead) -> None:
+    if head.http_version != "1.1":
+        # RFC 6455 4.1: "the method of the request MUST be GET, and the HTTP version MUST be at
+        # least 1.1"; HTTP/2 upgrades do not reach an HTTP/1 parser.
+        raise InvalidHandshake(
+            f"HTTP/{head.http_version} cannot upgrade to a WebSocket: send HTTP/1.1"
+        )
+    if head.header_count("host") != 1:
+        # RFC 7230 5.4: a request with no Host, or more than one, gets 400.
+        raise InvalidHandshake("a request needs exactly one Host header")
     if "websocket" not in _tokens(head.header("upgrade")) or "upgrade" not in _tokens(
         head.header("connection")
     ):

@@ -14,14 +14,20 @@ from dataclasses import dataclass
 from typing import cast
 
 from catflap.contract import headers as hdrs
+from catflap.contract import limits
 from catflap.contract.errors import CatflapMisuse, ServiceUnavailable
 from catflap.gateway.httphead import RequestHead
 from catflap.gateway.upgrade import UpgradeAccepted
 
-__all__ = ["UpstreamReply", "build_upstream_request", "open_upstream"]
+__all__ = ["AgentSilent", "UpstreamReply", "build_upstream_request", "open_upstream"]
 
-#: The agent's response head is a few hundred bytes; anything past this is not an agent.
-_RESPONSE_HEAD_MAX = 16 * 1024
+
+class AgentSilent(ServiceUnavailable):
+    """The instance accepted the connection but did not answer the upgrade in time.
+
+    Unlike a refused connection this is not retried on another instance: the request itself
+    may be what stalls it, and each retry would hold the client and a slot for another bound.
+    """
 
 #: Client headers that are not passed on: connection-level ones, the ones the gateway sets
 #: itself, and (for token agents) the Authorization that carried catflap's token.
@@ -124,7 +130,7 @@ class _AwaitResponseHead(asyncio.Protocol):
             assert self.transport is not None
             self.transport.pause_reading()  # the relay resumes it
             self.done.set_result((bytes(self.buffer[: end + 4]), bytes(self.buffer[end + 4 :])))
-        elif len(self.buffer) > _RESPONSE_HEAD_MAX and not self.done.done():
+        elif len(self.buffer) > limits.UPSTREAM_RESPONSE_HEAD_MAX_BYTES and not self.done.done():
             self.done.set_exception(ConnectionError("agent response head too large"))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -147,11 +153,13 @@ async def open_upstream(
         address: ``unix:/path`` or ``tcp:host:port``, as the runtime reported it.
 
     Raises:
-        ServiceUnavailable: 503, the instance could not be reached or did not answer in time.
+        AgentSilent: 503, connected, but no answer to the upgrade in time.
+        ServiceUnavailable: 503, the instance could not be reached.
     """
     loop = asyncio.get_running_loop()
     protocol = _AwaitResponseHead(loop)
     kind, _, where = address.partition(":")
+    connected = False
     try:
         async with asyncio.timeout(timeout):
             if kind == "unix":
@@ -164,12 +172,22 @@ async def open_upstream(
                 # Agent hosts on other machines: notice a dead path even when no byte flows.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             transport.write(request)
+            connected = True
             try:
                 head, trailing = await protocol.done
             except BaseException:
                 transport.abort()
                 raise
-    except (OSError, TimeoutError) as exc:
+    except TimeoutError:
+        if connected:
+            raise AgentSilent(
+                f"the agent instance did not answer the upgrade within {timeout:g} s; "
+                "retry shortly"
+            ) from None
+        raise ServiceUnavailable(
+            f"could not reach the agent instance within {timeout:g} s; retry shortly"
+        ) from None
+    except OSError as exc:
         raise ServiceUnavailable(
             f"could not reach the agent instance ({type(exc).__name__}); retry shortly"
         ) from None

@@ -134,6 +134,9 @@ class Instance:
     def reserve(self, session_id: str) -> Lease:
         if self.free_slots <= 0:
             raise CatflapMisuse(f"instance {self.instance_id} has no free slot")
+        if session_id in self.leases:
+            # Overwriting would orphan the first lease's future and double-book the slot.
+            raise CatflapMisuse(f"instance {self.instance_id} already holds session {session_id}")
         lease = Lease(session_id=session_id, instance=self)
         self.leases[session_id] = lease
         return lease

@@ -90,6 +90,11 @@ class SessionPool(Protocol):
 
     def cancel(self, lease: SessionLease) -> None: ...
 
+    def abandon(self, lease: SessionLease, problem: str) -> None:
+        """The runtime never reported the end of this session: stop counting on it. A local
+        pool replaces the instance (a bot may still run in it)."""
+        ...
+
     async def stop_session(self, session_id: str) -> bool: ...
 
 
@@ -217,6 +222,22 @@ class AgentPool:
             lease.ended.cancel()
             if not instance.leases:
                 instance.idle_since = self._clock()
+
+    def abandon(self, lease: Lease, problem: str) -> None:
+        """See :meth:`SessionPool.abandon`: the instance is killed and replaced; its crash
+        handling then ends every session on it (this one's end is already recorded)."""
+        instance = lease.instance
+        log.error(
+            "! %s instance %d (pid %s): %s; replacing the process",
+            self.agent.key,
+            instance.instance_id,
+            instance.pid,
+            problem,
+        )
+        if instance.state is InstanceState.READY:
+            instance.set_state(InstanceState.STOPPING)
+        if instance.process is not None:
+            instance.process.kill()
 
     def spawn_one(self) -> None:
         """Start one more instance if the agent is under ``max_agents`` (agent hosts grow)."""
@@ -569,6 +590,10 @@ class LocalPool:
     def cancel(self, lease: SessionLease) -> None:
         assert isinstance(lease, Lease)
         self._pool(lease.instance.agent_key).cancel(lease)
+
+    def abandon(self, lease: SessionLease, problem: str) -> None:
+        assert isinstance(lease, Lease)
+        self._pool(lease.instance.agent_key).abandon(lease, problem)
 
     async def stop_session(self, session_id: str) -> bool:
         for pool in self.agents.values():
