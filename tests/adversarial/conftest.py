@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import tempfile
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
@@ -29,6 +31,7 @@ from ..conftest import (
     PUBLIC_KEY,
     catflap_serve,
     seconds,
+    upgrade_request,
 )
 
 #: The agents every hostile gateway serves: an open echo agent and a token agent.
@@ -214,6 +217,109 @@ def gateway() -> Iterator[HostileGateway]:
     """One hostile gateway shared by a module's attacks (each attack checks health after)."""
     with hostile_gateway() as gw:
         yield gw
+
+
+def client_frame(
+    opcode: int, payload: bytes, *, fin: bool = True, declared: int | None = None
+) -> bytes:
+    """A masked client frame; ``declared`` overrides the length field (an oversize header)."""
+    n = len(payload) if declared is None else declared
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def open_upgrade(
+    port: int, target: str, *, extra: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """Send a WebSocket upgrade and read the response head: (reader, writer, head)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(upgrade_request(target, extra=extra))
+    await writer.drain()
+    async with asyncio.timeout(seconds(10)):
+        head = await reader.readuntil(b"\r\n\r\n")
+    return reader, writer, head
+
+
+def status_of(head: bytes) -> int:
+    return int(head.split(b" ", 2)[1])
+
+
+async def mint_token(port: int, agent: str, transport: str = "websocket") -> dict[str, Any]:
+    """``POST /v1/public/{agent}/start`` with the public key: the /start answer."""
+    body = json.dumps({"transport": transport}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"POST /v1/public/{agent}/start HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {PUBLIC_KEY}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    data = await read_until_closed(reader, timeout=10)
+    writer.close()
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert status_of(head) == 200, data[:300]
+    result: dict[str, Any] = json.loads(payload)
+    return result
+
+
+class Flood:
+    """A blocking client socket with a thread that sends ``frame`` in a loop (bounded in time
+    and bytes) while the test reads what the gateway answers. Plain sockets, not asyncio:
+    a reset after the gateway's close must not hide the close frame that came before it."""
+
+    def __init__(self, sock: socket.socket, frame: bytes, *, seconds_max: float) -> None:
+        self.sock = sock
+        self.frame = frame
+        self.seconds_max = seconds_max
+        self.sent = 0
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+
+    def _pump(self) -> None:
+        deadline = time.monotonic() + self.seconds_max
+        try:
+            while time.monotonic() < deadline and self.sent < 1024 * MiB:
+                self.sock.sendall(self.frame)
+                self.sent += len(self.frame)
+        except OSError:
+            return  # the gateway closed: the flood is over
+
+    def run(self) -> tuple[bytes, float]:
+        """Flood until the gateway closes; (everything it sent, seconds until it closed)."""
+        started = time.monotonic()
+        self._thread.start()
+        data = b""
+        self.sock.settimeout(seconds(self.seconds_max + 5))
+        try:
+            while chunk := self.sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
+        took = time.monotonic() - started
+        self.sock.close()
+        self._thread.join(timeout=seconds(self.seconds_max + 5))
+        return data, took
+
+
+def raw_upgrade(port: int, target: str, *, extra: str = "") -> tuple[socket.socket, bytes, bytes]:
+    """A blocking upgrade: (socket, response head, bytes read past the head)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=seconds(10))
+    sock.sendall(upgrade_request(target, extra=extra))
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return sock, head + b"\r\n\r\n", rest
 
 
 def close_code_of(frame: bytes) -> int:

@@ -1,0 +1,366 @@
+"""Attacks on the gateway's upgrade and relay paths (issue 11 rows 1, 4, 5, 6, 10, 12, and the
+connection budget), each over real sockets against ``catflap serve`` in its own process.
+
+Each test asserts the exact status or close code, a time bound with a margin, the gateway's
+RSS growth while the attack runs, and that ordinary traffic still works afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from catflap.contract import limits
+
+from ..conftest import ROOT, seconds
+from .conftest import (
+    OPEN_AGENT,
+    ORG,
+    PRIVATE_KEY,
+    TOKEN_AGENT,
+    Flood,
+    HostileGateway,
+    MiB,
+    RssWatch,
+    assert_healthy,
+    client_frame,
+    close_code_of,
+    hostile_gateway,
+    http_get,
+    mint_token,
+    open_upgrade,
+    raw_upgrade,
+    read_until_closed,
+    status_of,
+)
+
+OPEN = f"/ws/generic/{OPEN_AGENT}.{ORG}"
+SLOW_AGENT = "slow"
+SLOW_BOT = ROOT / "tests" / "bots" / "slow_start"
+
+
+@pytest.fixture(scope="module", params=["lane", "event-loop"])
+def relay_gateway(request: pytest.FixtureRequest) -> Iterator[HostileGateway]:
+    """A gateway per relay mode: the fast lane's thread, and the event loop."""
+    extra = "" if request.param == "lane" else "[gateway]\nnative_relay = false\n"
+    with hostile_gateway(extra=extra) as gw:
+        yield gw
+
+
+def json_body(data: bytes) -> dict[str, str]:
+    body: dict[str, str] = json.loads(data.partition(b"\r\n\r\n")[2])
+    return body
+
+
+async def refused(port: int, request: bytes) -> tuple[int, dict[str, str], float]:
+    """Send raw bytes, read the answer to the close: (status, JSON body, seconds taken)."""
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    data = await read_until_closed(reader, timeout=10)
+    writer.close()
+    return status_of(data), json_body(data), time.monotonic() - started
+
+
+def upgrade(target: str, headers: str) -> bytes:
+    return (
+        f"GET {target} HTTP/1.1\r\n{headers}Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode("latin-1")
+
+
+# --- row 1: a provider endpoint flooded before its 'start' ------------------------------------
+
+
+def _twilio_flood(port: int, frame: bytes, *, seconds_max: float) -> tuple[int, float]:
+    """Upgrade /ws/twilio (no serviceHost, no token) and stream ``frame`` until closed."""
+    sock, head, rest = raw_upgrade(port, "/ws/twilio")
+    assert status_of(head) == 101
+    data, took = Flood(sock, frame, seconds_max=seconds_max).run()
+    return close_code_of(rest + data), took
+
+
+def test_twilio_ping_flood_is_refused_with_1002_in_bounded_memory(
+    relay_gateway: HostileGateway,
+) -> None:
+    """Row 1: 60 KB pings before 'start' (once +311 MiB): close 1002 at the first one."""
+    ping = client_frame(0x9, b"p" * 60_000)
+    with RssWatch(relay_gateway.pid) as watch:
+        code, took = _twilio_flood(relay_gateway.port, ping, seconds_max=3)
+    assert code == 1002
+    assert took < seconds(1.0)
+    watch.assert_below(16 * MiB)
+    assert_healthy(relay_gateway)
+
+
+def test_twilio_opening_is_bounded_in_frames_and_bytes(relay_gateway: HostileGateway) -> None:
+    """Row 1: small valid pings, or big text frames, never make a 'start': close 1008 once the
+    opening passes its frame or byte bound, long before the handshake deadline."""
+    small_ping = client_frame(0x9, b"p" * 100)
+    code, took = _twilio_flood(relay_gateway.port, small_ping, seconds_max=3)
+    assert code == 1008
+    assert took < seconds(1.0)
+    connected = json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+    text = client_frame(0x1, connected.encode())
+    big = client_frame(0x1, json.dumps({"event": "x", "pad": "a" * 60_000}).encode())
+    with RssWatch(relay_gateway.pid) as watch:
+        code, took = _twilio_flood(relay_gateway.port, text + big + big, seconds_max=3)
+    assert code == 1008
+    assert took < seconds(1.0)
+    watch.assert_below(16 * MiB)
+    assert_healthy(relay_gateway)
+
+
+# --- row 4: heads the agent's parser would choke on ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "Host: 127.0.0.1\r\nCookie: " + "c" * 9 * 1024 + "\r\n",
+        "Host: 127.0.0.1\r\n" + "X-Empty:\r\n" * 130,
+    ],
+    ids=["9k-cookie", "130-headers"],
+)
+def test_heads_the_agent_would_refuse_get_431_before_any_slot(
+    relay_gateway: HostileGateway, headers: str
+) -> None:
+    """Row 4: once a 30 s stall with a slot held; now 431 at the gateway, at once."""
+    status, body, took = asyncio.run(refused(relay_gateway.port, upgrade(OPEN, headers)))
+    assert (status, body["code"]) == (431, "headers_too_large")
+    assert took < seconds(1.0)
+    assert_healthy(relay_gateway)
+
+
+# --- row 5: close frames and pings that declare too much ----------------------------------
+
+
+def _bad_control_frame(port: int, bad: bytes) -> tuple[int, float, str]:
+    """Open an echo session, then send ``bad`` and keep streaming junk (16 MiB at most)."""
+    sock, head, rest = raw_upgrade(port, OPEN)
+    assert status_of(head) == 101
+    while len(rest) < 2 or len(rest) < 2 + (rest[1] & 0x7F):
+        rest += sock.recv(65536)
+    greeting_end = 2 + (rest[1] & 0x7F)
+    session_id = json.loads(rest[2:greeting_end])["session_id"]
+    sock.sendall(bad)
+    data, took = Flood(sock, b"\x00" * 65536, seconds_max=3).run()
+    return close_code_of(rest[greeting_end:] + data), took, session_id
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        client_frame(0x8, b"\x03\xe8", declared=16 * 1024 * 1024),
+        client_frame(0x9, b"p" * 200),
+        client_frame(0xA, b"p" * 10, fin=False),
+    ],
+    ids=["close-16MiB", "ping-200B", "fragmented-pong"],
+)
+def test_control_frame_over_125_bytes_ends_the_session_with_1002(
+    relay_gateway: HostileGateway, bad: bytes
+) -> None:
+    """Row 5: once 1.8 s of event-loop CPU and 16 MiB held; now 1002 to the sender, 1001 to
+    the bot, with nothing of the bad frame relayed."""
+    with RssWatch(relay_gateway.pid) as watch:
+        code, took, session_id = _bad_control_frame(relay_gateway.port, bad)
+    assert code == 1002
+    assert took < seconds(1.0)
+    watch.assert_below(16 * MiB)
+    record = _record(relay_gateway, OPEN_AGENT, session_id)
+    assert record["gatewayCloseCode"] == 1002
+    assert_healthy(relay_gateway)
+
+
+def _record(gw: HostileGateway, agent: str, session_id: str) -> dict[str, object]:
+    """The session's record once it has ended (bounded poll of the sessions API)."""
+    deadline = time.monotonic() + seconds(10)
+    while True:
+        status, body = http_get(
+            gw.port,
+            f"/v1/agents/{agent}/sessions/{session_id}",
+            headers=f"Authorization: Bearer {PRIVATE_KEY}\r\n",
+        )
+        if status == 200:
+            record: dict[str, object] = json.loads(body)
+            if record.get("endedAt") is not None:
+                return record
+        assert time.monotonic() < deadline, (status, body[:300])
+        time.sleep(0.05)
+
+
+# --- row 10: Host and version -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        upgrade(OPEN, "Host: a\r\nHost: b\r\n"),
+        upgrade(OPEN, ""),
+        upgrade(OPEN, "Host: 127.0.0.1\r\n").replace(b"HTTP/1.1", b"HTTP/1.0", 1),
+    ],
+    ids=["two-hosts", "no-host", "http-1.0"],
+)
+def test_upgrades_without_exactly_one_host_or_http_1_1_get_400(
+    relay_gateway: HostileGateway, request_bytes: bytes
+) -> None:
+    """Row 10 (RFC 7230 5.4, RFC 6455 4.1): once 101; now 400 before any bot."""
+    status, body, took = asyncio.run(refused(relay_gateway.port, request_bytes))
+    assert (status, body["code"]) == (400, "invalid_handshake")
+    assert took < seconds(1.0)
+    assert_healthy(relay_gateway)
+
+
+# --- rows 6 and 12: refusals and departures do not spend tokens or hold slots -------------
+
+
+def test_a_token_refused_for_capacity_works_after_retry_after(gateway: HostileGateway) -> None:
+    """Row 6: once 403 token_replayed on the retry; now the same token gets its session."""
+
+    async def attack() -> None:
+        first = await mint_token(gateway.port, TOKEN_AGENT)
+        second = await mint_token(gateway.port, TOKEN_AGENT)
+        auth = "Authorization: Bearer {}\r\n"
+        # The guarded agent has max_agents = 1 and one session per instance.
+        reader, writer, head = await open_upgrade(
+            gateway.port, f"/ws/generic/{TOKEN_AGENT}.{ORG}", extra=auth.format(first["token"])
+        )
+        assert status_of(head) == 101
+        status, body, _ = await refused(
+            gateway.port,
+            upgrade(
+                f"/ws/generic/{TOKEN_AGENT}.{ORG}",
+                "Host: 127.0.0.1\r\n" + auth.format(second["token"]),
+            ),
+        )
+        assert (status, body["code"]) == (429, "PCC-AGENT-AT-CAPACITY")
+        writer.close()  # the first session ends; its slot comes back when bot() returns
+        deadline = time.monotonic() + seconds(10)
+        while True:
+            await asyncio.sleep(limits.RETRY_AFTER_AT_CAPACITY_S / 10)
+            reader, writer, head = await open_upgrade(
+                gateway.port,
+                f"/ws/generic/{TOKEN_AGENT}.{ORG}",
+                extra=auth.format(second["token"]),
+            )
+            writer.close()
+            if status_of(head) != 429 or time.monotonic() > deadline:
+                break
+        assert status_of(head) == 101, head
+
+    asyncio.run(attack())
+    assert_healthy(gateway)
+
+
+@pytest.fixture(scope="module")
+def slow_gateway() -> Iterator[HostileGateway]:
+    """A gateway with a token agent whose cold start takes 2 s."""
+    agents = (
+        f"[organizations.{ORG}.agents.{SLOW_AGENT}]\n"
+        f'path = "{SLOW_BOT}"\nwebsocket_auth = "token"\n'
+        f"[organizations.{ORG}.agents.{SLOW_AGENT}.scaling]\n"
+        "min_agents = 0\nmax_agents = 1\nidle_timeout = 1\n"
+    )
+    with hostile_gateway(agents=agents) as gw:
+        yield gw
+
+
+def test_client_leaving_during_a_cold_start_gets_its_token_and_slot_back(
+    slow_gateway: HostileGateway,
+) -> None:
+    """Row 12: once the token was spent and bot() ran for nobody; now admission is cancelled,
+    no session is recorded, and the same token works afterwards."""
+    gw = slow_gateway
+
+    async def attack() -> tuple[str, bytes]:
+        minted = await mint_token(gw.port, SLOW_AGENT)
+        auth = f"Authorization: Bearer {minted['token']}\r\n"
+        target = f"/ws/generic/{SLOW_AGENT}.{ORG}"
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(upgrade(target, "Host: 127.0.0.1\r\n" + auth))
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the cold start (2 s) is under way
+        writer.transport.abort()  # the client gives up
+        await asyncio.sleep(0.1)
+        # Same token, once the instance is up: the session starts (the jti came back).
+        async with asyncio.timeout(seconds(20)):
+            while True:
+                reader, writer, head = await open_upgrade(gw.port, target, extra=auth)
+                if status_of(head) == 101:
+                    greeting = await reader.readexactly(2 + len("ready"))
+                    writer.close()
+                    return str(minted["sessionId"]), greeting
+                writer.close()
+                assert status_of(head) in (429, 503), head
+                await asyncio.sleep(0.2)
+
+    session_id, greeting = asyncio.run(attack())
+    assert greeting[2:] == b"ready"
+    assert "client left before its session started" in gw.log_text()
+    # One session for that id: the one that started, never one for the departed client.
+    status, body = http_get(
+        gw.port,
+        f"/v1/agents/{SLOW_AGENT}/sessions",
+        headers=f"Authorization: Bearer {PRIVATE_KEY}\r\n",
+    )
+    assert status == 200
+    assert body.count(session_id.encode()) == 1
+    assert_healthy(gw)
+
+
+# --- connection budget --------------------------------------------------------------------
+
+
+def test_connection_budget_drops_idle_connections_first_then_refuses() -> None:
+    """Past ``max_connections``, the oldest connection without a head gets 503 and goes; with
+    every connection busy, the newcomer gets 503 ``too_many_connections``."""
+    budget = 12
+    with hostile_gateway(extra=f"[gateway]\nmax_connections = {budget}\n") as gw:
+        idle = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(budget)]
+        try:
+            time.sleep(0.2)
+            newcomer = socket.create_connection(("127.0.0.1", gw.port))
+            idle[0].settimeout(seconds(5))
+            answer = _read_all(idle[0])
+            assert status_of(answer) == 503
+            assert json_body(answer)["code"] == "too_many_connections"
+            # The newcomer was kept: it gets an ordinary answer.
+            newcomer.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            newcomer.settimeout(seconds(5))
+            assert status_of(_read_all(newcomer)) in (200, 404)
+            newcomer.close()
+        finally:
+            for sock in idle:
+                sock.close()
+        time.sleep(0.2)
+        # Every connection has sent a head (kept alive in the API): the next one is refused.
+        busy = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(budget)]
+        try:
+            for sock in busy:
+                sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.settimeout(seconds(5))
+                sock.recv(65536)
+            late = socket.create_connection(("127.0.0.1", gw.port))
+            late.settimeout(seconds(5))
+            answer = _read_all(late)
+            assert status_of(answer) == 503
+            assert json_body(answer)["code"] == "too_many_connections"
+            late.close()
+        finally:
+            for sock in busy:
+                sock.close()
+        time.sleep(0.2)
+        assert_healthy(gw)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
