@@ -1,13 +1,28 @@
-"""Single use of session tokens: the in-memory replay store and consume_or_reject."""
+"""Single use of session tokens: the replay stores (memory, SQLite, Redis), release, and
+consume_or_reject."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
 import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
-from hypothesis import given
+import redis.asyncio as aioredis
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from catflap.auth import (
     KeyRing,
@@ -18,7 +33,10 @@ from catflap.auth import (
     mint_token,
     verify_token,
 )
-from catflap.contract.errors import TokenRejected
+from catflap.auth.redis_replay import RedisReplayStore
+from catflap.auth.sqlite_replay import SqliteReplayStore
+from catflap.cluster.keys import Keys
+from catflap.contract.errors import ServiceUnavailable, TokenRejected
 
 T0 = 1_700_000_000
 
@@ -203,3 +221,381 @@ def test_store_matches_a_simple_model_of_single_use(events: list[tuple[int, int,
             assert len(store) == len(model)
 
     asyncio.run(run())
+
+
+# --- release --------------------------------------------------------------------------------
+
+
+async def test_memory_store_release_lets_the_jti_be_consumed_again() -> None:
+    store = MemoryReplayStore(clock=FakeClock())
+    assert await store.consume("jti-1", T0 + 300) is True
+    await store.release("jti-1")
+    assert len(store) == 0
+    assert await store.consume("jti-1", T0 + 300) is True
+    assert await store.consume("jti-1", T0 + 300) is False
+
+
+async def test_memory_store_release_of_an_unknown_jti_is_harmless() -> None:
+    store = MemoryReplayStore(clock=FakeClock())
+    await store.consume("kept", T0 + 300)
+    await store.release("never-seen")
+    await store.release("never-seen")
+    assert await store.consume("kept", T0 + 300) is False
+    assert len(store) == 1
+
+
+async def test_memory_store_prunes_correctly_after_release_and_a_new_expiry() -> None:
+    clock = FakeClock()
+    store = MemoryReplayStore(clock=clock)
+    await store.consume("jti-1", T0 + 10)
+    await store.release("jti-1")
+    assert await store.consume("jti-1", T0 + 20) is True
+    clock.now = T0 + 10  # the first entry's expiry must not drop the second consume
+    assert await store.consume("jti-1", T0 + 20) is False
+    clock.now = T0 + 20
+    assert len(store) == 0
+    assert store._heap == [] or all(exp > clock.now for exp, _ in store._heap)
+
+
+# --- SQLite ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[tuple[SqliteReplayStore, FakeClock]]:
+    clock = FakeClock()
+    store = SqliteReplayStore(tmp_path / "replay.sqlite3", clock=clock)
+    yield store, clock
+    await store.close()
+
+
+async def test_sqlite_store_accepts_first_use_and_refuses_second_use(
+    sqlite_store: tuple[SqliteReplayStore, FakeClock],
+) -> None:
+    store, _ = sqlite_store
+    assert await store.consume("jti-1", T0 + 300) is True
+    assert await store.consume("jti-1", T0 + 300) is False
+    assert await store.consume("jti-2", T0 + 300) is True
+    assert len(store) == 2
+
+
+async def test_sqlite_store_remembers_spent_jtis_across_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "replay.sqlite3"  # the folder is created
+    first = SqliteReplayStore(path, clock=FakeClock())
+    assert await first.consume("jti-1", T0 + 300) is True
+    await first.close()
+    again = SqliteReplayStore(path, clock=FakeClock(T0 + 299))
+    try:
+        assert await again.consume("jti-1", T0 + 300) is False
+        assert await again.consume("jti-2", T0 + 300) is True
+    finally:
+        await again.close()
+
+
+async def test_sqlite_store_refuses_a_jti_until_the_second_it_expires(
+    sqlite_store: tuple[SqliteReplayStore, FakeClock],
+) -> None:
+    store, clock = sqlite_store
+    assert await store.consume("jti-1", T0 + 300)
+    for now in (T0 + 1, T0 + 299, T0 + 299.999):
+        clock.now = now
+        assert await store.consume("jti-1", T0 + 300) is False
+    clock.now = T0 + 300
+    assert len(store) == 0
+    # The row is still there (not pruned yet) and is taken over by the new token.
+    assert await store.consume("jti-1", T0 + 600) is True
+    clock.now = T0 + 599
+    assert await store.consume("jti-1", T0 + 600) is False
+
+
+async def test_sqlite_store_does_not_remember_tokens_that_are_already_expired(
+    sqlite_store: tuple[SqliteReplayStore, FakeClock],
+) -> None:
+    store, _ = sqlite_store
+    assert await store.consume("stale", T0) is True
+    assert await store.consume("stale", T0) is True
+    assert await store.prune() == 0
+
+
+async def test_sqlite_store_prune_deletes_only_expired_rows(
+    sqlite_store: tuple[SqliteReplayStore, FakeClock],
+) -> None:
+    store, clock = sqlite_store
+    for index, exp in enumerate((T0 + 10, T0 + 20, T0 + 30)):
+        await store.consume(f"jti-{index}", exp)
+    clock.now = T0 + 20
+    assert await store.prune() == 2
+    assert len(store) == 1
+    assert await store.consume("jti-2", T0 + 30) is False
+
+
+async def test_sqlite_store_prunes_by_itself(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = SqliteReplayStore(tmp_path / "r.sqlite3", clock=clock, maintenance_interval=0.01)
+    try:
+        await store.consume("old", T0 + 10)
+        clock.now = T0 + 11
+        await store.consume("new", T0 + 311)
+        async with asyncio.timeout(5):
+            while store._db.execute("SELECT COUNT(*) FROM spent_tokens").fetchone()[0] != 1:
+                await asyncio.sleep(0.01)
+    finally:
+        await store.close()
+
+
+async def test_sqlite_store_consumes_each_jti_once_under_concurrent_calls(
+    sqlite_store: tuple[SqliteReplayStore, FakeClock],
+) -> None:
+    store, _ = sqlite_store
+    results = await asyncio.gather(*(store.consume("jti-1", T0 + 300) for _ in range(50)))
+    assert results.count(True) == 1
+
+
+async def test_sqlite_store_release_lets_the_jti_be_consumed_again(tmp_path: Path) -> None:
+    path = tmp_path / "replay.sqlite3"
+    store = SqliteReplayStore(path, clock=FakeClock())
+    assert await store.consume("jti-1", T0 + 300) is True
+    await store.release("jti-1")
+    await store.release("never-seen")  # harmless
+    assert await store.consume("jti-1", T0 + 300) is True
+    assert await store.consume("jti-1", T0 + 300) is False
+    await store.release("jti-1")
+    await store.close()
+    again = SqliteReplayStore(path, clock=FakeClock())  # the release was written down
+    try:
+        assert await again.consume("jti-1", T0 + 300) is True
+    finally:
+        await again.close()
+
+
+def _lock_writes(path: Path) -> sqlite3.Connection:
+    """Another writer (another gateway sharing the state dir) holding the write lock."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+async def test_sqlite_store_waits_for_a_locked_file_off_the_event_loop(tmp_path: Path) -> None:
+    path = tmp_path / "replay.sqlite3"
+    store = SqliteReplayStore(path, clock=FakeClock())
+    other = _lock_writes(path)
+    try:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        running = asyncio.create_task(ticker())
+        spending = asyncio.create_task(store.consume("jti-1", T0 + 300))
+        await asyncio.sleep(0.2)
+        assert not spending.done()  # waiting for the lock, on the worker thread...
+        assert ticks >= 10  # ...while the loop keeps running
+        other.execute("COMMIT")
+        assert await spending is True
+        assert await store.consume("jti-1", T0 + 300) is False
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_sqlite_store_answers_503_when_the_file_stays_locked(tmp_path: Path) -> None:
+    path = tmp_path / "replay.sqlite3"
+    store = SqliteReplayStore(path, clock=FakeClock(), busy_timeout=0.1)
+    other = _lock_writes(path)
+    try:
+        with pytest.raises(ServiceUnavailable):
+            await store.consume("jti-1", T0 + 300)
+        await store.release("jti-1")  # logged, not raised
+    finally:
+        other.close()
+    try:
+        assert await store.consume("jti-1", T0 + 300) is True  # nothing was marked
+    finally:
+        await store.close()
+
+
+async def test_sqlite_store_answers_503_on_a_disk_error(
+    sqlite_store: tuple[SqliteReplayStore, FakeClock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = sqlite_store
+
+    def broken(*args: object) -> bool:
+        raise sqlite3.DatabaseError("disk I/O error")
+
+    monkeypatch.setattr("catflap.auth.sqlite_replay._upsert", broken)
+    with pytest.raises(ServiceUnavailable):
+        await store.consume("jti-1", T0 + 300)
+
+
+async def test_sqlite_store_close_is_idempotent_and_checkpoints(tmp_path: Path) -> None:
+    path = tmp_path / "replay.sqlite3"
+    store = SqliteReplayStore(path, clock=FakeClock())
+    for index in range(100):
+        await store.consume(f"jti-{index}", T0 + 300)
+    await store.close()
+    await store.close()
+    wal = path.with_name(path.name + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
+    with pytest.raises(ServiceUnavailable):
+        await store.consume("jti-x", T0 + 300)
+
+
+_SHARED_SPENDER = """
+import asyncio, json, sys, time
+from pathlib import Path
+from catflap.auth.sqlite_replay import SqliteReplayStore
+
+async def main() -> None:
+    store = SqliteReplayStore(Path(sys.argv[1]), maintenance_interval=0.01)
+    exp = int(time.time()) + 300
+    while not Path(sys.argv[2]).exists():  # start together
+        await asyncio.sleep(0.001)
+    won = [jti for jti in (f"jti-{n}" for n in range(int(sys.argv[3])))
+           if await store.consume(jti, exp)]
+    await store.close()
+    print(json.dumps(won))
+
+asyncio.run(main())
+"""
+
+
+def test_gateways_sharing_a_state_dir_spend_each_jti_once(tmp_path: Path) -> None:
+    """Four processes on one file, racing for the same 300 jtis: each is won exactly once."""
+    path, go, count = tmp_path / "replay.sqlite3", tmp_path / "go", 300
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SHARED_SPENDER, str(path), str(go), str(count)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    time.sleep(0.5)  # let every process open the file
+    go.touch()
+    won: list[str] = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        won += json.loads(out)
+    assert sorted(won) == sorted(f"jti-{n}" for n in range(count))
+
+
+# --- Redis (the real one at 127.0.0.1:6379, as tests/test_cluster.py) ------------------------
+
+REDIS_URL = os.environ.get("CATFLAP_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+async def redis_store() -> AsyncIterator[RedisReplayStore]:
+    client = aioredis.Redis.from_url(REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+    keys = Keys(f"cftest-{uuid.uuid4().hex[:8]}")
+    try:
+        yield RedisReplayStore(client, keys)
+    finally:
+        leftover = [key async for key in client.scan_iter(f"{keys.prefix}:*")]
+        if leftover:
+            await client.delete(*leftover)
+        await client.aclose()
+
+
+async def test_redis_store_release_lets_the_jti_be_consumed_again(
+    redis_store: RedisReplayStore,
+) -> None:
+    exp = int(time.time()) + 300
+    assert await redis_store.consume("jti-1", exp) is True
+    assert await redis_store.consume("jti-1", exp) is False
+    await redis_store.release("jti-1")
+    assert await redis_store.consume("jti-1", exp) is True
+    assert await redis_store.consume("jti-1", exp) is False
+
+
+async def test_redis_store_release_of_an_unknown_jti_is_harmless(
+    redis_store: RedisReplayStore,
+) -> None:
+    exp = int(time.time()) + 300
+    await redis_store.consume("kept", exp)
+    await redis_store.release("never-seen")
+    assert await redis_store.consume("kept", exp) is False
+
+
+async def test_redis_store_release_without_redis_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # No retries: the default backoff would spend seconds on a refused connection.
+    client = aioredis.Redis(
+        host="127.0.0.1", port=port, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
+    )
+    store = RedisReplayStore(client, Keys("cftest-down"))
+    try:
+        await store.release("jti-1")
+        assert "stays spent" in caplog.text
+        with pytest.raises(ServiceUnavailable):
+            await store.consume("jti-1", int(time.time()) + 300)
+    finally:
+        await client.aclose()
+
+
+# --- every store, against one model ---------------------------------------------------------
+
+
+def test_every_store_has_consume_and_release() -> None:
+    for cls in (MemoryReplayStore, SqliteReplayStore, RedisReplayStore):
+        for name in ("consume", "release"):
+            assert asyncio.iscoroutinefunction(getattr(cls, name)), (cls, name)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(
+            st.sampled_from(["consume", "release"]),
+            st.integers(0, 3),  # which jti
+            st.integers(0, 50),  # lifetime from now
+            st.integers(0, 30),  # clock advance before the call
+        ),
+        max_size=40,
+    )
+)
+def test_sqlite_and_memory_stores_match_a_model_with_releases(
+    events: list[tuple[str, int, int, int]],
+) -> None:
+    clock = FakeClock()
+    workdir = tempfile.mkdtemp(prefix="cfreplay")
+
+    async def run() -> None:
+        stores: list[MemoryReplayStore | SqliteReplayStore] = [
+            MemoryReplayStore(clock=clock),
+            SqliteReplayStore(Path(workdir) / "r.sqlite3", clock=clock),
+        ]
+        model: dict[str, int] = {}
+        try:
+            for action, which, lifetime, advance in events:
+                clock.now += advance
+                jti, exp = f"jti-{which}", int(clock.now) + lifetime
+                for key in [k for k, v in model.items() if v <= clock.now]:
+                    del model[key]
+                if action == "release":
+                    model.pop(jti, None)
+                    for store in stores:
+                        await store.release(jti)
+                    continue
+                expected = jti not in model
+                if expected and exp > clock.now:
+                    model[jti] = exp
+                for store in stores:
+                    assert await store.consume(jti, exp) is expected, (store, action, jti)
+                    assert len(store) == len(model)
+        finally:
+            await stores[1].close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Single-use tokens across gateways: ``SET jti 1 NX PXAT exp`` on the shared Redis."""
+"""Single-use tokens across gateways: ``SET jti 1 NX EXAT exp`` on the shared Redis."""
 
 from __future__ import annotations
 
@@ -40,3 +40,15 @@ class RedisReplayStore:
                 "the session broker (Redis) is unreachable; retry shortly"
             ) from None
         return bool(first)
+
+    async def release(self, jti: str) -> None:
+        """Forget ``jti`` (``DEL``), so its token opens a session after all.
+
+        Redis being unreachable is logged, not raised: the caller is already refusing the
+        session (429, 503, client gone) and that answer must not turn into another one. The
+        token then stays spent until its ``exp``, which only costs the client a new ``/start``.
+        """
+        try:
+            await self._redis.delete(self._keys.jti(jti))
+        except (RedisError, OSError) as exc:
+            log.warning("! Redis unreachable while releasing a token; it stays spent (%s)", exc)

@@ -34,6 +34,19 @@ class ReplayStore(Protocol):
         """
         ...
 
+    async def release(self, jti: str) -> None:
+        """Forget that ``jti`` was consumed, so the same token may be used again.
+
+        For a token whose session never started: refused for capacity (429) or readiness
+        (503), or its client left first. Releasing a jti that is unknown or already expired
+        does nothing. Best effort: a store that cannot reach its storage logs that and returns,
+        and the token stays spent (the safe side: the client asks ``/start`` for another).
+
+        Args:
+            jti: The token id passed to :meth:`consume` before.
+        """
+        ...
+
 
 class MemoryReplayStore:
     """In-process :class:`ReplayStore` for a single gateway.
@@ -75,6 +88,15 @@ class MemoryReplayStore:
             self._expiry[jti] = exp
             heapq.heappush(self._heap, (exp, jti))
         return True
+
+    async def release(self, jti: str) -> None:
+        """Forget ``jti``; see :meth:`ReplayStore.release`.
+
+        Its heap entry stays until its ``exp``: :meth:`_prune` skips entries whose jti is gone
+        or was consumed again with another ``exp``, so the heap stays bounded by the consumes
+        of one token lifetime.
+        """
+        self._expiry.pop(jti, None)
 
     def __len__(self) -> int:
         """Number of jtis currently remembered (expired ones are dropped first)."""
