@@ -1,0 +1,122 @@
+"""Bounds on what a session may hold in the pool (issue 11, from reading the code): the wait
+for ``bot()``'s end, duplicate leases, and a silent agent's single attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+from catflap.contract import limits
+from catflap.contract.errors import CatflapMisuse
+from catflap.gateway.session import connect_agent
+from catflap.gateway.upstream import AgentSilent
+from catflap.pool.instance import Instance, InstanceState
+
+from ..conftest import ECHO, running_gateway, seconds
+
+
+async def test_a_runtime_that_never_reports_the_end_is_replaced_and_recorded() -> None:
+    """``await lease.ended`` had no bound: a runtime that dropped a session without reporting
+    it held the slot until the instance died. Now the wait is bounded, the instance replaced
+    and the record says what happened."""
+    agents = {"echo": {"path": ECHO, "scaling": {"min_agents": 1, "max_agents": 1}}}
+    async with running_gateway(agents) as gw:
+        gw.gateway.lease_end_timeout = 1.0 * seconds(1)
+        await gw.wait_ready("echo.my-org")
+        pool = gw.pool.agents["echo.my-org"]
+        (instance,) = pool.live()
+        assert instance.pid is not None
+        async with connect(f"{gw.ws}/ws/generic/echo.my-org", close_timeout=0.5) as ws:
+            await ws.recv()
+            (session_id,) = gw.gateway.sessions.live
+            os.kill(instance.pid, signal.SIGSTOP)  # the runtime freezes: it reports nothing
+            started = time.monotonic()  # the client closes now
+        try:
+            async with asyncio.timeout(seconds(limits.CLOSE_WAIT_S + 10)):
+                while (record := gw.gateway.sessions.ended.get(session_id)) is None:
+                    await asyncio.sleep(0.02)
+            took = time.monotonic() - started
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # already killed, as it should be
+                os.kill(instance.pid, signal.SIGCONT)
+        assert record.completion_status == "agent_crashed"
+        assert record.error is not None and "did not report the end of bot()" in record.error
+        # Close handshake bound, then the lease-end bound, with a margin.
+        assert took < limits.CLOSE_WAIT_S + gw.gateway.lease_end_timeout + seconds(3)
+        await gw.wait_ready("echo.my-org")  # replaced: the slot is usable again
+        (replacement,) = pool.live()
+        assert replacement.pid != instance.pid
+        async with connect(f"{gw.ws}/ws/generic/echo.my-org") as ws:
+            await ws.recv()
+
+
+async def test_an_instance_refuses_a_second_lease_with_the_same_session_id() -> None:
+    instance = Instance(instance_id=1, agent_key="a.o", capacity=2, started_at=0.0)
+    instance.state = InstanceState.READY
+    first = instance.reserve("s1")
+    with pytest.raises(CatflapMisuse, match="already holds session s1"):
+        instance.reserve("s1")
+    assert instance.leases == {"s1": first}
+
+
+class _OneLeasePool:
+    """Counts acquisitions and cancellations; every lease points at the same instance."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.acquired = 0
+        self.cancelled = 0
+
+    async def acquire(self, agent_key: str, session_id: str, **_: Any) -> SimpleNamespace:
+        self.acquired += 1
+        return self._lease(session_id)
+
+    def _lease(self, session_id: str) -> SimpleNamespace:
+        return SimpleNamespace(
+            session_id=session_id,
+            address=self.address,
+            instance_key="1",
+            instance_label="instance 1 (silent)",
+        )
+
+    def cancel(self, lease: object) -> None:
+        self.cancelled += 1
+
+
+async def test_a_silent_agent_is_one_failed_attempt_not_three() -> None:
+    """An instance that accepts the connection and never answers the upgrade used to be tried
+    three times (3 x 10 s, cold-starting instances); now it is one attempt and a 503."""
+    with tempfile.TemporaryDirectory(prefix="cfsil") as folder:
+        path = str(Path(folder) / "silent.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(8)  # accepts (the kernel does) and never answers
+        try:
+            pool = _OneLeasePool(f"unix:{path}")
+            gateway = SimpleNamespace(pool=pool, upstream_timeout=0.3)
+            accepted = SimpleNamespace(
+                agent=SimpleNamespace(key="a.o", service_host=SimpleNamespace(agent="a", org="o")),
+                session_id="s1",
+            )
+            lease = pool._lease("s1")
+            started = time.monotonic()
+            with pytest.raises(AgentSilent) as refused:
+                await connect_agent(gateway, accepted, lease, b"GET /ws HTTP/1.1\r\n\r\n")  # type: ignore[arg-type]
+            took = time.monotonic() - started
+        finally:
+            listener.close()
+    assert refused.value.status == 503
+    assert pool.acquired == 0  # no second instance was leased
+    assert pool.cancelled == 1
+    assert 0.3 <= took < 0.3 + seconds(1)
