@@ -11,6 +11,12 @@ Completion statuses (documented in docs/operations.md):
 ``time_limit``     ``max_session_duration`` ran out and ``bot()`` was cancelled
 ``drained``        the gateway shut down and its drain deadline passed
 =================  ==============================================================
+
+``error`` is cut to :data:`~catflap.contract.limits.RECORD_ERROR_MAX_CHARS` characters, marker
+included, whenever it is set (:func:`cut_error`): a bot raising with a 500 KB message would
+otherwise be stored whole and sent with every sessions API answer and dashboard poll. The cut
+happens on the record itself, so every store (SQLite, PostgreSQL, Redis) and every reader gets
+the same text, and records stored whole before this rule are cut when read back.
 """
 
 from __future__ import annotations
@@ -18,23 +24,46 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from catflap.contract import limits
 from catflap.gateway.relay import RelayStats
 from catflap.pool.instance import SessionEnd
 
-__all__ = ["CompletionStatus", "SessionRecord", "completion_status"]
+__all__ = ["CompletionStatus", "SessionRecord", "completion_status", "cut_error"]
 
 CompletionStatus = Literal[
-    "completed", "client_closed", "bot_error", "agent_crashed", "stopped", "time_limit", "drained"
+    "completed",
+    "client_closed",
+    "bot_error",
+    "agent_crashed",
+    "stopped",
+    "time_limit",
+    "drained",
+    "error",  # the gateway's relay failed (RelayStats.relay_failed) and sent 1011 both ways
 ]
 
 
 def completion_status(end: SessionEnd, stats: RelayStats, *, drained: bool) -> CompletionStatus:
     """Combine the runtime's report and what the relay saw into one status."""
+    if stats.relay_failed:
+        return "error"
     if drained:
         return "drained"
     if end.status == "completed":
         return "client_closed" if stats.client_initiated else "completed"
     return end.status
+
+
+def cut_error(text: str, limit: int = limits.RECORD_ERROR_MAX_CHARS) -> str:
+    """``text`` if it has at most ``limit`` characters, else its start and a marker saying how
+    long it was, ``limit`` characters in all.
+
+    Idempotent: a cut text is at most ``limit`` long, so cutting it again changes nothing (a
+    record read back from a store keeps the original length in its marker).
+    """
+    if len(text) <= limit:
+        return text
+    marker = f"\u2026 [truncated, {len(text)} chars]"
+    return text[: max(limit - len(marker), 0)] + marker
 
 
 @dataclass(slots=True)
@@ -59,6 +88,13 @@ class SessionRecord:
     bytes_agent_to_client: int = 0
     frames_client_to_agent: int = 0
     frames_agent_to_client: int = 0
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Every write of ``error`` passes here: the dataclass __init__ (records built by the
+        # gateway or read back from any store), finish(), and any later assignment.
+        if name == "error" and isinstance(value, str):
+            value = cut_error(value)
+        object.__setattr__(self, name, value)
 
     def finish(self, end: SessionEnd, stats: RelayStats, *, drained: bool, now: float) -> None:
         self.ended_at = now
