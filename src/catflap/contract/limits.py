@@ -11,6 +11,7 @@ __all__ = [
     "AGENT_PING_INTERVAL_S",
     "AGENT_PING_TIMEOUT_S",
     "AGENT_READY_TIMEOUT_S",
+    "API_OFFSET_MAX",
     "BODY_MAX_BYTES",
     "BODY_MAX_ENCODED_CHARS",
     "BOT_CANCEL_GRACE_S",
@@ -24,6 +25,7 @@ __all__ = [
     "IDLE_REAP_S",
     "KEEPALIVE_IDLE_TIMEOUT_S",
     "LEASE_END_TIMEOUT_S",
+    "LINGERING_CLOSE_S",
     "LOGS_LIMIT_DEFAULT",
     "LOGS_LIMIT_MAX",
     "LOGS_PAGE_MAX_BYTES",
@@ -37,6 +39,7 @@ __all__ = [
     "MAX_SESSION_DURATION_DEFAULT_S",
     "MAX_SESSION_DURATION_MAX_S",
     "MAX_SESSION_DURATION_MIN_S",
+    "METRICS_MAX_CONNECTIONS",
     "MIN_AGENTS_DEFAULT",
     "ORG_NAME_MAX_LEN",
     "PROVIDER_HANDSHAKE_TIMEOUT_S",
@@ -123,6 +126,11 @@ KEEPALIVE_IDLE_TIMEOUT_S = 5.0
 MAX_CONNECTIONS_DEFAULT = 16384
 #: The /start request is a small JSON document; anything larger is refused with 413.
 START_REQUEST_MAX_BYTES = 64 * 1024
+#: Open connections the separate ``/metrics`` listener (``[gateway] metrics_listen``) holds at
+#: most. A Prometheus server keeps one scrape per target in flight, so a few scrapers and a
+#: curl fit with room to spare; past it new connections get 503 at once, so that listener
+#: cannot use up the gateway's file descriptors. Each connection carries one request.
+METRICS_MAX_CONNECTIONS = 32
 
 # --- Tokens ----------------------------------------------------------------------------------
 
@@ -220,6 +228,11 @@ UPSTREAM_RESPONSE_HEAD_MAX_BYTES = 16 * 1024
 #: the bot's cancellation grace plus one missed ping. Past it the slot's instance is replaced
 #: (it may still run a bot) and the record says so.
 LEASE_END_TIMEOUT_S = BOT_CANCEL_GRACE_S + AGENT_PING_TIMEOUT_S
+#: After refusing a peer (an HTTP error, a close frame), the gateway shuts its write side and
+#: drops what the peer still sends for at most this long before closing: closing with unread
+#: input sends a reset that can destroy the answer (nginx ``lingering_close``; its
+#: ``lingering_timeout`` is 5 s).
+LINGERING_CLOSE_S = 2.0
 #: A close reason is at most 123 bytes: a control frame's payload is 125, 2 of them the code.
 CLOSE_REASON_MAX_BYTES = 123
 
@@ -256,6 +269,12 @@ LOG_LINE_MAX_CHARS = 64 * 1024
 LOGS_LIMIT_DEFAULT = 100
 #: Most lines one logs API call returns.
 LOGS_LIMIT_MAX = 10_000
+#: The largest ``offset`` the sessions and logs APIs accept (past it: 400 ``bad_request``). No
+#: page is that far (a gateway's logs hold fewer lines, its store fewer records), and it fits
+#: what the offset reaches: SQLite's and PostgreSQL's 64-bit OFFSET, ``itertools.islice``'s
+#: ``sys.maxsize``; 30 nines used to reach them and answer 500. Precedent: 2**31 - 1 is Java's
+#: ``int``, the type of Elasticsearch's ``from``.
+API_OFFSET_MAX = 2**31 - 1
 #: A logs API page stops growing past this many bytes of lines (at least one line is always
 #: returned): 10,000 lines of up to 64 KiB would otherwise be 640 MiB. ``total`` still counts
 #: every line, so a client pages on with ``offset``.

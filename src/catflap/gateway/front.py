@@ -45,6 +45,10 @@ def _enable_keepalive(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, limits.TCP_KEEPALIVE_COUNT)
 
 
+def _discard(data: bytes | None) -> None:
+    """Where a refused connection's remaining input goes."""
+
+
 class GatewayConnection(asyncio.Protocol):
     """Owns a client connection until its first request head has been read."""
 
@@ -126,18 +130,38 @@ class GatewayConnection(asyncio.Protocol):
 
     def close_websocket(self, code: CloseCode, reason: str) -> None:
         """Close a WebSocket the gateway accepted itself (provider endpoints)."""
-        if not self.transport.is_closing():
-            self.transport.write(close_frame(code, reason, masked=False))
-            self.transport.close()
+        self._linger(close_frame(code, reason, masked=False))
 
     def reject(self, rejected: RequestRejected) -> None:
         """Answer with the JSON error and close; nothing was upgraded."""
         self._parser = None
         self._cancel_timer()
         count_refusal(self.gateway, str(rejected.status), rejected)
-        if not self.transport.is_closing():
-            self.transport.write(http_error_response(rejected))
-            self.transport.close()
+        self._linger(http_error_response(rejected))
+
+    def _linger(self, last_words: bytes) -> None:
+        """Send ``last_words``, then close without losing them.
+
+        Closing a socket with unread input makes the kernel send a reset, which may discard
+        the answer before the peer reads it; a peer still sending (a huge head, a flood) is
+        exactly the one being refused. So, as nginx's ``lingering_close``: send, shut the write
+        side, and read and drop what still comes until the peer closes or
+        ``LINGERING_CLOSE_S`` passes.
+        """
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.write(last_words)
+        self.sink = _discard
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        transport.resume_reading()
+        self._cancel_timer()
+        self._timer = asyncio.get_running_loop().call_later(
+            limits.LINGERING_CLOSE_S, transport.abort
+        )
 
     def _hand_to_api(self, raw: bytes) -> None:
         protocol = self.gateway.make_http_protocol()

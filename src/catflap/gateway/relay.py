@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 from catflap.contract import limits
 from catflap.contract.closecodes import CloseCode
-from catflap.gateway.fastlane import FastLane, LegReturn
+from catflap.gateway.fastlane import FastLane, HandBack, LegReturn, LentTransport
 from catflap.gateway.frames import FrameScanner, close_frame
 
 __all__ = ["Relay", "RelayLeg", "RelayStats"]
@@ -134,6 +134,9 @@ class RelayStats:
     client_initiated: bool
     #: True when the agent's connection dropped with no close frame.
     agent_vanished: bool
+    #: True when the relay itself failed (the fast lane ran out of memory) and ended the
+    #: session with 1011: the record's status is then ``error``.
+    relay_failed: bool = False
 
 
 class Relay:
@@ -169,6 +172,8 @@ class Relay:
         self._after_lane: list[Callable[[], None]] = []
         self._lane_timer: asyncio.TimerHandle | None = None
         self._lane_wait = LANE_REENTRY_FIRST_S
+        #: The lane could not keep the session's bytes (an allocation failed).
+        self._relay_failed = False
 
     def start(self, client_pending: bytes, agent_pending: bytes) -> None:
         """Take over both transports; ``*_pending`` are bytes already read from each side."""
@@ -244,14 +249,22 @@ class Relay:
         assert peer is not None
         if broken_at > 0 and not peer.closed:
             peer.transport.write(data[:broken_at])
-        if not leg.closed and not leg.transport.is_closing():
-            leg.transport.pause_reading()
         if self._gateway_close is not None or self.done.done():
-            return  # already ending this session: its closes are on their way
+            return  # already ending this session (its scanner drops what still comes)
         self._gateway_close = int(CloseCode.PROTOCOL_ERROR)
         reason = leg.scanner.protocol_error or "protocol error"
         log.info("! %s broke the protocol: %s", "client" if leg.is_client else "agent", reason)
-        self._send_close(leg, CloseCode.PROTOCOL_ERROR, reason, masked=not leg.is_client)
+        transport = leg.transport
+        if leg.closed or transport.is_closing():
+            pass
+        elif peer.scanner.at_boundary and transport.can_write_eof():
+            # Lingering close: the sender may still be sending, and closing on unread input
+            # would reset the connection and lose the close frame. Its scanner now drops
+            # every byte, and the close timer below bounds the wait.
+            transport.write(close_frame(CloseCode.PROTOCOL_ERROR, reason, masked=not leg.is_client))
+            transport.write_eof()
+        else:
+            self._send_close(leg, CloseCode.PROTOCOL_ERROR, reason, masked=not leg.is_client)
         code, why = (
             (CloseCode.GOING_AWAY, "client broke the protocol")
             if leg.is_client
@@ -303,22 +316,32 @@ class Relay:
                 self._lane_timer = self.loop.call_later(self._lane_wait, self._enter_lane)
                 self._lane_wait = min(self._lane_wait * 2, LANE_REENTRY_MAX_S)
             return
-        sockets = [leg.transport.get_extra_info("socket") for leg in (self.client, self.agent)]
+        legs = (self.client, self.agent)
+        if any(leg.transport.get_extra_info("sslcontext") is not None for leg in legs):
+            # TLS: the socket carries ciphertext (and the SSL layer may hold plaintext it has
+            # read already), while the lane relays raw socket bytes.
+            self._lane = None
+            return
+        sockets = [leg.transport.get_extra_info("socket") for leg in legs]
         if None in sockets:
             self._lane = None  # not socket transports (tests): relay on the event loop
             return
-        for leg in (self.client, self.agent):
+        for leg in legs:
             leg.transport.pause_reading()
         try:
             self._lane_handle = self._lane.enter(
                 self, (sockets[0].fileno(), sockets[1].fileno()), states
             )
-        except (OSError, RuntimeError) as exc:
-            log.warning("fast lane refused a session (%s); it relays on the event loop", exc)
+        except (OSError, RuntimeError, MemoryError) as exc:
+            log.warning("fast lane refused a session (%r); it relays on the event loop", exc)
             self._lane = None
-            for leg in (self.client, self.agent):
+            for leg in legs:
                 leg.transport.resume_reading()
             return
+        # Until lane_returned, the lane's thread alone may touch the sockets: a write, close or
+        # pause from Python meanwhile raises CatflapMisuse instead of corrupting the stream.
+        for leg in legs:
+            leg.transport = LentTransport(leg.transport, "client" if leg.is_client else "agent")
         self._lane_wait = LANE_REENTRY_FIRST_S
 
     def _may_reenter(self) -> bool:
@@ -344,8 +367,13 @@ class Relay:
         self._lane_handle = None
         returns = ((self.client, client), (self.agent, agent))
         for leg, back in returns:
+            if isinstance(leg.transport, LentTransport):
+                leg.transport = leg.transport.lent
             leg.scanner.resume(back.skip, back.partial, back.frames)
             leg.bytes_in += back.relayed
+        if reason == HandBack.FAILED:
+            self._lane_failed(client, agent)
+            return
         # Reading resumes before the leftovers are written, so that backpressure they cause
         # (pause_writing -> pause_reading) is not undone; no bytes arrive before the next turn.
         for leg, _ in returns:
@@ -363,6 +391,24 @@ class Relay:
             action()
         if self._may_reenter() and self._lane_timer is None:
             self._lane_timer = self.loop.call_later(self._lane_wait, self._enter_lane)
+
+    def _lane_failed(self, client: LegReturn, agent: LegReturn) -> None:
+        """The lane lost bytes to an allocation failure: end the session with 1011."""
+        log.error(
+            "! the fast lane ran out of memory (%d bytes not relayed); ending the session "
+            "with 1011",
+            client.dropped + agent.dropped,
+        )
+        self._relay_failed = True
+        for leg, back in ((self.client, client), (self.agent, agent)):
+            peer = leg.peer
+            if back.cut and peer is not None and not peer.closed:
+                peer.transport.abort()  # it holds part of a chunk: no close frame can follow
+        # What the gateway asked for meanwhile (drain, stop) is moot now, except an abort.
+        actions, self._after_lane = self._after_lane, []
+        self.close_both(CloseCode.INTERNAL_ERROR, "relay failure")
+        if self._abort_both in actions:
+            self._abort_both()
 
     # --- internals -------------------------------------------------------------------------
 
@@ -436,6 +482,7 @@ class Relay:
                 gateway_close_code=self._gateway_close,
                 client_initiated=self._client_first(),
                 agent_vanished=self._agent_vanished,
+                relay_failed=self._relay_failed,
             )
         )
 

@@ -29,6 +29,7 @@ class AgentSilent(ServiceUnavailable):
     may be what stalls it, and each retry would hold the client and a slot for another bound.
     """
 
+
 #: Client headers that are not passed on: connection-level ones, the ones the gateway sets
 #: itself, and (for token agents) the Authorization that carried catflap's token.
 _NOT_FORWARDED = frozenset(
@@ -181,8 +182,7 @@ async def open_upstream(
     except TimeoutError:
         if connected:
             raise AgentSilent(
-                f"the agent instance did not answer the upgrade within {timeout:g} s; "
-                "retry shortly"
+                f"the agent instance did not answer the upgrade within {timeout:g} s; retry shortly"
             ) from None
         raise ServiceUnavailable(
             f"could not reach the agent instance within {timeout:g} s; retry shortly"
