@@ -12,9 +12,16 @@
  *   From then on the thread alone reads and writes both sockets. Python never closes them or
  *   writes to them until the session is handed back.
  * - The thread hands a session back (take() returns it) when Python must act: a close frame
- *   (opcode 8) starts in a chunk (that chunk is returned unsent and unscanned, "to_feed"), the
- *   peer cannot take a whole chunk ("to_write": scanned, not yet sent), a side reached EOF or an
- *   error, Python recalled it, or the lane stopped. The fds are out of the lane's epoll by then.
+ *   (opcode 8) starts in a chunk, or a control frame breaks RFC 6455 5.5 (declares more than
+ *   125 bytes, or lacks FIN: a protocol error Python ends the session for); either way that
+ *   chunk is returned unsent and unscanned ("to_feed"). Or the peer cannot take a whole chunk
+ *   ("to_write": scanned, not yet sent), a side reached EOF or an error, Python recalled it, or
+ *   the lane stopped. The fds are out of the lane's epoll by then.
+ * - An allocation failure never loses bytes silently: the session goes back as FAILED, with
+ *   the bytes it could not keep counted ("dropped") and, when the peer got part of a chunk the
+ *   scanner has passed, "cut" set (no close frame can follow on that stream). The relay ends a
+ *   FAILED session with 1011. Failures that happen before a session is in the lane (enter())
+ *   raise instead, and the session stays on the event loop.
  * - Scanner state per direction is handed back so that Python's FrameScanner continues exactly
  *   where the lane stopped: payload bytes still to skip, an incomplete header, frames and bytes
  *   counted in the lane.
@@ -37,10 +44,21 @@
 
 #define READ_CHUNK (64 * 1024)
 #define MAX_EVENTS 256
-#define MAX_HEADER 14 /* 2 + 8 (64-bit length) + 4 (mask) */
+#define MAX_HEADER 14 /* 2 + 8 (64-bit length) + 4 (mask): limits.FRAME_HEADER_MAX_BYTES */
+#define CONTROL_MAX_PAYLOAD 125 /* RFC 6455 5.5: limits.CONTROL_FRAME_MAX_PAYLOAD_BYTES */
 #define OP_CLOSE 0x8
+#define OP_CONTROL 0x8 /* opcodes 0x8-0xF are control frames */
+#define FIN 0x80
 
-enum reason { R_CLOSE_FRAME = 1, R_WRITE_BLOCKED = 2, R_EOF = 3, R_RECALLED = 4, R_STOPPED = 5 };
+enum reason {
+    R_CLOSE_FRAME = 1,
+    R_WRITE_BLOCKED = 2,
+    R_EOF = 3,
+    R_RECALLED = 4,
+    R_STOPPED = 5,
+    R_FAILED = 6,        /* an allocation failed: the session must end (see "dropped", "cut") */
+    R_CONTROL_FRAME = 7, /* a control frame over 125 bytes or without FIN: Python's to judge */
+};
 enum state { S_ACTIVE = 1, S_BACK = 2, S_TAKEN = 3 };
 
 struct session;
@@ -49,7 +67,9 @@ typedef struct {
     struct session *session;
     int index; /* 0: client, 1: agent */
     int fd;
-    /* Scanner state of the bytes this side sends. */
+    /* Scanner state of the bytes this side sends. An incomplete header is at most
+     * MAX_HEADER - 1 bytes: scan() keeps one only while have < need <= MAX_HEADER, and
+     * set_leg_state() refuses longer ones. */
     uint64_t skip;
     uint8_t partial[MAX_HEADER];
     int partial_len;
@@ -60,6 +80,8 @@ typedef struct {
     size_t to_feed_len;
     uint8_t *to_write;
     size_t to_write_len;
+    uint64_t dropped; /* bytes this side sent that an allocation failure lost */
+    int cut;          /* the peer got part of a chunk the scanner has passed */
 } leg_t;
 
 typedef struct session {
@@ -90,12 +112,48 @@ typedef struct {
     session_t *back_head, *back_tail; /* handed back, waiting for take() */
     session_t *to_free;               /* taken by Python; freed by the thread */
     int recalls_pending;
+    uint8_t *buf; /* the thread's read buffer */
 } Lane;
+
+/* --- allocation, and test-only fault injection ---------------------------------------------- */
+
+/* _fail_allocations(count, skip) makes the lane's allocations fail as if memory ran out: after
+ * `skip` more succeed, the next `count` fail. For tests only: every allocation the lane makes
+ * goes through fault_injected(), which costs one relaxed load while no fault is armed, and no
+ * allocation is on the steady-state path (recv, scan, send). */
+static pthread_mutex_t fault_lock = PTHREAD_MUTEX_INITIALIZER;
+static int fault_armed;
+static long fault_skip, fault_count;
+
+static int fault_injected(void) {
+    if (!__atomic_load_n(&fault_armed, __ATOMIC_RELAXED)) return 0;
+    int fail = 0;
+    pthread_mutex_lock(&fault_lock);
+    if (fault_skip > 0) {
+        fault_skip--;
+    } else if (fault_count > 0) {
+        fault_count--;
+        fail = 1;
+    }
+    if (fault_skip == 0 && fault_count == 0) __atomic_store_n(&fault_armed, 0, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&fault_lock);
+    return fail;
+}
+
+static void *lane_malloc(size_t n) { return fault_injected() ? NULL : malloc(n); }
+
+static void *lane_calloc(size_t n, size_t size) {
+    return fault_injected() ? NULL : calloc(n, size);
+}
+
+static void *lane_realloc(void *p, size_t n) { return fault_injected() ? NULL : realloc(p, n); }
 
 /* --- scanning ---------------------------------------------------------------------------- */
 
-/* Follow frame headers through buf. Returns 1 when a close frame starts in it (state left
- * unchanged: Python reads that chunk itself), 0 otherwise (state advanced). */
+/* Follow frame headers through buf. Returns 0 with the state advanced, or, with the state left
+ * unchanged because Python must read that chunk itself: R_CLOSE_FRAME when a close frame starts
+ * in it, R_CONTROL_FRAME when a control frame in it declares more than 125 bytes or lacks FIN
+ * (both known from its first two bytes, as Python's FrameScanner checks them). */
 static int scan(leg_t *leg, const uint8_t *buf, size_t n) {
     uint64_t skip = leg->skip;
     uint64_t frames = leg->frames;
@@ -122,7 +180,12 @@ static int scan(leg_t *leg, const uint8_t *buf, size_t n) {
         if (take > n - pos) take = n - pos;
         memcpy(head + have, buf + pos, take);
         have += take;
-        if ((head[0] & 0x0F) == OP_CLOSE) return 1;
+        uint8_t b0 = head[0];
+        if (b0 & OP_CONTROL) { /* rare: data frames pass with this one test */
+            if ((b0 & 0x0F) == OP_CLOSE) return R_CLOSE_FRAME;
+            if (have >= 2 && (!(b0 & FIN) || (head[1] & 0x7F) > CONTROL_MAX_PAYLOAD))
+                return R_CONTROL_FRAME;
+        }
         size_t need = 2;
         if (have >= 2) {
             uint8_t b1 = head[1];
@@ -157,7 +220,7 @@ static int scan(leg_t *leg, const uint8_t *buf, size_t n) {
 /* --- the thread ------------------------------------------------------------------------------ */
 
 static uint8_t *copy_bytes(const uint8_t *data, size_t n) {
-    uint8_t *out = malloc(n ? n : 1);
+    uint8_t *out = lane_malloc(n ? n : 1);
     if (out != NULL) memcpy(out, data, n);
     return out;
 }
@@ -203,10 +266,16 @@ static void on_readable(Lane *lane, leg_t *leg, uint8_t *buf) {
         hand_back(lane, s, R_EOF);
         return;
     }
-    if (scan(leg, buf, (size_t)n)) {
+    int to_python = scan(leg, buf, (size_t)n);
+    if (to_python) {
         leg->to_feed = copy_bytes(buf, (size_t)n);
-        leg->to_feed_len = leg->to_feed ? (size_t)n : 0;
-        hand_back(lane, s, R_CLOSE_FRAME);
+        if (leg->to_feed == NULL) { /* unsent and unscanned: the peer's stream is intact */
+            leg->dropped += (uint64_t)n;
+            hand_back(lane, s, R_FAILED);
+            return;
+        }
+        leg->to_feed_len = (size_t)n;
+        hand_back(lane, s, to_python);
         return;
     }
     __atomic_store_n(&leg->bytes, leg->bytes + (uint64_t)n, __ATOMIC_RELAXED);
@@ -221,8 +290,15 @@ static void on_readable(Lane *lane, leg_t *leg, uint8_t *buf) {
         break; /* full (EAGAIN) or broken: Python's transport buffers it or reports the error */
     }
     if (sent < (size_t)n) {
-        leg->to_write = copy_bytes(buf + sent, (size_t)n - sent);
-        leg->to_write_len = leg->to_write ? (size_t)n - sent : 0;
+        size_t rest = (size_t)n - sent;
+        leg->to_write = copy_bytes(buf + sent, rest);
+        if (leg->to_write == NULL) { /* scanned, partly sent: the peer's stream is cut */
+            leg->dropped += (uint64_t)rest;
+            leg->cut = 1;
+            hand_back(lane, s, R_FAILED);
+            return;
+        }
+        leg->to_write_len = rest;
         hand_back(lane, s, R_WRITE_BLOCKED);
     }
 }
@@ -255,13 +331,13 @@ static void housekeeping_locked(Lane *lane) {
 static void *run(void *arg) {
     Lane *lane = (Lane *)arg;
     struct epoll_event events[MAX_EVENTS];
-    uint8_t *buf = malloc(READ_CHUNK);
+    uint8_t *buf = lane->buf;
     for (;;) {
         pthread_mutex_lock(&lane->lock);
         housekeeping_locked(lane);
         int stop = lane->stopping;
         pthread_mutex_unlock(&lane->lock);
-        if (stop || buf == NULL) break;
+        if (stop) break;
         int n = epoll_wait(lane->epfd, events, MAX_EVENTS, -1);
         if (n < 0) {
             if (errno == EINTR) continue;
@@ -278,7 +354,6 @@ static void *run(void *arg) {
             if (leg->session->state == S_ACTIVE) on_readable(lane, leg, buf);
         }
     }
-    free(buf);
     pthread_mutex_lock(&lane->lock);
     lane->stopping = 1;
     housekeeping_locked(lane); /* whatever is still in the lane goes back to Python */
@@ -321,6 +396,11 @@ static PyObject *Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
         Py_DECREF(self);
         return NULL;
     }
+    self->buf = lane_malloc(READ_CHUNK);
+    if (self->buf == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
     /* Signals belong to the interpreter's main thread: the lane thread blocks them all. */
     sigset_t all, previous;
     sigfillset(&all);
@@ -349,6 +429,7 @@ static void Lane_dealloc(Lane *self) {
     free(self->slots);
     free(self->generations);
     free(self->free_slots);
+    free(self->buf);
     if (self->epfd >= 0) close(self->epfd);
     if (self->wake_fd >= 0) close(self->wake_fd);
     if (self->notify_fd >= 0) close(self->notify_fd);
@@ -359,13 +440,13 @@ static void Lane_dealloc(Lane *self) {
 static int grow_slots_locked(Lane *self) {
     uint32_t more = self->nslots ? self->nslots : 64;
     uint32_t total = self->nslots + more;
-    session_t **slots = realloc(self->slots, total * sizeof *slots);
+    session_t **slots = lane_realloc(self->slots, total * sizeof *slots);
     if (!slots) return -1;
     self->slots = slots;
-    uint32_t *gens = realloc(self->generations, total * sizeof *gens);
+    uint32_t *gens = lane_realloc(self->generations, total * sizeof *gens);
     if (!gens) return -1;
     self->generations = gens;
-    uint32_t *free_slots = realloc(self->free_slots, total * sizeof *free_slots);
+    uint32_t *free_slots = lane_realloc(self->free_slots, total * sizeof *free_slots);
     if (!free_slots) return -1;
     self->free_slots = free_slots;
     for (uint32_t i = self->nslots; i < total; i++) {
@@ -383,8 +464,9 @@ static int set_leg_state(leg_t *leg, PyObject *state) {
     const char *partial;
     Py_ssize_t partial_len;
     if (!PyArg_ParseTuple(state, "Ky#", &skip, &partial, &partial_len)) return -1;
-    if (partial_len >= MAX_HEADER) {
-        PyErr_SetString(PyExc_ValueError, "a partial frame header is at most 13 bytes");
+    if (partial_len >= MAX_HEADER) { /* a whole header is never partial */
+        PyErr_Format(PyExc_ValueError, "a partial frame header is at most %d bytes",
+                     MAX_HEADER - 1);
         return -1;
     }
     leg->skip = skip;
@@ -410,7 +492,7 @@ static PyObject *Lane_enter(Lane *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iiO!O!:enter", &fds[0], &fds[1], &PyTuple_Type, &states[0],
                           &PyTuple_Type, &states[1]))
         return NULL;
-    session_t *s = calloc(1, sizeof *s);
+    session_t *s = lane_calloc(1, sizeof *s);
     if (!s) return PyErr_NoMemory();
     for (int i = 0; i < 2; i++) {
         s->legs[i].session = s;
@@ -493,43 +575,87 @@ static PyObject *Lane_counters(Lane *self, PyObject *arg) {
 
 static PyObject *leg_tuple(leg_t *leg) {
     return Py_BuildValue(
-        "(Ky#KKy#y#)", (unsigned long long)leg->skip, (const char *)leg->partial,
+        "(Ky#KKy#y#KO)", (unsigned long long)leg->skip, (const char *)leg->partial,
         (Py_ssize_t)leg->partial_len, (unsigned long long)leg->frames,
         (unsigned long long)leg->bytes, (const char *)(leg->to_feed ? leg->to_feed : (uint8_t *)""),
         (Py_ssize_t)leg->to_feed_len, (const char *)(leg->to_write ? leg->to_write : (uint8_t *)""),
-        (Py_ssize_t)leg->to_write_len);
+        (Py_ssize_t)leg->to_write_len, (unsigned long long)leg->dropped,
+        leg->cut ? Py_True : Py_False);
+}
+
+static PyObject *take_item(session_t *s) {
+    if (fault_injected()) return PyErr_NoMemory();
+    return Py_BuildValue("(KiNN)", (unsigned long long)s->handle, s->reason,
+                         leg_tuple(&s->legs[0]), leg_tuple(&s->legs[1]));
+}
+
+/* No memory for a session's pending bytes as Python objects: drop them, counted, and fail it. */
+static void drop_pending(session_t *s) {
+    for (int i = 0; i < 2; i++) {
+        leg_t *leg = &s->legs[i];
+        if (leg->to_feed) { /* unscanned, unsent: the peer's stream stays intact */
+            leg->dropped += leg->to_feed_len;
+            free(leg->to_feed);
+            leg->to_feed = NULL;
+            leg->to_feed_len = 0;
+        }
+        if (leg->to_write) { /* scanned: the scanner is past what the peer got */
+            leg->dropped += leg->to_write_len;
+            leg->cut = 1;
+            free(leg->to_write);
+            leg->to_write = NULL;
+            leg->to_write_len = 0;
+        }
+    }
+    s->reason = R_FAILED;
 }
 
 PyDoc_STRVAR(take_doc,
     "take() -> list of (handle, reason, client, agent)\n\n"
     "Sessions handed back since the last call. Each side is (skip, partial, frames, bytes,\n"
-    "to_feed, to_write): the scanner state, what the lane counted, a chunk Python must scan and\n"
-    "send itself, and a scanned chunk the peer could not take yet.");
+    "to_feed, to_write, dropped, cut): the scanner state, what the lane counted, a chunk Python\n"
+    "must scan and send itself, a scanned chunk the peer could not take yet, bytes lost to an\n"
+    "allocation failure (reason FAILED), and whether the peer got part of a chunk the scanner\n"
+    "has passed. A FAILED session carries no to_feed or to_write.\n\n"
+    "Raises MemoryError when it cannot build the list: then every session stays queued, and\n"
+    "fileno() is readable again so that the next call retries.");
 
 static PyObject *Lane_take(Lane *self, PyObject *Py_UNUSED(ignored)) {
     uint64_t count;
     ssize_t r = read(self->notify_fd, &count, sizeof count); /* re-arm the readiness */
     (void)r;
     pthread_mutex_lock(&self->lock);
-    session_t *head = self->back_head;
+    session_t *head = self->back_head, *tail = self->back_tail;
     self->back_head = self->back_tail = NULL;
     pthread_mutex_unlock(&self->lock);
-    PyObject *out = PyList_New(0);
-    session_t *done = NULL;
-    for (session_t *s = head; s != NULL;) {
-        session_t *next = s->next;
-        if (out != NULL) {
-            PyObject *item = Py_BuildValue("(KiNN)", (unsigned long long)s->handle, s->reason,
-                                           leg_tuple(&s->legs[0]), leg_tuple(&s->legs[1]));
-            if (item == NULL || PyList_Append(out, item) < 0) Py_CLEAR(out);
-            Py_XDECREF(item);
+    Py_ssize_t n = 0;
+    for (session_t *s = head; s != NULL; s = s->next) n++;
+    PyObject *out = fault_injected() ? PyErr_NoMemory() : PyList_New(n);
+    Py_ssize_t i = 0;
+    for (session_t *s = head; s != NULL && out != NULL; s = s->next, i++) {
+        PyObject *item = take_item(s);
+        if (item == NULL) { /* its bytes do not fit: it goes back FAILED, without them */
+            PyErr_Clear();
+            drop_pending(s);
+            item = take_item(s);
         }
-        s->next = done;
-        done = s;
-        s = next;
+        if (item == NULL) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, i, item);
+    }
+    if (out == NULL) { /* nothing is lost: the whole batch waits for the next take() */
+        pthread_mutex_lock(&self->lock);
+        if (head != NULL) {
+            tail->next = self->back_head;
+            if (self->back_head == NULL) self->back_tail = tail;
+            self->back_head = head;
+        }
+        pthread_mutex_unlock(&self->lock);
+        notify(self->notify_fd);
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        return NULL;
     }
     pthread_mutex_lock(&self->lock);
-    for (session_t *s = done; s != NULL;) {
+    for (session_t *s = head; s != NULL;) {
         session_t *next = s->next;
         uint32_t slot = (uint32_t)(s->handle & 0xFFFFFFFFu);
         self->slots[slot] = NULL;
@@ -541,7 +667,7 @@ static PyObject *Lane_take(Lane *self, PyObject *Py_UNUSED(ignored)) {
         s = next;
     }
     pthread_mutex_unlock(&self->lock);
-    if (done != NULL && self->thread_started) notify(self->wake_fd); /* free them soon */
+    if (head != NULL && self->thread_started) notify(self->wake_fd); /* free them soon */
     return out;
 }
 
@@ -592,7 +718,7 @@ static PyTypeObject LaneType = {
 };
 
 static PyObject *py_scan(PyObject *Py_UNUSED(module), PyObject *args) {
-    /* scan(state, data) -> (closes, skip, partial, frames): the lane's scanner, for tests */
+    /* scan(state, data) -> (hand_back, skip, partial, frames): the lane's scanner, for tests */
     PyObject *state;
     Py_buffer data;
     if (!PyArg_ParseTuple(args, "O!y*:scan", &PyTuple_Type, &state, &data)) return NULL;
@@ -602,15 +728,40 @@ static PyObject *py_scan(PyObject *Py_UNUSED(module), PyObject *args) {
         PyBuffer_Release(&data);
         return NULL;
     }
-    int closes = scan(&leg, data.buf, (size_t)data.len);
+    int hand_back = scan(&leg, data.buf, (size_t)data.len);
     PyBuffer_Release(&data);
-    return Py_BuildValue("(OKy#K)", closes ? Py_True : Py_False, (unsigned long long)leg.skip,
+    return Py_BuildValue("(iKy#K)", hand_back, (unsigned long long)leg.skip,
                          (const char *)leg.partial, (Py_ssize_t)leg.partial_len,
                          (unsigned long long)leg.frames);
 }
 
+static PyObject *py_fail_allocations(PyObject *Py_UNUSED(module), PyObject *args,
+                                     PyObject *kwds) {
+    static char *kwlist[] = {"", "skip", NULL};
+    long count, skip = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "l|l:_fail_allocations", kwlist, &count, &skip))
+        return NULL;
+    if (count < 0 || skip < 0) {
+        PyErr_SetString(PyExc_ValueError, "count and skip must be >= 0");
+        return NULL;
+    }
+    pthread_mutex_lock(&fault_lock);
+    fault_count = count;
+    fault_skip = skip;
+    __atomic_store_n(&fault_armed, count > 0, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&fault_lock);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
-    {"scan", py_scan, METH_VARARGS, "scan(state, data) -> (close_frame, skip, partial, frames)"},
+    {"scan", py_scan, METH_VARARGS,
+     "scan(state, data) -> (hand_back, skip, partial, frames): the lane's scanner, for tests.\n"
+     "hand_back is 0, CLOSE_FRAME or CONTROL_FRAME (then the state is the one passed in)."},
+    {"_fail_allocations", (PyCFunction)(void (*)(void))py_fail_allocations,
+     METH_VARARGS | METH_KEYWORDS,
+     "_fail_allocations(count, skip=0) -> None\n\n"
+     "For tests only: after `skip` more allocations succeed, the lane's next `count` fail as if\n"
+     "memory ran out (0 disarms). Process-wide."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -634,5 +785,9 @@ PyMODINIT_FUNC PyInit__fastlane(void) {
     PyModule_AddIntConstant(m, "EOF", R_EOF);
     PyModule_AddIntConstant(m, "RECALLED", R_RECALLED);
     PyModule_AddIntConstant(m, "STOPPED", R_STOPPED);
+    PyModule_AddIntConstant(m, "FAILED", R_FAILED);
+    PyModule_AddIntConstant(m, "CONTROL_FRAME", R_CONTROL_FRAME);
+    PyModule_AddIntConstant(m, "FRAME_HEADER_MAX_BYTES", MAX_HEADER);
+    PyModule_AddIntConstant(m, "CONTROL_FRAME_MAX_PAYLOAD_BYTES", CONTROL_MAX_PAYLOAD);
     return m;
 }

@@ -5,9 +5,14 @@ WRITE_BLOCKED: int
 EOF: int
 RECALLED: int
 STOPPED: int
+FAILED: int
+CONTROL_FRAME: int
+FRAME_HEADER_MAX_BYTES: int
+CONTROL_FRAME_MAX_PAYLOAD_BYTES: int
 
 _LegState = tuple[int, bytes]
-_LegReturn = tuple[int, bytes, int, int, bytes, bytes]
+# skip, partial, frames, bytes, to_feed, to_write, dropped, cut
+_LegReturn = tuple[int, bytes, int, int, bytes, bytes, int, bool]
 
 class Lane:
     def __init__(self) -> None: ...
@@ -22,4 +27,6 @@ class Lane:
     def fileno(self) -> int: ...
     def stop(self) -> None: ...
 
-def scan(state: _LegState, data: bytes, /) -> tuple[bool, int, bytes, int]: ...
+def scan(state: _LegState, data: bytes, /) -> tuple[int, int, bytes, int]: ...
+def _fail_allocations(count: int, /, skip: int = 0) -> None:
+    """For tests only: after ``skip`` more allocations succeed, the next ``count`` fail."""

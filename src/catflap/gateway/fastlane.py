@@ -9,34 +9,44 @@ each chunk, follows the frame headers and sends the chunk on, with no Python in 
 The lane hands a session back, and the relay carries on exactly where it stopped, when Python
 has to act:
 
-============================  ======================================================
-handed back because           what the relay does with it
-============================  ======================================================
-a close frame starts          scans and forwards that chunk itself (the session ends)
-the peer's buffer is full     writes the rest through the transport (backpressure,
-                              slow-peer bound), and re-enters once the buffers drain
-a side reached EOF or error   resumes reading: the transport sees the end again
-the gateway recalled it       drain, stop, abort: the gateway's close goes out
-the lane stopped              gateway shutdown
-============================  ======================================================
+================================  ======================================================
+handed back because               what the relay does with it
+================================  ======================================================
+a close frame starts              scans and forwards that chunk itself (the session ends)
+a control frame over 125 bytes    scans that chunk itself: FrameScanner reports the
+or without FIN (RFC 6455 5.5)     protocol error, and the session ends with 1002
+the peer's buffer is full         writes the rest through the transport (backpressure,
+                                  slow-peer bound), and re-enters once the buffers drain
+a side reached EOF or error       resumes reading: the transport sees the end again
+the gateway recalled it           drain, stop, abort: the gateway's close goes out
+the lane stopped                  gateway shutdown
+an allocation failed              closes both sides with 1011 (aborts a side that got part
+                                  of a chunk); the record's status is ``error``
+================================  ======================================================
 
-While a session is in the lane, Python never writes to, closes or reads its sockets. Where the
-extension is missing (no C compiler at install time, not Linux) or ``[gateway] native_relay``
-is false, sessions relay on the event loop, with the same behaviour.
+While a session is in the lane, Python never writes to, closes or reads its sockets: the relay
+lends each leg a :class:`LentTransport` in place of its transport meanwhile, so that a mistake
+raises :class:`~catflap.contract.errors.CatflapMisuse` instead of corrupting the stream. TLS
+sessions never enter (the lane relays raw socket bytes). Where the extension is missing (no C
+compiler at install time, not Linux) or ``[gateway] native_relay`` is false, sessions relay on
+the event loop, with the same behaviour.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, NoReturn, Protocol
+
+from catflap.contract.errors import CatflapMisuse
 
 try:
     from catflap.gateway import _fastlane as native
 except ImportError:  # pragma: no cover - the extension is optional
     native = None  # type: ignore[assignment]
 
-__all__ = ["FastLane", "LegReturn", "available"]
+__all__ = ["FastLane", "HandBack", "LegReturn", "LentTransport", "available"]
 
 log = logging.getLogger("catflap.gateway")
 
@@ -44,6 +54,20 @@ log = logging.getLogger("catflap.gateway")
 def available() -> bool:
     """True when the native extension was built."""
     return native is not None
+
+
+class HandBack(enum.IntEnum):
+    """Why the lane handed a session back (the extension's reason codes)."""
+
+    CLOSE_FRAME = 1
+    WRITE_BLOCKED = 2
+    EOF = 3
+    RECALLED = 4
+    STOPPED = 5
+    #: An allocation failed in the lane: the session must end (see ``LegReturn.dropped``).
+    FAILED = 6
+    #: A control frame declares more than 125 bytes or lacks FIN: Python's scanner judges it.
+    CONTROL_FRAME = 7
 
 
 class LegReturn(NamedTuple):
@@ -55,6 +79,81 @@ class LegReturn(NamedTuple):
     relayed: int  # bytes relayed in the lane
     to_feed: bytes  # a chunk the lane left to Python, unscanned and unsent
     to_write: bytes  # a scanned chunk the peer could not take yet
+    dropped: int = 0  # bytes an allocation failure lost (only with HandBack.FAILED)
+    cut: bool = False  # the peer got part of a chunk the scanner has passed: abort it
+
+
+class LentTransport(asyncio.Transport):
+    """Stands in for a relay leg's transport while its socket is lent to the lane.
+
+    The lane's thread alone reads and writes the socket then, so anything that would act on the
+    transport raises :class:`CatflapMisuse`; what only looks at it passes through. The relay
+    puts the real transport back in ``lane_returned``. No cost on the lane's path: Python does
+    not run there.
+    """
+
+    __slots__ = ("lent", "side")
+
+    def __init__(self, lent: asyncio.Transport, side: str) -> None:
+        super().__init__()
+        self.lent = lent
+        self.side = side
+
+    # Looking is fine.
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.lent.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self.lent.is_closing()
+
+    def is_reading(self) -> bool:
+        return self.lent.is_reading()
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.lent.get_protocol()
+
+    def get_write_buffer_size(self) -> int:
+        return self.lent.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self.lent.get_write_buffer_limits()
+
+    # Acting is a bug.
+
+    def _misuse(self, method: str) -> NoReturn:
+        raise CatflapMisuse(
+            f"{method}() on the {self.side} leg's transport while its socket is lent to the "
+            "fast lane: the lane's thread owns the socket until Relay.lane_returned; defer the "
+            "action with Relay._recall() (as close_both and abort do)"
+        )
+
+    def write(self, data: Any) -> NoReturn:
+        self._misuse("write")
+
+    def writelines(self, list_of_data: Any) -> NoReturn:
+        self._misuse("writelines")
+
+    def write_eof(self) -> NoReturn:
+        self._misuse("write_eof")
+
+    def close(self) -> NoReturn:
+        self._misuse("close")
+
+    def abort(self) -> NoReturn:
+        self._misuse("abort")
+
+    def pause_reading(self) -> NoReturn:
+        self._misuse("pause_reading")
+
+    def resume_reading(self) -> NoReturn:
+        self._misuse("resume_reading")
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> NoReturn:
+        self._misuse("set_protocol")
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> NoReturn:
+        self._misuse("set_write_buffer_limits")
 
 
 class LaneUser(Protocol):
@@ -72,6 +171,7 @@ class FastLane:
         self._users: dict[int, LaneUser] = {}
         self._loop.add_reader(self._native.fileno(), self._dispatch)
         self._closed = False
+        self._reading = True
 
     @property
     def closed(self) -> bool:
@@ -115,12 +215,20 @@ class FastLane:
         self._closed = True
         self._native.stop()
         self._dispatch()
-        self._loop.remove_reader(self._native.fileno())
 
     def _dispatch(self) -> None:
-        for handle, reason, client, agent in self._native.take():
+        try:
+            batch = self._native.take()
+        except MemoryError:
+            # The lane kept every session and made its fd readable again: the loop retries.
+            log.error("! out of memory handing sessions back from the fast lane; retrying")
+            return
+        for handle, reason, client, agent in batch:
             user = self._users.pop(handle)
             try:
                 user.lane_returned(reason, LegReturn(*client), LegReturn(*agent))
             except Exception:  # one session's fault must not strand the others in this batch
                 log.exception("a session handed back by the fast lane failed to resume")
+        if self._closed and self._reading:  # all of them are back: the thread is gone
+            self._reading = False
+            self._loop.remove_reader(self._native.fileno())
