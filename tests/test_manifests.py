@@ -257,7 +257,17 @@ def test_gateway_port_is_the_same_everywhere() -> None:
     assert args[:2] == ["catflap", "gateway"]
     listen_port = int(_option(args, "--listen").rpartition(":")[2])
     assert listen_port == 8080
-    assert [p["containerPort"] for p in container["ports"]] == [listen_port]
+    # http: relay and API; metrics: [gateway] metrics_listen, where the annotations scrape.
+    metrics = _config().gateway.metrics_host_port
+    assert metrics is not None and metrics[0] == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": listen_port, "metrics": metrics[1]}
+    scrape = GATEWAY["spec"]["template"]["metadata"]["annotations"]
+    assert scrape["prometheus.io/port"] == str(metrics[1])
+    assert scrape["prometheus.io/path"] == "/metrics"
+    policy = _find("NetworkPolicy", "gateways-metrics-from-monitoring")["spec"]
+    assert _selects(policy["podSelector"]["matchLabels"], _pod_labels(GATEWAY))
+    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == [metrics[1]]
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
         get = container[probe]["httpGet"]
         assert get["path"] == path

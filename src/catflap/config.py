@@ -15,7 +15,15 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from catflap.auth.tokens import KeyRing
 from catflap.contract import limits
@@ -129,13 +137,41 @@ class GatewaySettings(_Strict):
     #: Open client connections at most; past it new ones get 503 (``too_many_connections``).
     max_connections: int = Field(default=limits.MAX_CONNECTIONS_DEFAULT, ge=1)
     #: ``host:port`` of a separate listener for ``/metrics`` (e.g. ``127.0.0.1:9090``); when
-    #: set, the main port does not serve ``/metrics``.
+    #: set, the main port does not serve ``/metrics`` (404). Without either this or
+    #: ``metrics_key``, the main port serves ``/metrics`` to loopback clients only.
     metrics_listen: str | None = None
-    #: When set, ``/metrics`` needs ``Authorization: Bearer <metrics_key>``.
-    metrics_key: str | None = None
+    #: When set, ``/metrics`` needs ``Authorization: Bearer <metrics_key>``. A SecretStr, so
+    #: that no repr, log line or error message of the config ever shows it.
+    metrics_key: SecretStr | None = None
     #: Serve ``/docs`` and ``/redoc`` (Swagger UI and ReDoc); off by default, since they load
     #: scripts onto the gateway's origin. ``/openapi.json`` is always served.
     api_docs: bool = False
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen_is_host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            _split_listen(value)
+        return value
+
+    @field_validator("metrics_key")
+    @classmethod
+    def _metrics_key_is_a_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # The message never quotes the key. Printable ASCII without spaces: it travels in an
+        # Authorization header, where other bytes are not reliably kept as sent.
+        if value is not None:
+            key = value.get_secret_value()
+            if not 16 <= len(key) <= 1024 or not all("!" <= c <= "~" for c in key):
+                raise ValueError(
+                    "must be 16 to 1024 printable ASCII characters without spaces "
+                    "(e.g. the output of `openssl rand -hex 32`)"
+                )
+        return value
+
+    @property
+    def metrics_host_port(self) -> tuple[str, int] | None:
+        """``metrics_listen`` as ``(host, port)``, or None when ``/metrics`` is on the main port."""
+        return None if self.metrics_listen is None else _split_listen(self.metrics_listen)
 
 
 class LogsConfig(_Strict):

@@ -198,10 +198,13 @@ def http_get(
     return int(head.split(b" ", 2)[1]), body
 
 
-def assert_healthy(gw: HostileGateway) -> None:
-    """After an attack: a normal session, /metrics and the sessions API all still work."""
+def assert_healthy(
+    gw: HostileGateway, *, metrics_port: int | None = None, metrics_headers: str = ""
+) -> None:
+    """After an attack: a normal session, /metrics and the sessions API all still work.
+    ``metrics_port``/``metrics_headers``: for a gateway with ``metrics_listen``/``metrics_key``."""
     asyncio.run(echo_once(gw.port))
-    status, body = http_get(gw.port, "/metrics")
+    status, body = http_get(metrics_port or gw.port, "/metrics", headers=metrics_headers)
     assert status == 200 and b"catflap_" in body, (status, body[:200])
     status, body = http_get(
         gw.port,

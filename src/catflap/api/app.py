@@ -1,34 +1,46 @@
 """The control API: ``POST /v1/public/{agent}/start`` and friends, as a FastAPI app.
 
-Every error leaves as ``{"error": ..., "code": ...}``: catflap's typed errors, FastAPI's own
-404/405, and request-validation failures alike go through :func:`_error_response`.
+Every error leaves as ``{"error": ..., "code": ...}``, and always as a
+:class:`~catflap.contract.errors.RequestRejected` subclass: catflap's typed errors, FastAPI's own
+404/405 (:class:`RouteNotFound`, :class:`RouteMethodNotAllowed`), and request-validation
+failures alike go through one handler. So the set of (status, code) pairs the API can answer is
+the set of those classes, which tests/test_error_table.py checks against the README.
+
+``/docs`` and ``/redoc`` (Swagger UI and ReDoc) load their scripts and fonts from a CDN onto the
+gateway's origin, so they are served only with ``[gateway] api_docs = true``;
+``/openapi.json`` always is.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from catflap.api.dashboard import dashboard_router
 from catflap.api.logs import logs_router
+from catflap.api.metrics import metrics_router
 from catflap.api.sessions import sessions_router
 from catflap.api.telephony import TELEPHONY_TRANSPORTS, provider_ws_url
 from catflap.auth.tokens import mint_token
 from catflap.contract import limits
-from catflap.contract.body import encode_body
+from catflap.contract.body import NotJson, UnportableJson, encode_body, loads_strict
 from catflap.contract.errors import (
     AgentNotFound,
     AtCapacity,
     BadRequest,
     BodyNotAllowed,
+    InternalError,
+    InvalidBody,
+    MethodNotAllowed,
+    NotFound,
     RequestRejected,
     RequestTooLarge,
     Unauthorized,
@@ -37,12 +49,11 @@ from catflap.contract.errors import (
     UpgradeRequired,
     error_body,
 )
-from catflap.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 if TYPE_CHECKING:
     from catflap.gateway.server import Gateway
 
-__all__ = ["StartRequest", "StartResponse", "create_api"]
+__all__ = ["RouteMethodNotAllowed", "RouteNotFound", "StartRequest", "StartResponse", "create_api"]
 
 log = logging.getLogger("catflap.api")
 
@@ -71,6 +82,18 @@ class ErrorBody(BaseModel):
     code: str
 
 
+class RouteNotFound(NotFound):
+    """404 for a path no route serves (Starlette's own 404); code ``"404"``, as it always was."""
+
+    code = "404"
+
+
+class RouteMethodNotAllowed(MethodNotAllowed):
+    """405 for a method a route does not serve (Starlette's own 405); code ``"405"``."""
+
+    code = "405"
+
+
 def _error_response(
     status: int, message: str, code: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
@@ -97,22 +120,51 @@ async def _read_json(request: Request) -> Any:
     ):
         raise RequestTooLarge(f"request body over {limits.START_REQUEST_MAX_BYTES} bytes")
     data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limits.START_REQUEST_MAX_BYTES:
-            raise RequestTooLarge(f"request body over {limits.START_REQUEST_MAX_BYTES} bytes")
     try:
-        return json.loads(data)
-    except (ValueError, RecursionError):
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limits.START_REQUEST_MAX_BYTES:
+                raise RequestTooLarge(f"request body over {limits.START_REQUEST_MAX_BYTES} bytes")
+    except ClientDisconnect:
+        # The client left mid-body, or the gateway closed it at the body deadline: no one reads
+        # the answer, but it must not be logged as a crash (a traceback per slow client).
+        raise BadRequest("the client disconnected before its body was complete") from None
+    # The same strict JSON as ?body= (contract/body.py): a body with NaN, 1e999 or a lone
+    # surrogate is refused here as it is in the upgrade URL, with the same code.
+    try:
+        return loads_strict(bytes(data))
+    except UnportableJson as exc:
+        raise InvalidBody(
+            f"the request body is {exc}; bodies must be strict JSON, as for ?body="
+        ) from None
+    except NotJson:
         raise BadRequest("the request body is not valid JSON") from None
+
+
+def _routing_error(exc: StarletteHTTPException) -> RequestRejected:
+    """Starlette's and FastAPI's own HTTP errors as catflap's classes (see the module doc)."""
+    headers = tuple((exc.headers or {}).items())
+    if exc.status_code == 404:
+        return RouteNotFound("not found", headers=headers)
+    if exc.status_code == 405:
+        return RouteMethodNotAllowed(str(exc.detail), headers=headers)
+    if exc.status_code == 400:
+        return BadRequest(f"invalid request: {exc.detail}", headers=headers)
+    # Nothing in catflap raises HTTPException, and routing raises only 404 and 405.
+    log.error("! unexpected HTTP %d from the API framework: %s", exc.status_code, exc.detail)
+    return InternalError("internal error; see the gateway log")
 
 
 def create_api(gateway: Gateway) -> FastAPI:
     """Build the control API bound to one gateway."""
+    api_docs = gateway.config.gateway.api_docs
     app = FastAPI(
         title="catflap control API",
         description="Pipecat-Cloud-compatible session API of a catflap gateway.",
         version="0.1.0",
+        # None: no route at all, so /docs and /redoc are the JSON 404 of any unknown path.
+        docs_url="/docs" if api_docs else None,
+        redoc_url="/redoc" if api_docs else None,
     )
     error_responses: dict[int | str, dict[str, Any]] = {
         status: {"model": ErrorBody} for status in (400, 401, 404, 413, 415, 429)
@@ -124,17 +176,12 @@ def create_api(gateway: Gateway) -> FastAPI:
         return _error_response(exc.status, body["error"], body["code"], dict(exc.headers))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = "not found" if exc.status_code == 404 else str(exc.detail)
-        return _error_response(exc.status_code, message, str(exc.status_code))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return await _rejected(request, _routing_error(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(400, f"invalid request: {exc.errors()[0]['msg']}", "bad_request")
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        return Response(gateway.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await _rejected(request, BadRequest(f"invalid request: {exc.errors()[0]['msg']}"))
 
     @app.get("/livez", include_in_schema=False)
     async def livez() -> dict[str, str]:
@@ -221,6 +268,7 @@ def create_api(gateway: Gateway) -> FastAPI:
             headers=(("upgrade", "websocket"),),
         )
 
+    app.include_router(metrics_router(gateway))
     app.include_router(sessions_router(gateway))
     app.include_router(logs_router(gateway))
     if gateway.config.gateway.dashboard:

@@ -13,6 +13,7 @@
     │   │   └── MalformedRequest      400 malformed_request
     │   ├── Unauthorized              401 "401" (PCC's code)
     │   ├── TokenRejected             403 token_<reason>
+    │   ├── MetricsForbidden          403 metrics_forbidden
     │   ├── NotFound                  404 not_found
     │   │   └── AgentNotFound         404 "404" (PCC's code)
     │   ├── MethodNotAllowed          405 method_not_allowed
@@ -63,6 +64,7 @@ __all__ = [
     "InvalidServiceHost",
     "MalformedRequest",
     "MethodNotAllowed",
+    "MetricsForbidden",
     "NotFound",
     "RequestRejected",
     "RequestTimeout",
@@ -167,6 +169,14 @@ class TokenRejected(RequestRejected):
 
     def to_body(self) -> dict[str, str]:
         return error_body(self.message, f"token_{self.reason}")
+
+
+class MetricsForbidden(RequestRejected):
+    """403: ``/metrics`` on the main port, with neither ``metrics_key`` nor ``metrics_listen``
+    set, from a client that is not on loopback (it lists every organization and agent)."""
+
+    status = 403
+    code = "metrics_forbidden"
 
 
 class NotFound(RequestRejected):
