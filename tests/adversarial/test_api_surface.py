@@ -26,6 +26,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,8 +35,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from catflap.api.metrics import is_loopback, metrics_refusal
-from catflap.config import GatewaySettings
+from catflap.config import GatewaySettings, load_config
 from catflap.contract import limits
+from catflap.contract.errors import ConfigError
 
 from ..conftest import PRIVATE_KEY, PUBLIC_KEY, ROOT, seconds
 from .conftest import (
@@ -324,6 +326,15 @@ def test_metrics_listen_moves_metrics_off_the_main_port(split: HostileGateway) -
     assert_healthy(split, metrics_port=port)
 
 
+def test_metrics_listener_closes_with_the_gateway() -> None:
+    with hostile_gateway(extra='[gateway]\nmetrics_listen = "127.0.0.1:0"\n') as gw:
+        port = metrics_port(gw)
+        assert http_get(port, "/metrics")[0] == 200
+    # catflap_serve sent SIGTERM and waited for the exit: Gateway.shutdown closed it.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=seconds(5)).close()
+
+
 def test_metrics_listener_holds_a_bounded_number_of_connections(split: HostileGateway) -> None:
     port = metrics_port(split)
     idle = [
@@ -381,6 +392,28 @@ def test_api_docs_when_switched_on_are_served(keyed: HostileGateway) -> None:
         # What the README warns about: these pages fetch scripts from a CDN.
         assert THIRD_PARTY_RE.search(body), body[:300]
     assert_healthy(keyed, metrics_headers=f"Authorization: Bearer {METRICS_KEY}\r\n")
+
+
+@pytest.mark.parametrize(
+    ("gateway_toml", "problem"),
+    [
+        ('metrics_key = "short"', "16 to 1024 printable ASCII"),
+        (f'metrics_key = "{METRICS_KEY} with spaces"', "16 to 1024 printable ASCII"),
+        ('metrics_listen = "9090"', "expected host:port"),
+    ],
+)
+def test_bad_metrics_settings_stop_the_start_without_echoing_the_key(
+    tmp_path: Path, gateway_toml: str, problem: str
+) -> None:
+    config = tmp_path / "catflap.toml"
+    config.write_text(f"[gateway]\n{gateway_toml}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    assert problem in str(info.value) and info.value.key.startswith("gateway.metrics_")
+    assert METRICS_KEY not in str(info.value) and "short" not in str(info.value)
+    # A valid key is kept out of every repr of the config.
+    config.write_text(f'[gateway]\nmetrics_key = "{METRICS_KEY}"\n')
+    assert METRICS_KEY not in repr(load_config(config))
 
 
 # --- the loopback rule, on addresses no 127.0.0.1-only test can connect from ------------------
