@@ -15,6 +15,7 @@ import click
 
 from catflap.cli.exits import EXIT_CONFIG, EXIT_STARTUP, run_async
 from catflap.cli.serve import dashboard_option, log_format_option, start_pruner, with_dashboard
+from catflap.cli.startup import StartupError, listen_failure, raise_open_file_limit
 from catflap.config import CatflapConfig, load_config, token_keyring
 from catflap.contract.errors import ConfigError
 from catflap.logs import LogFormat, configure_logging
@@ -99,8 +100,12 @@ def gateway(
         sys.exit(EXIT_CONFIG)
     if generated:
         log.warning("CATFLAP_TOKEN_KEYS is not set: tokens minted here fail on other gateways")
+    raise_open_file_limit()
     try:
         run_async(_gateway(cfg, keyring, redis_url, prefix))
+    except StartupError as exc:
+        click.echo(f"catflap: {exc}", err=True)
+        sys.exit(EXIT_STARTUP)
     except OSError as exc:
         click.echo(f"catflap: could not start: {exc}", err=True)
         sys.exit(EXIT_STARTUP)
@@ -129,9 +134,18 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
     gw = Gateway(
         cfg, keyring=keyring, replay=RedisReplayStore(client, keys), pool=pool, store=store
     )
-    pool.start()
     host, port = cfg.host_port
-    await gw.start(host, port)
+    try:  # before anything else starts, so a taken port leaves nothing behind
+        await gw.start(host, port)
+    except OSError as exc:
+        if gw.lane is not None:  # started just before the bind
+            gw.lane.close()
+        await store.close()
+        await client.aclose()
+        raise listen_failure(
+            exc, host, port, option="--listen HOST:PORT (or listen in the config file)"
+        ) from None
+    pool.start()
     second = await _until_signalled()
     second_task = asyncio.ensure_future(second.wait())
     second_task.add_done_callback(lambda _: gw.drain_now())
@@ -196,6 +210,7 @@ def agent_host(
         click.echo(f"catflap: no agent {agent_key!r} in {config_file} (known: {known})", err=True)
         sys.exit(EXIT_CONFIG)
     warm_count = spec.config.scaling.min_agents if warm is None else warm
+    raise_open_file_limit()  # the instances started here inherit it
     run_async(
         _agent_host(
             cfg,

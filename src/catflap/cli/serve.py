@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sqlite3
 import sys
 import tempfile
 from pathlib import Path
 
 import click
 
-from catflap.auth.replay import MemoryReplayStore
 from catflap.cli.exits import EXIT_CONFIG, EXIT_STARTUP, run_async
+from catflap.cli.startup import StartupError, listen_failure, raise_open_file_limit
 from catflap.config import (
     CatflapConfig,
     generated_public_key,
@@ -27,6 +28,8 @@ __all__ = ["dashboard_option", "log_format_option", "serve", "start_pruner", "wi
 
 log = logging.getLogger("catflap")
 
+#: Spent token ids of ``catflap serve``, in the state dir (catflap.auth.sqlite_replay).
+REPLAY_FILE = "replay.sqlite3"
 #: URL schemes that catflap.sessions.store.open_store knows.
 _DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
 
@@ -159,8 +162,9 @@ def start_pruner(cfg: CatflapConfig, log_dir: Path) -> asyncio.Task[None]:
 @click.option(
     "--state-dir",
     type=click.Path(path_type=Path, file_okay=False),
-    help="Folder for session records (sessions.sqlite3, when there is no database URL) and "
-    "session logs (logs/, unless [logs] dir is set); overrides state_dir in the config file.  "
+    help="Folder for session records (sessions.sqlite3, when there is no database URL), spent "
+    "tokens (replay.sqlite3) and session logs (logs/, unless [logs] dir is set); overrides "
+    "state_dir in the config file.  "
     "[default: .catflap]",
 )
 @click.option(
@@ -171,6 +175,11 @@ def start_pruner(cfg: CatflapConfig, log_dir: Path) -> asyncio.Task[None]:
 )
 @log_format_option
 @dashboard_option
+@click.option(
+    "--api-docs",
+    is_flag=True,
+    help="Serve Swagger UI at /docs and ReDoc at /redoc (they load third-party scripts).",
+)
 def serve(
     folder: Path | None,
     config_file: Path | None,
@@ -184,6 +193,7 @@ def serve(
     log_level: str,
     log_format: LogFormat,
     dashboard: bool,
+    api_docs: bool,
 ) -> None:
     """Run the gateway, the control API and a warm pool of agents on this machine.
 
@@ -203,6 +213,9 @@ def serve(
             state_dir=state_dir,
         )
         cfg = with_dashboard(cfg, dashboard)
+        if api_docs:
+            gateway_settings = cfg.gateway.model_copy(update={"api_docs": True})
+            cfg = cfg.model_copy(update={"gateway": gateway_settings})
         keyring, generated = token_keyring()
     except ConfigError as exc:
         click.echo(f"catflap: configuration error: {exc}", err=True)
@@ -212,8 +225,19 @@ def serve(
             "CATFLAP_TOKEN_KEYS is not set: using a random signing key; tokens "
             "won't survive a restart or work across gateways"
         )
+    else:
+        # Info, not a warning: one gateway with fixed keys is the normal case, and correct.
+        log.info(
+            "= single-use tokens are enforced per state_dir (spent ones in %s): gateways that "
+            "share CATFLAP_TOKEN_KEYS on other machines must run as `catflap gateway --redis`",
+            cfg.state_dir / REPLAY_FILE,
+        )
+    raise_open_file_limit()
     try:
         run_async(_serve(cfg, keyring, log_level, log_format))
+    except StartupError as exc:
+        click.echo(f"catflap: {exc}", err=True)
+        sys.exit(EXIT_STARTUP)
     except OSError as exc:
         click.echo(f"catflap: could not start: {exc}", err=True)
         sys.exit(EXIT_STARTUP)
@@ -222,6 +246,7 @@ def serve(
 async def _serve(
     cfg: CatflapConfig, keyring: object, log_level: str, log_format: LogFormat
 ) -> None:
+    from catflap.auth.sqlite_replay import SqliteReplayStore
     from catflap.auth.tokens import KeyRing
     from catflap.gateway.server import Gateway
     from catflap.pool.forkserver import ForkServerLauncher
@@ -237,7 +262,16 @@ async def _serve(
         )
         pool = LocalPool(cfg.agents(), launcher, ready_timeout=cfg.gateway.agent_ready_timeout)
         store = open_store(cfg.database_url, cfg.state_dir)
-        gateway = Gateway(cfg, keyring=keyring, replay=MemoryReplayStore(), pool=pool, store=store)
+        replay_path = cfg.state_dir / REPLAY_FILE
+        try:
+            replay = SqliteReplayStore(replay_path)
+        except (sqlite3.Error, OSError) as exc:
+            await store.close()
+            raise StartupError(
+                f"cannot open the token store {replay_path}: {exc}; check that the state_dir "
+                "is writable (--state-dir DIR)"
+            ) from None
+        gateway = Gateway(cfg, keyring=keyring, replay=replay, pool=pool, store=store)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         terms = 0
@@ -253,9 +287,20 @@ async def _serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         host, port = cfg.host_port
+        # Listen before the pool starts any process, so a taken port leaves nothing behind. A
+        # handshake that comes in before pool.start() still works: acquire() cold-starts.
+        try:
+            await gateway.start(host, port)
+        except OSError as exc:
+            if gateway.lane is not None:  # started just before the bind
+                gateway.lane.close()
+            await replay.close()
+            await store.close()
+            raise listen_failure(
+                exc, host, port, option="--listen HOST:PORT (or listen in the config file)"
+            ) from None
         pool.start()
         pruner = start_pruner(cfg, cfg.log_dir)
-        await gateway.start(host, port)
         for agent in cfg.agents():
             log.info("agent %s: ws://%s:%d/ws/generic/%s", agent.key, host, gateway.port, agent.key)
         if cfg.gateway.dashboard:
@@ -265,4 +310,5 @@ async def _serve(
         await gateway.shutdown(drain_timeout=cfg.gateway.drain_timeout)
         pruner.cancel()
         await pool.close()
+        await replay.close()
         await store.close()
