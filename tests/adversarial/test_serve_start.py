@@ -3,6 +3,7 @@ budget is raised to the hard limit (for the gateway and the agents it starts).""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import resource
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from catflap.cli.exits import EXIT_STARTUP
+from catflap.cli.startup import listen_failure
 
 from ..conftest import die_with_test_process, seconds
 from .conftest import TOKEN_KEYS, HostileGateway, hostile_config, wait_until_serving
@@ -182,3 +184,64 @@ def test_serve_raises_its_open_file_limit_to_the_hard_limit(tmp_path: Path) -> N
         reader.join(timeout=seconds(5))
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def test_a_cluster_gateway_on_a_taken_port_exits_at_once(tmp_path: Path) -> None:
+    """``catflap gateway`` binds before its pool starts too (it needs no Redis to fail)."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "catflap", "gateway", "--config", str(hostile_config(tmp_path))]
+            + ["--redis", "redis://127.0.0.1:6379/0", "--listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=seconds(60),
+            env=serve_env(uuid.uuid4().hex),
+            preexec_fn=die_with_test_process,
+        )
+    finally:
+        holder.close()
+    assert done.returncode == EXIT_STARTUP, done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_message_names_the_metrics_listener_when_its_port_is_taken() -> None:
+    exc = OSError(
+        errno.EADDRINUSE,
+        "error while attempting to bind on address ('127.0.0.1', 9090): address already in use",
+    )
+    message = str(listen_failure(exc, "127.0.0.1", 8080, option="--listen HOST:PORT"))
+    assert message.startswith("cannot listen on 127.0.0.1:9090: address already in use;")
+    assert "[gateway] metrics_listen" in message and "--listen" not in message
+    privileged = OSError(errno.EACCES, "error while attempting to bind on address ('::', 80)")
+    message = str(listen_failure(privileged, "::", 80, option="--listen HOST:PORT"))
+    assert message.startswith("cannot listen on [::]:80: permission denied;")
+    assert "CAP_NET_BIND_SERVICE" in message and "--listen HOST:PORT" in message
+
+
+def test_raise_open_file_limit_raises_the_soft_limit_to_the_hard_one() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"hard open-file limit {hard} leaves nothing to raise from")
+
+    def lowered() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    probe = (
+        "import resource; from catflap.cli.startup import raise_open_file_limit; "
+        "print(raise_open_file_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=seconds(30),
+        preexec_fn=lowered,
+    )
+    assert done.returncode == 0, done.stderr
+    returned, soft, hard_after = (int(word) for word in done.stdout.split())
+    assert returned == soft == hard_after == hard
