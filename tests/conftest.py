@@ -51,6 +51,17 @@ TEST_KEYRING = KeyRing([SigningKey("k1", b"test-secret-one-0123456789abcdef")])
 RELAY_MODES = pytest.mark.parametrize("native_relay", [True, False], ids=["lane", "event-loop"])
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Async tests run on asyncio's own loop; a test module that defines ``LOOP_FACTORIES``
+    (name -> loop factory) runs each of its async tests on every loop named there instead
+    (tests/test_fastlane.py: on uvloop too, which ``catflap serve`` runs on)."""
+    factories = getattr(getattr(item, "module", None), "LOOP_FACTORIES", None)
+    return dict(factories) if factories else {"asyncio": asyncio.new_event_loop}
+
+
 def die_with_test_process() -> None:
     """``preexec_fn`` for servers a test starts: Linux sends the child SIGTERM when the test
     process dies, so no server outlives a killed test run."""

@@ -1,28 +1,41 @@
 """The relay's fast lane: bytes cross untouched on the native thread, and every reason to hand a
-session back (close frame, full buffer, EOF, recall, stop) ends where the event loop would.
+session back (close frame, bad control frame, full buffer, EOF, recall, stop, allocation
+failure) ends where the event loop would.
 
 These tests drive a real :class:`Relay` over real socket pairs: the test holds the far end of
-each, as the client and the agent would.
+each, as the client and the agent would. Each async test runs on asyncio's own loop and on
+uvloop (``LOOP_FACTORIES``, read by tests/conftest.py), since ``catflap serve`` runs on uvloop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
+import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from catflap.contract import limits
 from catflap.contract.closecodes import CloseCode
+from catflap.contract.errors import CatflapMisuse
 from catflap.gateway import fastlane
+from catflap.gateway.fastlane import HandBack, LegReturn, LentTransport
 from catflap.gateway.frames import FrameScanner
-from catflap.gateway.relay import Relay
+from catflap.gateway.relay import LANE_REENTRY_FIRST_S, Relay, RelayStats
+from catflap.pool.instance import SessionEnd
+from catflap.sessions.record import completion_status
 
 from .test_frames import encode, frame_specs
 
@@ -30,10 +43,37 @@ pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the fast lane is built on Linux only"
 )
 
+#: Every async test here runs once per loop (see pytest_asyncio_loop_factories in conftest.py).
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_injected_faults() -> Iterator[None]:
+    yield
+    if fastlane.native is not None:
+        fastlane.native._fail_allocations(0)  # a test that armed more than it used
+
 
 def test_the_extension_is_built() -> None:
     # CI installs with a C compiler: a missing extension there is a build failure, not a skip.
     assert fastlane.available()
+
+
+def test_the_extension_agrees_with_the_contract() -> None:
+    native = fastlane.native
+    assert native.FRAME_HEADER_MAX_BYTES == limits.FRAME_HEADER_MAX_BYTES
+    assert native.CONTROL_FRAME_MAX_PAYLOAD_BYTES == limits.CONTROL_FRAME_MAX_PAYLOAD_BYTES
+    assert {reason.name: int(reason) for reason in HandBack} == {
+        reason.name: getattr(native, reason.name) for reason in HandBack
+    }
+
+
+async def test_async_tests_here_run_on_each_loop(request: pytest.FixtureRequest) -> None:
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop, uvloop.Loop) == ("uvloop" in request.node.name)
 
 
 @dataclass
@@ -42,6 +82,8 @@ class Session:
     lane: fastlane.FastLane
     client: socket.socket  # the test's end: what a WebSocket client holds
     agent: socket.socket  # the test's end: what the agent runtime holds
+    #: Every hand-back the relay received: (reason, client side, agent side).
+    returns: list[tuple[int, LegReturn, LegReturn]] = field(default_factory=list)
 
     async def recv_exactly(self, sock: socket.socket, n: int, timeout: float = 5.0) -> bytes:
         loop = asyncio.get_running_loop()
@@ -54,12 +96,20 @@ class Session:
                 data += chunk
         return data
 
-    async def recv_until_eof(self, sock: socket.socket, timeout: float = 5.0) -> bytes:
+    async def recv_until_eof(
+        self, sock: socket.socket, timeout: float = 5.0, *, reset_ends: bool = False
+    ) -> bytes:
+        """What arrives until EOF (or a reset, with ``reset_ends``: the other end closed with
+        bytes it never read)."""
         loop = asyncio.get_running_loop()
         data = b""
         async with asyncio.timeout(timeout):
-            while chunk := await loop.sock_recv(sock, 65536):
-                data += chunk
+            try:
+                while chunk := await loop.sock_recv(sock, 65536):
+                    data += chunk
+            except ConnectionResetError:
+                if not reset_ends:
+                    raise
         return data
 
     async def wait_in_lane(self, expected: bool = True) -> None:
@@ -69,7 +119,7 @@ class Session:
 
 
 @asynccontextmanager
-async def lane_session(**relay_options: float) -> AsyncIterator[Session]:
+async def lane_session(*, in_lane: bool = True, **relay_options: float) -> AsyncIterator[Session]:
     loop = asyncio.get_running_loop()
     lane = fastlane.FastLane()
     client_far, client_near = socket.socketpair()
@@ -80,9 +130,17 @@ async def lane_session(**relay_options: float) -> AsyncIterator[Session]:
         client_transport, _ = await loop.create_unix_connection(asyncio.Protocol, sock=client_near)
         agent_transport, _ = await loop.create_unix_connection(asyncio.Protocol, sock=agent_near)
         relay = Relay(client_transport, agent_transport, lane=lane, **relay_options)  # type: ignore[arg-type]
-        relay.start(client_pending=b"", agent_pending=b"")
         session = Session(relay, lane, client_far, agent_far)
-        await session.wait_in_lane()
+        lane_returned = relay.lane_returned
+
+        def spy(reason: int, client: LegReturn, agent: LegReturn) -> None:
+            session.returns.append((reason, client, agent))
+            lane_returned(reason, client, agent)
+
+        relay.lane_returned = spy  # type: ignore[method-assign]
+        relay.start(client_pending=b"", agent_pending=b"")
+        if in_lane:
+            await session.wait_in_lane()
         yield session
     finally:
         lane.close()
@@ -118,20 +176,71 @@ async def test_frames_cross_the_lane_byte_exact_both_ways() -> None:
         }
 
 
-@settings(max_examples=100, deadline=None)
+def length_bytes(size: int, masked: bool) -> bytes:
+    """The second byte of a frame header and its extended length, for ``size`` bytes."""
+    bit = 0x80 if masked else 0
+    if size < 126:
+        return bytes([bit | size])
+    if size < 65536:
+        return bytes([bit | 126]) + struct.pack("!H", size)
+    return bytes([bit | 127]) + struct.pack("!Q", size)
+
+
+#: A control frame that breaks RFC 6455 5.5: (opcode, declared size, or None: fragmented).
+bad_control_frames = st.tuples(
+    st.sampled_from([0x9, 0xA]),
+    st.one_of(st.none(), st.sampled_from([126, 300, 65535, 65536, 16 * 1024 * 1024])),
+)
+
+
+def bad_control_head(opcode: int, size: int | None, masked: bool) -> bytes:
+    """The start of a bad control frame: only its header when oversized (the payload need never
+    exist: nothing may wait for it), a whole 10-byte frame without FIN when fragmented."""
+    if size is None:
+        return encode(opcode, b"x" * 10, masked=masked, fin=False)
+    return bytes([0x80 | opcode]) + length_bytes(size, masked) + (b"m" * 4 if masked else b"")
+
+
+@settings(max_examples=200, deadline=None)
 @given(
     specs=frame_specs,
     masked=st.booleans(),
     cuts=st.lists(st.integers(0, 10**6), max_size=20),
     close_at=st.one_of(st.none(), st.integers(0, 11)),
+    bad=st.one_of(st.none(), st.tuples(st.integers(0, 11), bad_control_frames)),
 )
 def test_lane_scanner_agrees_with_frame_scanner_for_any_chunking(
-    specs: list[tuple[int, int]], masked: bool, cuts: list[int], close_at: int | None
+    specs: list[tuple[int, int]],
+    masked: bool,
+    cuts: list[int],
+    close_at: int | None,
+    bad: tuple[int, tuple[int, int | None]] | None,
 ) -> None:
-    frames = [encode(op, b"x" * size, masked=masked) for op, size in specs]
+    """Chunk by chunk the lane's scanner keeps FrameScanner's state, never holds more than an
+    incomplete header, and hands back, unscanned, exactly the chunk where a close frame starts or
+    where the second byte of a bad control frame arrives (FrameScanner reports that one in the
+    same chunk): such a frame is never relayed by the lane."""
+    pieces: list[tuple[str, bytes]] = [
+        ("data", encode(op, b"x" * size, masked=masked)) for op, size in specs
+    ]
     if close_at is not None:
-        frames.insert(close_at % (len(frames) + 1), encode(0x8, b"\x03\xe8", masked=masked))
-    stream = b"".join(frames)
+        close = encode(0x8, b"\x03\xe8", masked=masked)
+        pieces.insert(close_at % (len(pieces) + 1), ("close", close))
+    if bad is not None:
+        at, (opcode, size) = bad
+        pieces.insert(at % (len(pieces) + 1), ("bad", bad_control_head(opcode, size, masked)))
+    stream = b"".join(piece for _, piece in pieces)
+    # Where the lane must stop: a close frame's first byte, a bad control frame's second.
+    stop: tuple[int, int] | None = None
+    offset = 0
+    for kind, piece in pieces:
+        if kind == "close":
+            stop = (offset, fastlane.native.CLOSE_FRAME)
+            break
+        if kind == "bad":
+            stop = (offset + 1, fastlane.native.CONTROL_FRAME)
+            break
+        offset += len(piece)
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     scanner = FrameScanner()
     for start, end in zip(points, points[1:], strict=False):
@@ -139,15 +248,48 @@ def test_lane_scanner_agrees_with_frame_scanner_for_any_chunking(
         state = scanner.lane_state()
         assert state is not None
         before = scanner.frames
-        closes, skip, partial, counted = fastlane.native.scan(state, chunk)
-        scanner.feed(chunk)
-        if closes:  # the lane leaves this chunk to Python: a close frame starts in it
-            assert scanner.close_seen or scanner.lane_state() is None
+        hand_back, skip, partial, counted = fastlane.native.scan(state, chunk)
+        assert len(partial) < limits.FRAME_HEADER_MAX_BYTES
+        broken_at = scanner.feed(chunk)
+        if hand_back:  # the lane leaves this chunk to Python, its state as it was
+            assert stop is not None and start <= stop[0] < end and hand_back == stop[1]
+            assert (skip, partial, counted) == (*state, 0)
+            if hand_back == fastlane.native.CONTROL_FRAME:
+                assert broken_at is not None and scanner.protocol_error is not None
+            else:
+                assert scanner.close_seen or scanner.lane_state() is None
             return
+        assert stop is None or end <= stop[0], "the lane scanned past a frame it must hand back"
+        assert broken_at is None
         assert (skip, partial) == scanner.lane_state()
         assert counted == scanner.frames - before
-    assert close_at is None  # a close frame must have been noticed
+    assert stop is None  # a close or bad control frame must have been noticed
     assert scanner.frames == len(specs)
+
+
+def test_lane_scanner_refuses_a_partial_header_of_a_whole_header_or_more() -> None:
+    longest = b"\x82" * (limits.FRAME_HEADER_MAX_BYTES - 1)
+    assert fastlane.native.scan((0, longest), b"")[2] == longest
+    with pytest.raises(ValueError, match="at most 13 bytes"):
+        fastlane.native.scan((0, longest + b"\x00"), b"")
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_lane_scanner_hands_back_bad_control_frames_at_their_second_byte(masked: bool) -> None:
+    ping = encode(0x9, b"p" * 125, masked=masked)
+    scan = fastlane.native.scan
+    assert scan((0, b""), ping)[0] == 0  # 125 bytes: a valid ping is the lane's to relay
+    for head in (
+        bad_control_head(0x9, 126, masked),
+        bad_control_head(0xA, 16 * 1024 * 1024, masked),
+        bad_control_head(0x9, None, masked),
+    ):
+        data = encode(0x2, b"d" * 3, masked=masked) + head
+        # The first byte alone says nothing yet; it waits as a partial header...
+        assert scan((0, b""), data[: 6 if masked else 5] + head[:1])[0] == 0
+        assert scan((0, head[:1]), head[1:]) == (fastlane.native.CONTROL_FRAME, 0, head[:1], 0)
+        # ...and a chunk holding both bytes goes back whole, whatever precedes the frame.
+        assert scan((0, b""), data) == (fastlane.native.CONTROL_FRAME, 0, b"", 0)
 
 
 def test_lane_scanner_counts_the_same_frames_as_frame_scanner() -> None:
@@ -155,8 +297,8 @@ def test_lane_scanner_counts_the_same_frames_as_frame_scanner() -> None:
     state: tuple[int, bytes] = (0, b"")
     total = 0
     for i in range(0, len(stream), 7):  # 7-byte cuts land inside every kind of header
-        closes, skip, partial, frames = fastlane.native.scan(state, stream[i : i + 7])
-        assert not closes
+        hand_back, skip, partial, frames = fastlane.native.scan(state, stream[i : i + 7])
+        assert not hand_back
         state, total = (skip, partial), total + frames
     assert (total, state) == (6, (0, b""))
 
@@ -267,3 +409,284 @@ async def test_stopping_the_lane_returns_its_sessions_and_they_keep_relaying() -
         await loop.sock_sendall(s.client, frame)
         assert await s.recv_exactly(s.agent, len(frame)) == frame
         assert s.relay.traffic()["frames_client_to_agent"] == 1
+
+
+@pytest.mark.parametrize(
+    ("sender", "head"),
+    [
+        ("client", bad_control_head(0x9, 300, masked=True)),
+        ("client", bad_control_head(0x9, None, masked=True)),
+        ("agent", bad_control_head(0xA, 65536, masked=False)),
+        ("agent", bad_control_head(0xA, None, masked=False)),
+    ],
+    ids=[
+        "client-oversized-ping",
+        "client-fragmented-ping",
+        "agent-oversized-pong",
+        "agent-fragmented-pong",
+    ],
+)
+async def test_a_bad_control_frame_is_handed_back_unsent_and_the_sender_gets_1002(
+    sender: str, head: bytes
+) -> None:
+    async with lane_session() as s:
+        loop = asyncio.get_running_loop()
+        from_client = sender == "client"
+        source, target = (s.client, s.agent) if from_client else (s.agent, s.client)
+        good = encode(0x2, b"g" * 20, masked=from_client)
+        await loop.sock_sendall(source, good + head + b"j" * 300)
+        to_target = await s.recv_until_eof(target)
+        to_source = await s.recv_until_eof(source)
+        source.close()  # the sender gives up too (else the gateway lingers CLOSE_WAIT_S for it)
+        stats = await asyncio.wait_for(s.relay.done, 5)
+    assert s.returns[0][0] == HandBack.CONTROL_FRAME
+    # The good frame before it went through; nothing of the bad frame did.
+    assert to_target.startswith(good) and to_target[len(good)] == 0x88
+    assert close_code_of(to_target[len(good) :])[0] == (1001 if from_client else 1011)
+    assert to_source[0] == 0x88 and close_code_of(to_source)[0] == 1002
+    assert stats.gateway_close_code == 1002
+
+
+async def test_python_cannot_act_on_a_transport_lent_to_the_lane() -> None:
+    async with lane_session() as s:
+        for leg in (s.relay.client, s.relay.agent):
+            lent = leg.transport
+            assert isinstance(lent, LentTransport)
+            # Looking passes through...
+            assert lent.get_extra_info("socket") is not None and not lent.is_closing()
+            assert lent.get_write_buffer_size() == 0
+            # ...acting is a bug, caught before it corrupts the stream.
+            actions: list[Callable[[], object]] = [
+                lambda t=lent: t.write(b"x"),  # type: ignore[misc]
+                lent.close,
+                lent.abort,
+                lent.pause_reading,
+                lent.resume_reading,
+            ]
+            for act in actions:
+                with pytest.raises(CatflapMisuse, match="lent to the fast lane"):
+                    act()
+        assert s.relay.traffic()["bytes_client_to_agent"] == 0
+        s.relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")  # via a recall
+        await s.recv_until_eof(s.client)
+        await s.recv_until_eof(s.agent)
+        await asyncio.wait_for(s.relay.done, 5)
+        for leg in (s.relay.client, s.relay.agent):
+            assert not isinstance(leg.transport, LentTransport)
+
+
+# --- allocation failures ---------------------------------------------------------------------
+
+
+def close_code_of(frame: bytes) -> tuple[int, bytes]:
+    payload = unmask(frame) if frame[1] & 0x80 else frame[2:]
+    return struct.unpack("!H", payload[:2])[0], payload[2:]
+
+
+def test_completion_status_is_error_when_the_relay_failed() -> None:
+    stats = RelayStats(0, 0, 0, 0, None, None, 1011, False, False, relay_failed=True)
+    assert completion_status(SessionEnd(status="completed"), stats, drained=True) == "error"
+    ok = RelayStats(0, 0, 0, 0, None, None, None, False, False)
+    assert not ok.relay_failed
+    assert completion_status(SessionEnd(status="completed"), ok, drained=False) == "completed"
+
+
+def test_a_lane_without_memory_for_its_buffer_is_not_created() -> None:
+    fastlane.native._fail_allocations(1)
+    with pytest.raises(MemoryError):
+        fastlane.native.Lane()
+    fastlane.native.Lane().stop()
+
+
+async def test_a_session_the_lane_cannot_take_relays_on_the_event_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fastlane.native._fail_allocations(1, skip=1)  # the lane's read buffer, then enter()'s session
+    with caplog.at_level(logging.WARNING, "catflap.gateway"):
+        async with lane_session(in_lane=False) as s:
+            loop = asyncio.get_running_loop()
+            frame = encode(0x2, b"still here", masked=True)
+            await loop.sock_sendall(s.client, frame)
+            assert await s.recv_exactly(s.agent, len(frame)) == frame
+            assert not s.relay.in_lane and s.lane.active == 0
+    assert "fast lane refused a session (MemoryError" in caplog.text
+
+
+async def test_no_memory_for_a_close_frame_chunk_ends_the_session_with_1011() -> None:
+    async with lane_session() as s:
+        loop = asyncio.get_running_loop()
+        close = encode(0x8, close_payload(1000, "bye"), masked=True)
+        fastlane.native._fail_allocations(1)  # the copy of the chunk for Python
+        await loop.sock_sendall(s.client, close)
+        to_client = await s.recv_until_eof(s.client)
+        to_agent = await s.recv_until_eof(s.agent)
+        stats = await asyncio.wait_for(s.relay.done, 5)
+    reason, client, _ = s.returns[0]
+    assert reason == HandBack.FAILED and client.dropped == len(close) and not client.cut
+    # The chunk never went out, so both streams are intact: 1011 reaches both sides.
+    assert to_client == bytes([0x88, 2 + len(b"relay failure")]) + close_payload(
+        1011, "relay failure"
+    )
+    assert close_code_of(to_agent) == (1011, b"relay failure")
+    assert stats.relay_failed and stats.gateway_close_code == 1011
+
+
+async def test_no_memory_for_what_a_full_peer_could_not_take_aborts_that_peer() -> None:
+    async with lane_session() as s:
+        s.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        loop = asyncio.get_running_loop()
+        frame = encode(0x2, b"f" * 4000, masked=False)
+
+        async def flood() -> None:
+            with suppress(OSError):
+                while True:
+                    await loop.sock_sendall(s.agent, frame)
+
+        fastlane.native._fail_allocations(1)  # the copy of what the client could not take
+        flooding = asyncio.create_task(flood())
+        try:
+            stats = await asyncio.wait_for(s.relay.done, 10)
+        finally:
+            flooding.cancel()
+            with suppress(asyncio.CancelledError):
+                await flooding
+        to_agent = await s.recv_until_eof(s.agent, reset_ends=True)  # the flood is unread
+    reason, _, agent = s.returns[0]
+    assert reason == HandBack.FAILED and agent.cut and agent.dropped > 0
+    # The client got part of a chunk: no close frame can follow there, it is aborted. The
+    # agent's incoming stream is intact: it gets 1011.
+    assert close_code_of(to_agent) == (1011, b"relay failure")
+    assert stats.relay_failed and stats.gateway_close_code == 1011
+
+
+async def test_no_memory_to_hand_a_session_to_python_fails_it_with_1011() -> None:
+    async with lane_session() as s:
+        fastlane.native._fail_allocations(1, skip=1)  # take(): the list, then the session
+        s.relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")
+        to_client = await s.recv_until_eof(s.client)
+        to_agent = await s.recv_until_eof(s.agent)
+        stats = await asyncio.wait_for(s.relay.done, 5)
+    assert [r[0] for r in s.returns] == [HandBack.FAILED]
+    # The drain's 1012 is moot: the session failed, and says so.
+    assert close_code_of(to_client) == close_code_of(to_agent) == (1011, b"relay failure")
+    assert stats.relay_failed and stats.gateway_close_code == 1011
+
+
+async def test_no_memory_for_the_whole_hand_back_batch_loses_nothing_and_retries(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with lane_session() as s:
+        fastlane.native._fail_allocations(1)  # take()'s list: the batch stays queued
+        with caplog.at_level(logging.ERROR, "catflap.gateway"):
+            s.relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")
+            to_client = await s.recv_until_eof(s.client)
+            to_agent = await s.recv_until_eof(s.agent)
+        stats = await asyncio.wait_for(s.relay.done, 5)
+    assert "out of memory handing sessions back" in caplog.text
+    assert [r[0] for r in s.returns] == [HandBack.RECALLED]
+    assert close_code_of(to_client) == close_code_of(to_agent) == (1012, b"gateway shutting down")
+    assert not stats.relay_failed and stats.gateway_close_code == 1012
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost: (certificate, key)."""
+    if shutil.which("openssl") is None:  # pragma: no cover - openssl ships with the CI image
+        pytest.skip("no openssl to make a test certificate")
+    where = tmp_path_factory.mktemp("tls")
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_a_tls_session_never_enters_the_lane(tls_certificate: tuple[Path, Path]) -> None:
+    cert, key = tls_certificate
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[asyncio.Transport] = loop.create_future()
+
+    class Accept(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            transport.pause_reading()  # type: ignore[attr-defined]
+            accepted.set_result(transport)  # type: ignore[arg-type]
+
+    server = await loop.create_server(Accept, "127.0.0.1", 0, ssl=server_tls)
+    lane = fastlane.FastLane()
+    agent_far, agent_near = socket.socketpair()
+    agent_far.setblocking(False)
+    entered: list[object] = []
+    enter = lane.enter
+
+    def spy_enter(*args: object) -> int:
+        entered.append(args)
+        return enter(*args)  # type: ignore[arg-type]
+
+    lane.enter = spy_enter  # type: ignore[method-assign,assignment]
+    try:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_tls, server_hostname="localhost"
+        )
+        client_transport = await asyncio.wait_for(accepted, 5)
+        agent_transport, _ = await loop.create_unix_connection(asyncio.Protocol, sock=agent_near)
+        relay = Relay(client_transport, agent_transport, lane=lane)  # type: ignore[arg-type]
+        relay.start(client_pending=b"", agent_pending=b"")
+        s = Session(relay, lane, socket.socket(), agent_far)  # only its helpers are used
+        s.client.close()
+        up = b"".join(encode(0x2, bytes([i]) * 300, masked=True) for i in range(50))
+        down = b"".join(encode(0x1, b"ok %d" % i, masked=False) for i in range(50))
+        writer.write(up)
+        await writer.drain()
+        assert await s.recv_exactly(agent_far, len(up)) == up
+        await loop.sock_sendall(agent_far, down)
+        assert await asyncio.wait_for(reader.readexactly(len(down)), 5) == down
+        await asyncio.sleep(LANE_REENTRY_FIRST_S * 3)  # past any re-entry attempt
+        assert not relay.in_lane and lane.active == 0 and entered == []
+        writer.write(up)  # and still byte exact after it
+        await loop.sock_sendall(agent_far, down)
+        assert await s.recv_exactly(agent_far, len(up)) == up
+        assert await asyncio.wait_for(reader.readexactly(len(down)), 5) == down
+        close = encode(0x8, close_payload(1000, "done"), masked=True)
+        writer.write(close)
+        assert await s.recv_exactly(agent_far, len(close)) == close
+        answer = encode(0x8, close_payload(1000, "done"), masked=False)
+        await loop.sock_sendall(agent_far, answer)
+        assert await asyncio.wait_for(reader.readexactly(len(answer)), 5) == answer
+        agent_far.close()
+        writer.close()
+        stats = await asyncio.wait_for(relay.done, 5)
+        assert stats.bytes_client_to_agent == 2 * len(up) + len(close)
+        assert stats.bytes_agent_to_client == 2 * len(down) + len(answer)
+        assert entered == []
+    finally:
+        lane.close()
+        agent_far.close()
+        server.close()
