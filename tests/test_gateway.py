@@ -18,6 +18,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from catflap.auth.tokens import KeyRing, SigningKey, mint_token
+from catflap.contract import limits
 
 from .conftest import (
     PUBLIC_KEY,
@@ -480,7 +481,9 @@ async def test_start_refuses_non_json_and_wrong_content_type(gw: RunningGateway)
             url, content=b"{nope", headers={**auth, "content-type": "application/json"}
         )
         too_big = await client.post(
-            url, content=b" " * 70_000, headers={**auth, "content-type": "application/json"}
+            url,
+            content=b" " * (limits.START_REQUEST_MAX_BYTES + 1),
+            headers={**auth, "content-type": "application/json"},
         )
         missing = await client.post(url, json={"transport": "websocket"})
     assert (wrong_type.status_code, wrong_type.json()["code"]) == (415, "unsupported_media_type")

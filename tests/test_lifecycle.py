@@ -108,6 +108,7 @@ async def test_a_client_that_stops_reading_is_paused_then_closed_with_1013(
     monkeypatch: pytest.MonkeyPatch, native_relay: bool
 ) -> None:
     # Shorten the bound for the test: the relay takes it as a keyword default.
+    assert Relay.__init__.__kwdefaults__["slow_peer_timeout"] == limits.SLOW_PEER_TIMEOUT_S
     monkeypatch.setattr(
         Relay.__init__,
         "__kwdefaults__",
@@ -190,9 +191,7 @@ async def test_sigterm_drains_then_closes_with_1012_and_exits_0(
 
 
 @RELAY_MODES
-async def test_second_sigterm_closes_everything_at_once(
-    tmp_path: Path, native_relay: bool
-) -> None:
+async def test_second_sigterm_closes_everything_at_once(tmp_path: Path, native_relay: bool) -> None:
     config = _drain_config(tmp_path, drain_timeout=3600, native_relay=native_relay)
     with serve("--config", str(config)) as (proc, port):
         async with connect(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from catflap import logstore
+from catflap.contract import limits
 from catflap.logstore import LogStore, prune_forever
 
 SID = "11111111-2222-4333-8444-555555555555"
@@ -154,6 +155,7 @@ def test_a_page_stops_at_the_byte_limit_but_total_counts_every_line(
 ) -> None:
     write_session(tmp_path, SID, 10)
     one_line = len((tmp_path / "my-org" / "echo" / f"{SID}.jsonl").read_text().splitlines()[0])
+    assert limits.LOGS_PAGE_MAX_BYTES < limits.LOGS_LIMIT_MAX * limits.LOG_LINE_MAX_CHARS
     monkeypatch.setattr(logstore.limits, "LOGS_PAGE_MAX_BYTES", 3 * one_line + 1)
     store = LogStore(tmp_path)
     page = store.read_session("my-org", "echo", SID, limit=100, order="asc")

@@ -71,11 +71,12 @@ def test_agent_length_limit() -> None:
 
 
 def test_org_length_limit() -> None:
-    assert org_name_problem("b" * 63) is None
-    problem = org_name_problem("b" * 64)
+    longest = limits.ORG_NAME_MAX_LEN
+    assert org_name_problem("b" * longest) is None
+    problem = org_name_problem("b" * (longest + 1))
     assert problem is not None
-    assert "at most 63 characters" in problem
-    assert_invalid("agent." + "b" * 64)
+    assert f"at most {longest} characters" in problem
+    assert_invalid("agent." + "b" * (longest + 1))
 
 
 def test_single_char_agent_invalid_but_org_valid() -> None:

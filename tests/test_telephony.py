@@ -22,6 +22,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from catflap.auth.tokens import mint_token
+from catflap.contract import limits
 
 from .conftest import (
     ECHO,
@@ -423,13 +424,16 @@ async def test_silence_before_start_is_closed_with_1008_after_the_bound(
     gw: RunningGateway,
 ) -> None:
     gateway_settings = gw.gateway.config.gateway
+    assert gateway_settings.provider_handshake_timeout == limits.PROVIDER_HANDSHAKE_TIMEOUT_S
     object.__setattr__(gateway_settings, "provider_handshake_timeout", 0.5)
     try:
         async with connect(f"{gw.ws}/ws/telnyx?serviceHost=echo.my-org") as ws:
             waited = time.perf_counter()
             code, reason = await _closed_with(ws)
     finally:
-        object.__setattr__(gateway_settings, "provider_handshake_timeout", 10.0)
+        object.__setattr__(
+            gateway_settings, "provider_handshake_timeout", limits.PROVIDER_HANDSHAKE_TIMEOUT_S
+        )
     assert code == 1008 and reason == "no Telnyx 'start' message within 0.5 s"
     assert 0.4 < time.perf_counter() - waited < 3.0
 

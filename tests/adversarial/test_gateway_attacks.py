@@ -8,13 +8,17 @@ RSS growth while the attack runs, and that ordinary traffic still works afterwar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
 from collections.abc import Iterator
 
 import pytest
+import websockets
+from websockets.asyncio.client import connect
 
+from catflap.config import GatewaySettings
 from catflap.contract import limits
 
 from ..conftest import ROOT, seconds
@@ -90,7 +94,7 @@ def test_twilio_ping_flood_is_refused_with_1002_in_bounded_memory(
     relay_gateway: HostileGateway,
 ) -> None:
     """Row 1: 60 KB pings before 'start' (once +311 MiB): close 1002 at the first one."""
-    ping = client_frame(0x9, b"p" * 60_000)
+    ping = client_frame(0x9, b"p" * 60_000)  # within PROVIDER_OPENING_FRAME_MAX_BYTES
     with RssWatch(relay_gateway.pid) as watch:
         code, took = _twilio_flood(relay_gateway.port, ping, seconds_max=3)
     assert code == 1002
@@ -102,7 +106,7 @@ def test_twilio_ping_flood_is_refused_with_1002_in_bounded_memory(
 def test_twilio_opening_is_bounded_in_frames_and_bytes(relay_gateway: HostileGateway) -> None:
     """Row 1: small valid pings, or big text frames, never make a 'start': close 1008 once the
     opening passes its frame or byte bound, long before the handshake deadline."""
-    small_ping = client_frame(0x9, b"p" * 100)
+    small_ping = client_frame(0x9, b"p" * limits.CONTROL_FRAME_MAX_PAYLOAD_BYTES)
     code, took = _twilio_flood(relay_gateway.port, small_ping, seconds_max=3)
     assert code == 1008
     assert took < seconds(1.0)
@@ -115,6 +119,68 @@ def test_twilio_opening_is_bounded_in_frames_and_bytes(relay_gateway: HostileGat
     assert took < seconds(1.0)
     watch.assert_below(16 * MiB)
     assert_healthy(relay_gateway)
+
+
+def _twilio_start(service_host: str, pad: int = 0) -> bytes:
+    start = {
+        "event": "start",
+        "sequenceNumber": "1",
+        "start": {
+            "accountSid": "AC" + "1" * 32,
+            "streamSid": "MZ" + "2" * 32,
+            "callSid": "CA" + "3" * 32,
+            "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            "customParameters": {"_pipecatCloudServiceHost": service_host, "pad": "p" * pad},
+        },
+        "streamSid": "MZ" + "2" * 32,
+    }
+    return client_frame(0x1, json.dumps(start).encode())
+
+
+def _opening_verdict(port: int, opening: bytes) -> bytes:
+    """Send a Twilio opening; return the first bytes the gateway sends back (a close frame
+    when refused, else what the echo bot sends: the replayed opening, echoed)."""
+    sock, head, rest = raw_upgrade(port, "/ws/twilio")
+    try:
+        assert status_of(head) == 101
+        sock.sendall(opening)
+        sock.settimeout(seconds(10))
+        while len(rest) < 2:
+            rest += sock.recv(65536)
+        return rest
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    "pings", [limits.PROVIDER_OPENING_MAX_FRAMES - 1, limits.PROVIDER_OPENING_MAX_FRAMES]
+)
+def test_provider_opening_frame_bound_is_exact(gateway: HostileGateway, pings: int) -> None:
+    """``PROVIDER_OPENING_MAX_FRAMES`` frames, the 'start' included, are an opening; one more
+    is closed with 1008."""
+    ping = client_frame(0x9, b"p" * 10)
+    answer = _opening_verdict(gateway.port, ping * pings + _twilio_start(f"{OPEN_AGENT}.{ORG}"))
+    if pings < limits.PROVIDER_OPENING_MAX_FRAMES:
+        assert answer[0] & 0x0F != 0x8, answer[:40]  # the session started
+    else:
+        assert close_code_of(answer) == 1008
+
+
+def test_provider_opening_byte_bound_is_exact(gateway: HostileGateway) -> None:
+    """An opening over ``PROVIDER_OPENING_MAX_BYTES`` is closed with 1008; a frame over
+    ``PROVIDER_OPENING_FRAME_MAX_BYTES`` too; a big 'start' within both starts the session."""
+    host = f"{OPEN_AGENT}.{ORG}"
+    base = len(_twilio_start(host))
+    fits = _twilio_start(host, pad=limits.PROVIDER_OPENING_MAX_BYTES - base - 8)
+    assert len(fits) <= limits.PROVIDER_OPENING_MAX_BYTES
+    assert _opening_verdict(gateway.port, fits)[0] & 0x0F != 0x8
+    ping = client_frame(0x9, b"p" * 100)
+    over = ping + _twilio_start(host, pad=limits.PROVIDER_OPENING_MAX_BYTES - base)
+    assert close_code_of(_opening_verdict(gateway.port, over)) == 1008
+    huge = _twilio_start(host, pad=limits.PROVIDER_OPENING_FRAME_MAX_BYTES + 1)
+    assert close_code_of(_opening_verdict(gateway.port, huge)) == 1008
+    assert_healthy(gateway)
 
 
 # --- row 4: heads the agent's parser would choke on ---------------------------------------
@@ -136,6 +202,50 @@ def test_heads_the_agent_would_refuse_get_431_before_any_slot(
     assert (status, body["code"]) == (431, "headers_too_large")
     assert took < seconds(1.0)
     assert_healthy(relay_gateway)
+
+
+def test_a_refused_peer_that_keeps_sending_still_gets_its_answer_then_is_cut_off(
+    relay_gateway: HostileGateway,
+) -> None:
+    """Lingering close: a head that never ends gets 431 (not a reset that could eat it), and
+    the connection is cut ``LINGERING_CLOSE_S`` later however long the peer goes on."""
+    sock = socket.create_connection(("127.0.0.1", relay_gateway.port), timeout=seconds(10))
+    sock.sendall(f"GET {OPEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode())
+    line = b"X-Fill: " + b"f" * 1000 + b"\r\n"
+    with RssWatch(relay_gateway.pid) as watch:
+        data, took = Flood(sock, line * 64, seconds_max=limits.LINGERING_CLOSE_S + 5).run()
+    assert status_of(data) == 431
+    assert json_body(data)["code"] == "headers_too_large"
+    assert took < limits.REQUEST_HEAD_TIMEOUT_S
+    assert took < limits.LINGERING_CLOSE_S + seconds(1.5)
+    watch.assert_below(16 * MiB)
+    assert_healthy(relay_gateway)
+
+
+def test_a_message_over_the_runtime_limit_is_refused_by_the_agent_not_buffered_here(
+    gateway: HostileGateway,
+) -> None:
+    """The relay holds no message whole: a message of ``WS_MAX_SIZE_BYTES`` + 1 streams
+    through in bounded memory and the agent runtime closes with 1009 (message too big)."""
+
+    async def attack() -> int | None:
+        async with connect(f"{gateway.ws}{OPEN}", max_size=None, close_timeout=2) as ws:
+            await ws.recv()
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await ws.send(b"\x00" * (limits.WS_MAX_SIZE_BYTES + 1))
+                await ws.recv()
+            await ws.wait_closed()
+            return ws.close_code
+
+    with RssWatch(gateway.pid) as watch:
+        code = asyncio.run(attack())
+    # The runtime (uvicorn's websockets-sansio) fails the connection at the frame's header
+    # with 1009, then closes with the client's bytes unread: the reset that follows may
+    # destroy its close frame before the gateway reads it, and the gateway then reports the
+    # vanished agent with 1011. Either way the session ends at once and nothing is buffered.
+    assert code in (1009, 1011)
+    watch.assert_below(16 * MiB)
+    assert_healthy(gateway)
 
 
 # --- row 5: close frames and pings that declare too much ----------------------------------
@@ -320,6 +430,7 @@ def test_client_leaving_during_a_cold_start_gets_its_token_and_slot_back(
 def test_connection_budget_drops_idle_connections_first_then_refuses() -> None:
     """Past ``max_connections``, the oldest connection without a head gets 503 and goes; with
     every connection busy, the newcomer gets 503 ``too_many_connections``."""
+    assert GatewaySettings().max_connections == limits.MAX_CONNECTIONS_DEFAULT
     budget = 12
     with hostile_gateway(extra=f"[gateway]\nmax_connections = {budget}\n") as gw:
         idle = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(budget)]

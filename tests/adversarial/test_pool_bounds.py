@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import socket
@@ -18,9 +19,10 @@ import pytest
 from websockets.asyncio.client import connect
 
 from catflap.contract import limits
-from catflap.contract.errors import CatflapMisuse
+from catflap.contract.errors import CatflapMisuse, ServiceUnavailable
+from catflap.gateway.server import Gateway
 from catflap.gateway.session import connect_agent
-from catflap.gateway.upstream import AgentSilent
+from catflap.gateway.upstream import AgentSilent, open_upstream
 from catflap.pool.instance import Instance, InstanceState
 
 from ..conftest import ECHO, running_gateway, seconds
@@ -94,6 +96,32 @@ class _OneLeasePool:
         self.cancelled += 1
 
 
+async def test_an_agent_whose_response_head_never_ends_is_given_up() -> None:
+    """The agent's 101 is read up to ``UPSTREAM_RESPONSE_HEAD_MAX_BYTES``, not forever."""
+    with tempfile.TemporaryDirectory(prefix="cfbig") as folder:
+        path = str(Path(folder) / "babbling.sock")
+
+        async def babble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\n")
+            with contextlib.suppress(OSError):
+                # Never a blank line: past the bound by a few lines, then 8 MiB more at most.
+                for _ in range(limits.UPSTREAM_RESPONSE_HEAD_MAX_BYTES // 8192 + 1000):
+                    writer.write(b"X-More: " + b"m" * 8192 + b"\r\n")
+                    await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(babble, path)
+        try:
+            with pytest.raises(ServiceUnavailable):
+                await open_upstream(
+                    f"unix:{path}",
+                    b"GET /ws HTTP/1.1\r\n\r\n",
+                    timeout=limits.UPSTREAM_HANDSHAKE_TIMEOUT_S,
+                )
+        finally:
+            server.close()
+
+
 async def test_a_silent_agent_is_one_failed_attempt_not_three() -> None:
     """An instance that accepts the connection and never answers the upgrade used to be tried
     three times (3 x 10 s, cold-starting instances); now it is one attempt and a 503."""
@@ -117,6 +145,8 @@ async def test_a_silent_agent_is_one_failed_attempt_not_three() -> None:
         finally:
             listener.close()
     assert refused.value.status == 503
+    default = inspect.signature(Gateway).parameters["upstream_timeout"].default
+    assert default == limits.UPSTREAM_HANDSHAKE_TIMEOUT_S
     assert pool.acquired == 0  # no second instance was leased
     assert pool.cancelled == 1
     assert 0.3 <= took < 0.3 + seconds(1)

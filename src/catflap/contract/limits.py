@@ -42,6 +42,8 @@ __all__ = [
     "METRICS_MAX_CONNECTIONS",
     "MIN_AGENTS_DEFAULT",
     "ORG_NAME_MAX_LEN",
+    "OTHER_LIMITS",
+    "PEER_INPUT_LIMITS",
     "PROVIDER_HANDSHAKE_TIMEOUT_S",
     "PROVIDER_OPENING_FRAME_MAX_BYTES",
     "PROVIDER_OPENING_MAX_BYTES",
@@ -281,3 +283,85 @@ API_OFFSET_MAX = 2**31 - 1
 LOGS_PAGE_MAX_BYTES = 4 * 1024 * 1024
 #: Without ``sessionId``, the logs API reads this many of the agent's most recent session files.
 LOGS_RECENT_SESSIONS_MAX = 20
+
+# --- Which limits guard what a peer sends ------------------------------------------------------
+
+#: Limits on what a client, a provider or an agent's wire may make the gateway hold or wait for.
+#: Every one is exercised by some test (tests/test_limits.py checks), and listed with its
+#: response in docs/security.md.
+PEER_INPUT_LIMITS: frozenset[str] = frozenset(
+    {
+        "AGENT_NAME_MAX_LEN",
+        "API_OFFSET_MAX",
+        "BODY_MAX_BYTES",
+        "BODY_MAX_ENCODED_CHARS",
+        "CLOSE_WAIT_S",
+        "CONTROL_FRAME_MAX_PAYLOAD_BYTES",
+        "FRAME_SCANNER_PARTIAL_MAX_BYTES",
+        "KEEPALIVE_IDLE_TIMEOUT_S",
+        "LINGERING_CLOSE_S",
+        "LOGS_LIMIT_MAX",
+        "LOGS_PAGE_MAX_BYTES",
+        "MAX_CONNECTIONS_DEFAULT",
+        "METRICS_MAX_CONNECTIONS",
+        "ORG_NAME_MAX_LEN",
+        "PROVIDER_HANDSHAKE_TIMEOUT_S",
+        "PROVIDER_OPENING_FRAME_MAX_BYTES",
+        "PROVIDER_OPENING_MAX_BYTES",
+        "PROVIDER_OPENING_MAX_FRAMES",
+        "RECORD_ERROR_MAX_CHARS",
+        "RELAY_HIGH_WATER_BYTES",
+        "REQUEST_BODY_TIMEOUT_S",
+        "REQUEST_HEADER_LINES_MAX",
+        "REQUEST_HEADER_LINE_MAX_BYTES",
+        "REQUEST_HEAD_MAX_BYTES",
+        "REQUEST_HEAD_TIMEOUT_S",
+        "REQUEST_URL_MAX_BYTES",
+        "SERVICE_HOST_MAX_LEN",
+        "SLOW_PEER_TIMEOUT_S",
+        "START_REQUEST_MAX_BYTES",
+        "TOKEN_CLOCK_SKEW_S",
+        "TOKEN_TTL_S",
+        "UPSTREAM_HANDSHAKE_TIMEOUT_S",
+        "UPSTREAM_RESPONSE_HEAD_MAX_BYTES",
+        "WS_MAX_SIZE_BYTES",
+    }
+)
+#: The other limits: defaults, intervals, and bounds on catflap's own processes. A new limit
+#: goes in one of the two sets (tests/test_limits.py refuses one in neither).
+OTHER_LIMITS: frozenset[str] = frozenset(
+    {
+        "AGENT_PING_INTERVAL_S",
+        "AGENT_PING_TIMEOUT_S",
+        "AGENT_READY_TIMEOUT_S",
+        "BOT_CANCEL_GRACE_S",
+        "CLOSE_REASON_MAX_BYTES",
+        "DISPATCH_ATTEMPTS",
+        "DRAIN_TIMEOUT_S",
+        "FRAME_HEADER_MAX_BYTES",
+        "IDLE_REAP_S",
+        "LEASE_END_TIMEOUT_S",
+        "LOGS_LIMIT_DEFAULT",
+        "LOGS_RECENT_SESSIONS_MAX",
+        "LOG_LINE_MAX_CHARS",
+        "LOG_MAX_TOTAL_MB_DEFAULT",
+        "LOG_PRUNE_INTERVAL_S",
+        "LOG_RETENTION_DAYS_DEFAULT",
+        "MAX_AGENTS_DEFAULT",
+        "MAX_SESSION_DURATION_DEFAULT_S",
+        "MAX_SESSION_DURATION_MAX_S",
+        "MAX_SESSION_DURATION_MIN_S",
+        "MIN_AGENTS_DEFAULT",
+        "RELAY_LOW_WATER_BYTES",
+        "REPLAY_BUSY_TIMEOUT_S",
+        "REPLAY_MAINTENANCE_INTERVAL_S",
+        "RETRY_AFTER_AT_CAPACITY_S",
+        "RETRY_AFTER_NOT_READY_S",
+        "TCP_KEEPALIVE_COUNT",
+        "TCP_KEEPALIVE_IDLE_S",
+        "TCP_KEEPALIVE_INTERVAL_S",
+        "WS_PER_MESSAGE_DEFLATE",
+        "WS_PING_INTERVAL_S",
+        "WS_PING_TIMEOUT_S",
+    }
+)
