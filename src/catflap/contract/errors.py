@@ -46,6 +46,7 @@ from typing import ClassVar
 from catflap.contract import limits
 
 __all__ = [
+    "cut_error",
     "AgentNotFound",
     "AgentNotReady",
     "AtCapacity",
@@ -280,3 +281,16 @@ def http_error_response(error: RequestRejected) -> bytes:
     ]
     lines.extend(f"{name}: {value}" for name, value in error.headers)
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
+
+
+def cut_error(text: str, limit: int = limits.RECORD_ERROR_MAX_CHARS) -> str:
+    """``text`` if it has at most ``limit`` characters, else its start and a marker saying how
+    long it was, ``limit`` characters in all.
+
+    Idempotent: a cut text is at most ``limit`` long, so cutting it again changes nothing (a
+    record read back from a store keeps the original length in its marker).
+    """
+    if len(text) <= limit:
+        return text
+    marker = f"\u2026 [truncated, {len(text)} chars]"
+    return text[: max(limit - len(marker), 0)] + marker

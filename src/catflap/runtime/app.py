@@ -22,6 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from catflap.contract import headers, limits
 from catflap.contract.closecodes import CloseCode, assert_sendable
+from catflap.contract.errors import cut_error
 from catflap.logs import SessionContext, bind_session, session_log, unbind_session
 from catflap.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from catflap.runtime.args import decode_body_param, make_session_args
@@ -162,7 +163,9 @@ def _choose_subprotocol(
 
 def _error_text(exc: BaseException) -> str:
     message = str(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    # Cut here too, not only in the record: the report travels on the control channel, whose
+    # lines are bounded (CONTROL_LINE_MAX_BYTES), and a megabyte message would break it.
+    return cut_error(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
 
 
 def _finished_outcome(

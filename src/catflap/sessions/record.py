@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from catflap.contract import limits
+from catflap.contract.errors import cut_error
 from catflap.gateway.relay import RelayStats
 from catflap.pool.instance import SessionEnd
 
@@ -51,19 +51,6 @@ def completion_status(end: SessionEnd, stats: RelayStats, *, drained: bool) -> C
     if end.status == "completed":
         return "client_closed" if stats.client_initiated else "completed"
     return end.status
-
-
-def cut_error(text: str, limit: int = limits.RECORD_ERROR_MAX_CHARS) -> str:
-    """``text`` if it has at most ``limit`` characters, else its start and a marker saying how
-    long it was, ``limit`` characters in all.
-
-    Idempotent: a cut text is at most ``limit`` long, so cutting it again changes nothing (a
-    record read back from a store keeps the original length in its marker).
-    """
-    if len(text) <= limit:
-        return text
-    marker = f"\u2026 [truncated, {len(text)} chars]"
-    return text[: max(limit - len(marker), 0)] + marker
 
 
 @dataclass(slots=True)
