@@ -37,3 +37,10 @@ def test_every_peer_input_limit_is_exercised_by_a_test() -> None:
     text = "\n".join(p.read_text() for p in tests)
     untested = sorted(n for n in limits.PEER_INPUT_LIMITS if f"limits.{n}" not in text)
     assert not untested, f"no test names these peer-input limits: {untested}"
+
+
+def test_every_peer_input_limit_is_in_the_security_table() -> None:
+    text = (ROOT / "docs" / "security.md").read_text()
+    table = text.split("## Every bound on peer input")[1].split("\n## ")[0]
+    missing = sorted(n for n in limits.PEER_INPUT_LIMITS if f"`{n}`" not in table)
+    assert not missing, f"docs/security.md does not list: {missing}"

@@ -87,6 +87,8 @@ class SessionRecord:
         self.ended_at = now
         self.completion_status = completion_status(end, stats, drained=drained)
         self.error = end.error
+        if stats.relay_failed and self.error is None:
+            self.error = "the gateway's relay failed (see its log); both sides got 1011"
         self.client_close_code = stats.client_close_code
         self.agent_close_code = stats.agent_close_code
         self.gateway_close_code = stats.gateway_close_code
