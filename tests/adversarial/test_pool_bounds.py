@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
+from catflap.auth.replay import MemoryReplayStore
+from catflap.auth.tokens import mint_token
 from catflap.contract import limits
 from catflap.contract.errors import CatflapMisuse, ServiceUnavailable
 from catflap.gateway.server import Gateway
@@ -25,7 +27,15 @@ from catflap.gateway.session import connect_agent
 from catflap.gateway.upstream import AgentSilent, open_upstream
 from catflap.pool.instance import Instance, InstanceState
 
-from ..conftest import ECHO, running_gateway, seconds
+from ..conftest import (
+    ECHO,
+    ROOT,
+    TEST_KEYRING,
+    raw_request,
+    running_gateway,
+    seconds,
+    upgrade_request,
+)
 
 
 async def test_a_runtime_that_never_reports_the_end_is_replaced_and_recorded() -> None:
@@ -150,3 +160,29 @@ async def test_a_silent_agent_is_one_failed_attempt_not_three() -> None:
     assert pool.acquired == 0  # no second instance was leased
     assert pool.cancelled == 1
     assert 0.3 <= took < 0.3 + seconds(1)
+
+
+async def test_a_token_refused_for_readiness_is_not_spent() -> None:
+    """A 503 (the agent cannot start: bot.py fails to import) gives the token back, like a
+    429 does: the jti is not remembered, so the client may retry with it."""
+    agents = {
+        "broken": {
+            "path": ROOT / "tests" / "bots" / "broken",
+            "websocket_auth": "token",
+            "scaling": {"min_agents": 0, "max_agents": 1},
+        }
+    }
+    async with running_gateway(agents, ready_timeout=10) as gw:
+        token, claims = mint_token(TEST_KEYRING, "broken.my-org", now=time.time())
+        response = await raw_request(
+            gw.port,
+            upgrade_request(
+                "/ws/generic/broken.my-org", extra=f"Authorization: Bearer {token}\r\n"
+            ),
+            timeout=20,
+        )
+        assert (response.status, response.json()["code"]) == (503, "PCC-1001")
+        replay = gw.gateway.replay
+        assert isinstance(replay, MemoryReplayStore)
+        assert len(replay) == 0  # the jti was given back
+        assert await replay.consume(claims.jti, claims.exp)  # first use is still ahead
