@@ -97,7 +97,9 @@ def logs_router(gateway: "Gateway") -> APIRouter:
             ),
         ] = None,
         limit: Annotated[int, Query(ge=1, le=limits.LOGS_LIMIT_MAX)] = limits.LOGS_LIMIT_DEFAULT,
-        offset: Annotated[int, Query(ge=0, description="skip this many lines first")] = 0,
+        offset: Annotated[
+            int, Query(ge=0, le=limits.API_OFFSET_MAX, description="skip this many lines first")
+        ] = 0,
         order: Annotated[
             Literal["asc", "desc"], Query(description="asc: oldest first; desc: newest first")
         ] = "desc",

@@ -28,6 +28,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from catflap.api.auth import ParamCheckedRoute, canonical_session_id, private_key_org
+from catflap.contract import limits
 from catflap.contract.errors import AgentNotFound, BadRequest, InternalError, NotFound
 from catflap.logs import session_log
 from catflap.sessions.record import CompletionStatus, SessionRecord
@@ -150,7 +151,10 @@ def sessions_router(gateway: "Gateway") -> APIRouter:
             Query(description="active: not ended yet; ended: has an endedAt"),
         ] = "all",
         limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX)] = LIST_LIMIT_DEFAULT,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[
+            int,
+            Query(ge=0, le=limits.API_OFFSET_MAX, description="skip this many sessions first"),
+        ] = 0,
         start_time: Annotated[
             float | None,
             Query(

@@ -107,6 +107,15 @@ class Gateway:
         return task
 
     def make_http_protocol(self) -> asyncio.Protocol:
+        """The protocol that serves a control-API connection after front.py's hand-off.
+
+        uvicorn's httptools protocol, bounded on every request of the connection (head size,
+        head and body deadlines, idle keep-alive): see :mod:`catflap.gateway.apiprotocol`.
+        """
+        # Imported on first use, like create_api below: only API connections need them.
+        from catflap.gateway.apiprotocol import BoundedHttpToolsProtocol
+        from catflap.gateway.session import count_refusal
+
         if self._http_config is None:
             from catflap.api.app import create_api
 
@@ -119,11 +128,17 @@ class Gateway:
                 log_level="warning",
                 server_header=False,
                 log_config=None,  # catflap's logging setup (JSON or text) applies
+                # Annotated int by uvicorn, but only ever passed to loop.call_later.
+                timeout_keep_alive=limits.KEEPALIVE_IDLE_TIMEOUT_S,  # type: ignore[arg-type]
             )
             self._http_config.load()
-        return HttpToolsProtocol(
-            config=self._http_config, server_state=self._http_state, app_state={}
+        protocol: HttpToolsProtocol = BoundedHttpToolsProtocol(
+            config=self._http_config,
+            server_state=self._http_state,
+            app_state={},
+            on_refusal=lambda rejected: count_refusal(self, str(rejected.status), rejected),
         )
+        return protocol
 
     @property
     def port(self) -> int:
