@@ -116,10 +116,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         """Parse ``data`` (uvicorn), then bound the request it leaves incomplete.
 
-        Refusals are written to the transport, which is then closed; nothing is raised.
-        Refusals: 414 :class:`UrlTooLong`, 431 :class:`HeadersTooLarge`, 400
-        :class:`MalformedRequest` (from the callbacks); 408 :class:`RequestTimeout` later, from
-        the deadline timer armed here.
+        Refusals are written to the transport, which is then closed (lingering, see
+        :meth:`_stop`); nothing is raised. Refusals: 414 :class:`UrlTooLong`, 431
+        :class:`HeadersTooLarge`, 400 :class:`MalformedRequest` (from the callbacks); 408
+        :class:`RequestTimeout` later, from the deadline timer armed here.
         """
         if self._refused:
             return
