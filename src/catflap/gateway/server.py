@@ -17,6 +17,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from catflap.api.metrics import MetricsListener
 from catflap.auth.replay import ReplayStore
 from catflap.auth.tokens import KeyRing
 from catflap.config import AgentSpec, CatflapConfig
@@ -76,6 +77,8 @@ class Gateway:
         self._agents = {agent.key: agent for agent in config.agents()}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
+        #: The ``[gateway] metrics_listen`` server, from :meth:`start` to :meth:`shutdown`.
+        self.metrics_listener: MetricsListener | None = None
         self._http_state = ServerState()
         self._http_config: uvicorn.Config | None = None
 
@@ -159,6 +162,16 @@ class Gateway:
             lambda: GatewayConnection(self), host, port, reuse_address=True, backlog=2048
         )
         log.info("= gateway listening on %s:%d", host, self.port)
+        metrics_address = self.config.gateway.metrics_host_port
+        if metrics_address is not None:
+            listener = MetricsListener(self)
+            try:
+                await listener.start(*metrics_address)
+            except OSError:
+                # Do not leave the main port open when catflap is about to exit with an error.
+                self._server.close()
+                raise
+            self.metrics_listener = listener
 
     # --- shutdown ------------------------------------------------------------------------------
 
@@ -195,6 +208,9 @@ class Gateway:
             task.cancel()
         if self.lane is not None:
             self.lane.close()
+        if self.metrics_listener is not None:
+            # Last: a drain stays observable (sessions_active falling) until it is over.
+            self.metrics_listener.close()
         log.info("x gateway stopped")
 
     def drain_now(self) -> None:
