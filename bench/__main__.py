@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import scenarios
+from bench.attackers import ATTACKS
 from bench.contestants import ensure_nginx, nginx_version
 from bench.procs import raise_nofile, set_quiet_budget
 from bench.report import machine_info, plot_sweep, write_latest, write_result
@@ -33,7 +34,11 @@ SCENARIOS: dict[str, tuple[Callable[[scenarios.Settings], dict[str, Any]], str]]
     "start": (scenarios.start, "warm session starts (p50/p99, rate) and Pipecat cold starts"),
     "memory": (scenarios.memory, "gateway RSS with 0, 1,000 and 5,000 idle sessions"),
     "sweep": (scenarios.sweep, "latency vs sessions (100..1,000), catflap vs nginx, PNG"),
+    "hostile": (scenarios.hostile, "200 telephony sessions via catflap, quiet vs 50 attackers"),
 }
+
+#: Scenarios that run catflap only.
+NO_NGINX = {"hostile"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,12 +57,31 @@ def _parser() -> argparse.ArgumentParser:
         help="what to run (default: all)",
     )
     parser.add_argument(
-        "--sessions", type=int, help="telephony sessions (default 300; 20 with --quick)"
+        "--sessions",
+        type=int,
+        help="telephony and hostile sessions (default 300 and 200; 20 with --quick)",
     )
     parser.add_argument(
         "--seconds",
         type=float,
-        help="seconds per telephony and throughput run (default 10; 2 with --quick)",
+        help="seconds per telephony, throughput and hostile run (default 10, 10 and 15; "
+        "1, 1 and 2 with --quick)",
+    )
+    parser.add_argument(
+        "--attackers",
+        type=int,
+        help="attacker connections in the hostile scenario (default 50; 10 with --quick)",
+    )
+    parser.add_argument(
+        "--attacks",
+        help="comma-separated attack variants for the hostile scenario (default: all; "
+        "names in bench/attackers.py, e.g. twilio-ping-60KB,close-declares-16MiB)",
+    )
+    parser.add_argument(
+        "--attack-pause",
+        type=float,
+        default=0.0,
+        help="seconds each attacker waits between two attacks (default 0: back to back)",
     )
     parser.add_argument(
         "--out",
@@ -106,6 +130,8 @@ def _lost(name: str, data: dict[str, Any]) -> int:
         return sum(r["lost"] for by in data["sizes"].values() for r in by.values())
     if name == "sweep":
         return sum(r["lost"] for lvl in data["levels"] for r in lvl["by"].values())
+    if name == "hostile":
+        return sum(r["lost"] for r in data["runs"].values())
     return 0
 
 
@@ -118,7 +144,30 @@ def _failed(name: str, data: dict[str, Any]) -> str:
         return f"failed starts: {', '.join(bad)}" if bad else ""
     if name == "memory":
         return "connect failures" if data["connect_failures"] else ""
+    if name == "hostile":
+        return "; ".join(_hostile_problems(data))
     return ""
+
+
+def _hostile_problems(data: dict[str, Any]) -> list[str]:
+    """Sessions that did not open, and attacks the gateway did not answer as expected."""
+    problems = [
+        f"{label} run: {r['connect_failures']} sessions did not open"
+        for label, r in data["runs"].items()
+        if r.get("connect_failures")
+    ]
+    attack = data["runs"]["hostile"].get("attack", {})
+    if attack.get("stopped_by") not in (None, "stdin closed"):
+        problems.append(f"the attackers stopped by {attack['stopped_by']}, before the run ended")
+    for name, v in attack.get("variants", {}).items():
+        other = {k: n for k, n in v["outcomes"].items() if k != v["expected"]}
+        if other:
+            problems.append(f"{name}: expected {v['expected']}, also got {other}")
+        if v.get("not_closed_after_answer"):
+            problems.append(f"{name}: {v['not_closed_after_answer']} answered but not closed")
+    if data["runs"]["hostile"].get("fds_back_s") is None:
+        problems.append("the gateway's open fds did not come back within 5 s of the attack")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,9 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = scenarios.Settings.quick_mode() if args.quick else scenarios.Settings()
     if args.sessions is not None:
-        settings.sessions = args.sessions
+        settings.sessions = settings.hostile_sessions = args.sessions
     if args.seconds is not None:
-        settings.seconds = args.seconds
+        settings.seconds = settings.hostile_seconds = args.seconds
+    if args.attackers is not None:
+        settings.attackers = args.attackers
+    settings.attack_pause = args.attack_pause
+    if args.attacks:
+        settings.attack_variants = tuple(v.strip() for v in args.attacks.split(",") if v.strip())
+        known = {a.name for a in ATTACKS}
+        if unknown := sorted(set(settings.attack_variants) - known):
+            _parser().error(f"unknown attacks {unknown}; known: {', '.join(sorted(known))}")
     if args.rounds is not None:
         settings.rounds = args.rounds
     settings.echo = args.echo
@@ -140,8 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     raise_nofile()
-    settings.nginx_binary = ensure_nginx()
-    meta = machine_info(REPO, nginx_version(settings.nginx_binary))
+    if set(names) - NO_NGINX:
+        settings.nginx_binary = ensure_nginx()
+        nginx = nginx_version(settings.nginx_binary)
+    else:
+        nginx = "not used"
+    meta = machine_info(REPO, nginx)
     if args.profile:
         settings.profile_dir = out / "profiles"
     problems: list[str] = []

@@ -15,6 +15,7 @@ import resource
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,12 +26,15 @@ __all__ = [
     "LOAD_CORE",
     "RELAY_CORE",
     "Child",
+    "MemoryWatch",
     "agent_instances_of",
     "children_of",
     "cpu_ticks",
+    "fd_count",
     "free_port",
     "pin",
     "raise_nofile",
+    "reset_peak_rss",
     "rss_kb",
     "spawn",
 ]
@@ -181,6 +185,98 @@ def rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def peak_rss_kb(pid: int) -> int:
+    """Peak resident set size of ``pid`` in KiB (``VmHWM``), since :func:`reset_peak_rss`."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset ``VmHWM`` of ``pid`` to its current RSS (``5`` to ``/proc/<pid>/clear_refs``)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of ``pid`` (sockets included)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class MemoryWatch:
+    """A thread that samples a process's RSS (every ``every`` s) and open fds (every 5th
+    sample) while it runs, pinned to ``cpus``; the kernel's own peak (``VmHWM``, reset when
+    the watch starts) is read when it stops, so a spike between samples is not missed."""
+
+    def __init__(self, pid: int, *, cpus: set[int] | None = None, every: float = 0.02) -> None:
+        self.pid = pid
+        self.cpus = cpus
+        self.every = every
+        self.hwm_reset = False
+        self.start_kb = self.sampled_peak_kb = self.end_kb = self.hwm_kb = 0
+        self.start_fds = self.peak_fds = self.end_fds = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory-watch", daemon=True)
+
+    def _run(self) -> None:
+        if self.cpus:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, self.cpus)  # this thread only
+        tick = 0
+        while not self._stop.wait(self.every):
+            try:
+                self.sampled_peak_kb = max(self.sampled_peak_kb, rss_kb(self.pid))
+                if tick % 5 == 0:
+                    self.peak_fds = max(self.peak_fds, fd_count(self.pid))
+            except OSError:
+                return
+            self.samples += 1
+            tick += 1
+
+    def __enter__(self) -> MemoryWatch:
+        self.hwm_reset = reset_peak_rss(self.pid)
+        self.start_kb = self.sampled_peak_kb = rss_kb(self.pid)
+        self.start_fds = self.peak_fds = fd_count(self.pid)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(OSError):
+            self.end_kb = rss_kb(self.pid)
+            self.end_fds = fd_count(self.pid)
+            self.hwm_kb = peak_rss_kb(self.pid) if self.hwm_reset else 0
+        self.sampled_peak_kb = max(self.sampled_peak_kb, self.end_kb)
+        self.peak_fds = max(self.peak_fds, self.end_fds)
+
+    @property
+    def peak_kb(self) -> int:
+        """The peak: ``VmHWM`` when it could be reset, else the highest sample."""
+        return max(self.hwm_kb, self.sampled_peak_kb)
+
+    def result(self) -> dict[str, int | bool]:
+        return {
+            "start_kb": self.start_kb,
+            "peak_kb": self.peak_kb,
+            "sampled_peak_kb": self.sampled_peak_kb,
+            "vmhwm_kb": self.hwm_kb,
+            "vmhwm_reset": self.hwm_reset,
+            "end_kb": self.end_kb,
+            "samples": self.samples,
+            "start_fds": self.start_fds,
+            "peak_fds": self.peak_fds,
+            "end_fds": self.end_fds,
+        }
 
 
 def agent_instances_of(gateway_pid: int) -> list[int]:

@@ -19,7 +19,7 @@ from typing import Any
 
 __all__ = ["evaluate_targets", "machine_info", "plot_sweep", "write_latest", "write_result"]
 
-SCENARIOS = ("telephony", "throughput", "start", "memory", "sweep")
+SCENARIOS = ("telephony", "throughput", "start", "memory", "sweep", "hostile")
 PLOT_NAME = "latency-vs-sessions.png"
 
 
@@ -319,12 +319,142 @@ def _sweep_md(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _mib(kb: int | None) -> float | None:
+    return None if kb is None else round(kb / 1024, 1)
+
+
+_RUN_LABELS = {
+    "quiet": "quiet (no attackers)",
+    "hostile": "under attack",
+    "after": "quiet, after the attack",
+}
+
+
+def _hostile_md(res: dict[str, Any]) -> list[str]:
+    runs = res["runs"]
+    quiet_peak = runs["quiet"]["gateway_memory"]["peak_kb"]
+    rows = []
+    for label, r in runs.items():
+        lat, mem = r.get("latency_us", {}), r["gateway_memory"]
+        rows.append(
+            [
+                _RUN_LABELS.get(label, label),
+                lat.get("p50"),
+                lat.get("p99"),
+                lat.get("p999"),
+                f"{r['lost']:,} / {r['sent']:,}",
+                _mib(mem["start_kb"]),
+                _mib(mem["peak_kb"]),
+                _fmt((mem["peak_kb"] - quiet_peak) / 1024, 1),
+                f"{mem['start_fds']} / {mem['peak_fds']}",
+                r.get("cpu_us_per_frame"),
+                _pct(r.get("relay_core_busy")),
+                _pct(r.get("load_core_busy")),
+                _pct(r.get("attackers_core_busy")),
+                r["machine"].get("foreign_cpu_s"),
+            ]
+        )
+    header = [
+        "run",
+        "p50 µs",
+        "p99 µs",
+        "p999 µs",
+        "frames lost / sent",
+        "gateway RSS at start MiB",
+        "peak MiB",
+        "peak − quiet MiB",
+        "gateway fds start / peak",
+        "gateway µs CPU / frame",
+        "relay core",
+        "load core",
+        "attackers",
+        "other CPU s",
+    ]
+    pause = res.get("attack_pause_s") or 0
+    variants = res.get("attack_variants", "all")
+    lines = [
+        f"{res['sessions']} sessions × 320 B every 20 ms for {res['seconds']:g} s through catflap "
+        f"(one gateway, one warm agent instance), three runs in a row: quiet, under attack by "
+        f"{res['attackers']} attacker connections (from {res.get('attack_ramp_s', 1):g} s before "
+        f"the load client starts until it is done; "
+        + ("back to back" if not pause else f"{pause:g} s between attacks")
+        + ("" if variants == "all" else f"; only {', '.join(variants)}")
+        + "), quiet again. Gateway CPU per frame is all of the gateway's CPU (the attacks' "
+        "included) over the legitimate frames it forwarded; peak RSS is `VmHWM`, reset before "
+        "each run.",
+        "",
+        *_table(header, rows),
+    ]
+    attack = runs["hostile"].get("attack", {})
+    arows = []
+    for name, v in attack.get("variants", {}).items():
+        outcomes = ", ".join(f"{k} × {n:,}" for k, n in v["outcomes"].items()) or "–"
+        answer = v.get("answer_ms", {})
+        arows.append(
+            [
+                v["kind"],
+                f"`{name}`",
+                v["attackers"],
+                v["done"],
+                v["per_s"],
+                v["expected"],
+                outcomes,
+                ("yes" if v["as_expected"] == v["done"] else "**no**") if v["done"] else "–",
+                answer.get("p50"),
+                answer.get("max"),
+                v["cut_short"],
+                _fmt(round(v["bytes_sent"] / 2**20, 1)),
+            ]
+        )
+    if arows:
+        lines += [
+            "",
+            f"Attacks ({attack.get('seconds', 0):g} s, attackers' CPU "
+            f"{attack.get('cpu_s', 0):g} s; an attack in flight when they stop is cut short, "
+            "not counted as done):",
+            "",
+            *_table(
+                [
+                    "kind",
+                    "attack",
+                    "attackers",
+                    "done",
+                    "per s",
+                    "expected",
+                    "outcomes seen",
+                    "all as expected",
+                    "answer p50 ms",
+                    "max ms",
+                    "cut short",
+                    "MiB sent",
+                ],
+                arows,
+            ),
+        ]
+    fds = runs["hostile"].get("fds_back_s")
+    problems = res.get("gateway_log_problems", {})
+    lines += [
+        "",
+        "After the attack the gateway's open fds were back to their count before it "
+        + (f"in {fds:g} s" if fds is not None else "**not within 5 s**")
+        + f"; gateway log lines with errors: {problems.get('count', 0)}.",
+    ]
+    targets = res.get("targets", [])
+    if targets:
+        lines += [""] + _table(
+            ["target", "measured", "met"],
+            [[t["target"], t["measured"], "yes" if t["met"] else "**no**"] for t in targets],
+        )
+    return lines
+
+
 _SECTIONS = {
     "telephony": ("Telephony", _telephony_md),
     "throughput": ("Throughput", _throughput_md),
     "start": ("Session start", _start_md),
     "memory": ("Memory", _memory_md),
     "sweep": ("Latency vs sessions", _sweep_md),
+    "hostile": ("Under attack", _hostile_md),
 }
 
 
@@ -372,6 +502,9 @@ def evaluate_targets(latest: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 f"({cold['count']} samples)",
                 cold["p50"] <= 1e6,
             )
+    if "hostile" in latest:
+        for t in latest["hostile"]["results"].get("targets", []):
+            add(f"hardening: {t['target']}", t["measured"], bool(t["met"]))
     if "memory" in latest:
         res = latest["memory"]["results"]
         kb = res.get("gateway_kb_per_session")
@@ -416,7 +549,7 @@ def write_latest(out: Path) -> Path:
             "See `docs/benchmarks.md` for what each number means.",
         ]
     if targets:
-        lines += ["", "## Targets (issue #5)", ""]
+        lines += ["", "## Targets", "", "Issue #5's, and the hardening issue's (`hardening:`).", ""]
         lines += _table(
             ["target", "measured", "met"],
             [[t["target"], t["measured"], "yes" if t["met"] else "**no**"] for t in targets],

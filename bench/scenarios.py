@@ -10,27 +10,41 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import select
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import contestants as cs
 from bench.procs import (
+    Child,
+    MemoryWatch,
     agent_instances_of,
     cores,
+    fd_count,
     spawn,
     spend_quiet_budget,
     wait_quiet,
 )
 from bench.profile import recorder_for, summarize
 
-__all__ = ["Settings", "memory", "run_loadgen", "start", "sweep", "telephony", "throughput"]
+__all__ = [
+    "Settings",
+    "hostile",
+    "memory",
+    "run_loadgen",
+    "start",
+    "sweep",
+    "telephony",
+    "throughput",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,6 +77,16 @@ class Settings:
     nginx_binary: str = "nginx"
     #: catflap's ``[gateway] native_relay``: False relays every session on the event loop.
     native_relay: bool = True
+    #: The hostile scenario: telephony sessions and seconds per run, attacker connections.
+    hostile_sessions: int = 200
+    hostile_seconds: float = 15.0
+    attackers: int = 50
+    #: Seconds each attacker waits between two attacks (0: back to back).
+    attack_pause: float = 0.0
+    #: Seconds the attackers run before the load client starts.
+    attack_ramp: float = 1.0
+    #: Attack variants to run (names in :data:`bench.attackers.ATTACKS`); empty: every one.
+    attack_variants: tuple[str, ...] = ()
 
     @classmethod
     def quick_mode(cls) -> Settings:
@@ -83,6 +107,10 @@ class Settings:
             sweep_seconds=1.0,
             rounds=1,
             pause=0.1,
+            hostile_sessions=20,
+            hostile_seconds=2.0,
+            attackers=10,
+            attack_ramp=0.5,
         )
 
 
@@ -124,6 +152,11 @@ def run_loadgen(spec: dict[str, Any], *, timeout: float, workdir: Path) -> dict[
 FOREIGN_CPU_LIMIT = 0.05
 
 
+#: Wraps each attempt of :func:`clean_run`: it may amend the attempt's spec (a copy) before
+#: the load client starts, and fills the dict it yields with what it measured, on exit.
+Around = Callable[[dict[str, Any]], contextlib.AbstractContextManager[dict[str, Any]]]
+
+
 def clean_run(
     spec: dict[str, Any],
     *,
@@ -131,20 +164,28 @@ def clean_run(
     workdir: Path,
     quiet: bool = True,
     attempts: int = 3,
+    around: Around | None = None,
 ) -> dict[str, Any]:
     """A measured load-client run, started on a quiet machine, repeated if others intruded.
 
     Each attempt waits for a quiet machine first (:func:`~bench.procs.wait_quiet`). When other
     programs still used more than :data:`FOREIGN_CPU_LIMIT` of a core during the window, the run
     is repeated while the suite's quiet budget lasts; the cleanest attempt is returned, with
-    ``attempts`` and every attempt's foreign CPU recorded.
+    ``attempts`` and every attempt's foreign CPU recorded. ``around`` wraps each attempt (not
+    the wait for a quiet machine): the hostile scenario starts its attackers there.
     """
     best: dict[str, Any] | None = None
     foreign_seen: list[float] = []
     for attempt in range(1, attempts + 1):
         busy = wait_quiet() if quiet else None
         started = time.monotonic()
-        r = run_loadgen(spec, timeout=timeout, workdir=workdir)
+        if around is None:
+            r = run_loadgen(spec, timeout=timeout, workdir=workdir)
+        else:
+            amended = json.loads(json.dumps(spec))
+            with around(amended) as extra:
+                r = run_loadgen(amended, timeout=timeout, workdir=workdir)
+            r.update(extra)
         r["machine_busy_before"] = busy
         window = float(r.get("window_s") or r.get("seconds") or 1.0)
         foreign = float(r.get("machine", {}).get("foreign_cpu_s", 0.0))
@@ -219,7 +260,14 @@ def _cpu_label(endpoint: cs.Endpoint) -> str:
 
 
 def telephony_run(
-    endpoint: cs.Endpoint, sessions: int, seconds: float, workdir: Path, *, quiet: bool = True
+    endpoint: cs.Endpoint,
+    sessions: int,
+    seconds: float,
+    workdir: Path,
+    *,
+    quiet: bool = True,
+    around: Around | None = None,
+    attempts: int = 3,
 ) -> dict[str, Any]:
     """One telephony run against one contestant, with CPU per forwarded frame worked out."""
     spec = {
@@ -230,7 +278,9 @@ def telephony_run(
         "seconds": seconds,
         "cpu_pids": endpoint.cpu_pids(),
     }
-    r = clean_run(spec, timeout=seconds + 180, workdir=workdir, quiet=quiet)
+    r = clean_run(
+        spec, timeout=seconds + 180, workdir=workdir, quiet=quiet, around=around, attempts=attempts
+    )
     frames = r["sent"] + r["received"]
     cpu = r.pop("cpu_s")
     relay_cpu = sum(v for k, v in cpu.items() if k.startswith("relay"))
@@ -246,6 +296,8 @@ def telephony_run(
         load_core_busy=round((cpu.get("loadgen", 0.0) + upstream_cpu) / window, 3),
         cpu_seconds={k: round(v, 3) for k, v in cpu.items()},
     )
+    if "attackers" in cpu:
+        r["attackers_core_busy"] = round(cpu["attackers"] / window, 3)
     return r
 
 
@@ -578,3 +630,212 @@ def sweep(settings: Settings) -> dict[str, Any]:
                 time.sleep(settings.pause)
             levels.append({"sessions": sessions, "by": by})
     return {"seconds": settings.sweep_seconds, "contestants": list(names), "levels": levels}
+
+
+# --- hostile ------------------------------------------------------------------------------------
+
+#: The hostile scenario's targets: p99 under attack at most this times the quiet run's ...
+HOSTILE_P99_RATIO = 1.2
+#: ... and the gateway's peak RSS under attack less than this many MiB above the quiet run's.
+HOSTILE_RSS_MIB = 64
+
+
+def _start_attackers(
+    settings: Settings, gateway: cs.Gateway, workdir: Path, attackers: int, seconds: float
+) -> tuple[Child, dict[str, Any]]:
+    """``python -m bench.attackers`` on the load core, at ``SCHED_IDLE``; waits for "ready"."""
+    load, _ = cores()
+    spec = {
+        "port": gateway.port,
+        "generic_path": gateway.path("bench"),
+        "start_path": "/v1/public/bench/start",
+        "public_key": "pk_bench",
+        "attackers": attackers,
+        "seconds": seconds,
+        "pause": settings.attack_pause,
+        "variants": list(settings.attack_variants),
+        "sched_idle": True,
+    }
+    child = spawn(
+        "attackers",
+        [sys.executable, "-m", "bench.attackers"],
+        cpus=load,
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        log_path=workdir / "attackers.log",
+    )
+    try:
+        assert child.popen.stdin is not None
+        child.popen.stdin.write(json.dumps(spec).encode() + b"\n")
+        child.popen.stdin.flush()
+        line = _read_line(child, timeout=30)
+        if not line.startswith(b'{"ready"'):
+            raise RuntimeError(f"the attackers did not start ({line!r}):\n{child.log_tail()}")
+    except BaseException:
+        child.stop(grace=1.0)
+        raise
+    return child, spec
+
+
+def _read_line(child: Child, *, timeout: float) -> bytes:  # noqa: ASYNC109
+    """One line of ``child``'s stdout, waiting at most ``timeout`` s (b"" if none came)."""
+    stdout = child.popen.stdout
+    assert stdout is not None
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n") and time.monotonic() < deadline:
+        ready, _, _ = select.select([stdout], [], [], 0.1)
+        if ready:
+            byte = os.read(stdout.fileno(), 1)
+            if not byte:
+                break
+            line += byte
+    return line
+
+
+def _stop_attackers(child: Child) -> dict[str, Any]:
+    """Close the attackers' stdin (they stop, cancelling attacks in flight); their result."""
+    try:
+        assert child.popen.stdin is not None
+        with contextlib.suppress(OSError):
+            child.popen.stdin.close()
+        line = _read_line(child, timeout=30)
+    finally:
+        child.stop(grace=2.0)
+    if not line.strip():
+        raise RuntimeError(f"the attackers gave no result:\n{child.log_tail()}")
+    result: dict[str, Any] = json.loads(line)
+    return result
+
+
+def _wait_fds(pid: int, at_most: int, *, timeout: float) -> float | None:  # noqa: ASYNC109
+    """Seconds until ``pid`` has at most ``at_most`` open fds again; None if not in time."""
+    started = time.monotonic()
+    while True:
+        with contextlib.suppress(OSError):
+            if fd_count(pid) <= at_most:
+                return round(time.monotonic() - started, 2)
+        if time.monotonic() - started > timeout:
+            return None
+        time.sleep(0.05)
+
+
+def _watched(settings: Settings, gateway: cs.Gateway, workdir: Path, attackers: int) -> Around:
+    """Each attempt: the gateway's memory watched throughout; ``attackers`` running (if any)
+    from ``attack_ramp`` s before the load client starts until it has finished."""
+    load, _ = cores()
+    pid = gateway.child.pid
+
+    @contextlib.contextmanager
+    def around(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        extra: dict[str, Any] = {}
+        with MemoryWatch(pid, cpus=load) as watch:
+            child: Child | None = None
+            try:
+                if attackers:
+                    # Their own deadline: well past the load client's run (sessions opened,
+                    # window, drain, closes), in case nobody stops them.
+                    own = settings.attack_ramp + float(spec["seconds"]) + 60.0
+                    child, extra["attack_spec"] = _start_attackers(
+                        settings, gateway, workdir, attackers, own
+                    )
+                    spec["cpu_pids"]["attackers"] = child.pid
+                    time.sleep(settings.attack_ramp)
+                yield extra
+            finally:
+                if child is not None:
+                    extra["attack"] = _stop_attackers(child)
+            extra["fds_back_s"] = _wait_fds(pid, watch.start_fds, timeout=5.0)
+        extra["gateway_memory"] = watch.result()
+
+    return around
+
+
+def _hostile_targets(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    quiet, hostile = runs["quiet"], runs["hostile"]
+    q99, h99 = quiet["latency_us"].get("p99"), hostile["latency_us"].get("p99")
+    qmem, hmem = quiet["gateway_memory"]["peak_kb"], hostile["gateway_memory"]["peak_kb"]
+    targets = [
+        {
+            "target": "frames lost under attack: 0",
+            "measured": f"{hostile['lost']:,} of {hostile['sent']:,} "
+            f"(quiet run {quiet['lost']:,}, after {runs['after']['lost']:,})",
+            "met": hostile["lost"] == 0 and hostile["connected"] == hostile["sessions"],
+        },
+        {
+            "target": f"p99 echo latency under attack ≤ {HOSTILE_P99_RATIO}× the quiet run's",
+            "measured": f"{h99 / 1000:.2f} ms vs {q99 / 1000:.2f} ms = {h99 / q99:.2f}× "
+            f"(after the attack: {runs['after']['latency_us'].get('p99', 0) / 1000:.2f} ms)"
+            if q99 and h99
+            else "no latency",
+            "met": bool(q99 and h99 and h99 <= HOSTILE_P99_RATIO * q99),
+        },
+        {
+            "target": f"gateway peak RSS under attack < quiet run's + {HOSTILE_RSS_MIB} MiB",
+            "measured": f"{hmem / 1024:.1f} MiB vs {qmem / 1024:.1f} MiB = "
+            f"{(hmem - qmem) / 1024:+.1f} MiB",
+            "met": hmem - qmem < HOSTILE_RSS_MIB * 1024,
+        },
+    ]
+    return targets
+
+
+def _log_problems(child: Child, keep: int = 20) -> dict[str, Any]:
+    """Error lines and tracebacks in the gateway's log (it runs at ``warning``)."""
+    text = child.log_tail(100_000).splitlines()
+    bad = [line for line in text if "ERROR" in line or "Traceback" in line or "rror:" in line]
+    return {"count": len(bad), "first": [line[:300] for line in bad[:keep]]}
+
+
+def hostile(settings: Settings) -> dict[str, Any]:
+    """Telephony sessions through catflap, quiet, then under attack, then quiet again.
+
+    One gateway serves all three runs, with one warm agent instance. In the hostile run,
+    ``attackers`` connections (``python -m bench.attackers``, on the load core at
+    ``SCHED_IDLE``) loop over five attacks for as long as the load client runs. The gateway's
+    peak RSS (``VmHWM``, reset before each run) and open fds are watched through each run.
+    """
+    load, relay = cores()
+    sessions, seconds = settings.hostile_sessions, settings.hostile_seconds
+    result: dict[str, Any] = {
+        "sessions": sessions,
+        "seconds": seconds,
+        "frame_bytes": 320,
+        "interval_ms": 20,
+        "echo": settings.echo,
+        "attackers": settings.attackers,
+        "attack_pause_s": settings.attack_pause,
+        "attack_ramp_s": settings.attack_ramp,
+        "attack_variants": list(settings.attack_variants) or "all",
+    }
+    runs: dict[str, dict[str, Any]] = {}
+    with (
+        _workdir() as workdir,
+        cs.catflap_gateway(
+            workdir,
+            {"bench": fast_echo_agent(sessions + 4 * settings.attackers + 100)},
+            relay_cpus=relay,
+            load_cpus=load,
+            native_relay=settings.native_relay,
+        ) as gateway,
+    ):
+        cs.probe(gateway.port, gateway.path("bench"))
+        endpoint = gateway.endpoint("bench")
+        for label, attackers in (("quiet", 0), ("hostile", settings.attackers), ("after", 0)):
+            log(
+                f"hostile: {label} run, {sessions} sessions for {seconds:g} s"
+                + (f", {attackers} attackers" if attackers else "")
+            )
+            around = _watched(settings, gateway, workdir, attackers)
+            # At most one repeat: the scenario should stay within ~90 s.
+            runs[label] = telephony_run(
+                endpoint, sessions, seconds, workdir, around=around, attempts=2
+            )
+            time.sleep(settings.pause)
+        if not gateway.child.alive():
+            raise RuntimeError(f"the gateway exited:\n{gateway.child.log_tail()}")
+        result["gateway_log_problems"] = _log_problems(gateway.child)
+    result["runs"] = runs
+    result["targets"] = _hostile_targets(runs)
+    return result
