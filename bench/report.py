@@ -524,7 +524,10 @@ def write_latest(out: Path) -> Path:
     targets = evaluate_targets(latest)
     lines = ["# catflap benchmark: latest results", ""]
     if latest:
-        meta = max((d["meta"] for d in latest.values()), key=lambda m: str(m["date"]))
+        meta = dict(max((d["meta"] for d in latest.values()), key=lambda m: str(m["date"])))
+        with_nginx = [d["meta"] for d in latest.values() if d["meta"].get("nginx") != "not used"]
+        if with_nginx:  # the hostile scenario runs catflap only
+            meta["nginx"] = max(with_nginx, key=lambda m: str(m["date"]))["nginx"]
         lines += _table(
             ["date", "nproc", "CPU", "Python", "uvloop", "nginx", "catflap", "git", "command"],
             [
@@ -546,7 +549,8 @@ def write_latest(out: Path) -> Path:
             f"uvicorn {meta['uvicorn']}, websockets {meta['websockets']}, "
             f"pipecat-ai {meta['pipecat_ai']}, kernel {meta['kernel']}. Loopback only; the relay "
             "is pinned to one core, the load client and the upstream echo to the other. "
-            "See `docs/benchmarks.md` for what each number means.",
+            "The table names the newest result; each section below names its own date, "
+            "command and git revision. See `docs/benchmarks.md` for what each number means.",
         ]
     if targets:
         lines += ["", "## Targets", "", "Issue #5's, and the hardening issue's (`hardening:`).", ""]
@@ -560,7 +564,10 @@ def write_latest(out: Path) -> Path:
             continue
         title, render = _SECTIONS[scenario]
         lines += ["", f"## {title}", ""]
-        lines += [f"{doc['meta']['date']}, `{doc['meta']['command']}`", ""]
+        lines += [
+            f"{doc['meta']['date']}, `{doc['meta']['command']}`, git {doc['meta']['git']}",
+            "",
+        ]
         lines += render(doc["results"])
     path = out / "latest.md"
     path.write_text("\n".join(lines) + "\n")
