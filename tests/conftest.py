@@ -251,7 +251,10 @@ def fake_clock() -> FakeClock:
 
 @contextmanager
 def catflap_serve(
-    args: list[str], *, env: dict[str, str] | None = None
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    preexec: Callable[[], None] = die_with_test_process,
 ) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
     """Run ``catflap serve ARGS`` (it must listen on 127.0.0.1:0); yield the process, its port
     and its stderr lines so far. stderr is drained all along, so the server never blocks on a
@@ -260,7 +263,7 @@ def catflap_serve(
         [sys.executable, "-m", "catflap", "serve", *args],
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=die_with_test_process,
+        preexec_fn=preexec,
         env={**os.environ, **(env or {})},
     )
     lines: list[str] = []

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +19,7 @@ import pytest
 from catflap.cli.exits import EXIT_STARTUP
 from catflap.cli.startup import listen_failure
 
-from ..conftest import die_with_test_process, seconds
+from ..conftest import catflap_serve, die_with_test_process, seconds
 from .conftest import TOKEN_KEYS, HostileGateway, hostile_config, wait_until_serving
 
 #: Every process catflap serve starts inherits its environment (the fork server, and the
@@ -138,31 +136,12 @@ def test_serve_raises_its_open_file_limit_to_the_hard_limit(tmp_path: Path) -> N
 
     config = hostile_config(tmp_path)
     marker = uuid.uuid4().hex
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "catflap", "serve", "--config", str(config)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=serve_env(marker),
-        preexec_fn=lowered,
-    )
-    lines: list[str] = []
-    port: list[int] = []
-    listening = threading.Event()
-
-    def drain() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line.rstrip("\n"))
-            match = re.search(r"gateway listening on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                port.append(int(match.group(1)))
-                listening.set()
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        assert listening.wait(seconds(30)), "\n".join(lines)
-        gw = HostileGateway(proc.pid, port[0], tmp_path, lines)
+    with catflap_serve(["--config", str(config)], env=serve_env(marker), preexec=lowered) as (
+        proc,
+        port,
+        lines,
+    ):
+        gw = HostileGateway(proc.pid, port, tmp_path, lines)
         wait_until_serving(gw)  # an instance of the open agent is up
         expected = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
         assert open_file_limits(proc.pid) == (expected, expected)
@@ -174,16 +153,6 @@ def test_serve_raises_its_open_file_limit_to_the_hard_limit(tmp_path: Path) -> N
         assert len(agents) >= 2, agents
         for pid in agents:
             assert open_file_limits(pid) == (expected, expected), pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=seconds(15))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        reader.join(timeout=seconds(5))
-        assert proc.stderr is not None
-        proc.stderr.close()
 
 
 def test_a_cluster_gateway_on_a_taken_port_exits_at_once(tmp_path: Path) -> None:

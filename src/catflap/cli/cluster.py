@@ -138,8 +138,6 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
     try:  # before anything else starts, so a taken port leaves nothing behind
         await gw.start(host, port)
     except OSError as exc:
-        if gw.lane is not None:  # started just before the bind
-            gw.lane.close()
         await store.close()
         await client.aclose()
         raise listen_failure(

@@ -292,8 +292,6 @@ async def _serve(
         try:
             await gateway.start(host, port)
         except OSError as exc:
-            if gateway.lane is not None:  # started just before the bind
-                gateway.lane.close()
             await replay.close()
             await store.close()
             raise listen_failure(

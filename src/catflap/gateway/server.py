@@ -150,6 +150,10 @@ class Gateway:
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
+        # Bind first: a taken port must leave nothing started behind (no lane thread either).
+        self._server = await loop.create_server(
+            lambda: GatewayConnection(self), host, port, reuse_address=True, backlog=2048
+        )
         if self.config.gateway.native_relay:
             if fastlane.available():
                 self.lane = fastlane.FastLane()
@@ -158,9 +162,6 @@ class Gateway:
                     "the fast lane extension is not built, so sessions relay on the event loop "
                     "(more CPU per frame); reinstall catflap where a C compiler is available"
                 )
-        self._server = await loop.create_server(
-            lambda: GatewayConnection(self), host, port, reuse_address=True, backlog=2048
-        )
         log.info("= gateway listening on %s:%d", host, self.port)
         metrics_address = self.config.gateway.metrics_host_port
         if metrics_address is not None:
