@@ -15,6 +15,7 @@ clocks, come last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
@@ -728,3 +729,22 @@ async def test_unit_a_refusal_lingers_then_aborts(
     assert h.transport.eof
     h.protocol.connection_lost(None)
     assert h.protocol._timer is None
+
+
+def test_two_faults_in_one_read_are_refused_once(gateway: HostileGateway) -> None:
+    """A line over the limit and a malformed line in the same read: one 431, no second
+    answer written after the write side was shut (that raised inside data_received)."""
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=seconds(10)) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 ")
+        long_line = b"X: " + b"v" * limits.REQUEST_HEADER_LINE_MAX_BYTES + b"\r\n"
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n" + long_line + b"Y: b\r\nbad\x01\r\n\r\n")
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                data += chunk
+    assert data.count(b"HTTP/1.1 ") == 1, data[:500]
+    assert data.startswith(b"HTTP/1.1 431 ")
+    assert "Cannot call write() after write_eof()" not in gateway.log_text()
+    assert_healthy(gateway)

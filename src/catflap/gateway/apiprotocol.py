@@ -302,7 +302,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         return cycle.response_complete
 
     def _refuse(self, error: RequestRejected) -> None:
-        """Answer ``error`` as JSON (when an answer may go out now) and close the connection."""
+        """Answer ``error`` as JSON (when an answer may go out now) and close the connection.
+
+        Once only: httptools goes on parsing the rest of a read after a callback refused, and
+        a second refusal would write after ``write_eof()``.
+        """
+        if self._refused:
+            return
         if self._on_refusal is not None:
             self._on_refusal(error)
         self._stop(http_error_response(error) if self._may_answer() else None)
