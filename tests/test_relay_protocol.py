@@ -7,6 +7,7 @@ A real :class:`Relay` on the event loop, over real socket pairs; the test holds 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 
@@ -109,3 +110,34 @@ def test_a_bad_control_frame_from_the_client_always_ends_with_1002(
     # nothing of the bad frame.
     assert agent_got.startswith(good)
     assert _unmasked_close(agent_got[len(good) :]) == (1001, b"client broke the protocol")
+
+
+async def test_pending_bytes_that_fill_the_agent_buffer_keep_the_client_paused() -> None:
+    """Relay.start writes what was read before the relay existed: if that fills the agent's
+    buffer, the client stays paused (its reading was once resumed after the write)."""
+    loop = asyncio.get_running_loop()
+    client_far, client_near = socket.socketpair()
+    agent_far, agent_near = socket.socketpair()
+    for sock in (client_far, agent_far, agent_near):
+        sock.setblocking(False)
+    agent_near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client_t, _ = await loop.create_unix_connection(asyncio.Protocol, sock=client_near)
+    agent_t, _ = await loop.create_unix_connection(asyncio.Protocol, sock=agent_near)
+    relay = Relay(client_t, agent_t, lane=None)  # type: ignore[arg-type]
+    pending = encode(0x2, b"p" * (4 * limits.RELAY_HIGH_WATER_BYTES), masked=True)
+    try:
+        relay.start(client_pending=pending, agent_pending=b"")
+        # The agent reads nothing: its buffer is over the high-water mark...
+        assert agent_t.get_write_buffer_size() > limits.RELAY_HIGH_WATER_BYTES
+        # ...so the client must not be read from, however much it sends.
+        for _ in range(64):
+            with contextlib.suppress(BlockingIOError):
+                client_far.send(encode(0x2, b"q" * 1000, masked=True))
+            await asyncio.sleep(0)
+        assert not client_t.is_reading()
+        assert agent_t.get_write_buffer_size() < 5 * limits.RELAY_HIGH_WATER_BYTES
+    finally:
+        relay.abort()
+        client_far.close()
+        agent_far.close()
+        await asyncio.wait_for(relay.done, 5)

@@ -185,13 +185,16 @@ class Relay:
             if leg.transport.is_closing():
                 # It closed while we were setting up; its connection_lost went elsewhere.
                 self.loop.call_soon(self.leg_lost, leg)
+        # Reading resumes before the pending bytes are written, as in lane_returned: if they
+        # fill a side's buffer, pause_writing pauses the other side and nothing resumes it
+        # until that buffer drains (resuming after would undo the backpressure for good).
+        for leg in (self.client, self.agent):
+            if not leg.transport.is_closing():
+                leg.transport.resume_reading()
         if client_pending:
             self.client.data_received(client_pending)
         if agent_pending:
             self.agent.data_received(agent_pending)
-        for leg in (self.client, self.agent):
-            if not leg.transport.is_closing():
-                leg.transport.resume_reading()
         self._enter_lane()
 
     @property
