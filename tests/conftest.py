@@ -40,6 +40,7 @@ EXAMPLES = ROOT / "examples"
 ECHO = EXAMPLES / "echo"
 PIPECAT_ECHO = EXAMPLES / "pipecat-echo"
 PIPECAT_TELEPHONY = EXAMPLES / "pipecat-telephony"
+BOTS = ROOT / "tests" / "bots"
 _PR_SET_PDEATHSIG = 1
 MS = float(os.environ.get("CATFLAP_TEST_MS", "1.0"))
 

@@ -11,6 +11,7 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,6 +21,7 @@ from websockets.asyncio.client import connect
 
 from catflap.auth.replay import MemoryReplayStore
 from catflap.auth.tokens import mint_token
+from catflap.config import CatflapConfig
 from catflap.contract import limits
 from catflap.contract.errors import CatflapMisuse, ServiceUnavailable
 from catflap.gateway.server import Gateway
@@ -28,6 +30,7 @@ from catflap.gateway.upstream import AgentSilent, open_upstream
 from catflap.pool.instance import Instance, InstanceState
 
 from ..conftest import (
+    BOTS,
     ECHO,
     ROOT,
     TEST_KEYRING,
@@ -43,7 +46,8 @@ async def test_a_runtime_that_never_reports_the_end_is_replaced_and_recorded() -
     it held the slot until the instance died. Now the wait is bounded, the instance replaced
     and the record says what happened."""
     agents = {"echo": {"path": ECHO, "scaling": {"min_agents": 1, "max_agents": 1}}}
-    async with running_gateway(agents) as gw:
+    async with running_gateway(agents, adjust=_one_second_sessions("echo")) as gw:
+        # The wait ends at the session's start + max_session_duration (1 s) + this grace.
         gw.gateway.lease_end_timeout = 1.0 * seconds(1)
         await gw.wait_ready("echo.my-org")
         pool = gw.pool.agents["echo.my-org"]
@@ -64,13 +68,44 @@ async def test_a_runtime_that_never_reports_the_end_is_replaced_and_recorded() -
                 os.kill(instance.pid, signal.SIGCONT)
         assert record.completion_status == "agent_crashed"
         assert record.error is not None and "did not report the end of bot()" in record.error
-        # Close handshake bound, then the lease-end bound, with a margin.
-        assert took < limits.CLOSE_WAIT_S + gw.gateway.lease_end_timeout + seconds(3)
+        # Close handshake bound, or the session's limit and the grace, with a margin.
+        assert took < max(limits.CLOSE_WAIT_S, 1.0) + gw.gateway.lease_end_timeout + seconds(3)
         await gw.wait_ready("echo.my-org")  # replaced: the slot is usable again
         (replacement,) = pool.live()
         assert replacement.pid != instance.pid
         async with connect(f"{gw.ws}/ws/generic/echo.my-org") as ws:
             await ws.recv()
+
+
+def _one_second_sessions(name: str) -> Callable[[CatflapConfig], CatflapConfig]:
+    """max_session_duration = 1 s, below the 60 s the config accepts, for a quick test."""
+
+    def adjust(config: CatflapConfig) -> CatflapConfig:
+        org = config.organizations["my-org"]
+        agent = org.agents[name].model_copy(update={"max_session_duration": 1})
+        org = org.model_copy(update={"agents": {**org.agents, name: agent}})
+        return config.model_copy(update={"organizations": {"my-org": org}})
+
+    return adjust
+
+
+async def test_a_bot_working_on_after_its_client_left_is_not_cut_short() -> None:
+    """Post-call work after the connection closed is the bot's right until its time limit:
+    the bounded wait for its end does not kill it (the record is ``client_closed``)."""
+    agents = {"postcall": {"path": BOTS / "postcall", "scaling": {"min_agents": 1}}}
+    async with running_gateway(agents) as gw:
+        gw.gateway.lease_end_timeout = 0.5  # far shorter than the 3 s of post-call work
+        await gw.wait_ready("postcall.my-org")
+        (instance,) = gw.pool.agents["postcall.my-org"].live()
+        async with connect(f"{gw.ws}/ws/generic/postcall.my-org") as ws:
+            assert await ws.recv() == "ready"
+            (session_id,) = gw.gateway.sessions.live
+        async with asyncio.timeout(seconds(15)):
+            while (record := gw.gateway.sessions.ended.get(session_id)) is None:
+                await asyncio.sleep(0.05)
+        assert record.completion_status == "client_closed"
+        assert record.error is None
+        assert gw.pool.agents["postcall.my-org"].live() == [instance]  # not replaced
 
 
 async def test_an_instance_refuses_a_second_lease_with_the_same_session_id() -> None:

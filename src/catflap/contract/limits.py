@@ -226,9 +226,10 @@ FRAME_HEADER_MAX_BYTES = 14
 FRAME_SCANNER_PARTIAL_MAX_BYTES = FRAME_HEADER_MAX_BYTES + CONTROL_FRAME_MAX_PAYLOAD_BYTES
 #: The agent's 101 response head is a few hundred bytes; anything past this is not an agent.
 UPSTREAM_RESPONSE_HEAD_MAX_BYTES = 16 * 1024
-#: After both legs closed, how long the runtime may take to report that ``bot()`` ended:
-#: the bot's cancellation grace plus one missed ping. Past it the slot's instance is replaced
-#: (it may still run a bot) and the record says so.
+#: Past a session's ``max_session_duration``, how long the runtime may take to report that
+#: ``bot()`` ended: its time limit cancels the bot, which has ``BOT_CANCEL_GRACE_S``, plus one
+#: missed ping. Past it the slot's instance is replaced (it may still run a bot) and the
+#: record says so. (A bot may run on after its connection closes, for post-call work.)
 LEASE_END_TIMEOUT_S = BOT_CANCEL_GRACE_S + AGENT_PING_TIMEOUT_S
 #: After refusing a peer (an HTTP error, a close frame), the gateway shuts its write side and
 #: drops what the peer still sends for at most this long before closing: closing with unread

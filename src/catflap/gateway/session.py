@@ -358,12 +358,15 @@ async def relay_session(
     try:
         relay.start(client_pending=client_pending, agent_pending=reply.trailing)
         stats = await relay.done
-        end = await _bot_ended(gateway, lease, slog)
     except asyncio.CancelledError:
         relay.abort()
         raise
     finally:
+        # Both connections are closed: the session no longer counts against max_connections,
+        # even while its bot runs on (post-call work) until the runtime reports.
         gateway.relays.pop(accepted.session_id, None)
+    deadline = started + agent.config.max_session_duration + gateway.lease_end_timeout
+    end = await _bot_ended(gateway, lease, slog, deadline=deadline)
     record.finish(end, stats, drained=relay.drained, now=gateway.clock())
     gateway.sessions.ended_now(record)
     metrics.session_ended(agent.key, str(record.completion_status), relay.traffic())
@@ -379,17 +382,26 @@ async def relay_session(
     )
 
 
-async def _bot_ended(gateway: Gateway, lease: SessionLease, slog: SessionLog) -> SessionEnd:
-    """The runtime's report that ``bot()`` ended, within ``LEASE_END_TIMEOUT_S`` of the relay
-    ending. A runtime that never reports would hold the slot forever: its instance is
-    replaced instead (it may still run a bot) and the session recorded ``agent_crashed``."""
+async def _bot_ended(
+    gateway: Gateway, lease: SessionLease, slog: SessionLog, *, deadline: float
+) -> SessionEnd:
+    """The runtime's report that ``bot()`` ended, by ``deadline`` (``time.perf_counter()``).
+
+    A bot may run on after its connection closed (post-call work), but never past the
+    session's ``max_session_duration``: the runtime cancels it then, and kills its process
+    ``BOT_CANCEL_GRACE_S`` later. So the deadline is the session's start plus its duration
+    plus ``LEASE_END_TIMEOUT_S``. A runtime that has not reported by then would hold the slot
+    forever: its instance is replaced instead and the session recorded ``agent_crashed``.
+    """
     try:
-        return await asyncio.wait_for(asyncio.shield(lease.ended), gateway.lease_end_timeout)
+        return await asyncio.wait_for(
+            asyncio.shield(lease.ended), max(deadline - time.perf_counter(), 0.0)
+        )
     except TimeoutError:
         pass
     problem = (
-        f"the agent runtime did not report the end of bot() within "
-        f"{gateway.lease_end_timeout:g} s of the connection closing"
+        "the agent runtime did not report the end of bot() by the session's time limit "
+        f"plus {gateway.lease_end_timeout:g} s"
     )
     slog.error("! %s on %s; replacing the instance", problem, lease.instance_label)
     gateway.pool.abandon(lease, problem)
