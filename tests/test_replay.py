@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -563,6 +563,8 @@ def test_every_store_has_consume_and_release() -> None:
         max_size=40,
     )
 )
+# Found by CI: a jti remembered, then offered again with an exp already past.
+@example(events=[("consume", 0, 1, 0), ("consume", 0, 0, 0)])
 def test_sqlite_and_memory_stores_match_a_model_with_releases(
     events: list[tuple[str, int, int, int]],
 ) -> None:

@@ -63,6 +63,7 @@ _CONSUME = (
 _RELEASE = "DELETE FROM spent_tokens WHERE jti = ?"
 _PRUNE = "DELETE FROM spent_tokens WHERE exp <= ?"
 _COUNT = "SELECT COUNT(*) FROM spent_tokens WHERE exp > ?"
+_LIVE = "SELECT 1 FROM spent_tokens WHERE jti = ? AND exp > ?"
 #: Past this the WAL file is truncated when it restarts, so one burst does not keep it large.
 _WAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
 
@@ -164,8 +165,9 @@ class SqliteReplayStore:
     async def consume(self, jti: str, exp: int) -> bool:
         """Mark ``jti`` used until ``exp``; see :meth:`~catflap.auth.replay.ReplayStore.consume`.
 
-        A token already past ``exp`` is not remembered and returns ``True``, as in
-        :class:`~catflap.auth.replay.MemoryReplayStore`.
+        As in :class:`~catflap.auth.replay.MemoryReplayStore`, a jti still remembered is
+        refused whatever ``exp`` is given, and a new one already past ``exp`` is accepted
+        without being written down.
 
         Raises:
             ServiceUnavailable: 503, the file cannot be written (a token is never accepted
@@ -173,7 +175,12 @@ class SqliteReplayStore:
         """
         now = self._clock()
         if exp <= now:
-            return True
+            # Nothing left to protect: not written down, but a jti still remembered (under
+            # a later exp) stays refused.
+            try:
+                return self._db.execute(_LIVE, (jti, now)).fetchone() is None
+            except sqlite3.Error as exc:
+                raise self._unavailable("checking a token", exc) from None
         if self._maintenance is None and not self._closed:
             self._maintenance = asyncio.get_running_loop().create_task(
                 self._maintain_forever(), name="replay store maintenance"
