@@ -475,3 +475,23 @@ def _read_all(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "Host: 127.0.0.1\r\n" + "".join(f"X-H{i}: v\r\n" for i in range(123)),
+        "Host: 127.0.0.1\r\nX-Forwarded-For: " + "1" * 8170 + "\r\n",
+    ],
+    ids=["123-headers", "long-x-forwarded-for"],
+)
+def test_heads_that_grow_past_the_agent_limits_when_forwarded_get_431(
+    gateway: HostileGateway, headers: str
+) -> None:
+    """Within the gateway's own bounds, but over the agent's once the gateway adds its lines
+    and merges X-Forwarded-For: refused here (431), never sent to an instance."""
+    status, body, took = asyncio.run(refused(gateway.port, upgrade(OPEN, headers)))
+    assert (status, body["code"]) == (431, "headers_too_large")
+    assert took < seconds(1.0)
+    assert "attempt" not in gateway.log_text()  # no instance was tried
+    assert_healthy(gateway)

@@ -25,7 +25,7 @@ from catflap.config import CatflapConfig
 from catflap.contract import limits
 from catflap.contract.errors import CatflapMisuse, ServiceUnavailable
 from catflap.gateway.server import Gateway
-from catflap.gateway.session import connect_agent
+from catflap.gateway.session import connect_agent, reach_agent
 from catflap.gateway.upstream import AgentSilent, open_upstream
 from catflap.pool.instance import Instance, InstanceState
 
@@ -221,3 +221,76 @@ async def test_a_token_refused_for_readiness_is_not_spent() -> None:
         assert isinstance(replay, MemoryReplayStore)
         assert len(replay) == 0  # the jti was given back
         assert await replay.consume(claims.jti, claims.exp)  # first use is still ahead
+
+
+class _AnsweringAgent:
+    """A unix socket that answers every upgrade with ``answer`` (or, with None, never)."""
+
+    def __init__(self, folder: str, answer: bytes | None) -> None:
+        self.path = str(Path(folder) / "agent.sock")
+        self.answer = answer
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+        self.done = asyncio.Event()
+
+    async def __aenter__(self) -> _AnsweringAgent:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.writers.append(writer)
+            await reader.readuntil(b"\r\n\r\n")
+            if self.answer is None:
+                await self.done.wait()  # silent until the test ends
+            else:
+                writer.write(self.answer)
+                await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_unix_server(handle, self.path)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.done.set()
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+def _dispatch_fixture(address: str) -> tuple[_OneLeasePool, SimpleNamespace, SimpleNamespace]:
+    pool = _OneLeasePool(address)
+    claims = SimpleNamespace(jti="jti-1", exp=int(time.time()) + 300)
+    gateway = SimpleNamespace(pool=pool, upstream_timeout=0.3, replay=MemoryReplayStore())
+    accepted = SimpleNamespace(
+        agent=SimpleNamespace(key="a.o", service_host=SimpleNamespace(agent="a", org="o")),
+        session_id="jti-1",
+        claims=claims,
+    )
+    return pool, gateway, accepted
+
+
+@pytest.mark.parametrize(
+    ("answer", "retried", "token_back"),
+    [
+        (b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n", False, True),
+        (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n", True, True),
+        (None, False, False),
+    ],
+    ids=["refused-400", "draining-503", "silent"],
+)
+async def test_which_agent_answers_are_retried_and_which_keep_the_token_spent(
+    answer: bytes | None, retried: bool, token_back: bool
+) -> None:
+    """An agent's refusal is its verdict on the request (no retry elsewhere, which would
+    cold-start instances for a request every agent refuses); 503 is a draining instance
+    (retried). A refusal gives the token back; an upgrade written and never answered may
+    have started a bot, so its token stays spent."""
+    with tempfile.TemporaryDirectory(prefix="cfans") as folder:
+        async with _AnsweringAgent(folder, answer) as agent:
+            pool, gateway, accepted = _dispatch_fixture(f"unix:{agent.path}")
+            assert await gateway.replay.consume("jti-1", accepted.claims.exp)
+            lease = pool._lease("jti-1")
+            with pytest.raises(ServiceUnavailable):
+                await reach_agent(gateway, accepted, lease, b"GET /ws HTTP/1.1\r\n\r\n")  # type: ignore[arg-type]
+    assert pool.acquired == (limits.DISPATCH_ATTEMPTS - 1 if retried else 0)
+    assert len(gateway.replay) == (0 if token_back else 1)

@@ -112,7 +112,8 @@ REQUEST_HEAD_TIMEOUT_S = 10.0
 #: agent runtime's handshake parser enforces too, so the gateway refuses (431) what the agent
 #: would choke on instead of forwarding it. Applies to every request on a connection.
 REQUEST_HEADER_LINES_MAX = 128
-#: The longest single header line (name + value): websockets' ``MAX_LINE_LENGTH`` and nginx's
+#: The longest single header line (name, ": ", value, CRLF): websockets' ``MAX_LINE_LENGTH``
+#: (it counts the CRLF) and nginx's
 #: ``large_client_header_buffers`` buffer size (8 KiB). Longer lines get 431.
 REQUEST_HEADER_LINE_MAX_BYTES = 8 * 1024
 #: A request body (the control API's JSON) must be complete this long after its head; nginx's

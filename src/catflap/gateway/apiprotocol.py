@@ -200,7 +200,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         line = len(name) + len(value) + 2
         self._lines += 1
         self._visible += line + 2  # and its CRLF
-        if line > limits.REQUEST_HEADER_LINE_MAX_BYTES:
+        if line + 2 > limits.REQUEST_HEADER_LINE_MAX_BYTES:  # CRLF included, as in front.py
             message = f"header line longer than {limits.REQUEST_HEADER_LINE_MAX_BYTES} bytes"
         elif self._lines > limits.REQUEST_HEADER_LINES_MAX:
             message = f"more than {limits.REQUEST_HEADER_LINES_MAX} header lines"

@@ -86,9 +86,10 @@ class HeadParser:
             )
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # The agent runtime's handshake parser (websockets) allows 128 lines of 8 KiB: refuse
-        # here what it would refuse there, before any slot is reserved for the session.
-        if len(name) + len(value) + 2 > limits.REQUEST_HEADER_LINE_MAX_BYTES:
+        # The agent runtime's handshake parser (websockets) allows 128 lines of 8 KiB, CRLF
+        # included: refuse here what it would refuse there, before any slot is reserved
+        # (upstream.check_forwardable then checks the head as it will be forwarded).
+        if len(name) + len(value) + 4 > limits.REQUEST_HEADER_LINE_MAX_BYTES:
             raise HeadersTooLarge(
                 f"header line longer than {limits.REQUEST_HEADER_LINE_MAX_BYTES} bytes"
             )

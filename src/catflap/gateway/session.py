@@ -43,6 +43,7 @@ from catflap.gateway.upstream import (
     AgentSilent,
     UpstreamReply,
     build_upstream_request,
+    check_forwardable,
     open_upstream,
 )
 from catflap.logs import SessionLog, session_log
@@ -60,6 +61,8 @@ __all__ = [
     "admit",
     "connect_agent",
     "give_token_back",
+    "Delivery",
+    "reach_agent",
     "relay_session",
     "run_session",
     "start_on_agent",
@@ -79,6 +82,7 @@ async def run_session(
         if gateway.draining:
             raise Draining("the gateway is shutting down; connect again to reach another one")
         accepted = check_upgrade(head, gateway.directory, gateway.keyring, now=gateway.clock())
+        check_forwardable(head, own_key=accepted.provider is not None)
     except RequestRejected as rejected:
         refuse(gateway, conn, head, rejected, None)
         return
@@ -227,7 +231,12 @@ async def admit(gateway: Gateway, accepted: UpgradeAccepted) -> SessionLease:
         AgentNotReady: 503.
     """
     if accepted.claims is not None:
-        await consume_or_reject(gateway.replay, accepted.claims)
+        try:
+            await consume_or_reject(gateway.replay, accepted.claims)
+        except asyncio.CancelledError:
+            # The client left while the store was answering: the jti may be spent.
+            await give_token_back(gateway, accepted)
+            raise
     try:
         lease = await gateway.pool.acquire(_agent(accepted).key, accepted.session_id)
     except BaseException:
@@ -260,21 +269,49 @@ async def start_on_agent(
         RequestRejected: 403, 429 or 503, as :func:`admit` and :func:`connect_agent`.
     """
     lease = await admit(gateway, accepted)
+    return await reach_agent(gateway, accepted, lease, request)
+
+
+@dataclasses.dataclass
+class Delivery:
+    """Whether a forwarded upgrade may have started a bot: written to an instance that has
+    not answered it (yet). The token of such a session stays spent."""
+
+    maybe_started: bool = False
+
+
+async def reach_agent(
+    gateway: Gateway, accepted: UpgradeAccepted, lease: SessionLease, request: bytes
+) -> tuple[SessionLease, UpstreamReply]:
+    """:func:`connect_agent`; on failure the token is given back, unless the upgrade may have
+    reached an agent that started ``bot()`` (no answer came: silent, or the client left).
+
+    Raises:
+        RequestRejected: as :func:`connect_agent`.
+    """
+    delivery = Delivery()
     try:
-        return await connect_agent(gateway, accepted, lease, request)
+        return await connect_agent(gateway, accepted, lease, request, delivery)
     except BaseException:
-        await give_token_back(gateway, accepted)
+        if not delivery.maybe_started:
+            await give_token_back(gateway, accepted)
         raise
 
 
 async def connect_agent(
-    gateway: Gateway, accepted: UpgradeAccepted, lease: SessionLease, request: bytes
+    gateway: Gateway,
+    accepted: UpgradeAccepted,
+    lease: SessionLease,
+    request: bytes,
+    delivery: Delivery | None = None,
 ) -> tuple[SessionLease, UpstreamReply]:
     """Forward the upgrade to the leased instance and wait for its 101.
 
-    An instance that cannot be reached is given up and another one leased, up to
-    ``DISPATCH_ATTEMPTS`` in all. This function owns ``lease``: on failure it has been
-    cancelled.
+    An instance that cannot be reached, or that answers 503 (it is draining), is given up
+    and another one leased, up to ``DISPATCH_ATTEMPTS`` in all; any other answer is the
+    agent's verdict on this request and is not tried elsewhere. This function owns ``lease``:
+    on failure it has been cancelled. ``delivery`` says, on failure, whether the last upgrade
+    was written and never answered.
 
     Returns:
         The lease that worked (perhaps not the one passed in) and the agent's reply.
@@ -284,20 +321,30 @@ async def connect_agent(
         AtCapacity: 429, no other instance was free for a retry.
     """
     tried: set[str] = set()
+    delivery = delivery if delivery is not None else Delivery()
+
+    def sent() -> None:
+        delivery.maybe_started = True
+
     for attempt in range(1, limits.DISPATCH_ATTEMPTS + 1):
         tried.add(lease.instance_key)
+        delivery.maybe_started = False
         try:
-            reply = await open_upstream(lease.address, request, timeout=gateway.upstream_timeout)
+            reply = await open_upstream(
+                lease.address, request, timeout=gateway.upstream_timeout, on_sent=sent
+            )
             if reply.status == 101:
                 return lease, reply
+            delivery.maybe_started = False  # it answered, and refused: no bot started
             reply.transport.abort()
             problem = f"the agent refused the session with HTTP {reply.status}"
+            final = reply.status != 503
         except AgentSilent:
             # Connected but no answer: the request may be what stalls it, so no retry.
             gateway.pool.cancel(lease)
             raise
         except ServiceUnavailable as unreachable:
-            problem = unreachable.message
+            problem, final = unreachable.message, False
         except BaseException:
             gateway.pool.cancel(lease)
             raise
@@ -305,7 +352,7 @@ async def connect_agent(
         accepted_log(accepted).warning(
             "! attempt %d: %s at %s", attempt, problem, lease.instance_label
         )
-        if attempt == limits.DISPATCH_ATTEMPTS:
+        if final or attempt == limits.DISPATCH_ATTEMPTS:
             raise ServiceUnavailable(f"{problem}; retry shortly")
         lease = await gateway.pool.acquire(
             _agent(accepted).key, accepted.session_id, avoid=frozenset(tried)

@@ -43,10 +43,10 @@ from catflap.gateway.session import (
     ClientLeft,
     accepted_log,
     admit,
-    connect_agent,
     count_refusal,
     give_token_back,
     loggable,
+    reach_agent,
     refuse,
     relay_session,
     while_client_waits,
@@ -276,15 +276,13 @@ async def run_provider_session(
         owned, lease = lease, None  # connect_agent owns it now
         try:
             (session_lease, reply), early = await while_client_waits(
-                conn, connect_agent(gateway, accepted, owned, request)
+                conn, reach_agent(gateway, accepted, owned, request)
             )
             rest += early
         except ClientLeft:
-            await give_token_back(gateway, accepted)
             slog.info("! %s: client left before its session started", provider.name)
             return
         except RequestRejected as unreachable:
-            await give_token_back(gateway, accepted)
             slog.warning("! %s", unreachable.message)
             conn.close_websocket(CloseCode.BAD_GATEWAY, "the agent could not be reached")
             return

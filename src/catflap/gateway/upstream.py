@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
 from catflap.contract import headers as hdrs
 from catflap.contract import limits
-from catflap.contract.errors import CatflapMisuse, ServiceUnavailable
+from catflap.contract.errors import CatflapMisuse, HeadersTooLarge, ServiceUnavailable
 from catflap.gateway.httphead import RequestHead
 from catflap.gateway.upgrade import UpgradeAccepted
 
-__all__ = ["AgentSilent", "UpstreamReply", "build_upstream_request", "open_upstream"]
+__all__ = [
+    "AgentSilent",
+    "UpstreamReply",
+    "build_upstream_request",
+    "check_forwardable",
+    "open_upstream",
+]
 
 
 class AgentSilent(ServiceUnavailable):
@@ -75,7 +82,6 @@ def build_upstream_request(
     target = hdrs.AGENT_PATH
     if accepted.body is not None:
         target += f"?{hdrs.QUERY_BODY}={accepted.body.forward}"
-    drop_authorization = accepted.claims is not None
     lines = [
         f"GET {target} HTTP/1.1",
         "host: catflap-agent",
@@ -88,6 +94,54 @@ def build_upstream_request(
         lines.append(f"{hdrs.TRANSPORT_TYPE_HEADER}: {transport_type}")
     if websocket_key is not None:
         lines += [f"sec-websocket-key: {websocket_key}", "sec-websocket-version: 13"]
+    lines += _client_lines(
+        head,
+        client_host=client_host,
+        drop_authorization=accepted.claims is not None,
+        own_key=websocket_key is not None,
+    )
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+#: Header lines the gateway itself may put in a forwarded upgrade: host, upgrade, connection,
+#: the session id, its time budget, the transport type, and (provider endpoints) a WebSocket
+#: key and version of its own.
+_OWN_HEADER_LINES = 8
+#: The longest client address appended to ``X-Forwarded-For`` (an IPv6 address, text form).
+_CLIENT_HOST_MAX_CHARS = 45
+
+
+def check_forwardable(head: RequestHead, *, own_key: bool) -> None:
+    """Refuse a head whose forwarded upgrade the agent runtime's parser would refuse.
+
+    The runtime (websockets) reads at most ``REQUEST_HEADER_LINES_MAX`` header lines of at
+    most ``REQUEST_HEADER_LINE_MAX_BYTES`` each, CRLF included; the gateway adds lines of its
+    own and merges every ``X-Forwarded-For`` into one. Checked before any slot is reserved:
+    a head the agent would refuse must not cost an instance (or three, with retries).
+
+    Raises:
+        HeadersTooLarge: 431.
+    """
+    lines = _client_lines(
+        head, client_host="x" * _CLIENT_HOST_MAX_CHARS, drop_authorization=False, own_key=own_key
+    )
+    if len(lines) + _OWN_HEADER_LINES > limits.REQUEST_HEADER_LINES_MAX:
+        raise HeadersTooLarge(
+            f"too many header lines to forward: at most "
+            f"{limits.REQUEST_HEADER_LINES_MAX - _OWN_HEADER_LINES}"
+        )
+    if any(len(line) + 2 > limits.REQUEST_HEADER_LINE_MAX_BYTES for line in lines):
+        raise HeadersTooLarge(
+            f"a header line (X-Forwarded-For values are merged into one) would be longer "
+            f"than {limits.REQUEST_HEADER_LINE_MAX_BYTES} bytes"
+        )
+
+
+def _client_lines(
+    head: RequestHead, *, client_host: str | None, drop_authorization: bool, own_key: bool
+) -> list[str]:
+    """The forwarded upgrade's header lines that come from the client."""
+    lines = []
     forwarded_for = [v for k, v in head.headers if k == "x-forwarded-for"]
     if client_host:
         forwarded_for.append(client_host)
@@ -98,10 +152,10 @@ def build_upstream_request(
             continue
         if name == "authorization" and drop_authorization:
             continue
-        if websocket_key is not None and name.startswith("sec-websocket-"):
+        if own_key and name.startswith("sec-websocket-"):
             continue
         lines.append(f"{name}: {value}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,11 +201,13 @@ async def open_upstream(
     request: bytes,
     *,
     timeout: float,  # noqa: ASYNC109
+    on_sent: Callable[[], None] | None = None,
 ) -> UpstreamReply:
     """Connect to an instance, send the upgrade, and wait for its response head.
 
     Args:
         address: ``unix:/path`` or ``tcp:host:port``, as the runtime reported it.
+        on_sent: called once the request is written (from then on a bot may start).
 
     Raises:
         AgentSilent: 503, connected, but no answer to the upgrade in time.
@@ -174,6 +230,8 @@ async def open_upstream(
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             transport.write(request)
             connected = True
+            if on_sent is not None:
+                on_sent()
             try:
                 head, trailing = await protocol.done
             except BaseException:
