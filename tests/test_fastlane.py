@@ -690,3 +690,36 @@ async def test_a_tls_session_never_enters_the_lane(tls_certificate: tuple[Path, 
         lane.close()
         agent_far.close()
         server.close()
+
+
+async def test_a_session_whose_second_leg_cannot_join_moves_no_byte(tmp_path: Path) -> None:
+    """``enter`` adds the client leg to the epoll before the agent leg. If the second add
+    fails (here: a regular file, which epoll refuses), the call raises, the first leg's bytes
+    stay unread for Python, and the lane frees the session itself, later, on its thread."""
+    lane = fastlane.FastLane()
+    client_far, client_near = socket.socketpair()
+    regular = open(tmp_path / "not-a-socket", "wb")  # noqa: SIM115, ASYNC230
+    try:
+        client_far.sendall(b"\x82\x01a" * 100)  # readable at once on the first leg
+        with pytest.raises(OSError):
+            lane.enter(_NoUser(), (client_near.fileno(), regular.fileno()), ((0, b""), (0, b"")))
+        await asyncio.sleep(0.05)  # the thread had every chance to read the first leg
+        client_near.setblocking(False)
+        assert client_near.recv(1000) == b"\x82\x01a" * 100  # nothing was taken
+        assert lane.active == 0
+        # The lane is unharmed: another session goes through it.
+        async with lane_session() as session:
+            await session.wait_in_lane()
+            frame = encode(0x2, b"ok", masked=True)
+            session.client.sendall(frame)
+            assert await session.recv_exactly(session.agent, len(frame)) == frame
+    finally:
+        regular.close()
+        client_far.close()
+        client_near.close()
+        lane.close()
+
+
+class _NoUser:
+    def lane_returned(self, reason: int, client: LegReturn, agent: LegReturn) -> None:
+        raise AssertionError("a session that never entered was handed back")

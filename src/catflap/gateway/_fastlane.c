@@ -59,7 +59,8 @@ enum reason {
     R_FAILED = 6,        /* an allocation failed: the session must end (see "dropped", "cut") */
     R_CONTROL_FRAME = 7, /* a control frame over 125 bytes or without FIN: Python's to judge */
 };
-enum state { S_ACTIVE = 1, S_BACK = 2, S_TAKEN = 3 };
+/* S_ENTERING: joining the epoll; the thread leaves it alone until both legs are in. */
+enum state { S_ACTIVE = 1, S_BACK = 2, S_TAKEN = 3, S_ENTERING = 4 };
 
 struct session;
 
@@ -351,7 +352,8 @@ static void *run(void *arg) {
                 (void)r;
                 continue;
             }
-            if (leg->session->state == S_ACTIVE) on_readable(lane, leg, buf);
+            if (__atomic_load_n(&leg->session->state, __ATOMIC_ACQUIRE) == S_ACTIVE)
+                on_readable(lane, leg, buf);
         }
     }
     pthread_mutex_lock(&lane->lock);
@@ -503,7 +505,7 @@ static PyObject *Lane_enter(Lane *self, PyObject *args) {
             return NULL;
         }
     }
-    s->state = S_ACTIVE;
+    s->state = S_ENTERING;
     pthread_mutex_lock(&self->lock);
     if (self->stopping || (self->nfree == 0 && grow_slots_locked(self) < 0)) {
         pthread_mutex_unlock(&self->lock);
@@ -516,19 +518,26 @@ static PyObject *Lane_enter(Lane *self, PyObject *args) {
     }
     uint32_t slot = self->free_slots[--self->nfree];
     s->handle = ((uint64_t)self->generations[slot] << 32) | slot;
-    /* Both fds join the epoll under the lock, so the thread cannot hand back in between. */
+    /* Both fds join the epoll under the lock, so the thread cannot hand back in between, and
+     * while the session is S_ENTERING the thread skips its events (level-triggered, they come
+     * again), so no byte moves before both legs are in. */
     for (int i = 0; i < 2; i++) {
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &s->legs[i]};
         if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, fds[i], &ev) < 0) {
             int err = errno;
             if (i == 1) epoll_ctl(self->epfd, EPOLL_CTL_DEL, fds[0], NULL);
             self->free_slots[self->nfree++] = slot;
+            /* The thread may hold an event naming the first leg from its current batch: the
+             * session is freed by the thread, at its next housekeeping, not here. */
+            s->state = S_TAKEN;
+            s->next = self->to_free;
+            self->to_free = s;
             pthread_mutex_unlock(&self->lock);
-            free(s);
             errno = err;
             return PyErr_SetFromErrno(PyExc_OSError);
         }
     }
+    __atomic_store_n(&s->state, S_ACTIVE, __ATOMIC_RELEASE);
     self->slots[slot] = s;
     self->active++;
     uint64_t handle = s->handle;
