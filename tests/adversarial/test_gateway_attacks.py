@@ -103,6 +103,19 @@ def test_twilio_ping_flood_is_refused_with_1002_in_bounded_memory(
     assert_healthy(relay_gateway)
 
 
+def test_a_huge_control_frame_before_start_is_refused_at_its_header(
+    relay_gateway: HostileGateway,
+) -> None:
+    """A close frame declaring 16 MiB in the opening: 1002 from its first two bytes, not a
+    wait for a payload (nor 1008 as an oversized opening message)."""
+    bad = client_frame(0x8, b"\x03\xe8", declared=16 * 1024 * 1024)
+    with RssWatch(relay_gateway.pid) as watch:
+        code, took = _twilio_flood(relay_gateway.port, bad + b"\x00" * 60_000, seconds_max=3)
+    assert code == 1002
+    assert took < seconds(1.0)
+    watch.assert_below(16 * MiB)
+
+
 def test_twilio_opening_is_bounded_in_frames_and_bytes(relay_gateway: HostileGateway) -> None:
     """Row 1: small valid pings, or big text frames, never make a 'start': close 1008 once the
     opening passes its frame or byte bound, long before the handshake deadline."""
@@ -285,6 +298,7 @@ def test_control_frame_over_125_bytes_ends_the_session_with_1002(
     watch.assert_below(16 * MiB)
     record = _record(relay_gateway, OPEN_AGENT, session_id)
     assert record["gatewayCloseCode"] == 1002
+    assert record["bytesClientToAgent"] == 0  # the bad frame and the junk were dropped
     assert_healthy(relay_gateway)
 
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 from catflap.contract import limits
 from catflap.contract.closecodes import assert_sendable
 
-__all__ = ["FrameReader", "FrameScanner", "ReadFrame", "close_frame"]
+__all__ = ["ControlFrameError", "FrameReader", "FrameScanner", "ReadFrame", "close_frame"]
 
 _OP_CLOSE = 0x8
 _CONTROL = 0x08  # opcodes 0x8-0xF are control frames
@@ -193,6 +193,10 @@ class FrameScanner:
             self.close_code = 1005  # "no status received", as RFC 6455 reports it locally
 
 
+class ControlFrameError(ValueError):
+    """A control frame breaks RFC 6455 5.5 (over 125 bytes, or fragmented): close 1002."""
+
+
 class ReadFrame(NamedTuple):
     opcode: int
     fin: bool
@@ -229,6 +233,7 @@ class FrameReader:
         """The next complete frame, or None until more bytes arrive.
 
         Raises:
+            ControlFrameError: a control frame declares more than 125 bytes, or is fragmented.
             ValueError: the frame is larger than ``max_frame``.
         """
         buf = self._buffer
@@ -246,6 +251,11 @@ class FrameReader:
             if len(buf) < head:
                 return None
             length = int.from_bytes(buf[2:10], "big")
+        if buf[0] & _CONTROL and (
+            length > limits.CONTROL_FRAME_MAX_PAYLOAD_BYTES or not buf[0] & _FIN
+        ):
+            # Known from the first two bytes: never wait for such a frame's payload.
+            raise ControlFrameError("control frame over 125 bytes or fragmented (RFC 6455 5.5)")
         if length > self._max_frame:
             raise ValueError(f"frame of {length} bytes exceeds {self._max_frame}")
         masked = bool(buf[1] & 0x80)

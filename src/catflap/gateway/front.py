@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
@@ -43,6 +44,18 @@ def _enable_keepalive(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, limits.TCP_KEEPALIVE_IDLE_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, limits.TCP_KEEPALIVE_INTERVAL_S)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, limits.TCP_KEEPALIVE_COUNT)
+
+
+_last_capacity_warning = 0.0
+
+
+def _warn_at_capacity(message: str) -> None:
+    """Log the connection budget being full at most once a second (a flood would flood it)."""
+    global _last_capacity_warning
+    now = time.monotonic()
+    if now - _last_capacity_warning >= 1.0:
+        _last_capacity_warning = now
+        log.warning("! %s", message)
 
 
 def _discard(data: bytes | None) -> None:
@@ -88,9 +101,18 @@ class GatewayConnection(asyncio.Protocol):
             f"the gateway holds its maximum of {gateway.config.gateway.max_connections} "
             "connections; retry shortly"
         )
-        log.warning("! %s; dropping the oldest connection without a request", refusal.message)
+        _warn_at_capacity(
+            refusal.message
+            + ("; refusing new ones" if idle is None else "; dropping the oldest idle one")
+        )
         if idle is None:
-            self.reject(refusal)
+            # Not lingering: a newcomer has sent nothing yet, so closing cannot reset its
+            # answer, and a connect flood must not hold uncounted sockets for seconds.
+            count_refusal(gateway, str(refusal.status), refusal)
+            self._parser = None
+            self._cancel_timer()
+            self.transport.write(http_error_response(refusal))
+            self.transport.close()
             return False
         idle.reject(refusal)
         return True

@@ -250,6 +250,8 @@ class Relay:
         """
         peer = leg.peer
         assert peer is not None
+        # Only what was relayed counts as relayed: the bad frame and all after it are dropped.
+        leg.bytes_in -= len(data) - max(broken_at, 0)
         if broken_at > 0 and not peer.closed:
             peer.transport.write(data[:broken_at])
         if self._gateway_close is not None or self.done.done():

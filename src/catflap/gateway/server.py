@@ -150,18 +150,11 @@ class Gateway:
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
-        # Bind first: a taken port must leave nothing started behind (no lane thread either).
+        # Bind first (and the metrics listener): a taken port must leave nothing started behind,
+        # no lane thread either.
         self._server = await loop.create_server(
             lambda: GatewayConnection(self), host, port, reuse_address=True, backlog=2048
         )
-        if self.config.gateway.native_relay:
-            if fastlane.available():
-                self.lane = fastlane.FastLane()
-            else:
-                log.warning(
-                    "the fast lane extension is not built, so sessions relay on the event loop "
-                    "(more CPU per frame); reinstall catflap where a C compiler is available"
-                )
         log.info("= gateway listening on %s:%d", host, self.port)
         metrics_address = self.config.gateway.metrics_host_port
         if metrics_address is not None:
@@ -173,6 +166,14 @@ class Gateway:
                 self._server.close()
                 raise
             self.metrics_listener = listener
+        if self.config.gateway.native_relay:
+            if fastlane.available():
+                self.lane = fastlane.FastLane()
+            else:
+                log.warning(
+                    "the fast lane extension is not built, so sessions relay on the event loop "
+                    "(more CPU per frame); reinstall catflap where a C compiler is available"
+                )
 
     # --- shutdown ------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from catflap.contract.errors import (
     RequestRejected,
     ServiceUnavailable,
 )
-from catflap.gateway.frames import FrameReader
+from catflap.gateway.frames import ControlFrameError, FrameReader
 from catflap.gateway.httphead import RequestHead
 from catflap.gateway.providers import HandshakeDone, HandshakeInvalid, Provider, ProviderHandshake
 from catflap.gateway.session import (
@@ -105,7 +105,7 @@ async def read_opening(
     reader = FrameReader(max_frame=limits.PROVIDER_OPENING_FRAME_MAX_BYTES)
     judge = ProviderHandshake(provider)
     arrived = asyncio.Event()
-    ended = False
+    ended = conn.lost  # it may have gone in the very turn its admission finished
     #: Never hold more than the whole opening may be, plus one frame header, plus one read.
     buffer_cap = limits.PROVIDER_OPENING_MAX_BYTES + limits.FRAME_HEADER_MAX_BYTES
 
@@ -129,6 +129,8 @@ async def read_opening(
             while True:
                 try:
                     frame = reader.next_frame()
+                except ControlFrameError as exc:
+                    raise HandshakeFailed(str(exc), CloseCode.PROTOCOL_ERROR) from None
                 except ValueError as exc:
                     raise HandshakeFailed(f"{provider.expectation()}; {exc}") from None
                 if frame is None:
@@ -141,13 +143,6 @@ async def read_opening(
                         conn.transport.resume_reading()
                     await arrived.wait()
                     continue
-                if frame.opcode & 0x8 and (
-                    len(frame.payload) > limits.CONTROL_FRAME_MAX_PAYLOAD_BYTES or not frame.fin
-                ):
-                    raise HandshakeFailed(
-                        "control frame over 125 bytes or fragmented (RFC 6455 5.5)",
-                        CloseCode.PROTOCOL_ERROR,
-                    )
                 if frame.opcode == _OP_CLOSE:
                     raise HandshakeFailed("closed before the opening messages")
                 opening += frame.raw
