@@ -296,3 +296,16 @@ def catflap_serve(
         reader.join(timeout=seconds(5))
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """With ``CATFLAP_NO_SKIPS=1`` (``.ci/run`` sets it), a skipped test fails: a test that
+    needs a service (Redis, PostgreSQL, Chromium) skips on a developer's machine that lacks
+    it, but CI must never pass by skipping."""
+    outcome: Any = yield
+    report = outcome.get_result()
+    if os.environ.get("CATFLAP_NO_SKIPS") == "1" and report.skipped:
+        if not hasattr(report, "wasxfail"):
+            report.outcome = "failed"
+            report.longrepr = f"skipped, and CI runs every test: {report.longrepr}"
