@@ -305,7 +305,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     it, but CI must never pass by skipping."""
     outcome: Any = yield
     report = outcome.get_result()
-    if os.environ.get("CATFLAP_NO_SKIPS") == "1" and report.skipped:
-        if not hasattr(report, "wasxfail"):
-            report.outcome = "failed"
-            report.longrepr = f"skipped, and CI runs every test: {report.longrepr}"
+    no_skips = os.environ.get("CATFLAP_NO_SKIPS") == "1"
+    if no_skips and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and CI runs every test: {report.longrepr}"
