@@ -72,6 +72,8 @@ class GatewayConnection(asyncio.Protocol):
         self._parser: HeadParser | None = HeadParser()
         self._timer: asyncio.TimerHandle | None = None
         self.lost = False
+        #: True once a 101 went out: from then on a failure is a close frame, not an HTTP error.
+        self.upgraded = False
         #: While a provider's opening messages are read, bytes go here instead.
         self.sink: Callable[[bytes | None], None] | None = None
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from catflap.auth.replay import consume_or_reject
 from catflap.contract import headers as hdrs
 from catflap.contract import limits
+from catflap.contract.closecodes import CloseCode
 from catflap.contract.errors import (
     CatflapMisuse,
     Draining,
@@ -76,7 +77,26 @@ T = TypeVar("T")
 async def run_session(
     gateway: Gateway, conn: GatewayConnection, head: RequestHead, trailing: bytes
 ) -> None:
-    """Take one upgrade request from check to record. Never raises."""
+    """Take one upgrade request from check to record. Never raises: an unexpected error is
+    logged and the connection answered 500 (before the upgrade) or dropped (after it), so it
+    can never be left open and unanswered."""
+    try:
+        await _run_session(gateway, conn, head, trailing)
+    except Exception:
+        log.exception("! unexpected error in a session for %s", loggable(head.path))
+        if conn.transport.is_closing():
+            return
+        if conn.transport.get_protocol() is not conn:
+            conn.transport.abort()  # a relay owns it: its legs see the end
+        elif conn.upgraded:
+            conn.close_websocket(CloseCode.INTERNAL_ERROR, InternalError.code)
+        else:
+            conn.reject(InternalError("internal error in the gateway; see its log"))
+
+
+async def _run_session(
+    gateway: Gateway, conn: GatewayConnection, head: RequestHead, trailing: bytes
+) -> None:
     started = time.perf_counter()
     try:
         if gateway.draining:
@@ -116,6 +136,7 @@ async def run_session(
         log.exception("! unexpected error while starting a session for %s", loggable(head.path))
         conn.reject(InternalError("internal error while starting the session; see the log"))
         return
+    conn.upgraded = True
     conn.transport.write(reply.head)  # the agent's 101, valid for the client's own key
     await relay_session(
         gateway, conn, accepted, lease, reply, client_pending=trailing + early, started=started

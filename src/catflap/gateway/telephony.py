@@ -209,6 +209,7 @@ async def run_provider_session(
             refuse(gateway, conn, head, rejected, accepted)
             return
     key = head.header("sec-websocket-key") or ""
+    conn.upgraded = True
     conn.transport.write(accept_response(key))
     try:
         # 2. The provider's opening messages.
