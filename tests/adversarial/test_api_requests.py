@@ -717,11 +717,18 @@ async def test_unit_a_refusal_lingers_then_aborts(
     monkeypatch.setattr(limits, "LINGERING_CLOSE_S", 0.1)
     h = harness()
     h.feed(b"GET / HTTP/1.1\r\n" + _lines(limits.REQUEST_HEADER_LINES_MAX + 1) + b"\r\n")
-    h.feed(_GET, b"X" * 100_000)
+    h.feed(_GET, b"X" * 1000)
     await _settle()
     assert [r.status for r in h.responses()] == [431]
     assert h.transport.eof and not h.transport.closing
     await _settle(0.15)
+    assert h.transport.aborted
+    # A peer that floods past LINGERING_CLOSE_MAX_BYTES meanwhile is cut at once.
+    h = harness()
+    h.feed(b"GET / HTTP/1.1\r\n" + _lines(limits.REQUEST_HEADER_LINES_MAX + 1) + b"\r\n")
+    h.feed(b"X" * limits.LINGERING_CLOSE_MAX_BYTES)
+    assert h.transport.eof and not h.transport.aborted
+    h.feed(b"X")
     assert h.transport.aborted
     # A peer that closes first ends it at once (uvicorn's eof_received closes).
     h = harness()

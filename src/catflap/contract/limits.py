@@ -25,6 +25,7 @@ __all__ = [
     "IDLE_REAP_S",
     "KEEPALIVE_IDLE_TIMEOUT_S",
     "LEASE_END_TIMEOUT_S",
+    "LINGERING_CLOSE_MAX_BYTES",
     "LINGERING_CLOSE_S",
     "LOGS_LIMIT_DEFAULT",
     "LOGS_LIMIT_MAX",
@@ -237,6 +238,9 @@ LEASE_END_TIMEOUT_S = BOT_CANCEL_GRACE_S + AGENT_PING_TIMEOUT_S
 #: input sends a reset that can destroy the answer (nginx ``lingering_close``; its
 #: ``lingering_timeout`` is 5 s).
 LINGERING_CLOSE_S = 2.0
+#: ...and drops at most this many bytes: a peer still sending past it is flooding, not about to
+#: read the answer, and reading its flood would cost the gateway CPU that live calls need.
+LINGERING_CLOSE_MAX_BYTES = 64 * 1024
 #: A close reason is at most 123 bytes: a control frame's payload is 125, 2 of them the code.
 CLOSE_REASON_MAX_BYTES = 123
 
@@ -301,6 +305,7 @@ PEER_INPUT_LIMITS: frozenset[str] = frozenset(
         "CONTROL_FRAME_MAX_PAYLOAD_BYTES",
         "FRAME_SCANNER_PARTIAL_MAX_BYTES",
         "KEEPALIVE_IDLE_TIMEOUT_S",
+        "LINGERING_CLOSE_MAX_BYTES",
         "LINGERING_CLOSE_S",
         "LOGS_LIMIT_MAX",
         "LOGS_PAGE_MAX_BYTES",

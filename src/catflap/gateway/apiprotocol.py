@@ -100,6 +100,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self._dropped = 0
         #: Head bytes httptools handed over (target + complete header lines), and header lines.
         self._visible = 0
         self._lines = 0
@@ -122,6 +123,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         :class:`RequestTimeout` later, from the deadline timer armed here.
         """
         if self._refused:
+            # Lingering: dropped, up to a bound past which the peer is flooding, not reading.
+            self._dropped += len(data)
+            if self._dropped > limits.LINGERING_CLOSE_MAX_BYTES:
+                self.transport.abort()
             return
         started = self._phase
         if started == _IDLE:

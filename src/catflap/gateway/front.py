@@ -58,10 +58,6 @@ def _warn_at_capacity(message: str) -> None:
         log.warning("! %s", message)
 
 
-def _discard(data: bytes | None) -> None:
-    """Where a refused connection's remaining input goes."""
-
-
 class GatewayConnection(asyncio.Protocol):
     """Owns a client connection until its first request head has been read."""
 
@@ -169,14 +165,22 @@ class GatewayConnection(asyncio.Protocol):
         Closing a socket with unread input makes the kernel send a reset, which may discard
         the answer before the peer reads it; a peer still sending (a huge head, a flood) is
         exactly the one being refused. So, as nginx's ``lingering_close``: send, shut the write
-        side, and read and drop what still comes until the peer closes or
-        ``LINGERING_CLOSE_S`` passes.
+        side, and read and drop what still comes until the peer closes, ``LINGERING_CLOSE_S``
+        passes or ``LINGERING_CLOSE_MAX_BYTES`` came.
         """
         transport = self.transport
         if transport.is_closing():
             return
         transport.write(last_words)
-        self.sink = _discard
+        dropped = 0
+
+        def discard(data: bytes | None) -> None:
+            nonlocal dropped
+            dropped += len(data or b"")
+            if dropped > limits.LINGERING_CLOSE_MAX_BYTES:
+                transport.abort()  # a flood, not a peer about to read the answer
+
+        self.sink = discard
         if not transport.can_write_eof():
             transport.close()
             return

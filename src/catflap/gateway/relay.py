@@ -61,6 +61,7 @@ class RelayLeg(asyncio.Protocol):
     __slots__ = (
         "bytes_in",
         "closed",
+        "dropped",
         "is_client",
         "peer",
         "relay",
@@ -77,6 +78,8 @@ class RelayLeg(asyncio.Protocol):
         #: Scans what *this* side sends (client -> agent for the client leg).
         self.scanner = FrameScanner()
         self.bytes_in = 0
+        #: Bytes dropped after this side broke the protocol (the lingering close's bound).
+        self.dropped = 0
         self.closed = False
         #: Runs while this side's write buffer is over the high-water mark.
         self.slow_timer: asyncio.TimerHandle | None = None
@@ -255,7 +258,11 @@ class Relay:
         if broken_at > 0 and not peer.closed:
             peer.transport.write(data[:broken_at])
         if self._gateway_close is not None or self.done.done():
-            return  # already ending this session (its scanner drops what still comes)
+            # Already ending this session: its scanner drops what still comes, up to a bound.
+            leg.dropped += len(data)
+            if leg.dropped > limits.LINGERING_CLOSE_MAX_BYTES and not leg.closed:
+                leg.transport.abort()
+            return
         self._gateway_close = int(CloseCode.PROTOCOL_ERROR)
         reason = leg.scanner.protocol_error or "protocol error"
         log.info("! %s broke the protocol: %s", "client" if leg.is_client else "agent", reason)
