@@ -211,9 +211,12 @@ def test_heads_the_agent_would_refuse_get_431_before_any_slot(
     relay_gateway: HostileGateway, headers: str
 ) -> None:
     """Row 4: once a 30 s stall with a slot held; now 431 at the gateway, at once."""
-    status, body, took = asyncio.run(refused(relay_gateway.port, upgrade(OPEN, headers)))
-    assert (status, body["code"]) == (431, "headers_too_large")
-    assert took < seconds(1.0)
+    with RssWatch(relay_gateway.pid) as watch:
+        for _ in range(20):
+            status, body, took = asyncio.run(refused(relay_gateway.port, upgrade(OPEN, headers)))
+            assert (status, body["code"]) == (431, "headers_too_large")
+            assert took < seconds(1.0)
+    watch.assert_below(16 * MiB)
     assert_healthy(relay_gateway)
 
 
@@ -367,9 +370,11 @@ def test_upgrades_without_exactly_one_host_or_http_1_1_get_400(
     relay_gateway: HostileGateway, request_bytes: bytes
 ) -> None:
     """Row 10 (RFC 7230 5.4, RFC 6455 4.1): once 101; now 400 before any bot."""
-    status, body, took = asyncio.run(refused(relay_gateway.port, request_bytes))
+    with RssWatch(relay_gateway.pid) as watch:
+        status, body, took = asyncio.run(refused(relay_gateway.port, request_bytes))
     assert (status, body["code"]) == (400, "invalid_handshake")
     assert took < seconds(1.0)
+    watch.assert_below(16 * MiB)
     assert_healthy(relay_gateway)
 
 
@@ -410,7 +415,9 @@ def test_a_token_refused_for_capacity_works_after_retry_after(gateway: HostileGa
                 break
         assert status_of(head) == 101, head
 
-    asyncio.run(attack())
+    with RssWatch(gateway.pid) as watch:
+        asyncio.run(attack())
+    watch.assert_below(16 * MiB)
     assert_healthy(gateway)
 
 
@@ -456,7 +463,9 @@ def test_client_leaving_during_a_cold_start_gets_its_token_and_slot_back(
                 assert status_of(head) in (429, 503), head
                 await asyncio.sleep(0.2)
 
-    session_id, greeting = asyncio.run(attack())
+    with RssWatch(gw.pid) as watch:
+        session_id, greeting = asyncio.run(attack())
+    watch.assert_below(16 * MiB)
     assert greeting[2:] == b"ready"
     assert "client left before its session started" in gw.log_text()
     # One session for that id: the one that started, never one for the departed client.
@@ -479,39 +488,41 @@ def test_connection_budget_drops_idle_connections_first_then_refuses() -> None:
     assert GatewaySettings().max_connections == limits.MAX_CONNECTIONS_DEFAULT
     budget = 12
     with hostile_gateway(extra=f"[gateway]\nmax_connections = {budget}\n") as gw:
-        idle = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(budget)]
-        try:
+        with RssWatch(gw.pid) as watch:
+            idle = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(budget)]
+            try:
+                time.sleep(0.2)
+                newcomer = socket.create_connection(("127.0.0.1", gw.port))
+                idle[0].settimeout(seconds(5))
+                answer = _read_all(idle[0])
+                assert status_of(answer) == 503
+                assert json_body(answer)["code"] == "too_many_connections"
+                # The newcomer was kept: it gets an ordinary answer.
+                newcomer.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                newcomer.settimeout(seconds(5))
+                assert status_of(_read_all(newcomer)) in (200, 404)
+                newcomer.close()
+            finally:
+                for sock in idle:
+                    sock.close()
             time.sleep(0.2)
-            newcomer = socket.create_connection(("127.0.0.1", gw.port))
-            idle[0].settimeout(seconds(5))
-            answer = _read_all(idle[0])
-            assert status_of(answer) == 503
-            assert json_body(answer)["code"] == "too_many_connections"
-            # The newcomer was kept: it gets an ordinary answer.
-            newcomer.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            newcomer.settimeout(seconds(5))
-            assert status_of(_read_all(newcomer)) in (200, 404)
-            newcomer.close()
-        finally:
-            for sock in idle:
-                sock.close()
-        time.sleep(0.2)
-        # Every connection has sent a head (kept alive in the API): the next one is refused.
-        busy = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(budget)]
-        try:
-            for sock in busy:
-                sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
-                sock.settimeout(seconds(5))
-                sock.recv(65536)
-            late = socket.create_connection(("127.0.0.1", gw.port))
-            late.settimeout(seconds(5))
-            answer = _read_all(late)
-            assert status_of(answer) == 503
-            assert json_body(answer)["code"] == "too_many_connections"
-            late.close()
-        finally:
-            for sock in busy:
-                sock.close()
+            # Every connection has sent a head (kept alive in the API): the next one is refused.
+            busy = [socket.create_connection(("127.0.0.1", gw.port)) for _ in range(budget)]
+            try:
+                for sock in busy:
+                    sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+                    sock.settimeout(seconds(5))
+                    sock.recv(65536)
+                late = socket.create_connection(("127.0.0.1", gw.port))
+                late.settimeout(seconds(5))
+                answer = _read_all(late)
+                assert status_of(answer) == 503
+                assert json_body(answer)["code"] == "too_many_connections"
+                late.close()
+            finally:
+                for sock in busy:
+                    sock.close()
+        watch.assert_below(16 * MiB)
         time.sleep(0.2)
         assert_healthy(gw)
 
@@ -536,8 +547,10 @@ def test_heads_that_grow_past_the_agent_limits_when_forwarded_get_431(
 ) -> None:
     """Within the gateway's own bounds, but over the agent's once the gateway adds its lines
     and merges X-Forwarded-For: refused here (431), never sent to an instance."""
-    status, body, took = asyncio.run(refused(gateway.port, upgrade(OPEN, headers)))
+    with RssWatch(gateway.pid) as watch:
+        status, body, took = asyncio.run(refused(gateway.port, upgrade(OPEN, headers)))
     assert (status, body["code"]) == (431, "headers_too_large")
     assert took < seconds(1.0)
+    watch.assert_below(16 * MiB)
     assert "attempt" not in gateway.log_text()  # no instance was tried
     assert_healthy(gateway)
