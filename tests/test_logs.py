@@ -17,11 +17,14 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
+from catflap.contract import limits
 from catflap.logs import (
     JsonFormatter,
+    LogBudget,
     SessionContext,
     bind_session,
     configure_logging,
+    not_logged,
     session_log,
     unbind_session,
 )
@@ -170,3 +173,15 @@ def test_serve_log_format_text(tmp_path: Path) -> None:
     about = [line for line in lines if sid in line]
     assert about and all(f"[{sid}]" in line for line in about)
     assert not any(line.startswith("{") for line in lines)
+
+
+def test_a_log_budget_writes_its_lines_per_second_then_counts_the_rest() -> None:
+    now = [100.0]
+    budget = LogBudget(limits.REFUSAL_LOG_LINES_PER_S, clock=lambda: now[0])
+    taken = [budget.take() for _ in range(limits.REFUSAL_LOG_LINES_PER_S + 30)]
+    assert taken[: limits.REFUSAL_LOG_LINES_PER_S] == [0] * limits.REFUSAL_LOG_LINES_PER_S
+    assert taken[limits.REFUSAL_LOG_LINES_PER_S :] == [None] * 30
+    now[0] += 1.0  # the next second: the first line says how many were not written
+    assert budget.take() == 30
+    assert budget.take() == 0
+    assert not_logged(30) == " (30 more refusals not logged)" and not_logged(0) == ""

@@ -23,24 +23,29 @@ import json
 import logging
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
+from catflap.contract import limits
+
 __all__ = [
     "LOG_FORMATS",
+    "bind_session",
+    "configure_logging",
+    "current_session",
+    "iso_timestamp",
+    "not_logged",
+    "refusal_log_budget",
+    "session_log",
+    "unbind_session",
     "JsonFormatter",
+    "LogBudget",
     "LogFormat",
     "SessionContext",
     "SessionContextFilter",
     "SessionLog",
     "TextFormatter",
-    "bind_session",
-    "configure_logging",
-    "current_session",
-    "iso_timestamp",
-    "session_log",
-    "unbind_session",
 ]
 
 LogFormat = Literal["json", "text"]
@@ -162,3 +167,41 @@ def configure_logging(
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(SessionContextFilter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+class LogBudget:
+    """At most ``per_second`` lines a second for one kind of line; the rest are counted.
+
+    Refusals are logged so that an operator sees them, but one peer can cause thousands a
+    second: without a budget it would turn the log (and the disk behind it) into its amplifier.
+    Metrics still count every refusal.
+    """
+
+    def __init__(self, per_second: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_second = per_second
+        self._clock = clock
+        self._window = -1.0
+        self._used = 0
+        self.suppressed = 0
+
+    def take(self) -> int | None:
+        """None: do not log this line. Else log it, saying how many were not logged before
+        it (the returned number)."""
+        now = self._clock()
+        if now - self._window >= 1.0:
+            self._window, self._used = now, 0
+        if self._used >= self._per_second:
+            self.suppressed += 1
+            return None
+        self._used += 1
+        skipped, self.suppressed = self.suppressed, 0
+        return skipped
+
+
+def not_logged(skipped: int) -> str:
+    """The tail of a refusal line that follows refusals the budget did not write."""
+    return f" ({skipped} more refusals not logged)" if skipped else ""
+
+
+#: The gateway's refusal lines (HTTP refusals, provider handshakes, protocol errors).
+refusal_log_budget = LogBudget(limits.REFUSAL_LOG_LINES_PER_S)

@@ -554,3 +554,43 @@ def test_heads_that_grow_past_the_agent_limits_when_forwarded_get_431(
     watch.assert_below(16 * MiB)
     assert "attempt" not in gateway.log_text()  # no instance was tried
     assert_healthy(gateway)
+
+
+def test_a_burst_of_refusals_is_logged_within_its_budget(gateway: HostileGateway) -> None:
+    """200 refused upgrades in a burst: every one counted in the metrics, at most
+    ``REFUSAL_LOG_LINES_PER_S`` a second written to the log, and the lines after a gap say
+    how many were not."""
+    bad = upgrade(OPEN, "")  # no Host: 400
+
+    def refusals_counted() -> float:
+        status, body = http_get(gateway.port, "/metrics")
+        assert status == 200
+        total = 0.0
+        for line in body.decode().splitlines():
+            if line.startswith("catflap_handshake_refusals_total{") and "invalid_handshake" in line:
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    before_count, before_lines = refusals_counted(), len(gateway.log)
+    started = time.monotonic()
+
+    async def burst() -> None:
+        for _ in range(200):
+            status, body, _ = await refused(gateway.port, bad)
+            assert (status, body["code"]) == (400, "invalid_handshake")
+
+    with RssWatch(gateway.pid) as watch:
+        asyncio.run(burst())
+    took = time.monotonic() - started
+    watch.assert_below(16 * MiB)
+    assert refusals_counted() - before_count == 200
+    time.sleep(0.3)  # let the log reader catch up
+    lines = [line for line in gateway.log[before_lines:] if "-> 400 invalid_handshake" in line]
+    assert len(lines) <= limits.REFUSAL_LOG_LINES_PER_S * (int(took) + 2)
+    assert len(lines) < 200
+    # The next refusal, a second later, reports what was not written.
+    time.sleep(1.1)
+    asyncio.run(refused(gateway.port, bad))
+    time.sleep(0.3)
+    assert any("more refusals not logged" in line for line in gateway.log[before_lines:])
+    assert_healthy(gateway)

@@ -50,6 +50,7 @@ __all__ = [
     "PROVIDER_OPENING_MAX_BYTES",
     "PROVIDER_OPENING_MAX_FRAMES",
     "RECORD_ERROR_MAX_CHARS",
+    "REFUSAL_LOG_LINES_PER_S",
     "RELAY_HIGH_WATER_BYTES",
     "RELAY_LOW_WATER_BYTES",
     "REPLAY_BUSY_TIMEOUT_S",
@@ -241,6 +242,10 @@ LINGERING_CLOSE_S = 2.0
 #: ...and drops at most this many bytes: a peer still sending past it is flooding, not about to
 #: read the answer, and reading its flood would cost the gateway CPU that live calls need.
 LINGERING_CLOSE_MAX_BYTES = 64 * 1024
+#: Refusal log lines per second at most (HTTP refusals, provider handshakes, protocol
+#: errors); past it they are counted and the next line says how many were not written. One
+#: peer can cause thousands of refusals a second; metrics count every one.
+REFUSAL_LOG_LINES_PER_S = 20
 #: A close reason is at most 123 bytes: a control frame's payload is 125, 2 of them the code.
 CLOSE_REASON_MAX_BYTES = 123
 
@@ -317,6 +322,7 @@ PEER_INPUT_LIMITS: frozenset[str] = frozenset(
         "PROVIDER_OPENING_MAX_BYTES",
         "PROVIDER_OPENING_MAX_FRAMES",
         "RECORD_ERROR_MAX_CHARS",
+        "REFUSAL_LOG_LINES_PER_S",
         "RELAY_HIGH_WATER_BYTES",
         "REQUEST_BODY_TIMEOUT_S",
         "REQUEST_HEADER_LINES_MAX",

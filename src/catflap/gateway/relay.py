@@ -44,6 +44,7 @@ from catflap.contract import limits
 from catflap.contract.closecodes import CloseCode
 from catflap.gateway.fastlane import FastLane, HandBack, LegReturn, LentTransport
 from catflap.gateway.frames import FrameScanner, close_frame
+from catflap.logs import not_logged, refusal_log_budget
 
 __all__ = ["Relay", "RelayLeg", "RelayStats"]
 
@@ -265,7 +266,10 @@ class Relay:
             return
         self._gateway_close = int(CloseCode.PROTOCOL_ERROR)
         reason = leg.scanner.protocol_error or "protocol error"
-        log.info("! %s broke the protocol: %s", "client" if leg.is_client else "agent", reason)
+        skipped = refusal_log_budget.take()
+        if skipped is not None:
+            who = "client" if leg.is_client else "agent"
+            log.info("! %s broke the protocol: %s%s", who, reason, not_logged(skipped))
         transport = leg.transport
         if leg.closed or transport.is_closing():
             pass

@@ -47,7 +47,7 @@ from catflap.gateway.upstream import (
     check_forwardable,
     open_upstream,
 )
-from catflap.logs import SessionLog, session_log
+from catflap.logs import SessionLog, not_logged, refusal_log_budget, session_log
 from catflap.pool.instance import SessionEnd
 from catflap.pool.pool import SessionLease
 from catflap.sessions.record import SessionRecord
@@ -221,13 +221,16 @@ def refuse(
     rejected: RequestRejected,
     accepted: UpgradeAccepted | None,
 ) -> None:
-    accepted_log(accepted).info(
-        "! %s %s -> %d %s",
-        head.method,
-        loggable(head.path),
-        rejected.status,
-        rejected.to_body()["code"],
-    )
+    skipped = refusal_log_budget.take()
+    if skipped is not None:
+        accepted_log(accepted).info(
+            "! %s %s -> %d %s%s",
+            head.method,
+            loggable(head.path),
+            rejected.status,
+            rejected.to_body()["code"],
+            not_logged(skipped),
+        )
     conn.reject(rejected)
 
 

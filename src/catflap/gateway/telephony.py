@@ -53,6 +53,7 @@ from catflap.gateway.session import (
 )
 from catflap.gateway.upgrade import UpgradeAccepted, resolve_agent
 from catflap.gateway.upstream import build_upstream_request
+from catflap.logs import not_logged, refusal_log_budget
 from catflap.pool.pool import SessionLease
 
 if TYPE_CHECKING:
@@ -219,7 +220,11 @@ async def run_provider_session(
             )
         except HandshakeFailed as failed:
             gateway.metrics.refusals.labels(str(int(failed.code)), "provider_handshake").inc()
-            slog.info("! %s %s: %s", provider.name, loggable(head.path), failed)
+            skipped = refusal_log_budget.take()
+            if skipped is not None:
+                slog.info(
+                    "! %s %s: %s%s", provider.name, loggable(head.path), failed, not_logged(skipped)
+                )
             conn.close_websocket(failed.code, str(failed))
             return
         # 3. Twilio names its agent in the start message.
