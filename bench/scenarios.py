@@ -638,6 +638,12 @@ def sweep(settings: Settings) -> dict[str, Any]:
 HOSTILE_P99_RATIO = 1.2
 #: ... and the gateway's peak RSS under attack less than this many MiB above the quiet run's.
 HOSTILE_RSS_MIB = 64
+#: The agent the attacks that open sessions aim at: an open agent of its own, with its own
+#: instance. Pipecat Cloud runs each session in an instance of its own, so an attacker's
+#: sessions never share a bot process with the calls being measured; one shared instance
+#: (as the load's sessions share one here, for economy) would measure the bench bot's event
+#: loop, not the gateway.
+ATTACKED_AGENT = "attacked"
 
 
 def _start_attackers(
@@ -647,8 +653,8 @@ def _start_attackers(
     load, _ = cores()
     spec = {
         "port": gateway.port,
-        "generic_path": gateway.path("bench"),
-        "start_path": "/v1/public/bench/start",
+        "generic_path": gateway.path(ATTACKED_AGENT),
+        "start_path": f"/v1/public/{ATTACKED_AGENT}/start",
         "public_key": "pk_bench",
         "attackers": attackers,
         "seconds": seconds,
@@ -791,7 +797,8 @@ def _log_problems(child: Child, keep: int = 20) -> dict[str, Any]:
 def hostile(settings: Settings) -> dict[str, Any]:
     """Telephony sessions through catflap, quiet, then under attack, then quiet again.
 
-    One gateway serves all three runs, with one warm agent instance. In the hostile run,
+    One gateway serves all three runs, with one warm agent instance for the load and one for
+    the attacks that open sessions (:data:`ATTACKED_AGENT`). In the hostile run,
     ``attackers`` connections (``python -m bench.attackers``, on the load core at
     ``SCHED_IDLE``) loop over five attacks for as long as the load client runs. The gateway's
     peak RSS (``VmHWM``, reset before each run) and open fds are watched through each run.
@@ -814,7 +821,10 @@ def hostile(settings: Settings) -> dict[str, Any]:
         _workdir() as workdir,
         cs.catflap_gateway(
             workdir,
-            {"bench": fast_echo_agent(sessions + 4 * settings.attackers + 100)},
+            {
+                "bench": fast_echo_agent(sessions + 100),
+                ATTACKED_AGENT: fast_echo_agent(4 * settings.attackers + 100),
+            },
             relay_cpus=relay,
             load_cpus=load,
             native_relay=settings.native_relay,
