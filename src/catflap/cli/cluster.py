@@ -140,9 +140,7 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
     except OSError as exc:
         await store.close()
         await client.aclose()
-        raise listen_failure(
-            exc, host, port, option="--listen HOST:PORT (or listen in the config file)"
-        ) from None
+        raise listen_failure(exc, host, port) from None
     pool.start()
     second = await _until_signalled()
     second_task = asyncio.ensure_future(second.wait())

@@ -294,9 +294,7 @@ async def _serve(
         except OSError as exc:
             await replay.close()
             await store.close()
-            raise listen_failure(
-                exc, host, port, option="--listen HOST:PORT (or listen in the config file)"
-            ) from None
+            raise listen_failure(exc, host, port) from None
         pool.start()
         pruner = start_pruner(cfg, cfg.log_dir)
         for agent in cfg.agents():

@@ -50,7 +50,13 @@ def raise_open_file_limit() -> int:
     return soft
 
 
-def listen_failure(exc: OSError, host: str, port: int, *, option: str) -> StartupError:
+#: How a user moves the main listener, in both ``catflap serve`` and ``catflap gateway``.
+LISTEN_OPTION = "--listen HOST:PORT (or listen in the config file)"
+
+
+def listen_failure(
+    exc: OSError, host: str, port: int, *, option: str = LISTEN_OPTION
+) -> StartupError:
     """The message for a listening socket that could not be opened.
 
     Args:

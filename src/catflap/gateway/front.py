@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
@@ -28,6 +27,7 @@ from catflap.gateway.frames import close_frame
 from catflap.gateway.httphead import HeadParser
 from catflap.gateway.session import count_refusal, run_session
 from catflap.gateway.upgrade import is_websocket_path
+from catflap.logs import LogBudget, not_logged
 
 if TYPE_CHECKING:
     from catflap.gateway.server import Gateway
@@ -46,16 +46,14 @@ def _enable_keepalive(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, limits.TCP_KEEPALIVE_COUNT)
 
 
-_last_capacity_warning = 0.0
+#: The connection budget being full is logged once a second at most: a flood would flood it.
+_capacity_warnings = LogBudget(1)
 
 
 def _warn_at_capacity(message: str) -> None:
-    """Log the connection budget being full at most once a second (a flood would flood it)."""
-    global _last_capacity_warning
-    now = time.monotonic()
-    if now - _last_capacity_warning >= 1.0:
-        _last_capacity_warning = now
-        log.warning("! %s", message)
+    skipped = _capacity_warnings.take()
+    if skipped is not None:
+        log.warning("! %s%s", message, not_logged(skipped))
 
 
 class GatewayConnection(asyncio.Protocol):
