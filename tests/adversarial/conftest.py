@@ -87,6 +87,15 @@ class HostileGateway:
     def log_text(self) -> str:
         return "\n".join(self.log)
 
+    def wait_for_log(self, text: str, *, timeout: float = 5.0) -> str:
+        """Bounded poll until ``text`` is in the log: lines arrive on a reader thread, so a line
+        the gateway wrote just before answering may not have been read yet. Returns the log."""
+        deadline = time.monotonic() + seconds(timeout)
+        while text not in (logged := self.log_text()):
+            assert time.monotonic() < deadline, f"{text!r} not logged: {logged[-2000:]}"
+            time.sleep(0.02)
+        return logged
+
 
 def rss_of(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
