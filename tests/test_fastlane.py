@@ -33,9 +33,9 @@ from catflap.contract.errors import CatflapMisuse
 from catflap.gateway import fastlane
 from catflap.gateway.fastlane import HandBack, LegReturn, LentTransport
 from catflap.gateway.frames import FrameScanner
-from catflap.gateway.relay import LANE_REENTRY_FIRST_S, Relay, RelayStats
+from catflap.gateway.relay import LANE_REENTRY_FIRST_S, Relay
 from catflap.pool.instance import SessionEnd
-from catflap.sessions.record import completion_status
+from catflap.sessions.record import RelayStats, completion_status
 
 from .test_frames import encode, frame_specs
 

@@ -28,8 +28,8 @@ from websockets.exceptions import ConnectionClosed
 
 from catflap.contract import headers
 from catflap.contract.closecodes import CloseCode
+from catflap.contract.control import ControlChannel
 from catflap.contract.errors import ConfigError
-from catflap.runtime.control import ControlChannel
 from catflap.runtime.main import (
     EXIT_BOT_IMPORT_FAILED,
     EXIT_BOT_STUCK,

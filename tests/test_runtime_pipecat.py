@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from catflap.contract import headers
 from catflap.contract.closecodes import CloseCode
-from catflap.runtime.control import ControlChannel
+from catflap.contract.control import ControlChannel
 
 frames_pb2: Any = pytest.importorskip("pipecat.frames.protobufs.frames_pb2")
 

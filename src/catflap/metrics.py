@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -19,7 +20,9 @@ if TYPE_CHECKING:
 
 __all__ = ["CONTENT_TYPE", "GatewayMetrics"]
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: The text exposition format ``render()`` writes (``generate_latest`` writes 0.0.4; the
+#: library's ``CONTENT_TYPE_LATEST`` names a newer format it does not write by default).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 #: Session start (upgrade request -> 101) buckets: warm starts take milliseconds, cold starts
 #: seconds.

@@ -38,15 +38,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from catflap.contract import limits
 from catflap.contract.closecodes import CloseCode
 from catflap.gateway.fastlane import FastLane, HandBack, LegReturn, LentTransport
 from catflap.gateway.frames import FrameScanner, close_frame
 from catflap.logs import not_logged, refusal_log_budget
+from catflap.sessions.record import RelayStats
 
-__all__ = ["Relay", "RelayLeg", "RelayStats"]
+__all__ = ["Relay", "RelayLeg"]
 
 log = logging.getLogger("catflap.gateway")
 
@@ -119,28 +119,6 @@ class RelayLeg(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.relay.leg_lost(self)
-
-
-@dataclass(frozen=True, slots=True)
-class RelayStats:
-    """What passed through one session, for its record."""
-
-    bytes_client_to_agent: int
-    bytes_agent_to_client: int
-    frames_client_to_agent: int
-    frames_agent_to_client: int
-    #: The close code each peer sent (None: it sent none; 1005: a close without a code).
-    client_close_code: int | None
-    agent_close_code: int | None
-    #: The code the gateway itself sent to the client, if it had to.
-    gateway_close_code: int | None
-    #: True when the client's side ended first (close frame or vanished).
-    client_initiated: bool
-    #: True when the agent's connection dropped with no close frame.
-    agent_vanished: bool
-    #: True when the relay itself failed (the fast lane ran out of memory) and ended the
-    #: session with 1011: the record's status is then ``error``.
-    relay_failed: bool = False
 
 
 class Relay:

@@ -17,9 +17,9 @@ import asyncio
 import enum
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
 
 from catflap.contract.errors import CatflapMisuse
+from catflap.contract.status import EndStatus
 from catflap.pool.launcher import LaunchedProcess
 
 __all__ = ["Instance", "InstanceState", "Lease", "SessionEnd"]
@@ -43,8 +43,6 @@ _TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     InstanceState.DEAD: frozenset(),
 }
 
-#: How a session ended, as far as the pool knows: the runtime's report, or the process died.
-EndStatus = Literal["completed", "bot_error", "time_limit", "stopped", "agent_crashed"]
 
 
 @dataclass(frozen=True, slots=True)

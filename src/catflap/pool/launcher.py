@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from catflap.config import AgentSpec
-from catflap.runtime.control import ControlChannel
+from catflap.contract.control import ControlChannel
 
 __all__ = ["ChildRef", "LaunchedProcess", "Launcher", "ProcessRef", "SubprocessLauncher"]
 

@@ -29,10 +29,10 @@ from typing import Any, Protocol
 
 from catflap.config import AgentSpec
 from catflap.contract import limits
+from catflap.contract.control import BOT_IGNORED_CANCELLATION
 from catflap.contract.errors import AgentNotFound, AgentNotReady, AtCapacity
 from catflap.pool.instance import Instance, InstanceState, Lease, SessionEnd
 from catflap.pool.launcher import Launcher
-from catflap.runtime.control import BOT_IGNORED_CANCELLATION
 
 __all__ = ["AgentPool", "LocalPool", "PoolObserver", "SessionLease", "SessionPool"]
 

@@ -34,7 +34,7 @@ The pool starts one runtime process per agent instance::
    seconds in ``bot()``) go to the pool. A bot that ignores cancellation for 5 s is reported
    anyway with ``error="bot ignored cancellation"``; the pool then kills the process.
 
-3. **Control.** :mod:`~catflap.runtime.control` carries line-delimited JSON over the
+3. **Control.** :mod:`~catflap.contract.control` carries line-delimited JSON over the
    ``socketpair()`` end given as ``--control-fd``: ``ping``/``pong``, ``stop_session`` and
    ``shutdown`` (stop accepting, let sessions finish, exit 0). End of file means the pool died:
    every session is cancelled and the process exits, so no runtime outlives its pool.

@@ -18,17 +18,17 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from catflap.contract import headers, limits
 from catflap.contract.closecodes import CloseCode, assert_sendable
+from catflap.contract.control import BOT_IGNORED_CANCELLATION, ChildEvent, SessionStatus
 from catflap.contract.errors import cut_error
 from catflap.logs import SessionContext, bind_session, session_log, unbind_session
-from catflap.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from catflap.runtime.args import decode_body_param, make_session_args
 from catflap.runtime.botloader import LoadedBot
 from catflap.runtime.botlogs import BotOutputCapture
-from catflap.runtime.control import BOT_IGNORED_CANCELLATION, ChildEvent, SessionStatus
 from catflap.runtime.metrics import RuntimeMetrics
 
 __all__ = [
@@ -354,7 +354,7 @@ def create_app(
         await _run_session(websocket, loaded, registry, emit, observers, metrics)
 
     async def metrics_endpoint() -> Response:
-        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+        return Response(metrics.render(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
     async def livez() -> dict[str, str]:
         return {"status": "ok"}

@@ -24,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from catflap.contract import limits
+from catflap.contract.control import ChildEvent, ControlChannel, ControlProtocolError
 from catflap.contract.errors import ConfigError
 from catflap.logs import LOG_FORMATS, LogFormat, configure_logging
 from catflap.runtime.app import (
@@ -40,7 +41,6 @@ from catflap.runtime.app import (
 from catflap.runtime.args import session_args_class
 from catflap.runtime.botloader import BotImportError, load_bot
 from catflap.runtime.botlogs import BotOutputCapture, SessionLogWriter
-from catflap.runtime.control import ChildEvent, ControlChannel, ControlProtocolError
 from catflap.runtime.metrics import RuntimeMetrics
 
 __all__ = [

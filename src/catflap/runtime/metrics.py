@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from catflap.runtime.control import SessionStatus
+from catflap.contract.control import SessionStatus
 
 __all__ = ["BOT_SECONDS_BUCKETS", "RuntimeMetrics"]
 

@@ -22,24 +22,36 @@ the same text, and records stored whole before this rule are cut when read back.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 from catflap.contract.errors import cut_error
-from catflap.gateway.relay import RelayStats
+from catflap.contract.status import CompletionStatus
 from catflap.pool.instance import SessionEnd
 
-__all__ = ["CompletionStatus", "SessionRecord", "completion_status", "cut_error"]
+__all__ = ["CompletionStatus", "RelayStats", "SessionRecord", "completion_status", "cut_error"]
 
-CompletionStatus = Literal[
-    "completed",
-    "client_closed",
-    "bot_error",
-    "agent_crashed",
-    "stopped",
-    "time_limit",
-    "drained",
-    "error",  # the gateway's relay failed (RelayStats.relay_failed) and sent 1011 both ways
-]
+
+
+@dataclass(frozen=True, slots=True)
+class RelayStats:
+    """What passed through one session, for its record."""
+
+    bytes_client_to_agent: int
+    bytes_agent_to_client: int
+    frames_client_to_agent: int
+    frames_agent_to_client: int
+    #: The close code each peer sent (None: it sent none; 1005: a close without a code).
+    client_close_code: int | None
+    agent_close_code: int | None
+    #: The code the gateway itself sent to the client, if it had to.
+    gateway_close_code: int | None
+    #: True when the client's side ended first (close frame or vanished).
+    client_initiated: bool
+    #: True when the agent's connection dropped with no close frame.
+    agent_vanished: bool
+    #: True when the relay itself failed (the fast lane ran out of memory) and ended the
+    #: session with 1011: the record's status is then ``error``.
+    relay_failed: bool = False
 
 
 def completion_status(end: SessionEnd, stats: RelayStats, *, drained: bool) -> CompletionStatus:

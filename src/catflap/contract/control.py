@@ -29,9 +29,13 @@ import contextlib
 import json
 import socket
 from collections.abc import Mapping
-from typing import Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import Field, TypeAdapter, ValidationError
+from typing_extensions import TypedDict  # pydantic needs it to validate TypedDicts on 3.11
 
 from catflap.contract.errors import CatflapError
+from catflap.contract.status import BotStatus
 
 __all__ = [
     "BOT_IGNORED_CANCELLATION",
@@ -59,9 +63,8 @@ CONTROL_LINE_MAX_BYTES = 1024 * 1024
 #: and replace the process, since that bot may still be running in it.
 BOT_IGNORED_CANCELLATION = "bot ignored cancellation"
 
-#: How a session ended: ``bot()`` returned, ``bot()`` raised, the session budget ran out, or the
-#: pool asked for a stop.
-SessionStatus = Literal["completed", "bot_error", "time_limit", "stopped"]
+#: How a session ended, as the runtime reports it (one source: :mod:`catflap.contract.status`).
+SessionStatus = BotStatus
 
 
 class ReadyEvent(TypedDict):
@@ -112,8 +115,21 @@ ChildEvent = ReadyEvent | StartFailedEvent | SessionStartedEvent | SessionEndedE
 ParentCommand = PingCommand | StopSessionCommand | ShutdownCommand
 
 
+#: Parsers for each direction: the ``event``/``command`` field picks the message type, and a
+#: message with a missing or mistyped field is refused as a whole (never a ``KeyError`` later).
+_CHILD_EVENTS: TypeAdapter[ChildEvent] = TypeAdapter(
+    Annotated[ChildEvent, Field(discriminator="event")]
+)
+_PARENT_COMMANDS: TypeAdapter[ParentCommand] = TypeAdapter(
+    Annotated[ParentCommand, Field(discriminator="command")]
+)
+
+
+_Message = TypeVar("_Message")
+
+
 class ControlProtocolError(CatflapError, ValueError):
-    """The peer sent a line that is not one JSON object (or one longer than the limit)."""
+    """The peer sent a line that is not a valid message (or one longer than the limit)."""
 
 
 class ControlChannel:
@@ -165,8 +181,36 @@ class ControlChannel:
             raise ControlProtocolError(f"control line is not a JSON object: {line[:80]!r}")
         return msg
 
+    async def receive_event(self) -> ChildEvent | None:
+        """The parent's side: the next event from the runtime, or ``None`` at end of file.
+
+        Raises:
+            ControlProtocolError: the line is not a well-formed :data:`ChildEvent`.
+        """
+        msg = await self.receive()
+        return None if msg is None else _validated(_CHILD_EVENTS, msg)
+
+    async def receive_command(self) -> ParentCommand | None:
+        """The runtime's side: the next command from the pool, or ``None`` at end of file.
+
+        Raises:
+            ControlProtocolError: the line is not a well-formed :data:`ParentCommand`.
+        """
+        msg = await self.receive()
+        return None if msg is None else _validated(_PARENT_COMMANDS, msg)
+
     async def aclose(self) -> None:
         """Close our end; the peer's next ``receive()`` returns ``None``."""
         self._writer.close()
         with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
+
+
+def _validated(adapter: TypeAdapter[_Message], msg: dict[str, Any]) -> _Message:
+    try:
+        return adapter.validate_python(msg, strict=True)
+    except ValidationError as exc:
+        errors = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ControlProtocolError(f"bad control message ({errors}): {str(msg)[:200]}") from None
