@@ -20,9 +20,10 @@ class AgentDirectory:
 
     def __init__(self, config: CatflapConfig) -> None:
         self._agents = {agent.key: agent for agent in config.agents()}
-        self._public_keys = {
-            key: org for org, org_cfg in config.organizations.items() for key in org_cfg.public_keys
-        }
+        self._public_keys: dict[str, str] = {}
+        for org, org_cfg in config.organizations.items():
+            for key in org_cfg.public_keys:
+                self._public_keys.setdefault(key, org)  # the first organisation listing it
 
     def __call__(self, service_host: ServiceHost) -> AgentSpec | None:
         """The agent a ``serviceHost`` names, if it exists (the upgrade check's lookup)."""
