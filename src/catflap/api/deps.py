@@ -1,0 +1,48 @@
+"""What the control API needs from the running gateway, as one small value.
+
+``create_api(deps)`` takes this instead of the gateway object: each router reads only the
+fields it uses, the composition root (``catflap.compose``) fills them in, and a test can build
+one from parts. Live state that changes while the API runs (draining, live relays) is passed as
+a callable or a read-only view, never copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from catflap.auth.tokens import KeyRing
+    from catflap.config import CatflapConfig
+    from catflap.directory import AgentDirectory
+    from catflap.metrics import GatewayMetrics
+    from catflap.pool.pool import SessionPool
+    from catflap.sessions.registry import SessionRegistry
+    from catflap.sessions.store import SessionStore
+
+__all__ = ["ApiDeps", "LiveTraffic"]
+
+
+class LiveTraffic(Protocol):
+    """A live session's relay, as the dashboard sees it: bytes and frames so far."""
+
+    def traffic(self) -> dict[str, int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ApiDeps:
+    config: CatflapConfig
+    agents: AgentDirectory
+    keyring: KeyRing
+    #: Wall-clock seconds (``time.time``), injectable for tests.
+    clock: Callable[[], float]
+    pool: SessionPool
+    #: Live and recently ended session records, in memory.
+    sessions: SessionRegistry
+    store: SessionStore
+    metrics: GatewayMetrics
+    #: True once the gateway refuses new sessions (shutdown began).
+    draining: Callable[[], bool]
+    #: Live relays by session id.
+    relays: Mapping[str, LiveTraffic]
