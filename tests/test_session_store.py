@@ -11,9 +11,15 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 import pytest_asyncio
 
+from catflap.contract.errors import ConfigError
 from catflap.sessions.postgres import PostgresSessionStore
 from catflap.sessions.record import SessionRecord
-from catflap.sessions.store import SessionQuery, SqliteSessionStore, open_store
+from catflap.sessions.store import (
+    SessionQuery,
+    SqliteSessionStore,
+    check_database_url,
+    open_store,
+)
 
 from .sessionstores import BACKENDS, DATABASE_URL, StoreFactory, store_factory
 
@@ -189,8 +195,29 @@ def test_open_store_picks_the_backend_from_the_url(tmp_path: Path) -> None:
         assert isinstance(open_store(url, tmp_path), PostgresSessionStore)
     sqlite = open_store(f"sqlite:///{tmp_path}/x.sqlite3", tmp_path)
     assert isinstance(sqlite, SqliteSessionStore)
-    with pytest.raises(ValueError, match="unsupported database URL 'mysql'"):
+    with pytest.raises(ConfigError) as refused:
         open_store("mysql://u@h/db", tmp_path)
+    assert str(refused.value) == (
+        "database_url: database_url: unsupported URL 'mysql': use postgresql://user@host/db "
+        "or sqlite:///path/to/file"
+    )
+
+
+@pytest.mark.parametrize(
+    "url", ["", "sqlite:///x.sqlite3", "postgresql://u@h/db", "postgres://u@h/db"]
+)
+def test_check_database_url_accepts_what_open_store_opens(url: str) -> None:
+    check_database_url(url)
+
+
+def test_check_database_url_names_the_source_and_the_scheme() -> None:
+    with pytest.raises(ConfigError) as refused:
+        check_database_url("sqlite://relative.db", source="--database-url")
+    assert (refused.value.source, refused.value.key, refused.value.problem) == (
+        "--database-url",
+        "database_url",
+        "unsupported URL 'sqlite': use postgresql://user@host/db or sqlite:///path/to/file",
+    )
 
 
 async def test_postgres_store_connects_on_first_use_not_at_construction() -> None:

@@ -16,9 +16,16 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from catflap.contract.errors import ConfigError
 from catflap.sessions.record import SessionRecord
 
-__all__ = ["SessionQuery", "SessionStore", "SqliteSessionStore", "open_store"]
+__all__ = [
+    "SessionQuery",
+    "SessionStore",
+    "SqliteSessionStore",
+    "check_database_url",
+    "open_store",
+]
 
 StatusFilter = Literal["active", "ended", "all"]
 
@@ -199,24 +206,43 @@ def _decode(row: Sequence[Any]) -> list[Any]:
     return out
 
 
+#: URL prefixes that :func:`open_store` opens.
+_DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+
+
+def check_database_url(url: str, *, source: str = "database_url") -> None:
+    """Refuse a database URL that :func:`open_store` cannot open; an empty one means SQLite.
+
+    Args:
+        url: The ``database_url`` setting.
+        source: Where the URL came from (``--database-url``, a config file), for the message.
+
+    Raises:
+        ConfigError: the scheme is neither ``sqlite:///`` nor ``postgresql://``.
+    """
+    if url and not url.startswith(_DATABASE_SCHEMES):
+        raise ConfigError(
+            source,
+            "database_url",
+            f"unsupported URL {url.split(':', 1)[0]!r}: use postgresql://user@host/db "
+            "or sqlite:///path/to/file",
+        )
+
+
 def open_store(database_url: str | None, state_dir: Path) -> SessionStore:
     """The store for a database URL (``sqlite:///path`` or ``postgresql://...``).
 
     Without a URL, records go to ``<state_dir>/sessions.sqlite3``.
 
     Raises:
-        ValueError: the URL's scheme is not one catflap supports.
+        ConfigError: the URL's scheme is not one catflap supports.
     """
     if not database_url:
         return SqliteSessionStore(state_dir / "sessions.sqlite3")
+    check_database_url(database_url)
     if database_url.startswith("sqlite:///"):
         return SqliteSessionStore(Path(database_url.removeprefix("sqlite:///")))
-    if database_url.startswith(("postgresql://", "postgres://")):
-        from catflap.sessions.postgres import PostgresSessionStore
+    from catflap.sessions.postgres import PostgresSessionStore
 
-        store: SessionStore = PostgresSessionStore(database_url)
-        return store
-    raise ValueError(
-        f"unsupported database URL {database_url.split(':', 1)[0]!r}: "
-        "use sqlite:///path/to/file or postgresql://user@host/db"
-    )
+    store: SessionStore = PostgresSessionStore(database_url)
+    return store
