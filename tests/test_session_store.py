@@ -7,19 +7,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 import pytest
 import pytest_asyncio
 
 from catflap.contract.errors import ConfigError
 from catflap.sessions.postgres import PostgresSessionStore
+from catflap.sessions.query import SessionQuery
 from catflap.sessions.record import SessionRecord
-from catflap.sessions.store import (
-    SessionQuery,
-    SqliteSessionStore,
-    check_database_url,
-    open_store,
-)
+from catflap.sessions.store import SqliteSessionStore, check_database_url, open_store
 
 from .sessionstores import BACKENDS, DATABASE_URL, StoreFactory, store_factory
 
@@ -136,6 +131,18 @@ async def test_time_range_filters_created_at_inclusively(stores: StoreFactory) -
     assert (total, [r.session_id for r in page]) == (1, ["s0"])
 
 
+async def test_status_and_time_range_filter_together(stores: StoreFactory) -> None:
+    store = stores.open()
+    for index in range(4):
+        await store.save(record(f"ended-{index}", at=T0 + index * 10, ended=True))
+        await store.save(record(f"active-{index}", at=T0 + index * 10 + 1))
+    between = {"start_time": T0 + 10, "end_time": T0 + 25}
+    total, page = await store.query(query(status="ended", **between))
+    assert (total, [r.session_id for r in page]) == (2, ["ended-2", "ended-1"])
+    total, page = await store.query(query(status="active", limit=1, **between))
+    assert (total, [r.session_id for r in page]) == (2, ["active-2"])
+
+
 async def test_pages_run_newest_first_and_count_every_match(stores: StoreFactory) -> None:
     store = stores.open()
     for index in range(25):
@@ -187,7 +194,7 @@ async def test_a_closed_store_refuses_work(stores: StoreFactory) -> None:
         await store.get("s1")
 
 
-# --- the PostgreSQL backend on its own ---------------------------------------------------------
+# --- choosing a backend, and the PostgreSQL backend on its own ----------------------------------
 
 
 def test_open_store_picks_the_backend_from_the_url(tmp_path: Path) -> None:
@@ -233,20 +240,13 @@ def test_postgres_table_name_must_be_a_plain_identifier(table: str) -> None:
         PostgresSessionStore(DATABASE_URL, table=table)
 
 
-async def test_postgres_adds_the_columns_an_older_table_lacks(tmp_path: Path) -> None:
-    async with store_factory("postgres", tmp_path) as factory:
-        conn = await asyncpg.connect(DATABASE_URL)
-        try:
-            await conn.execute(
-                f"CREATE TABLE {factory.table} (session_id TEXT PRIMARY KEY, agent TEXT NOT NULL,"
-                " organization TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL)"
-            )
-            await conn.execute(
-                f"INSERT INTO {factory.table} VALUES ('old', 'echo', 'my-org', {T0})"
-            )
-        finally:
-            await conn.close()
-        store = factory.open()
-        assert await store.get("old") == record("old", at=T0)
-        await store.save(full_record())
-        assert await store.get(full_record().session_id) == full_record()
+async def test_a_store_adds_the_columns_an_older_table_lacks(stores: StoreFactory) -> None:
+    await stores.execute(
+        f"CREATE TABLE {stores.table} (session_id TEXT PRIMARY KEY, agent TEXT NOT NULL,"
+        " organization TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL)",
+        f"INSERT INTO {stores.table} VALUES ('old', 'echo', 'my-org', {T0})",
+    )
+    store = stores.open()
+    assert await store.get("old") == record("old", at=T0)
+    await store.save(full_record())
+    assert await store.get(full_record().session_id) == full_record()

@@ -1,24 +1,25 @@
 """Session records in PostgreSQL (``database_url = "postgresql://..."``), through asyncpg.
 
 One row per session in one table (``catflap_sessions`` unless told otherwise), with the same
-columns as the SQLite store, so several gateways can share one history. The constructor does no
-I/O: the connection pool opens on first use, and the table and its index are created then if
-they are missing. A table made by an older catflap gets the record's newer columns added (with
-their defaults). All of this runs under a transaction-scoped advisory lock, so gateways starting
-together do not trip over each other's ``CREATE TABLE IF NOT EXISTS``.
+columns as the SQLite store (:mod:`catflap.sessions.schema`), so several gateways can share one
+history. The constructor does no I/O: the connection pool opens on first use, and the table and
+its index are created then if they are missing. A table made by an older catflap gets the
+record's newer columns added (with their defaults). All of this runs under a transaction-scoped
+advisory lock, so gateways starting together do not trip over each other's
+``CREATE TABLE IF NOT EXISTS``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import MISSING, Field, asdict, fields
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
+from catflap.sessions.query import SessionQuery
 from catflap.sessions.record import SessionRecord
-from catflap.sessions.store import SessionQuery
+from catflap.sessions.schema import COLUMNS, POSTGRES, Statements, record_from_row, row_values
 
 __all__ = ["DEFAULT_TABLE", "PostgresSessionStore"]
 
@@ -32,47 +33,6 @@ _CONNECT_TIMEOUT_S = 10.0
 _COMMAND_TIMEOUT_S = 30.0
 #: PostgreSQL truncates identifiers to 63 bytes; a longer name would silently alias another.
 _TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-
-_COLUMNS = [f.name for f in fields(SessionRecord)]
-#: SQL type of each Python annotation of :class:`SessionRecord` (annotations are strings here).
-_SQL_TYPES = {
-    "str": "TEXT",
-    "CompletionStatus": "TEXT",
-    "float": "DOUBLE PRECISION",
-    "int": "BIGINT",
-    "bool": "BOOLEAN",
-}
-
-
-def _column_sql(field: Field[Any]) -> str:
-    """``name TYPE [NOT NULL] [DEFAULT ...]`` for one field of :class:`SessionRecord`."""
-    annotation = str(field.type)
-    base, _, optional = annotation.partition(" | ")
-    nullable = optional == "None"
-    if base not in _SQL_TYPES or (optional and not nullable):
-        raise TypeError(f"SessionRecord.{field.name}: no SQL type for {annotation!r}")
-    sql = f"{field.name} {_SQL_TYPES[base]}"
-    if not nullable:
-        sql += " NOT NULL"
-    if field.default is not MISSING and field.default is not None:
-        sql += f" DEFAULT {_literal(field.default)}"
-    return sql
-
-
-def _literal(value: object) -> str:
-    if isinstance(value, bool):
-        return "TRUE" if value else "FALSE"
-    if isinstance(value, int | float):
-        return repr(value)
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def _create_table(table: str) -> str:
-    columns = ",\n    ".join(
-        _column_sql(f) + (" PRIMARY KEY" if f.name == "session_id" else "")
-        for f in fields(SessionRecord)
-    )
-    return f"CREATE TABLE IF NOT EXISTS {table} (\n    {columns}\n)"
 
 
 class PostgresSessionStore:
@@ -97,13 +57,7 @@ class PostgresSessionStore:
         self._pool: Any = None  # asyncpg.Pool, once opened
         self._opening = asyncio.Lock()
         self._closed = False
-        marks = ", ".join(f"${index}" for index in range(1, len(_COLUMNS) + 1))
-        updates = ", ".join(f"{name} = EXCLUDED.{name}" for name in _COLUMNS[1:])
-        self._upsert = (
-            f"INSERT INTO {table} ({', '.join(_COLUMNS)}) VALUES ({marks}) "
-            f"ON CONFLICT (session_id) DO UPDATE SET {updates}"
-        )
-        self._select = f"SELECT {', '.join(_COLUMNS)} FROM {table}"
+        self._sql = Statements(table, POSTGRES)
 
     def __repr__(self) -> str:
         return f"PostgresSessionStore(table={self.table!r})"
@@ -130,7 +84,7 @@ class PostgresSessionStore:
                 )
                 try:
                     async with pool.acquire() as conn, conn.transaction():
-                        await _ensure_schema(conn, self.table)
+                        await _ensure_schema(conn, self._sql)
                 except BaseException:
                     await pool.close()
                     raise
@@ -140,31 +94,23 @@ class PostgresSessionStore:
     async def save(self, record: SessionRecord) -> None:
         """Insert the record, or replace the row with the same session id."""
         pool = await self._connected()
-        values = asdict(record)
-        await pool.execute(self._upsert, *(values[name] for name in _COLUMNS))
+        await pool.execute(self._sql.upsert, *row_values(record))
 
     async def get(self, session_id: str) -> SessionRecord | None:
         """The record of ``session_id``, or ``None``."""
         pool = await self._connected()
-        row = await pool.fetchrow(f"{self._select} WHERE session_id = $1", session_id)
-        return None if row is None else _from_row(row)
+        row = await pool.fetchrow(self._sql.get, session_id)
+        return None if row is None else record_from_row(row)
 
     async def query(self, query: SessionQuery) -> tuple[int, list[SessionRecord]]:
         """The total number of matching records, and one page of them, newest first."""
         pool = await self._connected()
-        where, params = query.where("$")
-        page = len(params)
+        listing = self._sql.listing(query)
         # One snapshot for both statements, so the count matches the page.
         async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            total = await conn.fetchval(f"SELECT COUNT(*) FROM {self.table} WHERE {where}", *params)
-            rows = await conn.fetch(
-                f"{self._select} WHERE {where} ORDER BY created_at DESC, session_id DESC "
-                f"LIMIT ${page + 1} OFFSET ${page + 2}",
-                *params,
-                query.limit,
-                query.offset,
-            )
-        return int(total), [_from_row(row) for row in rows]
+            total = await conn.fetchval(listing.count_sql, *listing.count_params)
+            rows = await conn.fetch(listing.page_sql, *listing.page_params)
+        return int(total), [record_from_row(row) for row in rows]
 
     async def close(self) -> None:
         """Close the connections. The store cannot be used afterwards; closing twice is fine."""
@@ -174,27 +120,21 @@ class PostgresSessionStore:
             await pool.close()
 
 
-async def _ensure_schema(conn: Any, table: str) -> None:
+async def _ensure_schema(conn: Any, sql: Statements) -> None:
     """Create the table and its index, and add columns that newer versions of the record have.
 
     Runs inside a transaction holding an advisory lock on the table's name, so gateways
     starting at the same moment take turns.
     """
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", table)
-    await conn.execute(_create_table(table))
-    await conn.execute(
-        f"CREATE INDEX IF NOT EXISTS {table}_by_agent ON {table} (organization, agent, created_at)"
-    )
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", sql.table)
+    await conn.execute(sql.create_table)
+    await conn.execute(sql.create_index)
     rows = await conn.fetch(
         "SELECT column_name FROM information_schema.columns "
         "WHERE table_schema = current_schema() AND table_name = $1",
-        table,
+        sql.table,
     )
     present = {row["column_name"] for row in rows}
-    for field in fields(SessionRecord):
-        if field.name not in present:
-            await conn.execute(f"ALTER TABLE {table} ADD COLUMN {_column_sql(field)}")
-
-
-def _from_row(row: Any) -> SessionRecord:
-    return SessionRecord(**{name: row[name] for name in _COLUMNS})
+    for column in COLUMNS:
+        if column.name not in present:
+            await conn.execute(sql.add_column(column))

@@ -31,7 +31,6 @@ from catflap.pool.instance import SessionEnd
 __all__ = ["CompletionStatus", "RelayStats", "SessionRecord", "completion_status", "cut_error"]
 
 
-
 @dataclass(frozen=True, slots=True)
 class RelayStats:
     """What passed through one session, for its record."""

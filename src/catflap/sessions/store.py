@@ -1,83 +1,35 @@
 """Where session records live: SQLite under the state directory by default, or PostgreSQL.
 
 A record is written when the session starts (status ``None``: active) and again when it ends.
-Both backends keep one row per session, so ``GET /v1/agents/{agent}/sessions`` works the same
-after a restart. The SQLite backend runs sqlite3 (stdlib) on one worker thread, so the event
-loop never blocks on disk.
+Both backends keep one row per session (the table of :mod:`catflap.sessions.schema`), so
+``GET /v1/agents/{agent}/sessions`` works the same after a restart. The SQLite backend runs
+sqlite3 (stdlib) on one worker thread, so the event loop never blocks on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from catflap.contract.errors import ConfigError
+from catflap.sessions.query import SessionQuery
 from catflap.sessions.record import SessionRecord
+from catflap.sessions.schema import COLUMNS, SQLITE, Statements, record_from_row, row_values
 
 __all__ = [
-    "SessionQuery",
     "SessionStore",
     "SqliteSessionStore",
     "check_database_url",
     "open_store",
 ]
 
-StatusFilter = Literal["active", "ended", "all"]
-
-_COLUMNS = [f.name for f in fields(SessionRecord)]
-
-
-class SessionQuery:
-    """Filters of ``GET /v1/agents/{agent}/sessions``."""
-
-    __slots__ = ("agent", "end_time", "limit", "offset", "org", "start_time", "status")
-
-    def __init__(
-        self,
-        *,
-        org: str,
-        agent: str,
-        status: StatusFilter = "all",
-        limit: int = 10,
-        offset: int = 0,
-        start_time: float | None = None,
-        end_time: float | None = None,
-    ) -> None:
-        self.org = org
-        self.agent = agent
-        self.status = status
-        self.limit = limit
-        self.offset = offset
-        self.start_time = start_time
-        self.end_time = end_time
-
-    def where(self, placeholder: str) -> tuple[str, list[Any]]:
-        """A SQL WHERE clause and its parameters (``placeholder`` is ``?`` or ``$``)."""
-        clauses = ["organization = {}", "agent = {}"]
-        params: list[Any] = [self.org, self.agent]
-        if self.status == "active":
-            clauses.append("ended_at IS NULL")
-        elif self.status == "ended":
-            clauses.append("ended_at IS NOT NULL")
-        if self.start_time is not None:
-            clauses.append("created_at >= {}")
-            params.append(self.start_time)
-        if self.end_time is not None:
-            clauses.append("created_at <= {}")
-            params.append(self.end_time)
-        numbered = []
-        for index, clause in enumerate(clauses, start=1):
-            mark = f"${index}" if placeholder == "$" else "?"
-            numbered.append(clause.format(mark))
-        return " AND ".join(numbered), params
-
 
 class SessionStore(Protocol):
+    """What the gateway and the sessions API need of a store, whichever backend it is."""
+
     async def save(self, record: SessionRecord) -> None: ...
 
     async def get(self, session_id: str) -> SessionRecord | None: ...
@@ -87,33 +39,9 @@ class SessionStore(Protocol):
     async def close(self) -> None: ...
 
 
-def _row_values(record: SessionRecord) -> list[Any]:
-    # Plain attribute reads: asdict() deep-copies, and this runs twice per session.
-    return [getattr(record, name) for name in _COLUMNS]
-
-
-def _from_row(row: Sequence[Any]) -> SessionRecord:
-    return SessionRecord(**dict(zip(_COLUMNS, row, strict=True)))
-
-
-def _sqlite_type(type_name: str) -> str:
-    base = type_name.replace(" | None", "")
-    return {"int": "INTEGER", "bool": "INTEGER", "float": "REAL"}.get(base, "TEXT")
-
-
-_COLUMN_TYPES = ",\n    ".join(
-    f"{f.name} {_sqlite_type(str(f.type))}" for f in fields(SessionRecord)[4:]
-)
-_SQLITE_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS sessions (
-    session_id TEXT PRIMARY KEY,
-    agent TEXT NOT NULL,
-    organization TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    {_COLUMN_TYPES}
-);
-CREATE INDEX IF NOT EXISTS sessions_by_agent ON sessions (organization, agent, created_at);
-"""
+#: The SQLite store's table (PostgreSQL's is named by its constructor).
+_SQLITE_TABLE = "sessions"
+_SQL = Statements(_SQLITE_TABLE, SQLITE)
 
 
 class SqliteSessionStore:
@@ -130,13 +58,13 @@ class SqliteSessionStore:
     def _open(self) -> None:
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SQLITE_SCHEMA)
+        self._db.execute(_SQL.create_table)
+        self._db.execute(_SQL.create_index)
         # Records written by an older catflap lack newer columns: add them, keeping the rows.
-        present = {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}
-        for field in fields(SessionRecord):
-            if field.name not in present:
-                column = f"{field.name} {_sqlite_type(str(field.type))}"
-                self._db.execute(f"ALTER TABLE sessions ADD COLUMN {column}")
+        present = {row[1] for row in self._db.execute(f"PRAGMA table_info({_SQLITE_TABLE})")}
+        for column in COLUMNS:
+            if column.name not in present:
+                self._db.execute(_SQL.add_column(column))
 
     def _run_sync(self, fn: Any, *args: Any) -> Any:
         return self._executor.submit(fn, *args).result()
@@ -147,20 +75,15 @@ class SqliteSessionStore:
 
     def _save(self, values: list[Any]) -> None:
         assert self._db is not None
-        marks = ", ".join("?" for _ in _COLUMNS)
-        self._db.execute(
-            f"INSERT OR REPLACE INTO sessions ({', '.join(_COLUMNS)}) VALUES ({marks})", values
-        )
+        self._db.execute(_SQL.upsert, values)
 
     async def save(self, record: SessionRecord) -> None:
-        await self._run(self._save, _row_values(record))
+        await self._run(self._save, row_values(record))
 
     def _get(self, session_id: str) -> SessionRecord | None:
         assert self._db is not None
-        row = self._db.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM sessions WHERE session_id = ?", (session_id,)
-        ).fetchone()
-        return _from_row(_decode(row)) if row else None
+        row = self._db.execute(_SQL.get, (session_id,)).fetchone()
+        return record_from_row(row) if row else None
 
     async def get(self, session_id: str) -> SessionRecord | None:
         result: SessionRecord | None = await self._run(self._get, session_id)
@@ -168,16 +91,11 @@ class SqliteSessionStore:
 
     def _query(self, query: SessionQuery) -> tuple[int, list[SessionRecord]]:
         assert self._db is not None
-        where, params = query.where("?")
-        (total,) = self._db.execute(
-            f"SELECT COUNT(*) FROM sessions WHERE {where}", params
-        ).fetchone()
-        rows = self._db.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM sessions WHERE {where} "
-            "ORDER BY created_at DESC, session_id DESC LIMIT ? OFFSET ?",
-            [*params, query.limit, query.offset],
-        ).fetchall()
-        return int(total), [_from_row(_decode(row)) for row in rows]
+        listing = _SQL.listing(query)
+        # No write comes between the two: every statement runs on this one thread.
+        (total,) = self._db.execute(listing.count_sql, listing.count_params).fetchone()
+        rows = self._db.execute(listing.page_sql, listing.page_params).fetchall()
+        return int(total), [record_from_row(row) for row in rows]
 
     async def query(self, query: SessionQuery) -> tuple[int, list[SessionRecord]]:
         result: tuple[int, list[SessionRecord]] = await self._run(self._query, query)
@@ -188,22 +106,6 @@ class SqliteSessionStore:
             await self._run(self._db.close)
             self._db = None
         self._executor.shutdown(wait=True)
-
-
-_INT_COLUMNS = {f.name for f in fields(SessionRecord) if f.type in ("int", "int | None")}
-_BOOL_COLUMNS = {f.name for f in fields(SessionRecord) if f.type == "bool"}
-
-
-def _decode(row: Sequence[Any]) -> list[Any]:
-    """SQLite hands back REAL for every number; restore ints and bools."""
-    out = []
-    for name, value in zip(_COLUMNS, row, strict=True):
-        if value is not None and name in _INT_COLUMNS:
-            value = int(value)
-        elif value is not None and name in _BOOL_COLUMNS:
-            value = bool(value)
-        out.append(value)
-    return out
 
 
 #: URL prefixes that :func:`open_store` opens.
