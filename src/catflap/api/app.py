@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from catflap.api.auth import error_responses, private_key_org
 from catflap.api.dashboard import dashboard_router
 from catflap.api.logs import logs_router
 from catflap.api.metrics import metrics_router
@@ -51,7 +52,7 @@ from catflap.contract.errors import (
 )
 
 if TYPE_CHECKING:
-    from catflap.gateway.server import Gateway
+    from catflap.api.deps import ApiDeps
 
 __all__ = ["RouteMethodNotAllowed", "RouteNotFound", "StartRequest", "StartResponse", "create_api"]
 
@@ -75,11 +76,6 @@ class StartResponse(BaseModel):
     #: Telephony transports: the ``agent.org`` to put in Twilio's
     #: ``<Parameter name="_pipecatCloudServiceHost">`` (already in the URL for the others).
     serviceHost: str | None = None  # noqa: N815
-
-
-class ErrorBody(BaseModel):
-    error: str
-    code: str
 
 
 class RouteNotFound(NotFound):
@@ -155,9 +151,9 @@ def _routing_error(exc: StarletteHTTPException) -> RequestRejected:
     return InternalError("internal error; see the gateway log")
 
 
-def create_api(gateway: Gateway) -> FastAPI:
-    """Build the control API bound to one gateway."""
-    api_docs = gateway.config.gateway.api_docs
+def create_api(deps: ApiDeps) -> FastAPI:
+    """Build the control API over what the gateway gives it (see :class:`ApiDeps`)."""
+    api_docs = deps.config.gateway.api_docs
     app = FastAPI(
         title="catflap control API",
         description="Pipecat-Cloud-compatible session API of a catflap gateway.",
@@ -166,9 +162,6 @@ def create_api(gateway: Gateway) -> FastAPI:
         docs_url="/docs" if api_docs else None,
         redoc_url="/redoc" if api_docs else None,
     )
-    error_responses: dict[int | str, dict[str, Any]] = {
-        status: {"model": ErrorBody} for status in (400, 401, 404, 413, 415, 429)
-    }
 
     @app.exception_handler(RequestRejected)
     async def _rejected(_: Request, exc: RequestRejected) -> JSONResponse:
@@ -189,7 +182,7 @@ def create_api(gateway: Gateway) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
-        if gateway.draining:
+        if deps.draining():
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -197,7 +190,7 @@ def create_api(gateway: Gateway) -> FastAPI:
         "/v1/public/{agent}/start",
         response_model=StartResponse,
         response_model_exclude_none=True,
-        responses=error_responses,
+        responses=error_responses(400, 401, 404, 413, 415, 429),
     )
     async def start(agent: str, request: Request) -> dict[str, Any]:
         """Start a session: mint the WebSocket URL (and token) a client connects with.
@@ -205,12 +198,12 @@ def create_api(gateway: Gateway) -> FastAPI:
         No bot starts here; it starts when the client connects to ``wsUrl``.
         """
         key = _bearer(request)
-        org = gateway.org_for_public_key(key) if key else None
+        org = deps.agents.org_for_public_key(key) if key else None
         if org is None:
             raise Unauthorized(
                 "missing or invalid public API key: send Authorization: Bearer pk_..."
             )
-        spec = gateway.agent_by_name(org, agent)
+        spec = deps.agents.agent(org, agent)
         if spec is None:
             raise AgentNotFound(f"no agent {agent!r} in organization {org!r}")
         try:
@@ -232,17 +225,17 @@ def create_api(gateway: Gateway) -> FastAPI:
                     "base64-encode it yourself and append ?body=<b64> to the WebSocket URL"
                 )
             body_b64 = encode_body(payload.body)
-        if await gateway.pool.at_capacity(spec.key):
+        if await deps.pool.at_capacity(spec.key):
             raise AtCapacity(f"agent {spec.key} is at max_agents; retry shortly")
         response: dict[str, Any] = {}
         token: str | None = None
         if spec.config.websocket_auth == "token":
-            token, claims = mint_token(gateway.keyring, spec.key, now=gateway.clock())
+            token, claims = mint_token(deps.keyring, spec.key, now=deps.clock())
             response["token"] = token
             response["sessionId"] = claims.jti
         else:
             response["sessionId"] = str(uuid.uuid4())
-        base = gateway.config.ws_base_url
+        base = deps.config.ws_base_url
         if transport == "websocket":
             response["wsUrl"] = f"{base}/ws/generic/{spec.key}"
         else:
@@ -268,9 +261,36 @@ def create_api(gateway: Gateway) -> FastAPI:
             headers=(("upgrade", "websocket"),),
         )
 
-    app.include_router(metrics_router(gateway))
-    app.include_router(sessions_router(gateway))
-    app.include_router(logs_router(gateway))
-    if gateway.config.gateway.dashboard:
-        app.include_router(dashboard_router(gateway))
+    organization = private_key_org(deps.config.organizations)
+    app.include_router(metrics_router(settings=deps.config.gateway, metrics=deps.metrics))
+    app.include_router(
+        sessions_router(
+            organization=organization,
+            agents=deps.agents,
+            sessions=deps.sessions,
+            store=deps.store,
+            pool=deps.pool,
+        )
+    )
+    app.include_router(
+        logs_router(
+            organization=organization,
+            agents=deps.agents,
+            sessions=deps.sessions,
+            store=deps.store,
+            log_dir=deps.config.log_dir,
+        )
+    )
+    if deps.config.gateway.dashboard:
+        app.include_router(
+            dashboard_router(
+                organization=organization,
+                agents=deps.agents,
+                sessions=deps.sessions,
+                relays=deps.relays,
+                pool_states=deps.metrics.pool_states,
+                clock=deps.clock,
+                draining=deps.draining,
+            )
+        )
     return app

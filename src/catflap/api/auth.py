@@ -1,8 +1,8 @@
-"""What the private-key APIs share: the key check, the session id check, and 400s that name
-the bad parameter.
+"""What the API routers share: the private-key check, the session id check, 400s that name the
+bad parameter, and the error shape their OpenAPI entries document.
 
-Every call needs ``Authorization: Bearer sk_...``: the private key picks the organization, as a
-public key does for ``/start``.
+Every private-key call needs ``Authorization: Bearer sk_...``: the private key picks the
+organization, as a public key does for ``/start``.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the dependency's annotations at run
@@ -10,23 +10,47 @@ public key does for ``/start``.
 
 import hmac
 import re
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 
 from catflap.contract.errors import BadRequest, Unauthorized
 
 if TYPE_CHECKING:
-    from catflap.gateway.server import Gateway
+    from catflap.config import OrgConfig
 
-__all__ = ["ParamCheckedRoute", "canonical_session_id", "key_in", "private_key_org"]
+__all__ = [
+    "ErrorBody",
+    "OrganizationDependency",
+    "ParamCheckedRoute",
+    "canonical_session_id",
+    "error_responses",
+    "key_in",
+    "private_key_org",
+]
+
+#: A FastAPI dependency that gives the organization a request's key belongs to.
+OrganizationDependency = Callable[..., Awaitable[str]]
 
 #: The canonical 8-4-4-4-12 form that catflap gives every session id.
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+class ErrorBody(BaseModel):
+    """Every refusal's JSON (``contract.errors.error_body``), for the OpenAPI schema."""
+
+    error: str
+    code: str
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """A route's ``responses=``: each of ``statuses`` answers an :class:`ErrorBody`."""
+    return {status: {"model": ErrorBody} for status in statuses}
 
 
 class ParamCheckedRoute(APIRoute):
@@ -74,8 +98,12 @@ def canonical_session_id(value: str) -> str:
     return canonical
 
 
-def private_key_org(gateway: "Gateway") -> Callable[..., Awaitable[str]]:
-    """A FastAPI dependency giving the organization whose private key the request carries."""
+def private_key_org(organizations: Mapping[str, "OrgConfig"]) -> OrganizationDependency:
+    """A FastAPI dependency giving the organization whose private key the request carries.
+
+    Args:
+        organizations: ``[organizations]`` of the configuration, by name.
+    """
     bearer = HTTPBearer(
         auto_error=False,
         scheme_name="private key",
@@ -92,7 +120,7 @@ def private_key_org(gateway: "Gateway") -> Callable[..., Awaitable[str]]:
         """
         key = credentials.credentials.strip() if credentials else ""
         if key:
-            orgs = gateway.config.organizations.items()
+            orgs = organizations.items()
             for org, org_cfg in orgs:
                 if key_in(key, org_cfg.private_keys):
                     return org

@@ -15,19 +15,25 @@ Stopping goes through the sessions API, like ``catflap sessions stop``.
 # time, and they name dependencies local to ``dashboard_router``.
 
 import itertools
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import HTMLResponse
 
-from catflap.api.auth import private_key_org
+from catflap.api.auth import OrganizationDependency
 from catflap.api.dashboard_page import CONTENT_SECURITY_POLICY, PAGE
 from catflap.sessions.record import SessionRecord
 
 if TYPE_CHECKING:
-    from catflap.gateway.server import Gateway
+    from catflap.api.deps import LiveTraffic
+    from catflap.config import AgentSpec
+    from catflap.sessions.registry import SessionRegistry
 
-__all__ = ["RECENT_ENDINGS", "dashboard_router", "dashboard_state"]
+#: ``{(agent key, instance state): count}``, or None when the pool is on other machines.
+PoolStates = Callable[[], dict[tuple[str, str], int] | None]
+
+__all__ = ["RECENT_ENDINGS", "PoolStates", "dashboard_router", "dashboard_state"]
 
 #: Ended sessions the live view lists.
 RECENT_ENDINGS = 20
@@ -56,17 +62,31 @@ def _traffic(record: SessionRecord, live: dict[str, int] | None) -> dict[str, in
     }
 
 
-def dashboard_state(gateway: "Gateway", org: str) -> dict[str, Any]:
-    """What the live view shows of ``org``, read from the gateway's memory (no I/O)."""
-    now = gateway.clock()
-    live = [r for r in list(gateway.sessions.live.values()) if r.organization == org]
+def dashboard_state(
+    org: str,
+    *,
+    now: float,
+    agents: Iterable["AgentSpec"],
+    sessions: "SessionRegistry",
+    relays: Mapping[str, "LiveTraffic"],
+    pool_states: PoolStates,
+    draining: bool,
+) -> dict[str, Any]:
+    """What the live view shows of ``org``, read from the gateway's memory (no I/O).
+
+    Args:
+        now: wall-clock seconds, for the sessions' durations.
+        agents: every configured agent; those of ``org`` are shown.
+        relays: the live sessions' relays, for their traffic so far.
+    """
+    live = [r for r in list(sessions.live.values()) if r.organization == org]
     live.sort(key=lambda r: r.created_at)
     live_counts: dict[str, int] = {}
     for record in live:
         live_counts[record.agent] = live_counts.get(record.agent, 0) + 1
-    states = gateway.metrics.pool_states()
-    agents = []
-    for spec in gateway.config.agents():
+    states = pool_states()
+    agent_rows = []
+    for spec in agents:
         if spec.service_host.org != org:
             continue
         name = str(spec.service_host.agent)
@@ -75,7 +95,7 @@ def dashboard_state(gateway: "Gateway", org: str) -> dict[str, Any]:
             if states is None
             else {state: states.get((spec.key, state), 0) for state in _INSTANCE_STATES}
         )
-        agents.append(
+        agent_rows.append(
             {
                 "agent": name,
                 "key": spec.key,
@@ -88,7 +108,7 @@ def dashboard_state(gateway: "Gateway", org: str) -> dict[str, Any]:
         )
     live_rows = []
     for record in live:
-        relay = gateway.relays.get(record.session_id)
+        relay = relays.get(record.session_id)
         live_rows.append(
             {
                 "sessionId": record.session_id,
@@ -100,7 +120,7 @@ def dashboard_state(gateway: "Gateway", org: str) -> dict[str, Any]:
                 **_traffic(record, relay.traffic() if relay is not None else None),
             }
         )
-    ended = (r for r in reversed(gateway.sessions.ended.values()) if r.organization == org)
+    ended = (r for r in reversed(sessions.ended.values()) if r.organization == org)
     ended_rows = [
         {
             "sessionId": record.session_id,
@@ -118,17 +138,31 @@ def dashboard_state(gateway: "Gateway", org: str) -> dict[str, Any]:
     return {
         "organization": org,
         "now": now,
-        "draining": gateway.draining,
-        "agents": agents,
+        "draining": draining,
+        "agents": agent_rows,
         "live": live_rows,
         "ended": ended_rows,
     }
 
 
-def dashboard_router(gateway: "Gateway") -> APIRouter:
-    """The live view of one gateway, as a router for :func:`catflap.api.app.create_api`."""
+def dashboard_router(
+    *,
+    organization: OrganizationDependency,
+    agents: Iterable["AgentSpec"],
+    sessions: "SessionRegistry",
+    relays: Mapping[str, "LiveTraffic"],
+    pool_states: PoolStates,
+    clock: Callable[[], float],
+    draining: Callable[[], bool],
+) -> APIRouter:
+    """The live view, as a router for :func:`catflap.api.app.create_api`.
+
+    Args:
+        organization: the private-key dependency (:func:`catflap.api.auth.private_key_org`).
+        clock: wall-clock seconds; ``draining``: whether shutdown began. Both are read per
+            request, as are ``sessions``, ``relays`` and ``pool_states``.
+    """
     router = APIRouter(tags=["dashboard"])
-    organization = private_key_org(gateway)
 
     @router.get("/dashboard", include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -141,6 +175,14 @@ def dashboard_router(gateway: "Gateway") -> APIRouter:
         Raises:
             Unauthorized: 401, no private key.
         """
-        return dashboard_state(gateway, org)
+        return dashboard_state(
+            org,
+            now=clock(),
+            agents=agents,
+            sessions=sessions,
+            relays=relays,
+            pool_states=pool_states,
+            draining=draining(),
+        )
 
     return router

@@ -19,19 +19,27 @@ the key's organization (404), session (404).
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
-from catflap.api.auth import ParamCheckedRoute, canonical_session_id, private_key_org
-from catflap.api.sessions import SessionNotFound
+from catflap.api.auth import (
+    OrganizationDependency,
+    ParamCheckedRoute,
+    canonical_session_id,
+    error_responses,
+)
+from catflap.api.sessions import SessionNotFound, check_agent, recorded_session
 from catflap.contract import limits
-from catflap.contract.errors import AgentNotFound, InternalError
+from catflap.contract.errors import InternalError
 from catflap.logstore import LogPage, LogStore
 
 if TYPE_CHECKING:
-    from catflap.gateway.server import Gateway
+    from catflap.directory import AgentDirectory
+    from catflap.sessions.registry import SessionRegistry
+    from catflap.sessions.store import SessionStore
 
 __all__ = ["LogLine", "LogsAnswer", "LogsTotal", "logs_router"]
 
@@ -58,25 +66,27 @@ class LogsAnswer(BaseModel):
     logs: list[LogLine]
 
 
-def logs_router(gateway: "Gateway") -> APIRouter:
-    """The logs API of one gateway, as a router for :func:`catflap.api.app.create_api`."""
-    from catflap.api.app import ErrorBody
+def logs_router(
+    *,
+    organization: OrganizationDependency,
+    agents: "AgentDirectory",
+    sessions: "SessionRegistry",
+    store: "SessionStore",
+    log_dir: Path,
+) -> APIRouter:
+    """The logs API, as a router for :func:`catflap.api.app.create_api`.
 
+    Args:
+        organization: the private-key dependency (:func:`catflap.api.auth.private_key_org`).
+        sessions, store: where a session with no log file yet is known to exist.
+        log_dir: the session log files the agent runtimes write (``CatflapConfig.log_dir``).
+    """
     router = APIRouter(tags=["logs"], route_class=ParamCheckedRoute)
-    errors: dict[int | str, dict[str, Any]] = {
-        status: {"model": ErrorBody} for status in (400, 401, 404, 500)
-    }
-    organization = private_key_org(gateway)
-    store = LogStore(gateway.config.log_dir)
+    errors = error_responses(400, 401, 404, 500)
+    logs = LogStore(log_dir)
 
     async def known_session(org: str, agent: str, session_id: str) -> bool:
-        record = gateway.sessions.get(session_id)
-        if record is None:
-            try:
-                record = await gateway.store.get(session_id)
-            except Exception:
-                log.exception("! the session store failed")
-                raise InternalError("could not read the session records; see the log") from None
+        record = await recorded_session(sessions, store, session_id)
         return record is not None and (record.organization, record.agent) == (org, agent)
 
     @router.get(
@@ -114,17 +124,16 @@ def logs_router(gateway: "Gateway") -> APIRouter:
             InternalError: 500, the log files or the session store could not be read.
         """
         sid = canonical_session_id(session_id) if session_id is not None else None
-        if gateway.agent_by_name(org, agent) is None:
-            raise AgentNotFound(f"no agent {agent!r} in organization {org!r}")
+        check_agent(agents, org, agent)
         try:
             page: LogPage
             if sid is None:
                 page = await asyncio.to_thread(
-                    store.read_recent, org, agent, limit=limit, offset=offset, order=order
+                    logs.read_recent, org, agent, limit=limit, offset=offset, order=order
                 )
-            elif await asyncio.to_thread(store.has_session, org, agent, sid):
+            elif await asyncio.to_thread(logs.has_session, org, agent, sid):
                 page = await asyncio.to_thread(
-                    store.read_session, org, agent, sid, limit=limit, offset=offset, order=order
+                    logs.read_session, org, agent, sid, limit=limit, offset=offset, order=order
                 )
             elif await known_session(org, agent, sid):
                 page = LogPage(0, [])  # no line written (yet), or pruned

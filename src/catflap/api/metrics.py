@@ -50,7 +50,7 @@ from catflap.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from catflap.config import GatewaySettings
-    from catflap.gateway.server import Gateway
+    from catflap.metrics import GatewayMetrics
 
 __all__ = [
     "METRICS_PATH",
@@ -137,14 +137,19 @@ def metrics_refusal(
     return None
 
 
-def metrics_router(gateway: Gateway) -> APIRouter:
-    """``GET /metrics`` on the main port (the control API's FastAPI app)."""
+def metrics_router(*, settings: GatewaySettings, metrics: GatewayMetrics) -> APIRouter:
+    """``GET /metrics`` on the main port (the control API's FastAPI app).
+
+    Args:
+        settings: ``[gateway]``: who may read (``metrics_key``, ``metrics_listen``).
+        metrics: what is rendered.
+    """
     router = APIRouter()
 
     @router.get(METRICS_PATH, include_in_schema=False)
-    async def metrics(request: Request) -> Response:
+    async def render(request: Request) -> Response:
         refusal = metrics_refusal(
-            gateway.config.gateway,
+            settings,
             on_listener=False,
             authorization=request.headers.get("authorization"),
             client_host=request.client.host if request.client else None,
@@ -152,16 +157,22 @@ def metrics_router(gateway: Gateway) -> APIRouter:
         )
         if refusal is not None:
             raise refusal
-        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return router
 
 
 class MetricsListener:
-    """The ``metrics_listen`` server: ``GET /metrics`` and nothing else."""
+    """The ``metrics_listen`` server: ``GET /metrics`` and nothing else.
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    Args:
+        settings: ``[gateway]``; a ``metrics_key`` there is required of every request.
+        metrics: what a request reads.
+    """
+
+    def __init__(self, *, settings: GatewaySettings, metrics: GatewayMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
         self.connections: set[_MetricsConnection] = set()
         self._server: asyncio.Server | None = None
 
@@ -174,7 +185,7 @@ class MetricsListener:
             "= metrics listening on %s:%d%s",
             host,
             self.port,
-            " (bearer key required)" if self.gateway.config.gateway.metrics_key else "",
+            " (bearer key required)" if self.settings.metrics_key else "",
         )
 
     @property
@@ -198,7 +209,7 @@ class MetricsListener:
                 MethodNotAllowed(f"{METRICS_PATH} answers GET only", headers=[("allow", "GET")])
             )
         refusal = metrics_refusal(
-            self.gateway.config.gateway,
+            self.settings,
             on_listener=True,
             authorization=head.header("authorization"),
             client_host=client_host,
@@ -206,7 +217,7 @@ class MetricsListener:
         )
         if refusal is not None:
             return http_error_response(refusal)
-        payload = self.gateway.metrics.render()
+        payload = self.metrics.render()
         head_lines = (
             "HTTP/1.1 200 OK\r\n"
             f"content-type: {CONTENT_TYPE}\r\n"

@@ -27,15 +27,23 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
-from catflap.api.auth import ParamCheckedRoute, canonical_session_id, private_key_org
+from catflap.api.auth import (
+    OrganizationDependency,
+    ParamCheckedRoute,
+    canonical_session_id,
+    error_responses,
+)
 from catflap.contract import limits
 from catflap.contract.errors import AgentNotFound, BadRequest, InternalError, NotFound
 from catflap.logs import session_log
+from catflap.sessions.query import SessionQuery
 from catflap.sessions.record import CompletionStatus, SessionRecord
-from catflap.sessions.store import SessionQuery
 
 if TYPE_CHECKING:
-    from catflap.gateway.server import Gateway
+    from catflap.directory import AgentDirectory
+    from catflap.pool.pool import SessionPool
+    from catflap.sessions.registry import SessionRegistry
+    from catflap.sessions.store import SessionStore
 
 __all__ = [
     "LIST_LIMIT_DEFAULT",
@@ -44,6 +52,8 @@ __all__ = [
     "SessionModel",
     "SessionNotFound",
     "StopResponse",
+    "check_agent",
+    "recorded_session",
     "sessions_router",
 ]
 
@@ -107,32 +117,56 @@ class StopResponse(BaseModel):
     session_id: str
 
 
-def sessions_router(gateway: "Gateway") -> APIRouter:
-    """The sessions API of one gateway, as a router for :func:`catflap.api.app.create_api`."""
-    # Imported here: app.py imports this module, so ErrorBody is defined by the time we run.
-    from catflap.api.app import ErrorBody
+def check_agent(agents: "AgentDirectory", org: str, agent: str) -> None:
+    """Check that ``org`` has an agent named ``agent``.
 
+    Raises:
+        AgentNotFound: 404, it has not.
+    """
+    if agents.agent(org, agent) is None:
+        raise AgentNotFound(f"no agent {agent!r} in organization {org!r}")
+
+
+async def _from_store(call: Callable[[], Awaitable[_T]]) -> _T:
+    try:
+        return await call()
+    except Exception:
+        log.exception("! the session store failed")
+        raise InternalError("could not read the session records; see the gateway log") from None
+
+
+async def recorded_session(
+    sessions: "SessionRegistry", store: "SessionStore", session_id: str
+) -> SessionRecord | None:
+    """The freshest record of a session: this gateway's memory first, then the store.
+
+    Raises:
+        InternalError: 500, the session store failed (the cause is logged).
+    """
+    record = sessions.get(session_id)
+    return record if record is not None else await _from_store(lambda: store.get(session_id))
+
+
+def sessions_router(
+    *,
+    organization: OrganizationDependency,
+    agents: "AgentDirectory",
+    sessions: "SessionRegistry",
+    store: "SessionStore",
+    pool: "SessionPool",
+) -> APIRouter:
+    """The sessions API, as a router for :func:`catflap.api.app.create_api`.
+
+    Args:
+        organization: the private-key dependency (:func:`catflap.api.auth.private_key_org`).
+        sessions: the records this gateway holds in memory; fresher than ``store``'s.
+        pool: stops a live session wherever it runs.
+    """
     router = APIRouter(tags=["sessions"], route_class=ParamCheckedRoute)
-    errors: dict[int | str, dict[str, Any]] = {
-        status: {"model": ErrorBody} for status in (400, 401, 404, 500)
-    }
-    organization = private_key_org(gateway)
-
-    def check_agent(org: str, agent: str) -> None:
-        if gateway.agent_by_name(org, agent) is None:
-            raise AgentNotFound(f"no agent {agent!r} in organization {org!r}")
-
-    async def from_store(call: Callable[[], Awaitable[_T]]) -> _T:
-        try:
-            return await call()
-        except Exception:
-            log.exception("! the session store failed")
-            raise InternalError("could not read the session records; see the gateway log") from None
+    errors = error_responses(400, 401, 404, 500)
 
     async def find(org: str, agent: str, session_id: str) -> SessionRecord:
-        record = gateway.sessions.get(session_id)
-        if record is None:
-            record = await from_store(lambda: gateway.store.get(session_id))
+        record = await recorded_session(sessions, store, session_id)
         if record is None or (record.organization, record.agent) != (org, agent):
             raise SessionNotFound(f"no session {session_id} for agent {agent!r}")
         return record
@@ -184,7 +218,7 @@ def sessions_router(gateway: "Gateway") -> APIRouter:
         """
         if start_time is not None and end_time is not None and start_time > end_time:
             raise BadRequest(f"startTime ({start_time:g}) is after endTime ({end_time:g})")
-        check_agent(org, agent)
+        check_agent(agents, org, agent)
         query = SessionQuery(
             org=org,
             agent=agent,
@@ -194,8 +228,8 @@ def sessions_router(gateway: "Gateway") -> APIRouter:
             start_time=start_time,
             end_time=end_time,
         )
-        total, records = await from_store(lambda: gateway.store.query(query))
-        fresher = (gateway.sessions.get(record.session_id) or record for record in records)
+        total, records = await _from_store(lambda: store.query(query))
+        fresher = (sessions.get(record.session_id) or record for record in records)
         return {"total_count": total, "sessions": [record.to_api() for record in fresher]}
 
     @router.get(
@@ -217,7 +251,7 @@ def sessions_router(gateway: "Gateway") -> APIRouter:
             InternalError: 500, the session store failed.
         """
         sid = canonical_session_id(session_id)
-        check_agent(org, agent)
+        check_agent(agents, org, agent)
         return (await find(org, agent, sid)).to_api()
 
     @router.delete(
@@ -242,7 +276,7 @@ def sessions_router(gateway: "Gateway") -> APIRouter:
             InternalError: 500, the session store failed.
         """
         sid = canonical_session_id(session_id)
-        check_agent(org, agent)
+        check_agent(agents, org, agent)
         record = await find(org, agent, sid)
         if record.ended_at is not None:
             raise SessionNotFound(
@@ -251,7 +285,7 @@ def sessions_router(gateway: "Gateway") -> APIRouter:
             )
         # The pool reaches the session wherever it runs: this machine, or (cluster mode) the
         # agent host that holds it, through Redis.
-        if not await gateway.pool.stop_session(sid):
+        if not await pool.stop_session(sid):
             raise SessionNotFound(
                 f"session {sid} is not running (it has ended, or no gateway of this "
                 "deployment serves it); only live sessions can be stopped"
