@@ -30,14 +30,13 @@ from catflap.contract import headers
 from catflap.contract.closecodes import CloseCode
 from catflap.contract.control import ControlChannel
 from catflap.contract.errors import ConfigError
-from catflap.runtime.main import (
+from catflap.runtime.exits import (
     EXIT_BOT_IMPORT_FAILED,
     EXIT_BOT_STUCK,
     EXIT_CONFIG,
     EXIT_LISTEN_FAILED,
-    ListenAddress,
-    parse_listen,
 )
+from catflap.runtime.listen import ListenAddress, parse_listen
 
 REPO = Path(__file__).resolve().parents[1]
 ECHO = REPO / "examples" / "echo"

@@ -7,7 +7,6 @@ codes (:mod:`catflap.cli.exits`); nothing below the CLI calls ``sys.exit``.
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import click
 
@@ -21,29 +20,31 @@ from catflap.cli.telephony import telephony_xml
 __all__ = ["cli", "main"]
 
 
-@click.group()
+class _Commands(click.Group):
+    """catflap's commands; ``agent`` (the agent runtime) is imported only when it is used.
+
+    The runtime imports FastAPI, uvicorn and Prometheus: that would double the start-up time of
+    every other command, ``catflap sessions ...`` included.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), "agent"])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "agent":
+            from catflap.runtime.main import agent
+
+            return agent
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands)
 @click.version_option(package_name="catflap")
 def cli() -> None:
     """catflap: self-hosted, Pipecat-Cloud-compatible WebSocket sessions."""
 
 
-@click.command(
-    context_settings={
-        "ignore_unknown_options": True,
-        "allow_extra_args": True,
-        "help_option_names": [],
-    }
-)
-@click.pass_context
-def agent(ctx: click.Context) -> None:
-    """Run one agent runtime (the pool starts these; `catflap agent --help` for options)."""
-    from catflap.runtime.main import main as runtime_main
-
-    sys.exit(runtime_main(list(ctx.args)))
-
-
 cli.add_command(serve)
-cli.add_command(agent)
 cli.add_command(sessions)
 cli.add_command(logs)
 cli.add_command(gateway)

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, TypeAdapter, ValidationError
@@ -43,6 +43,7 @@ __all__ = [
     "ChildEvent",
     "ControlChannel",
     "ControlProtocolError",
+    "EventSink",
     "ParentCommand",
     "PingCommand",
     "PongEvent",
@@ -114,6 +115,10 @@ class ShutdownCommand(TypedDict):
 ChildEvent = ReadyEvent | StartFailedEvent | SessionStartedEvent | SessionEndedEvent | PongEvent
 ParentCommand = PingCommand | StopSessionCommand | ShutdownCommand
 
+#: Where a runtime reports its events: the channel to the pool, or a log line when standalone.
+#: It must not raise: a pool that went away is noticed by the control loop, not by the sender.
+EventSink = Callable[[ChildEvent], Awaitable[None]]
+
 
 #: Parsers for each direction: the ``event``/``command`` field picks the message type, and a
 #: message with a missing or mistyped field is refused as a whole (never a ``KeyError`` later).
@@ -166,13 +171,16 @@ class ControlChannel:
             ControlProtocolError: the line is too long, not JSON, or not a JSON object.
         """
         try:
-            line = await self._reader.readline()
-        except ValueError as exc:  # asyncio reports an over-long line as ValueError
-            raise ControlProtocolError(f"control line too long: {exc}") from None
+            line = await self._reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError:
+            return None  # EOF, possibly after a partial line from a dying peer
+        except asyncio.LimitOverrunError as exc:
+            await self._discard_line(exc.consumed)
+            raise ControlProtocolError(
+                f"control line too long (over {CONTROL_LINE_MAX_BYTES} bytes)"
+            ) from None
         except ConnectionError:
             return None
-        if not line.endswith(b"\n"):
-            return None  # EOF, possibly after a partial line from a dying peer
         try:
             msg = json.loads(line)
         except ValueError as exc:
@@ -180,6 +188,26 @@ class ControlChannel:
         if not isinstance(msg, dict):
             raise ControlProtocolError(f"control line is not a JSON object: {line[:80]!r}")
         return msg
+
+    async def _discard_line(self, consumed: int) -> None:
+        """Drop the rest of an over-long line, its newline included.
+
+        asyncio's ``readline`` would drop only what it had buffered, and the tail that arrives
+        later would be read as a line of its own: a tail that happens to be a valid message
+        (a traceback quoting one) must never be obeyed.
+        """
+        while True:
+            # ``consumed`` bytes are buffered: either the line up to its newline, or all of
+            # the line read so far.
+            await self._reader.readexactly(consumed)
+            try:
+                await self._reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                consumed = exc.consumed
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return  # EOF: the next receive() reports it
+            else:
+                return
 
     async def receive_event(self) -> ChildEvent | None:
         """The parent's side: the next event from the runtime, or ``None`` at end of file.

@@ -1,0 +1,242 @@
+"""One runtime session's lifecycle: accept, build the arguments, await ``bot()`` under its
+budget, close with the matching code, and report the end.
+
+A session is one ``/ws`` connection. From the upgrade request come the session id, ``?body=``,
+the transport type and the budget. The handler accepts, calls ``bot(args)`` as a task
+registered in :class:`~catflap.runtime.running.RunningBots` under the session id, waits for it
+to finish, run out of budget or be stopped, closes the socket and reports ``session_ended``
+(the table of endings is in :mod:`catflap.runtime`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from catflap.contract import headers, limits
+from catflap.contract.closecodes import CloseCode, assert_sendable
+from catflap.contract.control import BOT_IGNORED_CANCELLATION, EventSink, SessionStatus
+from catflap.contract.errors import cut_error
+from catflap.logs import SessionContext, bind_session, session_log, unbind_session
+from catflap.runtime.args import decode_body_param, make_session_args
+from catflap.runtime.botloader import LoadedBot
+from catflap.runtime.botlogs import BotOutputCapture
+from catflap.runtime.metrics import RuntimeMetrics
+from catflap.runtime.running import RunningBots
+
+__all__ = ["SessionRunner", "close_quietly"]
+
+# The name these lines carried before the runtime was split into modules: operators' log
+# queries and tests match "catflap.runtime.app: = session ended".
+logger = logging.getLogger("catflap.runtime.app")
+
+_Log = logging.LoggerAdapter[logging.Logger]
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    status: SessionStatus
+    error: str | None
+    close_code: CloseCode
+    close_reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SessionRunner:
+    """What every session of one runtime shares; :meth:`run` serves one session."""
+
+    #: The imported ``bot.py``.
+    bot: LoadedBot
+    #: Where running bots are registered, so that the control loop can stop them.
+    running: RunningBots
+    #: Gets ``session_started`` and ``session_ended``.
+    emit: EventSink
+    #: Counts sessions for ``GET /metrics``.
+    metrics: RuntimeMetrics
+    #: Who this runtime is, for log lines and the session log files.
+    agent: str = "agent"
+    org: str = "local"
+    #: Writes each session's bot output to its own file (``--log-dir``); off when ``None``.
+    capture: BotOutputCapture | None = None
+    #: Measures ``bot_seconds``; injectable so tests need no wall clock.
+    clock: Callable[[], float] = time.monotonic
+    #: Waits out the session budget and the cancellation grace; injectable like ``clock``.
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    #: How long a cancelled ``bot()`` may take to unwind before it is reported as stuck.
+    cancel_grace_s: float = limits.BOT_CANCEL_GRACE_S
+
+    async def run(self, websocket: WebSocket) -> None:
+        """Serve one ``/ws`` connection from the upgrade to ``session_ended``; never raises."""
+        session_id = websocket.headers.get(headers.SESSION_ID_HEADER) or str(uuid.uuid4())
+        context = SessionContext(session_id, self.agent, self.org)
+        # Bound to this handler's task: bot() and every task it starts inherit it, so their
+        # log lines (logging, loguru, print) are attributed to this session.
+        token = bind_session(context)
+        try:
+            await self._serve(websocket, context)
+        finally:
+            unbind_session(token)
+
+    async def _serve(self, websocket: WebSocket, context: SessionContext) -> None:
+        session_id = context.session_id
+        log = session_log(logger, session_id, agent=context.agent, org=context.org)
+        body = decode_body_param(websocket.query_params.get(headers.QUERY_BODY), log)
+        transport_type = (
+            headers.TRANSPORT_TYPE_WEBSOCKET
+            if websocket.headers.get(headers.TRANSPORT_TYPE_HEADER)
+            == headers.TRANSPORT_TYPE_WEBSOCKET
+            else None
+        )
+        budget = _read_budget(websocket.headers.get(headers.MAX_SESSION_SECONDS_HEADER), log)
+        try:
+            await websocket.accept(subprotocol=_choose_subprotocol(self.bot, websocket, log))
+        except (OSError, RuntimeError) as exc:  # the client left during the handshake
+            log.info("x client gone before the session started: %r", exc)
+            return
+        if session_id in self.running:
+            log.warning("! a session with this id is already running; refusing the duplicate")
+            await close_quietly(websocket, CloseCode.POLICY_VIOLATION, "duplicate session id", log)
+            return
+
+        async def call_bot() -> None:
+            # Built inside the task: a session-arguments class that refuses these values ends
+            # the session as bot_error, reported like any other failure, not as a dead handler.
+            args = make_session_args(
+                session_id=session_id, websocket=websocket, body=body, transport_type=transport_type
+            )
+            await self.bot.bot(args)
+
+        if self.capture is not None:
+            self.capture.session_started(context)
+        await self.emit({"event": "session_started", "session_id": session_id})
+        self.metrics.session_started()
+        log.info("= session started (transport_type=%s, budget=%s s)", transport_type, budget)
+        started = self.clock()
+        task = asyncio.create_task(call_bot(), name=f"bot[{session_id}]")
+        stop = self.running.add(session_id, task)
+        try:
+            outcome = await self._await_outcome(stop, task, budget, log)
+        finally:
+            self.running.remove(session_id)
+            if not task.done():
+                task.cancel()  # this handler itself was cancelled (forced server exit)
+        bot_seconds = self.clock() - started
+        self.metrics.session_ended(outcome.status, bot_seconds)
+        client_disconnected = websocket.client_state == WebSocketState.DISCONNECTED
+        await close_quietly(websocket, outcome.close_code, outcome.close_reason, log)
+        log.info("= session ended: %s after %.3f s", outcome.status, bot_seconds)
+        if self.capture is not None:
+            # Before session_ended: once the gateway records the end, the file is complete.
+            self.capture.session_ended(context)
+        await self.emit(
+            {
+                "event": "session_ended",
+                "session_id": session_id,
+                "status": outcome.status,
+                "error": outcome.error,
+                "client_disconnected": client_disconnected,
+                "bot_seconds": round(bot_seconds, 6),
+            }
+        )
+
+    async def _await_outcome(
+        self, stop: asyncio.Event, task: asyncio.Task[None], budget: float | None, log: _Log
+    ) -> _Outcome:
+        """Wait for ``bot()`` to finish, the budget to run out, or a stop request."""
+        await _until_first(task, stop.wait(), *([] if budget is None else [self.sleep(budget)]))
+        if task.done():
+            return _finished_outcome(task, log)
+        stopped = stop.is_set()
+        log.info(
+            "x %s: cancelling bot()", "stop requested" if stopped else "session budget ran out"
+        )
+        task.cancel()
+        await _until_first(task, self.sleep(self.cancel_grace_s))
+        done = task.done()
+        if done and not task.cancelled() and task.exception() is not None:
+            log.warning("bot() raised while being cancelled", exc_info=task.exception())
+        error = None if done else BOT_IGNORED_CANCELLATION
+        if not done:
+            log.error(
+                "! bot() still running %.0f s after cancel; the pool must kill this process",
+                self.cancel_grace_s,
+            )
+        if stopped:
+            return _Outcome("stopped", error, CloseCode.NORMAL, "session stopped")
+        return _Outcome("time_limit", error, CloseCode.NORMAL, "session time limit reached")
+
+
+async def _until_first(task: asyncio.Task[None], *waits: Awaitable[object]) -> None:
+    """Return once ``task`` is done or any of ``waits`` is; the other waits are cancelled."""
+    waiters = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait({task, *waiters}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def _read_budget(raw: str | None, log: _Log) -> float | None:
+    """The session budget in seconds; ``None`` (no limit) when absent, empty, <= 0 or bad."""
+    if not raw:
+        return None
+    try:
+        seconds = int(raw)
+    except ValueError:
+        log.warning("ignoring non-numeric %s: %r", headers.MAX_SESSION_SECONDS_HEADER, raw)
+        return None
+    return float(seconds) if seconds > 0 else None
+
+
+def _choose_subprotocol(loaded: LoadedBot, websocket: WebSocket, log: _Log) -> str | None:
+    offered = [str(p) for p in websocket.scope.get("subprotocols", [])]
+    if loaded.select_subprotocol is None:
+        return None  # PCC accepts with no subprotocol
+    try:
+        chosen = loaded.select_subprotocol(offered)
+    except Exception:
+        log.exception("select_subprotocol() raised; accepting with no subprotocol")
+        return None
+    if chosen is not None and chosen not in offered:
+        log.warning("select_subprotocol() chose %r, which was not offered; ignoring", chosen)
+        return None
+    return chosen
+
+
+def _error_text(exc: BaseException) -> str:
+    message = str(exc)
+    # Cut here too, not only in the record: the report travels on the control channel, whose
+    # lines are bounded (CONTROL_LINE_MAX_BYTES), and a megabyte message would break it.
+    return cut_error(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
+
+
+def _finished_outcome(task: asyncio.Task[None], log: _Log) -> _Outcome:
+    if task.cancelled():  # cancelled from inside, not by us
+        log.error("bot() was cancelled by something other than the runtime")
+        return _Outcome("bot_error", "CancelledError", CloseCode.INTERNAL_ERROR, "CancelledError")
+    exc = task.exception()
+    if exc is None:
+        log.info("= bot() returned")
+        return _Outcome("completed", None, CloseCode.NORMAL, "")
+    log.error("! bot() raised", exc_info=exc)
+    return _Outcome("bot_error", _error_text(exc), CloseCode.INTERNAL_ERROR, type(exc).__name__)
+
+
+async def close_quietly(websocket: WebSocket, code: int, reason: str, log: _Log) -> None:
+    """Close ``websocket`` unless either side already did; never raises for a gone peer."""
+    assert_sendable(code)
+    if WebSocketState.DISCONNECTED in (websocket.client_state, websocket.application_state):
+        return
+    reason = reason.encode()[: limits.CLOSE_REASON_MAX_BYTES].decode("utf-8", "ignore")
+    try:
+        await websocket.close(code=code, reason=reason)
+    except (RuntimeError, WebSocketDisconnect, OSError) as exc:
+        log.debug("close(%d) failed, the peer is gone: %r", code, exc)
+    else:
+        log.debug("> close %d %r", code, reason)
