@@ -11,14 +11,17 @@ The pool starts one runtime process per agent instance::
 1. **Start.** :mod:`~catflap.runtime.botloader` puts ``DIR`` first on ``sys.path``, changes into
    it and imports ``bot.py`` as the module ``bot``; it must define ``async def bot(args)``. A
    failure sends ``start_failed`` (with the traceback) and exits with code 3. The runtime then
-   binds the listening socket itself (``tcp:HOST:0`` picks a free port), serves the FastAPI app
-   of :mod:`~catflap.runtime.app` with uvicorn, and sends ``ready`` with the real address once
-   uvicorn is listening.
+   binds the listening socket itself (:mod:`~catflap.runtime.listen`; ``tcp:HOST:0`` picks a
+   free port), serves the FastAPI app of :mod:`~catflap.runtime.app` with uvicorn, and sends
+   ``ready`` with the real address once uvicorn is listening (:mod:`~catflap.runtime.process`;
+   the flags are parsed by :mod:`~catflap.runtime.main`, exit codes in
+   :mod:`~catflap.runtime.exits`).
 
 2. **Sessions.** Each connection to ``WS /ws`` is one session (several may run at once). The
    handler reads the session id (``x-daily-session-id``), ``?body=`` (base64 JSON; undecodable
    means ``None``), the transport type and the session budget from the upgrade request, accepts,
-   and awaits ``bot(args)`` as a task registered by session id. ``args`` is the most specific
+   and awaits ``bot(args)`` as a task registered by session id
+   (:mod:`~catflap.runtime.session`, :mod:`~catflap.runtime.running`). ``args`` is the most specific
    installed session-arguments class (:mod:`~catflap.runtime.args`). The session ends when:
 
    ========================  ============  ==============================================
@@ -35,10 +38,12 @@ The pool starts one runtime process per agent instance::
    anyway with ``error="bot ignored cancellation"``; the pool then kills the process.
 
 3. **Control.** :mod:`~catflap.contract.control` carries line-delimited JSON over the
-   ``socketpair()`` end given as ``--control-fd``: ``ping``/``pong``, ``stop_session`` and
-   ``shutdown`` (stop accepting, let sessions finish, exit 0). End of file means the pool died:
-   every session is cancelled and the process exits, so no runtime outlives its pool.
-   Without ``--control-fd`` the runtime runs standalone and prints its address.
+   ``socketpair()`` end given as ``--control-fd``, and :mod:`~catflap.runtime.control_loop`
+   applies each command (a malformed one is logged and skipped): ``ping``/``pong``,
+   ``stop_session`` and ``shutdown`` (stop accepting, let sessions finish, exit 0). End of
+   file means the pool died: every session is cancelled and the process exits, so no runtime
+   outlives its pool. Without ``--control-fd`` the runtime runs standalone and prints its
+   address.
 
 4. **Observability.** ``GET /metrics`` (:mod:`~catflap.runtime.metrics`) counts sessions by
    how they ended. The ``/ws`` handler binds the session to its task (a ``ContextVar``), so
