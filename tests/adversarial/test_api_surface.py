@@ -342,8 +342,13 @@ def test_metrics_listener_holds_a_bounded_number_of_connections(split: HostileGa
         for _ in range(limits.METRICS_MAX_CONNECTIONS)
     ]
     try:
-        time.sleep(0.2)  # the listener has accepted them all
-        status, _, body = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        # Answered (200) until the listener has accepted every idle one, then refused.
+        deadline = time.monotonic() + seconds(5)
+        while True:
+            status, _, body = exchange(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            if status != 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         assert_error(status, body, 503, "service_unavailable")
     finally:
         for sock in idle:
