@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import dataclasses
 import json
 import os
 import re
@@ -28,10 +29,10 @@ import pytest
 
 from catflap.auth.replay import MemoryReplayStore
 from catflap.auth.tokens import KeyRing, SigningKey
+from catflap.compose import AgentLaunch, Overrides, build_gateway
 from catflap.config import CatflapConfig, load_config
-from catflap.gateway.server import Gateway
-from catflap.pool.forkserver import ForkServerLauncher
-from catflap.pool.launcher import SubprocessLauncher
+from catflap.gateway.listener import Gateway
+from catflap.gateway.timings import Timings
 from catflap.pool.pool import LocalPool
 from catflap.sessions.store import SessionStore, SqliteSessionStore
 
@@ -146,17 +147,20 @@ async def running_gateway(
     ready_timeout: float = 30.0,
     store: SessionStore | None = None,
     adjust: Callable[[CatflapConfig], CatflapConfig] | None = None,
-    pool_options: dict[str, Any] | None = None,
+    pool_options: dict[str, float] | None = None,
     dashboard: bool = False,
     native_relay: bool = True,
+    timings: dict[str, float] | None = None,
 ) -> AsyncIterator[RunningGateway]:
-    """A gateway on 127.0.0.1:0 with a real pool of agent processes; stops itself.
+    """A gateway on 127.0.0.1:0 with a real pool of agent processes, wired by
+    :func:`catflap.compose.build_gateway` as ``catflap serve`` wires it; stops itself.
 
     Session records go to ``store`` (which the caller closes), or else to a fresh SQLite file;
     session logs to a fresh folder (``config.log_dir``). ``adjust`` may change the loaded
-    config (to go below a validated minimum in a test), ``pool_options`` are passed to every
-    agent's pool, ``dashboard`` serves the live view, and ``native_relay`` false relays on the
-    event loop instead of the fast lane.
+    config (to go below a validated minimum in a test), ``pool_options`` are the pool's ping
+    interval and timeout, ``dashboard`` serves the live view, ``native_relay`` false relays on
+    the event loop instead of the fast lane, and ``timings`` replaces fields of
+    :class:`~catflap.gateway.timings.Timings` (e.g. ``slow_peer``).
     """
     workdir = Path(tempfile.mkdtemp(prefix="cf"))  # short: AF_UNIX paths are limited
     try:
@@ -168,31 +172,31 @@ async def running_gateway(
         config = config.model_copy(update={"logs": logs, "gateway": settings})
         if adjust is not None:
             config = adjust(config)
-        launcher_class = ForkServerLauncher if config.gateway.fork_server else SubprocessLauncher
-        pool = LocalPool(
-            config.agents(),
-            launcher_class(workdir, log_level="warning", log_dir=config.log_dir),
-            ready_timeout=seconds(ready_timeout),
-            **(pool_options or {}),
-        )
         own_store = store is None
         if store is None:
             store = SqliteSessionStore(workdir / "sessions.sqlite3")
-        gateway = Gateway(
-            config,
+        overrides = Overrides(
             keyring=keyring,
-            replay=MemoryReplayStore(clock=clock),
-            pool=pool,
             store=store,
+            replay=MemoryReplayStore(clock=clock),
             clock=clock,
+            timings=dataclasses.replace(Timings.from_settings(config.gateway), **(timings or {})),
         )
-        pool.start()
+        launch = AgentLaunch(
+            workdir,
+            log_level="warning",
+            ready_timeout=seconds(ready_timeout),
+            **(pool_options or {}),
+        )
+        gateway = await build_gateway(config, overrides, launch=launch)
         await gateway.start("127.0.0.1", 0)
+        pool = gateway.pool
+        assert isinstance(pool, LocalPool)
         try:
             yield RunningGateway(gateway, pool, config)
         finally:
             await gateway.shutdown(drain_timeout=0)
-            await pool.close()
+            await gateway.close()
             if own_store:
                 await store.close()
     finally:

@@ -17,7 +17,6 @@ from websockets.asyncio.client import connect
 
 from catflap.config import CatflapConfig
 from catflap.contract import limits
-from catflap.gateway.relay import Relay
 
 from .conftest import (
     ECHO,
@@ -105,17 +104,12 @@ async def test_bot_error_closes_the_client_with_1011_and_records_it(native_relay
 
 @RELAY_MODES
 async def test_a_client_that_stops_reading_is_paused_then_closed_with_1013(
-    monkeypatch: pytest.MonkeyPatch, native_relay: bool
+    native_relay: bool,
 ) -> None:
-    # Shorten the bound for the test: the relay takes it as a keyword default.
-    assert Relay.__init__.__kwdefaults__["slow_peer_timeout"] == limits.SLOW_PEER_TIMEOUT_S
-    monkeypatch.setattr(
-        Relay.__init__,
-        "__kwdefaults__",
-        {"close_wait": limits.CLOSE_WAIT_S, "slow_peer_timeout": 1.0, "lane": None},
-    )
     agents = {"flood": {"path": BOTS / "flood", "scaling": {"min_agents": 1}}}
-    async with running_gateway(agents, native_relay=native_relay) as gw:
+    # A short bound for the test, through the composition as a deployment would set it.
+    timings = {"slow_peer": 1.0}
+    async with running_gateway(agents, native_relay=native_relay, timings=timings) as gw:
         await gw.wait_ready("flood.my-org")
         sock, _ = await _raw_upgrade(gw.port, "/ws/generic/flood.my-org")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -7,8 +7,9 @@ counted once per handshake or per session. docs/operations.md lists every metric
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -16,9 +17,9 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from catflap.gateway.server import Gateway
+    from catflap.sessions.record import SessionRecord
 
-__all__ = ["CONTENT_TYPE", "GatewayMetrics"]
+__all__ = ["CONTENT_TYPE", "GatewayMetrics", "MetricSources", "RelayTraffic"]
 
 #: The text exposition format ``render()`` writes (``generate_latest`` writes 0.0.4; the
 #: library's ``CONTENT_TYPE_LATEST`` names a newer format it does not write by default).
@@ -29,6 +30,42 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 _START_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+class RelayTraffic(Protocol):
+    """A live relay, as a scrape reads it: bytes and frames so far, by direction."""
+
+    def traffic(self) -> dict[str, int]: ...
+
+
+def _no_records() -> Iterable[SessionRecord]:
+    return ()
+
+
+def _no_relays() -> Iterable[RelayTraffic]:
+    return ()
+
+
+def _no_agents() -> Iterable[str]:
+    return ()
+
+
+def _no_pool_states() -> dict[tuple[str, str], int] | None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSources:
+    """What a scrape reads live, each as a callable so the value is the one of that moment."""
+
+    #: The session records relayed right now.
+    live_records: Callable[[], Iterable[SessionRecord]] = _no_records
+    #: The relays running right now.
+    relays: Callable[[], Iterable[RelayTraffic]] = _no_relays
+    #: ``{(agent, state): count}``; None when the pool lives elsewhere (cluster).
+    pool_states: Callable[[], dict[tuple[str, str], int] | None] = _no_pool_states
+    #: Every configured agent's key, so an idle agent still shows 0 active sessions.
+    agent_keys: Callable[[], Iterable[str]] = _no_agents
+
+
 class _LiveCollector(Collector):
     """Values read at scrape time: active sessions, relayed traffic, pool instances."""
 
@@ -36,22 +73,20 @@ class _LiveCollector(Collector):
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        gateway = self._metrics.gateway
-        if gateway is None:
-            return
+        sources = self._metrics.sources
         active = GaugeMetricFamily(
             "catflap_sessions_active", "Sessions relayed right now.", labels=["agent"]
         )
         per_agent: dict[str, int] = {}
-        for record in gateway.sessions.live.values():
+        for record in sources.live_records():
             key = f"{record.agent}.{record.organization}"
             per_agent[key] = per_agent.get(key, 0) + 1
-        for agent in self._metrics.agent_keys():
+        for agent in sorted(sources.agent_keys()):
             active.add_metric([agent], per_agent.get(agent, 0))
         yield active
 
         totals = dict(self._metrics.ended_traffic)
-        for relay in list(gateway.relays.values()):
+        for relay in list(sources.relays()):
             for name, value in relay.traffic().items():
                 totals[name] = totals.get(name, 0) + value
         relayed_bytes = CounterMetricFamily(
@@ -68,7 +103,7 @@ class _LiveCollector(Collector):
         yield relayed_bytes
         yield relayed_frames
 
-        states = self._metrics.pool_states()
+        states = sources.pool_states()
         if states is not None:
             instances = GaugeMetricFamily(
                 "catflap_pool_instances", "Agent instances by state.", labels=["agent", "state"]
@@ -81,11 +116,9 @@ class _LiveCollector(Collector):
 class GatewayMetrics:
     """The metrics of one gateway."""
 
-    def __init__(self) -> None:
+    def __init__(self, sources: MetricSources | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.gateway: Gateway | None = None
-        #: Returns ``{(agent, state): count}``; None when the pool lives elsewhere (cluster).
-        self.pool_states: Callable[[], dict[tuple[str, str], int] | None] = lambda: None
+        self.sources = sources if sources is not None else MetricSources()
         self.ended_traffic: dict[str, int] = {}
         self.sessions_started = Counter(
             "catflap_sessions_started",
@@ -126,8 +159,9 @@ class GatewayMetrics:
         )
         self.registry.register(_LiveCollector(self))
 
-    def agent_keys(self) -> list[str]:
-        return [] if self.gateway is None else sorted(a.key for a in self.gateway.config.agents())
+    def pool_states(self) -> dict[tuple[str, str], int] | None:
+        """``{(agent, state): count}`` now; None when the pool lives elsewhere (cluster)."""
+        return self.sources.pool_states()
 
     def session_ended(self, agent: str, status: str, traffic: dict[str, int]) -> None:
         self.completions.labels(agent, status).inc()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import signal
 import socket
@@ -24,8 +23,9 @@ from catflap.auth.tokens import mint_token
 from catflap.config import CatflapConfig
 from catflap.contract import limits
 from catflap.contract.errors import CatflapMisuse, ServiceUnavailable
-from catflap.gateway.server import Gateway
-from catflap.gateway.session import connect_agent, reach_agent
+from catflap.gateway.admission import Admission
+from catflap.gateway.dispatch import connect_agent
+from catflap.gateway.timings import Timings
 from catflap.gateway.upstream import AgentSilent, open_upstream
 from catflap.pool.instance import Instance, InstanceState
 
@@ -46,9 +46,9 @@ async def test_a_runtime_that_never_reports_the_end_is_replaced_and_recorded() -
     it held the slot until the instance died. Now the wait is bounded, the instance replaced
     and the record says what happened."""
     agents = {"echo": {"path": ECHO, "scaling": {"min_agents": 1, "max_agents": 1}}}
-    async with running_gateway(agents, adjust=_one_second_sessions("echo")) as gw:
-        # The wait ends at the session's start + max_session_duration (1 s) + this grace.
-        gw.gateway.lease_end_timeout = 1.0 * seconds(1)
+    # The wait ends at the session's start + max_session_duration (1 s) + this grace.
+    timings = {"lease_end": 1.0 * seconds(1)}
+    async with running_gateway(agents, adjust=_one_second_sessions("echo"), timings=timings) as gw:
         await gw.wait_ready("echo.my-org")
         pool = gw.pool.agents["echo.my-org"]
         (instance,) = pool.live()
@@ -69,7 +69,7 @@ async def test_a_runtime_that_never_reports_the_end_is_replaced_and_recorded() -
         assert record.completion_status == "agent_crashed"
         assert record.error is not None and "did not report the end of bot()" in record.error
         # Close handshake bound, or the session's limit and the grace, with a margin.
-        assert took < max(limits.CLOSE_WAIT_S, 1.0) + gw.gateway.lease_end_timeout + seconds(3)
+        assert took < max(limits.CLOSE_WAIT_S, 1.0) + gw.gateway.timings.lease_end + seconds(3)
         await gw.wait_ready("echo.my-org")  # replaced: the slot is usable again
         (replacement,) = pool.live()
         assert replacement.pid != instance.pid
@@ -93,8 +93,8 @@ async def test_a_bot_working_on_after_its_client_left_is_not_cut_short() -> None
     """Post-call work after the connection closed is the bot's right until its time limit:
     the bounded wait for its end does not kill it (the record is ``client_closed``)."""
     agents = {"postcall": {"path": BOTS / "postcall", "scaling": {"min_agents": 1}}}
-    async with running_gateway(agents) as gw:
-        gw.gateway.lease_end_timeout = 0.5  # far shorter than the 3 s of post-call work
+    # far shorter than the 3 s of post-call work
+    async with running_gateway(agents, timings={"lease_end": 0.5}) as gw:
         await gw.wait_ready("postcall.my-org")
         (instance,) = gw.pool.agents["postcall.my-org"].live()
         async with connect(f"{gw.ws}/ws/generic/postcall.my-org") as ws:
@@ -177,21 +177,22 @@ async def test_a_silent_agent_is_one_failed_attempt_not_three() -> None:
         listener.listen(8)  # accepts (the kernel does) and never answers
         try:
             pool = _OneLeasePool(f"unix:{path}")
-            gateway = SimpleNamespace(pool=pool, upstream_timeout=0.3)
-            accepted = SimpleNamespace(
-                agent=SimpleNamespace(key="a.o", service_host=SimpleNamespace(agent="a", org="o")),
-                session_id="s1",
-            )
+            accepted = _accepted("s1", claims=None)
             lease = pool._lease("s1")
             started = time.monotonic()
             with pytest.raises(AgentSilent) as refused:
-                await connect_agent(gateway, accepted, lease, b"GET /ws HTTP/1.1\r\n\r\n")  # type: ignore[arg-type]
+                await connect_agent(
+                    pool,  # type: ignore[arg-type]
+                    accepted,  # type: ignore[arg-type]
+                    lease,  # type: ignore[arg-type]
+                    b"GET /ws HTTP/1.1\r\n\r\n",
+                    timeout=0.3,
+                )
             took = time.monotonic() - started
         finally:
             listener.close()
     assert refused.value.status == 503
-    default = inspect.signature(Gateway).parameters["upstream_timeout"].default
-    assert default == limits.UPSTREAM_HANDSHAKE_TIMEOUT_S
+    assert Timings().upstream_handshake == limits.UPSTREAM_HANDSHAKE_TIMEOUT_S
     assert pool.acquired == 0  # no second instance was leased
     assert pool.cancelled == 1
     assert 0.3 <= took < 0.3 + seconds(1)
@@ -257,16 +258,24 @@ class _AnsweringAgent:
                 await writer.wait_closed()
 
 
-def _dispatch_fixture(address: str) -> tuple[_OneLeasePool, SimpleNamespace, SimpleNamespace]:
+def _accepted(session_id: str, claims: SimpleNamespace | None) -> SimpleNamespace:
+    """As much of an ``UpgradeAccepted`` as dispatch reads."""
+    agent = SimpleNamespace(key="a.o", service_host=SimpleNamespace(agent="a", org="o"))
+    return SimpleNamespace(
+        agent=agent, session_id=session_id, claims=claims, known_agent=lambda: agent
+    )
+
+
+def _dispatch_fixture(address: str) -> tuple[_OneLeasePool, Admission, SimpleNamespace]:
     pool = _OneLeasePool(address)
     claims = SimpleNamespace(jti="jti-1", exp=int(time.time()) + 300)
-    gateway = SimpleNamespace(pool=pool, upstream_timeout=0.3, replay=MemoryReplayStore())
-    accepted = SimpleNamespace(
-        agent=SimpleNamespace(key="a.o", service_host=SimpleNamespace(agent="a", org="o")),
-        session_id="jti-1",
-        claims=claims,
+    admission = Admission(
+        replay=MemoryReplayStore(),
+        pool=pool,  # type: ignore[arg-type]
+        upstream_timeout=0.3,
+        count_token=lambda _: None,
     )
-    return pool, gateway, accepted
+    return pool, admission, _accepted("jti-1", claims)
 
 
 @pytest.mark.parametrize(
@@ -287,10 +296,16 @@ async def test_which_agent_answers_are_retried_and_which_keep_the_token_spent(
     have started a bot, so its token stays spent."""
     with tempfile.TemporaryDirectory(prefix="cfans") as folder:
         async with _AnsweringAgent(folder, answer) as agent:
-            pool, gateway, accepted = _dispatch_fixture(f"unix:{agent.path}")
-            assert await gateway.replay.consume("jti-1", accepted.claims.exp)
+            pool, admission, accepted = _dispatch_fixture(f"unix:{agent.path}")
+            assert await admission.replay.consume("jti-1", accepted.claims.exp)
             lease = pool._lease("jti-1")
             with pytest.raises(ServiceUnavailable):
-                await reach_agent(gateway, accepted, lease, b"GET /ws HTTP/1.1\r\n\r\n")  # type: ignore[arg-type]
+                await admission.reach_agent(
+                    accepted,  # type: ignore[arg-type]
+                    lease,  # type: ignore[arg-type]
+                    b"GET /ws HTTP/1.1\r\n\r\n",
+                )
     assert pool.acquired == (limits.DISPATCH_ATTEMPTS - 1 if retried else 0)
-    assert len(gateway.replay) == (0 if token_back else 1)
+    replay = admission.replay
+    assert isinstance(replay, MemoryReplayStore)
+    assert len(replay) == (0 if token_back else 1)

@@ -119,35 +119,38 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
     from catflap.cluster.dispatch import RedisPool
     from catflap.cluster.keys import Keys
     from catflap.cluster.store import RedisSessionStore
-    from catflap.gateway.server import Gateway
+    from catflap.compose import Overrides, build_gateway
     from catflap.sessions.store import SessionStore, open_store
 
     assert isinstance(keyring, KeyRing)
     client = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
     keys = Keys(prefix)
-    pool = RedisPool(client, keys, cfg.agents())
     store: SessionStore = (
         open_store(cfg.database_url, cfg.state_dir)
         if cfg.database_url
         else RedisSessionStore(client, keys)
     )
-    gw = Gateway(
-        cfg, keyring=keyring, replay=RedisReplayStore(client, keys), pool=pool, store=store
+    overrides = Overrides(
+        keyring=keyring,
+        pool=RedisPool(client, keys, cfg.agents()),
+        store=store,
+        replay=RedisReplayStore(client, keys),
     )
+    gw = await build_gateway(cfg, overrides)
     host, port = cfg.host_port
     try:  # before anything else starts, so a taken port leaves nothing behind
         await gw.start(host, port)
     except OSError as exc:
+        await gw.close()
         await store.close()
         await client.aclose()
         raise listen_failure(exc, host, port) from None
-    pool.start()
     second = await _until_signalled()
     second_task = asyncio.ensure_future(second.wait())
     second_task.add_done_callback(lambda _: gw.drain_now())
-    await gw.shutdown(drain_timeout=cfg.gateway.drain_timeout)
+    await gw.shutdown()
     second_task.cancel()
-    await pool.close()
+    await gw.close()
     await store.close()
     await client.aclose()
 

@@ -1,11 +1,14 @@
-"""``catflap serve``: the gateway, the control API and a warm pool on this machine."""
+"""``catflap serve``: the gateway, the control API and a warm pool on this machine.
+
+This module merges the command line into the configuration (flags over ``catflap.toml``, or
+zero-config from a bot folder) and runs what :func:`catflap.compose.build_gateway` wires.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-import sqlite3
 import sys
 import tempfile
 from pathlib import Path
@@ -23,15 +26,11 @@ from catflap.config import (
 )
 from catflap.contract.errors import ConfigError
 from catflap.logs import LOG_FORMATS, LogFormat, configure_logging
+from catflap.sessions.store import check_database_url
 
 __all__ = ["dashboard_option", "log_format_option", "serve", "start_pruner", "with_dashboard"]
 
 log = logging.getLogger("catflap")
-
-#: Spent token ids of ``catflap serve``, in the state dir (catflap.auth.sqlite_replay).
-REPLAY_FILE = "replay.sqlite3"
-#: URL schemes that catflap.sessions.store.open_store knows.
-_DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
 
 
 def _build_config(
@@ -81,23 +80,9 @@ def _with_storage(
     updates = {key: value for key, value in storage.items() if value}
     if updates:
         cfg = cfg.model_copy(update=updates)
-    _check_database_url(cfg.database_url, "--database-url" if database_url else source)
+    if cfg.database_url:
+        check_database_url(cfg.database_url, source="--database-url" if database_url else source)
     return cfg
-
-
-def _check_database_url(url: str | None, source: str) -> None:
-    """Refuse a database URL that :func:`~catflap.sessions.store.open_store` cannot open.
-
-    Raises:
-        ConfigError: the scheme is neither ``sqlite:///`` nor ``postgresql://``.
-    """
-    if url and not url.startswith(_DATABASE_SCHEMES):
-        raise ConfigError(
-            source,
-            "database_url",
-            f"unsupported URL {url.split(':', 1)[0]!r}: use postgresql://user@host/db "
-            "or sqlite:///path/to/file",
-        )
 
 
 log_format_option = click.option(
@@ -226,6 +211,8 @@ def serve(
             "won't survive a restart or work across gateways"
         )
     else:
+        from catflap.compose import REPLAY_FILE
+
         # Info, not a warning: one gateway with fixed keys is the normal case, and correct.
         log.info(
             "= single-use tokens are enforced per state_dir (spent ones in %s): gateways that "
@@ -246,32 +233,13 @@ def serve(
 async def _serve(
     cfg: CatflapConfig, keyring: object, log_level: str, log_format: LogFormat
 ) -> None:
-    from catflap.auth.sqlite_replay import SqliteReplayStore
     from catflap.auth.tokens import KeyRing
-    from catflap.gateway.server import Gateway
-    from catflap.pool.forkserver import ForkServerLauncher
-    from catflap.pool.launcher import SubprocessLauncher
-    from catflap.pool.pool import LocalPool
-    from catflap.sessions.store import open_store
+    from catflap.compose import AgentLaunch, Overrides, build_gateway
 
     assert isinstance(keyring, KeyRing)
     with tempfile.TemporaryDirectory(prefix="catflap-") as socket_dir:
-        launcher_class = ForkServerLauncher if cfg.gateway.fork_server else SubprocessLauncher
-        launcher = launcher_class(
-            Path(socket_dir), log_level=log_level, log_dir=cfg.log_dir, log_format=log_format
-        )
-        pool = LocalPool(cfg.agents(), launcher, ready_timeout=cfg.gateway.agent_ready_timeout)
-        store = open_store(cfg.database_url, cfg.state_dir)
-        replay_path = cfg.state_dir / REPLAY_FILE
-        try:
-            replay = SqliteReplayStore(replay_path)
-        except (sqlite3.Error, OSError) as exc:
-            await store.close()
-            raise StartupError(
-                f"cannot open the token store {replay_path}: {exc}; check that the state_dir "
-                "is writable (--state-dir DIR)"
-            ) from None
-        gateway = Gateway(cfg, keyring=keyring, replay=replay, pool=pool, store=store)
+        launch = AgentLaunch(Path(socket_dir), log_level=log_level, log_format=log_format)
+        gateway = await build_gateway(cfg, Overrides(keyring=keyring), launch=launch)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         terms = 0
@@ -287,15 +255,11 @@ async def _serve(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         host, port = cfg.host_port
-        # Listen before the pool starts any process, so a taken port leaves nothing behind. A
-        # handshake that comes in before pool.start() still works: acquire() cold-starts.
         try:
             await gateway.start(host, port)
         except OSError as exc:
-            await replay.close()
-            await store.close()
+            await gateway.close()
             raise listen_failure(exc, host, port) from None
-        pool.start()
         pruner = start_pruner(cfg, cfg.log_dir)
         for agent in cfg.agents():
             log.info("agent %s: ws://%s:%d/ws/generic/%s", agent.key, host, gateway.port, agent.key)
@@ -303,8 +267,6 @@ async def _serve(
             log.info("= live view at http://%s:%d/dashboard", host, gateway.port)
         await stop.wait()
         log.info("x shutting down (send the signal again to close every session now)")
-        await gateway.shutdown(drain_timeout=cfg.gateway.drain_timeout)
+        await gateway.shutdown()
         pruner.cancel()
-        await pool.close()
-        await replay.close()
-        await store.close()
+        await gateway.close()

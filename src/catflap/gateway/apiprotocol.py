@@ -20,7 +20,7 @@ again here):
   its first byte, or a body ``REQUEST_BODY_TIMEOUT_S`` after its head (if the app has already
   begun its answer, the connection is just closed). An idle kept-alive connection is closed
   after uvicorn's ``timeout_keep_alive`` (``KEEPALIVE_IDLE_TIMEOUT_S``, set by
-  :meth:`catflap.gateway.server.Gateway.make_http_protocol`).
+  :class:`catflap.gateway.apiconnections.ApiConnections`).
 - malformed bytes: 400 ``malformed_request`` as JSON, instead of uvicorn's text/plain 400.
 
 Every refusal is :func:`~catflap.contract.errors.http_error_response` and a lingering close

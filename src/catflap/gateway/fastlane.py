@@ -25,8 +25,9 @@ an allocation failed              closes both sides with 1011 (aborts a side tha
 ================================  ======================================================
 
 While a session is in the lane, Python never writes to, closes or reads its sockets: the relay
-lends each leg a :class:`LentTransport` in place of its transport meanwhile, so that a mistake
-raises :class:`~catflap.contract.errors.CatflapMisuse` instead of corrupting the stream. TLS
+lends each leg a :class:`LentTransport` in place of its transport meanwhile, whose acting methods
+ask the relay's state machine, which refuses them
+(:class:`~catflap.gateway.relaystate.SocketsLent`) instead of letting them corrupt the stream. TLS
 sessions never enter (the lane relays raw socket bytes). Where the extension is missing (no C
 compiler at install time, not Linux) or ``[gateway] native_relay`` is false, sessions relay on
 the event loop, with the same behaviour.
@@ -39,7 +40,7 @@ import enum
 import logging
 from typing import Any, NamedTuple, NoReturn, Protocol
 
-from catflap.contract.errors import CatflapMisuse
+from catflap.gateway.relaystate import RelayMachine
 
 try:
     from catflap.gateway import _fastlane as native
@@ -87,17 +88,19 @@ class LentTransport(asyncio.Transport):
     """Stands in for a relay leg's transport while its socket is lent to the lane.
 
     The lane's thread alone reads and writes the socket then, so anything that would act on the
-    transport raises :class:`CatflapMisuse`; what only looks at it passes through. The relay
-    puts the real transport back in ``lane_returned``. No cost on the lane's path: Python does
-    not run there.
+    transport is refused by ``machine`` (:meth:`RelayMachine.refuse_socket_io` raises
+    :class:`~catflap.gateway.relaystate.SocketsLent`); what only looks at it passes through.
+    The relay puts the real transport back in ``lane_returned``. No cost on the lane's path:
+    Python does not run there.
     """
 
-    __slots__ = ("lent", "side")
+    __slots__ = ("lent", "machine", "side")
 
-    def __init__(self, lent: asyncio.Transport, side: str) -> None:
+    def __init__(self, lent: asyncio.Transport, side: str, machine: RelayMachine) -> None:
         super().__init__()
         self.lent = lent
         self.side = side
+        self.machine = machine
 
     # Looking is fine.
 
@@ -122,11 +125,7 @@ class LentTransport(asyncio.Transport):
     # Acting is a bug.
 
     def _misuse(self, method: str) -> NoReturn:
-        raise CatflapMisuse(
-            f"{method}() on the {self.side} leg's transport while its socket is lent to the "
-            "fast lane: the lane's thread owns the socket until Relay.lane_returned; defer the "
-            "action with Relay._recall() (as close_both and abort do)"
-        )
+        self.machine.refuse_socket_io(self.side, method)
 
     def write(self, data: Any) -> NoReturn:
         self._misuse("write")

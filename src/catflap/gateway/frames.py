@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import os
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 from catflap.contract import limits
@@ -47,10 +48,11 @@ class FrameScanner:
         "close_seen",
         "close_seq",
         "frames",
+        "on_close",
         "protocol_error",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, on_close: Callable[[], None] | None = None) -> None:
         self._skip = 0  # payload bytes of the current frame still to come
         self._partial = b""  # an incomplete frame header (or close frame) waiting for more
         self.frames = 0
@@ -62,6 +64,8 @@ class FrameScanner:
         #: Why the stream broke RFC 6455, once it has (the session then ends with 1002).
         self.protocol_error: str | None = None
         self._failed = False
+        #: Called once, when the first close frame has been read (never on the per-frame path).
+        self.on_close = on_close
 
     @property
     def at_boundary(self) -> bool:
@@ -191,6 +195,8 @@ class FrameScanner:
             self.close_reason = payload[2:].decode("utf-8", "replace")
         else:
             self.close_code = 1005  # "no status received", as RFC 6455 reports it locally
+        if self.on_close is not None:
+            self.on_close()
 
 
 class ControlFrameError(ValueError):

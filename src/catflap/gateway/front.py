@@ -1,10 +1,14 @@
 """The gateway's per-connection front: read one request head, then pick who handles it.
 
-- ``/ws`` and below: catflap's own upgrade path (:func:`~catflap.gateway.session.run_session`),
-  which answers every refusal itself with a JSON error before any upgrade.
+- ``/ws`` and below: catflap's own upgrade path (``FrontRoutes.upgrade``, which runs
+  :func:`~catflap.gateway.session.run_session`), which answers every refusal itself with a
+  JSON error before any upgrade.
 - anything else: the control API. The connection is handed, with every byte read so far, to
   uvicorn's HTTP protocol running the FastAPI app (uvicorn's own ``set_protocol`` hand-off,
   used the other way round).
+
+:class:`Front` is the protocol factory the listening socket calls: it holds the connections
+that have not been handed off yet and keeps all of them within ``[gateway] max_connections``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from dataclasses import dataclass
+from typing import cast
 
 from catflap.contract import limits
 from catflap.contract.closecodes import CloseCode
@@ -24,15 +29,12 @@ from catflap.contract.errors import (
     http_error_response,
 )
 from catflap.gateway.frames import close_frame
-from catflap.gateway.httphead import HeadParser
-from catflap.gateway.session import count_refusal, run_session
+from catflap.gateway.httphead import HeadParser, RequestHead
+from catflap.gateway.refusal import Refusals
 from catflap.gateway.upgrade import is_websocket_path
 from catflap.logs import LogBudget, not_logged
 
-if TYPE_CHECKING:
-    from catflap.gateway.server import Gateway
-
-__all__ = ["GatewayConnection"]
+__all__ = ["Front", "FrontRoutes", "GatewayConnection"]
 
 log = logging.getLogger("catflap.gateway")
 
@@ -56,11 +58,55 @@ def _warn_at_capacity(message: str) -> None:
         log.warning("! %s%s", message, not_logged(skipped))
 
 
+@dataclass(frozen=True, slots=True)
+class FrontRoutes:
+    """Where a connection goes once its first head is read, and who answers refusals."""
+
+    #: Takes an upgrade request on ``/ws...`` (reading is paused) and the bytes after its head.
+    upgrade: Callable[[GatewayConnection, RequestHead, bytes], object]
+    #: A new protocol for a control-API connection.
+    api_protocol: Callable[[], asyncio.Protocol]
+    refusals: Refusals
+
+
+class Front:
+    """The connections not handed off yet, and the budget every open connection counts in."""
+
+    def __init__(
+        self,
+        routes: FrontRoutes,
+        *,
+        max_connections: int,
+        handed_off: Callable[[], int],
+        head_timeout: float = limits.REQUEST_HEAD_TIMEOUT_S,
+    ) -> None:
+        """
+        Args:
+            max_connections: ``[gateway] max_connections``.
+            handed_off: the connections open elsewhere now (in the API, or relayed).
+            head_timeout: seconds a connection may take to send its first head.
+        """
+        self.routes = routes
+        self.max_connections = max_connections
+        self.head_timeout = head_timeout
+        self._handed_off = handed_off
+        #: In opening order, so the oldest idle one is found first.
+        self.connections: dict[GatewayConnection, None] = {}
+
+    def __call__(self) -> GatewayConnection:
+        """A protocol for a new client connection (``loop.create_server``'s factory)."""
+        return GatewayConnection(self)
+
+    def open_connections(self) -> int:
+        """Client connections open now: not yet handed off, in the API, or relayed."""
+        return len(self.connections) + self._handed_off()
+
+
 class GatewayConnection(asyncio.Protocol):
     """Owns a client connection until its first request head has been read."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, front: Front) -> None:
+        self.front = front
         self.transport: asyncio.Transport
         self.client_host: str | None = None
         self._parser: HeadParser | None = HeadParser()
@@ -81,21 +127,20 @@ class GatewayConnection(asyncio.Protocol):
         if sock is not None:
             _enable_keepalive(sock)
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(limits.REQUEST_HEAD_TIMEOUT_S, self._head_timeout)
+        self._timer = loop.call_later(self.front.head_timeout, self._head_timeout)
         if not self._admit_connection():
             return
-        self.gateway.connections[self] = None
+        self.front.connections[self] = None
 
     def _admit_connection(self) -> bool:
         """Keep the open connections within ``max_connections``: the oldest connection that
         has not sent a complete head yet goes first; with none, this one is refused."""
-        gateway = self.gateway
-        if gateway.open_connections() < gateway.config.gateway.max_connections:
+        front = self.front
+        if front.open_connections() < front.max_connections:
             return True
-        idle = next((c for c in gateway.connections if c._parser is not None), None)
+        idle = next((c for c in front.connections if c._parser is not None), None)
         refusal = TooManyConnections(
-            f"the gateway holds its maximum of {gateway.config.gateway.max_connections} "
-            "connections; retry shortly"
+            f"the gateway holds its maximum of {front.max_connections} connections; retry shortly"
         )
         _warn_at_capacity(
             refusal.message
@@ -104,18 +149,18 @@ class GatewayConnection(asyncio.Protocol):
         if idle is None:
             # Not lingering: a newcomer has sent nothing yet, so closing cannot reset its
             # answer, and a connect flood must not hold uncounted sockets for seconds.
-            count_refusal(gateway, str(refusal.status), refusal)
+            front.routes.refusals.count(str(refusal.status), refusal)
             self._parser = None
             self._cancel_timer()
             self.transport.write(http_error_response(refusal))
             self.transport.close()
             return False
-        idle.reject(refusal)
+        front.routes.refusals.reject(idle, refusal)
         return True
 
     def handed_off(self) -> None:
         """Another protocol owns the connection now (the API, or a relay leg)."""
-        self.gateway.connections.pop(self, None)
+        self.front.connections.pop(self, None)
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
@@ -126,7 +171,7 @@ class GatewayConnection(asyncio.Protocol):
         try:
             result = parser.feed(data)
         except RequestRejected as rejected:
-            self.reject(rejected)
+            self.front.routes.refusals.reject(self, rejected)
             return
         if result is None:
             return
@@ -135,13 +180,13 @@ class GatewayConnection(asyncio.Protocol):
         self._parser = None
         if is_websocket_path(head.path):
             self.transport.pause_reading()
-            self.gateway.spawn(run_session(self.gateway, self, head, trailing))
+            self.front.routes.upgrade(self, head, trailing)
         else:
             self._hand_to_api(bytes(parser.raw))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        self.gateway.connections.pop(self, None)
+        self.front.connections.pop(self, None)
         self._cancel_timer()
         if self.sink is not None:
             self.sink(None)
@@ -150,11 +195,11 @@ class GatewayConnection(asyncio.Protocol):
         """Close a WebSocket the gateway accepted itself (provider endpoints)."""
         self._linger(close_frame(code, reason, masked=False))
 
-    def reject(self, rejected: RequestRejected) -> None:
-        """Answer with the JSON error and close; nothing was upgraded."""
+    def answer(self, rejected: RequestRejected) -> None:
+        """Answer with the JSON error and close; nothing was upgraded. Not counted here:
+        :class:`~catflap.gateway.refusal.Refusals` counts and calls this."""
         self._parser = None
         self._cancel_timer()
-        count_refusal(self.gateway, str(rejected.status), rejected)
         self._linger(http_error_response(rejected))
 
     def _linger(self, last_words: bytes) -> None:
@@ -190,17 +235,16 @@ class GatewayConnection(asyncio.Protocol):
         )
 
     def _hand_to_api(self, raw: bytes) -> None:
-        protocol = self.gateway.make_http_protocol()
+        protocol = self.front.routes.api_protocol()
         self.handed_off()
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
         protocol.data_received(raw)
 
     def _head_timeout(self) -> None:
-        self.reject(
-            RequestTimeout(
-                f"the request head did not arrive within {limits.REQUEST_HEAD_TIMEOUT_S:g} s"
-            )
+        self.front.routes.refusals.reject(
+            self,
+            RequestTimeout(f"the request head did not arrive within {self.front.head_timeout:g} s"),
         )
 
     def _cancel_timer(self) -> None:

@@ -31,24 +31,29 @@ The fast lane. While a session needs no decisions, its bytes move on a native th
 the session back, scanner state and all, when a close frame starts, a peer's buffer fills, a
 side ends or the gateway needs the session (drain, stop, abort). Everything in the table above
 then happens here, on the event loop, exactly as without the lane.
+
+The lifecycle. A relay is always in one :class:`~catflap.gateway.relaystate.RelayState`, held
+by its :class:`~catflap.gateway.relaystate.RelayMachine`; each method below fires the event it
+stands for (:class:`~catflap.gateway.relaystate.RelayEvent`) through the machine's transition
+table, then acts. The fast lane is the states ``IN_LANE`` and ``RECALLING`` of that table, where
+the machine refuses any Python I/O on the sockets. The hot path (``data_received``,
+``pause_writing``, ``resume_writing``) fires nothing: per-frame work is not a lifecycle event.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 from catflap.contract import limits
 from catflap.contract.closecodes import CloseCode
 from catflap.gateway.fastlane import FastLane, HandBack, LegReturn, LentTransport
 from catflap.gateway.frames import FrameScanner, close_frame
+from catflap.gateway.relaystate import RelayEvent, RelayMachine, RelayState
 from catflap.logs import not_logged, refusal_log_budget
 from catflap.sessions.record import RelayStats
 
 __all__ = ["Relay", "RelayLeg"]
-
-log = logging.getLogger("catflap.gateway")
 
 #: After the lane handed a session back for backpressure, how soon to try again, and the most
 #: the wait grows to while the session's buffers stay full.
@@ -77,7 +82,7 @@ class RelayLeg(asyncio.Protocol):
         self.is_client = is_client
         self.peer: RelayLeg | None = None
         #: Scans what *this* side sends (client -> agent for the client leg).
-        self.scanner = FrameScanner()
+        self.scanner = FrameScanner(on_close=self._close_frame_read)
         self.bytes_in = 0
         #: Bytes dropped after this side broke the protocol (the lingering close's bound).
         self.dropped = 0
@@ -114,6 +119,9 @@ class RelayLeg(asyncio.Protocol):
 
     # ending -------------------------------------------------------------------------------
 
+    def _close_frame_read(self) -> None:
+        self.relay.close_frame_seen(self)
+
     def eof_received(self) -> bool:
         return False  # let the transport close; connection_lost does the bookkeeping
 
@@ -132,8 +140,11 @@ class Relay:
         close_wait: float = limits.CLOSE_WAIT_S,
         slow_peer_timeout: float = limits.SLOW_PEER_TIMEOUT_S,
         lane: FastLane | None = None,
+        session_id: str | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self._machine = RelayMachine(session_id)
+        self._log = self._machine.log
         self.client = RelayLeg(self, client, is_client=True)
         self.agent = RelayLeg(self, agent, is_client=False)
         self.client.peer = self.agent
@@ -147,8 +158,9 @@ class Relay:
         self._agent_vanished = False
         #: Set by the gateway when it ends the session because its drain deadline passed.
         self.drained = False
+        #: None once the session relays on the event loop for good (or was never to use a lane).
         self._lane = lane
-        #: The session's handle while its sockets are lent to the lane.
+        #: The session's handle in the lane, while the state is one of ``SOCKETS_LENT``.
         self._lane_handle: int | None = None
         #: What the gateway asked for while the session was in the lane; runs on its return.
         self._after_lane: list[Callable[[], None]] = []
@@ -159,6 +171,7 @@ class Relay:
 
     def start(self, client_pending: bytes, agent_pending: bytes) -> None:
         """Take over both transports; ``*_pending`` are bytes already read from each side."""
+        self._machine.fire(RelayEvent.START)
         for leg in (self.client, self.agent):
             leg.transport.set_write_buffer_limits(
                 high=limits.RELAY_HIGH_WATER_BYTES, low=limits.RELAY_LOW_WATER_BYTES
@@ -180,14 +193,24 @@ class Relay:
         self._enter_lane()
 
     @property
+    def state(self) -> RelayState:
+        """Where the session is in its life (see :mod:`catflap.gateway.relaystate`)."""
+        return self._machine.state
+
+    @property
     def in_lane(self) -> bool:
         """True while the session's bytes move on the fast lane's thread."""
-        return self._lane_handle is not None
+        return self._machine.sockets_lent
 
     def close_both(self, code: CloseCode, reason: str) -> None:
         """End the session from the gateway: close both sides with ``code`` (drain, stop)."""
         if self._recall(lambda: self.close_both(code, reason)):
             return
+        if self._machine.fire(RelayEvent.GATEWAY_CLOSE, str(int(code))) is RelayState.DONE:
+            return
+        self._close_both_now(code, reason)
+
+    def _close_both_now(self, code: CloseCode, reason: str) -> None:
         self._gateway_close = int(code)
         for leg, masked in ((self.client, False), (self.agent, True)):
             self._send_close(leg, code, reason, masked=masked)
@@ -196,7 +219,7 @@ class Relay:
     def traffic(self) -> dict[str, int]:
         """Bytes and frames relayed so far, for metrics (read at scrape time)."""
         lane = (0, 0, 0, 0)
-        if self._lane is not None and self._lane_handle is not None:
+        if self._lane is not None and self._lane_handle is not None and self.in_lane:
             lane = self._lane.counters(self._lane_handle)
         return {
             "bytes_client_to_agent": self.client.bytes_in + lane[0],
@@ -216,8 +239,10 @@ class Relay:
             return
         if leg.closed or self.done.done():
             return
+        side = "client" if leg.is_client else "agent"
+        self._machine.fire(RelayEvent.SLOW_PEER, side)
         self._gateway_close = int(CloseCode.TRY_AGAIN_LATER)
-        reason = f"{'client' if leg.is_client else 'agent'} stopped reading"
+        reason = f"{side} stopped reading"
         # The close toward the slow side queues behind its full buffer; the timer below
         # aborts it if it never drains.
         for target, masked in ((self.client, False), (self.agent, True)):
@@ -236,18 +261,20 @@ class Relay:
         leg.bytes_in -= len(data) - max(broken_at, 0)
         if broken_at > 0 and not peer.closed:
             peer.transport.write(data[:broken_at])
-        if self._gateway_close is not None or self.done.done():
+        who = "client" if leg.is_client else "agent"
+        if self._machine.state is RelayState.ENDING or self.done.done():
             # Already ending this session: its scanner drops what still comes, up to a bound.
+            self._machine.fire(RelayEvent.PROTOCOL_ERROR, who)
             leg.dropped += len(data)
             if leg.dropped > limits.LINGERING_CLOSE_MAX_BYTES and not leg.closed:
                 leg.transport.abort()
             return
+        self._machine.fire(RelayEvent.PROTOCOL_ERROR, who)
         self._gateway_close = int(CloseCode.PROTOCOL_ERROR)
         reason = leg.scanner.protocol_error or "protocol error"
         skipped = refusal_log_budget.take()
         if skipped is not None:
-            who = "client" if leg.is_client else "agent"
-            log.info("! %s broke the protocol: %s%s", who, reason, not_logged(skipped))
+            self._log.info("! %s broke the protocol: %s%s", who, reason, not_logged(skipped))
         transport = leg.transport
         if leg.closed or transport.is_closing():
             pass
@@ -275,15 +302,23 @@ class Relay:
 
     def abort(self) -> None:
         """Drop both connections at once (second SIGTERM, cancellation)."""
-        if self._recall(self._abort_both):
+        if self._recall(self.abort):
             return
+        self._machine.fire(RelayEvent.ABORT)
         self._abort_both()
+
+    def close_frame_seen(self, leg: RelayLeg) -> None:
+        """``leg``'s side sent its first close frame (the scanner read it; it is relayed next)."""
+        self._machine.fire(
+            RelayEvent.CLOSE_FRAME,
+            f"{'client' if leg.is_client else 'agent'} {leg.scanner.close_code}",
+        )
 
     # --- the fast lane ---------------------------------------------------------------------
 
     def _lane_states(self) -> tuple[tuple[int, bytes], tuple[int, bytes]] | None:
         """The scanner states to hand the lane, or None while the session needs Python."""
-        if self.done.done() or self._gateway_close is not None:
+        if self._machine.state is not RelayState.RELAYING:
             return None
         states = []
         for leg in (self.client, self.agent):
@@ -300,7 +335,7 @@ class Relay:
 
     def _enter_lane(self) -> None:
         self._lane_timer = None
-        if self._lane is None or self._lane_handle is not None:
+        if self._lane is None or self.in_lane:
             return
         states = self._lane_states()
         if states is None:
@@ -315,10 +350,12 @@ class Relay:
             # TLS: the socket carries ciphertext (and the SSL layer may hold plaintext it has
             # read already), while the lane relays raw socket bytes.
             self._lane = None
+            self._machine.fire(RelayEvent.LANE_REFUSED, "TLS")
             return
         sockets = [leg.transport.get_extra_info("socket") for leg in legs]
         if None in sockets:
             self._lane = None  # not socket transports (tests): relay on the event loop
+            self._machine.fire(RelayEvent.LANE_REFUSED, "not a socket")
             return
         for leg in legs:
             leg.transport.pause_reading()
@@ -327,37 +364,44 @@ class Relay:
                 self, (sockets[0].fileno(), sockets[1].fileno()), states
             )
         except (OSError, RuntimeError, MemoryError) as exc:
-            log.warning("fast lane refused a session (%r); it relays on the event loop", exc)
+            self._log.warning("fast lane refused a session (%r); it relays on the event loop", exc)
             self._lane = None
+            self._machine.fire(RelayEvent.LANE_REFUSED, type(exc).__name__)
             for leg in legs:
                 leg.transport.resume_reading()
             return
+        self._machine.fire(RelayEvent.LANE_ENTERED)
         # Until lane_returned, the lane's thread alone may touch the sockets: a write, close or
-        # pause from Python meanwhile raises CatflapMisuse instead of corrupting the stream.
+        # pause from Python meanwhile is refused by the machine instead of corrupting the stream.
         for leg in legs:
-            leg.transport = LentTransport(leg.transport, "client" if leg.is_client else "agent")
+            side = "client" if leg.is_client else "agent"
+            leg.transport = LentTransport(leg.transport, side, self._machine)
         self._lane_wait = LANE_REENTRY_FIRST_S
 
     def _may_reenter(self) -> bool:
-        """False once the session is ending: then it stays on the event loop to the end."""
+        """False once the session is ending (any state but ``RELAYING``): then it stays on the
+        event loop to the end."""
         return (
             self._lane is not None
             and not self._lane.closed
-            and not self.done.done()
-            and self._gateway_close is None
-            and not any(leg.closed or leg.scanner.close_seen for leg in (self.client, self.agent))
+            and self._machine.state is RelayState.RELAYING
         )
 
     def _recall(self, action: Callable[[], None]) -> bool:
         """If the session is in the lane, run ``action`` once it is back; True if deferred."""
-        if self._lane is None or self._lane_handle is None:
+        if self._lane is None or self._lane_handle is None or not self.in_lane:
             return False
+        self._machine.fire(RelayEvent.RECALL)
         self._after_lane.append(action)
         self._lane.recall(self._lane_handle)
         return True
 
     def lane_returned(self, reason: int, client: LegReturn, agent: LegReturn) -> None:
         """The lane handed the session back: continue exactly where it stopped."""
+        failed = reason == HandBack.FAILED
+        self._machine.fire(
+            RelayEvent.LANE_FAILED if failed else RelayEvent.HANDED_BACK, _hand_back_name(reason)
+        )
         self._lane_handle = None
         returns = ((self.client, client), (self.agent, agent))
         for leg, back in returns:
@@ -365,7 +409,7 @@ class Relay:
                 leg.transport = leg.transport.lent
             leg.scanner.resume(back.skip, back.partial, back.frames)
             leg.bytes_in += back.relayed
-        if reason == HandBack.FAILED:
+        if failed:
             self._lane_failed(client, agent)
             return
         # Reading resumes before the leftovers are written, so that backpressure they cause
@@ -388,7 +432,7 @@ class Relay:
 
     def _lane_failed(self, client: LegReturn, agent: LegReturn) -> None:
         """The lane lost bytes to an allocation failure: end the session with 1011."""
-        log.error(
+        self._log.error(
             "! the fast lane ran out of memory (%d bytes not relayed); ending the session "
             "with 1011",
             client.dropped + agent.dropped,
@@ -400,9 +444,9 @@ class Relay:
                 peer.transport.abort()  # it holds part of a chunk: no close frame can follow
         # What the gateway asked for meanwhile (drain, stop) is moot now, except an abort.
         actions, self._after_lane = self._after_lane, []
-        self.close_both(CloseCode.INTERNAL_ERROR, "relay failure")
-        if self._abort_both in actions:
-            self._abort_both()
+        self._close_both_now(CloseCode.INTERNAL_ERROR, "relay failure")
+        if self.abort in actions:
+            self.abort()
 
     # --- internals -------------------------------------------------------------------------
 
@@ -426,10 +470,17 @@ class Relay:
             self._first_lost = leg
         other = leg.peer
         assert other is not None
+        side = "client" if leg.is_client else "agent"
         if other.closed:
+            self._machine.fire(RelayEvent.LAST_LEG_LOST, side)
             self._finish()
             return
-        if self._gateway_close is not None:
+        ending = self._machine.state is RelayState.ENDING
+        if leg.scanner.close_seen:
+            self._machine.fire(RelayEvent.LEG_CLOSED, side)
+        else:
+            self._machine.fire(RelayEvent.CLIENT_LOST if leg.is_client else RelayEvent.AGENT_LOST)
+        if ending:
             # catflap is already ending this session (drain, slow peer): its closes are on
             # their way, so a leg dropping now is expected, not a vanished peer.
             pass
@@ -447,7 +498,11 @@ class Relay:
 
     def _arm_timer(self) -> None:
         if self._timer is None:
-            self._timer = self.loop.call_later(self._close_wait, self._abort_both)
+            self._timer = self.loop.call_later(self._close_wait, self._close_wait_expired)
+
+    def _close_wait_expired(self) -> None:
+        self._machine.fire(RelayEvent.CLOSE_WAIT_EXPIRED)
+        self._abort_both()
 
     def _abort_both(self) -> None:
         for leg in (self.client, self.agent):
@@ -485,3 +540,11 @@ class Relay:
         if client or agent:
             return bool(client) and (not agent or client < agent)
         return self._first_lost is self.client
+
+
+def _hand_back_name(reason: int) -> str:
+    """``reason``'s name for the log (the extension might one day send a code Python lacks)."""
+    try:
+        return HandBack(reason).name
+    except ValueError:
+        return str(reason)

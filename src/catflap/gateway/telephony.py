@@ -24,7 +24,6 @@ import asyncio
 import base64
 import dataclasses
 import hashlib
-import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -39,30 +38,18 @@ from catflap.contract.errors import (
 from catflap.gateway.frames import ControlFrameError, FrameReader
 from catflap.gateway.httphead import RequestHead
 from catflap.gateway.providers import HandshakeDone, HandshakeInvalid, Provider, ProviderHandshake
-from catflap.gateway.session import (
-    ClientLeft,
-    accepted_log,
-    admit,
-    count_refusal,
-    give_token_back,
-    loggable,
-    reach_agent,
-    refuse,
-    relay_session,
-    while_client_waits,
-)
+from catflap.gateway.relaying import relay_session
+from catflap.gateway.sessionlog import accepted_log
+from catflap.gateway.steps import SessionSteps
 from catflap.gateway.upgrade import UpgradeAccepted, resolve_agent
 from catflap.gateway.upstream import build_upstream_request
-from catflap.logs import not_logged, refusal_log_budget
+from catflap.gateway.waiting import ClientLeft, while_client_waits
 from catflap.pool.pool import SessionLease
 
 if TYPE_CHECKING:
     from catflap.gateway.front import GatewayConnection
-    from catflap.gateway.server import Gateway
 
 __all__ = ["HandshakeFailed", "accept_response", "read_opening", "run_provider_session"]
-
-log = logging.getLogger("catflap.gateway")
 
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _OP_TEXT, _OP_BINARY, _OP_CLOSE = 0x1, 0x2, 0x8
@@ -186,7 +173,7 @@ def _too_much(provider: Provider) -> str:
 
 
 async def run_provider_session(
-    gateway: Gateway,
+    steps: SessionSteps,
     conn: GatewayConnection,
     head: RequestHead,
     trailing: bytes,
@@ -197,17 +184,18 @@ async def run_provider_session(
     provider = accepted.provider
     assert provider is not None
     slog = accepted_log(accepted)
+    admission, refusals = steps.admission, steps.refusals
     lease: SessionLease | None = None
     # 1. Known agent: capacity is still an HTTP answer.
     if accepted.agent is not None:
         try:
-            lease, early = await while_client_waits(conn, admit(gateway, accepted))
+            lease, early = await while_client_waits(conn, admission.admit(accepted))
             trailing += early
         except ClientLeft:
             slog.info("! client left before its session started")
             return
         except RequestRejected as rejected:
-            refuse(gateway, conn, head, rejected, accepted)
+            refusals.refuse(conn, head, rejected, accepted)
             return
     key = head.header("sec-websocket-key") or ""
     conn.upgraded = True
@@ -216,16 +204,12 @@ async def run_provider_session(
         # 2. The provider's opening messages.
         try:
             opening, rest, verdict = await read_opening(
-                conn, provider, trailing, deadline=gateway.config.gateway.provider_handshake_timeout
+                conn, provider, trailing, deadline=steps.provider_handshake_timeout
             )
         except HandshakeFailed as failed:
-            gateway.metrics.refusals.labels(str(int(failed.code)), "provider_handshake").inc()
-            skipped = refusal_log_budget.take()
-            if skipped is not None:
-                slog.info(
-                    "! %s %s: %s%s", provider.name, loggable(head.path), failed, not_logged(skipped)
-                )
-            conn.close_websocket(failed.code, str(failed))
+            refusals.opening_refused(
+                conn, failed.code, str(failed), slog, provider=provider.name, path=head.path
+            )
             return
         # 3. Twilio names its agent in the start message.
         if accepted.agent is None:
@@ -233,9 +217,9 @@ async def run_provider_session(
                 agent, claims = resolve_agent(
                     verdict.service_host or "",
                     accepted.path_token,
-                    gateway.directory,
-                    gateway.keyring,
-                    now=gateway.clock(),
+                    steps.directory,
+                    steps.keyring,
+                    now=steps.clock(),
                     token_hint="put the token in the stream URL path: /ws/twilio/<token>",
                 )
                 accepted = dataclasses.replace(
@@ -245,25 +229,30 @@ async def run_provider_session(
                     session_id=claims.jti if claims else accepted.session_id,
                 )
                 slog = accepted_log(accepted)
-                lease, early = await while_client_waits(conn, admit(gateway, accepted))
+                lease, early = await while_client_waits(conn, admission.admit(accepted))
                 rest += early
             except ClientLeft:
-                slog.info("! twilio: client left before its session started")
+                slog.info("! %s: client left before its session started", provider.name)
                 return
             except (AtCapacity, ServiceUnavailable) as busy:
-                count_refusal(gateway, str(int(CloseCode.TRY_AGAIN_LATER)), busy)
-                slog.info("! twilio: %s", busy.message)
-                conn.close_websocket(CloseCode.TRY_AGAIN_LATER, busy.message)
+                refusals.close_stream(
+                    conn, CloseCode.TRY_AGAIN_LATER, busy, slog, provider=provider.name
+                )
                 return
             except RequestRejected as rejected:
-                count_refusal(gateway, str(int(CloseCode.POLICY_VIOLATION)), rejected)
-                slog.info("! twilio: %s", rejected.message)
                 reason = (
                     rejected.message
                     if verdict.service_host
                     else ("no _pipecatCloudServiceHost <Parameter> in the Twilio 'start' message")
                 )
-                conn.close_websocket(CloseCode.POLICY_VIOLATION, reason)
+                refusals.close_stream(
+                    conn,
+                    CloseCode.POLICY_VIOLATION,
+                    rejected,
+                    slog,
+                    provider=provider.name,
+                    reason=reason,
+                )
                 return
         assert lease is not None
         # 4. Open the agent's /ws as a client of our own, then replay and relay.
@@ -277,7 +266,7 @@ async def run_provider_session(
         owned, lease = lease, None  # connect_agent owns it now
         try:
             (session_lease, reply), early = await while_client_waits(
-                conn, reach_agent(gateway, accepted, owned, request)
+                conn, admission.reach_agent(accepted, owned, request)
             )
             rest += early
         except ClientLeft:
@@ -288,7 +277,8 @@ async def run_provider_session(
             conn.close_websocket(CloseCode.BAD_GATEWAY, "the agent could not be reached")
             return
         await relay_session(
-            gateway,
+            steps.relays,
+            steps.recorder,
             conn,
             accepted,
             session_lease,
@@ -301,5 +291,5 @@ async def run_provider_session(
         conn.close_websocket(CloseCode.INTERNAL_ERROR, InternalError.code)
     finally:
         if lease is not None:
-            gateway.pool.cancel(lease)
-            await give_token_back(gateway, accepted)
+            admission.pool.cancel(lease)
+            await admission.give_token_back(accepted)

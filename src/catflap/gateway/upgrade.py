@@ -3,7 +3,7 @@
 No sockets, no clock reads, no I/O: the caller passes the directory of agents, the token key
 ring and the current time. Everything that can be refused without I/O is refused here, before
 the WebSocket upgrade and before any bot is touched. What needs I/O (spending the token's
-``jti``, reserving a pool slot) happens afterwards in :mod:`catflap.gateway.session`.
+``jti``, reserving a pool slot) happens afterwards in :mod:`catflap.gateway.admission`.
 
 Order of checks, and the status each failure gets:
 
@@ -33,6 +33,7 @@ from catflap.contract.body import DecodedBody, decode_body
 from catflap.contract.errors import (
     AgentNotFound,
     BadRequest,
+    CatflapMisuse,
     InvalidHandshake,
     InvalidServiceHost,
     MethodNotAllowed,
@@ -68,6 +69,16 @@ class UpgradeAccepted:
     claims: TokenClaims | None
     body: DecodedBody | None
     path_token: str | None = None
+
+    def known_agent(self) -> AgentSpec:
+        """The agent, for a step that runs only once it is known (admission, the relay).
+
+        Raises:
+            CatflapMisuse: the agent is not known yet (a gateway bug, not the client's).
+        """
+        if self.agent is None:
+            raise CatflapMisuse("a session reached the pool before its agent was known")
+        return self.agent
 
 
 def is_websocket_path(path: str) -> bool:
