@@ -26,8 +26,8 @@ from catflap.api.dashboard_page import CONTENT_SECURITY_POLICY, PAGE
 from catflap.sessions.record import SessionRecord
 
 if TYPE_CHECKING:
-    from catflap.api.deps import LiveTraffic
     from catflap.config import AgentSpec
+    from catflap.metrics import RelayTraffic
     from catflap.sessions.registry import SessionRegistry
 
 #: ``{(agent key, instance state): count}``, or None when the pool is on other machines.
@@ -68,7 +68,7 @@ def dashboard_state(
     now: float,
     agents: Iterable["AgentSpec"],
     sessions: "SessionRegistry",
-    relays: Mapping[str, "LiveTraffic"],
+    relays: Mapping[str, "RelayTraffic"],
     pool_states: PoolStates,
     draining: bool,
 ) -> dict[str, Any]:
@@ -150,7 +150,7 @@ def dashboard_router(
     organization: OrganizationDependency,
     agents: Iterable["AgentSpec"],
     sessions: "SessionRegistry",
-    relays: Mapping[str, "LiveTraffic"],
+    relays: Mapping[str, "RelayTraffic"],
     pool_states: PoolStates,
     clock: Callable[[], float],
     draining: Callable[[], bool],

@@ -10,28 +10,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from catflap.auth.tokens import KeyRing
     from catflap.config import CatflapConfig
     from catflap.directory import AgentDirectory
-    from catflap.metrics import GatewayMetrics
+    from catflap.metrics import GatewayMetrics, RelayTraffic
     from catflap.pool.pool import SessionPool
     from catflap.sessions.registry import SessionRegistry
     from catflap.sessions.store import SessionStore
 
-__all__ = ["ApiDeps", "LiveTraffic"]
-
-
-class LiveTraffic(Protocol):
-    """A live session's relay, as the dashboard sees it: bytes and frames so far."""
-
-    def traffic(self) -> dict[str, int]: ...
+__all__ = ["ApiDeps"]
 
 
 @dataclass(frozen=True, slots=True)
 class ApiDeps:
+    """The gateway's parts the control API reads; :func:`catflap.api.app.create_api` hands
+    each router the fields it uses."""
+
     config: CatflapConfig
     agents: AgentDirectory
     keyring: KeyRing
@@ -45,4 +42,4 @@ class ApiDeps:
     #: True once the gateway refuses new sessions (shutdown began).
     draining: Callable[[], bool]
     #: Live relays by session id.
-    relays: Mapping[str, LiveTraffic]
+    relays: Mapping[str, RelayTraffic]
