@@ -14,6 +14,8 @@ from catflap import logstore
 from catflap.contract import limits
 from catflap.logstore import LogStore, prune_forever
 
+from .conftest import seconds
+
 SID = "11111111-2222-4333-8444-555555555555"
 
 
@@ -128,22 +130,50 @@ def test_prune_deletes_the_oldest_files_while_over_the_size_limit(tmp_path: Path
     assert [path.exists() for path in paths] == [False, False, True, True]
 
 
+class Rounds:
+    """The pruner's wait between rounds, under the test's control: one round per release."""
+
+    def __init__(self) -> None:
+        self.finished: asyncio.Queue[float] = asyncio.Queue()
+        self._release = asyncio.Event()
+
+    async def sleep(self, interval: float) -> None:
+        await self.finished.put(interval)
+        await self._release.wait()
+        self._release.clear()
+
+    async def next_round(self) -> float:
+        """Let the pruner run once more; the interval it then waits for."""
+        self._release.set()
+        return await self.wait()
+
+    async def wait(self) -> float:
+        async with asyncio.timeout(seconds(5)):
+            return await self.finished.get()
+
+
 async def test_the_pruner_enforces_the_limits_until_cancelled(tmp_path: Path) -> None:
     now = time.time()
     old = write_session(tmp_path, SID, 1)
     _age(old, 2 * 86400, now)
+    rounds = Rounds()
     task = asyncio.create_task(
-        prune_forever(LogStore(tmp_path), retention_days=1, max_total_mb=1024, interval=0.05)
+        prune_forever(
+            LogStore(tmp_path),
+            retention_days=1,
+            max_total_mb=1024,
+            interval=60,
+            clock=lambda: now,
+            sleep=rounds.sleep,
+        )
     )
     try:
-        async with asyncio.timeout(5):
-            while old.exists():
-                await asyncio.sleep(0.01)
+        assert await rounds.wait() == 60
+        assert not old.exists()
         again = write_session(tmp_path, "22222222-2222-4333-8444-555555555555", 1)
         _age(again, 2 * 86400, now)
-        async with asyncio.timeout(5):
-            while again.exists():
-                await asyncio.sleep(0.01)
+        assert await rounds.next_round() == 60
+        assert not again.exists()
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

@@ -22,10 +22,10 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, TypeVar
 
 from catflap.contract import limits
 
@@ -48,6 +48,8 @@ _SUFFIX = ".jsonl"
 #: Without a session id, each of the recent files contributes at most this many bytes of lines:
 #: bounds memory (20 files), at the price of short pages deep into sessions of huge lines.
 _RECENT_FILE_MAX_BYTES = limits.LOGS_PAGE_MAX_BYTES // 4
+
+_Item = TypeVar("_Item")
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,26 +175,25 @@ def _read_file(
     with handle:
         total = _count_lines(handle)
         lines = _lines_forward(handle) if order == "asc" else _lines_backward(handle)
-        entries: list[LogEntry] = []
-        size = 0
-        for raw in itertools.islice(lines, skip, skip + take):
-            if entries and size + len(raw) > budget:
-                break
-            size += len(raw)
-            entries.append(_entry(raw, session_id))
+        wanted = itertools.islice(lines, skip, skip + take)
+        entries = [_entry(raw, session_id) for raw in _within(wanted, len, budget)]
     return LogPage(total, entries)
 
 
-def _cut(entries: Iterator[LogEntry], max_bytes: int) -> list[LogEntry]:
-    """Entries until their lines pass ``max_bytes`` (at least one)."""
-    kept: list[LogEntry] = []
-    size = 0
-    for entry in entries:
-        size += len(entry.line)
-        if kept and size > max_bytes:
-            break
-        kept.append(entry)
-    return kept
+def _within(
+    items: Iterable[_Item], size: Callable[[_Item], int], max_bytes: int
+) -> Iterator[_Item]:
+    """Items until their sizes add up past ``max_bytes``; the first always, however large."""
+    total = 0
+    for index, item in enumerate(items):
+        total += size(item)
+        if index and total > max_bytes:
+            return
+        yield item
+
+
+def _line_size(entry: LogEntry) -> int:
+    return len(entry.line)
 
 
 class LogStore:
@@ -276,7 +277,7 @@ class LogStore:
 
         merged = heapq.merge(*pages, key=key, reverse=order == "desc")
         wanted = itertools.islice(merged, offset, offset + limit)
-        return LogPage(total, _cut(wanted, limits.LOGS_PAGE_MAX_BYTES))
+        return LogPage(total, list(_within(wanted, _line_size, limits.LOGS_PAGE_MAX_BYTES)))
 
     def prune(self, *, now: float, max_age_s: float, max_total_bytes: int) -> PruneResult:
         """Delete files last written more than ``max_age_s`` ago, then the oldest files until
@@ -314,8 +315,12 @@ async def prune_forever(
     max_total_mb: float,
     interval: float = limits.LOG_PRUNE_INTERVAL_S,
     clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> None:
-    """Enforce the retention limits now and every ``interval`` seconds, until cancelled."""
+    """Enforce the retention limits now and every ``interval`` seconds, until cancelled.
+
+    ``clock`` and ``sleep`` are the wall clock and the wait between rounds (tests pass their own).
+    """
     max_age_s = retention_days * 86400
     max_total_bytes = int(max_total_mb * 1024 * 1024)
     while True:
@@ -333,4 +338,4 @@ async def prune_forever(
                     result.bytes,
                     store.root,
                 )
-        await asyncio.sleep(interval)
+        await sleep(interval)
