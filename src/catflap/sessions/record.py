@@ -28,7 +28,8 @@ from catflap.contract.errors import cut_error
 from catflap.contract.status import CompletionStatus
 from catflap.pool.instance import SessionEnd
 
-__all__ = ["CompletionStatus", "RelayStats", "SessionRecord", "completion_status", "cut_error"]
+# CompletionStatus stays listed until api/sessions.py imports it from catflap.contract.status.
+__all__ = ["CompletionStatus", "RelayStats", "SessionRecord", "completion_status"]
 
 
 @dataclass(frozen=True, slots=True)
