@@ -27,6 +27,7 @@ from catflap.config import AgentSpec
 from catflap.contract.errors import AgentNotFound, AtCapacity, ServiceUnavailable
 from catflap.pool.instance import SessionEnd
 from catflap.pool.pool import SessionLease
+from catflap.tasks import TaskSet
 
 __all__ = ["DISPATCH_LUA", "ClusterLease", "RedisPool"]
 
@@ -107,17 +108,14 @@ class RedisPool:
         self._leases: dict[str, ClusterLease] = {}
         #: Consecutive checks that found a lease's instance missing from Redis.
         self._missing: dict[str, int] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("cluster dispatch")
 
     def start(self) -> None:
-        for coro in (self._listen_for_endings(), self._watch_instances()):
-            task = asyncio.get_running_loop().create_task(coro)
-            self._tasks.add(task)
+        self._tasks.spawn(self._listen_for_endings(), name="ended subscription")
+        self._tasks.spawn(self._watch_instances(), name="instance watch")
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.aclose()
 
     def _agent(self, agent_key: str) -> AgentSpec:
         try:
@@ -204,9 +202,7 @@ class RedisPool:
         self._leases.pop(lease.session_id, None)
         if not lease.ended.done():
             lease.ended.cancel()
-        task = asyncio.get_running_loop().create_task(self._unreserve(lease))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._unreserve(lease), name=f"unreserve {lease.session_id}")
 
     def abandon(self, lease: SessionLease, problem: str) -> None:
         """The host never reported the end: forget the lease here. The host's own pool

@@ -2,7 +2,7 @@
 
 The host runs an ordinary :class:`~catflap.pool.pool.AgentPool` (warm instances, crash
 replacement, start backoff, reaping) whose instances listen on TCP at the advertised address,
-and mirrors what happens into Redis as the :class:`~catflap.pool.pool.PoolObserver`:
+and mirrors what happens into Redis as the :class:`~catflap.pool.observer.PoolObserver`:
 
 ==================  ===========================================================
 pool event          Redis
@@ -38,6 +38,7 @@ from catflap.config import AgentSpec
 from catflap.pool.instance import Instance, InstanceState, SessionEnd
 from catflap.pool.launcher import Launcher
 from catflap.pool.pool import AgentPool
+from catflap.tasks import TaskSet
 
 __all__ = ["REGISTER_LUA", "AgentHost"]
 
@@ -96,7 +97,7 @@ class AgentHost:
         self._launcher = launcher
         self._register = client.register_script(REGISTER_LUA)
         self._ops: asyncio.Queue[Op] = asyncio.Queue()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("agent host")
         self._registered: set[str] = set()
         self._draining = False
         #: Set whenever the last running session on this host ends.
@@ -108,9 +109,9 @@ class AgentHost:
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        for coro in (self._apply_ops(), self._heartbeat(), self._listen_for_stops()):
-            self._tasks.add(loop.create_task(coro))
+        self._tasks.spawn(self._apply_ops(), name="redis updates")
+        self._tasks.spawn(self._heartbeat(), name="heartbeat")
+        self._tasks.spawn(self._listen_for_stops(), name="stop subscription")
         self.pool.start()
 
     async def close(
@@ -145,9 +146,7 @@ class AgentHost:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2):
                 await self._ops.join()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.aclose()
 
     # --- PoolObserver -------------------------------------------------------------------------
 

@@ -1,11 +1,16 @@
-"""One agent instance (a runtime process) and its lifecycle.
+"""One agent instance (a runtime process): its states, the transitions between them, its slots.
 
 States and the only transitions allowed (every change is logged with ``=`` and the pid)::
 
-    STARTING ──ready──▶ READY ──stop──▶ STOPPING ──exit──▶ DEAD
-        │                 │                                  ▲
-        └──start_failed / exit / timeout ────────────────────┘
-                          └──exit (crash) ───────────────────┘
+    STARTING ──ready──────────────────────────▶ READY
+    STARTING ──start_failed / exit / timeout──▶ DEAD
+    STARTING ──stop (the pool closes)─────────▶ STOPPING
+    READY    ──stop (idle, refused, replaced)─▶ STOPPING
+    READY    ──exit (a crash)─────────────────▶ DEAD
+    STOPPING ──exit───────────────────────────▶ DEAD
+
+:data:`_TRANSITIONS` is the table; :func:`render_transitions_markdown` renders it, with each
+state's one-line meaning from :data:`STATE_MEANINGS`, for ``docs/architecture.md``.
 
 An instance holds *slots*: a slot is taken when the gateway accepts a handshake (reservation),
 and given back only when the runtime reports that ``bot()`` has ended, or when the process dies.
@@ -22,7 +27,14 @@ from catflap.contract.errors import CatflapMisuse
 from catflap.contract.status import EndStatus
 from catflap.pool.launcher import LaunchedProcess
 
-__all__ = ["Instance", "InstanceState", "Lease", "SessionEnd"]
+__all__ = [
+    "STATE_MEANINGS",
+    "Instance",
+    "InstanceState",
+    "Lease",
+    "SessionEnd",
+    "render_transitions_markdown",
+]
 
 log = logging.getLogger("catflap.pool")
 
@@ -34,6 +46,15 @@ class InstanceState(enum.Enum):
     DEAD = "dead"
 
 
+#: What each state means, one line each (the docs table's last column).
+STATE_MEANINGS: dict[InstanceState, str] = {
+    InstanceState.STARTING: "launched; the runtime is importing bot.py and has not reported ready",
+    InstanceState.READY: "serving: takes new sessions while it has a free slot",
+    InstanceState.STOPPING: "takes no new session; running ones finish, then the process exits",
+    InstanceState.DEAD: "the process has exited; sessions still on it ended as agent_crashed",
+}
+
+
 _TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     InstanceState.STARTING: frozenset(
         {InstanceState.READY, InstanceState.DEAD, InstanceState.STOPPING}
@@ -43,6 +64,16 @@ _TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
     InstanceState.DEAD: frozenset(),
 }
 
+
+def render_transitions_markdown() -> str:
+    """The transition table as markdown (state, may become, what it means), for the docs."""
+    rows = ["| State | May become | What it means |", "| --- | --- | --- |"]
+    for state in InstanceState:
+        targets = [f"`{t.value}`" for t in InstanceState if t in _TRANSITIONS[state]]
+        rows.append(
+            f"| `{state.value}` | {', '.join(targets) or '(final)'} | {STATE_MEANINGS[state]} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 @dataclass(frozen=True, slots=True)
