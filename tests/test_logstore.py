@@ -186,7 +186,7 @@ def test_a_page_stops_at_the_byte_limit_but_total_counts_every_line(
     write_session(tmp_path, SID, 10)
     one_line = len((tmp_path / "my-org" / "echo" / f"{SID}.jsonl").read_text().splitlines()[0])
     assert limits.LOGS_PAGE_MAX_BYTES < limits.LOGS_LIMIT_MAX * limits.LOG_LINE_MAX_CHARS
-    monkeypatch.setattr(logstore.limits, "LOGS_PAGE_MAX_BYTES", 3 * one_line + 1)
+    monkeypatch.setattr(limits, "LOGS_PAGE_MAX_BYTES", 3 * one_line + 1)
     store = LogStore(tmp_path)
     page = store.read_session("my-org", "echo", SID, limit=100, order="asc")
     assert (page.total, lines(page)) == (10, ["line 0", "line 1", "line 2"])
