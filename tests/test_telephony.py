@@ -22,6 +22,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from catflap.auth.tokens import mint_token
+from catflap.config import CatflapConfig, GatewaySettings
 from catflap.contract import limits
 
 from .conftest import (
@@ -420,20 +421,19 @@ async def test_streams_that_are_not_the_provider_are_closed_with_1008(
     assert gw.gateway.sessions.started_total == started
 
 
-async def test_silence_before_start_is_closed_with_1008_after_the_bound(
-    gw: RunningGateway,
-) -> None:
-    gateway_settings = gw.gateway.config.gateway
-    assert gateway_settings.provider_handshake_timeout == limits.PROVIDER_HANDSHAKE_TIMEOUT_S
-    object.__setattr__(gateway_settings, "provider_handshake_timeout", 0.5)
-    try:
+async def test_silence_before_start_is_closed_with_1008_after_the_bound() -> None:
+    assert GatewaySettings().provider_handshake_timeout == limits.PROVIDER_HANDSHAKE_TIMEOUT_S
+
+    def short_handshake(config: CatflapConfig) -> CatflapConfig:
+        settings = config.gateway.model_copy(update={"provider_handshake_timeout": 0.5})
+        return config.model_copy(update={"gateway": settings})
+
+    agents = {"echo": {"scaling": {"min_agents": 1}}}
+    async with running_gateway(agents, adjust=short_handshake) as gw:
+        await gw.wait_ready("echo.my-org")
         async with connect(f"{gw.ws}/ws/telnyx?serviceHost=echo.my-org") as ws:
             waited = time.perf_counter()
             code, reason = await _closed_with(ws)
-    finally:
-        object.__setattr__(
-            gateway_settings, "provider_handshake_timeout", limits.PROVIDER_HANDSHAKE_TIMEOUT_S
-        )
     assert code == 1008 and reason == "no Telnyx 'start' message within 0.5 s"
     assert 0.4 < time.perf_counter() - waited < 3.0
 
