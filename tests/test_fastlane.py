@@ -38,10 +38,14 @@ from catflap.pool.instance import SessionEnd
 from catflap.sessions.record import RelayStats, completion_status
 
 from .test_frames import encode, frame_specs
+from .test_relay_state import strict_relay_states  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="the fast lane is built on Linux only"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="the fast lane is built on Linux only"
+    ),
+    pytest.mark.usefixtures("strict_relay_states"),
+]
 
 #: Every async test here runs once per loop (see pytest_asyncio_loop_factories in conftest.py).
 LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
