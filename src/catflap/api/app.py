@@ -28,7 +28,7 @@ from catflap.api.auth import error_responses, private_key_org
 from catflap.api.dashboard import dashboard_router
 from catflap.api.logs import logs_router
 from catflap.api.metrics import metrics_router
-from catflap.api.sessions import sessions_router
+from catflap.api.sessions import SessionRecords, sessions_router
 from catflap.api.telephony import TELEPHONY_TRANSPORTS, provider_ws_url
 from catflap.auth.tokens import mint_token
 from catflap.contract import limits
@@ -263,23 +263,10 @@ def create_api(deps: ApiDeps) -> FastAPI:
 
     organization = private_key_org(deps.config.organizations)
     app.include_router(metrics_router(settings=deps.config.gateway, metrics=deps.metrics))
+    records = SessionRecords(deps.agents, deps.sessions, deps.store)
+    app.include_router(sessions_router(organization=organization, records=records, pool=deps.pool))
     app.include_router(
-        sessions_router(
-            organization=organization,
-            agents=deps.agents,
-            sessions=deps.sessions,
-            store=deps.store,
-            pool=deps.pool,
-        )
-    )
-    app.include_router(
-        logs_router(
-            organization=organization,
-            agents=deps.agents,
-            sessions=deps.sessions,
-            store=deps.store,
-            log_dir=deps.config.log_dir,
-        )
+        logs_router(organization=organization, records=records, log_dir=deps.config.log_dir)
     )
     if deps.config.gateway.dashboard:
         app.include_router(

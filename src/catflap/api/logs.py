@@ -20,7 +20,7 @@ the key's organization (404), session (404).
 import asyncio
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
@@ -31,15 +31,10 @@ from catflap.api.auth import (
     canonical_session_id,
     error_responses,
 )
-from catflap.api.sessions import SessionNotFound, check_agent, recorded_session
+from catflap.api.sessions import SessionNotFound, SessionRecords
 from catflap.contract import limits
 from catflap.contract.errors import InternalError
 from catflap.logstore import LogPage, LogStore
-
-if TYPE_CHECKING:
-    from catflap.directory import AgentDirectory
-    from catflap.sessions.registry import SessionRegistry
-    from catflap.sessions.store import SessionStore
 
 __all__ = ["LogLine", "LogsAnswer", "LogsTotal", "logs_router"]
 
@@ -67,27 +62,18 @@ class LogsAnswer(BaseModel):
 
 
 def logs_router(
-    *,
-    organization: OrganizationDependency,
-    agents: "AgentDirectory",
-    sessions: "SessionRegistry",
-    store: "SessionStore",
-    log_dir: Path,
+    *, organization: OrganizationDependency, records: SessionRecords, log_dir: Path
 ) -> APIRouter:
     """The logs API, as a router for :func:`catflap.api.app.create_api`.
 
     Args:
         organization: the private-key dependency (:func:`catflap.api.auth.private_key_org`).
-        sessions, store: where a session with no log file yet is known to exist.
+        records: where a session with no log file (yet) is known to exist.
         log_dir: the session log files the agent runtimes write (``CatflapConfig.log_dir``).
     """
     router = APIRouter(tags=["logs"], route_class=ParamCheckedRoute)
     errors = error_responses(400, 401, 404, 500)
     logs = LogStore(log_dir)
-
-    async def known_session(org: str, agent: str, session_id: str) -> bool:
-        record = await recorded_session(sessions, store, session_id)
-        return record is not None and (record.organization, record.agent) == (org, agent)
 
     @router.get(
         "/v1/agents/{agent}/logs",
@@ -124,7 +110,7 @@ def logs_router(
             InternalError: 500, the log files or the session store could not be read.
         """
         sid = canonical_session_id(session_id) if session_id is not None else None
-        check_agent(agents, org, agent)
+        records.check_agent(org, agent)
         try:
             page: LogPage
             if sid is None:
@@ -135,7 +121,7 @@ def logs_router(
                 page = await asyncio.to_thread(
                     logs.read_session, org, agent, sid, limit=limit, offset=offset, order=order
                 )
-            elif await known_session(org, agent, sid):
+            elif await records.of_agent(org, agent, sid) is not None:
                 page = LogPage(0, [])  # no line written (yet), or pruned
             else:
                 raise SessionNotFound(f"no session {sid} for agent {agent!r}")

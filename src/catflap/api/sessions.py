@@ -51,9 +51,8 @@ __all__ = [
     "SessionList",
     "SessionModel",
     "SessionNotFound",
+    "SessionRecords",
     "StopResponse",
-    "check_agent",
-    "recorded_session",
     "sessions_router",
 ]
 
@@ -117,16 +116,6 @@ class StopResponse(BaseModel):
     session_id: str
 
 
-def check_agent(agents: "AgentDirectory", org: str, agent: str) -> None:
-    """Check that ``org`` has an agent named ``agent``.
-
-    Raises:
-        AgentNotFound: 404, it has not.
-    """
-    if agents.agent(org, agent) is None:
-        raise AgentNotFound(f"no agent {agent!r} in organization {org!r}")
-
-
 async def _from_store(call: Callable[[], Awaitable[_T]]) -> _T:
     try:
         return await call()
@@ -135,39 +124,60 @@ async def _from_store(call: Callable[[], Awaitable[_T]]) -> _T:
         raise InternalError("could not read the session records; see the gateway log") from None
 
 
-async def recorded_session(
-    sessions: "SessionRegistry", store: "SessionStore", session_id: str
-) -> SessionRecord | None:
-    """The freshest record of a session: this gateway's memory first, then the store.
+class SessionRecords:
+    """The agents and session records that the private-key APIs look up, read only.
 
-    Raises:
-        InternalError: 500, the session store failed (the cause is logged).
+    A record this gateway still holds in memory is fresher than the store's copy and replaces
+    it. Every method that reads the store raises :class:`InternalError` (500) when it fails;
+    the cause is logged.
     """
-    record = sessions.get(session_id)
-    return record if record is not None else await _from_store(lambda: store.get(session_id))
+
+    def __init__(
+        self, agents: "AgentDirectory", sessions: "SessionRegistry", store: "SessionStore"
+    ) -> None:
+        self._agents = agents
+        self._sessions = sessions
+        self._store = store
+
+    def check_agent(self, org: str, agent: str) -> None:
+        """Check that ``org`` has an agent named ``agent``.
+
+        Raises:
+            AgentNotFound: 404, it has not.
+        """
+        if self._agents.agent(org, agent) is None:
+            raise AgentNotFound(f"no agent {agent!r} in organization {org!r}")
+
+    async def of_agent(self, org: str, agent: str, session_id: str) -> SessionRecord | None:
+        """The session's freshest record, if it is one of this agent's."""
+        record = self._sessions.get(session_id)
+        if record is None:
+            record = await _from_store(lambda: self._store.get(session_id))
+        if record is None or (record.organization, record.agent) != (org, agent):
+            return None
+        return record
+
+    async def page(self, query: SessionQuery) -> tuple[int, list[SessionRecord]]:
+        """The records matching ``query`` (and how many match in all), freshest copies."""
+        total, records = await _from_store(lambda: self._store.query(query))
+        return total, [self._sessions.get(record.session_id) or record for record in records]
 
 
 def sessions_router(
-    *,
-    organization: OrganizationDependency,
-    agents: "AgentDirectory",
-    sessions: "SessionRegistry",
-    store: "SessionStore",
-    pool: "SessionPool",
+    *, organization: OrganizationDependency, records: SessionRecords, pool: "SessionPool"
 ) -> APIRouter:
     """The sessions API, as a router for :func:`catflap.api.app.create_api`.
 
     Args:
         organization: the private-key dependency (:func:`catflap.api.auth.private_key_org`).
-        sessions: the records this gateway holds in memory; fresher than ``store``'s.
         pool: stops a live session wherever it runs.
     """
     router = APIRouter(tags=["sessions"], route_class=ParamCheckedRoute)
     errors = error_responses(400, 401, 404, 500)
 
     async def find(org: str, agent: str, session_id: str) -> SessionRecord:
-        record = await recorded_session(sessions, store, session_id)
-        if record is None or (record.organization, record.agent) != (org, agent):
+        record = await records.of_agent(org, agent, session_id)
+        if record is None:
             raise SessionNotFound(f"no session {session_id} for agent {agent!r}")
         return record
 
@@ -218,7 +228,7 @@ def sessions_router(
         """
         if start_time is not None and end_time is not None and start_time > end_time:
             raise BadRequest(f"startTime ({start_time:g}) is after endTime ({end_time:g})")
-        check_agent(agents, org, agent)
+        records.check_agent(org, agent)
         query = SessionQuery(
             org=org,
             agent=agent,
@@ -228,9 +238,8 @@ def sessions_router(
             start_time=start_time,
             end_time=end_time,
         )
-        total, records = await _from_store(lambda: store.query(query))
-        fresher = (sessions.get(record.session_id) or record for record in records)
-        return {"total_count": total, "sessions": [record.to_api() for record in fresher]}
+        total, page = await records.page(query)
+        return {"total_count": total, "sessions": [record.to_api() for record in page]}
 
     @router.get(
         "/v1/agents/{agent}/sessions/{session_id}",
@@ -251,7 +260,7 @@ def sessions_router(
             InternalError: 500, the session store failed.
         """
         sid = canonical_session_id(session_id)
-        check_agent(agents, org, agent)
+        records.check_agent(org, agent)
         return (await find(org, agent, sid)).to_api()
 
     @router.delete(
@@ -276,7 +285,7 @@ def sessions_router(
             InternalError: 500, the session store failed.
         """
         sid = canonical_session_id(session_id)
-        check_agent(agents, org, agent)
+        records.check_agent(org, agent)
         record = await find(org, agent, sid)
         if record.ended_at is not None:
             raise SessionNotFound(
