@@ -219,7 +219,8 @@ class Relay:
     def traffic(self) -> dict[str, int]:
         """Bytes and frames relayed so far, for metrics (read at scrape time)."""
         lane = (0, 0, 0, 0)
-        if self._lane is not None and self._lane_handle is not None and self.in_lane:
+        if self.in_lane:
+            assert self._lane is not None and self._lane_handle is not None
             lane = self._lane.counters(self._lane_handle)
         return {
             "bytes_client_to_agent": self.client.bytes_in + lane[0],
@@ -241,13 +242,9 @@ class Relay:
             return
         side = "client" if leg.is_client else "agent"
         self._machine.fire(RelayEvent.SLOW_PEER, side)
-        self._gateway_close = int(CloseCode.TRY_AGAIN_LATER)
-        reason = f"{side} stopped reading"
-        # The close toward the slow side queues behind its full buffer; the timer below
+        # The close toward the slow side queues behind its full buffer; the close-wait timer
         # aborts it if it never drains.
-        for target, masked in ((self.client, False), (self.agent, True)):
-            self._send_close(target, CloseCode.TRY_AGAIN_LATER, reason, masked=masked)
-        self._arm_timer()
+        self._close_both_now(CloseCode.TRY_AGAIN_LATER, f"{side} stopped reading")
 
     def protocol_error(self, leg: RelayLeg, data: bytes, broken_at: int) -> None:
         """``leg``'s peer broke RFC 6455 at ``data[broken_at]`` (-1: in an earlier chunk).
@@ -262,14 +259,14 @@ class Relay:
         if broken_at > 0 and not peer.closed:
             peer.transport.write(data[:broken_at])
         who = "client" if leg.is_client else "agent"
-        if self._machine.state is RelayState.ENDING or self.done.done():
+        ending = self._machine.state is RelayState.ENDING or self.done.done()
+        self._machine.fire(RelayEvent.PROTOCOL_ERROR, who)
+        if ending:
             # Already ending this session: its scanner drops what still comes, up to a bound.
-            self._machine.fire(RelayEvent.PROTOCOL_ERROR, who)
             leg.dropped += len(data)
             if leg.dropped > limits.LINGERING_CLOSE_MAX_BYTES and not leg.closed:
                 leg.transport.abort()
             return
-        self._machine.fire(RelayEvent.PROTOCOL_ERROR, who)
         self._gateway_close = int(CloseCode.PROTOCOL_ERROR)
         reason = leg.scanner.protocol_error or "protocol error"
         skipped = refusal_log_budget.take()
@@ -389,8 +386,9 @@ class Relay:
 
     def _recall(self, action: Callable[[], None]) -> bool:
         """If the session is in the lane, run ``action`` once it is back; True if deferred."""
-        if self._lane is None or self._lane_handle is None or not self.in_lane:
+        if not self.in_lane:
             return False
+        assert self._lane is not None and self._lane_handle is not None
         self._machine.fire(RelayEvent.RECALL)
         self._after_lane.append(action)
         self._lane.recall(self._lane_handle)
