@@ -78,6 +78,16 @@ class Cluster:
         finally:
             client.close()
 
+    def instance_states(self) -> list[str]:
+        """The ``state`` of every instance registered in Redis."""
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            ids = client.smembers(f"{self.prefix}:agent:echo.my-org:instances")
+            states = [client.hget(f"{self.prefix}:inst:{i.decode()}", "state") for i in ids]
+            return [state.decode() for state in states if state is not None]
+        finally:
+            client.close()
+
 
 def _spawn(args: list[str], ready_marker: str | None) -> Proc:
     popen = subprocess.Popen(
@@ -415,7 +425,9 @@ async def test_an_agent_host_drains_on_sigterm() -> None:
         live, _ = await _open(cl, 0)
         host = cl.hosts[0].popen
         host.send_signal(signal.SIGTERM)
-        await asyncio.sleep(1.0)  # the instance turns "draining" in Redis
+        async with asyncio.timeout(seconds(10)):
+            while cl.instance_states() != ["draining"]:
+                await asyncio.sleep(0.05)
         with pytest.raises(websockets.InvalidStatus) as refused:
             started = await _token(cl, 0)
             await connect(f"{cl.url(0)}/ws/generic/echo.my-org/{started['token']}")

@@ -111,7 +111,7 @@ def test_every_state_has_a_meaning_and_a_row_in_the_rendered_table() -> None:
     assert set(STATE_MEANINGS) == set(S)
     table = render_transitions_markdown()
     lines = table.splitlines()
-    assert lines[0] == "| State | May become | What it means |"
+    assert lines[0] == "| state | may become | what it means |"
     assert len(lines) == 2 + len(S)
-    assert "| `starting` | `ready`, `stopping`, `dead` |" in table
-    assert f"| `dead` | (final) | {STATE_MEANINGS[S.DEAD]} |" in table
+    assert "| `STARTING` | `READY`, `STOPPING`, `DEAD` |" in table
+    assert f"| `DEAD` | (final) | {STATE_MEANINGS[S.DEAD]} |" in table

@@ -40,6 +40,8 @@ log = logging.getLogger("catflap.pool")
 
 
 class InstanceState(enum.Enum):
+    """Where an instance is in its life (each state's meaning: :data:`STATE_MEANINGS`)."""
+
     STARTING = "starting"
     READY = "ready"
     STOPPING = "stopping"
@@ -66,14 +68,13 @@ _TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
 
 
 def render_transitions_markdown() -> str:
-    """The transition table as markdown (state, may become, what it means), for the docs."""
-    rows = ["| State | May become | What it means |", "| --- | --- | --- |"]
+    """The transition table as a Markdown table (state, may become, what it means), from
+    :data:`_TRANSITIONS` and :data:`STATE_MEANINGS` (for docs/architecture.md)."""
+    lines = ["| state | may become | what it means |", "|---|---|---|"]
     for state in InstanceState:
-        targets = [f"`{t.value}`" for t in InstanceState if t in _TRANSITIONS[state]]
-        rows.append(
-            f"| `{state.value}` | {', '.join(targets) or '(final)'} | {STATE_MEANINGS[state]} |"
-        )
-    return "\n".join(rows) + "\n"
+        targets = ", ".join(f"`{t.name}`" for t in InstanceState if t in _TRANSITIONS[state])
+        lines.append(f"| `{state.name}` | {targets or '(final)'} | {STATE_MEANINGS[state]} |")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True, slots=True)
