@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from catflap.api.auth import error_responses, private_key_org
+from catflap.api.auth import bearer_credentials, error_responses, private_key_org
 from catflap.api.dashboard import dashboard_router
 from catflap.api.logs import logs_router
 from catflap.api.metrics import metrics_router
@@ -94,12 +94,6 @@ def _error_response(
     status: int, message: str, code: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse(error_body(message, code), status_code=status, headers=headers)
-
-
-def _bearer(request: Request) -> str | None:
-    value = request.headers.get("authorization", "")
-    scheme, _, credentials = value.partition(" ")
-    return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
 
 
 async def _read_json(request: Request) -> Any:
@@ -197,7 +191,7 @@ def create_api(deps: ApiDeps) -> FastAPI:
 
         No bot starts here; it starts when the client connects to ``wsUrl``.
         """
-        key = _bearer(request)
+        key = bearer_credentials(request.headers.get("authorization"))
         org = deps.agents.org_for_public_key(key) if key else None
         if org is None:
             raise Unauthorized(

@@ -28,6 +28,7 @@ __all__ = [
     "ErrorBody",
     "OrganizationDependency",
     "ParamCheckedRoute",
+    "bearer_credentials",
     "canonical_session_id",
     "error_responses",
     "key_in",
@@ -72,6 +73,13 @@ class ParamCheckedRoute(APIRoute):
                 raise BadRequest(f"invalid {where}: {first['msg']}") from None
 
         return checked
+
+
+def bearer_credentials(authorization: str | None) -> str | None:
+    """The credentials of an ``Authorization: Bearer <credentials>`` header, if it is one."""
+    scheme, _, credentials = (authorization or "").partition(" ")
+    credentials = credentials.strip()
+    return credentials if scheme.lower() == "bearer" and credentials else None
 
 
 def key_in(key: str, keys: list[str]) -> bool:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, cast
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from catflap.api.auth import bearer_credentials
 from catflap.contract import limits
 from catflap.contract.errors import (
     MethodNotAllowed,
@@ -90,12 +91,6 @@ def is_loopback(host: str | None) -> bool:
     return address in _LOOPBACK_V4
 
 
-def _bearer(authorization: str | None) -> str | None:
-    scheme, _, credentials = (authorization or "").partition(" ")
-    credentials = credentials.strip()
-    return credentials if scheme.lower() == "bearer" and credentials else None
-
-
 def metrics_refusal(
     settings: GatewaySettings,
     *,
@@ -117,7 +112,7 @@ def metrics_refusal(
         # Not "served elsewhere": the main port does not say where the metrics are.
         return NotFound("not found")
     if settings.metrics_key is not None:
-        presented = _bearer(authorization)
+        presented = bearer_credentials(authorization)
         expected = settings.metrics_key.get_secret_value().encode()
         # compare_digest on bytes: constant time for equal lengths, and no TypeError for a
         # header with non-ASCII characters.
