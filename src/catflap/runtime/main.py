@@ -35,16 +35,19 @@ def _option(
 ) -> Callable[[_Command], _Command]:
     """``--field-name``, with the default and help of :class:`AgentOptions`'s field."""
     info = AgentOptions.model_fields[field]
-    required = info.is_required()
+    # A required option gets no default at all: click counts even ``default=None`` as given.
+    default: dict[str, Any] = (
+        {"required": True}
+        if info.is_required()
+        else {"default": info.default, "show_default": info.default is not None}
+    )
     return click.option(
         "--" + field.replace("_", "-"),
         field,
         type=param_type,
-        required=required,
-        default=None if required else info.default,
-        show_default=not required and info.default is not None,
         metavar=metavar,
         help=info.description,
+        **default,
     )
 
 
