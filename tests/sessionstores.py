@@ -18,7 +18,8 @@ from uuid import uuid4
 import asyncpg  # type: ignore[import-untyped]
 
 from catflap.sessions.postgres import PostgresSessionStore
-from catflap.sessions.store import SessionStore, SqliteSessionStore
+from catflap.sessions.sqlite import SqliteSessionStore
+from catflap.sessions.store import SessionStore
 
 __all__ = ["BACKENDS", "DATABASE_URL", "Backend", "StoreFactory", "store_factory"]
 

@@ -14,7 +14,8 @@ from catflap.contract.errors import ConfigError
 from catflap.sessions.postgres import PostgresSessionStore
 from catflap.sessions.query import SessionQuery
 from catflap.sessions.record import SessionRecord
-from catflap.sessions.store import SqliteSessionStore, check_database_url, open_store
+from catflap.sessions.sqlite import SqliteSessionStore
+from catflap.sessions.store import check_database_url, open_store
 
 from .sessionstores import BACKENDS, DATABASE_URL, StoreFactory, store_factory
 
