@@ -401,8 +401,10 @@ async def test_instance_states_count_starting_idle_busy_and_draining() -> None:
     await runtime.ready()
     await acquire
     assert pool.instance_states()[(AGENT, "busy")] == 1
+    runtime.exits_on_shutdown = False
     closing = asyncio.get_running_loop().create_task(pool.close())
-    await until(lambda: pool.instance_states()[(AGENT, "draining")] == 1 or closing.done())
+    await until(lambda: pool.instance_states()[(AGENT, "draining")] == 1, "draining")
+    runtime.exit(0)
     await closing
 
 
