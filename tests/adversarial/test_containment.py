@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from catflap.gateway import session, telephony
+from catflap.gateway import session
 
 from ..conftest import ECHO, raw_request, running_gateway, seconds, upgrade_request
 
@@ -20,7 +20,7 @@ def _boom(*args: object, **kwargs: object) -> None:
 @pytest.mark.parametrize(
     ("target", "module", "name"),
     [
-        ("/ws/twilio", telephony, "run_provider_session"),
+        ("/ws/twilio", session, "run_provider_session"),
         ("/ws/generic/echo.my-org", session, "build_upstream_request"),
     ],
     ids=["provider", "generic"],

@@ -22,10 +22,12 @@ from catflap.gateway.upgrade import UpgradeAccepted
 
 __all__ = [
     "AgentSilent",
+    "ResponseHeadReader",
     "UpstreamReply",
     "build_upstream_request",
     "check_forwardable",
     "open_upstream",
+    "response_status",
 ]
 
 
@@ -166,7 +168,7 @@ class UpstreamReply:
     trailing: bytes
 
 
-class _AwaitResponseHead(asyncio.Protocol):
+class ResponseHeadReader(asyncio.Protocol):
     """Reads the agent's response head; the relay takes the transport over afterwards."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -214,7 +216,7 @@ async def open_upstream(
         ServiceUnavailable: 503, the instance could not be reached.
     """
     loop = asyncio.get_running_loop()
-    protocol = _AwaitResponseHead(loop)
+    protocol = ResponseHeadReader(loop)
     kind, _, where = address.partition(":")
     connected = False
     try:
@@ -249,6 +251,12 @@ async def open_upstream(
         raise ServiceUnavailable(
             f"could not reach the agent instance ({type(exc).__name__}); retry shortly"
         ) from None
+    return UpstreamReply(
+        transport=transport, status=response_status(head), head=head, trailing=trailing
+    )
+
+
+def response_status(head: bytes) -> int:
+    """The status code of a response head; 0 when its status line is not one."""
     status_line = head.split(b"\r\n", 1)[0].split(b" ", 2)
-    status = int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else 0
-    return UpstreamReply(transport=transport, status=status, head=head, trailing=trailing)
+    return int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else 0
