@@ -25,10 +25,12 @@ from catflap.contract import headers
 from catflap.contract.closecodes import CloseCode
 from catflap.contract.control import ControlChannel
 
+from .conftest import PIPECAT_ECHO, seconds
+
 frames_pb2: Any = pytest.importorskip("pipecat.frames.protobufs.frames_pb2")
 
-BOT_DIR = Path(__file__).resolve().parents[1] / "examples" / "pipecat-echo"
-WAIT_S = 20.0
+BOT_DIR = PIPECAT_ECHO
+WAIT_S = seconds(20)
 #: 40 ms of 16 kHz mono PCM16: the output transport's chunk size, so audio returns unsplit.
 CHUNK = 1280
 
