@@ -33,12 +33,13 @@ from catflap.contract.errors import CatflapMisuse
 from catflap.gateway import fastlane
 from catflap.gateway.fastlane import HandBack, LegReturn, LentTransport
 from catflap.gateway.frames import FrameScanner
-from catflap.gateway.relay import LANE_REENTRY_FIRST_S, Relay
+from catflap.gateway.relay import Relay
 from catflap.pool.instance import SessionEnd
 from catflap.sessions.record import RelayStats, completion_status
 
+from .conftest import seconds
 from .test_frames import encode, frame_specs
-from .test_relay_state import strict_relay_states  # noqa: F401 (a fixture)
+from .test_relay_state import Step, steps_fixture, strict_relay_states  # noqa: F401 (fixtures)
 
 pytestmark = [
     pytest.mark.skipif(
@@ -92,7 +93,7 @@ class Session:
     async def recv_exactly(self, sock: socket.socket, n: int, timeout: float = 5.0) -> bytes:
         loop = asyncio.get_running_loop()
         data = b""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(seconds(timeout)):
             while len(data) < n:
                 chunk = await loop.sock_recv(sock, n - len(data))
                 if not chunk:
@@ -107,7 +108,7 @@ class Session:
         bytes it never read)."""
         loop = asyncio.get_running_loop()
         data = b""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(seconds(timeout)):
             try:
                 while chunk := await loop.sock_recv(sock, 65536):
                     data += chunk
@@ -117,7 +118,7 @@ class Session:
         return data
 
     async def wait_in_lane(self, expected: bool = True) -> None:
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(seconds(5)):
             while self.relay.in_lane is not expected:
                 await asyncio.sleep(0.005)
 
@@ -336,7 +337,7 @@ async def test_a_close_frame_hands_the_session_back_and_ends_it_cleanly() -> Non
         assert await s.recv_exactly(s.client, len(answer)) == answer
         s.agent.close()
         s.client.close()
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(seconds(5)):
             stats = await s.relay.done
     assert (stats.client_close_code, stats.agent_close_code) == (4000, 4000)
     assert (stats.frames_client_to_agent, stats.frames_agent_to_client) == (2, 1)
@@ -349,7 +350,7 @@ async def test_a_client_that_vanishes_in_the_lane_gets_1001_sent_to_the_agent() 
         s.client.close()  # no close frame: a dropped call
         got = await s.recv_until_eof(s.agent)
         assert got[0] == 0x88 and struct.unpack("!H", unmask(got)[:2])[0] == 1001
-        stats = await asyncio.wait_for(s.relay.done, 5)
+        stats = await asyncio.wait_for(s.relay.done, seconds(5))
     assert stats.client_close_code is None and stats.client_initiated
 
 
@@ -360,7 +361,7 @@ async def test_an_agent_that_vanishes_in_the_lane_closes_the_client_with_1011() 
         assert got == bytes([0x88, 2 + len(b"agent connection lost")]) + close_payload(
             1011, "agent connection lost"
         )
-        stats = await asyncio.wait_for(s.relay.done, 5)
+        stats = await asyncio.wait_for(s.relay.done, seconds(5))
     assert stats.agent_vanished and stats.gateway_close_code == 1011
 
 
@@ -369,7 +370,7 @@ async def test_close_both_recalls_the_session_and_sends_1012_both_ways() -> None
         s.relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")
         to_client = await s.recv_until_eof(s.client)
         to_agent = await s.recv_until_eof(s.agent)
-        stats = await asyncio.wait_for(s.relay.done, 5)
+        stats = await asyncio.wait_for(s.relay.done, seconds(5))
     assert to_client == bytes([0x88, 23]) + close_payload(1012, "gateway shutting down")
     assert struct.unpack("!H", unmask(to_agent)[:2])[0] == 1012
     assert stats.gateway_close_code == 1012
@@ -380,7 +381,7 @@ async def test_abort_recalls_the_session_and_drops_both_sockets() -> None:
         s.relay.abort()
         assert await s.recv_until_eof(s.client) == b""
         assert await s.recv_until_eof(s.agent) == b""
-        await asyncio.wait_for(s.relay.done, 5)
+        await asyncio.wait_for(s.relay.done, seconds(5))
 
 
 async def test_a_full_client_buffer_hands_back_then_the_slow_peer_bound_closes_with_1013() -> None:
@@ -395,10 +396,10 @@ async def test_a_full_client_buffer_hands_back_then_the_slow_peer_bound_closes_w
 
         flooding = asyncio.create_task(flood())
         try:
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(seconds(5)):
                 while s.relay.in_lane:  # the lane cannot place a chunk: back to the loop
                     await asyncio.sleep(0.01)
-            stats = await asyncio.wait_for(s.relay.done, 10)
+            stats = await asyncio.wait_for(s.relay.done, seconds(10))
         finally:
             flooding.cancel()
     assert stats.gateway_close_code == 1013
@@ -442,7 +443,7 @@ async def test_a_bad_control_frame_is_handed_back_unsent_and_the_sender_gets_100
         to_target = await s.recv_until_eof(target)
         to_source = await s.recv_until_eof(source)
         source.close()  # the sender gives up too (else the gateway lingers CLOSE_WAIT_S for it)
-        stats = await asyncio.wait_for(s.relay.done, 5)
+        stats = await asyncio.wait_for(s.relay.done, seconds(5))
     assert s.returns[0][0] == HandBack.CONTROL_FRAME
     # The good frame before it went through; nothing of the bad frame did.
     assert to_target.startswith(good) and to_target[len(good)] == 0x88
@@ -474,7 +475,7 @@ async def test_python_cannot_act_on_a_transport_lent_to_the_lane() -> None:
         s.relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")  # via a recall
         await s.recv_until_eof(s.client)
         await s.recv_until_eof(s.agent)
-        await asyncio.wait_for(s.relay.done, 5)
+        await asyncio.wait_for(s.relay.done, seconds(5))
         for leg in (s.relay.client, s.relay.agent):
             assert not isinstance(leg.transport, LentTransport)
 
@@ -524,7 +525,7 @@ async def test_no_memory_for_a_close_frame_chunk_ends_the_session_with_1011() ->
         await loop.sock_sendall(s.client, close)
         to_client = await s.recv_until_eof(s.client)
         to_agent = await s.recv_until_eof(s.agent)
-        stats = await asyncio.wait_for(s.relay.done, 5)
+        stats = await asyncio.wait_for(s.relay.done, seconds(5))
     reason, client, _ = s.returns[0]
     assert reason == HandBack.FAILED and client.dropped == len(close) and not client.cut
     # The chunk never went out, so both streams are intact: 1011 reaches both sides.
@@ -549,7 +550,7 @@ async def test_no_memory_for_what_a_full_peer_could_not_take_aborts_that_peer() 
         fastlane.native._fail_allocations(1)  # the copy of what the client could not take
         flooding = asyncio.create_task(flood())
         try:
-            stats = await asyncio.wait_for(s.relay.done, 10)
+            stats = await asyncio.wait_for(s.relay.done, seconds(10))
         finally:
             flooding.cancel()
             with suppress(asyncio.CancelledError):
@@ -569,7 +570,7 @@ async def test_no_memory_to_hand_a_session_to_python_fails_it_with_1011() -> Non
         s.relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")
         to_client = await s.recv_until_eof(s.client)
         to_agent = await s.recv_until_eof(s.agent)
-        stats = await asyncio.wait_for(s.relay.done, 5)
+        stats = await asyncio.wait_for(s.relay.done, seconds(5))
     assert [r[0] for r in s.returns] == [HandBack.FAILED]
     # The drain's 1012 is moot: the session failed, and says so.
     assert close_code_of(to_client) == close_code_of(to_agent) == (1011, b"relay failure")
@@ -585,7 +586,7 @@ async def test_no_memory_for_the_whole_hand_back_batch_loses_nothing_and_retries
             s.relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")
             to_client = await s.recv_until_eof(s.client)
             to_agent = await s.recv_until_eof(s.agent)
-        stats = await asyncio.wait_for(s.relay.done, 5)
+        stats = await asyncio.wait_for(s.relay.done, seconds(5))
     assert "out of memory handing sessions back" in caplog.text
     assert [r[0] for r in s.returns] == [HandBack.RECALLED]
     assert close_code_of(to_client) == close_code_of(to_agent) == (1012, b"gateway shutting down")
@@ -629,7 +630,9 @@ def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     return cert, key
 
 
-async def test_a_tls_session_never_enters_the_lane(tls_certificate: tuple[Path, Path]) -> None:
+async def test_a_tls_session_never_enters_the_lane(
+    tls_certificate: tuple[Path, Path], steps: list[Step]
+) -> None:
     cert, key = tls_certificate
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert, key)
@@ -659,10 +662,14 @@ async def test_a_tls_session_never_enters_the_lane(tls_certificate: tuple[Path, 
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=client_tls, server_hostname="localhost"
         )
-        client_transport = await asyncio.wait_for(accepted, 5)
+        client_transport = await asyncio.wait_for(accepted, seconds(5))
         agent_transport, _ = await loop.create_unix_connection(asyncio.Protocol, sock=agent_near)
         relay = Relay(client_transport, agent_transport, lane=lane)  # type: ignore[arg-type]
         relay.start(client_pending=b"", agent_pending=b"")
+        # Once refused for TLS, the relay drops the lane: no re-entry is ever tried after.
+        async with asyncio.timeout(seconds(5)):
+            while "RELAYING LANE_REFUSED RELAYING" not in steps:
+                await asyncio.sleep(0.005)
         s = Session(relay, lane, socket.socket(), agent_far)  # only its helpers are used
         s.client.close()
         up = b"".join(encode(0x2, bytes([i]) * 300, masked=True) for i in range(50))
@@ -671,22 +678,21 @@ async def test_a_tls_session_never_enters_the_lane(tls_certificate: tuple[Path, 
         await writer.drain()
         assert await s.recv_exactly(agent_far, len(up)) == up
         await loop.sock_sendall(agent_far, down)
-        assert await asyncio.wait_for(reader.readexactly(len(down)), 5) == down
-        await asyncio.sleep(LANE_REENTRY_FIRST_S * 3)  # past any re-entry attempt
+        assert await asyncio.wait_for(reader.readexactly(len(down)), seconds(5)) == down
         assert not relay.in_lane and lane.active == 0 and entered == []
         writer.write(up)  # and still byte exact after it
         await loop.sock_sendall(agent_far, down)
         assert await s.recv_exactly(agent_far, len(up)) == up
-        assert await asyncio.wait_for(reader.readexactly(len(down)), 5) == down
+        assert await asyncio.wait_for(reader.readexactly(len(down)), seconds(5)) == down
         close = encode(0x8, close_payload(1000, "done"), masked=True)
         writer.write(close)
         assert await s.recv_exactly(agent_far, len(close)) == close
         answer = encode(0x8, close_payload(1000, "done"), masked=False)
         await loop.sock_sendall(agent_far, answer)
-        assert await asyncio.wait_for(reader.readexactly(len(answer)), 5) == answer
+        assert await asyncio.wait_for(reader.readexactly(len(answer)), seconds(5)) == answer
         agent_far.close()
         writer.close()
-        stats = await asyncio.wait_for(relay.done, 5)
+        stats = await asyncio.wait_for(relay.done, seconds(5))
         assert stats.bytes_client_to_agent == 2 * len(up) + len(close)
         assert stats.bytes_agent_to_client == 2 * len(down) + len(answer)
         assert entered == []

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from catflap.contract import limits
 from catflap.gateway.relay import Relay
 
+from .conftest import seconds
 from .test_frames import encode, frame_specs
 from .test_relay_state import strict_relay_states  # noqa: F401 (a fixture)
 
@@ -59,14 +60,14 @@ async def _run(good: bytes, bad: bytes, cuts: list[int]) -> tuple[bytes, bytes, 
     finally:
         client_far.close()  # the client answers the lingering close by closing
         agent_far.close()
-    stats = await asyncio.wait_for(relay.done, 5)
+    stats = await asyncio.wait_for(relay.done, seconds(5))
     return agent_got, client_got, stats.gateway_close_code
 
 
 async def _until_eof(sock: socket.socket) -> bytes:
     loop = asyncio.get_running_loop()
     data = b""
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(seconds(5)):
         try:
             while chunk := await loop.sock_recv(sock, 65536):
                 data += chunk
@@ -144,4 +145,4 @@ async def test_pending_bytes_that_fill_the_agent_buffer_keep_the_client_paused()
         relay.abort()
         client_far.close()
         agent_far.close()
-        await asyncio.wait_for(relay.done, 5)
+        await asyncio.wait_for(relay.done, seconds(5))

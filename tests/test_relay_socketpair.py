@@ -15,7 +15,7 @@ import logging
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -25,12 +25,12 @@ import uvloop
 from catflap.contract.closecodes import CloseCode
 from catflap.gateway import fastlane
 from catflap.gateway.relay import Relay
-from catflap.gateway.relaystate import RelayEvent, RelayMachine, RelayState, SocketsLent
+from catflap.gateway.relaystate import RelayState, SocketsLent
 from catflap.sessions.record import RelayStats
 
 from .conftest import seconds
 from .test_frames import encode
-from .test_relay_state import strict_relay_states  # noqa: F401 (a fixture)
+from .test_relay_state import Step, steps_fixture, strict_relay_states  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("strict_relay_states")
 
@@ -54,25 +54,6 @@ MODES = pytest.mark.parametrize(
     ],
     ids=["event-loop", "lane"],
 )
-
-#: A transition as the tests spell it: "STATE EVENT NEXT".
-Step = str
-
-
-@pytest.fixture
-def steps(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Step]]:
-    """Every event any relay fires in the test, self-loops included, as "STATE EVENT NEXT"."""
-    seen: list[Step] = []
-    fire = RelayMachine.fire
-
-    def recording(self: RelayMachine, event: RelayEvent, detail: str = "") -> RelayState:
-        before = self.state
-        after = fire(self, event, detail)
-        seen.append(f"{before.name} {event.name} {after.name}")
-        return after
-
-    monkeypatch.setattr(RelayMachine, "fire", recording)
-    yield seen
 
 
 @dataclass

@@ -59,6 +59,25 @@ def strict_relay_states(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Illega
 
 pytestmark = pytest.mark.usefixtures("strict_relay_states")
 
+#: A transition as the tests spell it: "STATE EVENT NEXT".
+Step = str
+
+
+@pytest.fixture(name="steps")
+def steps_fixture(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Step]]:
+    """Every event any relay fires in the test, self-loops included, as "STATE EVENT NEXT"."""
+    seen: list[Step] = []
+    fire = RelayMachine.fire
+
+    def recording(self: RelayMachine, event: RelayEvent, detail: str = "") -> RelayState:
+        before = self.state
+        after = fire(self, event, detail)
+        seen.append(f"{before.name} {event.name} {after.name}")
+        return after
+
+    monkeypatch.setattr(RelayMachine, "fire", recording)
+    yield seen
+
 
 def machine_in(state: RelayState, session_id: str | None = "s-1") -> RelayMachine:
     machine = RelayMachine(session_id)
