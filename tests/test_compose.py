@@ -61,10 +61,10 @@ def config(tmp_path: Path, **gateway: Any) -> CatflapConfig:
     return loaded.model_copy(update={"gateway": settings, "state_dir": tmp_path / "state"})
 
 
-def overrides(**replace: Any) -> Overrides:
+def overrides(tmp_path: Path, **replace: Any) -> Overrides:
     parts: dict[str, Any] = {
         "pool": IdlePool(),
-        "store": SqliteSessionStore(Path("never-opened.sqlite3")),  # nothing is saved here
+        "store": SqliteSessionStore(tmp_path / "sessions.sqlite3"),
         "replay": MemoryReplayStore(),
         "keyring": TEST_KEYRING,
     }
@@ -93,7 +93,7 @@ def refusals(gateway: Gateway, status: int, reason: str) -> float:
 
 async def test_the_gateway_settings_reach_the_front_and_the_timings(tmp_path: Path) -> None:
     cfg = config(tmp_path, max_connections=3, provider_handshake_timeout=2.5, drain_timeout=7)
-    gateway = await build_gateway(cfg, overrides())
+    gateway = await build_gateway(cfg, overrides(tmp_path))
     assert gateway.front.max_connections == 3
     assert gateway.timings == Timings(provider_handshake=2.5, drain=7)
     assert gateway.lane is None  # started with the gateway, not when wired
@@ -101,13 +101,13 @@ async def test_the_gateway_settings_reach_the_front_and_the_timings(tmp_path: Pa
 
 async def test_overridden_timings_replace_the_configured_ones(tmp_path: Path) -> None:
     timings = Timings(slow_peer=1.0, close_wait=0.5, lease_end=0.25)
-    gateway = await build_gateway(config(tmp_path), overrides(timings=timings))
+    gateway = await build_gateway(config(tmp_path), overrides(tmp_path, timings=timings))
     assert gateway.timings is timings
 
 
 async def test_the_directory_keyring_and_clock_reach_the_upgrade_check(tmp_path: Path) -> None:
     clock = FakeClock()
-    gateway = await build_gateway(config(tmp_path), overrides(clock=clock))
+    gateway = await build_gateway(config(tmp_path), overrides(tmp_path, clock=clock))
     unknown = await answer(gateway, upgrade_request("/ws/generic/nobody.my-org"))
     assert unknown.status() == 404
     assert refusals(gateway, 404, "404") == 1
@@ -122,14 +122,14 @@ async def test_the_directory_keyring_and_clock_reach_the_upgrade_check(tmp_path:
 
 
 async def test_a_draining_gateway_refuses_upgrades_with_503(tmp_path: Path) -> None:
-    gateway = await build_gateway(config(tmp_path), overrides())
+    gateway = await build_gateway(config(tmp_path), overrides(tmp_path))
     gateway.draining = True
     refused = await answer(gateway, upgrade_request("/ws/generic/echo.my-org"))
     assert (refused.status(), refused.body()["code"]) == (503, "draining")
 
 
 async def test_the_metrics_read_the_pool_and_the_configured_agents(tmp_path: Path) -> None:
-    gateway = await build_gateway(config(tmp_path), overrides())
+    gateway = await build_gateway(config(tmp_path), overrides(tmp_path))
     text = gateway.metrics.render().decode()
     assert 'catflap_sessions_active{agent="echo.my-org"} 0.0' in text
     assert 'catflap_sessions_active{agent="tok.my-org"} 0.0' in text
@@ -151,11 +151,11 @@ async def test_without_overrides_the_stores_open_in_the_state_dir_and_close_with
 async def test_a_local_pool_is_made_from_the_launch_settings(tmp_path: Path) -> None:
     launch = AgentLaunch(tmp_path / "sockets", ready_timeout=5.0, ping_interval=0.5)
     cfg = config(tmp_path)
-    gateway = await build_gateway(cfg, overrides(pool=None), launch=launch)
+    gateway = await build_gateway(cfg, overrides(tmp_path, pool=None), launch=launch)
     assert isinstance(gateway.pool, LocalPool)
     assert sorted(gateway.pool.agents) == ["echo.my-org", "tok.my-org"]
 
 
 async def test_a_gateway_needs_a_pool_or_a_way_to_launch_one(tmp_path: Path) -> None:
     with pytest.raises(CatflapMisuse):
-        await build_gateway(config(tmp_path), overrides(pool=None))
+        await build_gateway(config(tmp_path), overrides(tmp_path, pool=None))
