@@ -122,24 +122,24 @@ def line(msg: dict[str, Any]) -> bytes:
 # --- Valid messages ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("event", EVENTS, ids=lambda e: str(e["event"]))
-async def test_each_event_round_trips_from_runtime_to_pool(
-    pair: tuple[ControlChannel, ControlChannel], event: ChildEvent
+@pytest.mark.parametrize(
+    "message",
+    [*EVENTS, *COMMANDS],
+    ids=lambda m: str(m.get("event") or f"command-{m['command']}"),
+)
+async def test_each_message_round_trips_in_its_direction(
+    pair: tuple[ControlChannel, ControlChannel], message: ChildEvent | ParentCommand
 ) -> None:
+    """Events go from the runtime to the pool, commands from the pool to the runtime."""
     pool, runtime = pair
-    await runtime.send(event)
+    if "event" in message:
+        await runtime.send(message)
+        receive = pool.receive_event
+    else:
+        await pool.send(message)
+        receive = runtime.receive_command
     async with asyncio.timeout(seconds(5)):
-        assert await pool.receive_event() == event
-
-
-@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: str(c["command"]))
-async def test_each_command_round_trips_from_pool_to_runtime(
-    pair: tuple[ControlChannel, ControlChannel], command: ParentCommand
-) -> None:
-    pool, runtime = pair
-    await pool.send(command)
-    async with asyncio.timeout(seconds(5)):
-        assert await runtime.receive_command() == command
+        assert await receive() == message
 
 
 async def test_a_message_is_one_compact_json_line(wire: Wire) -> None:

@@ -179,6 +179,14 @@ class Runtime:
         }
         return Client(self.app, scope)
 
+    async def start(self, **connect: Any) -> Client:
+        """Connect and wait until the bot runs: accepted, its first frame read, started."""
+        client = self.connect(**connect)
+        assert await client.sent() == ACCEPT
+        await client.sent_text()
+        assert (await self.event())["event"] == "session_started"
+        return client
+
     def metric(self, name: str, **labels: str) -> float | None:
         value = self.metrics.registry.get_sample_value(name, {"agent": "my-agent.my-org", **labels})
         return value
@@ -363,10 +371,7 @@ async def test_session_arguments_that_cannot_be_built_end_the_session_as_a_bot_e
 
 async def test_the_budget_cancels_the_bot_when_it_runs_out_and_closes_1000() -> None:
     runtime = Runtime(sleep_forever)
-    client = runtime.connect(session_id="t", max_seconds="30")
-    await client.sent()
-    assert await client.sent_text() == "started"
-    await runtime.event()
+    client = await runtime.start(session_id="t", max_seconds="30")
     assert runtime.time.pending() == [30.0]
     runtime.time.advance(29.5)
     await asyncio.sleep(0)
@@ -381,10 +386,7 @@ async def test_the_budget_cancels_the_bot_when_it_runs_out_and_closes_1000() -> 
 @pytest.mark.parametrize("budget", ["0", "-5", "", "soon", "1.5"])
 async def test_a_budget_that_is_not_a_positive_integer_means_no_limit(budget: str) -> None:
     runtime = Runtime(echo)
-    client = runtime.connect(session_id="n", max_seconds=budget)
-    await client.sent()
-    await client.sent_text()
-    await runtime.event()
+    client = await runtime.start(session_id="n", max_seconds=budget)
     assert runtime.time.pending() == []
     client.hang_up()
     await client.done()
@@ -393,10 +395,7 @@ async def test_a_budget_that_is_not_a_positive_integer_means_no_limit(budget: st
 
 async def test_a_stop_request_cancels_the_bot_and_closes_1000() -> None:
     runtime = Runtime(sleep_forever)
-    client = runtime.connect(session_id="s")
-    await client.sent()
-    await client.sent_text()
-    await runtime.event()
+    client = await runtime.start(session_id="s")
     runtime.time.advance(1.25)
     assert runtime.running.stop("s") is True
     assert await client.sent() == close(1000, "session stopped")
@@ -417,10 +416,7 @@ async def test_a_bot_that_ignores_cancellation_is_reported_after_the_grace_and_k
                 await release.wait()
 
     runtime = Runtime(stubborn)
-    client = runtime.connect(session_id="stuck")
-    await client.sent()
-    await client.sent_text()
-    await runtime.event()
+    client = await runtime.start(session_id="stuck")
     runtime.running.stop("stuck")
     await bounded(_until(lambda: runtime.time.pending() == [5.0]))
     runtime.time.advance(5.0)
@@ -437,10 +433,7 @@ async def test_a_bot_that_ignores_cancellation_is_reported_after_the_grace_and_k
 
 async def test_a_second_session_with_a_running_id_is_closed_1008() -> None:
     runtime = Runtime(sleep_forever)
-    first = runtime.connect(session_id="dup")
-    await first.sent()
-    await first.sent_text()
-    await runtime.event()
+    first = await runtime.start(session_id="dup")
     second = runtime.connect(session_id="dup")
     assert [await second.sent(), await second.sent()] == [
         ACCEPT,
@@ -596,6 +589,10 @@ class Loop:
         bot = asyncio.create_task(asyncio.Event().wait(), name=f"bot[{session_id}]")  # type: ignore[arg-type]
         return bot, self.running.add(session_id, bot)
 
+    def start_bots(self, *session_ids: str) -> list[asyncio.Event]:
+        """Register a bot for each id; their stop events, in order."""
+        return [self.start_bot(session_id)[1] for session_id in session_ids]
+
     async def settle(self) -> None:
         """Until the loop has taken every queued command (it then waits for the next one)."""
         await bounded(_until(self.commands.queue.empty))
@@ -649,8 +646,7 @@ async def test_stop_session_asks_that_session_only_and_an_unknown_id_is_logged(
     control: Loop, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "catflap.runtime")
-    _, stop_a = control.start_bot("a")
-    _, stop_b = control.start_bot("b")
+    stop_a, stop_b = control.start_bots("a", "b")
     control.commands.push(
         {"command": "stop_session", "session_id": "a"},
         {"command": "stop_session", "session_id": "nobody"},
@@ -686,10 +682,9 @@ async def test_end_of_file_stops_every_session_and_exits_once_they_have_ended(
     control: Loop, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, "catflap.runtime")
-    _, stop_a = control.start_bot("a")
-    _, stop_b = control.start_bot("b")
+    stops = control.start_bots("a", "b")
     control.commands.push(None)
-    await bounded(_until(lambda: stop_a.is_set() and stop_b.is_set()))
+    await bounded(_until(lambda: all(stop.is_set() for stop in stops)))
     assert control.server.calls == []
     control.running.remove("a")
     control.running.remove("b")
