@@ -5,6 +5,7 @@ no event loop work, no sockets, no processes."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,7 @@ def test_a_stuck_bot_exits_at_once_without_closing_the_loop(
         codes.append(code)
         raise Exited
 
-    monkeypatch.setattr(runtime_main.os, "_exit", fake_exit)
+    monkeypatch.setattr(os, "_exit", fake_exit)
     fake.code = EXIT_BOT_STUCK
     with pytest.raises(Exited):
         runtime_main.main(["--listen", "unix:/a"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +132,7 @@ async def test_each_message_round_trips_in_its_direction(
 ) -> None:
     """Events go from the runtime to the pool, commands from the pool to the runtime."""
     pool, runtime = pair
+    receive: Callable[[], Awaitable[object]]
     if "event" in message:
         await runtime.send(message)
         receive = pool.receive_event

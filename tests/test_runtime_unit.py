@@ -230,6 +230,11 @@ async def echo(args: Any) -> None:
         await ws.send_text(json.dumps(message["text"]))
 
 
+async def until_set(event: asyncio.Event) -> None:
+    """A bot task's stand-in: runs until ``event`` is set (or it is cancelled)."""
+    await event.wait()
+
+
 async def sleep_forever(args: Any) -> None:
     await args.websocket.send_text('"started"')
     await asyncio.Event().wait()
@@ -586,7 +591,7 @@ class Loop:
         return event
 
     def start_bot(self, session_id: str) -> tuple[asyncio.Task[None], asyncio.Event]:
-        bot = asyncio.create_task(asyncio.Event().wait(), name=f"bot[{session_id}]")  # type: ignore[arg-type]
+        bot = asyncio.create_task(until_set(asyncio.Event()), name=f"bot[{session_id}]")
         return bot, self.running.add(session_id, bot)
 
     def start_bots(self, *session_ids: str) -> list[asyncio.Event]:
@@ -757,7 +762,7 @@ async def test_running_bots_tracks_sessions_until_removed_and_signals_idle() -> 
 async def test_running_bots_keeps_a_bot_removed_while_running_as_stuck_until_it_ends() -> None:
     running = RunningBots()
     release = asyncio.Event()
-    task = asyncio.create_task(release.wait())
+    task = asyncio.create_task(until_set(release))
     running.add("s", task)
     running.remove("s")
     assert running.stuck == {task}
