@@ -14,9 +14,11 @@ from .conftest import RunningGateway, running_gateway, seconds
 AGENT = "echo.my-org"
 
 
-async def scrape_instance(
-    gw: RunningGateway,
-) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+#: (sample name, sorted labels) -> value, from one scrape.
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape_instance(gw: RunningGateway) -> Samples:
     (instance,) = gw.pool.agents[AGENT].live()
     assert instance.address is not None and instance.address.startswith("unix:")
     transport = httpx.AsyncHTTPTransport(uds=instance.address.removeprefix("unix:"))
@@ -24,14 +26,14 @@ async def scrape_instance(
         response = await client.get("http://agent/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    samples = {}
+    samples: Samples = {}
     for family in text_string_to_metric_families(response.text):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
 
 
-def value(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted({"agent": AGENT, **labels}.items()))), -1.0)
 
 
