@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -29,6 +28,7 @@ from catflap.gateway.relaystate import RelayState, SocketsLent
 from catflap.sessions.record import RelayStats
 
 from .conftest import seconds
+from .test_fastlane import close_payload
 from .test_frames import encode
 from .test_relay_state import Step, steps_fixture, strict_relay_states  # noqa: F401 (fixtures)
 
@@ -133,10 +133,6 @@ async def relayed(
             fast.close()
         client_far.close()
         agent_far.close()
-
-
-def close_payload(code: int, reason: str) -> bytes:
-    return struct.pack("!H", code) + reason.encode()
 
 
 def unmasked(frame: bytes) -> bytes:

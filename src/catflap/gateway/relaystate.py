@@ -112,25 +112,39 @@ class Row(NamedTuple):
 S = RelayState
 E = RelayEvent
 
-_GATEWAY_CLOSE = "close both sides with the gateway's code (1012: drain or stop)"
-_SLOW_PEER = (
-    "a side kept its write buffer full for ``slow_peer_timeout``: close both sides with 1013"
-)
-_PROTOCOL_ERROR = (
-    "a peer broke RFC 6455: relay the good bytes before the bad frame, none after; 1002 to the "
-    "sender, 1001 (client broke it) or 1011 (agent broke it) to the other side"
-)
 _ABORT = "drop both connections (second SIGTERM, cancellation)"
-_CLIENT_LOST = "the client vanished without a close frame: send 1001 to the agent"
-_AGENT_LOST = "the agent vanished without a close frame: send 1011 to the client"
 _HANDED_BACK = (
     "put the transports back, resume reading, write what the peer could not take and scan what "
     "the lane left unscanned"
 )
 _EXPECTED = "expected: catflap's closes are on their way"
+_DONE = "resolve `done` with the RelayStats"
 
-#: Every transition there is, in the order the docs show them.
-ROWS: tuple[Row, ...] = (
+#: While Python owns the sockets and nothing is ending yet, catflap may end the session.
+_CATFLAP_ENDS = (
+    (
+        E.PROTOCOL_ERROR,
+        "a peer broke RFC 6455: relay the good bytes before the bad frame, none after; 1002 to "
+        "the sender, 1001 (client broke it) or 1011 (agent broke it) to the other side",
+    ),
+    (E.GATEWAY_CLOSE, "close both sides with the gateway's code (1012: drain or stop)"),
+    (
+        E.SLOW_PEER,
+        "a side kept its write buffer full for `slow_peer_timeout`: close both sides with 1013",
+    ),
+    (E.ABORT, _ABORT),
+)
+#: While both sides are connected, either may vanish.
+_VANISHED = (
+    (
+        E.CLIENT_LOST,
+        S.HALF_CLOSED,
+        "the client vanished without a close frame: send 1001 to the agent",
+    ),
+    (E.AGENT_LOST, S.ENDING, "the agent vanished without a close frame: send 1011 to the client"),
+)
+
+_ROWS = (
     Row(S.NEW, E.START, S.RELAYING, "take over both transports, relay what was read before"),
     Row(S.NEW, E.ABORT, S.ENDING, _ABORT),
     Row(
@@ -145,18 +159,7 @@ ROWS: tuple[Row, ...] = (
         S.RELAYING,
         "TLS, not a socket, or the lane refused it: relay on the event loop to the end",
     ),
-    Row(
-        S.RELAYING,
-        E.CLOSE_FRAME,
-        S.CLOSING,
-        "relay it; the session never re-enters the lane",
-    ),
-    Row(S.RELAYING, E.PROTOCOL_ERROR, S.ENDING, _PROTOCOL_ERROR),
-    Row(S.RELAYING, E.GATEWAY_CLOSE, S.ENDING, _GATEWAY_CLOSE),
-    Row(S.RELAYING, E.SLOW_PEER, S.ENDING, _SLOW_PEER),
-    Row(S.RELAYING, E.ABORT, S.ENDING, _ABORT),
-    Row(S.RELAYING, E.CLIENT_LOST, S.HALF_CLOSED, _CLIENT_LOST),
-    Row(S.RELAYING, E.AGENT_LOST, S.ENDING, _AGENT_LOST),
+    Row(S.RELAYING, E.CLOSE_FRAME, S.CLOSING, "relay it; the session never re-enters the lane"),
     Row(
         S.IN_LANE,
         E.RECALL,
@@ -178,12 +181,7 @@ ROWS: tuple[Row, ...] = (
         "part of a chunk)",
     ),
     Row(S.RECALLING, E.RECALL, S.RECALLING, "queue this action too"),
-    Row(
-        S.RECALLING,
-        E.HANDED_BACK,
-        S.RELAYING,
-        _HANDED_BACK + ", then run the queued actions",
-    ),
+    Row(S.RECALLING, E.HANDED_BACK, S.RELAYING, _HANDED_BACK + ", then run the queued actions"),
     Row(
         S.RECALLING,
         E.LANE_FAILED,
@@ -191,12 +189,6 @@ ROWS: tuple[Row, ...] = (
         "as from the lane; of the queued actions only an abort still runs",
     ),
     Row(S.CLOSING, E.CLOSE_FRAME, S.CLOSING, "the other side answers: relay it"),
-    Row(S.CLOSING, E.PROTOCOL_ERROR, S.ENDING, _PROTOCOL_ERROR),
-    Row(S.CLOSING, E.GATEWAY_CLOSE, S.ENDING, _GATEWAY_CLOSE),
-    Row(S.CLOSING, E.SLOW_PEER, S.ENDING, _SLOW_PEER),
-    Row(S.CLOSING, E.ABORT, S.ENDING, _ABORT),
-    Row(S.CLOSING, E.CLIENT_LOST, S.HALF_CLOSED, _CLIENT_LOST),
-    Row(S.CLOSING, E.AGENT_LOST, S.ENDING, _AGENT_LOST),
     Row(
         S.CLOSING,
         E.LEG_CLOSED,
@@ -205,17 +197,13 @@ ROWS: tuple[Row, ...] = (
         "the client leg)",
     ),
     Row(S.HALF_CLOSED, E.CLOSE_FRAME, S.HALF_CLOSED, "relay it"),
-    Row(S.HALF_CLOSED, E.PROTOCOL_ERROR, S.ENDING, _PROTOCOL_ERROR),
-    Row(S.HALF_CLOSED, E.GATEWAY_CLOSE, S.ENDING, _GATEWAY_CLOSE),
-    Row(S.HALF_CLOSED, E.SLOW_PEER, S.ENDING, _SLOW_PEER),
-    Row(S.HALF_CLOSED, E.ABORT, S.ENDING, _ABORT),
     Row(
         S.HALF_CLOSED,
         E.CLOSE_WAIT_EXPIRED,
         S.ENDING,
-        "the other side lingered ``close_wait``: abort it",
+        "the other side lingered `close_wait`: abort it",
     ),
-    Row(S.HALF_CLOSED, E.LAST_LEG_LOST, S.DONE, "resolve ``done`` with the RelayStats"),
+    Row(S.HALF_CLOSED, E.LAST_LEG_LOST, S.DONE, _DONE),
     Row(S.ENDING, E.CLOSE_FRAME, S.ENDING, "a peer answers catflap's close: relay it"),
     Row(
         S.ENDING,
@@ -226,16 +214,30 @@ ROWS: tuple[Row, ...] = (
     Row(S.ENDING, E.GATEWAY_CLOSE, S.ENDING, "its code replaces the earlier one; close both"),
     Row(S.ENDING, E.SLOW_PEER, S.ENDING, "1013 replaces the earlier code; close both"),
     Row(S.ENDING, E.ABORT, S.ENDING, _ABORT),
-    Row(S.ENDING, E.CLIENT_LOST, S.ENDING, _EXPECTED),
-    Row(S.ENDING, E.AGENT_LOST, S.ENDING, _EXPECTED),
-    Row(S.ENDING, E.LEG_CLOSED, S.ENDING, _EXPECTED),
-    Row(S.ENDING, E.CLOSE_WAIT_EXPIRED, S.ENDING, "a side lingered ``close_wait``: abort it"),
-    Row(S.ENDING, E.LAST_LEG_LOST, S.DONE, "resolve ``done`` with the RelayStats"),
+    *(
+        Row(S.ENDING, event, S.ENDING, _EXPECTED)
+        for event in (E.CLIENT_LOST, E.AGENT_LOST, E.LEG_CLOSED)
+    ),
+    Row(S.ENDING, E.CLOSE_WAIT_EXPIRED, S.ENDING, "a side lingered `close_wait`: abort it"),
+    Row(S.ENDING, E.LAST_LEG_LOST, S.DONE, _DONE),
     Row(S.DONE, E.GATEWAY_CLOSE, S.DONE, "nothing: both sides are gone (a drain raced the end)"),
     Row(S.DONE, E.ABORT, S.DONE, "nothing: both sides are gone"),
+    *(
+        Row(state, event, S.ENDING, what)
+        for state in (S.RELAYING, S.CLOSING, S.HALF_CLOSED)
+        for event, what in _CATFLAP_ENDS
+    ),
+    *(
+        Row(state, event, next_state, what)
+        for state in (S.RELAYING, S.CLOSING)
+        for event, next_state, what in _VANISHED
+    ),
 )
 
-del S, E
+#: Every transition there is, state by state in the enum's order (the order the docs show).
+ROWS: tuple[Row, ...] = tuple(sorted(_ROWS, key=lambda row: list(RelayState).index(row.state)))
+
+del S, E, _ROWS
 
 #: ``TRANSITIONS[state][event]`` is the state that follows; a missing key is an illegal event.
 TRANSITIONS: dict[RelayState, dict[RelayEvent, RelayState]] = {state: {} for state in RelayState}
