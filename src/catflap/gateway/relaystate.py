@@ -6,9 +6,10 @@ gateway drains, the fast lane hands the session back) is a :class:`RelayEvent`, 
 :data:`TRANSITIONS` says, for each state, which events may happen there and which state follows.
 Two rules, as in h11's ``_state.py``:
 
-1. Every transition lives in this module. The relay fires an event *before* it acts on it, so
-   the state always says what the relay is doing; the relay's code, not this table, does the
-   acting, and the "what happens" column says what that code does.
+1. Every transition lives in this module. The relay fires an event as soon as it knows it
+   happened and before it acts on it (the lane's entry once the lane has taken the sockets),
+   so the state always says what the relay is doing; the relay's code, not this table, does
+   the acting, and the "what happens" column says what that code does.
 2. This module does no I/O and knows no transport: it can be tested with nothing but enums.
 
 Per-frame work (forwarding bytes, counting frames, pause/resume for backpressure) is not an
@@ -24,13 +25,14 @@ close, pause or resume them. The relay lends each leg a
 before it can corrupt the stream.
 
 An event with no row in the current state is a catflap bug (:class:`IllegalTransition`). With
-:attr:`RelayMachine.strict` (the tests turn it on) it raises. In production it is logged at
-ERROR and the state stays where it was, because raising would be worse: events fire from
+:attr:`RelayMachine.strict` (the relay tests turn it on) it raises. In production it is logged
+at ERROR and the state stays where it was, because raising would be worse: events fire from
 protocol callbacks and timers (``connection_lost``, the slow-peer timer), where an exception
 skips the rest of the relay's bookkeeping and can leave the session's ``done`` future unset
-forever, holding a connection slot and the bot's lease; the relay's code already did the right
-thing before this table existed, so letting it carry on is the safe failure. The one exception
-is :class:`SocketsLent`, raised in production too: the alternative is a corrupted stream.
+forever, holding a connection slot and the bot's lease. Carrying on is the safe failure: the
+relay still acts as its code says, and it resolves ``done`` when both legs have closed, which it
+reads from the legs, not from the state. The one exception is :class:`SocketsLent`, raised in
+production too: the alternative is a corrupted stream.
 """
 
 from __future__ import annotations
