@@ -14,8 +14,8 @@ import time
 import redis.asyncio as aioredis
 
 from catflap.cluster.keys import SESSION_RETENTION_S, Keys
+from catflap.sessions.query import SessionQuery
 from catflap.sessions.record import SessionRecord
-from catflap.sessions.store import SessionQuery
 
 __all__ = ["RedisSessionStore"]
 
