@@ -1,7 +1,8 @@
 """``catflap serve``: the gateway, the control API and a warm pool on this machine.
 
-This module merges the command line into the configuration (flags over ``catflap.toml``, or
-zero-config from a bot folder) and runs what :func:`catflap.compose.build_gateway` wires.
+The command line becomes a configuration in :mod:`catflap.cli.flags`; what runs is wired by
+:func:`catflap.compose.build_gateway`. This module holds the command and its run: signals,
+listening, the log pruner, the drain.
 """
 
 from __future__ import annotations
@@ -16,73 +17,15 @@ from pathlib import Path
 import click
 
 from catflap.cli.exits import EXIT_CONFIG, EXIT_STARTUP, run_async
+from catflap.cli.flags import serve_config, with_api_docs, with_dashboard
 from catflap.cli.startup import StartupError, listen_failure, raise_open_file_limit
-from catflap.config import (
-    CatflapConfig,
-    generated_public_key,
-    load_config,
-    token_keyring,
-    zero_config,
-)
+from catflap.config import CatflapConfig, token_keyring
 from catflap.contract.errors import ConfigError
 from catflap.logs import LOG_FORMATS, LogFormat, configure_logging
-from catflap.sessions.store import check_database_url
 
-__all__ = ["dashboard_option", "log_format_option", "serve", "start_pruner", "with_dashboard"]
+__all__ = ["dashboard_option", "log_format_option", "serve", "start_pruner"]
 
 log = logging.getLogger("catflap")
-
-
-def _build_config(
-    folder: Path | None,
-    config_file: Path | None,
-    org: str | None,
-    listen: str | None,
-    public_url: str | None,
-    public_keys: tuple[str, ...],
-    private_keys: tuple[str, ...],
-    database_url: str | None = None,
-    state_dir: Path | None = None,
-) -> CatflapConfig:
-    if config_file is not None:
-        if folder is not None:
-            raise click.UsageError("give either a bot folder or --config, not both")
-        cfg = load_config(config_file)
-        updates = {k: v for k, v in (("listen", listen), ("public_url", public_url)) if v}
-        cfg = cfg.model_copy(update=updates) if updates else cfg
-        return _with_storage(cfg, database_url, state_dir, str(config_file))
-    if folder is None:
-        raise click.UsageError("give a folder with bot.py, or --config catflap.toml")
-    if not org:
-        raise click.UsageError("zero-config mode needs --org (the organization name)")
-    keys = list(public_keys)
-    if not keys:
-        keys = [generated_public_key()]
-        log.warning(
-            "no --public-key given; generated %s for this run (POST /start needs it)", keys[0]
-        )
-    cfg = zero_config(
-        folder,
-        org=org,
-        listen=listen or "127.0.0.1:8080",
-        public_url=public_url,
-        public_keys=keys,
-        private_keys=list(private_keys),
-    )
-    return _with_storage(cfg, database_url, state_dir, str(folder))
-
-
-def _with_storage(
-    cfg: CatflapConfig, database_url: str | None, state_dir: Path | None, source: str
-) -> CatflapConfig:
-    """Apply ``--database-url``/``--state-dir`` and check the URL catflap must open."""
-    storage = {"database_url": database_url, "state_dir": state_dir}
-    updates = {key: value for key, value in storage.items() if value}
-    if updates:
-        cfg = cfg.model_copy(update=updates)
-    if cfg.database_url:
-        check_database_url(cfg.database_url, source="--database-url" if database_url else source)
-    return cfg
 
 
 log_format_option = click.option(
@@ -97,13 +40,6 @@ dashboard_option = click.option(
     is_flag=True,
     help="Serve the live view at /dashboard (it asks for a private key).",
 )
-
-
-def with_dashboard(cfg: CatflapConfig, dashboard: bool) -> CatflapConfig:
-    """``cfg`` with the live view switched on when ``--dashboard`` was given."""
-    if not dashboard:
-        return cfg
-    return cfg.model_copy(update={"gateway": cfg.gateway.model_copy(update={"dashboard": True})})
 
 
 def start_pruner(cfg: CatflapConfig, log_dir: Path) -> asyncio.Task[None]:
@@ -186,7 +122,7 @@ def serve(
     """
     configure_logging(log_level, log_format)
     try:
-        cfg = _build_config(
+        cfg = serve_config(
             folder,
             config_file,
             org,
@@ -197,10 +133,7 @@ def serve(
             database_url=database_url,
             state_dir=state_dir,
         )
-        cfg = with_dashboard(cfg, dashboard)
-        if api_docs:
-            gateway_settings = cfg.gateway.model_copy(update={"api_docs": True})
-            cfg = cfg.model_copy(update={"gateway": gateway_settings})
+        cfg = with_api_docs(with_dashboard(cfg, dashboard), api_docs)
         keyring, generated = token_keyring()
     except ConfigError as exc:
         click.echo(f"catflap: configuration error: {exc}", err=True)
