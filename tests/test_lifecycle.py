@@ -23,11 +23,11 @@ from .conftest import (
     RELAY_MODES,
     ROOT,
     RunningGateway,
+    catflap_serve,
     running_gateway,
     seconds,
     upgrade_request,
 )
-from .test_cli import serve
 
 BOTS = ROOT / "tests" / "bots"
 
@@ -158,18 +158,29 @@ def _drain_config(tmp_path: Path, drain_timeout: float, *, native_relay: bool) -
     return config
 
 
+_ANY_PORT = ("--listen", "127.0.0.1:0")
+
+
+async def _logged(lines: list[str], text: str) -> None:
+    """Wait (bounded) until ``catflap serve`` has logged ``text``: it logs the drain as it
+    begins, so from then on new upgrades are refused."""
+    async with asyncio.timeout(seconds(10)):
+        while not any(text in line for line in lines):
+            await asyncio.sleep(0.01)
+
+
 @RELAY_MODES
 async def test_sigterm_drains_then_closes_with_1012_and_exits_0(
     tmp_path: Path, native_relay: bool
 ) -> None:
     config = _drain_config(tmp_path, drain_timeout=1.5, native_relay=native_relay)
-    with serve("--config", str(config)) as (proc, port):
+    with catflap_serve(["--config", str(config), *_ANY_PORT]) as (proc, port, lines):
         async with connect(
             f"ws://127.0.0.1:{port}/ws/generic/echo.my-org", open_timeout=seconds(30)
         ) as ws:
             await ws.recv()
             proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
+            await _logged(lines, "draining 1 live session")
             # New upgrades are refused while draining...
             with pytest.raises(websockets.InvalidStatus) as refused:
                 await connect(f"ws://127.0.0.1:{port}/ws/generic/echo.my-org")
@@ -187,13 +198,13 @@ async def test_sigterm_drains_then_closes_with_1012_and_exits_0(
 @RELAY_MODES
 async def test_second_sigterm_closes_everything_at_once(tmp_path: Path, native_relay: bool) -> None:
     config = _drain_config(tmp_path, drain_timeout=3600, native_relay=native_relay)
-    with serve("--config", str(config)) as (proc, port):
+    with catflap_serve(["--config", str(config), *_ANY_PORT]) as (proc, port, lines):
         async with connect(
             f"ws://127.0.0.1:{port}/ws/generic/echo.my-org", open_timeout=seconds(30)
         ) as ws:
             await ws.recv()
             proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
+            await _logged(lines, "draining 1 live session")  # the first one was handled
             proc.send_signal(signal.SIGTERM)
             second = time.perf_counter()
             with pytest.raises(websockets.ConnectionClosed):
