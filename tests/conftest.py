@@ -34,7 +34,8 @@ from catflap.config import CatflapConfig, load_config
 from catflap.gateway.listener import Gateway
 from catflap.gateway.timings import Timings
 from catflap.pool.pool import LocalPool
-from catflap.sessions.store import SessionStore, SqliteSessionStore
+from catflap.sessions.sqlite import SqliteSessionStore
+from catflap.sessions.store import SessionStore
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

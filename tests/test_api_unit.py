@@ -28,9 +28,9 @@ from catflap.directory import AgentDirectory
 from catflap.gateway.httphead import HeadParser
 from catflap.metrics import CONTENT_TYPE, GatewayMetrics, MetricSources
 from catflap.pool.pool import SessionLease
+from catflap.sessions.recent import RecentRecords
 from catflap.sessions.record import SessionRecord
-from catflap.sessions.registry import SessionRegistry
-from catflap.sessions.store import SqliteSessionStore
+from catflap.sessions.sqlite import SqliteSessionStore
 
 from .conftest import PRIVATE_KEY, PUBLIC_KEY, TEST_KEYRING, FakeClock
 
@@ -153,7 +153,7 @@ async def make_api(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         store = store_class(tmp_path / f"sessions-{len(opened)}.sqlite3")
         pool = FakePool()
         clock = FakeClock()
-        sessions = SessionRegistry()
+        sessions = RecentRecords()
         relays: dict[str, Traffic] = {}
         draining = Draining()
         metrics = GatewayMetrics(

@@ -18,7 +18,7 @@ from catflap.contract.errors import CatflapMisuse
 from catflap.gateway.listener import Gateway
 from catflap.gateway.timings import Timings
 from catflap.pool.pool import LocalPool
-from catflap.sessions.store import SqliteSessionStore
+from catflap.sessions.sqlite import SqliteSessionStore
 
 from .conftest import TEST_KEYRING, FakeClock, upgrade_request, write_config
 from .test_front import RecordingTransport

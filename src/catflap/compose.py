@@ -44,7 +44,7 @@ from catflap.gateway.timings import Timings
 from catflap.logs import LogFormat
 from catflap.metrics import GatewayMetrics, MetricSources
 from catflap.pool.pool import LocalPool
-from catflap.sessions.registry import SessionRegistry
+from catflap.sessions.recent import RecentRecords
 from catflap.sessions.store import SessionStore, open_store
 from catflap.tasks import TaskSet
 
@@ -186,7 +186,7 @@ def _wire(
     closers: list[Callable[[], Awaitable[None]]],
 ) -> Gateway:
     directory = AgentDirectory(config)
-    sessions = SessionRegistry()
+    sessions = RecentRecords()
     drain = DrainState()
     tasks = TaskSet("gateway")
     relays = LiveRelays(close_wait=timings.close_wait, slow_peer_timeout=timings.slow_peer)

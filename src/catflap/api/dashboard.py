@@ -28,7 +28,7 @@ from catflap.sessions.record import SessionRecord
 if TYPE_CHECKING:
     from catflap.config import AgentSpec
     from catflap.metrics import RelayTraffic
-    from catflap.sessions.registry import SessionRegistry
+    from catflap.sessions.recent import RecentRecords
 
 #: ``{(agent key, instance state): count}``, or None when the pool is on other machines.
 PoolStates = Callable[[], dict[tuple[str, str], int] | None]
@@ -67,7 +67,7 @@ def dashboard_state(
     *,
     now: float,
     agents: Iterable["AgentSpec"],
-    sessions: "SessionRegistry",
+    sessions: "RecentRecords",
     relays: Mapping[str, "RelayTraffic"],
     pool_states: PoolStates,
     draining: bool,
@@ -149,7 +149,7 @@ def dashboard_router(
     *,
     organization: OrganizationDependency,
     agents: Iterable["AgentSpec"],
-    sessions: "SessionRegistry",
+    sessions: "RecentRecords",
     relays: Mapping[str, "RelayTraffic"],
     pool_states: PoolStates,
     clock: Callable[[], float],

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from catflap.directory import AgentDirectory
     from catflap.metrics import GatewayMetrics, RelayTraffic
     from catflap.pool.pool import SessionPool
-    from catflap.sessions.registry import SessionRegistry
+    from catflap.sessions.recent import RecentRecords
     from catflap.sessions.store import SessionStore
 
 __all__ = ["ApiDeps"]
@@ -36,7 +36,7 @@ class ApiDeps:
     clock: Callable[[], float]
     pool: SessionPool
     #: Live and recently ended session records, in memory.
-    sessions: SessionRegistry
+    sessions: RecentRecords
     store: SessionStore
     metrics: GatewayMetrics
     #: True once the gateway refuses new sessions (shutdown began).

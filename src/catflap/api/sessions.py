@@ -35,14 +35,15 @@ from catflap.api.auth import (
 )
 from catflap.contract import limits
 from catflap.contract.errors import AgentNotFound, BadRequest, InternalError, NotFound
+from catflap.contract.status import CompletionStatus
 from catflap.logs import session_log
 from catflap.sessions.query import SessionQuery
-from catflap.sessions.record import CompletionStatus, SessionRecord
+from catflap.sessions.record import SessionRecord
 
 if TYPE_CHECKING:
     from catflap.directory import AgentDirectory
     from catflap.pool.pool import SessionPool
-    from catflap.sessions.registry import SessionRegistry
+    from catflap.sessions.recent import RecentRecords
     from catflap.sessions.store import SessionStore
 
 __all__ = [
@@ -133,7 +134,7 @@ class SessionRecords:
     """
 
     def __init__(
-        self, agents: "AgentDirectory", sessions: "SessionRegistry", store: "SessionStore"
+        self, agents: "AgentDirectory", sessions: "RecentRecords", store: "SessionStore"
     ) -> None:
         self._agents = agents
         self._sessions = sessions

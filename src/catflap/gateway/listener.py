@@ -25,7 +25,7 @@ from catflap.gateway.relaying import LiveRelays
 from catflap.gateway.timings import Timings
 from catflap.metrics import GatewayMetrics
 from catflap.pool.pool import SessionPool
-from catflap.sessions.registry import SessionRegistry
+from catflap.sessions.recent import RecentRecords
 from catflap.sessions.store import SessionStore
 from catflap.tasks import TaskSet
 
@@ -71,7 +71,7 @@ class Gateway:
         drain: DrainState,
         timings: Timings,
         pool: ManagedPool,
-        sessions: SessionRegistry,
+        sessions: RecentRecords,
         store: SessionStore,
         replay: ReplayStore,
         metrics: GatewayMetrics,

@@ -23,8 +23,8 @@ from catflap.logs import SessionLog, session_log
 from catflap.metrics import GatewayMetrics
 from catflap.pool.instance import SessionEnd
 from catflap.pool.pool import SessionLease, SessionPool
+from catflap.sessions.recent import RecentRecords
 from catflap.sessions.record import RelayStats, SessionRecord
-from catflap.sessions.registry import SessionRegistry
 from catflap.sessions.store import SessionStore
 
 __all__ = ["Recorder", "Recording"]
@@ -49,7 +49,7 @@ class Recorder:
     def __init__(
         self,
         *,
-        sessions: SessionRegistry,
+        sessions: RecentRecords,
         store: SessionStore,
         metrics: GatewayMetrics,
         pool: SessionPool,

@@ -28,8 +28,7 @@ from catflap.contract.errors import cut_error
 from catflap.contract.status import CompletionStatus
 from catflap.pool.instance import SessionEnd
 
-# CompletionStatus stays listed until api/sessions.py imports it from catflap.contract.status.
-__all__ = ["CompletionStatus", "RelayStats", "SessionRecord", "completion_status"]
+__all__ = ["RelayStats", "SessionRecord", "completion_status"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Live sessions and recently ended ones, in memory."""
+"""Session records in memory: the live ones, and the most recently ended ones."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ from collections import OrderedDict
 
 from catflap.sessions.record import SessionRecord
 
-__all__ = ["SessionRegistry"]
+__all__ = ["RecentRecords"]
 
 #: Ended records kept in memory (a persistent store keeps them all).
 _RECENT_MAX = 10_000
 
 
-class SessionRegistry:
+class RecentRecords:
+    """The records the API and the dashboard read without touching the store."""
+
     def __init__(self) -> None:
         self.live: dict[str, SessionRecord] = {}
         self.ended: OrderedDict[str, SessionRecord] = OrderedDict()
