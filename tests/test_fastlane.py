@@ -81,6 +81,35 @@ async def test_async_tests_here_run_on_each_loop(request: pytest.FixtureRequest)
     assert isinstance(loop, uvloop.Loop) == ("uvloop" in request.node.name)
 
 
+async def recv_exactly(sock: socket.socket, n: int, timeout: float = 5.0) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    async with asyncio.timeout(seconds(timeout)):
+        while len(data) < n:
+            chunk = await loop.sock_recv(sock, n - len(data))
+            if not chunk:
+                raise EOFError(f"EOF after {len(data)} of {n} bytes")
+            data += chunk
+    return data
+
+
+async def recv_until_eof(
+    sock: socket.socket, timeout: float = 5.0, *, reset_ends: bool = False
+) -> bytes:
+    """What arrives on ``sock`` until EOF (or a reset, with ``reset_ends``: the other end closed
+    with bytes it never read)."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    async with asyncio.timeout(seconds(timeout)):
+        try:
+            while chunk := await loop.sock_recv(sock, 65536):
+                data += chunk
+        except ConnectionResetError:
+            if not reset_ends:
+                raise
+    return data
+
+
 @dataclass
 class Session:
     relay: Relay
@@ -89,33 +118,6 @@ class Session:
     agent: socket.socket  # the test's end: what the agent runtime holds
     #: Every hand-back the relay received: (reason, client side, agent side).
     returns: list[tuple[int, LegReturn, LegReturn]] = field(default_factory=list)
-
-    async def recv_exactly(self, sock: socket.socket, n: int, timeout: float = 5.0) -> bytes:
-        loop = asyncio.get_running_loop()
-        data = b""
-        async with asyncio.timeout(seconds(timeout)):
-            while len(data) < n:
-                chunk = await loop.sock_recv(sock, n - len(data))
-                if not chunk:
-                    raise EOFError(f"EOF after {len(data)} of {n} bytes")
-                data += chunk
-        return data
-
-    async def recv_until_eof(
-        self, sock: socket.socket, timeout: float = 5.0, *, reset_ends: bool = False
-    ) -> bytes:
-        """What arrives until EOF (or a reset, with ``reset_ends``: the other end closed with
-        bytes it never read)."""
-        loop = asyncio.get_running_loop()
-        data = b""
-        async with asyncio.timeout(seconds(timeout)):
-            try:
-                while chunk := await loop.sock_recv(sock, 65536):
-                    data += chunk
-            except ConnectionResetError:
-                if not reset_ends:
-                    raise
-        return data
 
     async def wait_in_lane(self, expected: bool = True) -> None:
         async with asyncio.timeout(seconds(5)):
@@ -170,8 +172,8 @@ async def test_frames_cross_the_lane_byte_exact_both_ways() -> None:
         down = b"".join(encode(0x1, b"ok %d" % i, masked=False) for i in range(50))
         await loop.sock_sendall(s.client, up)
         await loop.sock_sendall(s.agent, down)
-        assert await s.recv_exactly(s.agent, len(up)) == up
-        assert await s.recv_exactly(s.client, len(down)) == down
+        assert await recv_exactly(s.agent, len(up)) == up
+        assert await recv_exactly(s.client, len(down)) == down
         assert s.relay.in_lane and s.lane.active == 1
         assert s.relay.traffic() == {
             "bytes_client_to_agent": len(up),
@@ -318,7 +320,7 @@ async def test_chunks_cut_inside_headers_are_counted_exactly() -> None:
                 await loop.sock_sendall(s.client, piece[j : j + 3])
                 await asyncio.sleep(0.001)
             await loop.sock_sendall(s.client, piece[42:])
-        assert await s.recv_exactly(s.agent, len(stream)) == stream
+        assert await recv_exactly(s.agent, len(stream)) == stream
         # The big frame may have filled the socket pair's buffer (a hand-back): it re-enters.
         await s.wait_in_lane()
         assert s.relay.traffic()["frames_client_to_agent"] == 5
@@ -330,11 +332,11 @@ async def test_a_close_frame_hands_the_session_back_and_ends_it_cleanly() -> Non
         data = encode(0x2, b"a" * 10, masked=True)
         close = encode(0x8, close_payload(4000, "bye"), masked=True)
         await loop.sock_sendall(s.client, data + close)
-        assert await s.recv_exactly(s.agent, len(data + close)) == data + close
+        assert await recv_exactly(s.agent, len(data + close)) == data + close
         assert not s.relay.in_lane
         answer = encode(0x8, close_payload(4000, "bye"), masked=False)
         await loop.sock_sendall(s.agent, answer)
-        assert await s.recv_exactly(s.client, len(answer)) == answer
+        assert await recv_exactly(s.client, len(answer)) == answer
         s.agent.close()
         s.client.close()
         async with asyncio.timeout(seconds(5)):
@@ -348,7 +350,7 @@ async def test_a_close_frame_hands_the_session_back_and_ends_it_cleanly() -> Non
 async def test_a_client_that_vanishes_in_the_lane_gets_1001_sent_to_the_agent() -> None:
     async with lane_session() as s:
         s.client.close()  # no close frame: a dropped call
-        got = await s.recv_until_eof(s.agent)
+        got = await recv_until_eof(s.agent)
         assert got[0] == 0x88 and struct.unpack("!H", unmask(got)[:2])[0] == 1001
         stats = await asyncio.wait_for(s.relay.done, seconds(5))
     assert stats.client_close_code is None and stats.client_initiated
@@ -357,7 +359,7 @@ async def test_a_client_that_vanishes_in_the_lane_gets_1001_sent_to_the_agent() 
 async def test_an_agent_that_vanishes_in_the_lane_closes_the_client_with_1011() -> None:
     async with lane_session() as s:
         s.agent.close()
-        got = await s.recv_until_eof(s.client)
+        got = await recv_until_eof(s.client)
         assert got == bytes([0x88, 2 + len(b"agent connection lost")]) + close_payload(
             1011, "agent connection lost"
         )
@@ -368,8 +370,8 @@ async def test_an_agent_that_vanishes_in_the_lane_closes_the_client_with_1011() 
 async def test_close_both_recalls_the_session_and_sends_1012_both_ways() -> None:
     async with lane_session() as s:
         s.relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")
-        to_client = await s.recv_until_eof(s.client)
-        to_agent = await s.recv_until_eof(s.agent)
+        to_client = await recv_until_eof(s.client)
+        to_agent = await recv_until_eof(s.agent)
         stats = await asyncio.wait_for(s.relay.done, seconds(5))
     assert to_client == bytes([0x88, 23]) + close_payload(1012, "gateway shutting down")
     assert struct.unpack("!H", unmask(to_agent)[:2])[0] == 1012
@@ -379,8 +381,8 @@ async def test_close_both_recalls_the_session_and_sends_1012_both_ways() -> None
 async def test_abort_recalls_the_session_and_drops_both_sockets() -> None:
     async with lane_session() as s:
         s.relay.abort()
-        assert await s.recv_until_eof(s.client) == b""
-        assert await s.recv_until_eof(s.agent) == b""
+        assert await recv_until_eof(s.client) == b""
+        assert await recv_until_eof(s.agent) == b""
         await asyncio.wait_for(s.relay.done, seconds(5))
 
 
@@ -412,7 +414,7 @@ async def test_stopping_the_lane_returns_its_sessions_and_they_keep_relaying() -
         loop = asyncio.get_running_loop()
         frame = encode(0x2, b"after", masked=True)
         await loop.sock_sendall(s.client, frame)
-        assert await s.recv_exactly(s.agent, len(frame)) == frame
+        assert await recv_exactly(s.agent, len(frame)) == frame
         assert s.relay.traffic()["frames_client_to_agent"] == 1
 
 
@@ -440,8 +442,8 @@ async def test_a_bad_control_frame_is_handed_back_unsent_and_the_sender_gets_100
         source, target = (s.client, s.agent) if from_client else (s.agent, s.client)
         good = encode(0x2, b"g" * 20, masked=from_client)
         await loop.sock_sendall(source, good + head + b"j" * 300)
-        to_target = await s.recv_until_eof(target)
-        to_source = await s.recv_until_eof(source)
+        to_target = await recv_until_eof(target)
+        to_source = await recv_until_eof(source)
         source.close()  # the sender gives up too (else the gateway lingers CLOSE_WAIT_S for it)
         stats = await asyncio.wait_for(s.relay.done, seconds(5))
     assert s.returns[0][0] == HandBack.CONTROL_FRAME
@@ -473,8 +475,8 @@ async def test_python_cannot_act_on_a_transport_lent_to_the_lane() -> None:
                     act()
         assert s.relay.traffic()["bytes_client_to_agent"] == 0
         s.relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")  # via a recall
-        await s.recv_until_eof(s.client)
-        await s.recv_until_eof(s.agent)
+        await recv_until_eof(s.client)
+        await recv_until_eof(s.agent)
         await asyncio.wait_for(s.relay.done, seconds(5))
         for leg in (s.relay.client, s.relay.agent):
             assert not isinstance(leg.transport, LentTransport)
@@ -512,7 +514,7 @@ async def test_a_session_the_lane_cannot_take_relays_on_the_event_loop(
             loop = asyncio.get_running_loop()
             frame = encode(0x2, b"still here", masked=True)
             await loop.sock_sendall(s.client, frame)
-            assert await s.recv_exactly(s.agent, len(frame)) == frame
+            assert await recv_exactly(s.agent, len(frame)) == frame
             assert not s.relay.in_lane and s.lane.active == 0
     assert "fast lane refused a session (MemoryError" in caplog.text
 
@@ -523,8 +525,8 @@ async def test_no_memory_for_a_close_frame_chunk_ends_the_session_with_1011() ->
         close = encode(0x8, close_payload(1000, "bye"), masked=True)
         fastlane.native._fail_allocations(1)  # the copy of the chunk for Python
         await loop.sock_sendall(s.client, close)
-        to_client = await s.recv_until_eof(s.client)
-        to_agent = await s.recv_until_eof(s.agent)
+        to_client = await recv_until_eof(s.client)
+        to_agent = await recv_until_eof(s.agent)
         stats = await asyncio.wait_for(s.relay.done, seconds(5))
     reason, client, _ = s.returns[0]
     assert reason == HandBack.FAILED and client.dropped == len(close) and not client.cut
@@ -555,7 +557,7 @@ async def test_no_memory_for_what_a_full_peer_could_not_take_aborts_that_peer() 
             flooding.cancel()
             with suppress(asyncio.CancelledError):
                 await flooding
-        to_agent = await s.recv_until_eof(s.agent, reset_ends=True)  # the flood is unread
+        to_agent = await recv_until_eof(s.agent, reset_ends=True)  # the flood is unread
     reason, _, agent = s.returns[0]
     assert reason == HandBack.FAILED and agent.cut and agent.dropped > 0
     # The client got part of a chunk: no close frame can follow there, it is aborted. The
@@ -568,8 +570,8 @@ async def test_no_memory_to_hand_a_session_to_python_fails_it_with_1011() -> Non
     async with lane_session() as s:
         fastlane.native._fail_allocations(1, skip=1)  # take(): the list, then the session
         s.relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")
-        to_client = await s.recv_until_eof(s.client)
-        to_agent = await s.recv_until_eof(s.agent)
+        to_client = await recv_until_eof(s.client)
+        to_agent = await recv_until_eof(s.agent)
         stats = await asyncio.wait_for(s.relay.done, seconds(5))
     assert [r[0] for r in s.returns] == [HandBack.FAILED]
     # The drain's 1012 is moot: the session failed, and says so.
@@ -584,8 +586,8 @@ async def test_no_memory_for_the_whole_hand_back_batch_loses_nothing_and_retries
         fastlane.native._fail_allocations(1)  # take()'s list: the batch stays queued
         with caplog.at_level(logging.ERROR, "catflap.gateway"):
             s.relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")
-            to_client = await s.recv_until_eof(s.client)
-            to_agent = await s.recv_until_eof(s.agent)
+            to_client = await recv_until_eof(s.client)
+            to_agent = await recv_until_eof(s.agent)
         stats = await asyncio.wait_for(s.relay.done, seconds(5))
     assert "out of memory handing sessions back" in caplog.text
     assert [r[0] for r in s.returns] == [HandBack.RECALLED]
@@ -670,23 +672,21 @@ async def test_a_tls_session_never_enters_the_lane(
         async with asyncio.timeout(seconds(5)):
             while "RELAYING LANE_REFUSED RELAYING" not in steps:
                 await asyncio.sleep(0.005)
-        s = Session(relay, lane, socket.socket(), agent_far)  # only its helpers are used
-        s.client.close()
         up = b"".join(encode(0x2, bytes([i]) * 300, masked=True) for i in range(50))
         down = b"".join(encode(0x1, b"ok %d" % i, masked=False) for i in range(50))
         writer.write(up)
         await writer.drain()
-        assert await s.recv_exactly(agent_far, len(up)) == up
+        assert await recv_exactly(agent_far, len(up)) == up
         await loop.sock_sendall(agent_far, down)
         assert await asyncio.wait_for(reader.readexactly(len(down)), seconds(5)) == down
         assert not relay.in_lane and lane.active == 0 and entered == []
         writer.write(up)  # and still byte exact after it
         await loop.sock_sendall(agent_far, down)
-        assert await s.recv_exactly(agent_far, len(up)) == up
+        assert await recv_exactly(agent_far, len(up)) == up
         assert await asyncio.wait_for(reader.readexactly(len(down)), seconds(5)) == down
         close = encode(0x8, close_payload(1000, "done"), masked=True)
         writer.write(close)
-        assert await s.recv_exactly(agent_far, len(close)) == close
+        assert await recv_exactly(agent_far, len(close)) == close
         answer = encode(0x8, close_payload(1000, "done"), masked=False)
         await loop.sock_sendall(agent_far, answer)
         assert await asyncio.wait_for(reader.readexactly(len(answer)), seconds(5)) == answer
@@ -722,7 +722,7 @@ async def test_a_session_whose_second_leg_cannot_join_moves_no_byte(tmp_path: Pa
             await session.wait_in_lane()
             frame = encode(0x2, b"ok", masked=True)
             session.client.sendall(frame)
-            assert await session.recv_exactly(session.agent, len(frame)) == frame
+            assert await recv_exactly(session.agent, len(frame)) == frame
     finally:
         regular.close()
         client_far.close()

@@ -28,7 +28,7 @@ from catflap.gateway.relaystate import RelayState, SocketsLent
 from catflap.sessions.record import RelayStats
 
 from .conftest import seconds
-from .test_fastlane import close_payload
+from .test_fastlane import close_payload, recv_exactly, recv_until_eof
 from .test_frames import encode
 from .test_relay_state import Step, steps_fixture, strict_relay_states  # noqa: F401 (fixtures)
 
@@ -65,25 +65,6 @@ class Pair:
 
     async def send(self, sock: socket.socket, data: bytes) -> None:
         await asyncio.get_running_loop().sock_sendall(sock, data)
-
-    async def recv_exactly(self, sock: socket.socket, n: int) -> bytes:
-        loop = asyncio.get_running_loop()
-        data = b""
-        async with asyncio.timeout(seconds(5)):
-            while len(data) < n:
-                chunk = await loop.sock_recv(sock, n - len(data))
-                if not chunk:
-                    raise EOFError(f"EOF after {len(data)} of {n} bytes")
-                data += chunk
-        return data
-
-    async def recv_until_eof(self, sock: socket.socket) -> bytes:
-        loop = asyncio.get_running_loop()
-        data = b""
-        async with asyncio.timeout(seconds(5)):
-            while chunk := await loop.sock_recv(sock, 65536):
-                data += chunk
-        return data
 
     async def wait_in_lane(self, expected: bool = True) -> None:
         """Bounded polling: the lane takes the session on its own schedule."""
@@ -169,8 +150,8 @@ async def test_frames_cross_byte_exact_and_a_client_close_ends_the_session_clean
     async with relayed(lane=lane) as s:
         await s.send(s.client, UP)
         await s.send(s.agent, DOWN)
-        assert await s.recv_exactly(s.agent, len(UP)) == UP
-        assert await s.recv_exactly(s.client, len(DOWN)) == DOWN
+        assert await recv_exactly(s.agent, len(UP)) == UP
+        assert await recv_exactly(s.client, len(DOWN)) == DOWN
         assert s.relay.in_lane is lane
         assert s.relay.traffic() == {
             "bytes_client_to_agent": len(UP),
@@ -180,12 +161,12 @@ async def test_frames_cross_byte_exact_and_a_client_close_ends_the_session_clean
         }
         close = encode(0x8, close_payload(1000, "bye"), masked=True)
         await s.send(s.client, close)
-        assert await s.recv_exactly(s.agent, len(close)) == close
+        assert await recv_exactly(s.agent, len(close)) == close
         answer = encode(0x8, close_payload(1000, "bye"), masked=False)
         await s.send(s.agent, answer)
-        assert await s.recv_exactly(s.client, len(answer)) == answer
+        assert await recv_exactly(s.client, len(answer)) == answer
         s.agent.close()  # the server closes the TCP connection first (RFC 6455 7.1.1)
-        assert await s.recv_until_eof(s.client) == b""
+        assert await recv_until_eof(s.client) == b""
         stats = await s.stats()
     assert stats == RelayStats(
         bytes_client_to_agent=len(UP + close),
@@ -218,8 +199,8 @@ async def test_bytes_read_before_the_relay_reach_each_side_first_in_order(
     async with relayed(lane=lane, client_pending=early_up, agent_pending=early_down) as s:
         await s.send(s.client, UP)
         await s.send(s.agent, DOWN)
-        assert await s.recv_exactly(s.agent, len(early_up + UP)) == early_up + UP
-        assert await s.recv_exactly(s.client, len(early_down + DOWN)) == early_down + DOWN
+        assert await recv_exactly(s.agent, len(early_up + UP)) == early_up + UP
+        assert await recv_exactly(s.client, len(early_down + DOWN)) == early_down + DOWN
         assert s.relay.traffic()["frames_client_to_agent"] == 41
         assert s.relay.traffic()["frames_agent_to_client"] == 41
         s.relay.abort()
@@ -240,9 +221,9 @@ async def test_a_client_that_vanishes_gets_1001_sent_to_the_agent(
 ) -> None:
     async with relayed(lane=lane) as s:
         await s.send(s.client, UP)
-        assert await s.recv_exactly(s.agent, len(UP)) == UP
+        assert await recv_exactly(s.agent, len(UP)) == UP
         s.client.close()  # a dropped call: no close frame
-        rest = await s.recv_until_eof(s.agent)
+        rest = await recv_until_eof(s.agent)
         stats = await s.stats()
     assert unmasked(rest) == gateway_close(1001, "client went away")
     assert (stats.frames_client_to_agent, stats.bytes_client_to_agent) == (40, len(UP))
@@ -263,9 +244,9 @@ async def test_an_agent_that_vanishes_closes_the_client_with_1011(
 ) -> None:
     async with relayed(lane=lane) as s:
         await s.send(s.agent, DOWN)
-        assert await s.recv_exactly(s.client, len(DOWN)) == DOWN
+        assert await recv_exactly(s.client, len(DOWN)) == DOWN
         s.agent.close()  # the bot crashed
-        rest = await s.recv_until_eof(s.client)
+        rest = await recv_until_eof(s.client)
         stats = await s.stats()
     assert rest == gateway_close(1011, "agent connection lost")
     assert stats.agent_vanished and stats.gateway_close_code == 1011
@@ -287,10 +268,10 @@ async def test_the_gateway_closes_both_sides_with_1012_and_the_lane_is_recalled_
     with caplog.at_level(logging.DEBUG, "catflap.gateway"):
         async with relayed(lane=lane) as s:
             await s.send(s.client, UP)
-            assert await s.recv_exactly(s.agent, len(UP)) == UP
+            assert await recv_exactly(s.agent, len(UP)) == UP
             s.relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")
-            to_client = await s.recv_until_eof(s.client)
-            to_agent = await s.recv_until_eof(s.agent)
+            to_client = await recv_until_eof(s.client)
+            to_agent = await recv_until_eof(s.agent)
             stats = await s.stats()
             s.relay.close_both(CloseCode.SERVICE_RESTART, "late")  # a drain racing the end
     assert to_client == gateway_close(1012, "gateway shutting down")
@@ -330,10 +311,10 @@ async def test_a_broken_client_is_closed_with_1002_and_cut_off_after_close_wait(
     bad = encode(0x9, b"p" * 10, masked=True, fin=False)  # a fragmented ping (RFC 6455 5.5)
     async with relayed(lane=lane, close_wait=seconds(0.1)) as s:
         await s.send(s.client, good + bad + b"junk" * 50)
-        to_agent = await s.recv_until_eof(s.agent)
+        to_agent = await recv_until_eof(s.agent)
         # The client got its 1002 and then EOF (a lingering close); it never answers, so the
         # close-wait bound aborts its leg.
-        to_client = await s.recv_until_eof(s.client)
+        to_client = await recv_until_eof(s.client)
         stats = await s.stats()
     assert to_agent[: len(good)] == good
     assert unmasked(to_agent[len(good) :]) == gateway_close(1001, "client broke the protocol")
@@ -364,12 +345,12 @@ async def test_python_cannot_write_while_the_lane_holds_the_sockets(steps: list[
         assert s.relay.state is RelayState.IN_LANE
         # Nothing went out, and the lane carries on byte exact.
         await s.send(s.agent, DOWN)
-        assert await s.recv_exactly(s.client, len(DOWN)) == DOWN
+        assert await recv_exactly(s.client, len(DOWN)) == DOWN
         s.relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")
         assert steps[-1] == "IN_LANE RECALL RECALLING"
         with pytest.raises(SocketsLent, match="state RECALLING"):
             s.relay.client.transport.write(b"x")
-        assert await s.recv_until_eof(s.client) == gateway_close(1012, "gateway shutting down")
+        assert await recv_until_eof(s.client) == gateway_close(1012, "gateway shutting down")
         await s.stats()
     assert steps[:3] == [
         "NEW START RELAYING",
@@ -394,13 +375,13 @@ async def test_a_client_that_reads_slowly_takes_the_session_out_of_the_lane_and_
         async with asyncio.timeout(seconds(5)):
             while "IN_LANE HANDED_BACK RELAYING" not in steps:
                 await asyncio.sleep(0.005)
-        assert await s.recv_exactly(s.client, len(burst)) == burst
+        assert await recv_exactly(s.client, len(burst)) == burst
         await sending
         await s.wait_in_lane()  # the buffers drained: the session went back into the lane
         assert s.relay.traffic()["frames_agent_to_client"] == 200
         assert s.relay.traffic()["bytes_agent_to_client"] == len(burst)
         s.relay.close_both(CloseCode.SERVICE_RESTART, "gateway shutting down")
-        assert await s.recv_until_eof(s.client) == gateway_close(1012, "gateway shutting down")
+        assert await recv_until_eof(s.client) == gateway_close(1012, "gateway shutting down")
         stats = await s.stats()
     assert (stats.frames_agent_to_client, stats.bytes_agent_to_client) == (200, len(burst))
     out_and_back = steps.index("IN_LANE HANDED_BACK RELAYING")
