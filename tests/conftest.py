@@ -32,6 +32,7 @@ from catflap.auth.tokens import KeyRing, SigningKey
 from catflap.compose import AgentLaunch, Overrides, build_gateway
 from catflap.config import CatflapConfig, load_config
 from catflap.gateway.listener import Gateway
+from catflap.gateway.relaystate import IllegalTransition, RelayEvent, RelayMachine, RelayState
 from catflap.gateway.timings import Timings
 from catflap.pool.pool import LocalPool
 from catflap.sessions.sqlite import SqliteSessionStore
@@ -63,6 +64,27 @@ def pytest_asyncio_loop_factories(
     (tests/test_fastlane.py: on uvloop too, which ``catflap serve`` runs on)."""
     factories = getattr(getattr(item, "module", None), "LOOP_FACTORIES", None)
     return dict(factories) if factories else {"asyncio": asyncio.new_event_loop}
+
+
+@pytest.fixture(autouse=True)
+def strict_relay_states(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[IllegalTransition]]:
+    """Illegal transitions raise; and since a protocol callback or a timer that raises is only
+    logged by the event loop, each one is also kept, and the test fails at teardown if any
+    happened. Autouse: every in-process relay in the suite runs strict."""
+    monkeypatch.setattr(RelayMachine, "strict", True)
+    seen: list[IllegalTransition] = []
+    fire = RelayMachine.fire
+
+    def checked(self: RelayMachine, event: RelayEvent, detail: str = "") -> RelayState:
+        try:
+            return fire(self, event, detail)
+        except IllegalTransition as error:
+            seen.append(error)
+            raise
+
+    monkeypatch.setattr(RelayMachine, "fire", checked)
+    yield seen
+    assert not seen, f"illegal relay transitions: {[str(e) for e in seen]}"
 
 
 def die_with_test_process() -> None:

@@ -14,6 +14,7 @@ from catflap.auth.sqlite_replay import SqliteReplayStore
 from catflap.auth.tokens import mint_token
 from catflap.compose import REPLAY_FILE, AgentLaunch, Overrides, build_gateway
 from catflap.config import CatflapConfig, load_config
+from catflap.contract import limits
 from catflap.contract.errors import CatflapMisuse
 from catflap.gateway.listener import Gateway
 from catflap.gateway.timings import Timings
@@ -97,6 +98,20 @@ async def test_the_gateway_settings_reach_the_front_and_the_timings(tmp_path: Pa
     assert gateway.front.max_connections == 3
     assert gateway.timings == Timings(provider_handshake=2.5, drain=7)
     assert gateway.lane is None  # started with the gateway, not when wired
+
+
+async def test_by_default_a_session_runs_on_the_limits_timeouts(tmp_path: Path) -> None:
+    """What a deployment gets without overrides: each wait bounded by its limit."""
+    gateway = await build_gateway(config(tmp_path), overrides(tmp_path))
+    timings = gateway.timings
+    assert timings.slow_peer == limits.SLOW_PEER_TIMEOUT_S
+    assert timings.close_wait == limits.CLOSE_WAIT_S
+    assert timings.upstream_handshake == limits.UPSTREAM_HANDSHAKE_TIMEOUT_S
+    assert timings.lease_end == limits.LEASE_END_TIMEOUT_S
+    # ... and the relays are opened with them.
+    live_relays = gateway._relays
+    assert live_relays.slow_peer_timeout == limits.SLOW_PEER_TIMEOUT_S
+    assert live_relays.close_wait == limits.CLOSE_WAIT_S
 
 
 async def test_overridden_timings_replace_the_configured_ones(tmp_path: Path) -> None:

@@ -39,13 +39,12 @@ from catflap.sessions.record import RelayStats, completion_status
 
 from .conftest import seconds
 from .test_frames import encode, frame_specs
-from .test_relay_state import Step, steps_fixture, strict_relay_states  # noqa: F401 (fixtures)
+from .test_relay_state import Step, steps_fixture  # noqa: F401 (a fixture)
 
 pytestmark = [
     pytest.mark.skipif(
         not sys.platform.startswith("linux"), reason="the fast lane is built on Linux only"
     ),
-    pytest.mark.usefixtures("strict_relay_states"),
 ]
 
 #: Every async test here runs once per loop (see pytest_asyncio_loop_factories in conftest.py).

@@ -11,7 +11,6 @@ import contextlib
 import socket
 import struct
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,9 +19,6 @@ from catflap.gateway.relay import Relay
 
 from .conftest import seconds
 from .test_frames import encode, frame_specs
-from .test_relay_state import strict_relay_states  # noqa: F401 (a fixture)
-
-pytestmark = pytest.mark.usefixtures("strict_relay_states")
 
 
 def _bad_frame(opcode: int, declared: int, fragmented: bool) -> bytes:

@@ -30,9 +30,7 @@ from catflap.sessions.record import RelayStats
 from .conftest import seconds
 from .test_fastlane import close_payload, recv_exactly, recv_until_eof
 from .test_frames import encode
-from .test_relay_state import Step, steps_fixture, strict_relay_states  # noqa: F401 (fixtures)
-
-pytestmark = pytest.mark.usefixtures("strict_relay_states")
+from .test_relay_state import Step, steps_fixture  # noqa: F401 (a fixture)
 
 LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,

@@ -36,28 +36,6 @@ ILLEGAL = [
 ]
 
 
-@pytest.fixture
-def strict_relay_states(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[IllegalTransition]]:
-    """Illegal transitions raise; and since a protocol callback or a timer that raises is only
-    logged by the event loop, each one is also kept, and the test fails at teardown if any
-    happened. Other relay test modules use it too."""
-    monkeypatch.setattr(RelayMachine, "strict", True)
-    seen: list[IllegalTransition] = []
-    fire = RelayMachine.fire
-
-    def checked(self: RelayMachine, event: RelayEvent, detail: str = "") -> RelayState:
-        try:
-            return fire(self, event, detail)
-        except IllegalTransition as error:
-            seen.append(error)
-            raise
-
-    monkeypatch.setattr(RelayMachine, "fire", checked)
-    yield seen
-    assert not seen, f"illegal relay transitions: {[str(e) for e in seen]}"
-
-
-pytestmark = pytest.mark.usefixtures("strict_relay_states")
 
 #: A transition as the tests spell it: "STATE EVENT NEXT".
 Step = str

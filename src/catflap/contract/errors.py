@@ -30,7 +30,11 @@
     │       ├── AgentNotReady         503 PCC-1001
     │       └── Draining              503 draining
     ├── ConfigError                   bad configuration; the CLI exits with EXIT_CONFIG
-    └── CatflapMisuse                 a bug in catflap or its caller (also an AssertionError)
+    ├── CatflapMisuse                 a bug in catflap or its caller (also an AssertionError)
+    │   ├── IllegalTransition         a relay event its state table has no row for (relaystate)
+    │   └── SocketsLent               Python I/O on a socket the fast lane holds (relaystate)
+    ├── ControlProtocolError          a bad control-channel line (contract/control.py)
+    └── BotImportError                bot.py failed to import (runtime/botloader.py)
 
 Where PCC documents a ``code`` for the same condition, catflap uses PCC's value so that
 existing clients keep working; everything else uses a catflap snake_case code.

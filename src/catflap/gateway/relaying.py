@@ -44,6 +44,7 @@ class LiveRelays:
             close_wait=self.close_wait,
             slow_peer_timeout=self.slow_peer_timeout,
             lane=self.lane,
+            session_id=session_id,
         )
         self.live[session_id] = relay
         return relay
