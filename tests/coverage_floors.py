@@ -14,12 +14,13 @@ from pathlib import Path
 
 import coverage
 
-#: Line coverage (percent) each package must keep, measured in-process by the whole suite.
+#: Line coverage (percent) each package must keep, measured in-process by the whole suite
+#: (2026-12-02, ./dev test: gateway 93.3, pool 89.8, auth 98.1, contract 98.7).
 FLOORS: dict[str, float] = {
-    "gateway": 0.0,
-    "pool": 0.0,
-    "auth": 0.0,
-    "contract": 0.0,
+    "gateway": 93.0,
+    "pool": 89.0,
+    "auth": 98.0,
+    "contract": 98.0,
 }
 
 

@@ -10,10 +10,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import requests
 from websockets.sync.client import connect
 
 from .conftest import ECHO, catflap_serve, seconds
+
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
 
 CATFLAP = [sys.executable, "-m", "catflap"]
 

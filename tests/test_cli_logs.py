@@ -18,7 +18,7 @@ from catflap.cli.logs import format_line
 
 from .conftest import PRIVATE_KEY, ROOT, RunningGateway, running_gateway, seconds
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 AGENTS: dict[str, dict[str, Any]] = {
     "chatty": {"path": ROOT / "tests" / "bots" / "chatty", "scaling": {"min_agents": 1}},

@@ -26,6 +26,8 @@ from .conftest import ECHO, PRIVATE_KEY, PUBLIC_KEY, RunningGateway, running_gat
 from .sessionstores import DATABASE_URL
 from .test_cli import serve
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 #: The async tests share one gateway, so they share its event loop.
 on_gateway_loop = pytest.mark.asyncio(loop_scope="module")
 

@@ -34,6 +34,8 @@ from catflap.cluster.keys import HEARTBEAT_TTL_S, RESERVATION_TTL_S
 
 from .conftest import ROOT, die_with_test_process, seconds
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 REDIS_URL = os.environ.get("CATFLAP_TEST_REDIS", "redis://127.0.0.1:6379/0")
 EXCLUSIVE = ROOT / "tests" / "bots" / "exclusive"
 KEYS_ENV = {"CATFLAP_TOKEN_KEYS": "k1:cluster-test-secret"}

@@ -21,6 +21,8 @@ from websockets.exceptions import ConnectionClosed
 
 from .conftest import PRIVATE_KEY, ROOT, RunningGateway, running_gateway, seconds
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 CHROMIUM = Path("/usr/bin/chromium")
 #: Headless, offline, and quiet: no first-run UI, no update or sync traffic, no QUIC probing.
 CHROMIUM_ARGS = [

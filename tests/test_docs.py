@@ -7,6 +7,7 @@ import re
 from catflap.contract.closecodes import CLOSE_CODE_EXPLANATIONS, SENDABLE
 
 from .conftest import ROOT
+from .render_docs import ARCHITECTURE, RENDERED, section
 
 
 def test_operations_close_code_table_matches_the_code() -> None:
@@ -38,3 +39,11 @@ def test_operations_lists_every_metric_with_its_labels() -> None:
     for name, labels in defined.items():
         expected = re.findall(r'"(\w+)"', labels)
         assert re.findall(r"`(\w+)`", documented[name]) == expected, name
+
+
+def test_architecture_state_tables_are_rendered_from_the_code() -> None:
+    text = ARCHITECTURE.read_text()
+    for name, render in RENDERED.items():
+        assert section(text, name) == render().strip(), (
+            f"docs/architecture.md's {name} table is stale: run python -m tests.render_docs"
+        )

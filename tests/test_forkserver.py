@@ -8,10 +8,14 @@ import signal
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from catflap.config import load_config
 from catflap.pool.forkserver import ForkServerLauncher
 
 from .conftest import PIPECAT_ECHO, seconds, write_config
+
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
 
 
 def _parent(pid: int) -> int:

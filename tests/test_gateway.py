@@ -32,7 +32,7 @@ from .conftest import (
     upgrade_request,
 )
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 CLOCK = FakeClock()
 AGENTS: dict[str, dict[str, Any]] = {

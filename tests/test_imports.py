@@ -1,6 +1,7 @@
 """The import graph of ``src/catflap`` has no cycles, counting every import: module level,
 inside functions, and under ``TYPE_CHECKING``. A cycle means two modules cannot be read, tested
-or replaced one without the other; layering points client → gateway → pool → agent → bot."""
+or replaced one without the other; layering points client → gateway → pool → agent → bot.
+And every module names its one job in the first line of its docstring."""
 
 from __future__ import annotations
 
@@ -115,3 +116,12 @@ def test_no_import_cycles() -> None:
             f"{m} -> {sorted(graph[m] & set(component))}" for component in found for m in component
         ]
         pytest.fail("import cycles:\n" + "\n".join(lines))
+
+
+def test_every_module_names_its_one_job_in_its_first_docstring_line() -> None:
+    unnamed = [
+        name
+        for name, path in module_files().items()
+        if not (ast.get_docstring(ast.parse(path.read_text())) or "").strip()
+    ]
+    assert not unnamed, f"modules without a docstring naming their job: {unnamed}"

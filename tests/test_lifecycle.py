@@ -29,6 +29,8 @@ from .conftest import (
     upgrade_request,
 )
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 BOTS = ROOT / "tests" / "bots"
 
 

@@ -12,9 +12,12 @@ import struct
 import time
 import zlib
 
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from .conftest import running_gateway, seconds
+
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
 
 SESSIONS = int(os.environ.get("CATFLAP_LOAD_SESSIONS", "300"))
 DURATION_S = float(os.environ.get("CATFLAP_LOAD_SECONDS", "20"))

@@ -31,6 +31,8 @@ from catflap.logs import (
 
 from .conftest import ECHO, catflap_serve, seconds
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 SID = "11111111-2222-4333-8444-555555555555"
 
 

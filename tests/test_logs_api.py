@@ -15,7 +15,7 @@ from catflap.contract import limits
 
 from .conftest import PRIVATE_KEY, PUBLIC_KEY, ROOT, RunningGateway, running_gateway, seconds
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 AGENTS: dict[str, dict[str, Any]] = {
     "chatty": {"path": ROOT / "tests" / "bots" / "chatty", "scaling": {"min_agents": 1}},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
@@ -17,6 +18,8 @@ from .conftest import (
     seconds,
     upgrade_request,
 )
+
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
 
 
 async def scrape(gw: RunningGateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

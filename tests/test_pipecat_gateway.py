@@ -12,6 +12,8 @@ from websockets.asyncio.client import connect
 
 from .conftest import PIPECAT_ECHO, running_gateway, seconds
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 frames_pb2: Any = pytest.importorskip("pipecat.frames.protobufs.frames_pb2")
 
 

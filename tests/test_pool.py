@@ -16,6 +16,8 @@ from catflap.pool.instance import InstanceState
 
 from .conftest import ROOT, RawResponse, raw_request, running_gateway, seconds, upgrade_request
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 ECHO_URL = "/ws/generic/echo.my-org"
 
 

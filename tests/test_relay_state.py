@@ -36,7 +36,6 @@ ILLEGAL = [
 ]
 
 
-
 #: A transition as the tests spell it: "STATE EVENT NEXT".
 Step = str
 

@@ -40,6 +40,8 @@ from catflap.runtime.listen import ListenAddress, parse_listen
 
 from .conftest import ECHO, seconds
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 #: Upper bound of any single wait; generous, because a busy CI machine is slow to start Python.
 WAIT_S = seconds(15)
 #: {"k": "ÿÿþ"}: its padded standard base64 contains '+', '/' and '='.

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from .conftest import RunningGateway, running_gateway, seconds
+
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
 
 AGENT = "echo.my-org"
 

@@ -27,6 +27,8 @@ from catflap.contract.control import ControlChannel
 
 from .conftest import PIPECAT_ECHO, seconds
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 frames_pb2: Any = pytest.importorskip("pipecat.frames.protobufs.frames_pb2")
 
 BOT_DIR = PIPECAT_ECHO

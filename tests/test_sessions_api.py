@@ -21,7 +21,7 @@ from catflap.sessions.record import SessionRecord
 from .conftest import PRIVATE_KEY, PUBLIC_KEY, RunningGateway, running_gateway, seconds
 from .sessionstores import BACKENDS, store_factory
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 AGENTS: dict[str, dict[str, Any]] = {
     "echo": {"scaling": {"min_agents": 1, "max_agents": 5}},
@@ -255,8 +255,9 @@ async def test_an_unknown_session_is_404(gw: RunningGateway, method: str) -> Non
     ("method", "path"),
     [
         ("GET", SESSIONS),
-        ("GET", f"{SESSIONS}/{uuid.uuid4()}"),
-        ("DELETE", f"{SESSIONS}/{uuid.uuid4()}"),
+        # Fixed ids, not uuid4(): every xdist worker must collect the same test names.
+        ("GET", f"{SESSIONS}/5d1f0c2e-7a41-4b8e-9f3a-0c6b2d8e4a17"),
+        ("DELETE", f"{SESSIONS}/9b7e3a10-2c5d-4f86-a1e4-6d0f8c3b5e92"),
         ("DELETE", f"{SESSIONS}/not-a-uuid"),
         ("GET", f"{SESSIONS}?limit=0&status=bogus"),  # the key is checked first
         ("GET", "/v1/agents/nope/sessions"),

@@ -36,7 +36,7 @@ from .conftest import (
     upgrade_request,
 )
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 # The serializers refuse empty credentials; the bot is told not to call the providers' APIs.
 DUMMY_ENV = {

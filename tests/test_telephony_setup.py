@@ -14,7 +14,7 @@ from websockets.asyncio.client import connect
 
 from .conftest import ECHO, PUBLIC_KEY, RunningGateway, running_gateway
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 AGENTS: dict[str, dict[str, Any]] = {
     "open-phone": {"path": ECHO, "scaling": {"min_agents": 1}},

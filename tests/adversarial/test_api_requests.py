@@ -36,6 +36,8 @@ from catflap.gateway.apiprotocol import BoundedHttpToolsProtocol
 from ..conftest import PRIVATE_KEY, PUBLIC_KEY, seconds
 from .conftest import OPEN_AGENT, HostileGateway, MiB, RssWatch, assert_healthy, http_get
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 #: How late a deadline may be seen to pass (scheduling, a loaded machine).
 MARGIN_S = 3.0
 #: How early: the clock starts at the server's first read of the request, slightly after our

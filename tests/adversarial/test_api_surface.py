@@ -50,6 +50,8 @@ from .conftest import (
     http_get,
 )
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 BIG_ERROR_AGENT = "bigerror"
 BIG_ERROR_BOT = ROOT / "tests" / "bots" / "bigerror"
 BIG_ERROR_TOML = (

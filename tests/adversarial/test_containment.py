@@ -12,6 +12,8 @@ from catflap.gateway import session
 
 from ..conftest import ECHO, raw_request, running_gateway, seconds, upgrade_request
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 
 def _boom(*args: object, **kwargs: object) -> None:
     raise RuntimeError("a bug in the gateway")

@@ -43,6 +43,8 @@ from .conftest import (
     status_of,
 )
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 OPEN = f"/ws/generic/{OPEN_AGENT}.{ORG}"
 SLOW_AGENT = "slow"
 SLOW_BOT = ROOT / "tests" / "bots" / "slow_start"

@@ -40,6 +40,8 @@ from ..conftest import (
     upgrade_request,
 )
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 
 async def test_a_runtime_that_never_reports_the_end_is_replaced_and_recorded() -> None:
     """``await lease.ended`` had no bound: a runtime that dropped a session without reporting

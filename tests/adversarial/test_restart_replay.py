@@ -17,6 +17,8 @@ from websockets.exceptions import InvalidStatus
 from ..conftest import seconds
 from .conftest import ORG, TOKEN_AGENT, assert_healthy, hostile_gateway, mint_token
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 
 async def open_session(port: int, token: str) -> dict[str, Any]:
     """One session on the token agent with ``token`` in the header: the bot's greeting."""

@@ -22,6 +22,8 @@ from catflap.cli.startup import listen_failure
 from ..conftest import catflap_serve, die_with_test_process, seconds
 from .conftest import TOKEN_KEYS, HostileGateway, hostile_config, wait_until_serving
 
+pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
 #: Every process catflap serve starts inherits its environment (the fork server, and the
 #: instances forked from it, alike), so this variable finds them in /proc even after the
 #: gateway is gone: orphans are re-parented, but keep their environment.
