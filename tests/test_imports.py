@@ -125,3 +125,21 @@ def test_every_module_names_its_one_job_in_its_first_docstring_line() -> None:
         if not (ast.get_docstring(ast.parse(path.read_text())) or "").strip()
     ]
     assert not unnamed, f"modules without a docstring naming their job: {unnamed}"
+
+
+def test_layers_point_one_way() -> None:
+    """``contract`` is below everything (it imports only itself); the command line is above
+    everything (only ``catflap.cli`` and ``python -m catflap`` import it)."""
+    graph = import_graph()
+    wrong = [
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if (module.startswith("catflap.contract") and not target.startswith("catflap.contract"))
+        or (
+            target.startswith("catflap.cli")
+            and not module.startswith("catflap.cli")
+            and module != "catflap.__main__"
+        )
+    ]
+    assert not wrong, wrong

@@ -25,10 +25,9 @@ from catflap.api.deps import ApiDeps
 from catflap.auth.replay import ReplayStore
 from catflap.auth.sqlite_replay import SqliteReplayStore
 from catflap.auth.tokens import KeyRing
-from catflap.cli.startup import StartupError
 from catflap.config import CatflapConfig, token_keyring
 from catflap.contract import limits
-from catflap.contract.errors import CatflapMisuse
+from catflap.contract.errors import CatflapMisuse, StartupError
 from catflap.directory import AgentDirectory
 from catflap.gateway.admission import Admission
 from catflap.gateway.apiconnections import ApiConnections

@@ -16,9 +16,9 @@ import click
 from catflap.cli.exits import EXIT_CONFIG, EXIT_STARTUP, run_async
 from catflap.cli.flags import with_dashboard
 from catflap.cli.serve import dashboard_option, log_format_option, start_pruner
-from catflap.cli.startup import StartupError, listen_failure, raise_open_file_limit
+from catflap.cli.startup import listen_failure, raise_open_file_limit
 from catflap.config import CatflapConfig, load_config, token_keyring
-from catflap.contract.errors import ConfigError
+from catflap.contract.errors import ConfigError, StartupError
 from catflap.logs import LogFormat, configure_logging
 
 __all__ = ["agent_host", "gateway"]

@@ -18,9 +18,9 @@ import click
 
 from catflap.cli.exits import EXIT_CONFIG, EXIT_STARTUP, run_async
 from catflap.cli.flags import serve_config, with_api_docs, with_dashboard
-from catflap.cli.startup import StartupError, listen_failure, raise_open_file_limit
+from catflap.cli.startup import listen_failure, raise_open_file_limit
 from catflap.config import CatflapConfig, token_keyring
-from catflap.contract.errors import ConfigError
+from catflap.contract.errors import ConfigError, StartupError
 from catflap.logs import LOG_FORMATS, LogFormat, configure_logging
 
 __all__ = ["dashboard_option", "log_format_option", "serve", "start_pruner"]

@@ -9,7 +9,9 @@ import os
 import re
 import resource
 
-__all__ = ["StartupError", "listen_failure", "raise_open_file_limit"]
+from catflap.contract.errors import StartupError
+
+__all__ = ["listen_failure", "raise_open_file_limit"]
 
 log = logging.getLogger("catflap")
 
@@ -17,10 +19,6 @@ log = logging.getLogger("catflap")
 _OPEN_MAX_WHEN_UNLIMITED = 10240
 #: Both asyncio and uvloop name the address in the bind error: ``... address ('HOST', PORT...``.
 _ADDRESS_IN_MESSAGE = re.compile(r"\('([^']*)', (\d+)")
-
-
-class StartupError(Exception):
-    """catflap cannot start; the message says why and what to do (exit code EXIT_STARTUP)."""
 
 
 def raise_open_file_limit() -> int:

@@ -30,6 +30,7 @@
     │       ├── AgentNotReady         503 PCC-1001
     │       └── Draining              503 draining
     ├── ConfigError                   bad configuration; the CLI exits with EXIT_CONFIG
+    ├── StartupError                  cannot start (port taken, state dir); exits EXIT_STARTUP
     ├── CatflapMisuse                 a bug in catflap or its caller (also an AssertionError)
     │   ├── IllegalTransition         a relay event its state table has no row for (relaystate)
     │   └── SocketsLent               Python I/O on a socket the fast lane holds (relaystate)
@@ -75,6 +76,7 @@ __all__ = [
     "RequestTimeout",
     "RequestTooLarge",
     "ServiceUnavailable",
+    "StartupError",
     "TokenRejected",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -92,6 +94,10 @@ class CatflapError(Exception):
 
 class CatflapMisuse(CatflapError, AssertionError):
     """catflap or its caller broke an internal rule. Never the peer's fault."""
+
+
+class StartupError(CatflapError):
+    """catflap cannot start; the message says why and what to do (exit code EXIT_STARTUP)."""
 
 
 class ConfigError(CatflapError):
