@@ -27,7 +27,7 @@ from catflap.contract import limits
 from catflap.directory import AgentDirectory
 from catflap.gateway.httphead import HeadParser
 from catflap.metrics import CONTENT_TYPE, GatewayMetrics, MetricSources
-from catflap.pool.pool import SessionLease
+from catflap.pool.interface import SessionLease
 from catflap.sessions.recent import RecentRecords
 from catflap.sessions.record import SessionRecord
 from catflap.sessions.sqlite import SqliteSessionStore
@@ -67,7 +67,7 @@ def config(tmp_path: Path, **gateway: Any) -> CatflapConfig:
 
 @dataclass
 class FakePool:
-    """The :class:`~catflap.pool.pool.SessionPool` the API sees: capacity and stop only."""
+    """The :class:`~catflap.pool.interface.SessionPool` the API sees: capacity and stop only."""
 
     full: set[str] = field(default_factory=set)
     running: set[str] = field(default_factory=set)

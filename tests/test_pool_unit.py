@@ -31,6 +31,8 @@ from catflap.pool.launcher import LaunchedProcess
 from catflap.pool.pool import AgentPool, LocalPool
 from catflap.pool.supervisor import idle_surplus
 
+from .conftest import seconds
+
 AGENT = "echo.my-org"
 #: Loop turns a condition may take to come true: bounded, and no wall-clock time.
 _TURNS = 2000
@@ -541,11 +543,28 @@ async def test_a_malformed_event_is_a_logged_protocol_error_and_the_next_one_cou
         lease = await h.pool.acquire("s1")
         await runtime.send_raw(b'{"event":"session_started"}\n')  # no session_id
         await runtime.send_raw(b"not json\n")
-        await runtime.send_raw(b'{"event":"session_ended","session_id":"s1"}\n')
         await runtime.send({"event": "session_started", "session_id": "s1"})
         await until(lambda: lease.started, "the good event")
         assert instance.state is InstanceState.READY and not runtime.killed
         assert not lease.ended.done()
     errors = [r.getMessage() for r in caplog.records if "protocol error" in r.getMessage()]
-    assert len(errors) == 3
+    assert len(errors) == 2
     assert "session_id" in errors[0]
+
+
+async def test_a_malformed_session_end_replaces_the_instance_and_frees_the_slot_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its bot may still run, so the instance cannot be reused; waiting for the recorder's
+    deadline would hold the slot for the whole session budget."""
+    caplog.set_level(logging.ERROR, logger="catflap.pool")
+    async with running_pool(min_agents=1) as h:
+        instance, runtime = await h.ready_instance()
+        lease = await h.pool.acquire("s1")
+        await runtime.send({"event": "session_started", "session_id": "s1"})
+        await until(lambda: lease.started, "the start")
+        await runtime.send_raw(b'{"event":"session_ended","session_id":"s1"}\n')  # no status
+        await until(lambda: runtime.killed, "the kill")
+        end = await asyncio.wait_for(lease.ended, seconds(5))
+        assert end.status == "agent_crashed"
+    assert any("protocol error" in r.getMessage() for r in caplog.records)

@@ -139,6 +139,8 @@ async def build_gateway(
         StartupError: the token store in ``state_dir`` cannot be opened.
         CatflapMisuse: no pool given and no ``launch`` to make a local one.
     """
+    # The key ring first: a bad CATFLAP_TOKEN_KEYS must fail before any store is opened.
+    keyring = overrides.keyring if overrides.keyring is not None else token_keyring()[0]
     closers: list[Callable[[], Awaitable[None]]] = []
     if overrides.pool is not None:
         pool: ManagedPool = overrides.pool
@@ -160,7 +162,6 @@ async def build_gateway(
             raise
         closers.insert(0, own_replay.close)  # closed before the store, as it always was
         replay = own_replay
-    keyring = overrides.keyring if overrides.keyring is not None else token_keyring()[0]
     return _wire(
         config,
         pool=pool,

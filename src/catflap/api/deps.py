@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from catflap.config import CatflapConfig
     from catflap.directory import AgentDirectory
     from catflap.metrics import GatewayMetrics, RelayTraffic
-    from catflap.pool.pool import SessionPool
+    from catflap.pool.interface import SessionPool
     from catflap.sessions.recent import RecentRecords
     from catflap.sessions.store import SessionStore
 

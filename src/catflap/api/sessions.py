@@ -42,7 +42,7 @@ from catflap.sessions.record import SessionRecord
 
 if TYPE_CHECKING:
     from catflap.directory import AgentDirectory
-    from catflap.pool.pool import SessionPool
+    from catflap.pool.interface import SessionPool
     from catflap.sessions.recent import RecentRecords
     from catflap.sessions.store import SessionStore
 

@@ -1,6 +1,6 @@
 """The gateway's pool in cluster mode: reserve slots on instances registered in Redis.
 
-:class:`RedisPool` implements :class:`~catflap.pool.pool.SessionPool`. Its one Redis round
+:class:`RedisPool` implements :class:`~catflap.pool.interface.SessionPool`. Its one Redis round
 trip per handshake is :data:`DISPATCH_LUA`, which prunes dead instances and expired
 reservations, then reserves a slot on the first instance with room, starting at a random
 offset so that load spreads across hosts. Lua runs atomically, so no two gateways can take
@@ -26,7 +26,7 @@ from catflap.cluster.keys import HEARTBEAT_TTL_S, RESERVATION_TTL_S, Keys
 from catflap.config import AgentSpec
 from catflap.contract.errors import AgentNotFound, AtCapacity, ServiceUnavailable
 from catflap.pool.instance import SessionEnd
-from catflap.pool.pool import SessionLease
+from catflap.pool.interface import SessionLease
 from catflap.tasks import TaskSet
 
 __all__ = ["DISPATCH_LUA", "ClusterLease", "RedisPool"]

@@ -136,6 +136,12 @@ _Message = TypeVar("_Message")
 class ControlProtocolError(CatflapError, ValueError):
     """The peer sent a line that is not a valid message (or one longer than the limit)."""
 
+    def __init__(self, message: str, *, kind: str | None = None) -> None:
+        super().__init__(message)
+        #: The ``event``/``command`` the bad message named, when it was an object naming one:
+        #: a receiver may treat a broken report of some kinds more strictly than others.
+        self.kind = kind
+
 
 class ControlChannel:
     """Line-delimited JSON over an already-connected stream socket; used by both ends.
@@ -241,4 +247,8 @@ def _validated(adapter: TypeAdapter[_Message], msg: dict[str, Any]) -> _Message:
         errors = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}" for e in exc.errors()
         )
-        raise ControlProtocolError(f"bad control message ({errors}): {str(msg)[:200]}") from None
+        named = msg.get("event", msg.get("command"))
+        raise ControlProtocolError(
+            f"bad control message ({errors}): {str(msg)[:200]}",
+            kind=named if isinstance(named, str) else None,
+        ) from None

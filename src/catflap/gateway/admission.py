@@ -17,7 +17,7 @@ from catflap.gateway.dispatch import Delivery, connect_agent
 from catflap.gateway.sessionlog import accepted_log
 from catflap.gateway.upgrade import UpgradeAccepted
 from catflap.gateway.upstream import UpstreamReply
-from catflap.pool.pool import SessionLease, SessionPool
+from catflap.pool.interface import SessionLease, SessionPool
 
 __all__ = ["Admission"]
 

@@ -16,7 +16,7 @@ from catflap.contract.errors import CatflapMisuse, ServiceUnavailable
 from catflap.gateway.sessionlog import accepted_log
 from catflap.gateway.upgrade import UpgradeAccepted
 from catflap.gateway.upstream import AgentSilent, UpstreamReply, open_upstream
-from catflap.pool.pool import SessionLease, SessionPool
+from catflap.pool.interface import SessionLease, SessionPool
 
 __all__ = ["Delivery", "connect_agent"]
 

@@ -9,6 +9,7 @@ listening, then stop the pool. What it serves is wired by :func:`catflap.compose
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
@@ -16,6 +17,7 @@ from typing import Protocol
 from catflap.api.metrics import MetricsListener
 from catflap.auth.replay import ReplayStore
 from catflap.config import CatflapConfig
+from catflap.contract import limits
 from catflap.contract.closecodes import CloseCode
 from catflap.gateway import fastlane
 from catflap.gateway.apiconnections import ApiConnections
@@ -24,7 +26,7 @@ from catflap.gateway.relay import Relay
 from catflap.gateway.relaying import LiveRelays
 from catflap.gateway.timings import Timings
 from catflap.metrics import GatewayMetrics
-from catflap.pool.pool import SessionPool
+from catflap.pool.interface import SessionPool
 from catflap.sessions.recent import RecentRecords
 from catflap.sessions.store import SessionStore
 from catflap.tasks import TaskSet
@@ -198,7 +200,11 @@ class Gateway:
         if running := self._tasks.running():
             # Closed sessions still record themselves once their bot has ended.
             await asyncio.wait(running, timeout=self.timings.close_wait + 5)
-        await self._tasks.aclose()
+        # Cancelled sessions unwind (a token given back, a lease cancelled); bounded, so a store
+        # or Redis that stopped answering cannot hold the exit.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limits.CLOSE_WAIT_S):
+                await self._tasks.aclose()
         if self._relays.lane is not None:
             self._relays.lane.close()
         if self.metrics_listener is not None:

@@ -22,7 +22,7 @@ from catflap.gateway.upgrade import UpgradeAccepted
 from catflap.logs import SessionLog, session_log
 from catflap.metrics import GatewayMetrics
 from catflap.pool.instance import SessionEnd
-from catflap.pool.pool import SessionLease, SessionPool
+from catflap.pool.interface import SessionLease, SessionPool
 from catflap.sessions.recent import RecentRecords
 from catflap.sessions.record import RelayStats, SessionRecord
 from catflap.sessions.store import SessionStore

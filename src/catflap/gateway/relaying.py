@@ -16,7 +16,7 @@ from catflap.gateway.recorder import Recorder
 from catflap.gateway.relay import Relay
 from catflap.gateway.upgrade import UpgradeAccepted
 from catflap.gateway.upstream import UpstreamReply
-from catflap.pool.pool import SessionLease
+from catflap.pool.interface import SessionLease
 
 if TYPE_CHECKING:
     from catflap.gateway.front import GatewayConnection

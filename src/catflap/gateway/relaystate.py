@@ -29,10 +29,13 @@ An event with no row in the current state is a catflap bug (:class:`IllegalTrans
 at ERROR and the state stays where it was, because raising would be worse: events fire from
 protocol callbacks and timers (``connection_lost``, the slow-peer timer), where an exception
 skips the rest of the relay's bookkeeping and can leave the session's ``done`` future unset
-forever, holding a connection slot and the bot's lease. Carrying on is the safe failure: the
-relay still acts as its code says, and it resolves ``done`` when both legs have closed, which it
-reads from the legs, not from the state. The one exception is :class:`SocketsLent`, raised in
-production too: the alternative is a corrupted stream.
+forever, holding a connection slot and the bot's lease. Carrying on is the safer failure: the
+relay resolves ``done`` when both legs have closed, which it reads from the legs, not from the
+state, so the session still ends and is recorded. What a missed row can still get wrong is a
+decision read from the state (re-entering the lane, whether the session is ending); the
+suite runs every in-process relay strict so that such a row is found in tests. The one
+exception is :class:`SocketsLent`, raised in production too: the alternative is a corrupted
+stream.
 """
 
 from __future__ import annotations

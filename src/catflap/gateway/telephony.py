@@ -44,7 +44,7 @@ from catflap.gateway.steps import SessionSteps
 from catflap.gateway.upgrade import UpgradeAccepted, resolve_agent
 from catflap.gateway.upstream import build_upstream_request
 from catflap.gateway.waiting import ClientLeft, while_client_waits
-from catflap.pool.pool import SessionLease
+from catflap.pool.interface import SessionLease
 
 if TYPE_CHECKING:
     from catflap.gateway.front import GatewayConnection

@@ -1,7 +1,7 @@
-"""The warm pool's public face: the interface the gateway uses and the pools behind it.
+"""The pools on this machine: one agent's instances (:class:`AgentPool`), and all of them.
 
-:class:`SessionPool` is the small interface the gateway uses, so that a Redis-backed pool for
-many gateways can stand in for :class:`LocalPool`. An :class:`AgentPool` is one agent's
+:class:`LocalPool` implements :class:`~catflap.pool.interface.SessionPool`, the interface the
+gateway uses (the cluster's ``RedisPool`` is the other). An :class:`AgentPool` is one agent's
 instances: it composes slot accounting (:mod:`catflap.pool.slots`: reservations, releases, the
 429 and 503 decisions) with supervision (:mod:`catflap.pool.supervisor`: launch, ping, backoff,
 reap). ``acquire()`` reserves a slot on a ready instance with room; with none, it cold-starts a
@@ -14,60 +14,19 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterable
-from typing import Protocol
 
 from catflap.config import AgentSpec, ScalingConfig
 from catflap.contract import limits
 from catflap.contract.errors import AgentNotFound, AgentNotReady
 from catflap.pool.clock import Clock, Sleep, done_within
-from catflap.pool.instance import Instance, InstanceState, Lease, SessionEnd
+from catflap.pool.instance import Instance, InstanceState, Lease
+from catflap.pool.interface import SessionLease
 from catflap.pool.launcher import Launcher
 from catflap.pool.observer import PoolObserver
 from catflap.pool.slots import AgentSlots
 from catflap.pool.supervisor import Supervisor, Timing
 
-__all__ = ["AgentPool", "LocalPool", "SessionLease", "SessionPool"]
-
-
-class SessionLease(Protocol):
-    """A reserved slot, as the gateway sees it (local or cluster-wide)."""
-
-    session_id: str
-    cold_start: bool
-    #: Resolves when ``bot()`` has really ended (or the instance died).
-    ended: asyncio.Future[SessionEnd]
-
-    @property
-    def address(self) -> str: ...
-
-    @property
-    def instance_label(self) -> str: ...
-
-    @property
-    def instance_key(self) -> str:
-        """Identifies the instance, for ``acquire(avoid=...)``."""
-        ...
-
-
-class SessionPool(Protocol):
-    """What the gateway needs from a pool."""
-
-    async def at_capacity(self, agent_key: str) -> bool: ...
-
-    async def acquire(
-        self, agent_key: str, session_id: str, *, avoid: frozenset[str] = frozenset()
-    ) -> SessionLease:
-        """Reserve a slot, not on the instances named in ``avoid`` (a retry after a failure)."""
-        ...
-
-    def cancel(self, lease: SessionLease) -> None: ...
-
-    def abandon(self, lease: SessionLease, problem: str) -> None:
-        """The runtime never reported the end of this session: stop counting on it. A local
-        pool replaces the instance (a bot may still run in it)."""
-        ...
-
-    async def stop_session(self, session_id: str) -> bool: ...
+__all__ = ["AgentPool", "LocalPool"]
 
 
 class AgentPool:
@@ -87,7 +46,6 @@ class AgentPool:
     ) -> None:
         self.agent = agent
         #: Set by an agent host when the cluster refused an instance (cluster max_agents).
-        self.min_override: int | None = None
         self._ready_timeout = ready_timeout
         self._sleep = sleep
         self.slots = AgentSlots(agent, clock=clock, observer=observer)
@@ -112,18 +70,14 @@ class AgentPool:
 
     @property
     def min_agents(self) -> int:
-        """Instances kept warm: ``min_agents``, unless an agent host lowered it."""
-        return self.scaling.min_agents if self.min_override is None else self.min_override
+        """Instances kept warm."""
+        return self.scaling.min_agents
 
     @property
     def instances(self) -> dict[int, Instance]:
         return self.slots.instances
 
     def live(self) -> list[Instance]:
-        return self.slots.live()
-
-    def counting(self) -> list[Instance]:
-        """Instances that count against ``max_agents``: all but the dead."""
         return self.slots.live()
 
     def at_capacity(self) -> bool:

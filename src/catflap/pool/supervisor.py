@@ -250,6 +250,12 @@ class Supervisor:
                         instance.pid,
                         exc,
                     )
+                    if exc.kind == "session_ended":
+                        # A session's end we cannot read: whether its bot still runs is
+                        # unknown, so the slot cannot be reused. Replace the instance; its
+                        # sessions end as agent_crashed and their slots come back now, not at
+                        # the recorder's deadline.
+                        self.kill(instance, "its report of a session's end was malformed")
                     continue
                 if event is None:
                     return error

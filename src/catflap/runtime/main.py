@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         code = agent.main(args=argv, prog_name=_PROG_NAME, standalone_mode=False)
     except click.ClickException as exc:
         exc.show()
-        return exc.exit_code
+        return EXIT_CONFIG
     except click.Abort as exc:
         # click turns the KeyboardInterrupt of SIGINT into Abort; the caller expects the former.
         raise KeyboardInterrupt from exc

@@ -1,0 +1,55 @@
+"""The pool as the gateway sees it: a slot per session, local or cluster-wide.
+
+:class:`SessionPool` is all the gateway needs from a pool, so that the cluster's Redis-backed
+pool stands in for :class:`~catflap.pool.pool.LocalPool` and the gateway imports neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from catflap.pool.instance import SessionEnd
+
+__all__ = ["SessionLease", "SessionPool"]
+
+
+class SessionLease(Protocol):
+    """A reserved slot, as the gateway sees it (local or cluster-wide)."""
+
+    session_id: str
+    cold_start: bool
+    #: Resolves when ``bot()`` has really ended (or the instance died).
+    ended: asyncio.Future[SessionEnd]
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def instance_label(self) -> str: ...
+
+    @property
+    def instance_key(self) -> str:
+        """Identifies the instance, for ``acquire(avoid=...)``."""
+        ...
+
+
+class SessionPool(Protocol):
+    """What the gateway needs from a pool."""
+
+    async def at_capacity(self, agent_key: str) -> bool: ...
+
+    async def acquire(
+        self, agent_key: str, session_id: str, *, avoid: frozenset[str] = frozenset()
+    ) -> SessionLease:
+        """Reserve a slot, not on the instances named in ``avoid`` (a retry after a failure)."""
+        ...
+
+    def cancel(self, lease: SessionLease) -> None: ...
+
+    def abandon(self, lease: SessionLease, problem: str) -> None:
+        """The runtime never reported the end of this session: stop counting on it. A local
+        pool replaces the instance (a bot may still run in it)."""
+        ...
+
+    async def stop_session(self, session_id: str) -> bool: ...
