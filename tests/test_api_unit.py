@@ -16,11 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
+from catflap.gateway.metricslistener import MetricsListener
 from pydantic import SecretStr
 
 from catflap.api.app import create_api
 from catflap.api.deps import ApiDeps
-from catflap.api.metrics import MetricsListener
 from catflap.auth.tokens import verify_token
 from catflap.config import CatflapConfig
 from catflap.contract import limits

@@ -14,7 +14,6 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from catflap.api.metrics import MetricsListener
 from catflap.auth.replay import ReplayStore
 from catflap.config import CatflapConfig
 from catflap.contract import limits
@@ -22,6 +21,7 @@ from catflap.contract.closecodes import CloseCode
 from catflap.gateway import fastlane
 from catflap.gateway.apiconnections import ApiConnections
 from catflap.gateway.front import Front
+from catflap.gateway.metricslistener import MetricsListener
 from catflap.gateway.relay import Relay
 from catflap.gateway.relaying import LiveRelays
 from catflap.gateway.timings import Timings
