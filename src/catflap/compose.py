@@ -31,6 +31,7 @@ from catflap.contract.errors import CatflapMisuse, StartupError
 from catflap.directory import AgentDirectory
 from catflap.gateway.admission import Admission
 from catflap.gateway.apiconnections import ApiConnections
+from catflap.gateway.botsession import BotSessions
 from catflap.gateway.front import Front, FrontRoutes, GatewayConnection
 from catflap.gateway.httphead import RequestHead
 from catflap.gateway.listener import DrainState, Gateway, ManagedPool
@@ -200,6 +201,15 @@ def _wire(
         )
     )
     refusals = Refusals(metrics)
+    recorder = Recorder(
+        sessions=sessions,
+        store=store,
+        metrics=metrics,
+        pool=pool,
+        clock=clock,
+        spawn=tasks.spawn,
+        lease_end_timeout=timings.lease_end,
+    )
     api_deps = ApiDeps(
         config=config,
         agents=directory,
@@ -211,6 +221,12 @@ def _wire(
         metrics=metrics,
         draining=drain,
         relays=relays.live,
+        bot_sessions=BotSessions(
+            pool=pool,
+            recorder=recorder,
+            spawn=tasks.spawn,
+            accept_timeout=timings.upstream_handshake,
+        ),
     )
     api = ApiConnections(lambda: _control_api(api_deps), on_refusal=refusals.count)
     steps = SessionSteps(
@@ -226,15 +242,7 @@ def _wire(
         ),
         refusals=refusals,
         relays=relays,
-        recorder=Recorder(
-            sessions=sessions,
-            store=store,
-            metrics=metrics,
-            pool=pool,
-            clock=clock,
-            spawn=tasks.spawn,
-            lease_end_timeout=timings.lease_end,
-        ),
+        recorder=recorder,
         provider_handshake_timeout=timings.provider_handshake,
     )
 

@@ -38,18 +38,21 @@ from catflap.contract.errors import (
     AtCapacity,
     BadRequest,
     BodyNotAllowed,
+    Draining,
     InternalError,
     InvalidBody,
     MethodNotAllowed,
     NotFound,
     RequestRejected,
     RequestTooLarge,
+    ServiceUnavailable,
     Unauthorized,
     UnsupportedMediaType,
     UnsupportedTransport,
     UpgradeRequired,
     error_body,
 )
+from catflap.gateway.botsession import encode_bot_body
 
 if TYPE_CHECKING:
     from catflap.api.deps import ApiDeps
@@ -70,7 +73,8 @@ class StartRequest(BaseModel):
 
 class StartResponse(BaseModel):
     sessionId: str  # noqa: N815 - PCC's wire name
-    wsUrl: str  # noqa: N815
+    #: WebSocket and telephony transports only: a session without a transport has no URL.
+    wsUrl: str | None = None  # noqa: N815
     token: str | None = None
     body: str | None = None
     #: Telephony transports: the ``agent.org`` to put in Twilio's
@@ -184,12 +188,16 @@ def create_api(deps: ApiDeps) -> FastAPI:
         "/v1/public/{agent}/start",
         response_model=StartResponse,
         response_model_exclude_none=True,
-        responses=error_responses(400, 401, 404, 413, 415, 429),
+        responses=error_responses(400, 401, 404, 413, 415, 429, 503),
     )
     async def start(agent: str, request: Request) -> dict[str, Any]:
-        """Start a session: mint the WebSocket URL (and token) a client connects with.
+        """Start a session.
 
-        No bot starts here; it starts when the client connects to ``wsUrl``.
+        With ``transport`` ``websocket`` or a telephony provider: mint the WebSocket URL (and
+        token) a client connects with; the bot starts when the client connects to ``wsUrl``.
+        With no ``transport`` (and no ``createDailyRoom``), as Pipecat Cloud's SDK sends it:
+        start the bot now through the runtime's ``POST /bot`` and answer ``{"sessionId"}``
+        once it runs (:mod:`catflap.gateway.botsession`).
         """
         key = bearer_credentials(request.headers.get("authorization"))
         org = deps.agents.org_for_public_key(key) if key else None
@@ -205,6 +213,13 @@ def create_api(deps: ApiDeps) -> FastAPI:
         except ValidationError as exc:
             raise BadRequest(f"invalid request: {exc.errors()[0]['msg']}") from None
         transport = payload.transport
+        if transport is None and not payload.createDailyRoom:
+            if deps.draining():
+                raise Draining("the gateway is shutting down; start the session again")
+            body = encode_bot_body(payload.body)
+            if deps.bot_sessions is None:
+                raise ServiceUnavailable("this API starts no sessions without a transport")
+            return {"sessionId": await deps.bot_sessions.start(spec, body)}
         if transport != "websocket" and transport not in TELEPHONY_TRANSPORTS:
             choices = ", ".join(["websocket", *TELEPHONY_TRANSPORTS])
             raise UnsupportedTransport(

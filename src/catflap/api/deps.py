@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from catflap.auth.tokens import KeyRing
     from catflap.config import CatflapConfig
     from catflap.directory import AgentDirectory
+    from catflap.gateway.botsession import BotSessions
     from catflap.metrics import GatewayMetrics, RelayTraffic
     from catflap.pool.interface import SessionPool
     from catflap.sessions.recent import RecentRecords
@@ -43,3 +44,6 @@ class ApiDeps:
     draining: Callable[[], bool]
     #: Live relays by session id.
     relays: Mapping[str, RelayTraffic]
+    #: Starts sessions without a transport (``POST /bot`` on an instance). None (an API built
+    #: from parts, in a test): such a ``/start`` is refused with 503.
+    bot_sessions: BotSessions | None = None

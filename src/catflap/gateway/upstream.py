@@ -26,6 +26,7 @@ __all__ = [
     "UpstreamReply",
     "build_upstream_request",
     "check_forwardable",
+    "connect_instance",
     "open_upstream",
     "response_status",
 ]
@@ -197,6 +198,29 @@ class ResponseHeadReader(asyncio.Protocol):
             )
 
 
+async def connect_instance(address: str, protocol: asyncio.Protocol) -> asyncio.Transport:
+    """Open a connection to an instance, served by ``protocol`` (the caller bounds the wait).
+
+    Args:
+        address: ``unix:/path`` or ``tcp:host:port``, as the runtime reported it.
+
+    Raises:
+        OSError: the instance could not be reached.
+    """
+    loop = asyncio.get_running_loop()
+    kind, _, where = address.partition(":")
+    if kind == "unix":
+        transport, _ = await loop.create_unix_connection(lambda: protocol, where)
+    else:
+        host, _, port = where.rpartition(":")
+        transport, _ = await loop.create_connection(lambda: protocol, host, int(port))
+    sock = transport.get_extra_info("socket")
+    if kind == "tcp" and sock is not None:
+        # Agent hosts on other machines: notice a dead path even when no byte flows.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    return transport
+
+
 # One bound covers connect and response head, so the caller passes it in.
 async def open_upstream(
     address: str,
@@ -215,21 +239,11 @@ async def open_upstream(
         AgentSilent: 503, connected, but no answer to the upgrade in time.
         ServiceUnavailable: 503, the instance could not be reached.
     """
-    loop = asyncio.get_running_loop()
-    protocol = ResponseHeadReader(loop)
-    kind, _, where = address.partition(":")
+    protocol = ResponseHeadReader(asyncio.get_running_loop())
     connected = False
     try:
         async with asyncio.timeout(timeout):
-            if kind == "unix":
-                transport, _ = await loop.create_unix_connection(lambda: protocol, where)
-            else:
-                host, _, port = where.rpartition(":")
-                transport, _ = await loop.create_connection(lambda: protocol, host, int(port))
-            sock = transport.get_extra_info("socket")
-            if kind == "tcp" and sock is not None:
-                # Agent hosts on other machines: notice a dead path even when no byte flows.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            transport = await connect_instance(address, protocol)
             transport.write(request)
             connected = True
             if on_sent is not None:
