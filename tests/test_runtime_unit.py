@@ -18,10 +18,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from starlette.types import Message
 
 import catflap.runtime.session as session_module
-from catflap.contract import headers
+from catflap.contract import headers, limits
 from catflap.contract.control import (
     ChildEvent,
     ControlChannel,
@@ -29,7 +30,8 @@ from catflap.contract.control import (
     ParentCommand,
 )
 from catflap.logs import SessionContext
-from catflap.runtime.app import create_app
+from catflap.runtime.app import RESERVED_PATHS, ReservedRouteError, check_bot_routes, create_app
+from catflap.runtime.args import PipecatSessionArguments
 from catflap.runtime.botloader import LoadedBot
 from catflap.runtime.control_loop import ControlLoop
 from catflap.runtime.metrics import RuntimeMetrics
@@ -138,8 +140,9 @@ class Runtime:
             capture=FakeCapture(self.log),  # type: ignore[arg-type]
             clock=self.time.clock,
             sleep=self.time.sleep,
+            max_sessions=hooks.get("max_sessions"),
         )
-        self.app = create_app(self.sessions)
+        self.app = create_app(self.sessions, hooks.get("app"))
 
     async def emit(self, event: ChildEvent) -> None:
         self.log.append(f"event {event['event']}")
@@ -534,6 +537,218 @@ async def test_metrics_are_served_in_prometheus_text_format() -> None:
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     assert 'catflap_runtime_sessions_active{agent="my-agent.my-org"} 0.0' in response.text
+
+
+# --- POST /bot ------------------------------------------------------------------------------------
+
+
+class BotRecorder:
+    """A ``/bot`` bot: records what it was given, then runs until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.args: list[Any] = []
+        self.release = asyncio.Event()
+        self.running = asyncio.Event()
+
+    async def __call__(self, args: Any) -> None:
+        self.args.append(args)
+        self.running.set()
+        await self.release.wait()
+
+
+def bot_headers(session_id: str | None = "b-1", **extra: str) -> dict[str, str]:
+    named = {} if session_id is None else {headers.SESSION_ID_HEADER: session_id}
+    return {**named, **extra}
+
+
+def post_bot(
+    runtime: Runtime, request_headers: dict[str, str], content: bytes = b""
+) -> asyncio.Task[httpx.Response]:
+    """``POST /bot`` in memory, as a task: the answer comes when the session ends."""
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=runtime.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://agent") as http:
+            return await http.post("/bot", content=content, headers=request_headers)
+
+    return asyncio.create_task(post())
+
+
+async def test_bot_request_runs_a_pipecat_session_and_answers_when_bot_returns() -> None:
+    bot = BotRecorder()
+    runtime = Runtime(bot)
+    answer = post_bot(runtime, bot_headers(), b'{"k": [1, "\\u00ff"]}')
+    assert await runtime.event() == {"event": "session_started", "session_id": "b-1"}
+    await bounded(bot.running.wait())
+    (args,) = bot.args
+    # pipecatcloud's class when installed, else pipecat's, else catflap's own.
+    assert type(args).__name__ in {"PipecatSessionArguments", "RunnerArguments"}
+    assert (args.session_id, args.body) == ("b-1", {"k": [1, "\u00ff"]})
+    assert (args.handle_sigint, args.handle_sigterm) == (False, False)
+    assert not answer.done()  # held for the session's life
+    runtime.time.advance(3.0)
+    bot.release.set()
+    response = await bounded(answer)
+    assert (response.status_code, response.json()) == (
+        200,
+        {"sessionId": "b-1", "status": "completed"},
+    )
+    assert await runtime.event() == ended("b-1", "completed", bot_seconds=3.0)
+    assert runtime.metric("catflap_runtime_sessions_ended_total", status="completed") == 1
+
+
+async def test_bot_request_with_daily_headers_gets_daily_session_arguments() -> None:
+    bot = BotRecorder()
+    runtime = Runtime(bot)
+    daily = {"x-daily-room-url": "https://x.daily.co/r", "x-daily-room-token": "t"}
+    answer = post_bot(runtime, bot_headers("d-1", **daily), b"null")
+    await bounded(bot.running.wait())
+    (args,) = bot.args
+    assert type(args).__name__ in {"DailySessionArguments", "DailyRunnerArguments"}
+    assert (args.session_id, args.body, args.room_url, args.token) == (
+        "d-1",
+        None,
+        "https://x.daily.co/r",
+        "t",
+    )
+    bot.release.set()
+    assert (await bounded(answer)).json()["status"] == "completed"
+
+
+async def test_bot_request_with_an_empty_body_gives_the_bot_none() -> None:
+    bot = BotRecorder()
+    bot.release.set()
+    runtime = Runtime(bot)
+    assert (await bounded(post_bot(runtime, bot_headers()))).status_code == 200
+    assert bot.args[0].body is None
+
+
+async def test_bot_request_budget_ends_it_as_time_limit() -> None:
+    runtime = Runtime(BotRecorder())
+    answer = post_bot(runtime, bot_headers(**{headers.MAX_SESSION_SECONDS_HEADER: "30"}))
+    await runtime.event()
+    await bounded(_until(lambda: runtime.time.pending() == [30.0]))
+    runtime.time.advance(30.0)
+    assert (await bounded(answer)).json() == {"sessionId": "b-1", "status": "time_limit"}
+    assert await runtime.event() == ended("b-1", "time_limit", bot_seconds=30.0)
+
+
+async def test_bot_request_stopped_answers_stopped() -> None:
+    runtime = Runtime(BotRecorder())
+    answer = post_bot(runtime, bot_headers())
+    await runtime.event()
+    assert runtime.running.stop("b-1")
+    assert (await bounded(answer)).json() == {"sessionId": "b-1", "status": "stopped"}
+    assert (await runtime.event())["status"] == "stopped"  # type: ignore[typeddict-item]
+
+
+async def test_bot_request_whose_bot_raises_answers_bot_error() -> None:
+    async def broken(args: Any) -> None:
+        raise ValueError("no")
+
+    runtime = Runtime(broken)
+    response = await bounded(post_bot(runtime, bot_headers()))
+    assert response.json() == {"sessionId": "b-1", "status": "bot_error"}
+    await runtime.event()
+    assert await runtime.event() == ended("b-1", "bot_error", error="ValueError: no")
+
+
+def json_string_of(size: int) -> bytes:
+    """A JSON document of exactly ``size`` bytes."""
+    return b'"' + b"a" * (size - 2) + b'"'
+
+
+async def test_bot_body_up_to_the_limit_is_accepted_and_one_byte_more_is_413() -> None:
+    bot = BotRecorder()
+    bot.release.set()
+    runtime = Runtime(bot)
+    at_limit = json_string_of(limits.BOT_BODY_MAX_BYTES)
+    assert (await bounded(post_bot(runtime, bot_headers(), at_limit))).status_code == 200
+    over = await bounded(
+        post_bot(runtime, bot_headers(), json_string_of(limits.BOT_BODY_MAX_BYTES + 1))
+    )
+    assert over.status_code == 413
+    assert over.json()["code"] == "body_too_large"
+    assert len(bot.args) == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "request_headers", "status", "code"),
+    [
+        (b"{}", bot_headers(None), 400, "missing_session_id"),
+        (b"{nope", bot_headers(), 400, "invalid_body"),
+        (b'{"n": NaN}', bot_headers(), 400, "invalid_body"),
+        (b"\xff", bot_headers(), 400, "invalid_body"),
+    ],
+    ids=["no-session-id", "bad-json", "nan", "not-utf8"],
+)
+async def test_bad_bot_requests_are_refused_before_any_session(
+    content: bytes, request_headers: dict[str, str], status: int, code: str
+) -> None:
+    runtime = Runtime(BotRecorder())
+    response = await bounded(post_bot(runtime, request_headers, content))
+    assert response.status_code == status
+    assert response.json()["code"] == code
+    assert set(response.json()) == {"error", "code"}
+    assert runtime.events.empty()
+
+
+async def test_bot_request_with_a_running_id_is_409_and_a_full_or_closing_runtime_503() -> None:
+    runtime = Runtime(BotRecorder(), max_sessions=1)
+    first = post_bot(runtime, bot_headers("one"))
+    await runtime.event()
+    duplicate = await bounded(post_bot(runtime, bot_headers("one")))
+    assert (duplicate.status_code, duplicate.json()["code"]) == (409, "session_already_running")
+    full = await bounded(post_bot(runtime, bot_headers("two")))
+    assert (full.status_code, full.json()["code"]) == (503, "instance_full")
+    runtime.running.refuse_new()
+    runtime.running.stop("one")
+    await bounded(first)
+    closing = await bounded(post_bot(runtime, bot_headers("three")))
+    assert (closing.status_code, closing.json()["code"]) == (503, "draining")
+    assert "retry-after" in closing.headers
+
+
+# --- Bot routes on the runtime's app (pipecatcloud_system) ----------------------------------------
+
+
+async def test_routes_a_bot_adds_are_served_after_the_runtimes_own() -> None:
+    bot_app = FastAPI()
+
+    @bot_app.get("/status")
+    async def status() -> dict[str, str]:
+        return {"bot": "up"}
+
+    @bot_app.get("/{anything:path}")
+    async def catch_all(anything: str) -> dict[str, str]:
+        return {"caught": anything}
+
+    runtime = Runtime(echo, app=bot_app)
+    assert runtime.app is bot_app
+    assert (await http_get(runtime, "/status")).json() == {"bot": "up"}
+    # A catch-all of the bot's does not shadow the runtime's routes.
+    assert (await http_get(runtime, "/livez")).json() == {"status": "ok"}
+    assert (await http_get(runtime, "/elsewhere")).json() == {"caught": "elsewhere"}
+
+
+@pytest.mark.parametrize("path", RESERVED_PATHS)
+def test_a_bot_route_on_a_reserved_path_is_refused_naming_it(path: str) -> None:
+    bot_app = FastAPI()
+    bot_app.add_api_route(path, lambda: None, methods=["GET"])
+    with pytest.raises(ReservedRouteError, match=f"declares {path} on pipecatcloud_system.app"):
+        check_bot_routes(bot_app)
+
+
+def test_pipecatcloud_system_outside_a_runtime_is_an_app_nobody_serves() -> None:
+    import pipecatcloud_system
+
+    assert isinstance(pipecatcloud_system.app, FastAPI)
+    assert "not" in (pipecatcloud_system.__doc__ or "")  # documented as unserved
+
+
+def test_own_pipecat_session_arguments_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        PipecatSessionArguments("s")  # type: ignore[call-arg]
 
 
 # --- The control loop -----------------------------------------------------------------------------

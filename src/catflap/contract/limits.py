@@ -14,6 +14,7 @@ __all__ = [
     "API_OFFSET_MAX",
     "BODY_MAX_BYTES",
     "BODY_MAX_ENCODED_CHARS",
+    "BOT_BODY_MAX_BYTES",
     "BOT_CANCEL_GRACE_S",
     "CLOSE_REASON_MAX_BYTES",
     "CLOSE_WAIT_S",
@@ -98,6 +99,10 @@ BODY_MAX_BYTES = 4096
 #: characters, and percent-encoding can triple that. Longer values are refused with 413
 #: without decoding them.
 BODY_MAX_ENCODED_CHARS = 5464 * 3
+#: A ``POST /bot`` body (the session's ``body`` JSON, sessions without a WebSocket): PCC's cap
+#: for its Daily and WebRTC sessions is "1 MB", whose body rides in a request body rather than
+#: the upgrade URL. Larger bodies get 413 ``body_too_large``.
+BOT_BODY_MAX_BYTES = 1_000_000
 
 # --- HTTP request heads (gateway) ----------------------------------------------------------
 
@@ -308,6 +313,7 @@ PEER_INPUT_LIMITS: frozenset[str] = frozenset(
         "BODY_MAX_ENCODED_CHARS",
         "CLOSE_WAIT_S",
         "CONTROL_FRAME_MAX_PAYLOAD_BYTES",
+        "BOT_BODY_MAX_BYTES",
         "FRAME_SCANNER_PARTIAL_MAX_BYTES",
         "KEEPALIVE_IDLE_TIMEOUT_S",
         "LINGERING_CLOSE_MAX_BYTES",

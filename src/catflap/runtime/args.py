@@ -1,14 +1,20 @@
-"""The session-arguments object that ``bot(args)`` receives for a WebSocket session, and the
-decoding of its ``body`` from ``?body=``.
+"""The session-arguments object that ``bot(args)`` receives, one class per kind of session,
+and the decoding of a WebSocket session's ``body`` from ``?body=``.
 
 Bots check it with ``isinstance`` (``create_transport`` does), so the runtime hands over the most
 specific class that is installed, in this order:
 
-1. ``pipecatcloud.agent.WebSocketSessionArguments``: what PCC's base image passes. It subclasses
-   pipecat's ``WebSocketRunnerArguments``, so it passes every pipecat check too.
-2. ``pipecat.runner.types.WebSocketRunnerArguments``: pipecat without the PCC SDK.
-3. catflap's own :class:`WebSocketSessionArguments`: neither is installed (plain bots that only
-   use ``args.websocket``, ``args.session_id`` and ``args.body``).
+=========  =============================  ============================  =======================
+kind       1. ``pipecatcloud.agent``      2. ``pipecat.runner.types``   3. catflap's own
+=========  =============================  ============================  =======================
+websocket  ``WebSocketSessionArguments``  ``WebSocketRunnerArguments``  same names, this module
+pipecat    ``PipecatSessionArguments``    ``RunnerArguments``           same names, this module
+daily      ``DailySessionArguments``      ``DailyRunnerArguments``      same names, this module
+=========  =============================  ============================  =======================
+
+``websocket`` is a ``/ws`` session; ``pipecat`` and ``daily`` are ``POST /bot`` sessions, the
+latter when the request names a Daily room. The SDK's classes subclass pipecat's, so they pass
+every pipecat check too; catflap's own serve plain bots when neither package is installed.
 
 Objects are built with keywords only: in pipecat >= 1.2 the field order of the SDK classes
 differs from their declaration order, and keywords are what the base image uses.
@@ -18,30 +24,36 @@ from __future__ import annotations
 
 import base64
 import binascii
+import importlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from starlette.websockets import WebSocket
 
 __all__ = [
+    "DailyRoom",
+    "DailySessionArguments",
+    "PipecatSessionArguments",
+    "SessionKind",
     "WebSocketSessionArguments",
     "decode_body_param",
+    "make_bot_session_args",
     "make_session_args",
     "session_args_class",
 ]
 
+#: Which ``bot(args)`` class a session gets (the rows of the module docstring's table).
+SessionKind = Literal["websocket", "pipecat", "daily"]
+
 
 @dataclass(kw_only=True)
-class WebSocketSessionArguments:
-    """Fallback session arguments with the fields of pipecat's ``WebSocketRunnerArguments``."""
+class PipecatSessionArguments:
+    """Fallback session arguments with the fields of pipecat's ``RunnerArguments``."""
 
     session_id: str | None
-    websocket: WebSocket
     body: Any = None
-    #: ``"websocket"`` for a plain client; ``None`` lets pipecat auto-detect telephony.
-    transport_type: str | None = None
     call_data: Any = None
     #: The runtime owns the signals; a bot must never install its own handlers.
     handle_sigint: bool = False
@@ -50,35 +62,81 @@ class WebSocketSessionArguments:
     pipeline_idle_timeout_secs: float | None = 300
 
 
-def session_args_class() -> type:
-    """Return the best installed session-arguments class (see the module docstring).
+@dataclass(kw_only=True)
+class WebSocketSessionArguments(PipecatSessionArguments):
+    """Fallback session arguments with the fields of pipecat's ``WebSocketRunnerArguments``."""
+
+    websocket: WebSocket
+    #: ``"websocket"`` for a plain client; ``None`` lets pipecat auto-detect telephony.
+    transport_type: str | None = None
+
+
+@dataclass(kw_only=True)
+class DailySessionArguments(PipecatSessionArguments):
+    """Fallback session arguments with the fields of pipecat's ``DailyRunnerArguments``."""
+
+    room_url: str
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class DailyRoom:
+    """The Daily room a ``POST /bot`` session joins (``x-daily-room-url`` / ``-token``)."""
+
+    room_url: str
+    token: str | None
+
+
+#: Per kind, the classes tried in order: (module, class name), then catflap's own.
+_CANDIDATES: dict[SessionKind, tuple[tuple[str, str], ...]] = {
+    "websocket": (
+        ("pipecatcloud.agent", "WebSocketSessionArguments"),
+        ("pipecat.runner.types", "WebSocketRunnerArguments"),
+    ),
+    "pipecat": (
+        ("pipecatcloud.agent", "PipecatSessionArguments"),
+        ("pipecat.runner.types", "RunnerArguments"),
+    ),
+    "daily": (
+        ("pipecatcloud.agent", "DailySessionArguments"),
+        ("pipecat.runner.types", "DailyRunnerArguments"),
+    ),
+}
+_OWN: dict[SessionKind, type] = {
+    "websocket": WebSocketSessionArguments,
+    "pipecat": PipecatSessionArguments,
+    "daily": DailySessionArguments,
+}
+
+
+def session_args_class(kind: SessionKind = "websocket") -> type:
+    """Return the best installed session-arguments class for ``kind`` (see the module docstring).
 
     Imported on every call rather than cached, so that the choice follows what is importable.
     """
-    try:
-        from pipecatcloud.agent import WebSocketSessionArguments as Sdk
-    except ImportError:
-        pass
-    else:
-        return _as_type(Sdk)
-    try:
-        from pipecat.runner.types import WebSocketRunnerArguments
-    except ImportError:
-        pass
-    else:
-        return _as_type(WebSocketRunnerArguments)
-    return WebSocketSessionArguments
+    for module_name, class_name in _CANDIDATES[kind]:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        cls = getattr(module, class_name, None)
+        if isinstance(cls, type):
+            return cls
+    return _OWN[kind]
 
 
-def _as_type(cls: type) -> type:
-    # Typed as ``type`` whether or not mypy can see the package (it is optional).
-    return cls
+def _pin_runtime_fields(args: Any) -> Any:
+    # pipecat sets these in __post_init__ today; pin them in case a future version does not.
+    args.handle_sigint = False
+    args.handle_sigterm = False
+    args.call_data = None
+    return args
 
 
 def make_session_args(
     *, session_id: str, websocket: WebSocket, body: Any, transport_type: str | None
 ) -> Any:
-    """Build the argument object for ``bot(args)``.
+    """Build the argument object for a ``/ws`` session's ``bot(args)``.
 
     Args:
         session_id: The session id (from the gateway, or generated for direct use).
@@ -87,17 +145,34 @@ def make_session_args(
         transport_type: ``"websocket"`` for a plain client, ``None`` for telephony detection.
 
     Returns:
-        An instance of :func:`session_args_class`, with ``handle_sigint``/``handle_sigterm``
-        false and ``call_data`` ``None``.
+        An instance of ``session_args_class("websocket")``, with
+        ``handle_sigint``/``handle_sigterm`` false and ``call_data`` ``None``.
     """
-    args = session_args_class()(
-        session_id=session_id, websocket=websocket, body=body, transport_type=transport_type
+    cls = session_args_class("websocket")
+    return _pin_runtime_fields(
+        cls(session_id=session_id, websocket=websocket, body=body, transport_type=transport_type)
     )
-    # pipecat sets these in __post_init__ today; pin them in case a future version does not.
-    args.handle_sigint = False
-    args.handle_sigterm = False
-    args.call_data = None
-    return args
+
+
+def make_bot_session_args(*, session_id: str, body: Any, daily: DailyRoom | None) -> Any:
+    """Build the argument object for a ``POST /bot`` session's ``bot(args)``.
+
+    Args:
+        session_id: ``x-daily-session-id``.
+        body: The request's JSON body, as sent (``None`` for an empty body).
+        daily: The room to join, or ``None`` for a session without a transport.
+
+    Returns:
+        ``session_args_class("pipecat")(session_id, body)`` or, with ``daily``,
+        ``session_args_class("daily")(room_url, token, session_id, body)``; the runtime's fields
+        pinned as for :func:`make_session_args`.
+    """
+    if daily is None:
+        return _pin_runtime_fields(session_args_class("pipecat")(session_id=session_id, body=body))
+    cls = session_args_class("daily")
+    return _pin_runtime_fields(
+        cls(session_id=session_id, body=body, room_url=daily.room_url, token=daily.token)
+    )
 
 
 def decode_body_param(raw: str | None, log: logging.LoggerAdapter[logging.Logger]) -> Any:

@@ -6,7 +6,8 @@ command                   what the runtime does
 ========================  ===================================================================
 ``ping``                  answers ``pong`` with the same ``seq``
 ``stop_session``          asks that session to stop (unknown ids are logged and ignored)
-``shutdown``              stops accepting at once, lets running sessions finish, then exits
+``shutdown``              stops accepting at once (``POST /bot`` gets 503 on open connections),
+                          lets running sessions finish, then exits
 end of file               the pool is gone: stops every session, waits briefly, exits
 a bad line                a logged protocol error; the loop reads the next command
 ========================  ===================================================================
@@ -105,6 +106,7 @@ class ControlLoop:
         elif command["command"] == "shutdown":
             # Stop accepting now, before the next command is read: the pool may rely on it.
             self._server.stop_accepting()
+            self._running.refuse_new()
             if not self._draining:
                 self._draining = True
                 self._background.spawn(self._drain(), name="runtime drain")
@@ -119,6 +121,7 @@ class ControlLoop:
 
     async def _pool_gone(self) -> None:
         logger.warning("x control channel closed (the pool is gone): stopping all sessions")
+        self._running.refuse_new()
         self._running.stop_all()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._orphan_grace_s):

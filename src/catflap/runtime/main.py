@@ -63,9 +63,10 @@ def _path(*, file_okay: bool = False) -> click.Path:
 @_option("log_level", click.Choice(get_args(RuntimeLogLevel)))
 @_option("log_format", click.Choice(LOG_FORMATS))
 @_option("log_dir", _path(), "DIR")
+@_option("sessions_per_instance", click.IntRange(min=1), "N")
 @click.pass_context
 def agent(ctx: click.Context, /, **flags: Any) -> None:
-    """Run one agent's bot.py behind WS /ws, as Pipecat Cloud's base image does.
+    """Run one agent's bot.py behind WS /ws and POST /bot, as Pipecat Cloud's base image does.
 
     The pool starts one of these per agent instance. With --log-dir, each session's bot
     output goes to its own file; --log-format picks JSON lines or text on stderr.

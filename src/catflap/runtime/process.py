@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from catflap.contract import limits
 from catflap.contract.control import ChildEvent, ControlChannel, EventSink
 from catflap.logs import LOG_FORMATS, LogFormat
-from catflap.runtime.app import create_app
+from catflap.runtime.app import check_bot_routes, create_app
 from catflap.runtime.args import session_args_class
 from catflap.runtime.botloader import BotImportError, load_bot
 from catflap.runtime.botlogs import BotOutputCapture, SessionLogWriter
@@ -78,6 +78,11 @@ class AgentOptions(BaseModel):
     log_dir: Path | None = Field(
         default=None,
         description="Write each session's bot output to DIR/<org>/<agent>/<session_id>.jsonl.",
+    )
+    sessions_per_instance: int | None = Field(
+        default=None,
+        ge=1,
+        description="Refuse POST /bot with 503 while this many sessions run (default: no limit).",
     )
 
     @field_validator("log_dir")
@@ -168,7 +173,7 @@ async def _start_failed(
 
 
 async def run_agent(options: AgentOptions) -> int:
-    """Import the bot, serve ``/ws`` until told to stop, and return the exit code.
+    """Import the bot, serve ``/ws`` and ``/bot`` until told to stop, and return the exit code.
 
     Returns:
         :data:`~catflap.runtime.exits.EXIT_OK`, ``EXIT_BOT_IMPORT_FAILED``,
@@ -185,8 +190,13 @@ async def run_agent(options: AgentOptions) -> int:
         channel = await ControlChannel.from_socket(control_sock)
     emit = _event_sink(channel)
     name = options.agent_name or "agent"
+    # Before the bot: PCC bots add routes at import time with `from pipecatcloud_system import
+    # app`, and this is the app the runtime serves.
+    from pipecatcloud_system import app
+
     try:
         loaded = load_bot(options.bot_dir)
+        check_bot_routes(app)  # ReservedRouteError is a BotImportError
     except BotImportError as exc:
         return await _start_failed(emit, channel, str(exc), EXIT_BOT_IMPORT_FAILED)
     # Import pipecat now rather than on the first session (~1 s of import time).
@@ -211,8 +221,11 @@ async def run_agent(options: AgentOptions) -> int:
         agent=agent,
         org=org,
         capture=capture,
+        max_sessions=options.sessions_per_instance,
     )
-    server = uvicorn.Server(make_server_config(create_app(sessions), log_level=options.log_level))
+    server = uvicorn.Server(
+        make_server_config(create_app(sessions, app), log_level=options.log_level)
+    )
     background = TaskSet("agent runtime")
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:

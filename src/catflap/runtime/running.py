@@ -23,6 +23,9 @@ class RunningBots:
         self.stuck: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        #: Set by ``shutdown`` and at end of file: ``POST /bot`` starts no new session (``/ws``
+        #: needs no flag, its listener is closed).
+        self.closing = False
 
     def __contains__(self, session_id: object) -> bool:
         return session_id in self._tasks
@@ -58,6 +61,10 @@ class RunningBots:
         if stop is not None:
             stop.set()
         return stop is not None
+
+    def refuse_new(self) -> None:
+        """From now on no new ``POST /bot`` session may start here."""
+        self.closing = True
 
     def stop_all(self) -> None:
         """Ask every running session to stop."""

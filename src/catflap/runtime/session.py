@@ -1,11 +1,14 @@
-"""One runtime session's lifecycle: accept, build the arguments, await ``bot()`` under its
-budget, close with the matching code, and report the end.
+"""One runtime session's lifecycle: build the arguments, await ``bot()`` under its budget, end
+it the way its transport ends, and report the end.
 
-A session is one ``/ws`` connection. From the upgrade request come the session id, ``?body=``,
-the transport type and the budget. The handler accepts, calls ``bot(args)`` as a task
-registered in :class:`~catflap.runtime.running.RunningBots` under the session id, waits for it
-to finish, run out of budget or be stopped, closes the socket and reports ``session_ended``
-(the table of endings is in :mod:`catflap.runtime`).
+A session is one ``/ws`` connection or one ``POST /bot`` request. From the request come the
+session id, the body, the transport and the budget. :meth:`SessionRunner.run` (``/ws``) accepts
+first; :meth:`SessionRunner.run_bot` (``/bot``) refuses a duplicate, a full or a closing runtime
+before anything starts. Both then go through the same :meth:`SessionRunner._lifecycle`: call
+``bot(args)`` as a task registered in :class:`~catflap.runtime.running.RunningBots` under the
+session id, wait for it to finish, run out of budget or be stopped, end the transport (close
+the socket; a ``/bot`` request gets its answer once the handler returns) and report
+``session_ended`` (the table of endings is in :mod:`catflap.runtime`).
 """
 
 from __future__ import annotations
@@ -16,21 +19,35 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from catflap.contract import headers, limits
 from catflap.contract.closecodes import CloseCode, assert_sendable
 from catflap.contract.control import BOT_IGNORED_CANCELLATION, EventSink, SessionStatus
-from catflap.contract.errors import cut_error
+from catflap.contract.errors import RequestRejected, ServiceUnavailable, cut_error
 from catflap.logs import SessionContext, bind_session, session_log, unbind_session
-from catflap.runtime.args import decode_body_param, make_session_args
+from catflap.runtime.args import (
+    DailyRoom,
+    decode_body_param,
+    make_bot_session_args,
+    make_session_args,
+)
 from catflap.runtime.botloader import LoadedBot
 from catflap.runtime.botlogs import BotOutputCapture
 from catflap.runtime.metrics import RuntimeMetrics
 from catflap.runtime.running import RunningBots
 
-__all__ = ["SessionRunner", "close_quietly"]
+__all__ = [
+    "BotSession",
+    "DuplicateSession",
+    "InstanceFull",
+    "RuntimeClosing",
+    "SessionRunner",
+    "close_quietly",
+    "read_budget",
+]
 
 # The name these lines carried before the runtime was split into modules: operators' log
 # queries and tests match "catflap.runtime.app: = session ended".
@@ -45,6 +62,38 @@ class _Outcome:
     error: str | None
     close_code: CloseCode
     close_reason: str
+
+
+class DuplicateSession(RequestRejected):
+    """``POST /bot`` names a session id that is already running here."""
+
+    status = 409
+    code = "session_already_running"
+
+
+class InstanceFull(ServiceUnavailable):
+    """``POST /bot`` finds the runtime at its ``sessions_per_instance``."""
+
+    code = "instance_full"
+
+
+class RuntimeClosing(ServiceUnavailable):
+    """``POST /bot`` arrives after ``shutdown``: running sessions finish, no new one starts."""
+
+    code = "draining"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BotSession:
+    """What one ``POST /bot`` request asks for, already read and checked."""
+
+    session_id: str
+    #: The request's JSON body as sent; ``None`` for an empty body.
+    body: Any
+    #: The session budget in seconds; ``None`` is no limit.
+    budget: float | None
+    #: Set when the request named a Daily room: the bot gets ``DailySessionArguments``.
+    daily: DailyRoom | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +119,8 @@ class SessionRunner:
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     #: How long a cancelled ``bot()`` may take to unwind before it is reported as stuck.
     cancel_grace_s: float = limits.BOT_CANCEL_GRACE_S
+    #: ``POST /bot`` is refused with 503 while this many sessions run; ``None`` is no limit.
+    max_sessions: int | None = None
 
     async def run(self, websocket: WebSocket) -> None:
         """Serve one ``/ws`` connection from the upgrade to ``session_ended``; never raises."""
@@ -93,7 +144,7 @@ class SessionRunner:
             == headers.TRANSPORT_TYPE_WEBSOCKET
             else None
         )
-        budget = _read_budget(websocket.headers.get(headers.MAX_SESSION_SECONDS_HEADER), log)
+        budget = read_budget(websocket.headers.get(headers.MAX_SESSION_SECONDS_HEADER), log)
         try:
             await websocket.accept(subprotocol=_choose_subprotocol(self.bot, websocket, log))
         except (OSError, RuntimeError) as exc:  # the client left during the handshake
@@ -104,23 +155,97 @@ class SessionRunner:
             await close_quietly(websocket, CloseCode.POLICY_VIOLATION, "duplicate session id", log)
             return
 
+        def make_args() -> Any:
+            return make_session_args(
+                session_id=session_id, websocket=websocket, body=body, transport_type=transport_type
+            )
+
+        async def close(outcome: _Outcome) -> bool:
+            client_disconnected = websocket.client_state == WebSocketState.DISCONNECTED
+            await close_quietly(websocket, outcome.close_code, outcome.close_reason, log)
+            return client_disconnected
+
+        await self._lifecycle(
+            context, log, budget, make_args, close, describe=f"transport_type={transport_type}"
+        )
+
+    async def run_bot(
+        self, request: BotSession, client_gone: Callable[[], Awaitable[bool]]
+    ) -> SessionStatus:
+        """Serve one ``POST /bot`` request from its admission to ``session_ended``.
+
+        Args:
+            request: The checked request.
+            client_gone: Tells at the end whether the HTTP client left meanwhile (it does not
+                stop the bot: as in PCC, only ``stop_session`` or the budget do).
+
+        Returns:
+            How the session ended.
+
+        Raises:
+            DuplicateSession: 409, the session id is running already.
+            InstanceFull: 503, ``max_sessions`` sessions are running.
+            RuntimeClosing: 503, ``shutdown`` was received.
+        """
+        session_id = request.session_id
+        if self.running.closing:
+            raise RuntimeClosing("this instance is shutting down; start the session elsewhere")
+        if session_id in self.running:
+            raise DuplicateSession(f"session {session_id} is already running on this instance")
+        if self.max_sessions is not None and len(self.running) >= self.max_sessions:
+            raise InstanceFull(f"this instance already runs {len(self.running)} session(s)")
+        context = SessionContext(session_id, self.agent, self.org)
+        token = bind_session(context)
+        try:
+            log = session_log(logger, session_id, agent=context.agent, org=context.org)
+
+            def make_args() -> Any:
+                return make_bot_session_args(
+                    session_id=session_id, body=request.body, daily=request.daily
+                )
+
+            async def answer(outcome: _Outcome) -> bool:
+                return await client_gone()
+
+            kind = "pipecat" if request.daily is None else "daily"
+            return await self._lifecycle(
+                context, log, request.budget, make_args, answer, describe=f"POST /bot, {kind}"
+            )
+        finally:
+            unbind_session(token)
+
+    async def _lifecycle(
+        self,
+        context: SessionContext,
+        log: _Log,
+        budget: float | None,
+        make_args: Callable[[], Any],
+        end_transport: Callable[[_Outcome], Awaitable[bool]],
+        *,
+        describe: str,
+    ) -> SessionStatus:
+        """Run ``bot(make_args())`` from ``session_started`` to ``session_ended``.
+
+        The session is registered before the first ``await``, so that a duplicate checked just
+        before cannot slip in. ``end_transport`` ends the client's side once the outcome is
+        known and returns whether the client had gone already.
+        """
+        session_id = context.session_id
+
         async def call_bot() -> None:
             # Built inside the task: a session-arguments class that refuses these values ends
             # the session as bot_error, reported like any other failure, not as a dead handler.
-            args = make_session_args(
-                session_id=session_id, websocket=websocket, body=body, transport_type=transport_type
-            )
-            await self.bot.bot(args)
+            await self.bot.bot(make_args())
 
         if self.capture is not None:
             self.capture.session_started(context)
-        await self.emit({"event": "session_started", "session_id": session_id})
         self.metrics.session_started()
-        log.info("= session started (transport_type=%s, budget=%s s)", transport_type, budget)
+        log.info("= session started (%s, budget=%s s)", describe, budget)
         started = self.clock()
         task = asyncio.create_task(call_bot(), name=f"bot[{session_id}]")
         stop = self.running.add(session_id, task)
         try:
+            await self.emit({"event": "session_started", "session_id": session_id})
             outcome = await self._await_outcome(stop, task, budget, log)
         finally:
             self.running.remove(session_id)
@@ -128,8 +253,7 @@ class SessionRunner:
                 task.cancel()  # this handler itself was cancelled (forced server exit)
         bot_seconds = self.clock() - started
         self.metrics.session_ended(outcome.status, bot_seconds)
-        client_disconnected = websocket.client_state == WebSocketState.DISCONNECTED
-        await close_quietly(websocket, outcome.close_code, outcome.close_reason, log)
+        client_disconnected = await end_transport(outcome)
         log.info("= session ended: %s after %.3f s", outcome.status, bot_seconds)
         if self.capture is not None:
             # Before session_ended: once the gateway records the end, the file is complete.
@@ -144,6 +268,7 @@ class SessionRunner:
                 "bot_seconds": round(bot_seconds, 6),
             }
         )
+        return outcome.status
 
     async def _await_outcome(
         self, stop: asyncio.Event, task: asyncio.Task[None], budget: float | None, log: _Log
@@ -182,7 +307,7 @@ async def _until_first(task: asyncio.Task[None], *waits: Awaitable[object]) -> N
             waiter.cancel()
 
 
-def _read_budget(raw: str | None, log: _Log) -> float | None:
+def read_budget(raw: str | None, log: _Log) -> float | None:
     """The session budget in seconds; ``None`` (no limit) when absent, empty, <= 0 or bad."""
     if not raw:
         return None
