@@ -134,8 +134,10 @@ KEEPALIVE_IDLE_TIMEOUT_S = 5.0
 #: new connections get 503 at once, and idle ones with no complete head are closed first. Two
 #: fds per relayed session, well inside a raised ``RLIMIT_NOFILE``.
 MAX_CONNECTIONS_DEFAULT = 16384
-#: The /start request is a small JSON document; anything larger is refused with 413.
-START_REQUEST_MAX_BYTES = 64 * 1024
+#: The /start request: a small JSON document around the session's ``body``, which for a session
+#: without a WebSocket may be ``BOT_BODY_MAX_BYTES`` (PCC's 1 MB) on its own; 64 KiB is room for
+#: the other fields (``dailyRoomProperties`` and the like). Anything larger is refused with 413.
+START_REQUEST_MAX_BYTES = BOT_BODY_MAX_BYTES + 64 * 1024
 #: Open connections the separate ``/metrics`` listener (``[gateway] metrics_listen``) holds at
 #: most. A Prometheus server keeps one scrape per target in flight, so a few scrapers and a
 #: curl fit with room to spare; past it new connections get 503 at once, so that listener

@@ -41,7 +41,14 @@ from catflap.gateway.upstream import ResponseHeadReader, connect_instance, respo
 from catflap.pool.interface import SessionLease, SessionPool
 from catflap.sessions.record import RelayStats
 
-__all__ = ["BOT_PATH", "NO_RELAY", "BotSessions", "bot_request", "encode_bot_body"]
+__all__ = [
+    "BOT_PATH",
+    "NO_RELAY",
+    "BotSessions",
+    "bot_request",
+    "encode_bot_body",
+    "wait_until_started",
+]
 
 #: The agent runtime's route for sessions without a transport (PCC base image).
 BOT_PATH = "/bot"
@@ -72,7 +79,10 @@ def encode_bot_body(value: Any) -> bytes:
     """
     try:
         data = json.dumps(
-            {} if value is None else value, separators=(",", ":"), ensure_ascii=False
+            {} if value is None else value,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
         ).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidBody(f"body must be a JSON value: {exc}") from None
@@ -103,6 +113,36 @@ def _started(lease: SessionLease, *, unknown: bool) -> bool:
     say: a local pool's lease has the flag, a cluster lease has not (the agent host sees the
     report, not this gateway)."""
     return bool(getattr(lease, "started", unknown))
+
+
+async def wait_until_started(
+    lease: SessionLease, answer: asyncio.Future[tuple[bytes, bytes]]
+) -> None:
+    """Return once the runtime runs ``bot()`` for the lease's session; ``answer`` is the
+    response head (and what followed it) of its ``POST /bot``.
+
+    Raises:
+        ServiceUnavailable: 503, the runtime answered first (it refused the session), closed
+            the connection, or its instance ended.
+    """
+    # Once written, a cluster session counts as accepted (see _started).
+    while not _started(lease, unknown=True):
+        if answer.done():
+            status = 0 if answer.exception() else response_status(answer.result()[0])
+            if status == 200:
+                return  # bot() already ran to its end: the session happened
+            problem = (
+                f"the agent refused the session with HTTP {status}"
+                if status
+                else "the agent closed the connection before starting the session"
+            )
+            raise ServiceUnavailable(f"{problem}; retry shortly")
+        if lease.ended.done():
+            raise ServiceUnavailable(
+                "the agent instance ended before it started the session; retry shortly"
+            )
+        awaited: list[asyncio.Future[Any]] = [answer, lease.ended]
+        await asyncio.wait(awaited, timeout=_ACCEPT_POLL_S)
 
 
 @dataclass(slots=True)
@@ -168,7 +208,7 @@ class BotSessions:
                 call = _BotCall(transport, reply)
                 transport.write(request)
                 try:
-                    await self._until_started(lease, call)
+                    await wait_until_started(lease, reply.done)
                 except BaseException:
                     call.close()
                     raise
@@ -178,37 +218,13 @@ class BotSessions:
                 "retry shortly"
             ) from None
         except OSError as exc:
-            accepted_log(accepted).warning("! could not reach %s: %s", lease.instance_label, exc)
             raise ServiceUnavailable(
                 f"could not reach the agent instance ({type(exc).__name__}); retry shortly"
             ) from None
+        except ServiceUnavailable as refused:
+            accepted_log(accepted).warning("! %s at %s", refused.message, lease.instance_label)
+            raise
         return call
-
-    async def _until_started(self, lease: SessionLease, call: _BotCall) -> None:
-        """Return once the runtime runs ``bot()`` for the session.
-
-        Raises:
-            ServiceUnavailable: 503, it answered (refused) or its instance ended first.
-        """
-        answer = call.reply.done
-        # Once written, a cluster session counts as accepted (see _started).
-        while not _started(lease, unknown=True):
-            if answer.done():
-                status = 0 if answer.exception() else response_status(answer.result()[0])
-                if status == 200:
-                    return  # bot() already ran to its end: the session happened
-                problem = (
-                    f"the agent refused the session with HTTP {status}"
-                    if status
-                    else "the agent closed the connection before starting the session"
-                )
-                raise ServiceUnavailable(f"{problem}; retry shortly")
-            if lease.ended.done():
-                raise ServiceUnavailable(
-                    "the agent instance ended before it started the session; retry shortly"
-                )
-            awaited: list[asyncio.Future[Any]] = [answer, lease.ended]
-            await asyncio.wait(awaited, timeout=_ACCEPT_POLL_S)
 
     async def _hold(self, recording: Recording, lease: SessionLease, call: _BotCall) -> None:
         """Keep the request open until ``bot()`` ended (its answer) or the lease ended, then
