@@ -17,8 +17,12 @@ from starlette.types import Message
 from starlette.websockets import WebSocket
 
 from catflap.runtime.args import (
+    DailyRoom,
+    DailySessionArguments,
+    PipecatSessionArguments,
     WebSocketSessionArguments,
     decode_body_param,
+    make_bot_session_args,
     make_session_args,
     session_args_class,
 )
@@ -125,6 +129,71 @@ def test_own_class_mirrors_pipecat_fields_and_is_keyword_only() -> None:
     assert own == pipecat - {"cli_args", "file_storage"}
     with pytest.raises(TypeError):
         WebSocketSessionArguments("s", real_websocket())  # type: ignore[call-arg]
+
+
+# --- POST /bot sessions: PipecatSessionArguments and DailySessionArguments ---------------------
+
+#: Per tier, the modules hidden and the class names expected for (no room, a Daily room).
+BOT_TIERS = {
+    "sdk": ((), ("PipecatSessionArguments", "DailySessionArguments")),
+    "pipecat": (
+        ("pipecatcloud", "pipecatcloud.agent"),
+        ("RunnerArguments", "DailyRunnerArguments"),
+    ),
+    "own": (
+        ("pipecatcloud", "pipecatcloud.agent", "pipecat", "pipecat.runner", "pipecat.runner.types"),
+        ("PipecatSessionArguments", "DailySessionArguments"),
+    ),
+}
+
+
+@needs_pipecat
+@pytest.mark.parametrize("tier", list(BOT_TIERS))
+def test_bot_sessions_get_the_best_class_of_each_tier_with_the_same_values(
+    monkeypatch: pytest.MonkeyPatch, tier: str
+) -> None:
+    hidden, (plain_name, daily_name) = BOT_TIERS[tier]
+    hide(monkeypatch, *hidden)
+    plain = make_bot_session_args(session_id="s-1", body={"k": 1}, daily=None)
+    daily = make_bot_session_args(
+        session_id="s-2", body=None, daily=DailyRoom("https://x.daily.co/r", "tok")
+    )
+    assert (type(plain).__name__, type(daily).__name__) == (plain_name, daily_name)
+    assert (plain.session_id, plain.body) == ("s-1", {"k": 1})
+    assert (daily.session_id, daily.body, daily.room_url, daily.token) == (
+        "s-2",
+        None,
+        "https://x.daily.co/r",
+        "tok",
+    )
+    for made in (plain, daily):
+        assert (made.handle_sigint, made.handle_sigterm, made.call_data) == (False, False, None)
+        assert made.pipeline_idle_timeout_secs == 300
+    if tier == "own":
+        assert (type(plain), type(daily)) == (PipecatSessionArguments, DailySessionArguments)
+    else:
+        assert isinstance(daily, pipecat_types.DailyRunnerArguments)
+
+
+@needs_pipecat
+@pytest.mark.parametrize(
+    ("own", "theirs"),
+    [
+        (PipecatSessionArguments, "RunnerArguments"),
+        (DailySessionArguments, "DailyRunnerArguments"),
+    ],
+)
+def test_own_bot_session_classes_mirror_pipecats_fields(own: type, theirs: str) -> None:
+    mine = {f.name for f in dataclasses.fields(own)}
+    pipecat = {f.name for f in dataclasses.fields(getattr(pipecat_types, theirs))}
+    assert mine == pipecat - {"cli_args", "file_storage"}
+
+
+def test_session_args_class_picks_per_kind() -> None:
+    assert session_args_class("websocket") is session_args_class()
+    names = {kind: session_args_class(kind).__name__ for kind in ("pipecat", "daily")}
+    assert names["daily"] in {"DailySessionArguments", "DailyRunnerArguments"}
+    assert names["pipecat"] in {"PipecatSessionArguments", "RunnerArguments"}
 
 
 LOG = logging.LoggerAdapter(logging.getLogger("test"))

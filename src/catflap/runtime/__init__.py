@@ -12,7 +12,10 @@ The pool starts one runtime process per agent instance::
    it and imports ``bot.py`` as the module ``bot``; it must define ``async def bot(args)``. A
    failure sends ``start_failed`` (with the traceback) and exits with code 3. The runtime then
    binds the listening socket itself (:mod:`~catflap.runtime.listen`; ``tcp:HOST:0`` picks a
-   free port), serves the FastAPI app of :mod:`~catflap.runtime.app` with uvicorn, and sends
+   free port), serves the FastAPI app of :mod:`~catflap.runtime.app` with uvicorn (the app is
+   ``pipecatcloud_system.app``, which exists before ``bot.py`` is imported, so the routes a PCC bot
+   adds to it are served after the runtime's own; a bot route on a reserved path is a
+   ``start_failed``), and sends
    ``ready`` with the real address once uvicorn is listening (:mod:`~catflap.runtime.process`;
    the flags are parsed by :mod:`~catflap.runtime.main`, exit codes in
    :mod:`~catflap.runtime.exits`).
@@ -22,7 +25,10 @@ The pool starts one runtime process per agent instance::
    means ``None``), the transport type and the session budget from the upgrade request, accepts,
    and awaits ``bot(args)`` as a task registered by session id
    (:mod:`~catflap.runtime.session`, :mod:`~catflap.runtime.running`). ``args`` is the most specific
-   installed session-arguments class (:mod:`~catflap.runtime.args`). The session ends when:
+   installed session-arguments class (:mod:`~catflap.runtime.args`). Each ``POST /bot`` request is
+   a session too, one without a WebSocket (:mod:`~catflap.runtime.botroute`): its JSON body, the
+   same id and budget headers and, optionally, a Daily room; the request is answered
+   ``{"sessionId", "status"}`` once the session has ended. The session ends when:
 
    ========================  ============  ==============================================
    what happened             status        close sent to the client (if still open)
@@ -33,9 +39,10 @@ The pool starts one runtime process per agent instance::
    ``stop_session`` command  stopped       1000 "session stopped" (bot cancelled)
    ========================  ============  ==============================================
 
-   ``session_started`` and ``session_ended`` (status, error, whether the client had gone,
-   seconds in ``bot()``) go to the pool. A bot that ignores cancellation for 5 s is reported
-   anyway with ``error="bot ignored cancellation"``; the pool then kills the process.
+   (A ``/bot`` session sends no close: the status is in its answer.) ``session_started`` and
+   ``session_ended`` (status, error, whether the client had gone, seconds in ``bot()``) go to the
+   pool. A bot that ignores cancellation for 5 s is reported anyway with
+   ``error="bot ignored cancellation"``; the pool then kills the process.
 
 3. **Control.** :mod:`~catflap.contract.control` carries line-delimited JSON over the
    ``socketpair()`` end given as ``--control-fd``, and :mod:`~catflap.runtime.control_loop`
