@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,16 @@ def _agents(**scaling: int) -> dict[str, dict[str, Any]]:
     return {AGENT: {"path": BOTS / "bot_session", "scaling": {"min_agents": 1, **scaling}}}
 
 
+@asynccontextmanager
+async def warm_gateway(
+    *, adjust: Callable[[CatflapConfig], CatflapConfig] | None = None, **scaling: int
+) -> AsyncIterator[RunningGateway]:
+    """A gateway whose agent runs tests/bots/bot_session, with one instance ready."""
+    async with running_gateway(_agents(**scaling), adjust=adjust) as gw:
+        await gw.wait_ready(AGENT_KEY)
+        yield gw
+
+
 async def _start(gw: RunningGateway, payload: dict[str, Any]) -> httpx.Response:
     async with httpx.AsyncClient(base_url=gw.http, timeout=seconds(30)) as client:
         return await client.post(
@@ -67,6 +78,21 @@ async def ended_record(gw: RunningGateway, session_id: str, timeout: float = 10)
         while (record := gw.gateway.sessions.ended.get(session_id)) is None:
             await asyncio.sleep(0.01)
     return record
+
+
+async def _running(gw: RunningGateway, out: Path, *, then: str) -> str:
+    """Start a session whose bot writes to ``out`` and then does ``then``; its session id."""
+    response = await _start(gw, {"body": {"out": str(out), "then": then}})
+    assert response.status_code == 200, response.text
+    session_id: str = response.json()["sessionId"]
+    return session_id
+
+
+async def _another_session_runs(gw: RunningGateway, out: Path) -> None:
+    """A next session starts and ends: the slot (or a replaced instance) is there for it."""
+    again = await _start(gw, {"body": {"out": str(out)}})
+    assert again.status_code == 200, again.text
+    await ended_record(gw, again.json()["sessionId"])
 
 
 def _with_agent(**changes: Any) -> Callable[[CatflapConfig], CatflapConfig]:
@@ -159,8 +185,7 @@ async def test_a_lost_connection_or_instance_before_the_start_is_503() -> None:
 @pytest.mark.slow
 async def test_a_session_without_a_transport_runs_the_bot_and_is_recorded(tmp_path: Path) -> None:
     out = tmp_path / "received.jsonl"
-    async with running_gateway(_agents()) as gw:
-        await gw.wait_ready(AGENT_KEY)
+    async with warm_gateway() as gw:
         body = {"out": str(out), "caller": "ünïcode", "n": [1, 2.5, None]}
         response = await _start(gw, {"createDailyRoom": False, "body": body})
         assert response.status_code == 200, response.text
@@ -183,19 +208,14 @@ async def test_a_session_without_a_transport_runs_the_bot_and_is_recorded(tmp_pa
         assert shown.status_code == 200, shown.text
         assert shown.json()["completionStatus"] == "completed"
         # The slot came back: the next session starts on the same instance.
-        again = await _start(gw, {"body": {"out": str(out)}})
-        assert again.status_code == 200, again.text
-        await ended_record(gw, again.json()["sessionId"])
+        await _another_session_runs(gw, out)
 
 
 @pytest.mark.slow
 async def test_delete_stops_a_running_bot_session(tmp_path: Path) -> None:
     out = tmp_path / "received.jsonl"
-    async with running_gateway(_agents()) as gw:
-        await gw.wait_ready(AGENT_KEY)
-        response = await _start(gw, {"body": {"out": str(out), "then": "wait"}})
-        assert response.status_code == 200, response.text
-        session_id = response.json()["sessionId"]
+    async with warm_gateway() as gw:
+        session_id = await _running(gw, out, then="wait")
         await received_by_bot(out)
         assert session_id in gw.gateway.sessions.live
         async with httpx.AsyncClient(base_url=gw.http) as client:
@@ -211,24 +231,21 @@ async def test_delete_stops_a_running_bot_session(tmp_path: Path) -> None:
 @pytest.mark.slow
 async def test_at_max_agents_a_second_session_gets_429(tmp_path: Path) -> None:
     out = tmp_path / "received.jsonl"
-    async with running_gateway(_agents(max_agents=1)) as gw:
-        await gw.wait_ready(AGENT_KEY)
-        first = await _start(gw, {"body": {"out": str(out), "then": "wait"}})
-        assert first.status_code == 200, first.text
+    async with warm_gateway(max_agents=1) as gw:
+        session_id = await _running(gw, out, then="wait")
         await received_by_bot(out)
         second = await _start(gw, {"body": {"out": str(out)}})
         assert second.status_code == 429, second.text
         assert second.json()["code"] == "PCC-AGENT-AT-CAPACITY"
         assert "retry-after" in second.headers
-        await gw.pool.stop_session(first.json()["sessionId"])
-        assert (await ended_record(gw, first.json()["sessionId"])).completion_status == "stopped"
+        await gw.pool.stop_session(session_id)
+        assert (await ended_record(gw, session_id)).completion_status == "stopped"
 
 
 @pytest.mark.slow
 async def test_a_body_over_one_megabyte_gets_413_and_starts_nothing(tmp_path: Path) -> None:
     out = tmp_path / "received.jsonl"
-    async with running_gateway(_agents()) as gw:
-        await gw.wait_ready(AGENT_KEY)
+    async with warm_gateway() as gw:
         envelope = json.dumps({"out": str(out), "p": ""}, separators=(",", ":"))
         padding = "x" * (limits.BOT_BODY_MAX_BYTES - len(envelope.encode()))
         fits = await _start(gw, {"body": {"out": str(out), "p": padding}})
@@ -244,41 +261,33 @@ async def test_a_body_over_one_megabyte_gets_413_and_starts_nothing(tmp_path: Pa
 @pytest.mark.slow
 async def test_max_session_duration_ends_the_bot_as_time_limit(tmp_path: Path) -> None:
     out = tmp_path / "received.jsonl"
-    async with running_gateway(_agents(), adjust=_with_agent(max_session_duration=1)) as gw:
-        await gw.wait_ready(AGENT_KEY)
-        response = await _start(gw, {"body": {"out": str(out), "then": "wait"}})
-        assert response.status_code == 200, response.text
-        record = await ended_record(gw, response.json()["sessionId"])
+    async with warm_gateway(adjust=_with_agent(max_session_duration=1)) as gw:
+        session_id = await _running(gw, out, then="wait")
+        record = await ended_record(gw, session_id)
         assert record.completion_status == "time_limit"
 
 
 @pytest.mark.slow
 async def test_a_crashing_agent_is_recorded_agent_crashed_and_replaced(tmp_path: Path) -> None:
     out = tmp_path / "received.jsonl"
-    async with running_gateway(_agents()) as gw:
-        await gw.wait_ready(AGENT_KEY)
+    async with warm_gateway() as gw:
         (crashed,) = gw.pool.agents[AGENT_KEY].live()
-        response = await _start(gw, {"body": {"out": str(out), "then": "crash"}})
-        assert response.status_code == 200, response.text
-        record = await ended_record(gw, response.json()["sessionId"])
+        session_id = await _running(gw, out, then="crash")
+        record = await ended_record(gw, session_id)
         assert record.completion_status == "agent_crashed"
         await gw.wait_ready(AGENT_KEY)
         assert crashed not in gw.pool.agents[AGENT_KEY].live()
-        again = await _start(gw, {"body": {"out": str(out)}})
-        assert again.status_code == 200, again.text
-        await ended_record(gw, again.json()["sessionId"])
+        await _another_session_runs(gw, out)
 
 
 @pytest.mark.slow
 async def test_the_drain_waits_for_a_bot_session_to_end(tmp_path: Path) -> None:
     out = tmp_path / "received.jsonl"
-    async with running_gateway(_agents()) as gw:
-        await gw.wait_ready(AGENT_KEY)
-        response = await _start(gw, {"body": {"out": str(out), "then": "sleep:0.5"}})
-        assert response.status_code == 200, response.text
+    async with warm_gateway() as gw:
+        session_id = await _running(gw, out, then="sleep:0.5")
         await received_by_bot(out)
         await gw.gateway.shutdown(drain_timeout=seconds(10))
-        record = gw.gateway.sessions.ended.get(response.json()["sessionId"])
+        record = gw.gateway.sessions.ended.get(session_id)
         assert record is not None and record.completion_status == "completed"
 
 

@@ -4,14 +4,15 @@ pointing at a real gateway, a real agent process, and what the bot received chec
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import BOTS, PRIVATE_KEY, PUBLIC_KEY, running_gateway
-from tests.test_bot_sessions import ended_record, received_by_bot
+from tests.conftest import PRIVATE_KEY, PUBLIC_KEY, RunningGateway
+from tests.test_bot_sessions import AGENT, ended_record, received_by_bot, warm_gateway
 
 pipecatcloud = pytest.importorskip("pipecatcloud")
 from pipecatcloud import Session, SessionParams  # noqa: E402
@@ -19,21 +20,22 @@ from pipecatcloud.exception import AgentStartError  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-AGENT = "sdkbot"
-AGENT_KEY = f"{AGENT}.my-org"
 
-
-def _agents(**scaling: int) -> dict[str, dict[str, Any]]:
-    return {AGENT: {"path": BOTS / "bot_session", "scaling": {"min_agents": 1, **scaling}}}
+@asynccontextmanager
+async def _gateway(
+    monkeypatch: pytest.MonkeyPatch, **scaling: int
+) -> AsyncIterator[RunningGateway]:
+    """A gateway with one instance of the bot ready, and the SDK pointed at it."""
+    async with warm_gateway(**scaling) as gw:
+        monkeypatch.setenv("PIPECAT_API_HOST", gw.http)
+        yield gw
 
 
 async def test_the_sdk_starts_a_session_and_the_bot_gets_its_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "received.jsonl"
-    async with running_gateway(_agents()) as gw:
-        monkeypatch.setenv("PIPECAT_API_HOST", gw.http)
-        await gw.wait_ready(AGENT_KEY)
+    async with _gateway(monkeypatch) as gw:
         data = {"out": str(out), "user": {"name": "Ada", "tags": ["a", "b"]}}
         result = await Session(AGENT, PUBLIC_KEY, params=SessionParams(data=data)).start()
         assert set(result) == {"sessionId"}
@@ -50,9 +52,7 @@ async def test_a_session_the_sdk_started_stops_with_delete(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "received.jsonl"
-    async with running_gateway(_agents()) as gw:
-        monkeypatch.setenv("PIPECAT_API_HOST", gw.http)
-        await gw.wait_ready(AGENT_KEY)
+    async with _gateway(monkeypatch) as gw:
         params = SessionParams(data={"out": str(out), "then": "wait"})
         session_id = (await Session(AGENT, PUBLIC_KEY, params=params).start())["sessionId"]
         await received_by_bot(out)
@@ -69,9 +69,7 @@ async def test_the_sdk_sees_catflaps_refusals_as_agent_start_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "received.jsonl"
-    async with running_gateway(_agents(max_agents=1)) as gw:
-        monkeypatch.setenv("PIPECAT_API_HOST", gw.http)
-        await gw.wait_ready(AGENT_KEY)
+    async with _gateway(monkeypatch, max_agents=1) as gw:
         params = SessionParams(data={"out": str(out), "then": "wait"})
         session_id = (await Session(AGENT, PUBLIC_KEY, params=params).start())["sessionId"]
         await received_by_bot(out)
