@@ -161,3 +161,23 @@ async def test_the_session_api_example_serves_status_until_stopped(spawn: Spawn)
     await agent.control.send({"command": "stop_session", "session_id": "ex-1"})
     response = await asyncio.wait_for(answer, WAIT_S)
     assert response.json() == {"sessionId": "ex-1", "status": "stopped"}
+
+
+async def test_shutdown_lets_a_running_bot_session_finish_and_refuses_new_ones(
+    spawn: Spawn,
+) -> None:
+    agent = await spawn(PCC_SESSION)
+    answer = start_bot(agent, {"wait": True}, session_id="last")
+    await seen(agent, "last")
+    async with agent.http() as kept_alive:
+        await kept_alive.get("/livez")  # a connection that outlives the listener
+        await agent.control.send({"command": "shutdown"})
+        await agent.control.send({"command": "ping", "seq": 1})
+        await agent.event("pong")
+        late = await kept_alive.post("/bot", json={}, headers={headers.SESSION_ID_HEADER: "late"})
+        assert (late.status_code, late.json()["code"]) == (503, "draining")
+        assert not answer.done()
+        await kept_alive.post("/release/last")
+    response = await asyncio.wait_for(answer, WAIT_S)
+    assert response.json() == {"sessionId": "last", "status": "completed"}
+    assert await agent.exit_code() == 0

@@ -653,6 +653,37 @@ async def test_bot_request_whose_bot_raises_answers_bot_error() -> None:
     assert await runtime.event() == ended("b-1", "bot_error", error="ValueError: no")
 
 
+async def test_a_bot_request_whose_client_hangs_up_keeps_running_until_bot_returns() -> None:
+    bot = BotRecorder()
+    runtime = Runtime(bot)
+    to_app: asyncio.Queue[Message] = asyncio.Queue()
+    to_app.put_nowait({"type": "http.request", "body": b"{}", "more_body": False})
+    sent: asyncio.Queue[Message] = asyncio.Queue()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/bot",
+        "raw_path": b"/bot",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(headers.SESSION_ID_HEADER.encode(), b"gone")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("agent", 80),
+    }
+    handler = asyncio.create_task(runtime.app(scope, to_app.get, sent.put))
+    await bounded(bot.running.wait())
+    to_app.put_nowait({"type": "http.disconnect"})
+    await asyncio.sleep(0)
+    assert "gone" in runtime.running  # hanging up stops nothing, as in PCC
+    bot.release.set()
+    await bounded(handler)
+    await runtime.event()
+    assert await runtime.event() == ended("gone", "completed", client_disconnected=True)
+
+
 def json_string_of(size: int) -> bytes:
     """A JSON document of exactly ``size`` bytes."""
     return b'"' + b"a" * (size - 2) + b'"'
@@ -883,6 +914,7 @@ async def test_shutdown_stops_accepting_at_once_and_exits_when_the_last_session_
     control.commands.push({"command": "shutdown"}, {"command": "ping", "seq": 1})
     assert await control.event() == {"event": "pong", "seq": 1}  # still answering
     assert control.server.calls == ["stop_accepting"]
+    assert control.running.closing  # POST /bot on an open connection gets 503 draining
     assert not stop.is_set()  # running sessions finish on their own
     control.commands.push({"command": "shutdown"})
     await control.settle()
@@ -905,6 +937,7 @@ async def test_end_of_file_stops_every_session_and_exits_once_they_have_ended(
     stops = control.start_bots("a", "b")
     control.commands.push(None)
     await bounded(_until(lambda: all(stop.is_set() for stop in stops)))
+    assert control.running.closing
     assert control.server.calls == []
     control.running.remove("a")
     control.running.remove("b")
