@@ -20,7 +20,12 @@ import pytest
 from catflap.config import CatflapConfig, load_config
 from catflap.contract import limits
 from catflap.contract.errors import BodyTooLarge, InvalidBody, ServiceUnavailable
-from catflap.gateway.botsession import bot_request, encode_bot_body, wait_until_started
+from catflap.gateway.botsession import (
+    InstanceRefused,
+    bot_request,
+    encode_bot_body,
+    wait_until_started,
+)
 from catflap.pool.instance import SessionEnd
 from catflap.sessions.record import SessionRecord
 from tests.conftest import (
@@ -162,20 +167,24 @@ async def test_a_session_is_accepted_once_the_runtime_reports_it_started() -> No
 
 async def test_an_answer_before_the_start_is_the_runtimes_refusal() -> None:
     refused = _answer(b"HTTP/1.1 409 Conflict\r\ncontent-length: 0\r\n\r\n")
-    with pytest.raises(ServiceUnavailable, match="HTTP 409"):
+    with pytest.raises(ServiceUnavailable, match="HTTP 409") as verdict:
         await wait_until_started(_Lease(), refused)  # type: ignore[arg-type]
+    assert not isinstance(verdict.value, InstanceRefused)  # the same on every instance
+    full = _answer(b"HTTP/1.1 503 Service Unavailable\r\n\r\n")
+    with pytest.raises(InstanceRefused, match="HTTP 503"):  # another instance may take it
+        await wait_until_started(_Lease(), full)  # type: ignore[arg-type]
     ran = _answer(b"HTTP/1.1 200 OK\r\n\r\n")  # bot() ran and ended before the report came
     await wait_until_started(_Lease(), ran)  # type: ignore[arg-type]
 
 
-async def test_a_lost_connection_or_instance_before_the_start_is_503() -> None:
+async def test_a_lost_connection_or_instance_before_the_start_tries_another_instance() -> None:
     lost = _answer()
     lost.set_exception(ConnectionError("gone"))
-    with pytest.raises(ServiceUnavailable, match="closed the connection"):
+    with pytest.raises(InstanceRefused, match="closed the connection"):
         await wait_until_started(_Lease(), lost)  # type: ignore[arg-type]
     lease = _Lease()
     lease.ended.set_result(SessionEnd(status="agent_crashed"))
-    with pytest.raises(ServiceUnavailable, match="ended before"):
+    with pytest.raises(InstanceRefused, match="ended before"):
         await wait_until_started(lease, _answer())  # type: ignore[arg-type]
 
 

@@ -10,7 +10,9 @@
 3. wait, bounded by the upstream handshake timeout, until the runtime reports
    ``session_started`` (the lease's ``started``): the session is accepted, recorded, and
    ``/start`` answers ``{"sessionId"}``. An HTTP answer before that is the runtime's refusal
-   (409, 503, 413, 400): the slot goes back and ``/start`` answers 503;
+   (409, 503, 413, 400): the slot goes back and ``/start`` answers 503. As for a WebSocket
+   session (``gateway/dispatch.py``), an instance that cannot be reached, answers 503 (full,
+   draining) or ends first is given up and another leased, up to ``DISPATCH_ATTEMPTS`` in all;
 4. the request stays open in a gateway task (the drain waits for it) until the runtime answers
    it (``bot()`` ended) or the lease ends (a crash); the record is then finished from the
    pool's end, with no relay traffic.
@@ -45,6 +47,7 @@ __all__ = [
     "BOT_PATH",
     "NO_RELAY",
     "BotSessions",
+    "InstanceRefused",
     "bot_request",
     "encode_bot_body",
     "wait_until_started",
@@ -122,8 +125,8 @@ async def wait_until_started(
     response head (and what followed it) of its ``POST /bot``.
 
     Raises:
-        ServiceUnavailable: 503, the runtime answered first (it refused the session), closed
-            the connection, or its instance ended.
+        InstanceRefused: 503, this instance answered 503, closed the connection or ended.
+        ServiceUnavailable: 503, the runtime refused the request itself (409, 400, 413).
     """
     # Once written, a cluster session counts as accepted (see _started).
     while not _started(lease, unknown=True):
@@ -131,18 +134,25 @@ async def wait_until_started(
             status = 0 if answer.exception() else response_status(answer.result()[0])
             if status == 200:
                 return  # bot() already ran to its end: the session happened
-            problem = (
-                f"the agent refused the session with HTTP {status}"
-                if status
-                else "the agent closed the connection before starting the session"
-            )
-            raise ServiceUnavailable(f"{problem}; retry shortly")
+            if not status:
+                raise InstanceRefused(
+                    "the agent closed the connection before starting the session; retry shortly"
+                )
+            problem = f"the agent refused the session with HTTP {status}; retry shortly"
+            # 503: this instance is full or draining; another may not be. Anything else is
+            # the runtime's verdict on the request itself, the same on every instance.
+            raise InstanceRefused(problem) if status == 503 else ServiceUnavailable(problem)
         if lease.ended.done():
-            raise ServiceUnavailable(
+            raise InstanceRefused(
                 "the agent instance ended before it started the session; retry shortly"
             )
         awaited: list[asyncio.Future[Any]] = [answer, lease.ended]
         await asyncio.wait(awaited, timeout=_ACCEPT_POLL_S)
+
+
+class InstanceRefused(ServiceUnavailable):
+    """This instance could not take the session (unreachable, full, draining, or gone before
+    it started the bot); another instance may, so the session is tried there."""
 
 
 @dataclass(slots=True)
@@ -174,25 +184,37 @@ class BotSessions:
         runtime has accepted it.
 
         Raises:
-            AtCapacity: 429.
             AgentNotReady: 503, no instance became ready.
-            ServiceUnavailable: 503, the instance could not be reached, refused the session,
-                or did not accept it in time.
+            AtCapacity: 429, also when no other instance was free for a retry.
+            ServiceUnavailable: 503, no instance could be reached or take the session (each
+                of ``DISPATCH_ATTEMPTS`` tried one), the runtime refused the request, or it
+                did not start the session in time.
         """
         started = time.perf_counter()
         accepted = UpgradeAccepted(
             agent=agent, session_id=str(uuid.uuid4()), provider=None, claims=None, body=None
         )
+        request = bot_request(agent, accepted.session_id, body)
         lease = await self.pool.acquire(agent.key, accepted.session_id)
-        try:
-            call = await self._accepted(
-                accepted, lease, bot_request(agent, accepted.session_id, body)
-            )
-        except BaseException:
-            if _started(lease, unknown=False):  # the client left just as the bot started
-                self.spawn(self._stop(lease.session_id))
-            self.pool.cancel(lease)
-            raise
+        tried: set[str] = set()
+        for attempt in range(1, limits.DISPATCH_ATTEMPTS + 1):
+            tried.add(lease.instance_key)
+            try:
+                call = await self._accepted(accepted, lease, request)
+                break
+            except InstanceRefused as refused:
+                self.pool.cancel(lease)
+                accepted_log(accepted).warning(
+                    "! attempt %d: %s at %s", attempt, refused.message, lease.instance_label
+                )
+                if attempt == limits.DISPATCH_ATTEMPTS:
+                    raise
+            except BaseException:
+                if _started(lease, unknown=False):  # the client left just as the bot started
+                    self.spawn(self._stop(lease.session_id))
+                self.pool.cancel(lease)
+                raise
+            lease = await self.pool.acquire(agent.key, accepted.session_id, avoid=frozenset(tried))
         recording = self.recorder.started(accepted, lease, started=started)
         self.spawn(self._hold(recording, lease, call))
         return accepted.session_id
@@ -218,12 +240,9 @@ class BotSessions:
                 "retry shortly"
             ) from None
         except OSError as exc:
-            raise ServiceUnavailable(
+            raise InstanceRefused(
                 f"could not reach the agent instance ({type(exc).__name__}); retry shortly"
             ) from None
-        except ServiceUnavailable as refused:
-            accepted_log(accepted).warning("! %s at %s", refused.message, lease.instance_label)
-            raise
         return call
 
     async def _hold(self, recording: Recording, lease: SessionLease, call: _BotCall) -> None:
