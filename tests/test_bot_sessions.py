@@ -48,10 +48,13 @@ def _agents(**scaling: int) -> dict[str, dict[str, Any]]:
 
 @asynccontextmanager
 async def warm_gateway(
-    *, adjust: Callable[[CatflapConfig], CatflapConfig] | None = None, **scaling: int
+    *,
+    adjust: Callable[[CatflapConfig], CatflapConfig] | None = None,
+    timings: dict[str, float] | None = None,
+    **scaling: int,
 ) -> AsyncIterator[RunningGateway]:
     """A gateway whose agent runs tests/bots/bot_session, with one instance ready."""
-    async with running_gateway(_agents(**scaling), adjust=adjust) as gw:
+    async with running_gateway(_agents(**scaling), adjust=adjust, timings=timings) as gw:
         await gw.wait_ready(AGENT_KEY)
         yield gw
 
@@ -298,6 +301,21 @@ async def test_the_drain_waits_for_a_bot_session_to_end(tmp_path: Path) -> None:
         await gw.gateway.shutdown(drain_timeout=seconds(10))
         record = gw.gateway.sessions.ended.get(session_id)
         assert record is not None and record.completion_status == "completed"
+
+
+@pytest.mark.slow
+async def test_past_the_drain_deadline_the_bot_is_stopped_and_recorded_drained(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "received.jsonl"
+    async with warm_gateway(timings={"close_wait": 0.1}) as gw:
+        session_id = await _running(gw, out, then="wait")
+        await received_by_bot(out)
+        # The listener waits close_wait + 5 s for sessions after the deadline, then cancels.
+        await gw.gateway.shutdown(drain_timeout=0)
+        record = gw.gateway.sessions.ended.get(session_id)
+        assert record is not None and record.completion_status == "drained"
+        assert not gw.pool.agents[AGENT_KEY].live()[0].leases  # the bot ended: its slot is back
 
 
 @pytest.mark.slow

@@ -248,16 +248,27 @@ class BotSessions:
     async def _hold(self, recording: Recording, lease: SessionLease, call: _BotCall) -> None:
         """Keep the request open until ``bot()`` ended (its answer) or the lease ended, then
         finish the record."""
+        finishing = False
         try:
             ends: list[asyncio.Future[Any]] = [call.reply.done, lease.ended]
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            finishing = True
             await self.recorder.ended(recording, lease, NO_RELAY, drained=False, traffic={})
         except asyncio.CancelledError:
-            # The gateway closes past its drain: the bot must not outlive it unseen.
-            await self._stop(lease.session_id)
+            if not finishing:
+                await self._drained(recording, lease)
             raise
         finally:
             call.close()
+
+    async def _drained(self, recording: Recording, lease: SessionLease) -> None:
+        """The gateway closes (past its drain deadline) while the bot runs: stop it, and record
+        the session ``drained``, as a WebSocket session closed with 1012 is. Bounded: the bot's
+        own time limit still ends a bot that ignores the stop."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(limits.CLOSE_WAIT_S):
+                await self.pool.stop_session(lease.session_id)
+                await self.recorder.ended(recording, lease, NO_RELAY, drained=True, traffic={})
 
     async def _stop(self, session_id: str) -> None:
         with contextlib.suppress(Exception):  # the bot's own time limit still ends it
