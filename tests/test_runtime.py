@@ -118,7 +118,10 @@ async def spawn() -> AsyncIterator[Spawn]:
     with tempfile.TemporaryDirectory(prefix="catflap-rt-") as tmp:
 
         async def start(
-            bot_dir: Path = ECHO, *, wait_ready: bool = True, socket_path: Path | None = None
+            bot_dir: Path = ECHO,
+            *extra_args: str,
+            wait_ready: bool = True,
+            socket_path: Path | None = None,
         ) -> Agent:
             n = len(agents)
             parent, child = socket.socketpair()
@@ -131,6 +134,7 @@ async def spawn() -> AsyncIterator[Spawn]:
                     "--listen", f"unix:{socket_path}",
                     "--control-fd", str(child.fileno()),
                     "--agent-name", "test-agent",
+                    *extra_args,
                     pass_fds=[child.fileno()],
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=stderr,

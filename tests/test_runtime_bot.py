@@ -8,6 +8,8 @@ routes it adds with ``from pipecatcloud_system import app``.
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -181,3 +183,13 @@ async def test_shutdown_lets_a_running_bot_session_finish_and_refuses_new_ones(
     response = await asyncio.wait_for(answer, WAIT_S)
     assert response.json() == {"sessionId": "last", "status": "completed"}
     assert await agent.exit_code() == 0
+
+
+async def test_a_bot_sessions_output_goes_to_its_own_log_file(spawn: Spawn, tmp_path: Path) -> None:
+    agent = await spawn(PCC_SESSION, "--log-dir", str(tmp_path))
+    response = await asyncio.wait_for(start_bot(agent, {"n": 1}, session_id="logged"), WAIT_S)
+    assert response.json()["status"] == "completed"
+    await agent.event("session_ended")  # the file is complete once the end is reported
+    path = tmp_path / "local" / "test-agent" / "logged.jsonl"
+    lines = [json.loads(line)["line"] for line in path.read_text().splitlines()]
+    assert "bot() got PipecatSessionArguments for logged" in lines

@@ -595,6 +595,13 @@ async def test_bot_request_runs_a_pipecat_session_and_answers_when_bot_returns()
     )
     assert await runtime.event() == ended("b-1", "completed", bot_seconds=3.0)
     assert runtime.metric("catflap_runtime_sessions_ended_total", status="completed") == 1
+    context = SessionContext("b-1", "my-agent", "my-org")
+    assert runtime.log == [  # the session's log file is complete before its end is reported
+        f"capture started {context}",
+        "event session_started",
+        f"capture ended {context}",
+        "event session_ended",
+    ]
 
 
 async def test_bot_request_with_daily_headers_gets_daily_session_arguments() -> None:

@@ -25,6 +25,7 @@ async def release(session_id: str):
 
 
 async def bot(args):
+    print(f"bot() got {type(args).__name__} for {args.session_id}")
     SEEN[args.session_id] = {
         "type": type(args).__name__,
         "session_id": args.session_id,
