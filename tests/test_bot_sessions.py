@@ -326,3 +326,31 @@ async def test_an_agent_that_cannot_start_gets_503_and_records_nothing() -> None
         assert response.status_code == 503, response.text
         assert response.json()["code"] == "PCC-1001"
         assert not gw.gateway.sessions.live and not gw.gateway.sessions.ended
+
+
+@pytest.mark.slow
+async def test_in_cluster_mode_a_gateway_runs_the_bot_on_an_agent_host_over_tcp() -> None:
+    from tests.test_cluster import cluster
+
+    async with cluster(gateways=1, hosts=1, slots=1) as cl, httpx.AsyncClient() as client:
+        started = await client.post(
+            f"{cl.http(0)}/v1/public/echo/start",
+            json={"createDailyRoom": False, "body": {"k": 1}},
+            headers={"authorization": "Bearer pk_test"},
+            timeout=seconds(30),
+        )
+        assert started.status_code == 200, started.text
+        session_id = started.json()["sessionId"]
+        # The cluster's bot is a WebSocket echo: given PipecatSessionArguments, it fails on
+        # args.websocket, which proves that it ran with this session and reported its end.
+        async with asyncio.timeout(seconds(20)):
+            while True:
+                shown = await client.get(
+                    f"{cl.http(0)}/v1/agents/echo/sessions/{session_id}",
+                    headers={"authorization": "Bearer sk_test"},
+                )
+                if shown.status_code == 200 and shown.json().get("completionStatus"):
+                    break
+                await asyncio.sleep(0.05)
+        assert shown.json()["completionStatus"] == "bot_error"
+        assert "websocket" in shown.json()["error"]
