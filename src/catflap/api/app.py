@@ -220,6 +220,11 @@ def create_api(deps: ApiDeps) -> FastAPI:
             if deps.bot_sessions is None:
                 raise ServiceUnavailable("this API starts no sessions without a transport")
             return {"sessionId": await deps.bot_sessions.start(spec, body)}
+        if transport is None:  # and createDailyRoom
+            raise UnsupportedTransport(
+                "createDailyRoom is not supported: catflap creates no Daily rooms; send no "
+                'createDailyRoom (a session without a transport) or "transport": "websocket"'
+            )
         if transport != "websocket" and transport not in TELEPHONY_TRANSPORTS:
             choices = ", ".join(["websocket", *TELEPHONY_TRANSPORTS])
             raise UnsupportedTransport(
