@@ -155,10 +155,12 @@ class _Lease:
     )
 
 
-def _answer(head: bytes | None = None) -> asyncio.Future[tuple[bytes, bytes]]:
+def _answer(
+    head: bytes | None = None, following: bytes = b""
+) -> asyncio.Future[tuple[bytes, bytes]]:
     answer: asyncio.Future[tuple[bytes, bytes]] = asyncio.get_running_loop().create_future()
     if head is not None:
-        answer.set_result((head, b""))
+        answer.set_result((head, following))
     return answer
 
 
@@ -169,8 +171,13 @@ async def test_a_session_is_accepted_once_the_runtime_reports_it_started() -> No
 
 
 async def test_an_answer_before_the_start_is_the_runtimes_refusal() -> None:
-    refused = _answer(b"HTTP/1.1 409 Conflict\r\ncontent-length: 0\r\n\r\n")
-    with pytest.raises(ServiceUnavailable, match="HTTP 409") as verdict:
+    refused = _answer(
+        b"HTTP/1.1 409 Conflict\r\ncontent-type: application/json\r\n\r\n",
+        b'{"error":"...","code":"session_already_running"}',
+    )
+    with pytest.raises(
+        ServiceUnavailable, match=r"HTTP 409 \(session_already_running\)"
+    ) as verdict:
         await wait_until_started(_Lease(), refused)  # type: ignore[arg-type]
     assert not isinstance(verdict.value, InstanceRefused)  # the same on every instance
     full = _answer(b"HTTP/1.1 503 Service Unavailable\r\n\r\n")

@@ -118,6 +118,16 @@ def _started(lease: SessionLease, *, unknown: bool) -> bool:
     return bool(getattr(lease, "started", unknown))
 
 
+def _code_in(body_start: bytes) -> str:
+    """`` (code)`` from the start of the runtime's JSON error, when it arrived with the head
+    (at most ``UPSTREAM_RESPONSE_HEAD_MAX_BYTES``); else nothing: it only helps the reader."""
+    try:
+        code = json.loads(body_start).get("code")
+    except (ValueError, AttributeError):
+        return ""
+    return f" ({code})" if isinstance(code, str) and code.isascii() and len(code) <= 64 else ""
+
+
 async def wait_until_started(
     lease: SessionLease, answer: asyncio.Future[tuple[bytes, bytes]]
 ) -> None:
@@ -138,7 +148,9 @@ async def wait_until_started(
                 raise InstanceRefused(
                     "the agent closed the connection before starting the session; retry shortly"
                 )
-            problem = f"the agent refused the session with HTTP {status}; retry shortly"
+            following = answer.result()[1]
+            problem = f"the agent refused the session with HTTP {status}{_code_in(following)}"
+            problem += "; retry shortly"
             # 503: this instance is full or draining; another may not be. Anything else is
             # the runtime's verdict on the request itself, the same on every instance.
             raise InstanceRefused(problem) if status == 503 else ServiceUnavailable(problem)
