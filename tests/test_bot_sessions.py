@@ -21,6 +21,7 @@ from catflap.config import CatflapConfig, load_config
 from catflap.contract import limits
 from catflap.contract.errors import BodyTooLarge, InvalidBody, ServiceUnavailable
 from catflap.gateway.botsession import (
+    BOT_TRANSPORT,
     InstanceRefused,
     bot_request,
     encode_bot_body,
@@ -218,6 +219,7 @@ async def test_a_session_without_a_transport_runs_the_bot_and_is_recorded(tmp_pa
         record = await ended_record(gw, session_id)
         assert record.completion_status == "completed"
         assert record.agent == AGENT
+        assert record.transport == BOT_TRANSPORT == "bot"
         assert (record.bytes_client_to_agent, record.frames_agent_to_client) == (0, 0)
         async with httpx.AsyncClient(base_url=gw.http) as client:
             shown = await client.get(

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 __all__ = [
     "AGENT_PATH",
+    "BOT_PATH",
+    "DAILY_ROOM_TOKEN_HEADER",
+    "DAILY_ROOM_URL_HEADER",
     "MAX_SESSION_SECONDS_HEADER",
     "QUERY_BODY",
     "QUERY_SERVICE_HOST",
@@ -29,8 +32,14 @@ TRANSPORT_TYPE_WEBSOCKET = "websocket"
 #: sends it on ``/ws`` too, and the runtime cancels ``bot()`` when it runs out).
 MAX_SESSION_SECONDS_HEADER = "x-pcc-max-session-seconds"
 
+#: The Daily room a ``POST /bot`` session joins, and its meeting token (PCC base image).
+DAILY_ROOM_URL_HEADER = "x-daily-room-url"
+DAILY_ROOM_TOKEN_HEADER = "x-daily-room-token"
+
 #: The agent runtime's WebSocket route (PCC base image).
 AGENT_PATH = "/ws"
+#: The agent runtime's route for sessions without a transport, held until ``bot()`` ends.
+BOT_PATH = "/bot"
 
 #: Query parameters of the public WebSocket URL.
 QUERY_BODY = "body"

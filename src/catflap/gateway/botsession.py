@@ -44,7 +44,7 @@ from catflap.pool.interface import SessionLease, SessionPool
 from catflap.sessions.record import RelayStats
 
 __all__ = [
-    "BOT_PATH",
+    "BOT_TRANSPORT",
     "NO_RELAY",
     "BotSessions",
     "InstanceRefused",
@@ -53,8 +53,8 @@ __all__ = [
     "wait_until_started",
 ]
 
-#: The agent runtime's route for sessions without a transport (PCC base image).
-BOT_PATH = "/bot"
+#: The ``transport`` of these sessions' records: they run on the runtime's ``/bot`` route.
+BOT_TRANSPORT = "bot"
 #: How often the wait for ``session_started`` looks at the lease: the pool's lease has a flag,
 #: not a future, for it. A start takes milliseconds, so this adds at most a few to ``/start``.
 _ACCEPT_POLL_S = 0.005
@@ -100,7 +100,7 @@ def encode_bot_body(value: Any) -> bytes:
 def bot_request(agent: AgentSpec, session_id: str, body: bytes) -> bytes:
     """The ``POST /bot`` request an instance receives for one session."""
     head = [
-        f"POST {BOT_PATH} HTTP/1.1",
+        f"POST {hdrs.BOT_PATH} HTTP/1.1",
         "host: catflap-agent",
         "content-type: application/json",
         f"content-length: {len(body)}",
@@ -227,7 +227,7 @@ class BotSessions:
                 self.pool.cancel(lease)
                 raise
             lease = await self.pool.acquire(agent.key, accepted.session_id, avoid=frozenset(tried))
-        recording = self.recorder.started(accepted, lease, started=started)
+        recording = self.recorder.started(accepted, lease, started=started, transport=BOT_TRANSPORT)
         self.spawn(self._hold(recording, lease, call))
         return accepted.session_id
 

@@ -73,9 +73,16 @@ class Recorder:
         self.lease_end_timeout = lease_end_timeout
 
     def started(
-        self, accepted: UpgradeAccepted, lease: SessionLease, *, started: float
+        self,
+        accepted: UpgradeAccepted,
+        lease: SessionLease,
+        *,
+        started: float,
+        transport: str | None = None,
     ) -> Recording:
-        """Record a session whose 101 went out; ``started`` is its ``time.perf_counter()``."""
+        """Record a session whose 101 went out (or whose ``/bot`` call the runtime accepted);
+        ``started`` is its ``time.perf_counter()``. ``transport`` names a session that is not a
+        WebSocket one; by default the provider's name, else ``websocket``."""
         agent = accepted.known_agent()
         name, org = agent.service_host.agent, agent.service_host.org
         slog = session_log(log, accepted.session_id, agent=name, org=org)
@@ -85,7 +92,7 @@ class Recorder:
             agent=name,
             organization=org,
             created_at=self.clock(),
-            transport=accepted.provider.name if accepted.provider else "websocket",
+            transport=transport or (accepted.provider.name if accepted.provider else "websocket"),
             cold_start=lease.cold_start,
             bot_start_seconds=start_seconds,
         )

@@ -21,13 +21,13 @@ from starlette.websockets import WebSocket
 
 from catflap.contract import headers
 from catflap.runtime.botloader import BotImportError, LoadedBot
-from catflap.runtime.botroute import BOT_PATH, bot_endpoint
+from catflap.runtime.botroute import bot_endpoint
 from catflap.runtime.session import SessionRunner
 
 __all__ = ["RESERVED_PATHS", "ReservedRouteError", "check_bot_routes", "create_app"]
 
 #: The runtime's own paths; a bot may not declare a route on any of them.
-RESERVED_PATHS = (headers.AGENT_PATH, BOT_PATH, "/livez", "/readyz", "/metrics")
+RESERVED_PATHS = (headers.AGENT_PATH, headers.BOT_PATH, "/livez", "/readyz", "/metrics")
 
 
 class ReservedRouteError(BotImportError):
@@ -105,7 +105,7 @@ def create_app(sessions: SessionRunner, app: FastAPI | None = None) -> FastAPI:
         return JSONResponse({"status": "not ready"}, status_code=503)
 
     app.add_api_websocket_route(headers.AGENT_PATH, ws_endpoint)
-    app.add_api_route(BOT_PATH, bot_endpoint(sessions), methods=["POST"])
+    app.add_api_route(headers.BOT_PATH, bot_endpoint(sessions), methods=["POST"])
     app.add_api_route("/livez", livez, methods=["GET"])
     app.add_api_route("/readyz", readyz, methods=["GET"])
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"])

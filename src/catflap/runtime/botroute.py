@@ -37,21 +37,12 @@ from catflap.runtime.args import DailyRoom
 from catflap.runtime.session import BotSession, SessionRunner, read_budget
 
 __all__ = [
-    "BOT_PATH",
-    "DAILY_ROOM_TOKEN_HEADER",
-    "DAILY_ROOM_URL_HEADER",
     "MissingSessionId",
     "bot_endpoint",
     "read_bot_request",
 ]
 
 logger = logging.getLogger("catflap.runtime.app")
-
-#: The runtime's route for sessions without a WebSocket (PCC base image).
-BOT_PATH = "/bot"
-#: The Daily room a ``/bot`` session joins, and its meeting token (PCC base image).
-DAILY_ROOM_URL_HEADER = "x-daily-room-url"
-DAILY_ROOM_TOKEN_HEADER = "x-daily-room-token"
 
 
 class MissingSessionId(BadRequest):
@@ -92,7 +83,9 @@ async def read_bot_request(request: Request) -> BotSession:
     """
     session_id = request.headers.get(headers.SESSION_ID_HEADER)
     if not session_id:
-        raise MissingSessionId(f"POST {BOT_PATH} needs the {headers.SESSION_ID_HEADER} header")
+        raise MissingSessionId(
+            f"POST {headers.BOT_PATH} needs the {headers.SESSION_ID_HEADER} header"
+        )
     data = await _read_body(request)
     body: Any = None
     if data.strip():
@@ -101,13 +94,15 @@ async def read_bot_request(request: Request) -> BotSession:
         except NotJson as exc:
             raise InvalidBody(f"the /bot body is not strict JSON: {exc}") from None
     log = session_log(logger, session_id)
-    room_url = request.headers.get(DAILY_ROOM_URL_HEADER)
+    room_url = request.headers.get(headers.DAILY_ROOM_URL_HEADER)
     return BotSession(
         session_id=session_id,
         body=body,
         budget=read_budget(request.headers.get(headers.MAX_SESSION_SECONDS_HEADER), log),
         daily=(
-            DailyRoom(room_url, request.headers.get(DAILY_ROOM_TOKEN_HEADER)) if room_url else None
+            DailyRoom(room_url, request.headers.get(headers.DAILY_ROOM_TOKEN_HEADER))
+            if room_url
+            else None
         ),
     )
 
@@ -124,7 +119,7 @@ def bot_endpoint(sessions: SessionRunner) -> Callable[[Request], Awaitable[JSONR
             session = await read_bot_request(request)
             status = await sessions.run_bot(session, request.is_disconnected)
         except RequestRejected as exc:
-            logger.info("! POST %s refused: %d %s", BOT_PATH, exc.status, exc.code)
+            logger.info("! POST %s refused: %d %s", headers.BOT_PATH, exc.status, exc.code)
             return _rejection(exc)
         return JSONResponse({"sessionId": session.session_id, "status": status})
 
