@@ -193,11 +193,24 @@ async def test_the_101_is_split_from_the_agents_first_frames_and_reading_pauses(
     assert transport.paused
 
 
-async def test_a_response_head_past_its_bound_is_an_error() -> None:
-    protocol, _ = await _protocol()
+async def test_a_response_head_past_its_bound_is_an_error_and_nothing_more_is_kept() -> None:
+    protocol, transport = await _protocol()
     protocol.data_received(b"HTTP/1.1 101 OK\r\n" + b"x" * limits.UPSTREAM_RESPONSE_HEAD_MAX_BYTES)
     with pytest.raises(ConnectionError, match="too large"):
         await protocol.done
+    # A caller may hold the connection before closing it (a held POST /bot): reading stops,
+    # and bytes already in flight are dropped, not buffered.
+    assert transport.paused and len(protocol.buffer) == 0
+    protocol.data_received(b"y" * 65536)
+    assert len(protocol.buffer) == 0
+
+
+async def test_bytes_after_the_head_wait_for_the_relay_and_are_not_buffered_here() -> None:
+    protocol, transport = await _protocol()
+    protocol.data_received(b"HTTP/1.1 200 OK\r\n\r\n{}")
+    assert transport.paused and (await protocol.done)[1] == b"{}"
+    protocol.data_received(b"z" * 65536)  # would be a transport that ignored the pause
+    assert len(protocol.buffer) == len(b"HTTP/1.1 200 OK\r\n\r\n{}")
 
 
 async def test_an_agent_that_closes_during_the_upgrade_is_an_error() -> None:

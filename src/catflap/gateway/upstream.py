@@ -182,14 +182,23 @@ class ResponseHeadReader(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.done.done():
+            return  # decided: reading is paused, and nothing more is kept here
         self.buffer += data
         end = self.buffer.find(b"\r\n\r\n")
-        if end >= 0 and not self.done.done():
-            assert self.transport is not None
-            self.transport.pause_reading()  # the relay resumes it
+        if end >= 0:
+            self._stop_reading()  # the relay resumes it
             self.done.set_result((bytes(self.buffer[: end + 4]), bytes(self.buffer[end + 4 :])))
-        elif len(self.buffer) > limits.UPSTREAM_RESPONSE_HEAD_MAX_BYTES and not self.done.done():
+        elif len(self.buffer) > limits.UPSTREAM_RESPONSE_HEAD_MAX_BYTES:
+            # Stop reading too: a caller may hold the connection a while before closing it
+            # (a held POST /bot), and the buffer must not grow meanwhile.
+            self._stop_reading()
+            self.buffer.clear()
             self.done.set_exception(ConnectionError("agent response head too large"))
+
+    def _stop_reading(self) -> None:
+        assert self.transport is not None
+        self.transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done.done():
