@@ -7,6 +7,7 @@
     │   ├── BadRequest                400 bad_request
     │   │   ├── InvalidServiceHost    400 invalid_service_host
     │   │   ├── InvalidBody           400 invalid_body
+    │   │   ├── MissingSessionId      400 missing_session_id (the runtime's POST /bot)
     │   │   ├── BodyNotAllowed        400 body_not_allowed
     │   │   ├── UnsupportedTransport  400 unsupported_transport
     │   │   ├── InvalidHandshake      400 invalid_handshake
@@ -18,6 +19,7 @@
     │   │   └── AgentNotFound         404 "404" (PCC's code)
     │   ├── MethodNotAllowed          405 method_not_allowed
     │   ├── RequestTimeout            408 request_timeout
+    │   ├── DuplicateSession          409 session_already_running (the runtime's POST /bot)
     │   ├── BodyTooLarge              413 body_too_large
     │   ├── RequestTooLarge           413 request_too_large
     │   ├── UrlTooLong                414 url_too_long
@@ -28,7 +30,8 @@
     │   ├── InternalError             500 internal_error (details only in the log)
     │   └── ServiceUnavailable        503 (+ Retry-After)
     │       ├── AgentNotReady         503 PCC-1001
-    │       └── Draining              503 draining
+    │       ├── Draining              503 draining (gateway or runtime shutting down)
+    │       └── InstanceFull          503 instance_full (the runtime's POST /bot)
     ├── ConfigError                   bad configuration; the CLI exits with EXIT_CONFIG
     ├── StartupError                  cannot start (port taken, state dir); exits EXIT_STARTUP
     ├── CatflapMisuse                 a bug in catflap or its caller (also an AssertionError)
@@ -62,6 +65,8 @@ __all__ = [
     "CatflapMisuse",
     "ConfigError",
     "Draining",
+    "DuplicateSession",
+    "InstanceFull",
     "TooManyConnections",
     "HeadersTooLarge",
     "InvalidBody",
@@ -70,6 +75,7 @@ __all__ = [
     "InvalidServiceHost",
     "MalformedRequest",
     "MethodNotAllowed",
+    "MissingSessionId",
     "MetricsForbidden",
     "NotFound",
     "RequestRejected",
@@ -138,6 +144,12 @@ class InvalidServiceHost(BadRequest):
     code = "invalid_service_host"
 
 
+class MissingSessionId(BadRequest):
+    """The runtime's ``POST /bot`` without ``x-daily-session-id``: the caller names the session."""
+
+    code = "missing_session_id"
+
+
 class InvalidBody(BadRequest):
     code = "invalid_body"
 
@@ -204,6 +216,13 @@ class MethodNotAllowed(RequestRejected):
     code = "method_not_allowed"
 
 
+class DuplicateSession(RequestRejected):
+    """The runtime's ``POST /bot`` names a session id that is already running there."""
+
+    status = 409
+    code = "session_already_running"
+
+
 class RequestTimeout(RequestRejected):
     status = 408
     code = "request_timeout"
@@ -265,7 +284,16 @@ class AgentNotReady(ServiceUnavailable):
 
 
 class Draining(ServiceUnavailable):
+    """The gateway is shutting down, or a runtime got ``shutdown``: running sessions finish,
+    no new one starts."""
+
     code = "draining"
+
+
+class InstanceFull(ServiceUnavailable):
+    """The runtime's ``POST /bot`` finds the instance at its ``sessions_per_instance``."""
+
+    code = "instance_full"
 
 
 class TooManyConnections(ServiceUnavailable):

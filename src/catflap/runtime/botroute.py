@@ -31,24 +31,23 @@ from starlette.requests import ClientDisconnect, Request
 
 from catflap.contract import headers, limits
 from catflap.contract.body import NotJson, loads_strict
-from catflap.contract.errors import BadRequest, BodyTooLarge, InvalidBody, RequestRejected
+from catflap.contract.errors import (
+    BadRequest,
+    BodyTooLarge,
+    InvalidBody,
+    MissingSessionId,
+    RequestRejected,
+)
 from catflap.logs import session_log
 from catflap.runtime.args import DailyRoom
 from catflap.runtime.session import BotSession, SessionRunner, read_budget
 
 __all__ = [
-    "MissingSessionId",
     "bot_endpoint",
     "read_bot_request",
 ]
 
 logger = logging.getLogger("catflap.runtime.app")
-
-
-class MissingSessionId(BadRequest):
-    """``POST /bot`` without ``x-daily-session-id``: the caller names the session."""
-
-    code = "missing_session_id"
 
 
 def _too_large(size: int) -> BodyTooLarge:

@@ -26,7 +26,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from catflap.contract import headers, limits
 from catflap.contract.closecodes import CloseCode, assert_sendable
 from catflap.contract.control import BOT_IGNORED_CANCELLATION, EventSink, SessionStatus
-from catflap.contract.errors import RequestRejected, ServiceUnavailable, cut_error
+from catflap.contract.errors import (
+    Draining,
+    DuplicateSession,
+    InstanceFull,
+    cut_error,
+)
 from catflap.logs import SessionContext, bind_session, session_log, unbind_session
 from catflap.runtime.args import (
     DailyRoom,
@@ -41,9 +46,6 @@ from catflap.runtime.running import RunningBots
 
 __all__ = [
     "BotSession",
-    "DuplicateSession",
-    "InstanceFull",
-    "RuntimeClosing",
     "SessionRunner",
     "close_quietly",
     "read_budget",
@@ -62,25 +64,6 @@ class _Outcome:
     error: str | None
     close_code: CloseCode
     close_reason: str
-
-
-class DuplicateSession(RequestRejected):
-    """``POST /bot`` names a session id that is already running here."""
-
-    status = 409
-    code = "session_already_running"
-
-
-class InstanceFull(ServiceUnavailable):
-    """``POST /bot`` finds the runtime at its ``sessions_per_instance``."""
-
-    code = "instance_full"
-
-
-class RuntimeClosing(ServiceUnavailable):
-    """``POST /bot`` arrives after ``shutdown``: running sessions finish, no new one starts."""
-
-    code = "draining"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,11 +168,11 @@ class SessionRunner:
         Raises:
             DuplicateSession: 409, the session id is running already.
             InstanceFull: 503, ``max_sessions`` sessions are running.
-            RuntimeClosing: 503, ``shutdown`` was received.
+            Draining: 503, ``shutdown`` was received.
         """
         session_id = request.session_id
         if self.running.closing:
-            raise RuntimeClosing("this instance is shutting down; start the session elsewhere")
+            raise Draining("this instance is shutting down; start the session elsewhere")
         if session_id in self.running:
             raise DuplicateSession(f"session {session_id} is already running on this instance")
         if self.max_sessions is not None and len(self.running) >= self.max_sessions:
