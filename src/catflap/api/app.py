@@ -22,7 +22,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from catflap.api.auth import bearer_credentials, error_responses, private_key_org
 from catflap.api.dashboard import dashboard_router
@@ -53,6 +52,7 @@ from catflap.contract.errors import (
     error_body,
 )
 from catflap.gateway.botsession import encode_bot_body
+from catflap.requestbody import read_bounded_body
 
 if TYPE_CHECKING:
     from catflap.api.deps import ApiDeps
@@ -106,27 +106,15 @@ async def _read_json(request: Request) -> Any:
         raise UnsupportedMediaType(
             "send the request body as JSON with Content-Type: application/json"
         )
-    declared = request.headers.get("content-length")
-    if (
-        declared is not None
-        and declared.isdigit()
-        and int(declared) > limits.START_REQUEST_MAX_BYTES
-    ):
-        raise RequestTooLarge(f"request body over {limits.START_REQUEST_MAX_BYTES} bytes")
-    data = bytearray()
-    try:
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > limits.START_REQUEST_MAX_BYTES:
-                raise RequestTooLarge(f"request body over {limits.START_REQUEST_MAX_BYTES} bytes")
-    except ClientDisconnect:
-        # The client left mid-body, or the gateway closed it at the body deadline: no one reads
-        # the answer, but it must not be logged as a crash (a traceback per slow client).
-        raise BadRequest("the client disconnected before its body was complete") from None
+    data = await read_bounded_body(
+        request,
+        limits.START_REQUEST_MAX_BYTES,
+        lambda _: RequestTooLarge(f"request body over {limits.START_REQUEST_MAX_BYTES} bytes"),
+    )
     # The same strict JSON as ?body= (contract/body.py): a body with NaN, 1e999 or a lone
     # surrogate is refused here as it is in the upgrade URL, with the same code.
     try:
-        return loads_strict(bytes(data))
+        return loads_strict(data)
     except UnportableJson as exc:
         raise InvalidBody(
             f"the request body is {exc}; bodies must be strict JSON, as for ?body="

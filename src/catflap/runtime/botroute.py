@@ -27,18 +27,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import JSONResponse
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from catflap.contract import headers, limits
 from catflap.contract.body import NotJson, loads_strict
 from catflap.contract.errors import (
-    BadRequest,
     BodyTooLarge,
     InvalidBody,
     MissingSessionId,
     RequestRejected,
 )
 from catflap.logs import session_log
+from catflap.requestbody import read_bounded_body
 from catflap.runtime.args import DailyRoom
 from catflap.runtime.session import BotSession, SessionRunner, read_budget
 
@@ -56,21 +56,6 @@ def _too_large(size: int) -> BodyTooLarge:
     )
 
 
-async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limits.BOT_BODY_MAX_BYTES:
-        raise _too_large(int(declared))
-    data = bytearray()
-    try:
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > limits.BOT_BODY_MAX_BYTES:
-                raise _too_large(len(data))
-    except ClientDisconnect:
-        raise BadRequest("the client disconnected before its body was complete") from None
-    return bytes(data)
-
-
 async def read_bot_request(request: Request) -> BotSession:
     """Read and check one ``POST /bot`` request (see the module docstring's table).
 
@@ -85,7 +70,7 @@ async def read_bot_request(request: Request) -> BotSession:
         raise MissingSessionId(
             f"POST {headers.BOT_PATH} needs the {headers.SESSION_ID_HEADER} header"
         )
-    data = await _read_body(request)
+    data = await read_bounded_body(request, limits.BOT_BODY_MAX_BYTES, _too_large)
     body: Any = None
     if data.strip():
         try:
