@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-from catflap.gateway.metricslistener import MetricsListener
 from pydantic import SecretStr
 
 from catflap.api.app import create_api
@@ -26,6 +25,7 @@ from catflap.config import CatflapConfig
 from catflap.contract import limits
 from catflap.directory import AgentDirectory
 from catflap.gateway.httphead import HeadParser
+from catflap.gateway.metricslistener import MetricsListener
 from catflap.metrics import CONTENT_TYPE, GatewayMetrics, MetricSources
 from catflap.pool.interface import SessionLease
 from catflap.sessions.recent import RecentRecords
