@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 import ssl
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -732,3 +734,63 @@ async def test_a_session_whose_second_leg_cannot_join_moves_no_byte(tmp_path: Pa
 class _NoUser:
     def lane_returned(self, reason: int, client: LegReturn, agent: LegReturn) -> None:
         raise AssertionError("a session that never entered was handed back")
+
+
+# --- the lane thread's priority -------------------------------------------------------------
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="lowering a thread's nice value needs root (CAP_SYS_NICE)"
+)
+
+
+@needs_root
+async def test_the_lane_thread_runs_at_the_configured_nice_and_the_loop_does_not() -> None:
+    lane = fastlane.FastLane(nice=-7)
+    try:
+        assert lane.nice == -7
+        assert os.getpriority(os.PRIO_PROCESS, lane._native.thread_id) == -7
+        assert lane._native.thread_id != threading.get_native_id()
+        # Only the lane thread: the event loop (and every process it spawns) keeps its own.
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0
+    finally:
+        lane.close()
+
+
+_WITHOUT_SYS_NICE = """
+import asyncio, logging, os, sys
+logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+from catflap.gateway import fastlane
+async def main() -> None:
+    lane = fastlane.FastLane(nice=-10)
+    print("nice", lane.nice, os.getpriority(os.PRIO_PROCESS, lane._native.thread_id))
+    lane.close()
+asyncio.run(main())
+"""
+
+
+@needs_root
+def test_without_cap_sys_nice_the_lane_warns_once_and_runs_at_nice_0() -> None:
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "util-linux's setpriv is needed to drop CAP_SYS_NICE"
+    result = subprocess.run(
+        [setpriv, "--bounding-set", "-sys_nice", "--inh-caps", "-sys_nice",
+         sys.executable, "-c", _WITHOUT_SYS_NICE],
+        capture_output=True, text=True, timeout=seconds(30), check=True,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "nice 0 0"
+    warnings = [line for line in lines if "could not take nice -10" in line]
+    assert len(warnings) == 1, result.stdout
+    assert "CAP_SYS_NICE or LimitNICE=30" in warnings[0]
+    assert "relay_thread_nice = 0" in warnings[0]
+
+
+async def test_nice_0_leaves_the_thread_alone() -> None:
+    lane = fastlane.FastLane(nice=0)
+    try:
+        assert lane.nice == 0
+        assert os.getpriority(os.PRIO_PROCESS, lane._native.thread_id) == os.getpriority(
+            os.PRIO_PROCESS, 0
+        )
+    finally:
+        lane.close()

@@ -103,6 +103,10 @@ class GatewaySettings(_Strict):
     #: Move steady-state relay bytes on a native thread (the fast lane, a C extension built at
     #: install time) instead of the event loop. Without the extension, or false: event loop.
     native_relay: bool = True
+    #: The fast lane thread's nice value: below the event loop's 0, so that relayed frames are
+    #: not delayed by whatever else the gateway does (a flood of hostile connections). Needs
+    #: ``CAP_SYS_NICE`` or ``RLIMIT_NICE``; without them the gateway warns and runs at 0.
+    relay_thread_nice: int = Field(default=-10, ge=-20, le=19)
     provider_handshake_timeout: float = Field(default=limits.PROVIDER_HANDSHAKE_TIMEOUT_S, gt=0)
     #: Serve the live view at ``/dashboard`` (``--dashboard``); off unless asked for.
     dashboard: bool = False

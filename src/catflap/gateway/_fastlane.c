@@ -40,6 +40,8 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <semaphore.h>
 #include <unistd.h>
 
 #define READ_CHUNK (64 * 1024)
@@ -101,6 +103,9 @@ typedef struct {
     int notify_fd; /* thread -> Python: handed-back sessions are waiting in take() */
     pthread_t thread;
     int thread_started;
+    /* The thread's kernel id, so that Python can set its scheduling priority (fastlane.py). */
+    long thread_id;
+    sem_t thread_up; /* posted once thread_id is set */
     int stopping;
     pthread_mutex_t lock;
     /* Slots, indexed by the low 32 bits of a handle; the high bits are a generation. */
@@ -333,6 +338,8 @@ static void *run(void *arg) {
     Lane *lane = (Lane *)arg;
     struct epoll_event events[MAX_EVENTS];
     uint8_t *buf = lane->buf;
+    lane->thread_id = (long)syscall(SYS_gettid);
+    sem_post(&lane->thread_up);
     for (;;) {
         pthread_mutex_lock(&lane->lock);
         housekeeping_locked(lane);
@@ -384,6 +391,7 @@ static PyObject *Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     if (self == NULL) return NULL;
     self->epfd = self->wake_fd = self->notify_fd = -1;
     pthread_mutex_init(&self->lock, NULL);
+    sem_init(&self->thread_up, 0, 0);
     self->epfd = epoll_create1(EPOLL_CLOEXEC);
     self->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     self->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -416,6 +424,11 @@ static PyObject *Lane_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
         return NULL;
     }
     self->thread_started = 1;
+    /* Wait until the thread has said who it is: Python reads thread_id right after. */
+    Py_BEGIN_ALLOW_THREADS
+    while (sem_wait(&self->thread_up) != 0 && errno == EINTR) {
+    }
+    Py_END_ALLOW_THREADS
     return (PyObject *)self;
 }
 
@@ -436,6 +449,7 @@ static void Lane_dealloc(Lane *self) {
     if (self->wake_fd >= 0) close(self->wake_fd);
     if (self->notify_fd >= 0) close(self->notify_fd);
     pthread_mutex_destroy(&self->lock);
+    sem_destroy(&self->thread_up);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -709,8 +723,14 @@ static PyMethodDef Lane_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *Lane_get_thread_id(Lane *self, void *Py_UNUSED(closure)) {
+    return PyLong_FromLong(self->thread_id);
+}
+
 static PyGetSetDef Lane_getset[] = {
     {"active", (getter)Lane_get_active, NULL, "Sessions in the lane now.", NULL},
+    {"thread_id", (getter)Lane_get_thread_id, NULL,
+     "The lane thread's kernel thread id (for os.setpriority).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -161,7 +161,7 @@ class Gateway:
             self.metrics_listener = listener
         if settings.native_relay:
             if fastlane.available():
-                self._relays.lane = fastlane.FastLane()
+                self._relays.lane = fastlane.FastLane(nice=settings.relay_thread_nice)
             else:
                 log.warning(
                     "the fast lane extension is not built, so sessions relay on the event loop "
