@@ -313,9 +313,10 @@ def children_of(pid: int) -> list[int]:
     return sorted(found)
 
 
-def cpu_times() -> dict[str, tuple[int, int, int]]:
-    """Per-CPU (busy, steal, total) ticks from ``/proc/stat`` (key ``cpu`` is the sum)."""
-    out: dict[str, tuple[int, int, int]] = {}
+def cpu_times() -> dict[str, tuple[int, int, int, int]]:
+    """Per-CPU (busy, steal, total, interrupt) ticks from ``/proc/stat`` (key ``cpu`` is the
+    sum); interrupt (irq + softirq) is part of busy."""
+    out: dict[str, tuple[int, int, int, int]] = {}
     with open("/proc/stat") as f:
         for line in f:
             if not line.startswith("cpu"):
@@ -323,23 +324,25 @@ def cpu_times() -> dict[str, tuple[int, int, int]]:
             name, *values = line.split()
             user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in values[:8])
             busy = user + nice + system + irq + softirq
-            out[name] = (busy, steal, busy + idle + iowait + steal)
+            out[name] = (busy, steal, busy + idle + iowait + steal, irq + softirq)
     return out
 
 
-def machine_load(before: dict[str, tuple[int, int, int]]) -> dict[str, float]:
-    """Busy and steal fraction per CPU since ``before`` (a :func:`cpu_times` sample)."""
+def machine_load(before: dict[str, tuple[int, int, int, int]]) -> dict[str, float]:
+    """Busy and steal fraction per CPU since ``before`` (a :func:`cpu_times` sample), and the
+    CPU seconds spent busy and in interrupts (the kernel's network stack, for loopback traffic)."""
     after = cpu_times()
     load: dict[str, float] = {}
-    for name, (busy, steal, total) in after.items():
+    for name, (busy, steal, total, _) in after.items():
         if name not in before:
             continue
-        b0, s0, t0 = before[name]
+        b0, s0, t0, _ = before[name]
         span = max(1, total - t0)
         load[f"{name}_busy"] = round((busy - b0) / span, 3)
         if steal - s0:
             load[f"{name}_steal"] = round((steal - s0) / span, 3)
     load["busy_cpu_s"] = round((after["cpu"][0] - before["cpu"][0]) / CLOCK_TICKS, 3)
+    load["interrupt_cpu_s"] = round((after["cpu"][3] - before["cpu"][3]) / CLOCK_TICKS, 3)
     return load
 
 

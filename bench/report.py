@@ -388,6 +388,7 @@ def _hostile_md(res: dict[str, Any]) -> list[str]:
                 _pct(r.get("load_core_busy")),
                 _pct(r.get("attackers_core_busy")),
                 r["machine"].get("foreign_cpu_s"),
+                r["machine"].get("interrupt_cpu_s"),
             ]
         )
     header = [
@@ -405,6 +406,7 @@ def _hostile_md(res: dict[str, Any]) -> list[str]:
         "load core",
         "attackers",
         "other CPU s",
+        "kernel network CPU s",
     ]
     pause = res.get("attack_pause_s") or 0
     variants = res.get("attack_variants", "all")
