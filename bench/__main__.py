@@ -115,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
         help="run catflap with [gateway] native_relay = false (no fast lane), for comparison",
     )
     parser.add_argument(
+        "--relay-thread-nice",
+        type=int,
+        help="catflap's [gateway] relay_thread_nice (default: catflap's, -10); 0 for comparison",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke test (< 60 s): tiny loads; fails if a scenario fails or loses a frame",
@@ -190,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.rounds = args.rounds
     settings.echo = args.echo
     settings.native_relay = not args.event_loop_relay
+    settings.relay_thread_nice = args.relay_thread_nice
     os.environ["CATFLAP_BENCH_ECHO"] = args.echo  # read by bench/bots/fast-echo/bot.py
     set_quiet_budget(0.0 if args.quick else args.quiet_budget)
     out: Path = args.out or (

@@ -228,15 +228,21 @@ def _toml_value(value: Any) -> str:
 
 
 def gateway_config(
-    agents: dict[str, dict[str, Any]], port: int, *, native_relay: bool = True
+    agents: dict[str, dict[str, Any]],
+    port: int,
+    *,
+    native_relay: bool = True,
+    relay_thread_nice: int | None = None,
 ) -> str:
-    """A ``catflap.toml`` with one organization (``bench-org``) and the given agents."""
+    """A ``catflap.toml`` with one organization (``bench-org``) and the given agents;
+    ``relay_thread_nice`` None keeps catflap's default."""
     lines = [
         f'listen = "127.0.0.1:{port}"',
         "[gateway]",
         "agent_ready_timeout = 60",
         "drain_timeout = 1",
         f"native_relay = {'true' if native_relay else 'false'}",
+        *([] if relay_thread_nice is None else [f"relay_thread_nice = {relay_thread_nice}"]),
         f"[organizations.{ORG}]",
         'public_keys = ["pk_bench"]',
     ]
@@ -288,11 +294,14 @@ def catflap_gateway(
     load_cpus: set[int],
     name: str = "catflap",
     native_relay: bool = True,
+    relay_thread_nice: int | None = None,
 ) -> Iterator[Gateway]:
     """``python -m catflap serve --config <generated>`` on a free port, pinned to ``relay_cpus``."""
     port = free_port()
     config = workdir / f"{name}.toml"
-    config.write_text(gateway_config(agents, port, native_relay=native_relay))
+    config.write_text(
+        gateway_config(agents, port, native_relay=native_relay, relay_thread_nice=relay_thread_nice)
+    )
     child = spawn(
         name,
         [sys.executable, "-m", "catflap", "serve", "--config", str(config)]

@@ -77,6 +77,8 @@ class Settings:
     nginx_binary: str = "nginx"
     #: catflap's ``[gateway] native_relay``: False relays every session on the event loop.
     native_relay: bool = True
+    #: catflap's ``[gateway] relay_thread_nice``; None: catflap's default.
+    relay_thread_nice: int | None = None
     #: The hostile scenario: telephony sessions and seconds per run, attacker connections.
     hostile_sessions: int = 200
     hostile_seconds: float = 15.0
@@ -241,6 +243,7 @@ def fleet(
                     relay_cpus=relay,
                     load_cpus=load,
                     native_relay=settings.native_relay,
+                    relay_thread_nice=settings.relay_thread_nice,
                 )
             )
             cs.probe(gateway.port, gateway.path("bench"))
@@ -515,6 +518,7 @@ def _pipecat_starts(settings: Settings) -> dict[str, Any]:
             load_cpus=load,
             name="catflap-pipecat",
             native_relay=settings.native_relay,
+            relay_thread_nice=settings.relay_thread_nice,
         ) as gateway,
     ):
         cs.probe(gateway.port, gateway.path("pwarm"), payload=bytes.fromhex(first))
@@ -582,6 +586,7 @@ def memory(settings: Settings) -> dict[str, Any]:
             relay_cpus=relay,
             load_cpus=load,
             native_relay=settings.native_relay,
+            relay_thread_nice=settings.relay_thread_nice,
         ) as gateway,
     ):
         cs.probe(gateway.port, gateway.path("bench"))
@@ -815,6 +820,7 @@ def hostile(settings: Settings) -> dict[str, Any]:
         "attack_pause_s": settings.attack_pause,
         "attack_ramp_s": settings.attack_ramp,
         "attack_variants": list(settings.attack_variants) or "all",
+        "relay_thread_nice": settings.relay_thread_nice,
     }
     runs: dict[str, dict[str, Any]] = {}
     with (
@@ -828,6 +834,7 @@ def hostile(settings: Settings) -> dict[str, Any]:
             relay_cpus=relay,
             load_cpus=load,
             native_relay=settings.native_relay,
+            relay_thread_nice=settings.relay_thread_nice,
         ) as gateway,
     ):
         cs.probe(gateway.port, gateway.path("bench"))
