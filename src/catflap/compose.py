@@ -39,6 +39,7 @@ from catflap.gateway.recorder import Recorder
 from catflap.gateway.refusal import Refusals
 from catflap.gateway.relaying import LiveRelays
 from catflap.gateway.session import run_session
+from catflap.gateway.sessionproxy import SessionProxy
 from catflap.gateway.steps import SessionSteps
 from catflap.gateway.timings import Timings
 from catflap.logs import LogFormat
@@ -226,6 +227,12 @@ def _wire(
             recorder=recorder,
             spawn=tasks.spawn,
             accept_timeout=timings.upstream_handshake,
+        ),
+        session_proxy=SessionProxy(
+            pool=pool,
+            start_wait=timings.proxy_start_wait,
+            timeout=timings.proxy_timeout,
+            send_timeout=timings.slow_peer,
         ),
     )
     api = ApiConnections(lambda: _control_api(api_deps), on_refusal=refusals.count)

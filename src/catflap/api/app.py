@@ -27,6 +27,7 @@ from catflap.api.auth import bearer_credentials, error_responses, private_key_or
 from catflap.api.dashboard import dashboard_router
 from catflap.api.logs import logs_router
 from catflap.api.metrics import metrics_router
+from catflap.api.proxy import session_proxy_router
 from catflap.api.sessions import SessionRecords, sessions_router
 from catflap.api.telephony import TELEPHONY_TRANSPORTS, provider_ws_url
 from catflap.auth.tokens import mint_token
@@ -263,6 +264,7 @@ def create_api(deps: ApiDeps) -> FastAPI:
             headers=(("upgrade", "websocket"),),
         )
 
+    app.include_router(session_proxy_router(agents=deps.agents, proxy=deps.session_proxy))
     organization = private_key_org(deps.config.organizations)
     app.include_router(metrics_router(settings=deps.config.gateway, metrics=deps.metrics))
     records = SessionRecords(deps.agents, deps.sessions, deps.store)

@@ -1,8 +1,8 @@
-"""What the API routers share: the private-key check, the session id check, 400s that name the
-bad parameter, and the error shape their OpenAPI entries document.
+"""What the API routers share: the private- and public-key checks, the session id check, 400s
+that name the bad parameter, and the error shape their OpenAPI entries document.
 
 Every private-key call needs ``Authorization: Bearer sk_...``: the private key picks the
-organization, as a public key does for ``/start``.
+organization, as a public key (``pk_...``) does for ``/start`` and the session proxy.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the dependency's annotations at run
@@ -23,6 +23,7 @@ from catflap.contract.errors import BadRequest, Unauthorized
 
 if TYPE_CHECKING:
     from catflap.config import OrgConfig
+    from catflap.directory import AgentDirectory
 
 __all__ = [
     "ErrorBody",
@@ -33,6 +34,7 @@ __all__ = [
     "error_responses",
     "key_in",
     "private_key_org",
+    "public_key_org",
 ]
 
 #: A FastAPI dependency that gives the organization a request's key belongs to.
@@ -138,5 +140,33 @@ def private_key_org(organizations: Mapping[str, "OrgConfig"]) -> OrganizationDep
                     "send Authorization: Bearer sk_..."
                 )
         raise Unauthorized("missing or invalid private API key: send Authorization: Bearer sk_...")
+
+    return organization
+
+
+def public_key_org(agents: "AgentDirectory") -> OrganizationDependency:
+    """A FastAPI dependency giving the organization whose public key the request carries, as
+    ``/start`` checks it (the same bearer parsing, the same 401); it puts the public-key
+    security scheme in the OpenAPI document."""
+    bearer = HTTPBearer(
+        auto_error=False,
+        scheme_name="public key",
+        description="A public API key of the organization: `Authorization: Bearer pk_...`",
+    )
+
+    async def organization(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> str:
+        """The organization whose public key the request carries.
+
+        Raises:
+            Unauthorized: 401, no key or not a public key.
+        """
+        org = agents.org_for_public_key(credentials.credentials.strip()) if credentials else None
+        if org is None:
+            raise Unauthorized(
+                "missing or invalid public API key: send Authorization: Bearer pk_..."
+            )
+        return org
 
     return organization

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from catflap.config import CatflapConfig
     from catflap.directory import AgentDirectory
     from catflap.gateway.botsession import BotSessions
+    from catflap.gateway.sessionproxy import SessionProxy
     from catflap.metrics import GatewayMetrics, RelayTraffic
     from catflap.pool.interface import SessionPool
     from catflap.sessions.recent import RecentRecords
@@ -47,3 +48,6 @@ class ApiDeps:
     #: Starts sessions without a transport (``POST /bot`` on an instance). None (an API built
     #: from parts, in a test): such a ``/start`` is refused with 503.
     bot_sessions: BotSessions | None = None
+    #: Forwards ``/v1/public/{agent}/sessions/{id}/{path}`` to the session's instance. None (an
+    #: API built from parts, in a test): the proxy answers 503.
+    session_proxy: SessionProxy | None = None

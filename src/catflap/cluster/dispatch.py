@@ -26,10 +26,10 @@ from catflap.cluster.keys import HEARTBEAT_TTL_S, RESERVATION_TTL_S, Keys
 from catflap.config import AgentSpec
 from catflap.contract.errors import AgentNotFound, AtCapacity, ServiceUnavailable
 from catflap.pool.instance import SessionEnd
-from catflap.pool.interface import SessionLease
+from catflap.pool.interface import SessionLease, SessionPlace
 from catflap.tasks import TaskSet
 
-__all__ = ["DISPATCH_LUA", "ClusterLease", "RedisPool"]
+__all__ = ["DISPATCH_LUA", "LOCATE_LUA", "ClusterLease", "RedisPool"]
 
 log = logging.getLogger("catflap.cluster")
 
@@ -64,6 +64,24 @@ for i = 0, n - 1 do
 end
 if chosen then return {chosen[1], chosen[2], live} end
 return {false, false, live}
+"""
+
+#: KEYS[1]: the agent's instance set. ARGV: prefix, session_id, now_ms. Finds the instance that
+#: holds the session, whichever gateway admitted it: {address, 1} when its ``bot()`` runs (the
+#: host moved it to the active set), {address, 0} while its reservation lasts, else nil. One
+#: round trip, O(instances of the agent).
+LOCATE_LUA = """
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local ikey = ARGV[1] .. ':inst:' .. id
+  if redis.call('SISMEMBER', ikey .. ':active', ARGV[2]) == 1 then
+    return {redis.call('HGET', ikey, 'address'), 1}
+  end
+  local expiry = redis.call('ZSCORE', ikey .. ':resv', ARGV[2])
+  if expiry and tonumber(expiry) > tonumber(ARGV[3]) then
+    return {redis.call('HGET', ikey, 'address'), 0}
+  end
+end
+return nil
 """
 
 
@@ -105,6 +123,7 @@ class RedisPool:
         self._keys = keys
         self._agents = {agent.key: agent for agent in agents}
         self._dispatch = client.register_script(DISPATCH_LUA)
+        self._locate = client.register_script(LOCATE_LUA)
         self._leases: dict[str, ClusterLease] = {}
         #: Consecutive checks that found a lease's instance missing from Redis.
         self._missing: dict[str, int] = {}
@@ -223,6 +242,27 @@ class RedisPool:
         except (RedisError, OSError) as exc:
             raise _unavailable(exc) from None
         return int(receivers) > 0
+
+    async def locate(self, agent_key: str, session_id: str) -> SessionPlace | None:
+        """Where the session is in the cluster (see :meth:`SessionPool.locate`).
+
+        Raises:
+            ServiceUnavailable: 503, Redis is unreachable.
+        """
+        try:
+            found = await self._locate(
+                keys=[self._keys.agent_instances(agent_key)],
+                args=[self._keys.prefix, session_id, int(time.time() * 1000)],
+            )
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from None
+        if not found or found[0] is None:
+            return None
+        address, running = found
+        return SessionPlace(
+            address=address.decode() if isinstance(address, bytes) else str(address),
+            running=bool(int(running)),
+        )
 
     def _resolve(self, session_id: str, end: SessionEnd) -> None:
         lease = self._leases.pop(session_id, None)

@@ -11,12 +11,15 @@
     │   │   ├── BodyNotAllowed        400 body_not_allowed
     │   │   ├── UnsupportedTransport  400 unsupported_transport
     │   │   ├── InvalidHandshake      400 invalid_handshake
+    │   │   ├── InvalidProxyPath      400 invalid_proxy_path (the session proxy: . or ..)
     │   │   └── MalformedRequest      400 malformed_request
     │   ├── Unauthorized              401 "401" (PCC's code)
     │   ├── TokenRejected             403 token_<reason>
     │   ├── MetricsForbidden          403 metrics_forbidden
     │   ├── NotFound                  404 not_found
-    │   │   └── AgentNotFound         404 "404" (PCC's code)
+    │   │   ├── AgentNotFound         404 "404" (PCC's code)
+    │   │   ├── SessionNotFound       404 session_not_found (the session proxy)
+    │   │   └── ReservedPath          404 reserved_path (the session proxy)
     │   ├── MethodNotAllowed          405 method_not_allowed
     │   ├── RequestTimeout            408 request_timeout
     │   ├── DuplicateSession          409 session_already_running (the runtime's POST /bot)
@@ -28,10 +31,13 @@
     │   ├── AtCapacity                429 PCC-AGENT-AT-CAPACITY (+ Retry-After)
     │   ├── HeadersTooLarge           431 headers_too_large
     │   ├── InternalError             500 internal_error (details only in the log)
-    │   └── ServiceUnavailable        503 (+ Retry-After)
-    │       ├── AgentNotReady         503 PCC-1001
-    │       ├── Draining              503 draining (gateway or runtime shutting down)
-    │       └── InstanceFull          503 instance_full (the runtime's POST /bot)
+    │   ├── SessionUnreachable        502 session_unreachable (the session proxy)
+    │   ├── ServiceUnavailable        503 (+ Retry-After)
+    │   │   ├── AgentNotReady         503 PCC-1001
+    │   │   ├── Draining              503 draining (gateway or runtime shutting down)
+    │   │   ├── InstanceFull          503 instance_full (the runtime's POST /bot)
+    │   │   └── SessionStarting       503 session_starting (the session proxy)
+    │   └── SessionProxyTimeout       504 session_proxy_timeout (the session proxy)
     ├── ConfigError                   bad configuration; the CLI exits with EXIT_CONFIG
     ├── StartupError                  cannot start (port taken, state dir); exits EXIT_STARTUP
     ├── CatflapMisuse                 a bug in catflap or its caller (also an AssertionError)
@@ -72,6 +78,7 @@ __all__ = [
     "InvalidBody",
     "InvalidHandshake",
     "InternalError",
+    "InvalidProxyPath",
     "InvalidServiceHost",
     "MalformedRequest",
     "MethodNotAllowed",
@@ -81,7 +88,12 @@ __all__ = [
     "RequestRejected",
     "RequestTimeout",
     "RequestTooLarge",
+    "ReservedPath",
     "ServiceUnavailable",
+    "SessionNotFound",
+    "SessionProxyTimeout",
+    "SessionStarting",
+    "SessionUnreachable",
     "StartupError",
     "TokenRejected",
     "Unauthorized",
@@ -166,6 +178,13 @@ class InvalidHandshake(BadRequest):
     code = "invalid_handshake"
 
 
+class InvalidProxyPath(BadRequest):
+    """A session proxy path with a ``.`` or ``..`` segment (percent-encoded or not): no bot
+    route needs one, and servers disagree on resolving them."""
+
+    code = "invalid_proxy_path"
+
+
 class MalformedRequest(BadRequest):
     code = "malformed_request"
 
@@ -209,6 +228,18 @@ class NotFound(RequestRejected):
 
 class AgentNotFound(NotFound):
     code = "404"
+
+
+class SessionNotFound(NotFound):
+    """The session proxy's session id is not a live session of that agent (unknown or ended)."""
+
+    code = "session_not_found"
+
+
+class ReservedPath(NotFound):
+    """The session proxy does not reach the agent runtime's own paths (``RUNTIME_PATHS``)."""
+
+    code = "reserved_path"
 
 
 class MethodNotAllowed(RequestRejected):
@@ -271,6 +302,20 @@ class InternalError(RequestRejected):
     code = "internal_error"
 
 
+class SessionUnreachable(RequestRejected):
+    """The session proxy could not reach the session's instance, or its answer broke off."""
+
+    status = 502
+    code = "session_unreachable"
+
+
+class SessionProxyTimeout(RequestRejected):
+    """The session's bot did not answer a proxied request within ``SESSION_PROXY_TIMEOUT_S``."""
+
+    status = 504
+    code = "session_proxy_timeout"
+
+
 class ServiceUnavailable(RequestRejected):
     status = 503
     code = "service_unavailable"
@@ -294,6 +339,13 @@ class InstanceFull(ServiceUnavailable):
     """The runtime's ``POST /bot`` finds the instance at its ``sessions_per_instance``."""
 
     code = "instance_full"
+
+
+class SessionStarting(ServiceUnavailable):
+    """The session proxy's session has not reached ``bot()`` within
+    ``SESSION_PROXY_START_WAIT_S`` (its instance is still starting)."""
+
+    code = "session_starting"
 
 
 class TooManyConnections(ServiceUnavailable):

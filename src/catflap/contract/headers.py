@@ -7,6 +7,7 @@ case-insensitive; catflap compares lower-case).
 from __future__ import annotations
 
 __all__ = [
+    "AGENT_HOP_PREFIXES",
     "AGENT_PATH",
     "BOT_PATH",
     "DAILY_ROOM_TOKEN_HEADER",
@@ -15,6 +16,7 @@ __all__ = [
     "QUERY_BODY",
     "QUERY_SERVICE_HOST",
     "QUERY_TOKEN",
+    "RUNTIME_PATHS",
     "SESSION_ID_HEADER",
     "TRANSPORT_TYPE_HEADER",
     "TRANSPORT_TYPE_WEBSOCKET",
@@ -32,6 +34,11 @@ TRANSPORT_TYPE_WEBSOCKET = "websocket"
 #: sends it on ``/ws`` too, and the runtime cancels ``bot()`` when it runs out).
 MAX_SESSION_SECONDS_HEADER = "x-pcc-max-session-seconds"
 
+#: Header name prefixes that only catflap sets on the gateway -> agent hop (the session id, its
+#: budget, the transport type, the Daily room): a client's own are dropped, so none can be
+#: spoofed, on the upgrade and through the session proxy alike.
+AGENT_HOP_PREFIXES = ("x-daily-", "x-catflap-", "x-pcc-")
+
 #: The Daily room a ``POST /bot`` session joins, and its meeting token (PCC base image).
 DAILY_ROOM_URL_HEADER = "x-daily-room-url"
 DAILY_ROOM_TOKEN_HEADER = "x-daily-room-token"
@@ -40,6 +47,10 @@ DAILY_ROOM_TOKEN_HEADER = "x-daily-room-token"
 AGENT_PATH = "/ws"
 #: The agent runtime's route for sessions without a transport, held until ``bot()`` ends.
 BOT_PATH = "/bot"
+#: The agent runtime's own paths: a bot may not declare a route on one (the start fails), and
+#: the gateway's session proxy never forwards a request to one (or below one). PCC's
+#: ``/api/offer`` (SmallWebRTC signalling) is a bot route, not one of these.
+RUNTIME_PATHS = (AGENT_PATH, BOT_PATH, "/livez", "/readyz", "/metrics")
 
 #: Query parameters of the public WebSocket URL.
 QUERY_BODY = "body"

@@ -65,6 +65,9 @@ __all__ = [
     "RETRY_AFTER_AT_CAPACITY_S",
     "RETRY_AFTER_NOT_READY_S",
     "SERVICE_HOST_MAX_LEN",
+    "SESSION_PROXY_BODY_MAX_BYTES",
+    "SESSION_PROXY_START_WAIT_S",
+    "SESSION_PROXY_TIMEOUT_S",
     "SLOW_PEER_TIMEOUT_S",
     "START_REQUEST_MAX_BYTES",
     "TCP_KEEPALIVE_COUNT",
@@ -212,6 +215,24 @@ PROVIDER_OPENING_MAX_FRAMES = 8
 DISPATCH_ATTEMPTS = 3
 #: The agent must answer the forwarded upgrade within this time, or the client gets 503.
 UPSTREAM_HANDSHAKE_TIMEOUT_S = 10.0
+
+# --- Session proxy (/v1/public/{agent}/sessions/{id}/{path}) ------------------------------------
+
+#: A proxied request's body, read whole before it is forwarded: PCC's proxy carries small
+#: requests to a bot's routes (a SmallWebRTC offer is a few KiB of SDP), and 1 MiB is
+#: websockets' ``MAX_BODY_SIZE`` and nginx's ``client_max_body_size``. Past it: 413
+#: ``request_too_large``, before the bot sees anything.
+SESSION_PROXY_BODY_MAX_BYTES = 1024 * 1024
+#: A proxied request for a session whose bot is not running yet (its instance is cold-starting,
+#: or the upgrade is on its way) waits this long for it, then gets 503 ``session_starting``:
+#: the SmallWebRTC client posts its offer right after ``/start``. It equals the upstream
+#: handshake bound, which is how long a session may take to reach ``bot()`` once admitted.
+SESSION_PROXY_START_WAIT_S = UPSTREAM_HANDSHAKE_TIMEOUT_S
+#: The bot has this long to be reached and send its response head, and at most this long between
+#: two reads of its body; past it: 504 ``session_proxy_timeout`` (or, once the head was sent,
+#: the response is cut off). Half of nginx's default ``proxy_read_timeout`` (60 s): a bot's
+#: route answers in milliseconds, an SDP answer with ICE gathering in a few seconds.
+SESSION_PROXY_TIMEOUT_S = 30.0
 #: Write-buffer marks per relay leg. Above the high mark the opposite leg stops reading, so a
 #: slow reader throttles the sender through TCP instead of growing memory. 64 KiB is asyncio's
 #: default and about 4 s of 8 kHz PCM16: enough to ride out jitter, small enough to bound RAM.
@@ -339,6 +360,9 @@ PEER_INPUT_LIMITS: frozenset[str] = frozenset(
         "REQUEST_HEAD_TIMEOUT_S",
         "REQUEST_URL_MAX_BYTES",
         "SERVICE_HOST_MAX_LEN",
+        "SESSION_PROXY_BODY_MAX_BYTES",
+        "SESSION_PROXY_START_WAIT_S",
+        "SESSION_PROXY_TIMEOUT_S",
         "SLOW_PEER_TIMEOUT_S",
         "START_REQUEST_MAX_BYTES",
         "TOKEN_CLOCK_SKEW_S",

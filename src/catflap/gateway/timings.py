@@ -31,6 +31,10 @@ class Timings:
     provider_handshake: float = limits.PROVIDER_HANDSHAKE_TIMEOUT_S
     #: Live sessions may end by themselves this long after shutdown began (``drain_timeout``).
     drain: float = limits.DRAIN_TIMEOUT_S
+    #: The session proxy waits this long for a session whose ``bot()`` is not running yet.
+    proxy_start_wait: float = limits.SESSION_PROXY_START_WAIT_S
+    #: The session proxy's bound on the bot's response head, and between two body reads.
+    proxy_timeout: float = limits.SESSION_PROXY_TIMEOUT_S
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings) -> Timings:

@@ -56,8 +56,6 @@ _NOT_FORWARDED = frozenset(
         "x-forwarded-for",
     }
 )
-#: Header prefixes that only catflap may set on the agent hop; a client cannot spoof them.
-_RESERVED_PREFIXES = ("x-daily-", "x-catflap-", "x-pcc-")
 
 
 def build_upstream_request(
@@ -151,7 +149,7 @@ def _client_lines(
     if forwarded_for:
         lines.append("x-forwarded-for: " + ", ".join(forwarded_for))
     for name, value in head.headers:
-        if name in _NOT_FORWARDED or name.startswith(_RESERVED_PREFIXES):
+        if name in _NOT_FORWARDED or name.startswith(hdrs.AGENT_HOP_PREFIXES):
             continue
         if name == "authorization" and drop_authorization:
             continue

@@ -7,11 +7,22 @@ pool stands in for :class:`~catflap.pool.pool.LocalPool` and the gateway imports
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Protocol
 
 from catflap.pool.instance import SessionEnd
 
-__all__ = ["SessionLease", "SessionPool"]
+__all__ = ["SessionLease", "SessionPlace", "SessionPool"]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPlace:
+    """Where a live session is, as the session proxy needs it (:meth:`SessionPool.locate`)."""
+
+    #: ``unix:/path`` or ``tcp:host:port`` of its instance; None while the instance starts.
+    address: str | None
+    #: The runtime reported ``session_started``: ``bot()`` runs and can be reached.
+    running: bool
 
 
 class SessionLease(Protocol):
@@ -53,3 +64,8 @@ class SessionPool(Protocol):
         ...
 
     async def stop_session(self, session_id: str) -> bool: ...
+
+    async def locate(self, agent_key: str, session_id: str) -> SessionPlace | None:
+        """Where the agent's session ``session_id`` is, whichever gateway admitted it; None
+        when it is not live (unknown, or ended)."""
+        ...

@@ -20,7 +20,7 @@ from catflap.contract import limits
 from catflap.contract.errors import AgentNotFound, AgentNotReady
 from catflap.pool.clock import Clock, Sleep, done_within
 from catflap.pool.instance import Instance, InstanceState, Lease
-from catflap.pool.interface import SessionLease
+from catflap.pool.interface import SessionLease, SessionPlace
 from catflap.pool.launcher import Launcher
 from catflap.pool.observer import PoolObserver
 from catflap.pool.slots import AgentSlots
@@ -146,6 +146,14 @@ class AgentPool:
                 return True
         return False
 
+    def locate(self, session_id: str) -> SessionPlace | None:
+        """Where ``session_id`` holds a slot (see :meth:`SessionPool.locate`)."""
+        for instance in self.live():
+            lease = instance.leases.get(session_id)
+            if lease is not None:
+                return SessionPlace(address=instance.address, running=lease.started)
+        return None
+
 
 class LocalPool:
     """All agents' pools in this process: catflap's single-machine mode."""
@@ -218,3 +226,7 @@ class LocalPool:
             if await pool.stop_session(session_id):
                 return True
         return False
+
+    async def locate(self, agent_key: str, session_id: str) -> SessionPlace | None:
+        pool = self.agents.get(agent_key)
+        return pool.locate(session_id) if pool is not None else None

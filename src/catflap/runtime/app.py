@@ -27,7 +27,7 @@ from catflap.runtime.session import SessionRunner
 __all__ = ["RESERVED_PATHS", "ReservedRouteError", "check_bot_routes", "create_app"]
 
 #: The runtime's own paths; a bot may not declare a route on any of them.
-RESERVED_PATHS = (headers.AGENT_PATH, headers.BOT_PATH, "/livez", "/readyz", "/metrics")
+RESERVED_PATHS = headers.RUNTIME_PATHS
 
 
 class ReservedRouteError(BotImportError):
