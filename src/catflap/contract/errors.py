@@ -10,6 +10,7 @@
     │   │   ├── MissingSessionId      400 missing_session_id (the runtime's POST /bot)
     │   │   ├── BodyNotAllowed        400 body_not_allowed
     │   │   ├── UnsupportedTransport  400 unsupported_transport
+    │   │   ├── DailyNotConfigured    400 daily_not_configured (a Daily room, no Daily API key)
     │   │   ├── InvalidHandshake      400 invalid_handshake
     │   │   └── MalformedRequest      400 malformed_request
     │   ├── Unauthorized              401 "401" (PCC's code)
@@ -28,6 +29,8 @@
     │   ├── AtCapacity                429 PCC-AGENT-AT-CAPACITY (+ Retry-After)
     │   ├── HeadersTooLarge           431 headers_too_large
     │   ├── InternalError             500 internal_error (details only in the log)
+    │   ├── DailyApiError             502 daily_api_error (Daily's REST API refused or broke)
+    │   ├── DailyApiTimeout           504 daily_api_timeout (Daily's REST API did not answer)
     │   └── ServiceUnavailable        503 (+ Retry-After)
     │       ├── AgentNotReady         503 PCC-1001
     │       ├── Draining              503 draining (gateway or runtime shutting down)
@@ -64,6 +67,9 @@ __all__ = [
     "CatflapError",
     "CatflapMisuse",
     "ConfigError",
+    "DailyApiError",
+    "DailyApiTimeout",
+    "DailyNotConfigured",
     "Draining",
     "DuplicateSession",
     "InstanceFull",
@@ -160,6 +166,12 @@ class BodyNotAllowed(BadRequest):
 
 class UnsupportedTransport(BadRequest):
     code = "unsupported_transport"
+
+
+class DailyNotConfigured(BadRequest):
+    """``/start`` asks for a Daily room, and the organization has no Daily API key."""
+
+    code = "daily_not_configured"
 
 
 class InvalidHandshake(BadRequest):
@@ -269,6 +281,22 @@ class HeadersTooLarge(RequestRejected):
 class InternalError(RequestRejected):
     status = 500
     code = "internal_error"
+
+
+class DailyApiError(RequestRejected):
+    """Daily's REST API refused to create the room or token, or answered something that is not
+    Daily's answer; the message carries Daily's status, never the API key."""
+
+    status = 502
+    code = "daily_api_error"
+
+
+class DailyApiTimeout(RequestRejected):
+    """Daily's REST API did not answer within ``DAILY_API_TIMEOUT_S`` (or could not be reached
+    in that time)."""
+
+    status = 504
+    code = "daily_api_timeout"
 
 
 class ServiceUnavailable(RequestRejected):
