@@ -363,14 +363,3 @@ async def test_in_cluster_mode_a_gateway_runs_the_bot_on_an_agent_host_over_tcp(
                 await asyncio.sleep(0.05)
         assert shown.json()["completionStatus"] == "bot_error"
         assert "websocket" in shown.json()["error"]
-
-
-@pytest.mark.slow
-async def test_a_daily_room_is_refused_with_400_and_starts_nothing(tmp_path: Path) -> None:
-    out = tmp_path / "received.jsonl"
-    async with warm_gateway() as gw:
-        refused = await _start(gw, {"createDailyRoom": True, "body": {"out": str(out)}})
-        assert refused.status_code == 400, refused.text
-        assert refused.json()["code"] == "unsupported_transport"
-        assert "createDailyRoom" in refused.json()["error"]
-        assert not gw.gateway.sessions.live and not out.exists()
