@@ -81,6 +81,14 @@ log = logging.getLogger("catflap.api")
 START_TRANSPORTS = ("daily", "websocket", *TELEPHONY_TRANSPORTS)
 
 
+def _enum_of_strings(schema: dict[str, Any], values: tuple[str, ...]) -> None:
+    """Document ``values`` as the strings a ``str | None`` field takes. The field stays a plain
+    string for validation, so that another value gets the route's own 400 naming the choices."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "string":
+            branch["enum"] = list(values)
+
+
 class StartRequest(BaseModel):
     """Body of ``POST /v1/public/{agent}/start`` (PCC's ``StartRequest``); docs/pcc-start-fields.md
     says what catflap does with each field. Unknown fields are ignored, as PCC does."""
@@ -114,7 +122,7 @@ class StartRequest(BaseModel):
         description="None: a session without a transport (the bot starts now through the "
         "runtime's POST /bot), or a Daily one with createDailyRoom. daily: a Daily session. "
         "websocket or a telephony provider: a WebSocket URL to connect to.",
-        json_schema_extra={"enum": list(START_TRANSPORTS)},
+        json_schema_extra=lambda schema: _enum_of_strings(schema, START_TRANSPORTS),
     )
     body: Any = Field(
         default=None,

@@ -1,8 +1,9 @@
 """A bot for sessions without a transport: writes what it received, then does what the body says.
 
 The body names a file (``out``) that gets one JSON line: the arguments' class name, the session
-id and the body, and, for a session in a Daily room, its ``room_url`` and ``token``. ``then`` is ``return`` (the default), ``wait`` (sleep until stopped or out of
-time), ``crash`` (the process exits at once) or ``sleep:<seconds>`` (then return).
+id and the body, and, for a session in a Daily room, its ``room_url`` and ``token``. ``then`` is
+``return`` (the default), ``wait`` (sleep until stopped or out of time), ``crash`` (the process
+exits at once) or ``sleep:<seconds>`` (then return).
 """
 
 import asyncio
