@@ -15,7 +15,10 @@ from click.testing import CliRunner
 
 import catflap.runtime.main as runtime_main
 from catflap.cli import cli
+from catflap.config import AgentConfig, AgentSpec, ScalingConfig
 from catflap.contract.errors import ConfigError
+from catflap.contract.names import AgentName, OrgName, ServiceHost
+from catflap.pool.launcher import SubprocessLauncher
 from catflap.runtime.exits import EXIT_BOT_STUCK, EXIT_CONFIG, EXIT_LISTEN_FAILED, EXIT_OK
 from catflap.runtime.process import AgentOptions
 
@@ -84,6 +87,33 @@ def test_every_flag_reaches_the_options(fake: FakeRuntime, tmp_path: Path) -> No
         )
     ]
     assert fake.logging == [("warning", "text")]
+
+
+def test_the_pools_launcher_passes_every_option_the_runtime_reads(
+    fake: FakeRuntime, tmp_path: Path
+) -> None:
+    """The argv a pool instance starts with, read by the runtime's own parser: in particular
+    ``--sessions-per-instance``, so that the runtime's count matches the pool's."""
+    scaling = ScalingConfig(sessions_per_instance=3)
+    spec = AgentSpec(
+        ServiceHost(AgentName("my-agent"), OrgName("my-org")),
+        AgentConfig(path=tmp_path, scaling=scaling),
+    )
+    launcher = SubprocessLauncher(tmp_path, log_level="debug", log_dir=tmp_path / "logs")
+    argv = [*launcher.runtime_args(spec, "unix:/run/i1.sock"), "--control-fd", "7"]
+    assert runtime_main.main(argv) == EXIT_OK
+    assert fake.options == [
+        AgentOptions(
+            bot_dir=tmp_path,
+            listen="unix:/run/i1.sock",
+            control_fd=7,
+            agent_name="my-agent.my-org",
+            log_level="debug",
+            log_format="json",
+            log_dir=tmp_path / "logs",
+            sessions_per_instance=3,
+        )
+    ]
 
 
 def test_a_relative_log_dir_is_made_absolute_before_the_bot_changes_directory(

@@ -278,8 +278,8 @@ async def test_start_for_a_provider_puts_the_token_in_the_path(api: Api) -> None
             {"transport": "webrtc"},
             400,
             error(
-                "transport 'webrtc' is not supported: catflap serves WebSocket sessions; send "
-                "one of websocket, twilio, telnyx, plivo, exotel",
+                "transport 'webrtc' is not supported: send one of daily, websocket, twilio, "
+                "telnyx, plivo, exotel, or none (a session without a transport)",
                 "unsupported_transport",
             ),
         ),

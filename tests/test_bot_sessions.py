@@ -366,11 +366,26 @@ async def test_in_cluster_mode_a_gateway_runs_the_bot_on_an_agent_host_over_tcp(
 
 
 @pytest.mark.slow
-async def test_a_daily_room_is_refused_with_400_and_starts_nothing(tmp_path: Path) -> None:
+async def test_a_pool_instance_runs_its_sessions_per_instance_and_refuses_one_more(
+    tmp_path: Path,
+) -> None:
+    """The pool starts each runtime with ``--sessions-per-instance``: with both slots of the one
+    instance running, a ``POST /bot`` straight to it is refused by the runtime itself."""
     out = tmp_path / "received.jsonl"
-    async with warm_gateway() as gw:
-        refused = await _start(gw, {"createDailyRoom": True, "body": {"out": str(out)}})
-        assert refused.status_code == 400, refused.text
-        assert refused.json()["code"] == "unsupported_transport"
-        assert "createDailyRoom" in refused.json()["error"]
-        assert not gw.gateway.sessions.live and not out.exists()
+    async with warm_gateway(max_agents=1, sessions_per_instance=2) as gw:
+        running = [await _running(gw, out, then="wait") for _ in range(2)]
+        await received_by_bot(out, count=2)
+        (instance,) = gw.pool.agents[AGENT_KEY].live()
+        assert set(instance.leases) == set(running)
+        kind, _, where = (instance.address or "").partition(":")
+        assert kind == "unix"
+        direct = httpx.AsyncHTTPTransport(uds=where)
+        async with httpx.AsyncClient(transport=direct, base_url="http://agent") as agent:
+            extra = await agent.post(
+                "/bot", json={"out": str(out)}, headers={"x-daily-session-id": "direct-1"}
+            )
+        assert (extra.status_code, extra.json()["code"]) == (503, "instance_full")
+        for session_id in running:
+            await gw.pool.stop_session(session_id)
+            assert (await ended_record(gw, session_id)).completion_status == "stopped"
+    assert len(await received_by_bot(out, count=2)) == 2

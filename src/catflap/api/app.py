@@ -17,13 +17,18 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from catflap.api.auth import bearer_credentials, error_responses, private_key_org
+from catflap.api.auth import (
+    PUBLIC_KEY_SCHEME,
+    bearer_credentials,
+    error_responses,
+    private_key_org,
+)
 from catflap.api.dashboard import dashboard_router
 from catflap.api.logs import logs_router
 from catflap.api.metrics import metrics_router
@@ -53,34 +58,100 @@ from catflap.contract.errors import (
     error_body,
 )
 from catflap.gateway.botsession import encode_bot_body
+from catflap.gateway.daily import create_daily_room, daily_api_key
 from catflap.requestbody import read_bounded_body
 
 if TYPE_CHECKING:
     from catflap.api.deps import ApiDeps
+    from catflap.config import AgentSpec
 
-__all__ = ["RouteMethodNotAllowed", "RouteNotFound", "StartRequest", "StartResponse", "create_api"]
+__all__ = [
+    "START_TRANSPORTS",
+    "RouteMethodNotAllowed",
+    "RouteNotFound",
+    "StartRequest",
+    "StartResponse",
+    "create_api",
+]
 
 log = logging.getLogger("catflap.api")
 
 
+#: The ``transport`` values ``/start`` serves (PCC's ``daily`` and ``websocket``, plus the
+#: telephony providers); no ``transport`` is a session without one, or a Daily one.
+START_TRANSPORTS = ("daily", "websocket", *TELEPHONY_TRANSPORTS)
+
+
+def _enum_of_strings(schema: dict[str, Any], values: tuple[str, ...]) -> None:
+    """Document ``values`` as the strings a ``str | None`` field takes. The field stays a plain
+    string for validation, so that another value gets the route's own 400 naming the choices."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "string":
+            branch["enum"] = list(values)
+
+
 class StartRequest(BaseModel):
-    """Body of ``POST /v1/public/{agent}/start`` (PCC's ``StartRequest``)."""
+    """Body of ``POST /v1/public/{agent}/start`` (PCC's ``StartRequest``); docs/pcc-start-fields.md
+    says what catflap does with each field. Unknown fields are ignored, as PCC does."""
 
     model_config = ConfigDict(extra="allow")
-    transport: str | None = None
-    body: Any = None
-    createDailyRoom: bool = False  # noqa: N815 - PCC's wire name
+    createDailyRoom: bool = Field(  # noqa: N815 - PCC's wire name
+        default=False,
+        description="Create a Daily room (and meeting token) for the session and start the bot "
+        "in it at once; needs the organization's Daily API key. Same as transport daily.",
+    )
+    dailyRoomProperties: dict[str, Any] | None = Field(  # noqa: N815
+        default=None,
+        description="Daily room properties (https://docs.daily.co/reference/rest-api/rooms/config)"
+        " for a Daily session, over catflap's exp and eject_at_room_exp.",
+        examples=[{"enable_recording": "cloud"}],
+    )
+    dailyMeetingTokenProperties: dict[str, Any] | None = Field(  # noqa: N815
+        default=None,
+        description="Daily meeting token properties "
+        "(https://docs.daily.co/reference/rest-api/meeting-tokens/config) for a Daily session; "
+        "room_name is always the new room.",
+        examples=[{"is_owner": True}],
+    )
+    enableDefaultIceServers: bool = Field(  # noqa: N815
+        default=False,
+        description="PCC: return default STUN/TURN servers for a WebRTC session. catflap "
+        "serves no WebRTC transport yet and ignores it.",
+    )
+    transport: str | None = Field(
+        default=None,
+        description="None: a session without a transport (the bot starts now through the "
+        "runtime's POST /bot), or a Daily one with createDailyRoom. daily: a Daily session. "
+        "websocket or a telephony provider: a WebSocket URL to connect to.",
+        json_schema_extra=lambda schema: _enum_of_strings(schema, START_TRANSPORTS),
+    )
+    body: Any = Field(
+        default=None,
+        description="The session's data, given to bot() as args.body: at most 1,000,000 bytes "
+        "of JSON for a session without a WebSocket, 4096 for a WebSocket one.",
+        examples=[{"foo": "bar"}],
+    )
 
 
 class StartResponse(BaseModel):
+    """``/start``'s answer (PCC's ``StartResponse``); only the fields of the session's kind."""
+
     sessionId: str  # noqa: N815 - PCC's wire name
     #: WebSocket and telephony transports only: a session without a transport has no URL.
     wsUrl: str | None = None  # noqa: N815
     token: str | None = None
-    body: str | None = None
+    body: str | None = Field(
+        default=None, description="WebSocket sessions: the request's body as base64 JSON."
+    )
     #: Telephony transports: the ``agent.org`` to put in Twilio's
     #: ``<Parameter name="_pipecatCloudServiceHost">`` (already in the URL for the others).
     serviceHost: str | None = None  # noqa: N815
+    dailyRoom: str | None = Field(  # noqa: N815
+        default=None, description="Daily sessions: the URL of the room the bot joined."
+    )
+    dailyToken: str | None = Field(  # noqa: N815
+        default=None, description="Daily sessions: the meeting token to join the room with."
+    )
 
 
 class RouteNotFound(NotFound):
@@ -122,6 +193,32 @@ async def _read_json(request: Request) -> Any:
         ) from None
     except NotJson:
         raise BadRequest("the request body is not valid JSON") from None
+
+
+def _schema_ref(name: str) -> str:
+    return f"#/components/schemas/{name}"
+
+
+#: Request bodies that routes read by hand (bounded), so FastAPI does not see their models:
+#: the OpenAPI document gets their schemas from here.
+_HAND_READ_BODIES: tuple[type[BaseModel], ...] = (StartRequest,)
+
+
+def _with_hand_read_bodies(app: FastAPI) -> None:
+    """Make ``app``'s OpenAPI document include the schemas of :data:`_HAND_READ_BODIES`."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()  # FastAPI caches it in app.openapi_schema
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            for model in _HAND_READ_BODIES:
+                schema = model.model_json_schema(ref_template=_schema_ref("{model}"))
+                schemas.update(schema.pop("$defs", {}))
+                schemas[model.__name__] = schema
+        return app.openapi_schema or generate()
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented extension point
 
 
 def _routing_error(exc: StarletteHTTPException) -> RequestRejected:
@@ -177,7 +274,16 @@ def create_api(deps: ApiDeps) -> FastAPI:
         "/v1/public/{agent}/start",
         response_model=StartResponse,
         response_model_exclude_none=True,
-        responses=error_responses(400, 401, 404, 413, 415, 429, 503),
+        responses=error_responses(400, 401, 404, 413, 415, 429, 502, 503, 504),
+        dependencies=[Depends(PUBLIC_KEY_SCHEME)],
+        # The body is read by hand, within START_REQUEST_MAX_BYTES (_read_json); this is
+        # what the document says it is.
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": _schema_ref("StartRequest")}}},
+            }
+        },
     )
     async def start(agent: str, request: Request) -> dict[str, Any]:
         """Start a session.
@@ -186,7 +292,10 @@ def create_api(deps: ApiDeps) -> FastAPI:
         token) a client connects with; the bot starts when the client connects to ``wsUrl``.
         With no ``transport`` (and no ``createDailyRoom``), as Pipecat Cloud's SDK sends it:
         start the bot now through the runtime's ``POST /bot`` and answer ``{"sessionId"}``
-        once it runs (:mod:`catflap.gateway.botsession`).
+        once it runs (:mod:`catflap.gateway.botsession`). With ``createDailyRoom: true`` or
+        ``transport: "daily"``: create a Daily room and token first
+        (:mod:`catflap.gateway.daily`), start the bot in it, and answer
+        ``{"sessionId", "dailyRoom", "dailyToken"}``.
         """
         key = bearer_credentials(request.headers.get("authorization"))
         org = deps.agents.org_for_public_key(key) if key else None
@@ -200,25 +309,18 @@ def create_api(deps: ApiDeps) -> FastAPI:
         try:
             payload = StartRequest.model_validate(await _read_json(request))
         except ValidationError as exc:
-            raise BadRequest(f"invalid request: {exc.errors()[0]['msg']}") from None
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "request"
+            raise BadRequest(f"invalid request: {where}: {first['msg']}") from None
         transport = payload.transport
-        if transport is None and not payload.createDailyRoom:
-            if deps.draining():
-                raise Draining("the gateway is shutting down; start the session again")
-            body = encode_bot_body(payload.body)
-            if deps.bot_sessions is None:
-                raise ServiceUnavailable("this API starts no sessions without a transport")
-            return {"sessionId": await deps.bot_sessions.start(spec, body)}
-        if transport is None:  # and createDailyRoom
+        if transport is None and payload.createDailyRoom:
+            transport = "daily"
+        if transport is None or transport == "daily":
+            return await _start_bot(org, spec, payload, daily=transport == "daily")
+        if transport not in START_TRANSPORTS:
             raise UnsupportedTransport(
-                "createDailyRoom is not supported: catflap creates no Daily rooms; send no "
-                'createDailyRoom (a session without a transport) or "transport": "websocket"'
-            )
-        if transport != "websocket" and transport not in TELEPHONY_TRANSPORTS:
-            choices = ", ".join(["websocket", *TELEPHONY_TRANSPORTS])
-            raise UnsupportedTransport(
-                f"transport {transport!r} is not supported: catflap serves WebSocket sessions; "
-                f"send one of {choices}"
+                f"transport {transport!r} is not supported: send one of "
+                f"{', '.join(START_TRANSPORTS)}, or none (a session without a transport)"
             )
         body_b64: str | None = None
         if "body" in (payload.model_fields_set or ()):
@@ -252,6 +354,35 @@ def create_api(deps: ApiDeps) -> FastAPI:
             response["body"] = body_b64
         return response
 
+    async def _start_bot(
+        org: str, spec: AgentSpec, payload: StartRequest, *, daily: bool
+    ) -> dict[str, Any]:
+        """A session on the runtime's ``POST /bot``, in a new Daily room when ``daily``.
+
+        Every refusal that needs no instance comes first, so that a room is created only for
+        a session that can start, and a room that cannot be created holds no slot.
+        """
+        if deps.draining():
+            raise Draining("the gateway is shutting down; start the session again")
+        body = encode_bot_body(payload.body)
+        if deps.bot_sessions is None:
+            raise ServiceUnavailable("this API starts no sessions without a transport")
+        if not daily:
+            return {"sessionId": await deps.bot_sessions.start(spec, body)}
+        settings = deps.config.organizations[org]
+        api_key = daily_api_key(org, settings)
+        if await deps.pool.at_capacity(spec.key):
+            raise AtCapacity(f"agent {spec.key} is at max_agents; retry shortly")
+        room = await create_daily_room(
+            api_url=settings.daily_api_url,
+            api_key=api_key,
+            room_properties=payload.dailyRoomProperties,
+            token_properties=payload.dailyMeetingTokenProperties,
+            expires_at=int(deps.clock()) + spec.config.max_session_duration,
+        )
+        session_id = await deps.bot_sessions.start(spec, body, daily=room)
+        return {"sessionId": session_id, "dailyRoom": room.url, "dailyToken": room.token}
+
     @app.api_route(
         "/ws/{rest:path}",
         methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
@@ -265,6 +396,7 @@ def create_api(deps: ApiDeps) -> FastAPI:
         )
 
     app.include_router(session_proxy_router(agents=deps.agents, proxy=deps.session_proxy))
+    _with_hand_read_bodies(app)
     organization = private_key_org(deps.config.organizations)
     app.include_router(metrics_router(settings=deps.config.gateway, metrics=deps.metrics))
     records = SessionRecords(deps.agents, deps.sessions, deps.store)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from catflap.directory import AgentDirectory
 
 __all__ = [
+    "PUBLIC_KEY_SCHEME",
     "ErrorBody",
     "OrganizationDependency",
     "ParamCheckedRoute",
@@ -36,6 +37,15 @@ __all__ = [
     "private_key_org",
     "public_key_org",
 ]
+
+#: The public-key bearer scheme of ``/start`` (PCC's ``PublicKeyAuth``), for the OpenAPI
+#: document: as a route dependency it only reads the header (``auto_error=False``); the route
+#: checks the key itself, so that every refusal is catflap's JSON 401.
+PUBLIC_KEY_SCHEME = HTTPBearer(
+    auto_error=False,
+    scheme_name="public key",
+    description="A public API key of the organization: `Authorization: Bearer pk_...`",
+)
 
 #: A FastAPI dependency that gives the organization a request's key belongs to.
 OrganizationDependency = Callable[..., Awaitable[str]]

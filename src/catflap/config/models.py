@@ -25,6 +25,7 @@ from catflap.contract.names import AgentName, OrgName, ServiceHost
 
 __all__ = [
     "BOT_FILE",
+    "DAILY_API_URL_DEFAULT",
     "DEFAULT_LISTEN",
     "PCC_DEPLOY_FILE",
     "AgentConfig",
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
+#: Daily's REST API, where ``createDailyRoom`` sessions get their room and meeting token.
+DAILY_API_URL_DEFAULT = "https://api.daily.co/v1"
 BOT_FILE = "bot.py"
 PCC_DEPLOY_FILE = "pcc-deploy.toml"
 
@@ -89,6 +92,28 @@ class OrgConfig(_Strict):
     public_keys: list[str] = []
     private_keys: list[str] = []
     agents: dict[str, AgentConfig] = {}
+    #: The organization's Daily API key, for ``/start`` with ``createDailyRoom: true`` or
+    #: ``transport: "daily"``. A SecretStr: no repr, log line or error message shows it.
+    daily_api_key: SecretStr | None = None
+    #: Or the name of an environment variable holding it, read at each Daily ``/start`` (so a
+    #: rotated key needs no config change, and the file holds no secret).
+    daily_api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    #: Base URL of Daily's REST API (``POST {daily_api_url}/rooms``, ``/meeting-tokens``).
+    daily_api_url: str = Field(default=DAILY_API_URL_DEFAULT, pattern=r"^https?://[!-~]+$")
+
+    @field_validator("daily_api_key")
+    @classmethod
+    def _daily_api_key_is_a_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # Never quoted: it travels in Daily's Authorization header, so printable ASCII only.
+        if value is not None and not _is_header_token(value.get_secret_value()):
+            raise ValueError("must be printable ASCII without spaces (Daily's API key)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_daily_key_source(self) -> OrgConfig:
+        if self.daily_api_key is not None and self.daily_api_key_env is not None:
+            raise ValueError("set daily_api_key or daily_api_key_env, not both")
+        return self
 
 
 class GatewaySettings(_Strict):
@@ -261,6 +286,12 @@ class AgentSpec:
 
     def __repr__(self) -> str:
         return f"AgentSpec({self.key})"
+
+
+def _is_header_token(value: str) -> bool:
+    """Whether ``value`` can be sent as a bearer credential: 1 to 1024 printable ASCII
+    characters without spaces (other bytes are not reliably kept as sent in a header)."""
+    return 1 <= len(value) <= 1024 and all("!" <= c <= "~" for c in value)
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -10,6 +10,7 @@
     │   │   ├── MissingSessionId      400 missing_session_id (the runtime's POST /bot)
     │   │   ├── BodyNotAllowed        400 body_not_allowed
     │   │   ├── UnsupportedTransport  400 unsupported_transport
+    │   │   ├── DailyNotConfigured    400 daily_not_configured (a Daily room, no Daily API key)
     │   │   ├── InvalidHandshake      400 invalid_handshake
     │   │   ├── InvalidProxyPath      400 invalid_proxy_path (the session proxy: . or ..)
     │   │   └── MalformedRequest      400 malformed_request
@@ -32,12 +33,14 @@
     │   ├── HeadersTooLarge           431 headers_too_large
     │   ├── InternalError             500 internal_error (details only in the log)
     │   ├── SessionUnreachable        502 session_unreachable (the session proxy)
+    │   ├── DailyApiError             502 daily_api_error (Daily's REST API refused or broke)
     │   ├── ServiceUnavailable        503 (+ Retry-After)
     │   │   ├── AgentNotReady         503 PCC-1001
     │   │   ├── Draining              503 draining (gateway or runtime shutting down)
     │   │   ├── InstanceFull          503 instance_full (the runtime's POST /bot)
     │   │   └── SessionStarting       503 session_starting (the session proxy)
-    │   └── SessionProxyTimeout       504 session_proxy_timeout (the session proxy)
+    │   ├── SessionProxyTimeout       504 session_proxy_timeout (the session proxy)
+    │   └── DailyApiTimeout           504 daily_api_timeout (Daily's REST API did not answer)
     ├── ConfigError                   bad configuration; the CLI exits with EXIT_CONFIG
     ├── StartupError                  cannot start (port taken, state dir); exits EXIT_STARTUP
     ├── CatflapMisuse                 a bug in catflap or its caller (also an AssertionError)
@@ -70,6 +73,9 @@ __all__ = [
     "CatflapError",
     "CatflapMisuse",
     "ConfigError",
+    "DailyApiError",
+    "DailyApiTimeout",
+    "DailyNotConfigured",
     "Draining",
     "DuplicateSession",
     "InstanceFull",
@@ -172,6 +178,12 @@ class BodyNotAllowed(BadRequest):
 
 class UnsupportedTransport(BadRequest):
     code = "unsupported_transport"
+
+
+class DailyNotConfigured(BadRequest):
+    """``/start`` asks for a Daily room, and the organization has no Daily API key."""
+
+    code = "daily_not_configured"
 
 
 class InvalidHandshake(BadRequest):
@@ -314,6 +326,22 @@ class SessionProxyTimeout(RequestRejected):
 
     status = 504
     code = "session_proxy_timeout"
+
+
+class DailyApiError(RequestRejected):
+    """Daily's REST API refused to create the room or token, or answered something that is not
+    Daily's answer; the message carries Daily's status, never the API key."""
+
+    status = 502
+    code = "daily_api_error"
+
+
+class DailyApiTimeout(RequestRejected):
+    """Daily's REST API did not answer within ``DAILY_API_TIMEOUT_S`` (or could not be reached
+    in that time)."""
+
+    status = 504
+    code = "daily_api_timeout"
 
 
 class ServiceUnavailable(RequestRejected):

@@ -19,6 +19,10 @@ __all__ = [
     "CLOSE_REASON_MAX_BYTES",
     "CLOSE_WAIT_S",
     "CONTROL_FRAME_MAX_PAYLOAD_BYTES",
+    "DAILY_API_RESPONSE_MAX_BYTES",
+    "DAILY_API_TIMEOUT_S",
+    "DAILY_ROOM_TOKEN_MAX_CHARS",
+    "DAILY_ROOM_URL_MAX_CHARS",
     "DISPATCH_ATTEMPTS",
     "DRAIN_TIMEOUT_S",
     "FRAME_HEADER_MAX_BYTES",
@@ -146,6 +150,23 @@ START_REQUEST_MAX_BYTES = BOT_BODY_MAX_BYTES + 64 * 1024
 #: curl fit with room to spare; past it new connections get 503 at once, so that listener
 #: cannot use up the gateway's file descriptors. Each connection carries one request.
 METRICS_MAX_CONNECTIONS = 32
+
+# --- Daily's REST API (rooms for `createDailyRoom`) ------------------------------------------
+
+#: One call to Daily's REST API (``POST /rooms``, ``POST /meeting-tokens``) must be answered,
+#: body and all, within this time; past it ``/start`` answers 504 ``daily_api_timeout`` and no
+#: bot starts. Daily answers in well under a second; pipecat's own helper sets no bound at all.
+DAILY_API_TIMEOUT_S = 10.0
+#: The most of one Daily API answer catflap reads. A room object with its ``config`` is about
+#: 1 KiB and a token answer a few hundred bytes; past this it is not Daily: 502
+#: ``daily_api_error``, counted as it arrives.
+DAILY_API_RESPONSE_MAX_BYTES = 64 * 1024
+#: Daily's room ``url`` and meeting ``token`` travel to the runtime in request headers
+#: (``x-daily-room-url``, ``x-daily-room-token``), so they must fit a header line
+#: (``REQUEST_HEADER_LINE_MAX_BYTES``) with room to spare: a room URL is under 100 characters,
+#: a meeting token (a JWT) a few hundred. Longer: 502 ``daily_api_error``.
+DAILY_ROOM_URL_MAX_CHARS = 2048
+DAILY_ROOM_TOKEN_MAX_CHARS = 4096
 
 # --- Tokens ----------------------------------------------------------------------------------
 
@@ -337,6 +358,10 @@ PEER_INPUT_LIMITS: frozenset[str] = frozenset(
         "BOT_BODY_MAX_BYTES",
         "CLOSE_WAIT_S",
         "CONTROL_FRAME_MAX_PAYLOAD_BYTES",
+        "DAILY_API_RESPONSE_MAX_BYTES",
+        "DAILY_API_TIMEOUT_S",
+        "DAILY_ROOM_TOKEN_MAX_CHARS",
+        "DAILY_ROOM_URL_MAX_CHARS",
         "FRAME_SCANNER_PARTIAL_MAX_BYTES",
         "KEEPALIVE_IDLE_TIMEOUT_S",
         "LINGERING_CLOSE_MAX_BYTES",

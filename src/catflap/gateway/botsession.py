@@ -17,6 +17,10 @@
    it (``bot()`` ended) or the lease ends (a crash); the record is then finished from the
    pool's end, with no relay traffic.
 
+A Daily session (``createDailyRoom``, :mod:`catflap.gateway.daily`) is the same session whose
+``POST /bot`` also carries ``x-daily-room-url`` and ``x-daily-room-token``; its record's
+transport is ``daily``.
+
 ``DELETE`` stops such a session through the pool (``stop_session``) as any other, and the
 runtime enforces ``max_session_duration`` from the header.
 """
@@ -36,6 +40,7 @@ from catflap.config import AgentSpec
 from catflap.contract import headers as hdrs
 from catflap.contract import limits
 from catflap.contract.errors import BodyTooLarge, InvalidBody, ServiceUnavailable
+from catflap.gateway.daily import DailyRoom
 from catflap.gateway.recorder import Recorder, Recording
 from catflap.gateway.sessionlog import accepted_log
 from catflap.gateway.upgrade import UpgradeAccepted
@@ -45,6 +50,7 @@ from catflap.sessions.record import RelayStats
 
 __all__ = [
     "BOT_TRANSPORT",
+    "DAILY_TRANSPORT",
     "NO_RELAY",
     "BotSessions",
     "InstanceRefused",
@@ -55,6 +61,8 @@ __all__ = [
 
 #: The ``transport`` of these sessions' records: they run on the runtime's ``/bot`` route.
 BOT_TRANSPORT = "bot"
+#: The ``transport`` of the records of ``/bot`` sessions in a Daily room.
+DAILY_TRANSPORT = "daily"
 #: How often the wait for ``session_started`` looks at the lease: the pool's lease has a flag,
 #: not a future, for it. A start takes milliseconds, so this adds at most a few to ``/start``.
 _ACCEPT_POLL_S = 0.005
@@ -97,8 +105,11 @@ def encode_bot_body(value: Any) -> bytes:
     return data
 
 
-def bot_request(agent: AgentSpec, session_id: str, body: bytes) -> bytes:
-    """The ``POST /bot`` request an instance receives for one session."""
+def bot_request(
+    agent: AgentSpec, session_id: str, body: bytes, daily: DailyRoom | None = None
+) -> bytes:
+    """The ``POST /bot`` request an instance receives for one session (in ``daily``'s room,
+    when given: its URL and token are printable ASCII, :mod:`catflap.gateway.daily` checks)."""
     head = [
         f"POST {hdrs.BOT_PATH} HTTP/1.1",
         "host: catflap-agent",
@@ -108,6 +119,9 @@ def bot_request(agent: AgentSpec, session_id: str, body: bytes) -> bytes:
         f"{hdrs.SESSION_ID_HEADER}: {session_id}",
         f"{hdrs.MAX_SESSION_SECONDS_HEADER}: {agent.config.max_session_duration}",
     ]
+    if daily is not None:
+        head.append(f"{hdrs.DAILY_ROOM_URL_HEADER}: {daily.url}")
+        head.append(f"{hdrs.DAILY_ROOM_TOKEN_HEADER}: {daily.token}")
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
@@ -191,9 +205,9 @@ class BotSessions:
     #: Seconds to reach the instance and see the runtime accept the session.
     accept_timeout: float
 
-    async def start(self, agent: AgentSpec, body: bytes) -> str:
-        """Start ``bot()`` for a new session on an instance; return its session id once the
-        runtime has accepted it.
+    async def start(self, agent: AgentSpec, body: bytes, daily: DailyRoom | None = None) -> str:
+        """Start ``bot()`` for a new session on an instance (in ``daily``'s room, when given);
+        return its session id once the runtime has accepted it.
 
         Raises:
             AgentNotReady: 503, no instance became ready.
@@ -206,7 +220,7 @@ class BotSessions:
         accepted = UpgradeAccepted(
             agent=agent, session_id=str(uuid.uuid4()), provider=None, claims=None, body=None
         )
-        request = bot_request(agent, accepted.session_id, body)
+        request = bot_request(agent, accepted.session_id, body, daily)
         lease = await self.pool.acquire(agent.key, accepted.session_id)
         tried: set[str] = set()
         for attempt in range(1, limits.DISPATCH_ATTEMPTS + 1):
@@ -227,7 +241,8 @@ class BotSessions:
                 self.pool.cancel(lease)
                 raise
             lease = await self.pool.acquire(agent.key, accepted.session_id, avoid=frozenset(tried))
-        recording = self.recorder.started(accepted, lease, started=started, transport=BOT_TRANSPORT)
+        transport = BOT_TRANSPORT if daily is None else DAILY_TRANSPORT
+        recording = self.recorder.started(accepted, lease, started=started, transport=transport)
         self.spawn(self._hold(recording, lease, call))
         return accepted.session_id
 

@@ -156,6 +156,10 @@ class SubprocessLauncher:
             self._log_level,
             "--log-format",
             self._log_format,
+            # The runtime refuses a POST /bot past the pool's own count (503 instance_full,
+            # which the gateway retries elsewhere), so the two can never disagree silently.
+            "--sessions-per-instance",
+            str(agent.config.scaling.sessions_per_instance),
         ]
         if self._log_dir is not None:
             args += ["--log-dir", str(self._log_dir)]

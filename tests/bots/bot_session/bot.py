@@ -1,8 +1,9 @@
 """A bot for sessions without a transport: writes what it received, then does what the body says.
 
 The body names a file (``out``) that gets one JSON line: the arguments' class name, the session
-id and the body. ``then`` is ``return`` (the default), ``wait`` (sleep until stopped or out of
-time), ``crash`` (the process exits at once) or ``sleep:<seconds>`` (then return).
+id and the body, and, for a session in a Daily room, its ``room_url`` and ``token``. ``then`` is
+``return`` (the default), ``wait`` (sleep until stopped or out of time), ``crash`` (the process
+exits at once) or ``sleep:<seconds>`` (then return).
 """
 
 import asyncio
@@ -12,11 +13,12 @@ import os
 
 async def bot(args):
     body = args.body
+    received = {"type": type(args).__name__, "session_id": args.session_id, "body": body}
+    for daily in ("room_url", "token"):
+        if hasattr(args, daily):
+            received[daily] = getattr(args, daily)
     with open(body["out"], "a", encoding="utf-8") as out:
-        out.write(
-            json.dumps({"type": type(args).__name__, "session_id": args.session_id, "body": body})
-            + "\n"
-        )
+        out.write(json.dumps(received) + "\n")
     then = body.get("then", "return")
     if then == "wait":
         await asyncio.sleep(3600)
