@@ -259,7 +259,7 @@ async def test_runtime_side_refuses_a_bad_line_and_reads_the_next(
         (
             {**EVENTS[4], "status": "finished"},
             "bad control message (session_ended.status: Input should be 'completed', "
-            "'bot_error', 'time_limit' or 'stopped'): "
+            "'bot_error', 'time_limit', 'stopped' or 'agent_start_timeout'): "
             "{'event': 'session_ended', 'session_id': 'sess-1', 'status': 'finished', "
             "'error': None, 'client_disconnected': True, 'bot_seconds': 0.25}",
         ),

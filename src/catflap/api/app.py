@@ -57,6 +57,7 @@ from catflap.contract.errors import (
     UpgradeRequired,
     error_body,
 )
+from catflap.contract.ice import ice_config_document
 from catflap.gateway.botsession import encode_bot_body
 from catflap.gateway.daily import create_daily_room, daily_api_key
 from catflap.requestbody import read_bounded_body
@@ -79,7 +80,7 @@ log = logging.getLogger("catflap.api")
 
 #: The ``transport`` values ``/start`` serves (PCC's ``daily`` and ``websocket``, plus the
 #: telephony providers); no ``transport`` is a session without one, or a Daily one.
-START_TRANSPORTS = ("daily", "websocket", *TELEPHONY_TRANSPORTS)
+START_TRANSPORTS = ("daily", "webrtc", "websocket", *TELEPHONY_TRANSPORTS)
 
 
 def _enum_of_strings(schema: dict[str, Any], values: tuple[str, ...]) -> None:
@@ -115,8 +116,8 @@ class StartRequest(BaseModel):
     )
     enableDefaultIceServers: bool = Field(  # noqa: N815
         default=False,
-        description="PCC: return default STUN/TURN servers for a WebRTC session. catflap "
-        "serves no WebRTC transport yet and ignores it.",
+        description="A WebRTC session: also answer the agent's STUN/TURN servers ([webrtc] "
+        "ice_servers) as iceConfig.iceServers, for the client's peer connection.",
     )
     transport: str | None = Field(
         default=None,
@@ -151,6 +152,11 @@ class StartResponse(BaseModel):
     )
     dailyToken: str | None = Field(  # noqa: N815
         default=None, description="Daily sessions: the meeting token to join the room with."
+    )
+    iceConfig: dict[str, Any] | None = Field(  # noqa: N815
+        default=None,
+        description="WebRTC sessions with enableDefaultIceServers: "
+        '{"iceServers": [{"urls": [...], "username", "credential"}]}.',
     )
 
 
@@ -317,6 +323,8 @@ def create_api(deps: ApiDeps) -> FastAPI:
             transport = "daily"
         if transport is None or transport == "daily":
             return await _start_bot(org, spec, payload, daily=transport == "daily")
+        if transport == "webrtc":
+            return await _start_webrtc(spec, payload)
         if transport not in START_TRANSPORTS:
             raise UnsupportedTransport(
                 f"transport {transport!r} is not supported: send one of "
@@ -382,6 +390,22 @@ def create_api(deps: ApiDeps) -> FastAPI:
         )
         session_id = await deps.bot_sessions.start(spec, body, daily=room)
         return {"sessionId": session_id, "dailyRoom": room.url, "dailyToken": room.token}
+
+    async def _start_webrtc(spec: AgentSpec, payload: StartRequest) -> dict[str, Any]:
+        """A SmallWebRTC session: a ``POST /bot`` that waits for the client's offer, which it
+        sends to ``/v1/public/{agent}/sessions/{sessionId}/api/offer`` (the session proxy)."""
+        if deps.draining():
+            raise Draining("the gateway is shutting down; start the session again")
+        body = encode_bot_body(payload.body)
+        if deps.bot_sessions is None:
+            raise ServiceUnavailable("this API starts no sessions without a WebSocket")
+        response: dict[str, Any] = {
+            "sessionId": await deps.bot_sessions.start(spec, body, webrtc=True)
+        }
+        if payload.enableDefaultIceServers:
+            servers = [server.to_wire() for server in spec.config.webrtc.ice_servers]
+            response["iceConfig"] = ice_config_document(servers)["iceConfig"]
+        return response
 
     @app.api_route(
         "/ws/{rest:path}",

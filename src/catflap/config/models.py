@@ -32,11 +32,13 @@ __all__ = [
     "AgentSpec",
     "CatflapConfig",
     "GatewaySettings",
+    "IceServer",
     "LogsConfig",
     "OrgConfig",
     "PccDeploy",
     "PccScaling",
     "ScalingConfig",
+    "WebRTCConfig",
     "split_listen",
 ]
 
@@ -77,6 +79,44 @@ class ScalingConfig(_Strict):
         return self
 
 
+class IceServer(_Strict):
+    """One STUN or TURN server of ``[webrtc] ice_servers`` (the fields of WebRTC's
+    ``RTCIceServer`` and of PCC's ``iceConfig.iceServers``)."""
+
+    #: ``stun:``, ``stuns:``, ``turn:`` or ``turns:`` URLs; one string is a list of one.
+    urls: list[Annotated[str, Field(pattern=r"^(stun|stuns|turn|turns):[!-~]+$")]] = Field(
+        min_length=1
+    )
+    username: str | None = None
+    #: A SecretStr: no repr, log line or error message shows it. It goes to the agent's
+    #: runtime (``ICE_CONFIG_URL``) and, when a client asks, to the client (``iceConfig``).
+    credential: SecretStr | None = None
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _one_url_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    def to_wire(self) -> dict[str, Any]:
+        """PCC's ``{"urls": [...], "username", "credential"}``, credential included."""
+        server: dict[str, Any] = {"urls": list(self.urls)}
+        if self.username is not None:
+            server["username"] = self.username
+        if self.credential is not None:
+            server["credential"] = self.credential.get_secret_value()
+        return server
+
+
+class WebRTCConfig(_Strict):
+    """``[webrtc]`` (and an agent's ``[organizations.X.agents.Y.webrtc]``, which replaces it):
+    the ICE servers of SmallWebRTC sessions."""
+
+    #: Given to the agent's runtime for its peer connections, and to clients that ask
+    #: (``enableDefaultIceServers``). Empty: host candidates only, for clients that reach the
+    #: agent host's address directly (a LAN, a public host with its UDP ports open).
+    ice_servers: list[IceServer] = []
+
+
 class AgentConfig(_Strict):
     path: Path
     websocket_auth: WebsocketAuth = "none"
@@ -86,6 +126,8 @@ class AgentConfig(_Strict):
     #: (for telephony bots that reach the generic endpoint with a path token).
     generic_transport_type: Literal["websocket", "auto"] = "websocket"
     scaling: ScalingConfig = ScalingConfig()
+    #: The agent's ``[webrtc]``; catflap.toml's top-level ``[webrtc]`` when it has none.
+    webrtc: WebRTCConfig = WebRTCConfig()
 
 
 class OrgConfig(_Strict):
@@ -197,7 +239,23 @@ class CatflapConfig(_Strict):
     database_url: str | None = None
     gateway: GatewaySettings = GatewaySettings()
     logs: LogsConfig = LogsConfig()
+    #: Every agent's ``[webrtc]``, unless the agent has its own.
+    webrtc: WebRTCConfig = WebRTCConfig()
     organizations: dict[str, OrgConfig] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _agents_inherit_webrtc(cls, data: Any) -> Any:
+        # Copied into each agent before validation, so that AgentSpec.config.webrtc is the one
+        # that applies, wherever the agent's config travels (the pool, an agent host).
+        if not isinstance(data, dict) or "webrtc" not in data:
+            return data
+        for org in (data.get("organizations") or {}).values():
+            agents = org.get("agents") if isinstance(org, dict) else None
+            for agent in (agents or {}).values():
+                if isinstance(agent, dict) and "webrtc" not in agent:
+                    agent["webrtc"] = data["webrtc"]
+        return data
 
     @property
     def log_dir(self) -> Path:

@@ -13,6 +13,8 @@
     │   │   ├── DailyNotConfigured    400 daily_not_configured (a Daily room, no Daily API key)
     │   │   ├── InvalidHandshake      400 invalid_handshake
     │   │   ├── InvalidProxyPath      400 invalid_proxy_path (the session proxy: . or ..)
+    │   │   ├── InvalidOffer          400 invalid_offer (the runtime's /api/offer)
+    │   │   ├── OfferConflict         400 webrtc_offer_conflict (a second peer connection)
     │   │   └── MalformedRequest      400 malformed_request
     │   ├── Unauthorized              401 "401" (PCC's code)
     │   ├── TokenRejected             403 token_<reason>
@@ -20,7 +22,8 @@
     │   ├── NotFound                  404 not_found
     │   │   ├── AgentNotFound         404 "404" (PCC's code)
     │   │   ├── SessionNotFound       404 session_not_found (the session proxy)
-    │   │   └── ReservedPath          404 reserved_path (the session proxy)
+    │   │   ├── ReservedPath          404 reserved_path (the session proxy)
+    │   │   └── PeerConnectionNotFound  404 peer_connection_not_found (PATCH /api/offer)
     │   ├── MethodNotAllowed          405 method_not_allowed
     │   ├── RequestTimeout            408 request_timeout
     │   ├── DuplicateSession          409 session_already_running (the runtime's POST /bot)
@@ -32,6 +35,7 @@
     │   ├── AtCapacity                429 PCC-AGENT-AT-CAPACITY (+ Retry-After)
     │   ├── HeadersTooLarge           431 headers_too_large
     │   ├── InternalError             500 internal_error (details only in the log)
+    │   ├── WebRTCUnavailable         501 webrtc_unavailable (no pipecat-ai[webrtc] in the agent)
     │   ├── SessionUnreachable        502 session_unreachable (the session proxy)
     │   ├── DailyApiError             502 daily_api_error (Daily's REST API refused or broke)
     │   ├── ServiceUnavailable        503 (+ Retry-After)
@@ -63,7 +67,6 @@ from typing import ClassVar
 from catflap.contract import limits
 
 __all__ = [
-    "cut_error",
     "AgentNotFound",
     "AgentNotReady",
     "AtCapacity",
@@ -78,19 +81,21 @@ __all__ = [
     "DailyNotConfigured",
     "Draining",
     "DuplicateSession",
-    "InstanceFull",
-    "TooManyConnections",
     "HeadersTooLarge",
+    "InstanceFull",
+    "InternalError",
     "InvalidBody",
     "InvalidHandshake",
-    "InternalError",
+    "InvalidOffer",
     "InvalidProxyPath",
     "InvalidServiceHost",
     "MalformedRequest",
     "MethodNotAllowed",
-    "MissingSessionId",
     "MetricsForbidden",
+    "MissingSessionId",
     "NotFound",
+    "OfferConflict",
+    "PeerConnectionNotFound",
     "RequestRejected",
     "RequestTimeout",
     "RequestTooLarge",
@@ -102,11 +107,14 @@ __all__ = [
     "SessionUnreachable",
     "StartupError",
     "TokenRejected",
+    "TooManyConnections",
     "Unauthorized",
     "UnsupportedMediaType",
     "UnsupportedTransport",
     "UpgradeRequired",
     "UrlTooLong",
+    "WebRTCUnavailable",
+    "cut_error",
     "error_body",
     "http_error_response",
 ]
@@ -190,6 +198,21 @@ class InvalidHandshake(BadRequest):
     code = "invalid_handshake"
 
 
+class InvalidOffer(BadRequest):
+    """A ``POST``/``PATCH /api/offer`` body that is not the SmallWebRTC client's JSON, or an
+    SDP offer the bot's WebRTC stack cannot answer."""
+
+    code = "invalid_offer"
+
+
+class OfferConflict(BadRequest):
+    """A second peer connection for one session: an offer without ``pc_id`` (or with another
+    one) while one is open, as pipecat's ``ConnectionMode.SINGLE`` refuses, or more offers than
+    ``WEBRTC_OFFERS_MAX``."""
+
+    code = "webrtc_offer_conflict"
+
+
 class InvalidProxyPath(BadRequest):
     """A session proxy path with a ``.`` or ``..`` segment (percent-encoded or not): no bot
     route needs one, and servers disagree on resolving them."""
@@ -246,6 +269,13 @@ class SessionNotFound(NotFound):
     """The session proxy's session id is not a live session of that agent (unknown or ended)."""
 
     code = "session_not_found"
+
+
+class PeerConnectionNotFound(NotFound):
+    """A trickle-ICE ``PATCH /api/offer`` for a ``pc_id`` the session has no peer connection
+    for (PCC's base image answers 404 too)."""
+
+    code = "peer_connection_not_found"
 
 
 class ReservedPath(NotFound):
@@ -342,6 +372,14 @@ class DailyApiTimeout(RequestRejected):
 
     status = 504
     code = "daily_api_timeout"
+
+
+class WebRTCUnavailable(RequestRejected):
+    """A WebRTC session or offer reached an agent whose Python environment lacks
+    ``pipecat-ai[webrtc]`` (aiortc)."""
+
+    status = 501
+    code = "webrtc_unavailable"
 
 
 class ServiceUnavailable(RequestRejected):

@@ -11,6 +11,7 @@ __all__ = [
     "AGENT_PATH",
     "BOT_PATH",
     "DAILY_ROOM_TOKEN_HEADER",
+    "DAILY_TRANSPORT_TYPE_HEADER",
     "DAILY_ROOM_URL_HEADER",
     "MAX_SESSION_SECONDS_HEADER",
     "QUERY_BODY",
@@ -19,7 +20,9 @@ __all__ = [
     "RUNTIME_PATHS",
     "SESSION_ID_HEADER",
     "TRANSPORT_TYPE_HEADER",
+    "TRANSPORT_TYPE_WEBRTC",
     "TRANSPORT_TYPE_WEBSOCKET",
+    "WEBRTC_OFFER_PATH",
 ]
 
 #: The session id, on the gateway -> agent upgrade (PCC base image reads this header).
@@ -42,11 +45,18 @@ AGENT_HOP_PREFIXES = ("x-daily-", "x-catflap-", "x-pcc-")
 #: The Daily room a ``POST /bot`` session joins, and its meeting token (PCC base image).
 DAILY_ROOM_URL_HEADER = "x-daily-room-url"
 DAILY_ROOM_TOKEN_HEADER = "x-daily-room-token"
+#: PCC's ``POST /bot`` header naming the session's transport; its one value,
+#: :data:`TRANSPORT_TYPE_WEBRTC`, makes the runtime wait for a SmallWebRTC offer.
+DAILY_TRANSPORT_TYPE_HEADER = "x-daily-transport-type"
+TRANSPORT_TYPE_WEBRTC = "webrtc"
 
 #: The agent runtime's WebSocket route (PCC base image).
 AGENT_PATH = "/ws"
 #: The agent runtime's route for sessions without a transport, held until ``bot()`` ends.
 BOT_PATH = "/bot"
+#: SmallWebRTC signalling (PCC base image): ``POST`` an offer, ``PATCH`` trickled candidates.
+#: A runtime route that the session proxy reaches, so not one of :data:`RUNTIME_PATHS`.
+WEBRTC_OFFER_PATH = "/api/offer"
 #: The agent runtime's own paths: a bot may not declare a route on one (the start fails), and
 #: the gateway's session proxy never forwards a request to one (or below one). PCC's
 #: ``/api/offer`` (SmallWebRTC signalling) is a bot route, not one of these.

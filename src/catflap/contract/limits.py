@@ -27,6 +27,8 @@ __all__ = [
     "DRAIN_TIMEOUT_S",
     "FRAME_HEADER_MAX_BYTES",
     "FRAME_SCANNER_PARTIAL_MAX_BYTES",
+    "ICE_CONFIG_FETCH_TIMEOUT_S",
+    "ICE_CONFIG_MAX_BYTES",
     "IDLE_REAP_S",
     "KEEPALIVE_IDLE_TIMEOUT_S",
     "LEASE_END_TIMEOUT_S",
@@ -81,6 +83,11 @@ __all__ = [
     "TOKEN_TTL_S",
     "UPSTREAM_HANDSHAKE_TIMEOUT_S",
     "UPSTREAM_RESPONSE_HEAD_MAX_BYTES",
+    "WEBRTC_CANDIDATES_MAX",
+    "WEBRTC_OFFERS_MAX",
+    "WEBRTC_OFFER_MAX_BYTES",
+    "WEBRTC_OFFER_TIMEOUT_S",
+    "WEBRTC_PATCH_MAX_BYTES",
     "WS_MAX_SIZE_BYTES",
     "WS_PER_MESSAGE_DEFLATE",
     "WS_PING_INTERVAL_S",
@@ -254,6 +261,32 @@ SESSION_PROXY_START_WAIT_S = UPSTREAM_HANDSHAKE_TIMEOUT_S
 #: the response is cut off). Half of nginx's default ``proxy_read_timeout`` (60 s): a bot's
 #: route answers in milliseconds, an SDP answer with ICE gathering in a few seconds.
 SESSION_PROXY_TIMEOUT_S = 30.0
+# --- SmallWebRTC sessions (/start transport "webrtc", the runtime's /api/offer) ----------------
+
+#: A ``POST /bot`` WebRTC session waits this long for the client's first offer, then ends as
+#: ``agent_start_timeout``: PCC's base image waits the same (``SmallWebRTCSessionManager(
+#: timeout_seconds=120)``).
+WEBRTC_OFFER_TIMEOUT_S = 120.0
+#: An offer (``POST /api/offer``): its SDP is a few KiB (Chrome's, audio and video, ~6 KiB) and
+#: its ``requestData`` a session body; the session proxy carries no more than this anyway.
+#: Past it: 413 ``request_too_large``, counted as it arrives.
+WEBRTC_OFFER_MAX_BYTES = SESSION_PROXY_BODY_MAX_BYTES
+#: A trickle-ICE ``PATCH /api/offer``: the JS client sends what it gathered in 200 ms, a few
+#: candidates of ~150 bytes each. Past it: 413 ``request_too_large``.
+WEBRTC_PATCH_MAX_BYTES = 64 * 1024
+#: Remote ICE candidates one session accepts in all (browsers gather a dozen or two); each
+#: one is a pair aioice checks, so more would be CPU a client makes the bot spend. Past it:
+#: 413 ``request_too_large``.
+WEBRTC_CANDIDATES_MAX = 256
+#: Offers one session accepts in all (the first and its renegotiations / ICE restarts); each
+#: is an SDP negotiation in the bot's process. Past it: 400 ``webrtc_offer_conflict``.
+WEBRTC_OFFERS_MAX = 32
+#: ``ICE_CONFIG_URL`` (PCC's way to give the runtime its ICE servers): fetched at each offer,
+#: within this time and size; PCC's base image allows 60 s, but the offer waits for it, and
+#: the session proxy gives the offer ``SESSION_PROXY_TIMEOUT_S`` in all.
+ICE_CONFIG_FETCH_TIMEOUT_S = 5.0
+ICE_CONFIG_MAX_BYTES = 64 * 1024
+
 #: Write-buffer marks per relay leg. Above the high mark the opposite leg stops reading, so a
 #: slow reader throttles the sender through TCP instead of growing memory. 64 KiB is asyncio's
 #: default and about 4 s of 8 kHz PCM16: enough to ride out jitter, small enough to bound RAM.
@@ -394,6 +427,11 @@ PEER_INPUT_LIMITS: frozenset[str] = frozenset(
         "TOKEN_TTL_S",
         "UPSTREAM_HANDSHAKE_TIMEOUT_S",
         "UPSTREAM_RESPONSE_HEAD_MAX_BYTES",
+        "WEBRTC_CANDIDATES_MAX",
+        "WEBRTC_OFFERS_MAX",
+        "WEBRTC_OFFER_MAX_BYTES",
+        "WEBRTC_OFFER_TIMEOUT_S",
+        "WEBRTC_PATCH_MAX_BYTES",
         "WS_MAX_SIZE_BYTES",
     }
 )
@@ -409,6 +447,8 @@ OTHER_LIMITS: frozenset[str] = frozenset(
         "DISPATCH_ATTEMPTS",
         "DRAIN_TIMEOUT_S",
         "FRAME_HEADER_MAX_BYTES",
+        "ICE_CONFIG_FETCH_TIMEOUT_S",
+        "ICE_CONFIG_MAX_BYTES",
         "IDLE_REAP_S",
         "LEASE_END_TIMEOUT_S",
         "LOGS_LIMIT_DEFAULT",

@@ -10,9 +10,10 @@ from typing import Literal
 
 __all__ = ["BotStatus", "CompletionStatus", "EndStatus"]
 
-#: The runtime's report: ``bot()`` returned, ``bot()`` raised, the session budget ran out, or
-#: the pool asked for a stop.
-BotStatus = Literal["completed", "bot_error", "time_limit", "stopped"]
+#: The runtime's report: ``bot()`` returned, ``bot()`` raised, the session budget ran out, the
+#: pool asked for a stop, or a WebRTC session's client sent no offer in time (``bot()`` never
+#: ran; PCC's ``endState`` name).
+BotStatus = Literal["completed", "bot_error", "time_limit", "stopped", "agent_start_timeout"]
 
 #: As far as the pool knows: the runtime's report, or the agent process died mid-session.
 EndStatus = BotStatus | Literal["agent_crashed"]

@@ -19,7 +19,10 @@
 
 A Daily session (``createDailyRoom``, :mod:`catflap.gateway.daily`) is the same session whose
 ``POST /bot`` also carries ``x-daily-room-url`` and ``x-daily-room-token``; its record's
-transport is ``daily``.
+transport is ``daily``. A SmallWebRTC session (``"transport": "webrtc"``) is one whose
+``POST /bot`` carries ``x-daily-transport-type: webrtc``: the runtime reports it started at
+once and waits for the client's offer, which comes through the session proxy to the runtime's
+``/api/offer``; its record's transport is ``webrtc``.
 
 ``DELETE`` stops such a session through the pool (``stop_session``) as any other, and the
 runtime enforces ``max_session_duration`` from the header.
@@ -52,6 +55,7 @@ __all__ = [
     "BOT_TRANSPORT",
     "DAILY_TRANSPORT",
     "NO_RELAY",
+    "WEBRTC_TRANSPORT",
     "BotSessions",
     "InstanceRefused",
     "bot_request",
@@ -63,6 +67,8 @@ __all__ = [
 BOT_TRANSPORT = "bot"
 #: The ``transport`` of the records of ``/bot`` sessions in a Daily room.
 DAILY_TRANSPORT = "daily"
+#: The ``transport`` of the records of ``/bot`` sessions over SmallWebRTC.
+WEBRTC_TRANSPORT = "webrtc"
 #: How often the wait for ``session_started`` looks at the lease: the pool's lease has a flag,
 #: not a future, for it. A start takes milliseconds, so this adds at most a few to ``/start``.
 _ACCEPT_POLL_S = 0.005
@@ -106,10 +112,16 @@ def encode_bot_body(value: Any) -> bytes:
 
 
 def bot_request(
-    agent: AgentSpec, session_id: str, body: bytes, daily: DailyRoom | None = None
+    agent: AgentSpec,
+    session_id: str,
+    body: bytes,
+    daily: DailyRoom | None = None,
+    *,
+    webrtc: bool = False,
 ) -> bytes:
     """The ``POST /bot`` request an instance receives for one session (in ``daily``'s room,
-    when given: its URL and token are printable ASCII, :mod:`catflap.gateway.daily` checks)."""
+    when given: its URL and token are printable ASCII, :mod:`catflap.gateway.daily` checks;
+    waiting for a SmallWebRTC offer with ``webrtc``)."""
     head = [
         f"POST {hdrs.BOT_PATH} HTTP/1.1",
         "host: catflap-agent",
@@ -122,6 +134,8 @@ def bot_request(
     if daily is not None:
         head.append(f"{hdrs.DAILY_ROOM_URL_HEADER}: {daily.url}")
         head.append(f"{hdrs.DAILY_ROOM_TOKEN_HEADER}: {daily.token}")
+    if webrtc:
+        head.append(f"{hdrs.DAILY_TRANSPORT_TYPE_HEADER}: {hdrs.TRANSPORT_TYPE_WEBRTC}")
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
@@ -205,9 +219,17 @@ class BotSessions:
     #: Seconds to reach the instance and see the runtime accept the session.
     accept_timeout: float
 
-    async def start(self, agent: AgentSpec, body: bytes, daily: DailyRoom | None = None) -> str:
+    async def start(
+        self,
+        agent: AgentSpec,
+        body: bytes,
+        daily: DailyRoom | None = None,
+        *,
+        webrtc: bool = False,
+    ) -> str:
         """Start ``bot()`` for a new session on an instance (in ``daily``'s room, when given);
-        return its session id once the runtime has accepted it.
+        return its session id once the runtime has accepted it. With ``webrtc`` the runtime
+        accepts it at once and waits for the client's offer (:mod:`catflap.runtime.webrtc`).
 
         Raises:
             AgentNotReady: 503, no instance became ready.
@@ -220,7 +242,7 @@ class BotSessions:
         accepted = UpgradeAccepted(
             agent=agent, session_id=str(uuid.uuid4()), provider=None, claims=None, body=None
         )
-        request = bot_request(agent, accepted.session_id, body, daily)
+        request = bot_request(agent, accepted.session_id, body, daily, webrtc=webrtc)
         lease = await self.pool.acquire(agent.key, accepted.session_id)
         tried: set[str] = set()
         for attempt in range(1, limits.DISPATCH_ATTEMPTS + 1):
@@ -241,7 +263,9 @@ class BotSessions:
                 self.pool.cancel(lease)
                 raise
             lease = await self.pool.acquire(agent.key, accepted.session_id, avoid=frozenset(tried))
-        transport = BOT_TRANSPORT if daily is None else DAILY_TRANSPORT
+        transport = (
+            WEBRTC_TRANSPORT if webrtc else BOT_TRANSPORT if daily is None else DAILY_TRANSPORT
+        )
         recording = self.recorder.started(accepted, lease, started=started, transport=transport)
         self.spawn(self._hold(recording, lease, call))
         return accepted.session_id

@@ -8,8 +8,9 @@ loop and no threads, and forks a new instance on request. The child runs ``catfl
 state is fresh, and its dependencies are already loaded), so every instance still starts from
 a clean ``bot`` module.
 
-Protocol over a ``SOCK_SEQPACKET`` socketpair: the launcher sends the child's options as JSON
-with the child's control-channel fd attached (``SCM_RIGHTS``); the fork server answers
+Protocol over a ``SOCK_SEQPACKET`` socketpair: the launcher sends the child's options and extra
+environment variables (``{"args", "env"}``) as JSON with the child's control-channel fd
+attached (``SCM_RIGHTS``); the fork server answers
 ``{"pid": N}``. End of file means the gateway is gone: the fork server exits (instances live on
 until their own control channels close). The fork server ignores ``SIGCHLD`` so the kernel reaps
 its children; the launcher watches them through ``pidfd``.
@@ -83,11 +84,12 @@ class _ForkServer:
     def alive(self) -> bool:
         return self.process.returncode is None
 
-    async def fork(self, args: list[str], control: socket.socket) -> int:
+    async def fork(self, args: list[str], env: dict[str, str], control: socket.socket) -> int:
         async with self.lock:
             loop = asyncio.get_running_loop()
+            message = json.dumps({"args": args, "env": env}).encode()
             # One small datagram: the kernel takes it at once even on a non-blocking socket.
-            socket.send_fds(self.sock, [json.dumps(args).encode()], [control.fileno()])
+            socket.send_fds(self.sock, [message], [control.fileno()])
             answer = await loop.sock_recv(self.sock, _MESSAGE_MAX)
         if not answer:
             raise ConnectionError("the fork server exited")
@@ -145,7 +147,7 @@ class ForkServerLauncher(SubprocessLauncher):
     async def _start(self, agent: AgentSpec, args: list[str], control: socket.socket) -> ProcessRef:
         server = await self._server(agent)
         try:
-            pid = await server.fork(args, control)
+            pid = await server.fork(args, self.runtime_env(agent), control)
         except (ConnectionError, OSError):
             # A dead fork server never blocks a start: this one starts the slow way.
             await server.close()
@@ -179,12 +181,14 @@ def serve_forks(fd: int, bot_dir: Path) -> None:
         payload, fds, _, _ = socket.recv_fds(sock, _MESSAGE_MAX, 1)
         if not payload:
             return
-        args: list[str] = json.loads(payload)
+        message = json.loads(payload)
+        args: list[str] = message["args"]
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 sock.close()
+                os.environ.update(message["env"])
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 from catflap.runtime.main import main

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from catflap.config import AgentSpec
 from catflap.contract.control import ControlChannel
+from catflap.contract.ice import ICE_CONFIG_URL_ENV, ice_config_data_url
 
 __all__ = ["ChildRef", "LaunchedProcess", "Launcher", "ProcessRef", "SubprocessLauncher"]
 
@@ -165,6 +166,15 @@ class SubprocessLauncher:
             args += ["--log-dir", str(self._log_dir)]
         return args
 
+    def runtime_env(self, agent: AgentSpec) -> dict[str, str]:
+        """Environment variables an instance gets on top of the gateway's own: for an agent
+        with ``[webrtc] ice_servers``, ``ICE_CONFIG_URL`` (PCC's name) as a ``data:`` URL of
+        them, so the credentials are on no command line (:mod:`catflap.contract.ice`)."""
+        servers = agent.config.webrtc.ice_servers
+        if not servers:
+            return {}
+        return {ICE_CONFIG_URL_ENV: ice_config_data_url([s.to_wire() for s in servers])}
+
     async def _start(self, agent: AgentSpec, args: list[str], control: socket.socket) -> ProcessRef:
         """Start the runtime with ``control`` as its control channel (a fresh interpreter)."""
         process = await asyncio.create_subprocess_exec(
@@ -176,7 +186,7 @@ class SubprocessLauncher:
             str(control.fileno()),
             pass_fds=(control.fileno(),),
             cwd=str(agent.config.path),
-            env=dict(os.environ),
+            env={**os.environ, **self.runtime_env(agent)},
             stdin=asyncio.subprocess.DEVNULL,
         )
         return ChildRef(process)

@@ -37,6 +37,8 @@ The pool starts one runtime process per agent instance::
    ``bot()`` raised          bot_error     1011, reason = exception class name
    the budget ran out        time_limit    1000 "session time limit reached" (bot cancelled)
    ``stop_session`` command  stopped       1000 "session stopped" (bot cancelled)
+   no WebRTC offer in 120 s  agent_start_  (a ``/bot`` WebRTC session; ``bot()`` never ran)
+                             timeout
    ========================  ============  ==============================================
 
    (A ``/bot`` session sends no close: the status is in its answer.) ``session_started`` and

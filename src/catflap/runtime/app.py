@@ -21,13 +21,14 @@ from starlette.websockets import WebSocket
 
 from catflap.contract import headers
 from catflap.runtime.botloader import BotImportError, LoadedBot
-from catflap.runtime.botroute import bot_endpoint
+from catflap.runtime.botroute import bot_endpoint, offer_endpoint
 from catflap.runtime.session import SessionRunner
 
 __all__ = ["RESERVED_PATHS", "ReservedRouteError", "check_bot_routes", "create_app"]
 
-#: The runtime's own paths; a bot may not declare a route on any of them.
-RESERVED_PATHS = headers.RUNTIME_PATHS
+#: The runtime's own paths, and PCC's SmallWebRTC signalling route (which the session proxy
+#: reaches): a bot may not declare a route on any of them.
+RESERVED_PATHS = (*headers.RUNTIME_PATHS, headers.WEBRTC_OFFER_PATH)
 
 
 class ReservedRouteError(BotImportError):
@@ -106,6 +107,9 @@ def create_app(sessions: SessionRunner, app: FastAPI | None = None) -> FastAPI:
 
     app.add_api_websocket_route(headers.AGENT_PATH, ws_endpoint)
     app.add_api_route(headers.BOT_PATH, bot_endpoint(sessions), methods=["POST"])
+    app.add_api_route(
+        headers.WEBRTC_OFFER_PATH, offer_endpoint(sessions.webrtc), methods=["POST", "PATCH"]
+    )
     app.add_api_route("/livez", livez, methods=["GET"])
     app.add_api_route("/readyz", readyz, methods=["GET"])
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"])

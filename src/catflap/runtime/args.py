@@ -10,10 +10,14 @@ kind       1. ``pipecatcloud.agent``      2. ``pipecat.runner.types``   3. catfl
 websocket  ``WebSocketSessionArguments``  ``WebSocketRunnerArguments``  same names, this module
 pipecat    ``PipecatSessionArguments``    ``RunnerArguments``           same names, this module
 daily      ``DailySessionArguments``      ``DailyRunnerArguments``      same names, this module
+webrtc     ``SmallWebRTCSession``         ``SmallWebRTCRunner``         same name, this module
+           ``Arguments``                  ``Arguments``
 =========  =============================  ============================  =======================
 
-``websocket`` is a ``/ws`` session; ``pipecat`` and ``daily`` are ``POST /bot`` sessions, the
-latter when the request names a Daily room. The SDK's classes subclass pipecat's, so they pass
+``websocket`` is a ``/ws`` session; ``pipecat``, ``daily`` and ``webrtc`` are ``POST /bot``
+sessions, the second when the request names a Daily room, the third when it says
+``x-daily-transport-type: webrtc`` and the client's offer has arrived
+(:mod:`~catflap.runtime.webrtc`). The SDK's classes subclass pipecat's, so they pass
 every pipecat check too; catflap's own serve plain bots when neither package is installed.
 
 Objects are built with keywords only: in pipecat >= 1.2 the field order of the SDK classes
@@ -37,15 +41,17 @@ __all__ = [
     "DailySessionArguments",
     "PipecatSessionArguments",
     "SessionKind",
+    "SmallWebRTCSessionArguments",
     "WebSocketSessionArguments",
     "decode_body_param",
     "make_bot_session_args",
     "make_session_args",
+    "make_webrtc_session_args",
     "session_args_class",
 ]
 
 #: Which ``bot(args)`` class a session gets (the rows of the module docstring's table).
-SessionKind = Literal["websocket", "pipecat", "daily"]
+SessionKind = Literal["websocket", "pipecat", "daily", "webrtc"]
 
 
 @dataclass(kw_only=True)
@@ -79,6 +85,14 @@ class DailySessionArguments(PipecatSessionArguments):
     token: str | None = None
 
 
+@dataclass(kw_only=True)
+class SmallWebRTCSessionArguments(PipecatSessionArguments):
+    """Fallback session arguments with the fields of pipecat's ``SmallWebRTCRunnerArguments``."""
+
+    #: pipecat's ``SmallWebRTCConnection`` the client's offer opened.
+    webrtc_connection: Any
+
+
 @dataclass(frozen=True)
 class DailyRoom:
     """The Daily room a ``POST /bot`` session joins (``x-daily-room-url`` / ``-token``)."""
@@ -101,11 +115,16 @@ _CANDIDATES: dict[SessionKind, tuple[tuple[str, str], ...]] = {
         ("pipecatcloud.agent", "DailySessionArguments"),
         ("pipecat.runner.types", "DailyRunnerArguments"),
     ),
+    "webrtc": (
+        ("pipecatcloud.agent", "SmallWebRTCSessionArguments"),
+        ("pipecat.runner.types", "SmallWebRTCRunnerArguments"),
+    ),
 }
 _OWN: dict[SessionKind, type] = {
     "websocket": WebSocketSessionArguments,
     "pipecat": PipecatSessionArguments,
     "daily": DailySessionArguments,
+    "webrtc": SmallWebRTCSessionArguments,
 }
 
 
@@ -173,6 +192,24 @@ def make_bot_session_args(*, session_id: str, body: Any, daily: DailyRoom | None
     return _pin_runtime_fields(
         cls(session_id=session_id, body=body, room_url=daily.room_url, token=daily.token)
     )
+
+
+def make_webrtc_session_args(*, session_id: str, body: Any, connection: Any) -> Any:
+    """Build the argument object for a WebRTC ``POST /bot`` session's ``bot(args)``.
+
+    Args:
+        session_id: ``x-daily-session-id``.
+        body: The offer's ``requestData`` when it has one, else the ``/bot`` body (PCC's
+            base image does the same).
+        connection: pipecat's ``SmallWebRTCConnection`` for the client's offer.
+
+    Returns:
+        ``session_args_class("webrtc")(session_id, body, webrtc_connection)``, the runtime's
+        fields pinned as for :func:`make_session_args`; ``create_transport`` builds a
+        ``SmallWebRTCTransport`` from it.
+    """
+    cls = session_args_class("webrtc")
+    return _pin_runtime_fields(cls(session_id=session_id, body=body, webrtc_connection=connection))
 
 
 def decode_body_param(raw: str | None, log: logging.LoggerAdapter[logging.Logger]) -> Any:

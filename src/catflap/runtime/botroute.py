@@ -15,9 +15,12 @@ otherwise                               the session runs; then 200
 ======================================  =====================================================
 
 ``x-pcc-max-session-seconds`` is the budget, read as on ``/ws``. With ``x-daily-room-url`` (and
-``x-daily-room-token``) the bot gets ``DailySessionArguments``, else
-``PipecatSessionArguments``. A client that hangs up does not stop the bot: the session ends when
-``bot()`` returns, its budget runs out or ``stop_session`` arrives, as in PCC.
+``x-daily-room-token``) the bot gets ``DailySessionArguments``; with ``x-daily-transport-type:
+webrtc`` it gets ``SmallWebRTCSessionArguments`` once the client's offer has come through
+``/api/offer`` (:mod:`~catflap.runtime.webrtc`; a runtime without pipecat-ai[webrtc] answers
+501 ``webrtc_unavailable``), else ``PipecatSessionArguments``. A client that hangs up does not
+stop the bot: the session ends when ``bot()`` returns, its budget runs out or ``stop_session``
+arrives, as in PCC.
 """
 
 from __future__ import annotations
@@ -36,14 +39,17 @@ from catflap.contract.errors import (
     InvalidBody,
     MissingSessionId,
     RequestRejected,
+    RequestTooLarge,
 )
 from catflap.logs import session_log
 from catflap.requestbody import read_bounded_body
 from catflap.runtime.args import DailyRoom
 from catflap.runtime.session import BotSession, SessionRunner, read_budget
+from catflap.runtime.webrtc import WebRTCSessions
 
 __all__ = [
     "bot_endpoint",
+    "offer_endpoint",
     "read_bot_request",
 ]
 
@@ -88,6 +94,8 @@ async def read_bot_request(request: Request) -> BotSession:
             if room_url
             else None
         ),
+        webrtc=request.headers.get(headers.DAILY_TRANSPORT_TYPE_HEADER)
+        == headers.TRANSPORT_TYPE_WEBRTC,
     )
 
 
@@ -106,5 +114,44 @@ def bot_endpoint(sessions: SessionRunner) -> Callable[[Request], Awaitable[JSONR
             logger.info("! POST %s refused: %d %s", headers.BOT_PATH, exc.status, exc.code)
             return _rejection(exc)
         return JSONResponse({"sessionId": session.session_id, "status": status})
+
+    return handle
+
+
+def offer_endpoint(webrtc: WebRTCSessions) -> Callable[[Request], Awaitable[JSONResponse]]:
+    """The ``POST``/``PATCH /api/offer`` handler: SmallWebRTC signalling for the session named
+    by ``x-daily-session-id`` (the session proxy adds it; :mod:`~catflap.runtime.webrtc` has the
+    table of answers)."""
+
+    async def handle(request: Request) -> JSONResponse:
+        patch = request.method == "PATCH"
+        limit = limits.WEBRTC_PATCH_MAX_BYTES if patch else limits.WEBRTC_OFFER_MAX_BYTES
+        try:
+            session_id = request.headers.get(headers.SESSION_ID_HEADER)
+            if not session_id:
+                raise MissingSessionId(
+                    f"{request.method} {headers.WEBRTC_OFFER_PATH} needs the "
+                    f"{headers.SESSION_ID_HEADER} header (the session proxy adds it)"
+                )
+            data = await read_bounded_body(
+                request,
+                limit,
+                lambda size: RequestTooLarge(
+                    f"the {request.method} {headers.WEBRTC_OFFER_PATH} body is {size} bytes or "
+                    f"more; at most {limit} are allowed"
+                ),
+            )
+            if patch:
+                return JSONResponse(await webrtc.patch(session_id, data))
+            return JSONResponse(await webrtc.offer(session_id, data))
+        except RequestRejected as exc:
+            logger.info(
+                "! %s %s refused: %d %s",
+                request.method,
+                headers.WEBRTC_OFFER_PATH,
+                exc.status,
+                exc.code,
+            )
+            return _rejection(exc)
 
     return handle

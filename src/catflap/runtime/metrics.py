@@ -6,9 +6,12 @@ bot errors, and the time spent in ``bot()``. docs/operations.md lists every metr
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from catflap.contract.control import SessionStatus
+from catflap.contract.status import BotStatus
 
 __all__ = ["BOT_SECONDS_BUCKETS", "RuntimeMetrics"]
 
@@ -36,7 +39,8 @@ class RuntimeMetrics:
         )
         self.sessions_ended = Counter(
             "catflap_runtime_sessions_ended",
-            "Sessions ended, by the runtime's status (completed, bot_error, time_limit, stopped).",
+            "Sessions ended, by the runtime's status (completed, bot_error, time_limit, stopped, "
+            "agent_start_timeout).",
             ["agent", "status"],
             registry=self.registry,
         )
@@ -58,7 +62,7 @@ class RuntimeMetrics:
         self.sessions_active.labels(agent).set(0)
         self.bot_errors.labels(agent)
         self.bot_seconds.labels(agent)
-        for status in ("completed", "bot_error", "time_limit", "stopped"):
+        for status in get_args(BotStatus):
             self.sessions_ended.labels(agent, status)
 
     def session_started(self) -> None:

@@ -14,11 +14,12 @@ the socket; a ``/bot`` request gets its answer once the handler returns) and rep
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -38,11 +39,13 @@ from catflap.runtime.args import (
     decode_body_param,
     make_bot_session_args,
     make_session_args,
+    make_webrtc_session_args,
 )
 from catflap.runtime.botloader import LoadedBot
 from catflap.runtime.botlogs import BotOutputCapture
 from catflap.runtime.metrics import RuntimeMetrics
 from catflap.runtime.running import RunningBots
+from catflap.runtime.webrtc import OfferTimeout, WebRTCSessions
 
 __all__ = [
     "BotSession",
@@ -77,6 +80,9 @@ class BotSession:
     budget: float | None
     #: Set when the request named a Daily room: the bot gets ``DailySessionArguments``.
     daily: DailyRoom | None = None
+    #: ``x-daily-transport-type: webrtc``: wait for the client's offer, then
+    #: ``SmallWebRTCSessionArguments`` (:mod:`~catflap.runtime.webrtc`).
+    webrtc: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +110,8 @@ class SessionRunner:
     cancel_grace_s: float = limits.BOT_CANCEL_GRACE_S
     #: ``POST /bot`` is refused with 503 while this many sessions run; ``None`` is no limit.
     max_sessions: int | None = None
+    #: The WebRTC sessions waiting for or holding a peer connection, and their signalling.
+    webrtc: WebRTCSessions = field(default_factory=WebRTCSessions)
 
     async def run(self, websocket: WebSocket) -> None:
         """Serve one ``/ws`` connection from the upgrade to ``session_ended``; never raises."""
@@ -169,6 +177,7 @@ class SessionRunner:
             DuplicateSession: 409, the session id is running already.
             InstanceFull: 503, ``max_sessions`` sessions are running.
             Draining: 503, ``shutdown`` was received.
+            WebRTCUnavailable: 501, a WebRTC session on a runtime without pipecat-ai[webrtc].
         """
         session_id = request.session_id
         if self.running.closing:
@@ -177,25 +186,39 @@ class SessionRunner:
             raise DuplicateSession(f"session {session_id} is already running on this instance")
         if self.max_sessions is not None and len(self.running) >= self.max_sessions:
             raise InstanceFull(f"this instance already runs {len(self.running)} session(s)")
+        peer = self.webrtc.open(session_id, request.body) if request.webrtc else None
         context = SessionContext(session_id, self.agent, self.org)
         token = bind_session(context)
         try:
             log = session_log(logger, session_id, agent=context.agent, org=context.org)
 
-            def make_args() -> Any:
-                return make_bot_session_args(
-                    session_id=session_id, body=request.body, daily=request.daily
+            async def make_args() -> Any:
+                if peer is None:
+                    return make_bot_session_args(
+                        session_id=session_id, body=request.body, daily=request.daily
+                    )
+                log.info("= waiting for the client's WebRTC offer")
+                connection, request_data = await self.webrtc.wait_opened(peer, self.sleep)
+                return make_webrtc_session_args(
+                    session_id=session_id,
+                    # PCC's base image: the offer's requestData, else the /bot body.
+                    body=request_data or request.body,
+                    connection=connection,
                 )
 
             async def answer(outcome: _Outcome) -> bool:
+                if peer is not None:
+                    await self.webrtc.close(peer)
                 return await client_gone()
 
-            kind = "pipecat" if request.daily is None else "daily"
+            kind = "webrtc" if peer else "pipecat" if request.daily is None else "daily"
             return await self._lifecycle(
                 context, log, request.budget, make_args, answer, describe=f"POST /bot, {kind}"
             )
         finally:
             unbind_session(token)
+            if peer is not None:
+                await self.webrtc.close(peer)
 
     async def _lifecycle(
         self,
@@ -218,7 +241,11 @@ class SessionRunner:
         async def call_bot() -> None:
             # Built inside the task: a session-arguments class that refuses these values ends
             # the session as bot_error, reported like any other failure, not as a dead handler.
-            await self.bot.bot(make_args())
+            # (A WebRTC session's arguments wait for the offer, under the same budget and stop.)
+            args = make_args()
+            if inspect.isawaitable(args):
+                args = await args
+            await self.bot.bot(args)
 
         if self.capture is not None:
             self.capture.session_started(context)
@@ -332,6 +359,9 @@ def _finished_outcome(task: asyncio.Task[None], log: _Log) -> _Outcome:
     if exc is None:
         log.info("= bot() returned")
         return _Outcome("completed", None, CloseCode.NORMAL, "")
+    if isinstance(exc, OfferTimeout):
+        log.warning("x %s", exc)
+        return _Outcome("agent_start_timeout", str(exc), CloseCode.NORMAL, "")
     log.error("! bot() raised", exc_info=exc)
     return _Outcome("bot_error", _error_text(exc), CloseCode.INTERNAL_ERROR, type(exc).__name__)
 

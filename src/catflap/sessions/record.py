@@ -2,15 +2,16 @@
 
 Completion statuses (documented in docs/operations.md):
 
-=================  ==============================================================
-``completed``      ``bot()`` returned on its own
-``client_closed``  the client closed (or vanished) first, then ``bot()`` returned
-``bot_error``      ``bot()`` raised; ``error`` holds the exception class and message
-``agent_crashed``  the agent process died during the session
-``stopped``        an operator stopped the session
-``time_limit``     ``max_session_duration`` ran out and ``bot()`` was cancelled
-``drained``        the gateway shut down and its drain deadline passed
-=================  ==============================================================
+=======================  ==============================================================
+``completed``            ``bot()`` returned on its own
+``client_closed``        the client closed (or vanished) first, then ``bot()`` returned
+``bot_error``            ``bot()`` raised; ``error`` holds the exception class and message
+``agent_crashed``        the agent process died during the session
+``stopped``              an operator stopped the session
+``time_limit``           ``max_session_duration`` ran out and ``bot()`` was cancelled
+``agent_start_timeout``  a WebRTC session's client sent no offer in time; ``bot()`` never ran
+``drained``              the gateway shut down and its drain deadline passed
+=======================  ==============================================================
 
 ``error`` is cut to :data:`~catflap.contract.limits.RECORD_ERROR_MAX_CHARS` characters, marker
 included, whenever it is set (:func:`cut_error`): a bot raising with a 500 KB message would
