@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import catflap.runtime.main as runtime_main
 from catflap.cli import cli
-from catflap.config import AgentConfig, AgentSpec, ScalingConfig
+from catflap.config import AgentConfig, AgentSpec, IceServer, ScalingConfig, WebRTCConfig
 from catflap.contract.errors import ConfigError
 from catflap.contract.names import AgentName, OrgName, ServiceHost
 from catflap.pool.launcher import SubprocessLauncher
@@ -97,7 +97,7 @@ def test_the_pools_launcher_passes_every_option_the_runtime_reads(
     scaling = ScalingConfig(sessions_per_instance=3)
     spec = AgentSpec(
         ServiceHost(AgentName("my-agent"), OrgName("my-org")),
-        AgentConfig(path=tmp_path, scaling=scaling),
+        AgentConfig(path=tmp_path, scaling=scaling, webrtc=WebRTCConfig(offer_timeout=7.5)),
     )
     launcher = SubprocessLauncher(tmp_path, log_level="debug", log_dir=tmp_path / "logs")
     argv = [*launcher.runtime_args(spec, "unix:/run/i1.sock"), "--control-fd", "7"]
@@ -112,8 +112,38 @@ def test_the_pools_launcher_passes_every_option_the_runtime_reads(
             log_format="json",
             log_dir=tmp_path / "logs",
             sessions_per_instance=3,
+            webrtc_offer_timeout=7.5,
         )
     ]
+
+
+def test_the_launcher_gives_ice_servers_as_pccs_ice_config_url_never_on_the_command_line(
+    tmp_path: Path,
+) -> None:
+    """``[webrtc] ice_servers`` reach the runtime as ``ICE_CONFIG_URL``, a ``data:`` URL of
+    PCC's document (the runtime reads it as PCC's base image does); no argument carries them."""
+    import base64
+    import json
+
+    server = IceServer(urls=["turn:turn.example:3478"], username="u", credential="s3cret")
+    spec = AgentSpec(
+        ServiceHost(AgentName("my-agent"), OrgName("my-org")),
+        AgentConfig(path=tmp_path, webrtc=WebRTCConfig(ice_servers=[server])),
+    )
+    launcher = SubprocessLauncher(tmp_path)
+    env = launcher.runtime_env(spec)
+    prefix = "data:application/json;base64,"
+    assert list(env) == ["ICE_CONFIG_URL"] and env["ICE_CONFIG_URL"].startswith(prefix)
+    assert json.loads(base64.b64decode(env["ICE_CONFIG_URL"][len(prefix) :])) == {
+        "iceConfig": {
+            "iceServers": [
+                {"urls": ["turn:turn.example:3478"], "username": "u", "credential": "s3cret"}
+            ]
+        }
+    }
+    assert "s3cret" not in " ".join(launcher.runtime_args(spec, "unix:/run/i1.sock"))
+    plain = AgentSpec(spec.service_host, AgentConfig(path=tmp_path))
+    assert launcher.runtime_env(plain) == {}
 
 
 def test_a_relative_log_dir_is_made_absolute_before_the_bot_changes_directory(

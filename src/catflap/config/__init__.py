@@ -17,10 +17,12 @@ from catflap.config.models import (
     AgentSpec,
     CatflapConfig,
     GatewaySettings,
+    IceServer,
     LogsConfig,
     OrgConfig,
     PccDeploy,
     ScalingConfig,
+    WebRTCConfig,
 )
 
 __all__ = [
@@ -30,10 +32,12 @@ __all__ = [
     "AgentSpec",
     "CatflapConfig",
     "GatewaySettings",
+    "IceServer",
     "LogsConfig",
     "OrgConfig",
     "PccDeploy",
     "ScalingConfig",
+    "WebRTCConfig",
     "generated_public_key",
     "load_config",
     "read_pcc_deploy",

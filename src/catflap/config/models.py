@@ -115,6 +115,9 @@ class WebRTCConfig(_Strict):
     #: (``enableDefaultIceServers``). Empty: host candidates only, for clients that reach the
     #: agent host's address directly (a LAN, a public host with its UDP ports open).
     ice_servers: list[IceServer] = []
+    #: Seconds a session waits for the client's offer before it ends as
+    #: ``agent_start_timeout`` (PCC's base image: 120).
+    offer_timeout: float = Field(default=limits.WEBRTC_OFFER_TIMEOUT_S, gt=0)
 
 
 class AgentConfig(_Strict):

@@ -161,6 +161,8 @@ class SubprocessLauncher:
             # which the gateway retries elsewhere), so the two can never disagree silently.
             "--sessions-per-instance",
             str(agent.config.scaling.sessions_per_instance),
+            "--webrtc-offer-timeout",
+            str(agent.config.webrtc.offer_timeout),
         ]
         if self._log_dir is not None:
             args += ["--log-dir", str(self._log_dir)]

@@ -64,6 +64,7 @@ def _path(*, file_okay: bool = False) -> click.Path:
 @_option("log_format", click.Choice(LOG_FORMATS))
 @_option("log_dir", _path(), "DIR")
 @_option("sessions_per_instance", click.IntRange(min=1), "N")
+@_option("webrtc_offer_timeout", click.FloatRange(min=0, min_open=True), "SECONDS")
 @click.pass_context
 def agent(ctx: click.Context, /, **flags: Any) -> None:
     """Run one agent's bot.py behind WS /ws and POST /bot, as Pipecat Cloud's base image does.

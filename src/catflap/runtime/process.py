@@ -39,6 +39,7 @@ from catflap.runtime.listen import bind_listener, parse_listen, remove_listener
 from catflap.runtime.metrics import RuntimeMetrics
 from catflap.runtime.running import RunningBots
 from catflap.runtime.session import SessionRunner
+from catflap.runtime.webrtc import WebRTCSessions
 from catflap.tasks import TaskSet
 
 __all__ = [
@@ -83,6 +84,12 @@ class AgentOptions(BaseModel):
         default=None,
         ge=1,
         description="Refuse POST /bot with 503 while this many sessions run (default: no limit).",
+    )
+    webrtc_offer_timeout: float = Field(
+        default=limits.WEBRTC_OFFER_TIMEOUT_S,
+        gt=0,
+        description="Seconds a WebRTC session waits for the client's offer "
+        "(then agent_start_timeout).",
     )
 
     @field_validator("log_dir")
@@ -222,6 +229,7 @@ async def run_agent(options: AgentOptions) -> int:
         org=org,
         capture=capture,
         max_sessions=options.sessions_per_instance,
+        webrtc=WebRTCSessions(offer_timeout=options.webrtc_offer_timeout),
     )
     server = uvicorn.Server(
         make_server_config(create_app(sessions, app), log_level=options.log_level)
