@@ -296,9 +296,12 @@ class WebRTCSessions:
             request_data=body.get("requestData", body.get("request_data")),
         )
 
+        created: list[Any] = []
+
         async def opened(connection: Any) -> None:
-            if not peer.opened.done():
-                peer.opened.set_result((connection, request.request_data))
+            # Kept until the answer exists: pipecat calls this before it knows whether the
+            # offer can be answered, and bot() must not start on a connection that failed.
+            created.append(connection)
 
         async with peer.lock:
             if peer.offers >= limits.WEBRTC_OFFERS_MAX:
@@ -311,10 +314,14 @@ class WebRTCSessions:
                 peer.handler.update_ice_servers(await self._ice_server_objects())
             try:
                 answer = await peer.handler.handle_web_request(request, opened)
+                if not isinstance(answer, dict):
+                    raise RuntimeError("no SDP answer")
             except Exception as exc:
+                for connection in created:
+                    await _disconnect(connection)
                 raise _signalling_error(exc, "offer") from None
-        if not isinstance(answer, dict):
-            raise InvalidOffer("the bot's WebRTC stack produced no answer to this offer")
+            if created and not peer.opened.done():
+                peer.opened.set_result((created[0], request.request_data))
         logger.info("< offer for %s answered (pc_id %s)", session_id, answer.get("pc_id"))
         return dict(answer)
 
@@ -362,6 +369,15 @@ class WebRTCSessions:
             )
             for server in await self.ice_servers()
         ]
+
+
+async def _disconnect(connection: Any) -> None:
+    """Close a peer connection whose offer failed; aiortc's own errors are only logged."""
+    try:
+        async with asyncio.timeout(limits.CLOSE_WAIT_S):
+            await connection.disconnect()
+    except Exception as exc:
+        logger.debug("closing a failed peer connection raised %r", exc)
 
 
 def _signalling_error(exc: Exception, what: str) -> Exception:

@@ -1,0 +1,280 @@
+"""Drives one SmallWebRTC scenario inside a network namespace and prints what it saw as JSON.
+
+tests/test_webrtc.py runs ``python -m tests.webrtc_driver SCENARIO`` under ``unshare -n``, with
+``lo`` up and ``127.0.0.2/8`` on it (aioice skips ``127.0.0.1`` for host candidates), so the
+media of these sessions never leaves the namespace. This process runs a real gateway (as
+``catflap serve`` wires it) with ``examples/pipecat-webrtc-echo``, and an aiortc client that
+goes through ``/start`` and the session proxy's ``/api/offer`` as Pipecat's JS client does,
+sending a generated tone. The last line on stdout is one JSON object of observations; the test
+asserts on it.
+
+Scenarios: ``echo`` (the tone comes back; trickle PATCH; a second offer is refused; a
+renegotiation works; the record; the client hanging up ends ``bot()``), ``stop`` (DELETE),
+``duration`` (``max_session_duration``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import sys
+import time
+from typing import Any
+
+import httpx
+import numpy as np
+
+from catflap.config import CatflapConfig
+from tests.conftest import EXAMPLES, PRIVATE_KEY, PUBLIC_KEY, RunningGateway, running_gateway
+
+AGENT = "webrtc-echo"
+AGENT_KEY = f"{AGENT}.my-org"
+TONE_HZ = 440.0
+_RATE = 48000
+_FRAME = 960  # 20 ms at 48 kHz, what a browser's Opus track carries
+
+
+def _tone_track() -> Any:
+    """An aiortc audio track of a 440 Hz sine, paced in real time."""
+    import av
+    from aiortc import MediaStreamTrack
+
+    class Tone(MediaStreamTrack):  # type: ignore[misc]
+        kind = "audio"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._sent = 0
+            self._start: float | None = None
+
+        async def recv(self) -> Any:
+            if self._start is None:
+                self._start = time.monotonic()
+            due = self._start + self._sent / _RATE
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            t = (np.arange(_FRAME) + self._sent) / _RATE
+            samples = (0.5 * 32767 * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = _RATE
+            frame.pts = self._sent
+            frame.time_base = fractions.Fraction(1, _RATE)
+            self._sent += _FRAME
+            return frame
+
+    return Tone()
+
+
+def dominant_hz(frames: list[Any]) -> tuple[float, float]:
+    """The strongest frequency of ``frames`` (av.AudioFrame) and their RMS, mono-mixed."""
+    chunks = []
+    rate = _RATE
+    for frame in frames:
+        data = frame.to_ndarray().astype(np.float64)
+        channels = len(frame.layout.channels)
+        mono = data.reshape(-1, channels).mean(axis=1) if data.shape[0] == 1 else data.mean(axis=0)
+        chunks.append(mono)
+        rate = frame.sample_rate
+    signal = np.concatenate(chunks) if chunks else np.zeros(1)
+    rms = float(np.sqrt(np.mean(signal**2)))
+    spectrum = np.abs(np.fft.rfft(signal * np.hanning(len(signal))))
+    freqs = np.fft.rfftfreq(len(signal), 1 / rate)
+    return float(freqs[int(np.argmax(spectrum[1:])) + 1]), rms
+
+
+def _adjust(changes: dict[str, Any]) -> Any:
+    def adjust(config: CatflapConfig) -> CatflapConfig:
+        org = config.organizations["my-org"]
+        agent = org.agents[AGENT].model_copy(update=changes)
+        org = org.model_copy(update={"agents": {**org.agents, AGENT: agent}})
+        return config.model_copy(update={"organizations": {"my-org": org}})
+
+    return adjust
+
+
+class Client:
+    """One aiortc peer connection signalled through catflap, as Pipecat's JS client does."""
+
+    def __init__(self, gw: RunningGateway, http: httpx.AsyncClient) -> None:
+        from aiortc import RTCPeerConnection
+
+        self.gw = gw
+        self.http = http
+        self.pc = RTCPeerConnection()
+        self.received: list[Any] = []
+        self.session_id = ""
+        self.pc_id: str | None = None
+        self._readers: list[asyncio.Task[None]] = []
+
+        @self.pc.on("track")
+        def on_track(track: Any) -> None:
+            self._readers.append(asyncio.create_task(self._read(track)))
+
+    async def _read(self, track: Any) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        try:
+            while True:
+                self.received.append(await track.recv())
+        except MediaStreamError:
+            return
+
+    async def start(self, **extra: Any) -> httpx.Response:
+        response = await self.http.post(
+            f"/v1/public/{AGENT}/start",
+            json={"transport": "webrtc", **extra},
+            headers={"authorization": f"Bearer {PUBLIC_KEY}"},
+        )
+        if response.status_code == 200:
+            self.session_id = response.json()["sessionId"]
+        return response
+
+    def offer_url(self) -> str:
+        return f"/v1/public/{AGENT}/sessions/{self.session_id}/api/offer"
+
+    async def signal(self, method: str, payload: dict[str, Any]) -> httpx.Response:
+        return await self.http.request(
+            method,
+            self.offer_url(),
+            json=payload,
+            headers={"authorization": f"Bearer {PUBLIC_KEY}"},
+        )
+
+    async def offer(self, *, pc_id: str | None = None, **extra: Any) -> httpx.Response:
+        from aiortc import RTCSessionDescription
+
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        local = self.pc.localDescription
+        response = await self.signal(
+            "POST", {"sdp": local.sdp, "type": local.type, "pc_id": pc_id, **extra}
+        )
+        if response.status_code == 200:
+            answer = response.json()
+            self.pc_id = answer["pc_id"]
+            await self.pc.setRemoteDescription(
+                RTCSessionDescription(sdp=answer["sdp"], type=answer["type"])
+            )
+        return response
+
+    def local_candidates(self) -> list[dict[str, Any]]:
+        """Our host candidates as the JS client trickles them (aiortc puts them in the SDP)."""
+        lines = self.pc.localDescription.sdp.splitlines()
+        return [
+            {"candidate": line[2:], "sdp_mid": "0", "sdp_mline_index": 0}
+            for line in lines
+            if line.startswith("a=candidate:")
+        ]
+
+    async def record(self) -> dict[str, Any]:
+        response = await self.http.get(
+            f"/v1/agents/{AGENT}/sessions/{self.session_id}",
+            headers={"authorization": f"Bearer {PRIVATE_KEY}"},
+        )
+        return {"status": response.status_code, **response.json()}
+
+    async def ended(self, timeout: float = 20) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while self.session_id not in self.gw.gateway.sessions.ended:
+                await asyncio.sleep(0.05)
+        return await self.record()
+
+    async def wait_audio(self, seconds: float) -> None:
+        async with asyncio.timeout(seconds + 15):
+            while sum(f.samples for f in self.received) < seconds * _RATE:
+                await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for reader in self._readers:
+            reader.cancel()
+
+
+async def _connected(client: Client) -> dict[str, Any]:
+    """Start, add the tone, offer, trickle: what each step answered."""
+    seen: dict[str, Any] = {}
+    started = await client.start(enableDefaultIceServers=True)
+    seen["start"] = {"status": started.status_code, "body": started.json()}
+    client.pc.addTrack(_tone_track())
+    offered = await client.offer(requestData={"from": "driver"})
+    seen["offer"] = {"status": offered.status_code, "keys": sorted(offered.json())}
+    trickled = await client.signal(
+        "PATCH", {"pc_id": client.pc_id, "candidates": [*client.local_candidates()[:1]]}
+    )
+    seen["patch"] = {"status": trickled.status_code, "body": trickled.json()}
+    return seen
+
+
+async def echo(gw: RunningGateway, http: httpx.AsyncClient) -> dict[str, Any]:
+    client = Client(gw, http)
+    seen = await _connected(client)
+    end_marker = await client.signal(
+        "PATCH",
+        {"pc_id": client.pc_id, "candidates": [{"candidate": "", "sdp_mid": "0"}]},
+    )
+    seen["end_of_candidates"] = end_marker.status_code
+    unknown = await client.signal("PATCH", {"pc_id": "nope", "candidates": []})
+    seen["patch_unknown"] = {"status": unknown.status_code, "body": unknown.json()}
+    second = await client.signal("POST", {"sdp": client.pc.localDescription.sdp, "type": "offer"})
+    seen["second_offer"] = {"status": second.status_code, "body": second.json()}
+    await client.wait_audio(3.0)
+    seen["live"] = await client.record()
+    frames = client.received[-50:]  # the last second, well past the jitter buffer's start
+    seen["hz"], seen["rms"] = dominant_hz(frames)
+    first_pc_id = client.pc_id
+    renegotiated = await client.offer(pc_id=first_pc_id)
+    seen["renegotiate"] = {
+        "status": renegotiated.status_code,
+        "same_pc_id": renegotiated.json().get("pc_id") == first_pc_id,
+    }
+    hung_up = time.monotonic()
+    await client.close()
+    seen["ended"] = await client.ended()
+    seen["ended_after_hangup_s"] = time.monotonic() - hung_up
+    return seen
+
+
+async def stop(gw: RunningGateway, http: httpx.AsyncClient) -> dict[str, Any]:
+    client = Client(gw, http)
+    seen = await _connected(client)
+    await client.wait_audio(1.0)
+    deleted = await http.delete(
+        f"/v1/agents/{AGENT}/sessions/{client.session_id}",
+        headers={"authorization": f"Bearer {PRIVATE_KEY}"},
+    )
+    seen["delete"] = deleted.status_code
+    seen["ended"] = await client.ended()
+    gone = await client.signal("POST", {"sdp": client.pc.localDescription.sdp, "type": "offer"})
+    seen["offer_after_end"] = {"status": gone.status_code, "body": gone.json()}
+    await client.close()
+    return seen
+
+
+async def duration(gw: RunningGateway, http: httpx.AsyncClient) -> dict[str, Any]:
+    client = Client(gw, http)
+    seen = await _connected(client)
+    began = time.monotonic()
+    seen["ended"] = await client.ended()
+    seen["seconds"] = time.monotonic() - began
+    await client.close()
+    return seen
+
+
+SCENARIOS = {
+    "echo": (echo, {}),
+    "stop": (stop, {}),
+    "duration": (duration, {"max_session_duration": 2}),
+}
+
+
+async def main(scenario: str) -> dict[str, Any]:
+    run, changes = SCENARIOS[scenario]
+    agents = {AGENT: {"path": EXAMPLES / "pipecat-webrtc-echo", "scaling": {"min_agents": 1}}}
+    async with running_gateway(agents, adjust=_adjust(changes) if changes else None) as gw:
+        await gw.wait_ready(AGENT_KEY)
+        async with httpx.AsyncClient(base_url=gw.http, timeout=30) as http:
+            return await run(gw, http)
+
+
+if __name__ == "__main__":
+    result = asyncio.run(main(sys.argv[1]))
+    print(json.dumps(result, default=str), flush=True)
