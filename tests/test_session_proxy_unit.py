@@ -154,7 +154,7 @@ def test_the_bot_gets_the_clients_headers_less_the_hop_and_the_key_plus_the_sess
     ]
 
 
-def test_the_client_gets_the_bots_headers_less_the_hop_and_its_date() -> None:
+def test_the_client_gets_the_bots_headers_less_the_hop_by_hop_ones() -> None:
     upstream = [
         (b"Date", b"Wed, 02 Dec 2026 08:00:00 GMT"),
         (b"Server", b"uvicorn"),
@@ -167,6 +167,7 @@ def test_the_client_gets_the_bots_headers_less_the_hop_and_its_date() -> None:
         (b"Set-Cookie", b"b=2"),
     ]
     assert returned_headers(upstream) == [
+        (b"date", b"Wed, 02 Dec 2026 08:00:00 GMT"),
         (b"server", b"uvicorn"),
         (b"content-length", b"15"),
         (b"content-type", b"text/plain"),
