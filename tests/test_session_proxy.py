@@ -22,6 +22,7 @@ from catflap.api.proxy import PROXY_METHODS
 from catflap.contract import limits
 from tests.conftest import (
     BOTS,
+    EXAMPLES,
     PRIVATE_KEY,
     PUBLIC_KEY,
     RunningGateway,
@@ -480,3 +481,40 @@ async def _proxy_cluster(
             headers={"authorization": "Bearer pk_test"},
             **kwargs,
         )
+
+
+# --- examples/pcc-session-api: the SDK starts it, the proxy reaches its route -----------------
+
+
+async def test_the_pcc_session_api_example_is_started_by_the_sdk_and_reached_by_the_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipecatcloud = pytest.importorskip("pipecatcloud")
+    agents = {"session-api": {"path": EXAMPLES / "pcc-session-api", "scaling": {"min_agents": 1}}}
+    async with running_gateway(agents) as gw:
+        await gw.wait_ready("session-api.my-org")
+        monkeypatch.setenv("PIPECAT_API_HOST", gw.http)
+        params = pipecatcloud.SessionParams(data={"user": "ada"})
+        started = await pipecatcloud.Session("session-api", PUBLIC_KEY, params=params).start()
+        session_id = started["sessionId"]
+        async with asyncio.timeout(seconds(10)):  # /start answers as bot() begins
+            while (
+                status := await _proxy(gw.http, "GET", session_id, "status", "session-api")
+            ).status_code != 200:
+                await asyncio.sleep(0.02)
+        shown = status.json()
+        assert shown.pop("running_s") >= 0
+        assert shown == {
+            "session_id": session_id,
+            "args": "PipecatSessionArguments",
+            "body": {"user": "ada"},
+        }
+        async with httpx.AsyncClient(base_url=gw.http) as client:
+            stopped = await client.delete(
+                f"/v1/agents/session-api/sessions/{session_id}",
+                headers={"authorization": f"Bearer {PRIVATE_KEY}"},
+            )
+        assert stopped.is_success, stopped.text
+        assert (await ended_record(gw, session_id)).completion_status == "stopped"
+        ended = await _proxy(gw.http, "GET", session_id, "status", "session-api")
+        assert _error(ended) == (404, "session_not_found")
