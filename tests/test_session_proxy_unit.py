@@ -154,7 +154,7 @@ def test_the_bot_gets_the_clients_headers_less_the_hop_and_the_key_plus_the_sess
     ]
 
 
-def test_the_client_gets_the_bots_headers_less_the_hop_and_its_date() -> None:
+def test_the_client_gets_the_bots_headers_less_the_hop_by_hop_ones() -> None:
     upstream = [
         (b"Date", b"Wed, 02 Dec 2026 08:00:00 GMT"),
         (b"Server", b"uvicorn"),
@@ -167,6 +167,7 @@ def test_the_client_gets_the_bots_headers_less_the_hop_and_its_date() -> None:
         (b"Set-Cookie", b"b=2"),
     ]
     assert returned_headers(upstream) == [
+        (b"date", b"Wed, 02 Dec 2026 08:00:00 GMT"),
         (b"server", b"uvicorn"),
         (b"content-length", b"15"),
         (b"content-type", b"text/plain"),
@@ -297,7 +298,7 @@ async def test_the_bots_answer_streams_and_a_broken_one_says_so() -> None:
         proxy = SessionProxy(pool=_Pool([None]))  # type: ignore[arg-type]
         got = await _forward(proxy, address)
         try:
-            assert (got.status, got.headers) == (200, [(b"x-bot", b"1")])
+            assert (got.status, got.headers) == (200, [(b"date", b"x"), (b"x-bot", b"1")])
             chunks = []
             with pytest.raises(ConnectionError, match="broke off"):
                 async for chunk in got.chunks():
@@ -305,3 +306,22 @@ async def test_the_bots_answer_streams_and_a_broken_one_says_so() -> None:
             assert b"".join(chunks) == b"hello"
         finally:
             await got.aclose()
+
+
+async def test_the_defaults_are_the_contracts_bounds_and_wait_for_a_quick_start() -> None:
+    """The gateway's wiring (Timings) and a bare proxy carry the bounds of contract/limits.py;
+    a session that starts well within ``SESSION_PROXY_START_WAIT_S`` is waited for."""
+    from catflap.gateway.timings import Timings
+
+    timings = Timings()
+    assert timings.proxy_start_wait == limits.SESSION_PROXY_START_WAIT_S
+    assert timings.proxy_timeout == limits.SESSION_PROXY_TIMEOUT_S
+    starting = SessionPlace(None, running=False)
+    pool = _Pool([starting] * 10 + [SessionPlace("unix:/run/a.sock", running=True)])
+    proxy = SessionProxy(pool=pool)  # type: ignore[arg-type]
+    assert (proxy.start_wait, proxy.timeout) == (
+        limits.SESSION_PROXY_START_WAIT_S,
+        limits.SESSION_PROXY_TIMEOUT_S,
+    )
+    async with asyncio.timeout(limits.SESSION_PROXY_START_WAIT_S):
+        assert await proxy.place("a.org", SID) == "unix:/run/a.sock"

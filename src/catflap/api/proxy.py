@@ -105,12 +105,6 @@ def session_proxy_router(*, agents: "AgentDirectory", proxy: SessionProxy | None
     router = APIRouter()
     organization = public_key_org(agents)
 
-    @router.api_route(
-        "/v1/public/{agent}/sessions/{session_id}/{path:path}",
-        methods=list(PROXY_METHODS),
-        responses=error_responses(400, 401, 404, 413, 502, 503, 504),
-        summary="Reach a route of a running session's bot",
-    )
     async def session_proxy(
         agent: str,
         session_id: str,
@@ -153,4 +147,13 @@ def session_proxy_router(*, agents: "AgentDirectory", proxy: SessionProxy | None
         )
         return ProxiedResponse(answer, send_timeout=proxy.send_timeout)
 
+    for method in PROXY_METHODS:  # one route each: OpenAPI wants one operation id per method
+        router.add_api_route(
+            "/v1/public/{agent}/sessions/{session_id}/{path:path}",
+            session_proxy,
+            methods=[method],
+            operation_id=f"session_proxy_{method.lower()}",
+            responses=error_responses(400, 401, 404, 413, 502, 503, 504),
+            summary="Reach a route of a running session's bot",
+        )
     return router

@@ -23,9 +23,8 @@ SmallWebRTC, ``/api/offer``). This module is its upstream half, in three steps:
    those under ``AGENT_HOP_PREFIXES``; the gateway adds ``host: catflap-agent`` and
    ``x-daily-session-id``. The bot has ``SESSION_PROXY_TIMEOUT_S`` to send its response head
    (504 ``session_proxy_timeout``); an instance that cannot be reached is 502
-   ``session_unreachable``. The answer's status and headers (less hop-by-hop ones and ``Date``,
-   which the gateway writes itself) and its body, read chunk by chunk as the client takes
-   them, come back in a :class:`ProxiedAnswer`.
+   ``session_unreachable``. The answer's status and headers (less the hop-by-hop ones) and its
+   body, read chunk by chunk as the client takes them, come back in a :class:`ProxiedAnswer`.
 """
 
 from __future__ import annotations
@@ -92,9 +91,6 @@ _HOP_BY_HOP = frozenset(
 #: body's length (recomputed for the body as read), the organisation's key (PCC's rule), and
 #: ``expect`` (the gateway has read the whole body already; a 100 Continue means nothing now).
 _NOT_FORWARDED = _HOP_BY_HOP | {"host", "content-length", "authorization", "expect"}
-#: Response headers that stay behind besides the hop-by-hop ones: the gateway's HTTP server
-#: writes its own ``date``, and two would contradict each other.
-_NOT_RETURNED = _HOP_BY_HOP | {"date"}
 #: No TLS on the hop to an instance; a context made once spares each request httpx's default
 #: one, which loads the system's certificates.
 _NO_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -176,14 +172,15 @@ def forwarded_headers(
 
 
 def returned_headers(upstream: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The bot's response headers as the client receives them: all, in order, less the
-    hop-by-hop ones and ``date``; names lower-cased, as ASGI wants them."""
+    """The bot's response headers as the client receives them: all, in order (its ``date`` and
+    ``server`` too: the API writes none of its own), less the hop-by-hop ones; names
+    lower-cased, as ASGI wants them."""
     listed = _connection_listed(upstream)
     returned = []
     for name, value in upstream:
         lowered = name.lower()
         text = lowered.decode("latin-1")
-        if text not in _NOT_RETURNED and text not in listed:
+        if text not in _HOP_BY_HOP and text not in listed:
             returned.append((lowered, value))
     return returned
 

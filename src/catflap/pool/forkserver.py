@@ -16,7 +16,8 @@ until their own control channels close). The fork server ignores ``SIGCHLD`` so 
 its children; the launcher watches them through ``pidfd``.
 
 Module-level code in ``bot.py`` therefore runs once in the fork server as well as once per
-instance.
+instance; so does ``pipecatcloud_system``, whose app (and the routes the bot adds to it) each
+instance makes afresh.
 """
 
 from __future__ import annotations
@@ -169,6 +170,10 @@ def _preload(bot_dir: Path) -> None:
     session_args_class()  # pipecatcloud / pipecat, when installed
     with contextlib.suppress(BotImportError):
         load_bot(bot_dir)  # the bot's own imports; the child imports bot.py afresh
+    # That import added the bot's routes to pipecatcloud_system.app, bound to this process's
+    # module state. Each child must build its app from its own import of bot.py: left here,
+    # these stale routes would come first and answer with state no bot() of the child sees.
+    sys.modules.pop("pipecatcloud_system", None)
 
 
 def serve_forks(fd: int, bot_dir: Path) -> None:
