@@ -141,13 +141,16 @@ async def cluster(
     max_agents: int = 50,
     redis_url: str = REDIS_URL,
     bot: Path = EXCLUSIVE,
+    org_settings: str = "",
 ) -> AsyncIterator[Cluster]:
+    """``org_settings``: more lines for ``[organizations.my-org]`` (e.g. its Daily API key)."""
     workdir = Path(tempfile.mkdtemp(prefix="cfcl"))
     prefix = f"cftest-{uuid.uuid4().hex[:8]}"
     config = workdir / "catflap.toml"
     config.write_text(
         '[organizations.my-org]\npublic_keys = ["pk_test"]\nprivate_keys = ["sk_test"]\n'
-        f'[organizations.my-org.agents.echo]\npath = "{bot}"\n'
+        + org_settings
+        + f'[organizations.my-org.agents.echo]\npath = "{bot}"\n'
         'websocket_auth = "token"\n'
         f"[organizations.my-org.agents.echo.scaling]\nmax_agents = {max_agents}\n"
         '[logs]\ndir = "logs"\n'  # agent hosts write there, gateways read it

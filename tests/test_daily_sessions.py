@@ -338,7 +338,7 @@ async def test_an_answer_that_is_not_dailys_is_a_502() -> None:
         fake.answers["/v1/meeting-tokens"] = (200, [], _json({"id": "no token here"}))
         with pytest.raises(DailyApiError, match="without a usable 'token'"):
             await _create(fake)
-    with pytest.raises(DailyApiError, match=r"could not reach Daily's API for POST /rooms"):
+    with pytest.raises(DailyApiError, match=r"could not reach Daily's API, or read its answer"):
         await create_daily_room(
             api_url=f"http://127.0.0.1:{_closed_port()}/v1",
             api_key=SecretStr(DAILY_KEY),
@@ -584,3 +584,43 @@ async def test_the_sdk_starts_a_daily_session_with_use_daily(
         await ended_record(gw, result["sessionId"])
     assert fake.calls[0].json["properties"]["start_video_off"] is True
     assert fake.calls[1].json["properties"]["room_name"] == ROOM_NAME
+
+
+@pytest.mark.slow
+async def test_in_cluster_mode_a_gateway_starts_a_daily_session_on_an_agent_host() -> None:
+    from tests.test_cluster import cluster
+
+    async with fake_daily() as fake:
+        daily = f'daily_api_key = "{DAILY_KEY}"\ndaily_api_url = "{fake.url}"\n'
+        async with (
+            cluster(gateways=1, hosts=1, slots=1, org_settings=daily) as cl,
+            httpx.AsyncClient(timeout=seconds(30)) as client,
+        ):
+            started = await client.post(
+                f"{cl.http(0)}/v1/public/echo/start",
+                json={"createDailyRoom": True, "body": {"k": 1}},
+                headers={"authorization": "Bearer pk_test"},
+            )
+            assert started.status_code == 200, started.text
+            session_id = started.json()["sessionId"]
+            assert started.json() == {
+                "sessionId": session_id,
+                "dailyRoom": ROOM_URL,
+                "dailyToken": MEETING_TOKEN,
+            }
+            # The cluster's bot is a WebSocket echo: it fails on args.websocket, and the error
+            # names the arguments' class, which proves that the bot got Daily's.
+            async with asyncio.timeout(seconds(20)):
+                while True:
+                    shown = await client.get(
+                        f"{cl.http(0)}/v1/agents/echo/sessions/{session_id}",
+                        headers={"authorization": "Bearer sk_test"},
+                    )
+                    if shown.status_code == 200 and shown.json().get("completionStatus"):
+                        break
+                    await asyncio.sleep(0.05)
+    assert shown.json()["completionStatus"] == "bot_error"
+    assert shown.json()["transport"] == DAILY_TRANSPORT
+    assert "DailySessionArguments" in shown.json()["error"]
+    assert [c.path for c in fake.calls] == ["/v1/rooms", "/v1/meeting-tokens"]
+    assert {c.headers["authorization"] for c in fake.calls} == {f"Bearer {DAILY_KEY}"}

@@ -160,8 +160,9 @@ async def _post(
     except httpx.HTTPError as exc:
         log.warning("! Daily API: %s%s: %s", url, path, type(exc).__name__)
         raise DailyApiError(
-            f"could not reach Daily's API for {what} ({type(exc).__name__}); no session was "
-            "started: check the gateway's [organizations] daily_api_url and network, and retry"
+            f"could not reach Daily's API, or read its answer, for {what} "
+            f"({type(exc).__name__}); no session was started: check the organization's "
+            "daily_api_url and the gateway's network, and retry"
         ) from None
     status = response.status_code
     if not 200 <= status < 300:
