@@ -39,8 +39,7 @@ class RuntimeMetrics:
         )
         self.sessions_ended = Counter(
             "catflap_runtime_sessions_ended",
-            "Sessions ended, by the runtime's status (completed, bot_error, time_limit, stopped, "
-            "agent_start_timeout).",
+            "Sessions ended, by the runtime's status (completed, bot_error, time_limit, ...).",
             ["agent", "status"],
             registry=self.registry,
         )
