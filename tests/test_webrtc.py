@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -406,3 +407,51 @@ def test_max_session_duration_ends_a_webrtc_call_as_time_limit() -> None:
     assert seen["ended"]["completionStatus"] == "time_limit"
     assert 1.5 < seen["seconds"] < 10
 
+
+
+PAGE_DIR = ROOT / "tests" / "webrtc_page"
+SCREENSHOT = ROOT / "docs" / "webrtc-browser.png"
+
+
+def _bundle(out: Path) -> Path:
+    """tests/webrtc_page/page.js with Pipecat's published JS client and SmallWebRTC transport,
+    installed from npm's registry into tests/webrtc_page/node_modules (gitignored, kept
+    between runs) and bundled by esbuild: nothing is fetched from a CDN."""
+    npm = shutil.which("npm")
+    assert npm is not None, "the browser test needs npm (Debian's nodejs and npm packages)"
+    esbuild = PAGE_DIR / "node_modules" / ".bin" / "esbuild"
+    if not esbuild.exists():
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=PAGE_DIR, check=True, timeout=300
+        )
+    bundle = out / "page.bundle.js"
+    subprocess.run(
+        [str(esbuild), "page.js", "--bundle", "--format=iife", f"--outfile={bundle}"],
+        cwd=PAGE_DIR,
+        check=True,
+        timeout=60,
+    )
+    return bundle
+
+
+@needs_namespace
+def test_pipecats_js_client_in_chromium_gets_ready_and_hears_the_bot(tmp_path: Path) -> None:
+    """Headless Debian Chromium, fake microphone, loads a page bundled from
+    ``@pipecat-ai/client-js`` and ``@pipecat-ai/small-webrtc-transport`` and calls catflap's
+    ``/start``: the client reaches ``ready`` (the bot's RTVI ``bot-ready``), the bot's audio
+    track carries the echoed fake microphone (not silence), and the client's disconnect ends
+    ``bot()``. The page's screenshot goes to docs/webrtc-browser.png."""
+    assert Path("/usr/bin/chromium").exists(), "Debian's chromium is missing: ./dev installs it"
+    bundle = _bundle(tmp_path)
+    shot = tmp_path / "webrtc-browser.png"
+    seen = in_namespace("tests.webrtc_driver", "browser", str(bundle), str(shot))
+    assert "error" not in seen, seen
+    state = seen["state"]
+    assert state["ready"] is True and state["error"] is None
+    assert state["states"][-1] == "ready" and "connected" in state["states"]
+    assert state["botAudio"] is True
+    assert state["peakRms"] > 0.01, state  # Chromium's fake microphone beeps, echoed back
+    assert seen["live_sessions"] == 1
+    assert seen["ended"] == {"completionStatus": "completed", "transport": "webrtc"}
+    assert seen["ended_after_hangup_s"] < 10
+    shutil.copyfile(shot, SCREENSHOT)

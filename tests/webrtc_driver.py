@@ -10,16 +10,19 @@ asserts on it.
 
 Scenarios: ``echo`` (the tone comes back; trickle PATCH; a second offer is refused; a
 renegotiation works; the record; the client hanging up ends ``bot()``), ``stop`` (DELETE),
-``duration`` (``max_session_duration``).
+``duration`` (``max_session_duration``), ``browser BUNDLE SCREENSHOT`` (Pipecat's JS client,
+bundled from tests/webrtc_page, in headless Chromium).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -259,22 +262,101 @@ async def duration(gw: RunningGateway, http: httpx.AsyncClient) -> dict[str, Any
     return seen
 
 
+#: Debian's Chromium, headless and offline, with fake capture devices that need no prompt, and
+#: loopback candidates allowed (the namespace has nothing else).
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-device-for-media-stream",
+    "--use-fake-ui-for-media-stream",
+    "--allow-loopback-in-peer-connection",
+    "--autoplay-policy=no-user-gesture-required",
+]
+PAGE_PATH = "/__catflap_webrtc_test_page"
+
+
+async def browser(gw: RunningGateway, http: httpx.AsyncClient, bundle: str, shot: str) -> Any:
+    """Pipecat's JS client in Chromium: ready, the bot's audio, and a hang-up ending bot().
+
+    The page is served on the gateway's own origin (Playwright answers that one path), so
+    ``/start`` and the offer are same-origin requests to the real gateway."""
+    from playwright.async_api import async_playwright
+
+    script = Path(bundle).read_text()  # noqa: ASYNC240 - once, before anything runs
+    html = (
+        "<!doctype html><html><body><h1>catflap SmallWebRTC test</h1>"
+        f"<pre id=state>loading</pre><script>{script}</script></body></html>"
+    )
+    seen: dict[str, Any] = {}
+    async with async_playwright() as playwright:
+        context = await playwright.chromium.launch_persistent_context(
+            f"/tmp/cf-chromium-{time.monotonic_ns()}",
+            executable_path="/usr/bin/chromium",
+            args=CHROMIUM_ARGS,
+            headless=True,
+            viewport={"width": 900, "height": 600},
+            timeout=30_000,
+        )
+        try:
+            page = await context.new_page()
+            await page.route(
+                f"{gw.http}{PAGE_PATH}",
+                lambda route: route.fulfill(status=200, content_type="text/html", body=html),
+            )
+            await page.goto(gw.http + PAGE_PATH, timeout=15_000)
+            await page.evaluate(f"window.catflapStart({AGENT!r}, {PUBLIC_KEY!r})")
+            await page.wait_for_function(
+                "window.catflapState.ready && window.catflapState.peakRms > 0.01",
+                timeout=30_000,
+            )
+            seen["state"] = await page.evaluate("window.catflapState")
+            sessions = list(gw.gateway.sessions.live)
+            seen["live_sessions"] = len(sessions)
+            await page.screenshot(path=shot)
+            hung_up = time.monotonic()
+            await page.evaluate("window.catflapClient.disconnect()")
+            async with asyncio.timeout(20):
+                while sessions and sessions[0] not in gw.gateway.sessions.ended:
+                    await asyncio.sleep(0.05)
+            seen["ended_after_hangup_s"] = time.monotonic() - hung_up
+            record = gw.gateway.sessions.ended[sessions[0]]
+            seen["ended"] = {
+                "completionStatus": record.completion_status,
+                "transport": record.transport,
+            }
+        except Exception as exc:
+            seen["error"] = repr(exc)
+            with contextlib.suppress(Exception):
+                seen["state"] = await page.evaluate("window.catflapState")
+        finally:
+            await context.close()
+    return seen
+
+
 SCENARIOS = {
     "echo": (echo, {}),
     "stop": (stop, {}),
     "duration": (duration, {"max_session_duration": 2}),
+    "browser": (browser, {}),
 }
 
 
-async def main(scenario: str) -> dict[str, Any]:
+async def main(scenario: str, *args: str) -> dict[str, Any]:
     run, changes = SCENARIOS[scenario]
     agents = {AGENT: {"path": EXAMPLES / "pipecat-webrtc-echo", "scaling": {"min_agents": 1}}}
     async with running_gateway(agents, adjust=_adjust(changes) if changes else None) as gw:
         await gw.wait_ready(AGENT_KEY)
         async with httpx.AsyncClient(base_url=gw.http, timeout=30) as http:
-            return await run(gw, http)
+            result: dict[str, Any] = await run(gw, http, *args)
+            return result
 
 
 if __name__ == "__main__":
-    result = asyncio.run(main(sys.argv[1]))
+    result = asyncio.run(main(sys.argv[1], *sys.argv[2:]))
     print(json.dumps(result, default=str), flush=True)
