@@ -275,11 +275,12 @@ async def test_start_for_a_provider_puts_the_token_in_the_path(api: Api) -> None
         (
             PUBLIC_KEY,
             "echo",
-            {"transport": "webrtc"},
+            {"transport": "smoke-signals"},
             400,
             error(
-                "transport 'webrtc' is not supported: send one of daily, websocket, twilio, "
-                "telnyx, plivo, exotel, or none (a session without a transport)",
+                "transport 'smoke-signals' is not supported: send one of daily, webrtc, "
+                "websocket, twilio, telnyx, plivo, exotel, or none (a session without a "
+                "transport)",
                 "unsupported_transport",
             ),
         ),

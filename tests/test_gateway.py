@@ -459,7 +459,7 @@ async def test_previous_key_still_verifies_after_rotation() -> None:
             "body_too_large",
         ),
         ("my-agent", {"transport": "daily"}, PUBLIC_KEY, 400, "daily_not_configured"),
-        ("my-agent", {"transport": "webrtc"}, PUBLIC_KEY, 400, "unsupported_transport"),
+        ("my-agent", {"transport": "smoke"}, PUBLIC_KEY, 400, "unsupported_transport"),
     ],
 )
 async def test_start_refusals(

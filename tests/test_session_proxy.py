@@ -192,14 +192,13 @@ async def test_a_pipecatcloud_system_route_and_the_webrtc_offer_path_are_reachab
             200,
             {"status": "running", "session_id": session_id},
         )
+        # /api/offer is the runtime's own SmallWebRTC route (tests/test_webrtc.py), reached
+        # with the session id the proxy adds: this session is not a WebRTC one.
         for method in ("POST", "PATCH"):
             offer = await _proxy(gw.http, method, session_id, "api/offer", json={"sdp": "v=0"})
-            assert offer.status_code == 200, offer.text
-            assert offer.json() == {
-                "method": method,
-                "offer": {"sdp": "v=0"},
-                "session_id": session_id,
-            }
+            assert offer.status_code == 404, offer.text
+            assert offer.json()["code"] == "session_not_found"
+            assert f"no WebRTC session {session_id} runs on this agent" in offer.json()["error"]
         # An uppercase session id is the same session.
         upper = await _proxy(gw.http, "GET", session_id.upper(), "status")
         assert upper.json()["session_id"] == session_id

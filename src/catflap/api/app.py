@@ -301,7 +301,9 @@ def create_api(deps: ApiDeps) -> FastAPI:
         once it runs (:mod:`catflap.gateway.botsession`). With ``createDailyRoom: true`` or
         ``transport: "daily"``: create a Daily room and token first
         (:mod:`catflap.gateway.daily`), start the bot in it, and answer
-        ``{"sessionId", "dailyRoom", "dailyToken"}``.
+        ``{"sessionId", "dailyRoom", "dailyToken"}``. With ``transport: "webrtc"``: start the
+        bot, which waits for the client's offer through the session proxy, and answer
+        ``{"sessionId", "iceConfig"?}`` (:mod:`catflap.runtime.webrtc`).
         """
         key = bearer_credentials(request.headers.get("authorization"))
         org = deps.agents.org_for_public_key(key) if key else None

@@ -9,7 +9,6 @@ proxy: each shows exactly what the bot received, or answers in a shape a test ch
   ``GET /produced``.
 - ``GET /slow``: never answers (the proxy's 504).
 - ``GET /teapot``: 418 with two ``set-cookie`` headers and one of its own.
-- ``POST|PATCH /api/offer``: PCC's SmallWebRTC signalling path, echoed.
 - ``POST /release``: ends the ``bot()`` of the session in ``x-daily-session-id``.
 
 ``bot(args)`` echoes a WebSocket session's messages until the client leaves; a session without
@@ -108,14 +107,6 @@ async def teapot() -> Response:
     response.raw_headers.append((b"x-bot", b"teapot"))
     return response
 
-
-@app.api_route("/api/offer", methods=["POST", "PATCH"])
-async def offer(request: Request) -> dict:
-    return {
-        "method": request.method,
-        "offer": await request.json(),
-        "session_id": request.headers.get("x-daily-session-id"),
-    }
 
 
 @app.post("/release")
