@@ -283,6 +283,23 @@ async def test_dailys_refusal_is_a_502_with_its_status_and_text_but_never_the_ke
     assert len(fake.calls) == 1  # no token for a room that does not exist
 
 
+async def test_a_refusal_that_is_not_json_is_quoted_cut_and_printable() -> None:
+    page = b"<html>\n<h1>Bad Gateway</h1>\n" + b"x" * 1000 + b"</html>"
+    async with fake_daily() as fake:
+        fake.answers["/v1/meeting-tokens"] = (503, [], page)
+        with pytest.raises(DailyApiError) as refused:
+            await _create(fake)
+        fake.answers["/v1/meeting-tokens"] = (200, [], b"{not json")
+        with pytest.raises(DailyApiError, match="other than a JSON object"):
+            await _create(fake)
+    message = refused.value.message
+    assert message.startswith("Daily's API answered 503 to POST /meeting-tokens (<html> <h1>Bad")
+    assert "\n" not in message and "x" * 250 in message and "x" * 400 not in message
+    assert message.endswith(
+        "check the organization's Daily API key and the dailyMeetingTokenProperties"
+    )
+
+
 async def test_an_answer_over_the_byte_bound_is_refused_declared_or_streamed() -> None:
     over = b" " * (limits.DAILY_API_RESPONSE_MAX_BYTES + 1)
     async with fake_daily() as fake:
