@@ -98,7 +98,10 @@ def secret_name_problem(kind: str, name: str) -> str | None:
     elif len(name) > limits.SECRET_NAME_MAX_LEN:
         reason = f"{kind} name is {len(name)} characters long"
     else:
-        reason = f"{kind} name {_quote(name)} contains characters other than a-z, A-Z, 0-9, '_' and '-'"
+        reason = (
+            f"{kind} name {_quote(name)} contains characters other than a-z, A-Z, 0-9, '_' "
+            "and '-'"
+        )
     return (
         f"{reason}: it must match [a-zA-Z0-9_-] and be 1 to {limits.SECRET_NAME_MAX_LEN} "
         "characters long, e.g. MY_API_KEY"
