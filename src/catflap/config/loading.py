@@ -206,10 +206,12 @@ def zero_config(
     public_url: str | None = None,
     public_keys: list[str] | None = None,
     private_keys: list[str] | None = None,
+    pass_env: list[str] | None = None,
 ) -> CatflapConfig:
     """A one-agent config from a folder with ``bot.py`` (``catflap serve ./bot --org my-org``).
 
-    The agent is named by ``pcc-deploy.toml``'s ``agent_name``, or else by the folder name.
+    The agent is named by ``pcc-deploy.toml``'s ``agent_name``, or else by the folder name;
+    ``pass_env`` is its ``pass_env`` (``--pass-env``).
 
     Raises:
         ConfigError: the folder has no bot.py, or a name is invalid.
@@ -234,7 +236,9 @@ def zero_config(
             org: {
                 "public_keys": public_keys or [],
                 "private_keys": private_keys or [],
-                "agents": {name: {**_merge_agent(deploy, {}), "path": folder}},
+                "agents": {
+                    name: {**_merge_agent(deploy, {}), "path": folder, "pass_env": pass_env or []}
+                },
             }
         },
     }

@@ -102,9 +102,10 @@ def secret_name_problem(kind: str, name: str) -> str | None:
             f"{kind} name {_quote(name)} contains characters other than a-z, A-Z, 0-9, '_' "
             "and '-'"
         )
+    example = "MY_API_KEY" if kind == "secret" else "my-secrets"
     return (
         f"{reason}: it must match [a-zA-Z0-9_-] and be 1 to {limits.SECRET_NAME_MAX_LEN} "
-        "characters long, e.g. MY_API_KEY"
+        f"characters long, e.g. {example}"
     )
 
 
