@@ -269,7 +269,9 @@ async def test_redis_holds_set_names_but_neither_secret_names_nor_values_in_clea
     redis_prefix: str,
 ) -> None:
     client = aioredis.Redis.from_url(REDIS_URL)
-    store = RedisSecretStore(client, Keys(redis_prefix), cipher=SecretCipher([KEY.encode()], source="t"))
+    store = RedisSecretStore(
+        client, Keys(redis_prefix), cipher=SecretCipher([KEY.encode()], source="t")
+    )
     try:
         await store.put("my-org", "keys", {"MY_SECRET": VALUE})
         raw = await client.hgetall(f"{redis_prefix}:secrets:my-org")

@@ -271,6 +271,16 @@ class PccScaling(_Strict):
     min_agents: MinAgents | None = None
     max_agents: MaxAgents | None = None
 
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> PccScaling:
+        if (
+            self.min_agents is not None
+            and self.max_agents is not None
+            and self.max_agents < self.min_agents
+        ):
+            raise ValueError("max_agents must be greater than or equal to min_agents")
+        return self
+
 
 class PccKrispViva(_Strict):
     """``[krisp_viva]``: PCC's hosted noise filter (cloud-only)."""

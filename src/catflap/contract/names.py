@@ -99,8 +99,7 @@ def secret_name_problem(kind: str, name: str) -> str | None:
         reason = f"{kind} name is {len(name)} characters long"
     else:
         reason = (
-            f"{kind} name {_quote(name)} contains characters other than a-z, A-Z, 0-9, '_' "
-            "and '-'"
+            f"{kind} name {_quote(name)} contains characters other than a-z, A-Z, 0-9, '_' and '-'"
         )
     example = "MY_API_KEY" if kind == "secret" else "my-secrets"
     return (

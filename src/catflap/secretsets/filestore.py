@@ -184,6 +184,5 @@ class FileSecretStore:
 
 def _no_set(org: str, name: str) -> str:
     return (
-        f"organization {org!r} has no secret set {name!r} (`catflap secrets list` shows its "
-        "sets)"
+        f"organization {org!r} has no secret set {name!r} (`catflap secrets list` shows its sets)"
     )
