@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -258,3 +259,64 @@ def test_the_store_file_never_holds_a_value_in_clear(
     asyncio.run(_put(tmp_path, "a-keys", {"MY_SECRET": SECRET_A}))
     assert _files_containing(tmp_path, SECRET_A.encode()) == []
     assert _files_containing(tmp_path, b"MY_SECRET") == []
+
+
+# --- cluster mode: the set in Redis, read by `catflap agent-host` ------------------------------
+
+_IMPORT_REPORTER = '''\
+import os
+import pathlib
+
+with open(pathlib.Path(__file__).with_name("seen.txt"), "a") as seen:
+    seen.write(f"{os.environ.get('MY_SECRET')} {os.environ.get('SOME_GATEWAY_ONLY_VAR')}\\n")
+
+
+async def bot(args):
+    pass
+'''
+
+
+async def test_an_agent_host_gives_its_instances_the_set_from_redis(tmp_path: Path) -> None:
+    import redis.asyncio as aioredis
+
+    from catflap.cluster.keys import Keys
+    from catflap.secretsets.redisstore import RedisSecretStore
+    from tests.test_cluster import REDIS_URL, _spawn, _stop
+
+    bot = tmp_path / "bot"
+    bot.mkdir()
+    (bot / "bot.py").write_text(_IMPORT_REPORTER)
+    config = tmp_path / "catflap.toml"
+    config.write_text(
+        f'[organizations.my-org.agents.agent-a]\npath = "{bot}"\nsecret_set = "a-keys"\n'
+        '[logs]\ndir = "logs"\n'
+    )
+    prefix = f"cftest-{uuid.uuid4().hex[:8]}"
+    key = generate_key()
+    client = aioredis.Redis.from_url(REDIS_URL)
+    store = RedisSecretStore(client, Keys(prefix), environ={"CATFLAP_SECRETS_KEY": key})
+    await store.put("my-org", "a-keys", {"MY_SECRET": SECRET_A})
+    env = {"CATFLAP_SECRETS_KEY": key, "SOME_GATEWAY_ONLY_VAR": GATEWAY_ONLY}
+    host = _spawn(
+        [
+            "agent-host", "--config", str(config), "--redis", REDIS_URL, "--prefix", prefix,
+            "--agent", "agent-a.my-org", "--slots", "1", "--warm", "1",
+        ],
+        None,
+        env=env,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(seconds(30)):
+            while not await client.smembers(f"{prefix}:agent:agent-a.my-org:instances"):
+                await asyncio.sleep(0.05)
+        seen = (bot / "seen.txt").read_text().splitlines()
+    finally:
+        _stop(host)
+        leftover = [k async for k in client.scan_iter(f"{prefix}:*")]
+        if leftover:
+            await client.delete(*leftover)
+        await client.aclose()
+    # The fork server imported bot.py without the set; the instance, with it. Neither saw the
+    # agent host's own variable, and the host's log never shows the value.
+    assert seen == ["None None", f"{SECRET_A} None"]
+    assert not any(SECRET_A in line for line in host.lines)
