@@ -263,7 +263,7 @@ def test_the_store_file_never_holds_a_value_in_clear(
 
 # --- cluster mode: the set in Redis, read by `catflap agent-host` ------------------------------
 
-_IMPORT_REPORTER = '''\
+_IMPORT_REPORTER = """\
 import os
 import pathlib
 
@@ -273,7 +273,7 @@ with open(pathlib.Path(__file__).with_name("seen.txt"), "a") as seen:
 
 async def bot(args):
     pass
-'''
+"""
 
 
 async def test_an_agent_host_gives_its_instances_the_set_from_redis(tmp_path: Path) -> None:
