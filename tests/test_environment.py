@@ -83,3 +83,20 @@ def test_secret_set_is_checked_against_pccs_pattern() -> None:
     assert agent(secret_set="my_keys-1").config.secret_set == "my_keys-1"
     with pytest.raises(ValidationError, match="secret set name 'my keys' contains characters"):
         agent(secret_set="my keys")
+
+
+def test_a_bot_folder_takes_pass_env_from_the_command_line(tmp_path: Path) -> None:
+    import click
+
+    from catflap.cli.flags import serve_config
+    from catflap.config import zero_config
+
+    from .conftest import ECHO
+
+    cfg = zero_config(ECHO, org="my-org", pass_env=["OPENAI_API_KEY"])
+    (spec,) = cfg.agents()
+    assert spec.config.pass_env == ["OPENAI_API_KEY"]
+    config = tmp_path / "catflap.toml"
+    config.write_text(f'[organizations.my-org.agents.a1]\npath = "{ECHO}"\n')
+    with pytest.raises(click.UsageError, match="with --config, set pass_env in the agent's table"):
+        serve_config(None, config, None, None, None, (), (), pass_env=("X",))
