@@ -247,7 +247,9 @@ def gateway_config(
         'public_keys = ["pk_bench"]',
     ]
     for name, settings in agents.items():
-        settings = dict(settings)
+        # Instances see none of catflap's environment but what pass_env names: the fast-echo
+        # bot reads CATFLAP_BENCH_ECHO.
+        settings = {"pass_env": ["CATFLAP_BENCH_ECHO"], **settings}
         scaling = settings.pop("scaling", {})
         lines.append(f"[organizations.{ORG}.agents.{name}]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in settings.items()]

@@ -91,14 +91,14 @@ class Cluster:
             client.close()
 
 
-def _spawn(args: list[str], ready_marker: str | None) -> Proc:
+def _spawn(args: list[str], ready_marker: str | None, env: dict[str, str] | None = None) -> Proc:
     popen = subprocess.Popen(
         [sys.executable, "-m", "catflap", *args],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
         preexec_fn=die_with_test_process,
-        env={**os.environ, **KEYS_ENV},
+        env={**os.environ, **KEYS_ENV, **(env or {})},
     )
     proc = Proc(popen)
     ready = threading.Event()

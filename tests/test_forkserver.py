@@ -55,3 +55,30 @@ async def test_instances_are_forked_from_the_fork_server_and_it_can_die() -> Non
         await second.channel.aclose()
     finally:
         await launcher.close()
+
+
+async def test_an_environment_too_large_for_one_fork_request_starts_the_slow_way(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from catflap.pool.forkserver import FORK_MESSAGE_MAX_BYTES
+
+    workdir = Path(tempfile.mkdtemp(prefix="cf"))
+    agents = {"pe": {"path": PIPECAT_ECHO, "pass_env": ["HUGE_*"]}}
+    agent = next(load_config(write_config(workdir, agents)).agents())
+    huge = {f"HUGE_{n}": "x" * 60_000 for n in range(4)}  # passed through, over the bound
+    launcher = ForkServerLauncher(workdir, log_level="warning", environ={**os.environ, **huge})
+    try:
+        await launcher.prepare(agent)
+        server = launcher._servers[agent.key]
+        process, _ = await _ready(launcher, agent, 1)
+        assert _parent(process.pid) == os.getpid()  # a fresh interpreter, our own child
+        assert server.alive and launcher._servers[agent.key] is server  # the server stays
+        process.kill()
+        await asyncio.wait_for(process.wait(), seconds(5))
+        await process.channel.aclose()
+    finally:
+        await launcher.close()
+    (message,) = [r.getMessage() for r in caplog.records if "too large" in r.getMessage()]
+    assert message.startswith(f"! {agent.key}: an environment of ")
+    assert int(message.split()[5]) > FORK_MESSAGE_MAX_BYTES
+    assert "x" * 100 not in message

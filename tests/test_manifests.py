@@ -557,6 +557,7 @@ def test_scaling_doc_names_every_redis_key_and_channel() -> None:
         keys.jti("{jti}"),
         keys.session("{session_id}"),
         keys.agent_sessions("{org}", "{agent}"),
+        keys.secret_sets("{org}"),
         keys.stop_channel,
         keys.ended_channel,
     ]

@@ -48,7 +48,12 @@ DUMMY_ENV = {
     "HANG_UP_ON_END": "0",
 }
 AGENTS: dict[str, dict[str, Any]] = {
-    "phone-echo": {"path": PIPECAT_TELEPHONY, "scaling": {"min_agents": 2, "max_agents": 4}},
+    # An instance sees none of catflap's environment but what its agent names.
+    "phone-echo": {
+        "path": PIPECAT_TELEPHONY,
+        "pass_env": sorted(DUMMY_ENV),
+        "scaling": {"min_agents": 2, "max_agents": 4},
+    },
     "tok-phone": {"path": ECHO, "websocket_auth": "token", "scaling": {"min_agents": 1}},
     "echo": {"path": ECHO, "scaling": {"min_agents": 1}},
 }

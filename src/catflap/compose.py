@@ -44,7 +44,11 @@ from catflap.gateway.steps import SessionSteps
 from catflap.gateway.timings import Timings
 from catflap.logs import LogFormat
 from catflap.metrics import GatewayMetrics, MetricSources
+from catflap.pool.environment import SecretSource
 from catflap.pool.pool import LocalPool
+from catflap.secretsets.filestore import FileSecretStore
+from catflap.secretsets.inject import AgentSecrets
+from catflap.secretsets.store import SecretStore
 from catflap.sessions.recent import RecentRecords
 from catflap.sessions.store import SessionStore, open_store
 from catflap.tasks import TaskSet
@@ -85,14 +89,19 @@ class Overrides:
     store: SessionStore | None = None
     #: None: spent tokens in SQLite, ``<state_dir>/replay.sqlite3``.
     replay: ReplayStore | None = None
+    #: None: the encrypted file in ``state_dir`` (``catflap secrets``'s); the cluster's Redis.
+    secrets: SecretStore | None = None
     #: Wall-clock seconds: token expiry and record timestamps.
     clock: Callable[[], float] = time.time
     #: None: :meth:`Timings.from_settings` of ``[gateway]``.
     timings: Timings | None = None
 
 
-def local_pool(config: CatflapConfig, launch: AgentLaunch) -> LocalPool:
-    """Every configured agent's instances as processes on this machine."""
+def local_pool(
+    config: CatflapConfig, launch: AgentLaunch, secrets: SecretSource | None = None
+) -> LocalPool:
+    """Every configured agent's instances as processes on this machine, each with its agent's
+    secret set from ``secrets`` (read at each launch)."""
     from catflap.pool.forkserver import ForkServerLauncher
     from catflap.pool.launcher import SubprocessLauncher
 
@@ -102,6 +111,7 @@ def local_pool(config: CatflapConfig, launch: AgentLaunch) -> LocalPool:
         log_level=launch.log_level,
         log_dir=config.log_dir,
         log_format=launch.log_format,
+        secrets=secrets,
     )
     ready_timeout = launch.ready_timeout
     if ready_timeout is None:
@@ -144,10 +154,13 @@ async def build_gateway(
     # The key ring first: a bad CATFLAP_TOKEN_KEYS must fail before any store is opened.
     keyring = overrides.keyring if overrides.keyring is not None else token_keyring()[0]
     closers: list[Callable[[], Awaitable[None]]] = []
+    secrets = overrides.secrets
+    if secrets is None:
+        secrets = FileSecretStore(config.state_dir)  # opens nothing until it is used
     if overrides.pool is not None:
         pool: ManagedPool = overrides.pool
     elif launch is not None:
-        pool = local_pool(config, launch)
+        pool = local_pool(config, launch, AgentSecrets(secrets))
     else:
         raise CatflapMisuse("build_gateway needs a pool, or an AgentLaunch to make a local one")
     store = overrides.store
@@ -170,6 +183,7 @@ async def build_gateway(
         store=store,
         replay=replay,
         keyring=keyring,
+        secrets=secrets,
         clock=overrides.clock,
         timings=overrides.timings or Timings.from_settings(config.gateway),
         closers=closers,
@@ -183,6 +197,7 @@ def _wire(
     store: SessionStore,
     replay: ReplayStore,
     keyring: KeyRing,
+    secrets: SecretStore,
     clock: Callable[[], float],
     timings: Timings,
     closers: list[Callable[[], Awaitable[None]]],
@@ -222,6 +237,7 @@ def _wire(
         metrics=metrics,
         draining=drain,
         relays=relays.live,
+        secrets=secrets,
         bot_sessions=BotSessions(
             pool=pool,
             recorder=recorder,

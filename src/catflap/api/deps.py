@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from catflap.gateway.sessionproxy import SessionProxy
     from catflap.metrics import GatewayMetrics, RelayTraffic
     from catflap.pool.interface import SessionPool
+    from catflap.secretsets.store import SecretStore
     from catflap.sessions.recent import RecentRecords
     from catflap.sessions.store import SessionStore
 
@@ -45,6 +46,9 @@ class ApiDeps:
     draining: Callable[[], bool]
     #: Live relays by session id.
     relays: Mapping[str, RelayTraffic]
+    #: The organisations' secret sets (names and keys to list, sets to put and delete). None
+    #: (an API built from parts, in a test): no secret store.
+    secrets: SecretStore | None = None
     #: Starts sessions without a transport (``POST /bot`` on an instance). None (an API built
     #: from parts, in a test): such a ``/start`` is refused with 503.
     bot_sessions: BotSessions | None = None

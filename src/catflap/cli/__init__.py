@@ -13,6 +13,7 @@ import click
 from catflap.cli.bench import bench
 from catflap.cli.cluster import agent_host, gateway
 from catflap.cli.logs import logs
+from catflap.cli.secrets import secrets
 from catflap.cli.serve import serve
 from catflap.cli.sessions import sessions
 from catflap.cli.telephony import telephony_xml
@@ -46,6 +47,7 @@ def cli() -> None:
 
 cli.add_command(serve)
 cli.add_command(sessions)
+cli.add_command(secrets)
 cli.add_command(logs)
 cli.add_command(gateway)
 cli.add_command(agent_host)

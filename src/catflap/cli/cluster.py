@@ -121,6 +121,7 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
     from catflap.cluster.keys import Keys
     from catflap.cluster.store import RedisSessionStore
     from catflap.compose import Overrides, build_gateway
+    from catflap.secretsets.redisstore import RedisSecretStore
     from catflap.sessions.store import SessionStore, open_store
 
     assert isinstance(keyring, KeyRing)
@@ -136,6 +137,7 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
         pool=RedisPool(client, keys, cfg.agents()),
         store=store,
         replay=RedisReplayStore(client, keys),
+        secrets=RedisSecretStore(client, keys),
     )
     gw = await build_gateway(cfg, overrides)
     host, port = cfg.host_port
@@ -249,6 +251,8 @@ async def _agent_host(
     from catflap.config import AgentSpec
     from catflap.pool.forkserver import ForkServerLauncher
     from catflap.pool.launcher import SubprocessLauncher
+    from catflap.secretsets.inject import AgentSecrets
+    from catflap.secretsets.redisstore import RedisSecretStore
 
     assert isinstance(spec, AgentSpec)
     client = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
@@ -260,6 +264,9 @@ async def _agent_host(
             tcp_host=advertise,
             log_dir=logging_.dir,
             log_format=logging_.format,
+            # The deployment's sets, in Redis; an agent whose pod brings its keys in its own
+            # environment (a Kubernetes Secret) names them in pass_env instead.
+            secrets=AgentSecrets(RedisSecretStore(client, Keys(prefix))),
         )
         host = AgentHost(
             client,

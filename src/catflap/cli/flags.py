@@ -30,6 +30,7 @@ def serve_config(
     private_keys: tuple[str, ...],
     database_url: str | None = None,
     state_dir: Path | None = None,
+    pass_env: tuple[str, ...] = (),
 ) -> CatflapConfig:
     """The configuration of ``catflap serve``: a config file with flags over it, or zero-config
     from a bot folder.
@@ -41,6 +42,10 @@ def serve_config(
     if config_file is not None:
         if folder is not None:
             raise click.UsageError("give either a bot folder or --config, not both")
+        if pass_env:
+            raise click.UsageError(
+                "--pass-env is for a bot folder; with --config, set pass_env in the agent's table"
+            )
         cfg = load_config(config_file)
         updates = {k: v for k, v in (("listen", listen), ("public_url", public_url)) if v}
         cfg = cfg.model_copy(update=updates) if updates else cfg
@@ -62,6 +67,7 @@ def serve_config(
         public_url=public_url,
         public_keys=keys,
         private_keys=list(private_keys),
+        pass_env=list(pass_env),
     )
     return _with_storage(cfg, database_url, state_dir, str(folder))
 

@@ -89,6 +89,15 @@ def start_pruner(cfg: CatflapConfig, log_dir: Path) -> asyncio.Task[None]:
     "[default: .catflap]",
 )
 @click.option(
+    "--pass-env",
+    "pass_env",
+    multiple=True,
+    metavar="NAME",
+    help="Pass this variable of catflap's environment (or PREFIX*) to the agent's instances "
+    "(repeatable; bot folder only). Nothing else of it reaches them: prefer "
+    "`catflap secrets set` and secret_set for keys.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -111,6 +120,7 @@ def serve(
     private_keys: tuple[str, ...],
     database_url: str | None,
     state_dir: Path | None,
+    pass_env: tuple[str, ...],
     log_level: str,
     log_format: LogFormat,
     dashboard: bool,
@@ -132,6 +142,7 @@ def serve(
             private_keys,
             database_url=database_url,
             state_dir=state_dir,
+            pass_env=pass_env,
         )
         cfg = with_api_docs(with_dashboard(cfg, dashboard), api_docs)
         keyring, generated = token_keyring()

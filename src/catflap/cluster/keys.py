@@ -56,6 +56,10 @@ class Keys:
         """Sorted set: session id -> created_at, the index for listing an agent's sessions."""
         return f"{self.prefix}:sessions:{org}:{agent}"
 
+    def secret_sets(self, org: str) -> str:
+        """Hash: secret set name -> Fernet token of its JSON ``{name: value}``; no expiry."""
+        return f"{self.prefix}:secrets:{org}"
+
     @property
     def stop_channel(self) -> str:
         """Pub/sub: ``{"session_id"}``; the host holding the session stops it."""

@@ -9,6 +9,7 @@ several problems gets them all in one error.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import tomllib
@@ -23,6 +24,7 @@ from catflap.config.models import (
     BOT_FILE,
     DEFAULT_LISTEN,
     PCC_DEPLOY_FILE,
+    PCC_READ_KEYS,
     CatflapConfig,
     PccDeploy,
     split_listen,
@@ -38,6 +40,8 @@ __all__ = [
     "token_keyring",
     "zero_config",
 ]
+
+log = logging.getLogger("catflap")
 
 #: Env var holding the token key ring: ``kid1:secret1,kid0:secret0`` (first signs, all verify).
 TOKEN_KEYS_ENV = "CATFLAP_TOKEN_KEYS"
@@ -58,7 +62,9 @@ def _problems(exc: ValidationError, *, unknown_key: str) -> list[tuple[str, str]
     problems = []
     for error in exc.errors():
         problem = error["msg"]
-        if error["type"] == "extra_forbidden":
+        if error["type"] == "value_error":
+            problem = problem.removeprefix("Value error, ")
+        elif error["type"] == "extra_forbidden":
             problem = unknown_key if len(error["loc"]) == 1 else "unknown key"
         elif error["type"] == "model_type":
             problem = "must be a table"
@@ -100,7 +106,16 @@ def read_pcc_deploy(folder: Path) -> dict[str, Any]:
             raise ConfigError(str(path), *problems[0]) from None
         listed = "; ".join(f"{key}: {problem}" for key, problem in problems)
         raise ConfigError(str(path), f"({len(problems)} problems)", listed) from None
-    return deploy.model_dump(exclude_unset=True)
+    ignored = deploy.ignored_keys()
+    if ignored:
+        log.info(
+            "%s: catflap ignores %s self-hosted (Pipecat Cloud's images, builds, regions and "
+            "sizing); it reads %s",
+            path,
+            ", ".join(ignored),
+            ", ".join(PCC_READ_KEYS),
+        )
+    return deploy.model_dump(exclude_unset=True, include=set(PCC_READ_KEYS))
 
 
 def _merge_agent(folder_defaults: Mapping[str, Any], explicit: Mapping[str, Any]) -> dict[str, Any]:
@@ -191,10 +206,12 @@ def zero_config(
     public_url: str | None = None,
     public_keys: list[str] | None = None,
     private_keys: list[str] | None = None,
+    pass_env: list[str] | None = None,
 ) -> CatflapConfig:
     """A one-agent config from a folder with ``bot.py`` (``catflap serve ./bot --org my-org``).
 
-    The agent is named by ``pcc-deploy.toml``'s ``agent_name``, or else by the folder name.
+    The agent is named by ``pcc-deploy.toml``'s ``agent_name``, or else by the folder name;
+    ``pass_env`` is its ``pass_env`` (``--pass-env``).
 
     Raises:
         ConfigError: the folder has no bot.py, or a name is invalid.
@@ -219,7 +236,9 @@ def zero_config(
             org: {
                 "public_keys": public_keys or [],
                 "private_keys": private_keys or [],
-                "agents": {name: {**_merge_agent(deploy, {}), "path": folder}},
+                "agents": {
+                    name: {**_merge_agent(deploy, {}), "path": folder, "pass_env": pass_env or []}
+                },
             }
         },
     }

@@ -7,6 +7,7 @@ can check; reading the files, merging an agent folder's ``pcc-deploy.toml`` unde
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,14 +22,18 @@ from pydantic import (
 )
 
 from catflap.contract import limits
-from catflap.contract.names import AgentName, OrgName, ServiceHost
+from catflap.contract.names import AgentName, OrgName, ServiceHost, secret_name_problem
 
 __all__ = [
     "BOT_FILE",
     "DAILY_API_URL_DEFAULT",
     "DEFAULT_LISTEN",
+    "ENABLE_KRISP_REFUSED",
+    "PCC_CLOUD_ONLY",
     "PCC_DEPLOY_FILE",
+    "PCC_READ_KEYS",
     "AgentConfig",
+    "AgentEnvironment",
     "AgentSpec",
     "CatflapConfig",
     "GatewaySettings",
@@ -120,7 +125,43 @@ class WebRTCConfig(_Strict):
     offer_timeout: float = Field(default=limits.WEBRTC_OFFER_TIMEOUT_S, gt=0)
 
 
-class AgentConfig(_Strict):
+class AgentEnvironment(_Strict):
+    """What an agent's instances get in their environment besides the allow-list
+    (:data:`catflap.pool.environment.INSTANCE_ENV_ALLOWED`); AgentConfig's own base class, so
+    these keys stand apart from the rest."""
+
+    #: The organisation's secret set whose secrets become environment variables of this
+    #: agent's instances (PCC's ``secret_set``; ``catflap secrets set NAME KEY=VALUE``). An
+    #: instance is not started while the set does not exist.
+    secret_set: str | None = None
+    #: Names (or ``PREFIX*``) of variables of catflap's own environment passed on to this
+    #: agent's instances, e.g. an agent host whose pod takes its bot's keys from a Kubernetes
+    #: Secret (``envFrom``). Nothing else of catflap's environment reaches an instance.
+    pass_env: list[str] = []
+
+    @field_validator("secret_set")
+    @classmethod
+    def _secret_set_is_a_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = secret_name_problem("secret set", value)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    @field_validator("pass_env")
+    @classmethod
+    def _pass_env_are_names(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            name = pattern.removesuffix("*")
+            if not name or "*" in name or "=" in name or "\0" in name:
+                raise ValueError(
+                    f"{pattern!r} is not a variable name or a PREFIX* pattern (e.g. OPENAI_API_KEY "
+                    "or DEEPGRAM_*)"
+                )
+        return value
+
+
+class AgentConfig(AgentEnvironment):
     path: Path
     websocket_auth: WebsocketAuth = "none"
     max_session_duration: SessionDuration = limits.MAX_SESSION_DURATION_DEFAULT_S
@@ -283,25 +324,35 @@ class CatflapConfig(_Strict):
                 yield AgentSpec(ServiceHost(AgentName(name), OrgName(org)), agent)
 
 
-#: Keys of ``pcc-deploy.toml`` that PCC's CLI accepts but that mean nothing on a self-hosted
-#: machine (images, regions, builds): catflap skips them. Any key neither read nor skipped is
-#: refused, as PCC's CLI refuses it.
-PCC_CLOUD_ONLY = frozenset(
-    {
-        "image",
-        "build_id",
-        "image_credentials",
-        "secret_set",
-        "region",
-        "agent_profile",
-        "enable_krisp",
-        "krisp_viva",
-        "build",
-        "docker",
-        "resources",
-        "architecture",
-    }
+#: Keys of ``pcc-deploy.toml`` that pipecatcloud 1.4.0 accepts but that mean nothing on a
+#: self-hosted machine (images, builds, registries, regions, sizing, Krisp): catflap checks
+#: them as that CLI does, then ignores them and says so in its log. The other keys
+#: (:data:`PCC_READ_KEYS`) it reads. Any key in neither is refused, as that CLI refuses it.
+PCC_CLOUD_ONLY = (
+    "image",
+    "build_id",
+    "image_credentials",
+    "region",
+    "agent_profile",
+    "architecture",
+    "docker",
+    "build",
+    "krisp_viva",
+    "resources",
+    "git",
 )
+#: The keys of ``pcc-deploy.toml`` catflap reads (into the agent's settings).
+PCC_READ_KEYS = ("agent_name", "websocket_auth", "max_session_duration", "scaling", "secret_set")
+
+#: pipecatcloud 1.4.0's words for ``enable_krisp``, which it refuses since ``[krisp_viva]``.
+ENABLE_KRISP_REFUSED = (
+    "'enable_krisp' is no longer supported. Krisp is now configured via the [krisp_viva] "
+    "section in pcc-deploy.toml. Remove 'enable_krisp' from your config."
+)
+#: A Kubernetes quantity, as pipecatcloud checks ``[resources]`` (``K8S_QUANTITY_PATTERN``).
+_K8S_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+#: One ``owner`` or ``repo`` segment of ``[git] repo``, as pipecatcloud's ``github_utils``.
+_REPO_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
 class PccScaling(_Strict):
@@ -310,26 +361,162 @@ class PccScaling(_Strict):
     min_agents: MinAgents | None = None
     max_agents: MaxAgents | None = None
 
+    @model_validator(mode="after")
+    def _min_not_above_max(self) -> PccScaling:
+        if (
+            self.min_agents is not None
+            and self.max_agents is not None
+            and self.max_agents < self.min_agents
+        ):
+            raise ValueError("max_agents must be greater than or equal to min_agents")
+        return self
+
+
+class PccKrispViva(_Strict):
+    """``[krisp_viva]``: PCC's hosted noise filter (cloud-only)."""
+
+    audio_filter: Literal["tel", "pro"] | None = None
+
+
+class PccResources(_Strict):
+    """``[resources]``: CPU and memory of a self-hosted PCC region's pods (cloud-only)."""
+
+    cpu: str | int | float | None = None
+    memory: str | int | None = None
+
+    @model_validator(mode="after")
+    def _both_quantities(self) -> PccResources:
+        if (self.cpu is None) != (self.memory is None):
+            raise ValueError("resources requires both 'cpu' and 'memory'")
+        for name, value in (("cpu", self.cpu), ("memory", self.memory)):
+            if value is not None and not _K8S_QUANTITY.match(str(value)):
+                raise ValueError(
+                    f"Invalid {name} quantity '{value}' (expected e.g. '500m', '2', '4Gi')"
+                )
+        return self
+
+
+class PccGit(_Strict):
+    """``[git]``: build the agent from a GitHub repository (cloud-only)."""
+
+    repo: str | None = None
+    branch: str | None = None
+    dockerfile_path: str | None = None
+    subdirectory: str | None = None
+
+    @model_validator(mode="after")
+    def _repo_and_branch(self) -> PccGit:
+        if self.repo is not None and not _is_repo_full_name(self.repo):
+            raise ValueError(f"Invalid repo '{self.repo}'. Expected the form 'owner/repo'.")
+        if self.branch is not None and not all(
+            part and not re.fullmatch(r"\.+", part) for part in self.branch.split("/")
+        ):
+            raise ValueError(
+                f"Invalid branch '{self.branch}'. A branch must be a valid git ref with no "
+                "empty or dot-only segments."
+            )
+        if (self.repo is None) != (self.branch is None):
+            raise ValueError("A GitHub source requires both 'repo' and 'branch'")
+        return self
+
+
+def _is_repo_full_name(repo: str) -> bool:
+    parts = repo.split("/")
+    return len(parts) == 2 and all(
+        _REPO_SEGMENT.match(part) and not re.fullmatch(r"\.+", part) for part in parts
+    )
+
+
+class PccBuildExclude(BaseModel):
+    """``[build.exclude]``; pipecatcloud reads ``patterns`` and ignores other keys."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    patterns: list[str] = []
+
+
+class PccBuild(BaseModel):
+    """``[build]``: PCC's cloud build (cloud-only); pipecatcloud ignores keys it does not know
+    here, so catflap does too."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    context_dir: str = "."
+    dockerfile: str = "Dockerfile"
+    exclude: PccBuildExclude = PccBuildExclude()
+
 
 class PccDeploy(_Strict):
-    """The keys of an agent folder's ``pcc-deploy.toml`` that catflap reads.
+    """An agent folder's ``pcc-deploy.toml``, checked as pipecatcloud 1.4.0 checks it.
 
-    Unset keys stay unset (``model_dump(exclude_unset=True)``), so that catflap.toml's keys and
-    catflap's defaults fill them. Cloud-only keys (:data:`PCC_CLOUD_ONLY`) are dropped before
-    validation; any other key is an error.
+    The keys catflap reads (:data:`PCC_READ_KEYS`) stay unset when the file does not set them
+    (``model_dump(exclude_unset=True)``), so that catflap.toml's keys and catflap's defaults
+    fill them; the cloud-only ones (:data:`PCC_CLOUD_ONLY`) are checked and then ignored.
+    catflap is stricter than that CLI on types (``region = 5`` is refused here, by PCC's API
+    there) and on ``websocket_auth``, whose value it uses.
     """
 
     agent_name: str | None = None
     websocket_auth: WebsocketAuth | None = None
     max_session_duration: SessionDuration | None = None
     scaling: PccScaling | None = None
+    secret_set: str | None = None
+    # --- cloud-only: checked, then ignored ---
+    image: str | None = None
+    build_id: str | None = None
+    image_credentials: str | None = None
+    region: str | None = None
+    agent_profile: str | None = None
+    architecture: Literal["amd64", "arm64"] | None = None
+    docker: dict[str, Any] | None = None
+    build: PccBuild | None = None
+    krisp_viva: PccKrispViva | None = None
+    resources: PccResources | None = None
+    git: PccGit | None = None
 
-    @model_validator(mode="before")
+    #: Refused whatever its value, with pipecatcloud's message (a field, so that the error
+    #: names this key).
+    enable_krisp: Any = Field(default=None, exclude=True)
+
+    @field_validator("enable_krisp")
     @classmethod
-    def _skip_cloud_only_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if key not in PCC_CLOUD_ONLY}
-        return data
+    def _refuse_enable_krisp(cls, value: Any) -> Any:
+        raise ValueError(ENABLE_KRISP_REFUSED)
+
+    @field_validator("secret_set")
+    @classmethod
+    def _secret_set_is_a_name(cls, value: str | None) -> str | None:
+        problem = None if value is None else secret_name_problem("secret set", value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _exclusive_keys(self) -> PccDeploy:
+        # pipecatcloud's DeployConfigParams.__attrs_post_init__, in its order and words.
+        if self.image is not None and ":" not in self.image:
+            raise ValueError("Provided image must include tag e.g. my-image:latest")
+        if self.image is not None and self.build_id is not None:
+            raise ValueError("Cannot specify both 'image' and 'build_id'")
+        git_set = self.git is not None and self.git.repo is not None
+        if git_set and (self.image is not None or self.build_id is not None):
+            raise ValueError("Cannot specify a GitHub source together with 'image' or 'build_id'")
+        resources_set = self.resources is not None and self.resources.cpu is not None
+        if self.agent_profile is not None and resources_set:
+            raise ValueError("Cannot specify both 'agent_profile' and 'resources'")
+        return self
+
+    def ignored_keys(self) -> list[str]:
+        """The cloud-only keys this file sets, in :data:`PCC_CLOUD_ONLY`'s order (tables as
+        ``[name]``), for the log line that says catflap ignores them."""
+        return [
+            f"[{key}]" if key in _PCC_TABLES else key
+            for key in PCC_CLOUD_ONLY
+            if key in self.model_fields_set
+        ]
+
+
+_PCC_TABLES = frozenset({"docker", "build", "krisp_viva", "resources", "git"})
 
 
 class AgentSpec:

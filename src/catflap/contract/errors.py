@@ -15,6 +15,10 @@
     │   │   ├── InvalidProxyPath      400 invalid_proxy_path (the session proxy: . or ..)
     │   │   ├── InvalidOffer          400 invalid_offer (the runtime's /api/offer)
     │   │   ├── OfferConflict         400 webrtc_offer_conflict (a second peer connection)
+    │   │   ├── InvalidSecretName     400 invalid_secret_name (a secret set's or secret's name)
+    │   │   ├── InvalidSecretValue    400 invalid_secret_value (a NUL byte: not an env value)
+    │   │   ├── SecretTooLarge        400 secret_too_large (SECRET_*_MAX_BYTES)
+    │   │   ├── TooManySecretSets     400 too_many_secret_sets (SECRET_SETS_PER_ORG_MAX)
     │   │   └── MalformedRequest      400 malformed_request
     │   ├── Unauthorized              401 "401" (PCC's code)
     │   ├── TokenRejected             403 token_<reason>
@@ -23,7 +27,9 @@
     │   │   ├── AgentNotFound         404 "404" (PCC's code)
     │   │   ├── SessionNotFound       404 session_not_found (the session proxy)
     │   │   ├── ReservedPath          404 reserved_path (the session proxy)
-    │   │   └── PeerConnectionNotFound  404 peer_connection_not_found (PATCH /api/offer)
+    │   │   ├── PeerConnectionNotFound  404 peer_connection_not_found (PATCH /api/offer)
+    │   │   ├── SecretSetNotFound     404 secret_set_not_found
+    │   │   └── SecretNotFound        404 secret_not_found
     │   ├── MethodNotAllowed          405 method_not_allowed
     │   ├── RequestTimeout            408 request_timeout
     │   ├── DuplicateSession          409 session_already_running (the runtime's POST /bot)
@@ -47,6 +53,7 @@
     │   └── DailyApiTimeout           504 daily_api_timeout (Daily's REST API did not answer)
     ├── ConfigError                   bad configuration; the CLI exits with EXIT_CONFIG
     ├── StartupError                  cannot start (port taken, state dir); exits EXIT_STARTUP
+    ├── SecretStoreError              the secret store cannot be read (key, file, Redis)
     ├── CatflapMisuse                 a bug in catflap or its caller (also an AssertionError)
     │   ├── IllegalTransition         a relay event its state table has no row for (relaystate)
     │   └── SocketsLent               Python I/O on a socket the fast lane holds (relaystate)
@@ -88,6 +95,9 @@ __all__ = [
     "InvalidHandshake",
     "InvalidOffer",
     "InvalidProxyPath",
+    "InternalError",
+    "InvalidSecretName",
+    "InvalidSecretValue",
     "InvalidServiceHost",
     "MalformedRequest",
     "MethodNotAllowed",
@@ -100,6 +110,10 @@ __all__ = [
     "RequestTimeout",
     "RequestTooLarge",
     "ReservedPath",
+    "SecretNotFound",
+    "SecretSetNotFound",
+    "SecretStoreError",
+    "SecretTooLarge",
     "ServiceUnavailable",
     "SessionNotFound",
     "SessionProxyTimeout",
@@ -108,6 +122,7 @@ __all__ = [
     "StartupError",
     "TokenRejected",
     "TooManyConnections",
+    "TooManySecretSets",
     "Unauthorized",
     "UnsupportedMediaType",
     "UnsupportedTransport",
@@ -130,6 +145,12 @@ class CatflapMisuse(CatflapError, AssertionError):
 
 class StartupError(CatflapError):
     """catflap cannot start; the message says why and what to do (exit code EXIT_STARTUP)."""
+
+
+class SecretStoreError(CatflapError):
+    """The secret store cannot be read or written: no usable ``CATFLAP_SECRETS_KEY``, a store
+    written with another key, an unreadable file, Redis unreachable. The message says what to
+    do; it never holds a secret's value."""
 
 
 class ConfigError(CatflapError):
@@ -224,6 +245,30 @@ class MalformedRequest(BadRequest):
     code = "malformed_request"
 
 
+class InvalidSecretName(BadRequest):
+    """A secret set's or a secret's name outside PCC's ``[a-zA-Z0-9_-]{1,64}``."""
+
+    code = "invalid_secret_name"
+
+
+class InvalidSecretValue(BadRequest):
+    """A secret's value that cannot be an environment variable (it holds a NUL byte)."""
+
+    code = "invalid_secret_value"
+
+
+class SecretTooLarge(BadRequest):
+    """A secret's value over ``SECRET_VALUE_MAX_BYTES``, or a set over ``SECRET_SET_MAX_BYTES``."""
+
+    code = "secret_too_large"
+
+
+class TooManySecretSets(BadRequest):
+    """A new set in an organisation that has ``SECRET_SETS_PER_ORG_MAX`` already."""
+
+    code = "too_many_secret_sets"
+
+
 class Unauthorized(RequestRejected):
     status = 401
     code = "401"
@@ -282,6 +327,18 @@ class ReservedPath(NotFound):
     """The session proxy does not reach the agent runtime's own paths (``RUNTIME_PATHS``)."""
 
     code = "reserved_path"
+
+
+class SecretSetNotFound(NotFound):
+    """No secret set of that name in the organisation."""
+
+    code = "secret_set_not_found"
+
+
+class SecretNotFound(NotFound):
+    """The secret set has no secret of that name."""
+
+    code = "secret_not_found"
 
 
 class MethodNotAllowed(RequestRejected):

@@ -70,6 +70,10 @@ __all__ = [
     "REQUEST_URL_MAX_BYTES",
     "RETRY_AFTER_AT_CAPACITY_S",
     "RETRY_AFTER_NOT_READY_S",
+    "SECRET_NAME_MAX_LEN",
+    "SECRET_SETS_PER_ORG_MAX",
+    "SECRET_SET_MAX_BYTES",
+    "SECRET_VALUE_MAX_BYTES",
     "SERVICE_HOST_MAX_LEN",
     "SESSION_PROXY_BODY_MAX_BYTES",
     "SESSION_PROXY_START_WAIT_S",
@@ -377,6 +381,25 @@ LOGS_PAGE_MAX_BYTES = 4 * 1024 * 1024
 #: Without ``sessionId``, the logs API reads this many of the agent's most recent session files.
 LOGS_RECENT_SESSIONS_MAX = 20
 
+# --- Secret sets -------------------------------------------------------------------------------
+
+#: PCC's pattern for secret set names and secret names: ``[a-zA-Z0-9_-]``, at most 64
+#: characters (its CLI's ``validate_secrets``; the secret set docs).
+SECRET_NAME_MAX_LEN = 64
+#: One secret's value, in UTF-8 bytes. Room for a PEM key or a service-account JSON (2-3 KB);
+#: AWS Secrets Manager and Google Secret Manager stop at 64 KiB per secret, and Linux at
+#: 128 KiB per environment string. Larger values get 400 ``secret_too_large``.
+SECRET_VALUE_MAX_BYTES = 32 * 1024
+#: A whole set (its names plus values), which becomes one instance's environment: it must fit,
+#: with the rest of that environment, in the one datagram a fork server receives per instance
+#: (``pool/forkserver.py``, below the kernel's default 208 KiB socket buffer). Past it: 400
+#: ``secret_too_large``.
+SECRET_SET_MAX_BYTES = 64 * 1024
+#: Secret sets per organisation, so that the store (one encrypted document per state_dir, or
+#: one Redis hash per organisation) stays bounded by 100 x 64 KiB. Past it: 400
+#: ``too_many_secret_sets``.
+SECRET_SETS_PER_ORG_MAX = 100
+
 # --- Which limits guard what a peer sends ------------------------------------------------------
 
 #: Limits on what a client, a provider or an agent's wire may make the gateway hold or wait for.
@@ -417,6 +440,10 @@ PEER_INPUT_LIMITS: frozenset[str] = frozenset(
         "REQUEST_HEAD_MAX_BYTES",
         "REQUEST_HEAD_TIMEOUT_S",
         "REQUEST_URL_MAX_BYTES",
+        "SECRET_NAME_MAX_LEN",
+        "SECRET_SETS_PER_ORG_MAX",
+        "SECRET_SET_MAX_BYTES",
+        "SECRET_VALUE_MAX_BYTES",
         "SERVICE_HOST_MAX_LEN",
         "SESSION_PROXY_BODY_MAX_BYTES",
         "SESSION_PROXY_START_WAIT_S",

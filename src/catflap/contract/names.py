@@ -17,12 +17,14 @@ from catflap.contract import errors, limits
 __all__ = [
     "AGENT_NAME_PATTERN",
     "ORG_NAME_PATTERN",
+    "SECRET_NAME_PATTERN",
     "AgentName",
     "OrgName",
     "ServiceHost",
     "agent_name_problem",
     "org_name_problem",
     "parse_service_host",
+    "secret_name_problem",
 ]
 
 AgentName = NewType("AgentName", str)
@@ -33,8 +35,13 @@ AGENT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])$"
 #: The same shape, but a single character is allowed too.
 ORG_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
+#: PCC's pattern for secret set names and for the names of the secrets in a set (they become
+#: environment variable names); at most ``SECRET_NAME_MAX_LEN`` characters.
+SECRET_NAME_PATTERN = r"^[a-zA-Z0-9_-]+$"
+
 _AGENT_RE = re.compile(AGENT_NAME_PATTERN, re.ASCII)
 _ORG_RE = re.compile(ORG_NAME_PATTERN, re.ASCII)
+_SECRET_RE = re.compile(SECRET_NAME_PATTERN, re.ASCII)
 _ALLOWED_CHARS_RE = re.compile(r"[-a-z0-9]*", re.ASCII)
 _UPPER_RE = re.compile(r"[A-Z]", re.ASCII)
 
@@ -79,6 +86,26 @@ def agent_name_problem(name: str) -> str | None:
 def org_name_problem(name: str) -> str | None:
     """``None`` if ``name`` is a valid organisation name, else a sentence naming the rule."""
     return _name_problem("organisation", name, _ORG_RE, limits.ORG_NAME_MAX_LEN, 1)
+
+
+def secret_name_problem(kind: str, name: str) -> str | None:
+    """``None`` if ``name`` is a valid secret set or secret name, else a sentence naming the
+    rule. ``kind`` is what the name names (``secret set``, ``secret``)."""
+    if 1 <= len(name) <= limits.SECRET_NAME_MAX_LEN and _SECRET_RE.fullmatch(name):
+        return None
+    if not name:
+        reason = f"{kind} name is empty"
+    elif len(name) > limits.SECRET_NAME_MAX_LEN:
+        reason = f"{kind} name is {len(name)} characters long"
+    else:
+        reason = (
+            f"{kind} name {_quote(name)} contains characters other than a-z, A-Z, 0-9, '_' and '-'"
+        )
+    example = "MY_API_KEY" if kind == "secret" else "my-secrets"
+    return (
+        f"{reason}: it must match [a-zA-Z0-9_-] and be 1 to {limits.SECRET_NAME_MAX_LEN} "
+        f"characters long, e.g. {example}"
+    )
 
 
 @dataclass(frozen=True, slots=True)

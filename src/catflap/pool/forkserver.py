@@ -8,12 +8,23 @@ loop and no threads, and forks a new instance on request. The child runs ``catfl
 state is fresh, and its dependencies are already loaded), so every instance still starts from
 a clean ``bot`` module.
 
-Protocol over a ``SOCK_SEQPACKET`` socketpair: the launcher sends the child's options and extra
-environment variables (``{"args", "env"}``) as JSON with the child's control-channel fd
-attached (``SCM_RIGHTS``); the fork server answers
-``{"pid": N}``. End of file means the gateway is gone: the fork server exits (instances live on
-until their own control channels close). The fork server ignores ``SIGCHLD`` so the kernel reaps
+Protocol over a ``SOCK_SEQPACKET`` socketpair: the launcher sends ``{"args": [...], "env":
+{...}}``, the child's options and its whole environment, as JSON with the child's
+control-channel fd attached (``SCM_RIGHTS``); the fork server answers ``{"pid": N}``. End of
+file means the gateway is gone: the fork server exits (instances live on until their own
+control channels close). The fork server ignores ``SIGCHLD`` so the kernel reaps
 its children; the launcher watches them through ``pidfd``.
+
+Environment: the fork server itself runs with the agent's environment *without* its secret set
+(:func:`~catflap.pool.environment.instance_environment` with no secrets), so what it preloads
+never sees a secret, and a changed set needs no new fork server. The child replaces
+``os.environ`` with the environment it was sent (secrets included, read at this launch) before
+it imports ``bot.py``; and the fork server forgets every module it imported from the bot's
+folder, so that ``bot.py``'s sibling modules (a ``settings.py`` reading the environment at
+import) are imported again in each child, with its secrets. Libraries from site-packages stay
+preloaded: one that reads the environment at import time sees none of the secrets (PCC's pods
+have them from the start); such a library is best imported inside ``bot()``, or started with
+``fork_server = false``.
 
 Module-level code in ``bot.py`` therefore runs once in the fork server as well as once per
 instance; so does ``pipecatcloud_system``, whose app (and the routes the bot adds to it) each
@@ -25,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -35,9 +47,14 @@ from pathlib import Path
 from catflap.config import AgentSpec
 from catflap.pool.launcher import ProcessRef, SubprocessLauncher
 
-__all__ = ["ForkServerLauncher", "ForkedRef", "serve_forks"]
+__all__ = ["FORK_MESSAGE_MAX_BYTES", "ForkServerLauncher", "ForkedRef", "serve_forks"]
 
-_MESSAGE_MAX = 64 * 1024
+log = logging.getLogger("catflap.pool")
+
+#: The largest fork request: an instance's options and environment (a secret set is at most
+#: ``SECRET_SET_MAX_BYTES``, 64 KiB). One datagram, under the kernel's default 208 KiB socket
+#: buffer (``net.core.wmem_default``). A larger request starts that instance the slow way.
+FORK_MESSAGE_MAX_BYTES = 192 * 1024
 
 
 class ForkedRef:
@@ -85,13 +102,13 @@ class _ForkServer:
     def alive(self) -> bool:
         return self.process.returncode is None
 
-    async def fork(self, args: list[str], env: dict[str, str], control: socket.socket) -> int:
+    async def fork(self, request: bytes, control: socket.socket) -> int:
         async with self.lock:
             loop = asyncio.get_running_loop()
-            message = json.dumps({"args": args, "env": env}).encode()
-            # One small datagram: the kernel takes it at once even on a non-blocking socket.
-            socket.send_fds(self.sock, [message], [control.fileno()])
-            answer = await loop.sock_recv(self.sock, _MESSAGE_MAX)
+            # One datagram within the socket buffer: the kernel takes it at once even on a
+            # non-blocking socket.
+            socket.send_fds(self.sock, [request], [control.fileno()])
+            answer = await loop.sock_recv(self.sock, FORK_MESSAGE_MAX_BYTES)
         if not answer:
             raise ConnectionError("the fork server exited")
         return int(json.loads(answer)["pid"])
@@ -134,6 +151,7 @@ class ForkServerLauncher(SubprocessLauncher):
                 str(theirs.fileno()), str(agent.config.path),
                 pass_fds=(theirs.fileno(),),
                 cwd=str(agent.config.path),
+                env=self.base_environment(agent),
                 stdin=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
         except BaseException:
@@ -145,15 +163,27 @@ class ForkServerLauncher(SubprocessLauncher):
         server = self._servers[agent.key] = _ForkServer(process, ours)
         return server
 
-    async def _start(self, agent: AgentSpec, args: list[str], control: socket.socket) -> ProcessRef:
+    async def _start(
+        self, agent: AgentSpec, args: list[str], control: socket.socket, env: dict[str, str]
+    ) -> ProcessRef:
+        request = json.dumps({"args": args, "env": env}).encode()
+        if len(request) > FORK_MESSAGE_MAX_BYTES:
+            # Never the values: only how large the environment is.
+            log.warning(
+                "! %s: an environment of %d bytes is too large for the fork server; starting "
+                "this instance as a fresh interpreter",
+                agent.key,
+                len(request),
+            )
+            return await super()._start(agent, args, control, env)
         server = await self._server(agent)
         try:
-            pid = await server.fork(args, self.runtime_env(agent), control)
+            pid = await server.fork(request, control)
         except (ConnectionError, OSError):
             # A dead fork server never blocks a start: this one starts the slow way.
             await server.close()
             self._servers.pop(agent.key, None)
-            return await super()._start(agent, args, control)
+            return await super()._start(agent, args, control, env)
         return ForkedRef(pid)
 
     async def close(self) -> None:
@@ -174,6 +204,21 @@ def _preload(bot_dir: Path) -> None:
     # module state. Each child must build its app from its own import of bot.py: left here,
     # these stale routes would come first and answer with state no bot() of the child sees.
     sys.modules.pop("pipecatcloud_system", None)
+    _forget_modules_under(bot_dir.resolve())
+
+
+def _forget_modules_under(folder: Path) -> None:
+    """Drop the modules imported from ``folder`` (bot.py's siblings): each child imports them
+    again, after its environment (its secrets) is in place. An interpreter or virtualenv that
+    lives inside the folder stays preloaded (its extension modules could not load twice)."""
+    installed = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
+    for name, module in list(sys.modules.items()):
+        origin = getattr(module, "__file__", None)
+        if not origin:
+            continue
+        path = Path(origin).resolve()
+        if path.is_relative_to(folder) and not any(path.is_relative_to(p) for p in installed):
+            del sys.modules[name]
 
 
 def serve_forks(fd: int, bot_dir: Path) -> None:
@@ -183,19 +228,21 @@ def serve_forks(fd: int, bot_dir: Path) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway decides when we stop
     _preload(bot_dir)
     while True:
-        payload, fds, _, _ = socket.recv_fds(sock, _MESSAGE_MAX, 1)
+        payload, fds, _, _ = socket.recv_fds(sock, FORK_MESSAGE_MAX_BYTES, 1)
         if not payload:
             return
-        message = json.loads(payload)
-        args: list[str] = message["args"]
+        request = json.loads(payload)
+        args: list[str] = request["args"]
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 sock.close()
-                os.environ.update(message["env"])
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
+                # The instance's own environment, before anything imports bot.py.
+                os.environ.clear()
+                os.environ.update(request["env"])
                 from catflap.runtime.main import main
 
                 code = main([*args, "--control-fd", str(fds[0])])

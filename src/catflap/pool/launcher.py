@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,6 +23,7 @@ from typing import Protocol
 from catflap.config import AgentSpec
 from catflap.contract.control import ControlChannel
 from catflap.contract.ice import ICE_CONFIG_URL_ENV, ice_config_data_url
+from catflap.pool.environment import SecretSource, instance_environment
 
 __all__ = ["ChildRef", "LaunchedProcess", "Launcher", "ProcessRef", "SubprocessLauncher"]
 
@@ -90,7 +92,9 @@ class SubprocessLauncher:
 
     Instances listen on a Unix socket by default: that keeps the gateway -> agent hop off the
     TCP stack and needs no port allocation. Agent hosts use TCP so that remote gateways reach
-    them.
+    them. Each instance's environment is :func:`~catflap.pool.environment.instance_environment`:
+    the allow-list of this process's, the agent's ``pass_env``, and its secret set read at
+    launch (so a changed set reaches new instances only).
     """
 
     def __init__(
@@ -101,6 +105,8 @@ class SubprocessLauncher:
         tcp_host: str | None = None,
         log_dir: Path | None = None,
         log_format: str = "json",
+        secrets: SecretSource | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         """Args:
         socket_dir: Where instances' Unix sockets go.
@@ -109,6 +115,9 @@ class SubprocessLauncher:
             connect) instead of a Unix socket.
         log_dir: The runtimes' ``--log-dir``: each session's bot output goes below it.
         log_format: The runtimes' ``--log-format`` (``json`` or ``text``) on stderr.
+        secrets: Reads an agent's secret set at each launch; None: agents get no secrets.
+        environ: The environment the allow-list is taken from; None: ``os.environ`` as it
+            is at each launch.
         """
         self._socket_dir = socket_dir
         self._log_level = log_level
@@ -117,6 +126,8 @@ class SubprocessLauncher:
         self._log_dir = log_dir.resolve() if log_dir is not None else None
         self._log_format = log_format
         self._serial = itertools.count(1)
+        self._secrets = secrets
+        self._environ = environ
 
     async def prepare(self, agent: AgentSpec) -> None:
         """Nothing to prepare: every instance is a fresh interpreter."""
@@ -124,7 +135,23 @@ class SubprocessLauncher:
     async def close(self) -> None:
         """Nothing to release."""
 
+    def base_environment(self, agent: AgentSpec) -> dict[str, str]:
+        """What every instance of ``agent`` inherits, without its secrets."""
+        return instance_environment(
+            os.environ if self._environ is None else self._environ, agent, {}
+        )
+
+    async def environment(self, agent: AgentSpec) -> dict[str, str]:
+        """One new instance's whole environment, its secret set read now.
+
+        Raises:
+            SecretSetNotFound, SecretStoreError: the set cannot be read; no instance starts.
+        """
+        secrets = {} if self._secrets is None else await self._secrets(agent)
+        return {**self.base_environment(agent), **self.runtime_env(agent), **secrets}
+
     async def launch(self, agent: AgentSpec, instance_id: int) -> LaunchedProcess:
+        env = await self.environment(agent)  # first: a missing secret set starts nothing
         # Short, unique names: AF_UNIX paths are limited to 107 bytes and agent names can be
         # long; instance ids are only unique within one agent.
         serial = next(self._serial)
@@ -136,7 +163,7 @@ class SubprocessLauncher:
             listen = f"unix:{sock_path}"
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            ref = await self._start(agent, self.runtime_args(agent, listen), theirs)
+            ref = await self._start(agent, self.runtime_args(agent, listen), theirs, env)
         except BaseException:
             ours.close()
             raise
@@ -169,16 +196,19 @@ class SubprocessLauncher:
         return args
 
     def runtime_env(self, agent: AgentSpec) -> dict[str, str]:
-        """Environment variables an instance gets on top of the gateway's own: for an agent
-        with ``[webrtc] ice_servers``, ``ICE_CONFIG_URL`` (PCC's name) as a ``data:`` URL of
-        them, so the credentials are on no command line (:mod:`catflap.contract.ice`)."""
+        """Environment variables an instance gets on top of the allow-list: for an agent with
+        ``[webrtc] ice_servers``, ``ICE_CONFIG_URL`` (PCC's name) as a ``data:`` URL of them,
+        so the credentials are on no command line (:mod:`catflap.contract.ice`)."""
         servers = agent.config.webrtc.ice_servers
         if not servers:
             return {}
         return {ICE_CONFIG_URL_ENV: ice_config_data_url([s.to_wire() for s in servers])}
 
-    async def _start(self, agent: AgentSpec, args: list[str], control: socket.socket) -> ProcessRef:
-        """Start the runtime with ``control`` as its control channel (a fresh interpreter)."""
+    async def _start(
+        self, agent: AgentSpec, args: list[str], control: socket.socket, env: dict[str, str]
+    ) -> ProcessRef:
+        """Start the runtime with ``control`` as its control channel and ``env`` as its whole
+        environment (a fresh interpreter)."""
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -188,7 +218,7 @@ class SubprocessLauncher:
             str(control.fileno()),
             pass_fds=(control.fileno(),),
             cwd=str(agent.config.path),
-            env={**os.environ, **self.runtime_env(agent)},
+            env=env,
             stdin=asyncio.subprocess.DEVNULL,
         )
         return ChildRef(process)
