@@ -5,6 +5,7 @@ The rest of catflap imports from here; the two modules are this package's inside
 
 from catflap.config.loading import (
     TOKEN_KEYS_ENV,
+    check_tls,
     generated_public_key,
     load_config,
     read_pcc_deploy,
@@ -34,6 +35,7 @@ __all__ = [
     "OrgConfig",
     "PccDeploy",
     "ScalingConfig",
+    "check_tls",
     "generated_public_key",
     "load_config",
     "read_pcc_deploy",

@@ -11,7 +11,8 @@
     │   │   ├── BodyNotAllowed        400 body_not_allowed
     │   │   ├── UnsupportedTransport  400 unsupported_transport
     │   │   ├── InvalidHandshake      400 invalid_handshake
-    │   │   └── MalformedRequest      400 malformed_request
+    │   │   ├── MalformedRequest      400 malformed_request
+    │   │   └── PlainHttpOnTlsPort    400 plain_http_on_tls_port (listen_tls)
     │   ├── Unauthorized              401 "401" (PCC's code)
     │   ├── TokenRejected             403 token_<reason>
     │   ├── MetricsForbidden          403 metrics_forbidden
@@ -78,6 +79,7 @@ __all__ = [
     "MissingSessionId",
     "MetricsForbidden",
     "NotFound",
+    "PlainHttpOnTlsPort",
     "RequestRejected",
     "RequestTimeout",
     "RequestTooLarge",
@@ -168,6 +170,12 @@ class InvalidHandshake(BadRequest):
 
 class MalformedRequest(BadRequest):
     code = "malformed_request"
+
+
+class PlainHttpOnTlsPort(BadRequest):
+    """A plain HTTP request on the ``listen_tls`` port (nginx answers it with 400 too)."""
+
+    code = "plain_http_on_tls_port"
 
 
 class Unauthorized(RequestRejected):
