@@ -32,6 +32,7 @@ import pytest
 import pytest_asyncio
 from websockets.asyncio.client import ClientConnection, connect
 
+from catflap.cli.startup import listen_failure
 from catflap.config import CatflapConfig, load_config
 from catflap.contract import limits
 from catflap.contract.errors import ConfigError
@@ -531,6 +532,30 @@ async def test_files_that_do_not_load_say_which_and_why(pki: Pki, tmp_path: Path
     )  # fmt: skip
     with pytest.raises(ConfigError, match="the key is encrypted"):
         server_context(first, encrypted)
+
+
+async def test_a_taken_tls_port_names_listen_tls(pki: Pki) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+
+    def adjust(config: CatflapConfig) -> CatflapConfig:
+        return _with_tls(pki.cert("first"), pki.key("first"))(config).model_copy(
+            update={"listen_tls": f"127.0.0.1:{port}"}
+        )
+
+    try:
+        with pytest.raises(OSError) as failed:
+            async with running_gateway(NO_AGENT, adjust=adjust):
+                pass
+    finally:
+        taken.close()
+    message = str(listen_failure(failed.value, "127.0.0.1", 8080, tls=("127.0.0.1", port)))
+    assert message.startswith(f"cannot listen on 127.0.0.1:{port}: address already in use;")
+    assert message.endswith(
+        "choose another address with --listen-tls HOST:PORT (or listen_tls in the config file)"
+    )
 
 
 async def test_catflap_serve_stops_at_start_on_a_mismatched_key(pki: Pki, tmp_path: Path) -> None:
