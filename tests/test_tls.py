@@ -573,3 +573,25 @@ async def test_catflap_serve_stops_at_start_on_a_mismatched_key(pki: Pki, tmp_pa
         f"to the certificate in {pki.cert('first')}; give its own key"
     ) in stderr
     assert "Traceback" not in stderr
+
+
+async def test_serve_flags_give_listen_tls_and_need_both_files(pki: Pki) -> None:
+    argv = [sys.executable, "-m", "catflap", "serve", str(ECHO), "--org", "my-org"]
+    argv += ["--listen", "127.0.0.1:0", "--listen-tls", "127.0.0.1:0"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, "--tls-cert", str(pki.cert("first")), stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(seconds(60)):
+        _, err = await proc.communicate()
+    assert proc.returncode == 2, err.decode()
+    assert (
+        "--listen-tls/--tls-cert/--tls-key: tls_key: listen_tls needs tls_key: the PEM file "
+        "with the private key"
+    ) in err.decode()
+    argv += ["--tls-cert", str(pki.cert("first")), "--tls-key", str(pki.key("first"))]
+    with catflap_serve([*argv[4:], "--log-format", "text"]) as (_, _, lines):
+        port = int((await _wait_for_line(lines, r"listening for TLS on [\d.]+:(\d+)"))[1])
+        url = f"wss://127.0.0.1:{port}/ws/generic/my-agent.my-org"
+        async with connect(url, ssl=pki.client(), open_timeout=seconds(30)) as ws:
+            await hello(ws)
+            await echoes(ws, b"zero-config over wss")
