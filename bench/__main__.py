@@ -30,6 +30,10 @@ DEFAULT_OUT = REPO / "bench" / "results"
 
 SCENARIOS: dict[str, tuple[Callable[[scenarios.Settings], dict[str, Any]], str]] = {
     "telephony": (scenarios.telephony, "N sessions x 320 B every 20 ms, echoed: CPU, latency"),
+    "telephony-tls": (
+        scenarios.telephony_tls,
+        "telephony over wss://: catflap's listen_tls vs nginx terminating TLS",
+    ),
     "throughput": (scenarios.throughput, "100 connections in a closed loop, 400 B and 8 KiB"),
     "start": (scenarios.start, "warm session starts (p50/p99, rate) and Pipecat cold starts"),
     "memory": (scenarios.memory, "gateway RSS with 0, 1,000 and 5,000 idle sessions"),
@@ -129,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _lost(name: str, data: dict[str, Any]) -> int:
     """Frames lost in a result (telephony, throughput, sweep), for --quick's check."""
-    if name == "telephony":
+    if name in ("telephony", "telephony-tls"):
         return sum(r["lost"] for r in data["contestants"].values())
     if name == "throughput":
         return sum(r["lost"] for by in data["sizes"].values() for r in by.values())

@@ -4,6 +4,10 @@
 - ``nginx``: Debian's nginx, one worker, as a WebSocket reverse proxy in front of the upstream;
 - ``catflap``: ``catflap serve`` with a generated config whose agent runs the same fast echo bot.
 
+With :class:`TlsFiles` (the ``telephony-tls`` scenario) nginx and catflap terminate TLS with the
+same self-signed certificate (ECDSA P-256) and the same protocols and TLS 1.2 ciphers, those of
+:mod:`catflap.gateway.tls`; the load client trusts it and verifies it.
+
 The upstream of ``direct`` and ``nginx`` is a standalone catflap agent runtime
 (``python -m catflap.runtime.main``) serving ``bench/bots/fast-echo`` on TCP; catflap's gateway
 starts its own instance of the same runtime and bot, and reaches it over a Unix socket.
@@ -20,6 +24,7 @@ import os
 import select
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -30,11 +35,13 @@ from typing import Any
 
 from bench.loadgen import OP_BINARY, FrameTemplate, control_frame, upgrade_request
 from bench.procs import Child, agent_instances_of, children_of, free_port, pin, spawn, wait_port
+from catflap.gateway.tls import TLS12_CIPHERS
 
 __all__ = [
     "FAST_ECHO",
     "PIPECAT_ECHO",
     "Endpoint",
+    "TlsFiles",
     "catflap_gateway",
     "ensure_nginx",
     "nginx",
@@ -123,6 +130,37 @@ def _read_listen_port(child: Child) -> int:
     return int(text.rsplit(":", 1)[1])
 
 
+# --- TLS --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A self-signed certificate for ``127.0.0.1``: the server's chain, its key, and the CA the
+    load client trusts (the certificate itself)."""
+
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, workdir: Path) -> TlsFiles:
+        """ECDSA P-256, as ACME clients issue by default now; made with the ``openssl`` CLI."""
+        cert, key = workdir / "tls-cert.pem", workdir / "tls-key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+            + ["-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2"]
+            + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        return cls(cert, key)
+
+    def client(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.cert))
+        context.set_alpn_protocols(["http/1.1"])
+        return context
+
+
 # --- nginx ------------------------------------------------------------------------------------
 
 
@@ -167,8 +205,8 @@ http {{
     scgi_temp_path {dir}/tmp-scgi;
     map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{
+        listen 127.0.0.1:{port}{listen_tls} backlog=4096;
+{tls}        location / {{
             proxy_pass http://127.0.0.1:{upstream_port};
             proxy_http_version 1.1;
             proxy_set_header Upgrade $http_upgrade;
@@ -183,14 +221,38 @@ http {{
 """
 
 
+#: catflap's TLS settings (catflap.gateway.tls), in nginx's words.
+_NGINX_TLS = """\
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_ciphers {ciphers};
+        ssl_prefer_server_ciphers off;
+"""
+
+
 @contextlib.contextmanager
-def nginx(binary: str, workdir: Path, up: Endpoint, cpus: set[int]) -> Iterator[Endpoint]:
-    """nginx, one worker, proxying WebSocket upgrades to ``up``; pinned to ``cpus``."""
+def nginx(
+    binary: str, workdir: Path, up: Endpoint, cpus: set[int], *, tls: TlsFiles | None = None
+) -> Iterator[Endpoint]:
+    """nginx, one worker, proxying WebSocket upgrades to ``up``; pinned to ``cpus``. With
+    ``tls``, its port speaks TLS (``listen ... ssl``)."""
     conf_dir = workdir / "nginx"
     conf_dir.mkdir(exist_ok=True)
     port = free_port()
     conf = conf_dir / "nginx.conf"
-    conf.write_text(_NGINX_CONF.format(dir=conf_dir, port=port, upstream_port=up.port))
+    tls_lines = ""
+    if tls is not None:
+        tls_lines = _NGINX_TLS.format(cert=tls.cert, key=tls.key, ciphers=TLS12_CIPHERS)
+    conf.write_text(
+        _NGINX_CONF.format(
+            dir=conf_dir,
+            port=port,
+            upstream_port=up.port,
+            listen_tls=" ssl" if tls is not None else "",
+            tls=tls_lines,
+        )
+    )
     child = spawn(
         "nginx",
         [binary, "-p", str(conf_dir), "-e", str(conf_dir / "error.log"), "-c", str(conf)],
@@ -200,7 +262,7 @@ def nginx(binary: str, workdir: Path, up: Endpoint, cpus: set[int]) -> Iterator[
     try:
         wait_port(port, timeout=START_TIMEOUT_S, child=child)
         workers = _wait_children(child.pid, 1)
-        probe(port, AGENT_PATH)
+        probe(port, AGENT_PATH, tls=None if tls is None else tls.client())
         yield Endpoint("nginx", port, AGENT_PATH, [child.pid, *workers], up.upstream_pid, child)
     finally:
         child.stop()
@@ -233,11 +295,19 @@ def gateway_config(
     *,
     native_relay: bool = True,
     relay_thread_nice: int | None = None,
+    tls: tuple[int, TlsFiles] | None = None,
 ) -> str:
     """A ``catflap.toml`` with one organization (``bench-org``) and the given agents;
-    ``relay_thread_nice`` None keeps catflap's default."""
-    lines = [
-        f'listen = "127.0.0.1:{port}"',
+    ``relay_thread_nice`` None keeps catflap's default; ``tls``: a ``listen_tls`` port and its
+    certificate."""
+    lines = [f'listen = "127.0.0.1:{port}"']
+    if tls is not None:
+        lines += [
+            f'listen_tls = "127.0.0.1:{tls[0]}"',
+            f"tls_cert = {_toml_value(tls[1].cert)}",
+            f"tls_key = {_toml_value(tls[1].key)}",
+        ]
+    lines += [
         "[gateway]",
         "agent_ready_timeout = 60",
         "drain_timeout = 1",
@@ -265,6 +335,8 @@ class Gateway:
     child: Child
     port: int
     load_cpus: set[int]
+    #: The ``listen_tls`` port, when there is one: sessions of :meth:`endpoint` go there.
+    tls_port: int | None = None
 
     def path(self, agent: str) -> str:
         return f"/ws/generic/{agent}.{ORG}"
@@ -282,9 +354,8 @@ class Gateway:
 
     def endpoint(self, agent: str) -> Endpoint:
         pids = self.pin_agents()
-        return Endpoint(
-            "catflap", self.port, self.path(agent), [self.child.pid], pids[0] if pids else 0
-        )
+        port = self.port if self.tls_port is None else self.tls_port
+        return Endpoint("catflap", port, self.path(agent), [self.child.pid], pids[0] if pids else 0)
 
 
 @contextlib.contextmanager
@@ -297,12 +368,22 @@ def catflap_gateway(
     name: str = "catflap",
     native_relay: bool = True,
     relay_thread_nice: int | None = None,
+    tls: TlsFiles | None = None,
 ) -> Iterator[Gateway]:
-    """``python -m catflap serve --config <generated>`` on a free port, pinned to ``relay_cpus``."""
+    """``python -m catflap serve --config <generated>`` on a free port, pinned to ``relay_cpus``;
+    with ``tls``, on a ``listen_tls`` port beside it too."""
     port = free_port()
+    tls_port = None if tls is None else free_port()
     config = workdir / f"{name}.toml"
+    tls_listen = None if tls is None or tls_port is None else (tls_port, tls)
     config.write_text(
-        gateway_config(agents, port, native_relay=native_relay, relay_thread_nice=relay_thread_nice)
+        gateway_config(
+            agents,
+            port,
+            native_relay=native_relay,
+            relay_thread_nice=relay_thread_nice,
+            tls=tls_listen,
+        )
     )
     child = spawn(
         name,
@@ -314,7 +395,9 @@ def catflap_gateway(
     )
     try:
         wait_port(port, timeout=START_TIMEOUT_S, child=child)
-        yield Gateway(child, port, load_cpus)
+        if tls_port is not None:
+            wait_port(tls_port, timeout=START_TIMEOUT_S, child=child)
+        yield Gateway(child, port, load_cpus, tls_port)
     finally:
         child.stop()
 
@@ -328,8 +411,10 @@ def probe(
     *,
     payload: bytes | None = None,
     timeout: float = START_TIMEOUT_S,
+    tls: ssl.SSLContext | None = None,
 ) -> float:
-    """Open one session, send one binary frame and wait for any data frame back.
+    """Open one session (over TLS with ``tls``), send one binary frame and wait for any data
+    frame back.
 
     Retries refusals (503 while an agent starts) until ``timeout``; returns the seconds it took.
     """
@@ -338,7 +423,7 @@ def probe(
     last = ""
     while time.monotonic() < deadline:
         try:
-            if _probe_once(port, path, payload, deadline - time.monotonic()):
+            if _probe_once(port, path, payload, deadline - time.monotonic(), tls):
                 return time.monotonic() - started
             last = "no echo"
         except OSError as exc:
@@ -347,9 +432,16 @@ def probe(
     raise TimeoutError(f"no echo through 127.0.0.1:{port}{path} within {timeout:g} s ({last})")
 
 
-def _probe_once(port: int, path: str, payload: bytes | None, timeout: float) -> bool:
+def _probe_once(
+    port: int, path: str, payload: bytes | None, timeout: float, tls: ssl.SSLContext | None
+) -> bool:
     key = os.urandom(4)
-    with socket.create_connection(("127.0.0.1", port), timeout=max(0.1, timeout)) as sock:
+    with contextlib.ExitStack() as stack:
+        sock = stack.enter_context(
+            socket.create_connection(("127.0.0.1", port), timeout=max(0.1, timeout))
+        )
+        if tls is not None:
+            sock = stack.enter_context(tls.wrap_socket(sock, server_hostname="127.0.0.1"))
         sock.sendall(upgrade_request("127.0.0.1", port, path))
         head = b""
         while b"\r\n\r\n" not in head:

@@ -25,6 +25,7 @@ import base64
 import contextlib
 import json
 import os
+import ssl
 import struct
 import sys
 import time
@@ -321,6 +322,13 @@ class Target:
         self.size: int = int(spec.get("size", 320))
         self.stats = stats
         self.loop = asyncio.get_running_loop()
+        #: ``wss://``: trust this CA (PEM) and verify the server's certificate for ``host``.
+        self.tls: ssl.SSLContext | None = None
+        if spec.get("tls_ca"):
+            self.tls = ssl.create_default_context(cafile=spec["tls_ca"])
+            self.tls.set_alpn_protocols(["http/1.1"])
+        #: What the first TLS session negotiated: version and cipher.
+        self.negotiated: dict[str, Any] | None = None
 
     async def open(self, *, timeout: float = 30.0) -> WSClient:  # noqa: ASYNC109
         """Connect and upgrade one session; the client's status is 101 on success."""
@@ -331,7 +339,16 @@ class Target:
             self.stats,
         )
         async with asyncio.timeout(timeout):
-            await self.loop.create_connection(lambda: client, self.host, self.port)
+            if self.tls is None:
+                await self.loop.create_connection(lambda: client, self.host, self.port)
+            else:
+                transport, _ = await self.loop.create_connection(
+                    lambda: client, self.host, self.port, ssl=self.tls, server_hostname=self.host
+                )
+                if self.negotiated is None:
+                    tls = transport.get_extra_info("ssl_object")
+                    cipher, version, bits = tls.cipher()
+                    self.negotiated = {"version": version, "cipher": cipher, "bits": bits}
             await client.upgraded
         return client
 
@@ -470,6 +487,7 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
         "cpu_s": cpu,
         "machine": machine,
         "close_lingering": lingering,
+        "tls": target.negotiated,
     }
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 __all__ = ["evaluate_targets", "machine_info", "plot_sweep", "write_latest", "write_result"]
 
-SCENARIOS = ("telephony", "throughput", "start", "memory", "sweep", "hostile")
+SCENARIOS = ("telephony", "telephony-tls", "throughput", "start", "memory", "sweep", "hostile")
 PLOT_NAME = "latency-vs-sessions.png"
 
 
@@ -486,8 +486,22 @@ def _hostile_md(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _telephony_tls_md(res: dict[str, Any]) -> list[str]:
+    negotiated = res.get("negotiated") or {}
+    seen = ", ".join(f"{name} {n['version']} {n['cipher']}" for name, n in negotiated.items() if n)
+    lines = [
+        "Over `wss://`: each relay terminates TLS itself (catflap with `listen_tls`, on the event "
+        f"loop: TLS sessions never enter the fast lane). Negotiated: {seen or '–'}.",
+        "",
+    ]
+    if res.get("busy_machine_note"):
+        lines += [f"**{res['busy_machine_note']}**", ""]
+    return lines + _telephony_md(res)
+
+
 _SECTIONS = {
     "telephony": ("Telephony", _telephony_md),
+    "telephony-tls": ("Telephony over TLS", _telephony_tls_md),
     "throughput": ("Throughput", _throughput_md),
     "start": ("Session start", _start_md),
     "memory": ("Memory", _memory_md),
@@ -503,6 +517,16 @@ def evaluate_targets(latest: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     def add(target: str, measured: str, met: bool, disturbed: bool = False) -> None:
         targets.append({"target": target, "measured": measured, "met": met, "disturbed": disturbed})
 
+    if "telephony-tls" in latest:
+        res = latest["telephony-tls"]["results"]
+        cat, ngx = res["contestants"]["catflap"], res["contestants"]["nginx"]
+        ratio = cat.get("cpu_vs_nginx")
+        if ratio is not None:
+            add(
+                "TLS: gateway CPU per forwarded frame ≤ 1.0× nginx terminating TLS",
+                f"{cat['cpu_us_per_frame']} µs vs {ngx['cpu_us_per_frame']} µs = {ratio}×",
+                ratio <= 1.0,
+            )
     if "telephony" in latest:
         res = latest["telephony"]["results"]
         cat, ngx = res["contestants"]["catflap"], res["contestants"]["nginx"]

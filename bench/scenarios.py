@@ -43,6 +43,7 @@ __all__ = [
     "start",
     "sweep",
     "telephony",
+    "telephony_tls",
     "throughput",
 ]
 
@@ -271,8 +272,10 @@ def telephony_run(
     quiet: bool = True,
     around: Around | None = None,
     attempts: int = 3,
+    tls_ca: Path | None = None,
 ) -> dict[str, Any]:
-    """One telephony run against one contestant, with CPU per forwarded frame worked out."""
+    """One telephony run against one contestant, with CPU per forwarded frame worked out;
+    ``tls_ca``: the sessions are ``wss://``, verified against this CA."""
     spec = {
         "mode": "telephony",
         "port": endpoint.port,
@@ -280,6 +283,7 @@ def telephony_run(
         "sessions": sessions,
         "seconds": seconds,
         "cpu_pids": endpoint.cpu_pids(),
+        "tls_ca": None if tls_ca is None else str(tls_ca),
     }
     r = clean_run(
         spec, timeout=seconds + 180, workdir=workdir, quiet=quiet, around=around, attempts=attempts
@@ -371,6 +375,70 @@ def telephony(settings: Settings) -> dict[str, Any]:
             result["profile"] = _profile_relays(settings, endpoints, workdir)
     result["contestants"] = {name: _summarize(runs[name], runs["nginx"]) for name in names}
     result["contestants"]["direct"]["cpu_vs_nginx"] = None  # upstream CPU, not a relay's
+    return result
+
+
+def telephony_tls(settings: Settings) -> dict[str, Any]:
+    """The telephony load over ``wss://``: nginx and catflap (``listen_tls``) each terminate TLS
+    with the same certificate, protocols and ciphers; both relay to the same echo bot.
+
+    catflap relays TLS sessions on the event loop (the fast lane moves socket bytes, here
+    ciphertext), so this measures its asyncio SSL transport against nginx's OpenSSL use.
+    """
+    names = ("nginx", "catflap")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    result: dict[str, Any] = {
+        "sessions": settings.sessions,
+        "seconds": settings.seconds,
+        "rounds": settings.rounds,
+        "frame_bytes": 320,
+        "interval_ms": 20,
+        "echo": settings.echo,
+        "agent_hop": "nginx: TCP to a standalone runtime; catflap: Unix socket to its own; "
+        "client to relay: TLS (same self-signed ECDSA P-256 certificate, TLS 1.2 and 1.3, "
+        "catflap's TLS 1.2 ciphers)",
+    }
+    load, relay = cores()
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(_workdir())
+        tls = cs.TlsFiles.make(workdir)
+        up = stack.enter_context(cs.upstream(workdir, load))
+        endpoints = {
+            "nginx": stack.enter_context(
+                cs.nginx(settings.nginx_binary, workdir, up, relay, tls=tls)
+            )
+        }
+        gateway = stack.enter_context(
+            cs.catflap_gateway(
+                workdir,
+                {"bench": fast_echo_agent(2000)},
+                relay_cpus=relay,
+                load_cpus=load,
+                native_relay=settings.native_relay,
+                tls=tls,
+            )
+        )
+        assert gateway.tls_port is not None
+        cs.probe(gateway.tls_port, gateway.path("bench"), tls=tls.client())
+        endpoints["catflap"] = gateway.endpoint("bench")
+        for i in range(settings.rounds):
+            for name in names[i % 2 :] + names[: i % 2]:
+                log(
+                    f"telephony-tls round {i + 1}/{settings.rounds}: {name}, "
+                    f"{settings.sessions} sessions for {settings.seconds:g} s"
+                )
+                runs[name].append(
+                    telephony_run(
+                        endpoints[name],
+                        settings.sessions,
+                        settings.seconds,
+                        workdir,
+                        tls_ca=tls.cert,
+                    )
+                )
+                time.sleep(settings.pause)
+    result["contestants"] = {name: _summarize(runs[name], runs["nginx"]) for name in names}
+    result["negotiated"] = {name: runs[name][0].get("tls") for name in names}
     return result
 
 

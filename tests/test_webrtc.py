@@ -199,9 +199,7 @@ async def test_ice_config_url_as_a_data_url_gives_the_configured_servers() -> No
 async def test_ice_config_url_over_http_is_fetched_bounded_and_never_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    document = json.dumps(
-        {"iceConfig": {"iceServers": [{"urls": "stun:stun.test:3478"}]}}
-    ).encode()
+    document = json.dumps({"iceConfig": {"iceServers": [{"urls": "stun:stun.test:3478"}]}}).encode()
     answers = [document, b"x" * (limits.ICE_CONFIG_MAX_BYTES + 1)]
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -355,7 +353,7 @@ def in_namespace(module: str, *args: str, timeout: float = 120) -> dict[str, Any
     """Run ``python -m module args`` in a new network namespace: only ``lo``, up, with
     ``127.0.0.2/8`` added (aioice skips 127.0.0.1 for host candidates); its last stdout line
     as JSON."""
-    setup = "ip link set lo up && ip addr add 127.0.0.2/8 dev lo && exec \"$@\""
+    setup = 'ip link set lo up && ip addr add 127.0.0.2/8 dev lo && exec "$@"'
     done = subprocess.run(
         ["unshare", "-n", "sh", "-c", setup, "sh", sys.executable, "-m", module, *args],
         cwd=ROOT,
@@ -406,7 +404,6 @@ def test_max_session_duration_ends_a_webrtc_call_as_time_limit() -> None:
     seen = in_namespace("tests.webrtc_driver", "duration")
     assert seen["ended"]["completionStatus"] == "time_limit"
     assert 1.5 < seen["seconds"] < 10
-
 
 
 PAGE_DIR = ROOT / "tests" / "webrtc_page"

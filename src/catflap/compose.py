@@ -42,6 +42,7 @@ from catflap.gateway.session import run_session
 from catflap.gateway.sessionproxy import SessionProxy
 from catflap.gateway.steps import SessionSteps
 from catflap.gateway.timings import Timings
+from catflap.gateway.tls import Certificate, TlsListener
 from catflap.logs import LogFormat
 from catflap.metrics import GatewayMetrics, MetricSources
 from catflap.pool.environment import SecretSource
@@ -149,10 +150,16 @@ async def build_gateway(
 
     Raises:
         StartupError: the token store in ``state_dir`` cannot be opened.
+        ConfigError: ``tls_cert``/``tls_key`` do not load (missing, unreadable, mismatched).
         CatflapMisuse: no pool given and no ``launch`` to make a local one.
     """
-    # The key ring first: a bad CATFLAP_TOKEN_KEYS must fail before any store is opened.
+    # The key ring first: a bad CATFLAP_TOKEN_KEYS must fail before any store is opened; so
+    # must a certificate that does not load.
     keyring = overrides.keyring if overrides.keyring is not None else token_keyring()[0]
+    certificate = None
+    if config.listen_tls is not None:
+        assert config.tls_cert is not None and config.tls_key is not None  # check_tls()
+        certificate = Certificate(config.tls_cert, config.tls_key)
     closers: list[Callable[[], Awaitable[None]]] = []
     secrets = overrides.secrets
     if secrets is None:
@@ -186,6 +193,7 @@ async def build_gateway(
         secrets=secrets,
         clock=overrides.clock,
         timings=overrides.timings or Timings.from_settings(config.gateway),
+        certificate=certificate,
         closers=closers,
     )
 
@@ -200,6 +208,7 @@ def _wire(
     secrets: SecretStore,
     clock: Callable[[], float],
     timings: Timings,
+    certificate: Certificate | None,
     closers: list[Callable[[], Awaitable[None]]],
 ) -> Gateway:
     directory = AgentDirectory(config)
@@ -277,6 +286,9 @@ def _wire(
         max_connections=config.gateway.max_connections,
         handed_off=lambda: len(api) + len(relays),
     )
+    tls = None
+    if certificate is not None:
+        tls = TlsListener(front, certificate, refusals, handshake_timeout=timings.tls_handshake)
     return Gateway(
         config,
         front=front,
@@ -290,6 +302,7 @@ def _wire(
         store=store,
         replay=replay,
         metrics=metrics,
+        tls=tls,
         closers=closers,
     )
 

@@ -104,6 +104,9 @@ def gateway(
     raise_open_file_limit()
     try:
         run_async(_gateway(cfg, keyring, redis_url, prefix))
+    except ConfigError as exc:  # the TLS certificate and key, read when the gateway is built
+        click.echo(f"catflap: configuration error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     except StartupError as exc:
         click.echo(f"catflap: {exc}", err=True)
         sys.exit(EXIT_STARTUP)
@@ -147,7 +150,9 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
         await gw.close()
         await store.close()
         await client.aclose()
-        raise listen_failure(exc, host, port) from None
+        raise listen_failure(exc, host, port, tls=cfg.tls_host_port) from None
+    # SIGHUP reloads the TLS certificate (listen_tls), as in `catflap serve`.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gw.reload_tls)
     second = await _until_signalled()
     second_task = asyncio.ensure_future(second.wait())
     second_task.add_done_callback(lambda _: gw.drain_now())

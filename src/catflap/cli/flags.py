@@ -12,7 +12,13 @@ from pathlib import Path
 
 import click
 
-from catflap.config import CatflapConfig, generated_public_key, load_config, zero_config
+from catflap.config import (
+    CatflapConfig,
+    check_tls,
+    generated_public_key,
+    load_config,
+    zero_config,
+)
 from catflap.sessions.store import check_database_url
 
 __all__ = ["serve_config", "with_api_docs", "with_dashboard"]
@@ -31,9 +37,13 @@ def serve_config(
     database_url: str | None = None,
     state_dir: Path | None = None,
     pass_env: tuple[str, ...] = (),
+    tls: tuple[str | None, Path | None, Path | None] = (None, None, None),
 ) -> CatflapConfig:
     """The configuration of ``catflap serve``: a config file with flags over it, or zero-config
     from a bot folder.
+
+    Args:
+        tls: ``--listen-tls``, ``--tls-cert``, ``--tls-key`` (each None when not given).
 
     Raises:
         click.UsageError: the flags contradict each other, or a required one is missing.
@@ -49,6 +59,7 @@ def serve_config(
         cfg = load_config(config_file)
         updates = {k: v for k, v in (("listen", listen), ("public_url", public_url)) if v}
         cfg = cfg.model_copy(update=updates) if updates else cfg
+        cfg = _with_tls(cfg, tls, str(config_file))
         return _with_storage(cfg, database_url, state_dir, str(config_file))
     if folder is None:
         raise click.UsageError("give a folder with bot.py, or --config catflap.toml")
@@ -69,7 +80,21 @@ def serve_config(
         private_keys=list(private_keys),
         pass_env=list(pass_env),
     )
+    cfg = _with_tls(cfg, tls, str(folder))
     return _with_storage(cfg, database_url, state_dir, str(folder))
+
+
+def _with_tls(
+    cfg: CatflapConfig, tls: tuple[str | None, Path | None, Path | None], source: str
+) -> CatflapConfig:
+    """Apply ``--listen-tls``/``--tls-cert``/``--tls-key`` and check that they go together."""
+    names = ("listen_tls", "tls_cert", "tls_key")
+    updates = {name: value for name, value in zip(names, tls, strict=True) if value}
+    if not updates:
+        return cfg
+    cfg = cfg.model_copy(update=updates)
+    check_tls(cfg, f"{source} with --listen-tls/--tls-cert/--tls-key")
+    return cfg
 
 
 def _with_storage(

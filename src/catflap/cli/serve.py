@@ -72,7 +72,26 @@ def start_pruner(cfg: CatflapConfig, log_dir: Path) -> asyncio.Task[None]:
 )
 @click.option("--org", help="Organization name (zero-config mode).")
 @click.option("--listen", help="host:port for /ws/... and /v1/... [default: 127.0.0.1:8080]")
-@click.option("--public-url", help="Base of the wsUrl /start returns, e.g. wss://voice.example.com")
+@click.option(
+    "--listen-tls",
+    help="host:port of a TLS listener (wss://, https://), e.g. 0.0.0.0:443; needs --tls-cert "
+    "and --tls-key (or listen_tls, tls_cert, tls_key in the config file).",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="PEM certificate chain (certbot's fullchain.pem); reloaded on SIGHUP and on change.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="PEM private key of --tls-cert, unencrypted (certbot's privkey.pem).",
+)
+@click.option(
+    "--public-url",
+    help="Base of the wsUrl /start returns, e.g. wss://voice.example.com  "
+    "[default: wss:// on --listen-tls when given, else ws:// on --listen]",
+)
 @click.option("--public-key", "public_keys", multiple=True, help="Public API key (repeatable).")
 @click.option("--private-key", "private_keys", multiple=True, help="Private API key (repeatable).")
 @click.option(
@@ -115,6 +134,9 @@ def serve(
     config_file: Path | None,
     org: str | None,
     listen: str | None,
+    listen_tls: str | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     public_url: str | None,
     public_keys: tuple[str, ...],
     private_keys: tuple[str, ...],
@@ -143,6 +165,7 @@ def serve(
             database_url=database_url,
             state_dir=state_dir,
             pass_env=pass_env,
+            tls=(listen_tls, tls_cert, tls_key),
         )
         cfg = with_api_docs(with_dashboard(cfg, dashboard), api_docs)
         keyring, generated = token_keyring()
@@ -166,6 +189,9 @@ def serve(
     raise_open_file_limit()
     try:
         run_async(_serve(cfg, keyring, log_level, log_format))
+    except ConfigError as exc:  # the TLS certificate and key, read when the gateway is built
+        click.echo(f"catflap: configuration error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
     except StartupError as exc:
         click.echo(f"catflap: {exc}", err=True)
         sys.exit(EXIT_STARTUP)
@@ -198,15 +224,19 @@ async def _serve(
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        # SIGHUP reloads the TLS certificate (an ACME client's deploy hook sends it).
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_tls)
         host, port = cfg.host_port
         try:
             await gateway.start(host, port)
         except OSError as exc:
             await gateway.close()
-            raise listen_failure(exc, host, port) from None
+            raise listen_failure(exc, host, port, tls=cfg.tls_host_port) from None
         pruner = start_pruner(cfg, cfg.log_dir)
         for agent in cfg.agents():
             log.info("agent %s: ws://%s:%d/ws/generic/%s", agent.key, host, gateway.port, agent.key)
+            if cfg.tls_host_port is not None:
+                log.info("agent %s: %s/ws/generic/%s", agent.key, cfg.ws_base_url, agent.key)
         if cfg.gateway.dashboard:
             log.info("= live view at http://%s:%d/dashboard", host, gateway.port)
         await stop.wait()

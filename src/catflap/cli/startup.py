@@ -53,7 +53,12 @@ LISTEN_OPTION = "--listen HOST:PORT (or listen in the config file)"
 
 
 def listen_failure(
-    exc: OSError, host: str, port: int, *, option: str = LISTEN_OPTION
+    exc: OSError,
+    host: str,
+    port: int,
+    *,
+    option: str = LISTEN_OPTION,
+    tls: tuple[str, int] | None = None,
 ) -> StartupError:
     """The message for a listening socket that could not be opened.
 
@@ -62,10 +67,13 @@ def listen_failure(
         host: The address catflap was told to listen on, named when ``exc`` names none.
         port: Its port.
         option: How the user changes ``host:port``, e.g. ``--listen HOST:PORT``.
+        tls: ``listen_tls`` as ``(host, port)``, when there is one.
     """
     match = _ADDRESS_IN_MESSAGE.search(str(exc))
     if match is not None:
-        if port and int(match.group(2)) != port:  # not the main port: the /metrics listener
+        if tls is not None and int(match.group(2)) == tls[1] and tls[1] != port:
+            option = "--listen-tls HOST:PORT (or listen_tls in the config file)"
+        elif port and int(match.group(2)) != port:  # not the main port: the /metrics listener
             option = "[gateway] metrics_listen in the config file"
         host, port = match.group(1), int(match.group(2))
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

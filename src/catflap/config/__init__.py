@@ -5,6 +5,7 @@ The rest of catflap imports from here; the two modules are this package's inside
 
 from catflap.config.loading import (
     TOKEN_KEYS_ENV,
+    check_tls,
     generated_public_key,
     load_config,
     read_pcc_deploy,
@@ -38,6 +39,7 @@ __all__ = [
     "PccDeploy",
     "ScalingConfig",
     "WebRTCConfig",
+    "check_tls",
     "generated_public_key",
     "load_config",
     "read_pcc_deploy",

@@ -34,6 +34,7 @@ from catflap.contract.names import agent_name_problem, org_name_problem
 
 __all__ = [
     "TOKEN_KEYS_ENV",
+    "check_tls",
     "generated_public_key",
     "load_config",
     "read_pcc_deploy",
@@ -144,6 +145,7 @@ def _check_semantics(source: str, cfg: CatflapConfig) -> None:
         raise ConfigError(source, "listen", str(exc)) from None
     if cfg.public_url is not None and not cfg.public_url.startswith(("ws://", "wss://")):
         raise ConfigError(source, "public_url", "must start with ws:// or wss://")
+    check_tls(cfg, source)
     owners: dict[str, str] = {}
     for org, org_cfg in cfg.organizations.items():
         problem = org_name_problem(org)
@@ -169,6 +171,29 @@ def _check_semantics(source: str, cfg: CatflapConfig) -> None:
                 raise ConfigError(source, f"{where}.path", f"no {BOT_FILE} in {agent.path}")
 
 
+def check_tls(cfg: CatflapConfig, source: str) -> None:
+    """``listen_tls``, ``tls_cert`` and ``tls_key`` go together. Whether the files hold a
+    certificate and its key is :mod:`catflap.gateway.tls`'s check, when the gateway starts.
+
+    Raises:
+        ConfigError: one of them without the others, or ``listen_tls`` not ``host:port``.
+    """
+    if cfg.listen_tls is None:
+        for key in ("tls_cert", "tls_key"):
+            if getattr(cfg, key) is not None:
+                raise ConfigError(
+                    source, key, 'is set but listen_tls is not; add listen_tls = "0.0.0.0:443"'
+                )
+        return
+    try:
+        split_listen(cfg.listen_tls)
+    except ValueError as exc:
+        raise ConfigError(source, "listen_tls", str(exc)) from None
+    for key, what in (("tls_cert", "certificate chain"), ("tls_key", "private key")):
+        if getattr(cfg, key) is None:
+            raise ConfigError(source, key, f"listen_tls needs {key}: the PEM file with the {what}")
+
+
 def load_config(path: Path) -> CatflapConfig:
     """Load and validate ``catflap.toml``.
 
@@ -179,6 +204,9 @@ def load_config(path: Path) -> CatflapConfig:
     base = path.parent
     if isinstance(raw.get("state_dir"), str):
         raw["state_dir"] = base / raw["state_dir"]
+    for key in ("tls_cert", "tls_key"):
+        if isinstance(raw.get(key), str):
+            raw[key] = base / raw[key]
     logs_raw = raw.get("logs")
     if isinstance(logs_raw, dict) and isinstance(logs_raw.get("dir"), str):
         logs_raw["dir"] = base / logs_raw["dir"]

@@ -275,6 +275,14 @@ class LogsConfig(_Strict):
 
 class CatflapConfig(_Strict):
     listen: str = DEFAULT_LISTEN
+    #: ``host:port`` of a second listener that speaks TLS (``wss://``, ``https://``), with the
+    #: same routes as ``listen``; it needs ``tls_cert`` and ``tls_key``.
+    listen_tls: str | None = None
+    #: PEM: the server certificate first, then the intermediates (certbot's ``fullchain.pem``).
+    #: Reloaded on SIGHUP and when the file changes. Relative paths are below the config file.
+    tls_cert: Path | None = None
+    #: PEM: the private key of ``tls_cert``, unencrypted (certbot's ``privkey.pem``).
+    tls_key: Path | None = None
     public_url: str | None = None
     #: Session records (SQLite) and other state; relative paths are below the config file's
     #: folder (or the working directory in zero-config mode).
@@ -311,10 +319,20 @@ class CatflapConfig(_Strict):
         return split_listen(self.listen)
 
     @property
+    def tls_host_port(self) -> tuple[str, int] | None:
+        """``listen_tls`` as ``(host, port)``, or None when there is no TLS listener."""
+        return None if self.listen_tls is None else split_listen(self.listen_tls)
+
+    @property
     def ws_base_url(self) -> str:
-        """Base of the ``wsUrl`` that ``/start`` returns, without a trailing slash."""
+        """Base of the ``wsUrl`` that ``/start`` returns, without a trailing slash: the
+        ``public_url``, else ``wss://`` on ``listen_tls`` when it is set, else ``ws://``."""
         if self.public_url:
             return self.public_url.rstrip("/")
+        tls = self.tls_host_port
+        if tls is not None:
+            host, port = tls
+            return f"wss://{host}" if port == 443 else f"wss://{host}:{port}"
         host, port = self.host_port
         return f"ws://{host}:{port}"
 

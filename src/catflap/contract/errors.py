@@ -19,7 +19,8 @@
     │   │   ├── InvalidSecretValue    400 invalid_secret_value (a NUL byte: not an env value)
     │   │   ├── SecretTooLarge        400 secret_too_large (SECRET_*_MAX_BYTES)
     │   │   ├── TooManySecretSets     400 too_many_secret_sets (SECRET_SETS_PER_ORG_MAX)
-    │   │   └── MalformedRequest      400 malformed_request
+    │   │   ├── MalformedRequest      400 malformed_request
+    │   │   └── PlainHttpOnTlsPort    400 plain_http_on_tls_port (listen_tls)
     │   ├── Unauthorized              401 "401" (PCC's code)
     │   ├── TokenRejected             403 token_<reason>
     │   ├── MetricsForbidden          403 metrics_forbidden
@@ -106,6 +107,7 @@ __all__ = [
     "NotFound",
     "OfferConflict",
     "PeerConnectionNotFound",
+    "PlainHttpOnTlsPort",
     "RequestRejected",
     "RequestTimeout",
     "RequestTooLarge",
@@ -267,6 +269,12 @@ class TooManySecretSets(BadRequest):
     """A new set in an organisation that has ``SECRET_SETS_PER_ORG_MAX`` already."""
 
     code = "too_many_secret_sets"
+
+
+class PlainHttpOnTlsPort(BadRequest):
+    """A plain HTTP request on the ``listen_tls`` port (nginx answers it with 400 too)."""
+
+    code = "plain_http_on_tls_port"
 
 
 class Unauthorized(RequestRejected):

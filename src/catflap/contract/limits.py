@@ -83,6 +83,8 @@ __all__ = [
     "TCP_KEEPALIVE_COUNT",
     "TCP_KEEPALIVE_IDLE_S",
     "TCP_KEEPALIVE_INTERVAL_S",
+    "TLS_CERT_POLL_INTERVAL_S",
+    "TLS_HANDSHAKE_TIMEOUT_S",
     "TOKEN_CLOCK_SKEW_S",
     "TOKEN_TTL_S",
     "UPSTREAM_HANDSHAKE_TIMEOUT_S",
@@ -178,6 +180,18 @@ DAILY_API_RESPONSE_MAX_BYTES = 64 * 1024
 #: a meeting token (a JWT) a few hundred. Longer: 502 ``daily_api_error``.
 DAILY_ROOM_URL_MAX_CHARS = 2048
 DAILY_ROOM_TOKEN_MAX_CHARS = 4096
+#: A TLS client (``listen_tls``) must complete its handshake within this time after it connects,
+#: sending its first byte included; else the connection is closed without a word. nginx's
+#: ``ssl_handshake_timeout`` is 60 s and asyncio's default 60 s too, which lets a connect flood
+#: hold a slot of ``max_connections`` per socket for a minute. A real handshake over a
+#: transatlantic path is 2 round trips (TLS 1.3) to 3 (1.2) plus a few ms of signing: well under
+#: a second even on a lossy mobile link; 10 s is the same bound as the request head's
+#: (``REQUEST_HEAD_TIMEOUT_S``), which starts once the handshake is done.
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+#: How often the gateway looks at ``tls_cert`` and ``tls_key`` (size, mtime, inode) to reload a
+#: renewed certificate without a SIGHUP. A stat of two files every few seconds costs nothing; an
+#: ACME client renews weeks before expiry, so seconds of delay never matter.
+TLS_CERT_POLL_INTERVAL_S = 5.0
 
 # --- Tokens ----------------------------------------------------------------------------------
 
@@ -450,6 +464,7 @@ PEER_INPUT_LIMITS: frozenset[str] = frozenset(
         "SESSION_PROXY_TIMEOUT_S",
         "SLOW_PEER_TIMEOUT_S",
         "START_REQUEST_MAX_BYTES",
+        "TLS_HANDSHAKE_TIMEOUT_S",
         "TOKEN_CLOCK_SKEW_S",
         "TOKEN_TTL_S",
         "UPSTREAM_HANDSHAKE_TIMEOUT_S",
@@ -497,6 +512,7 @@ OTHER_LIMITS: frozenset[str] = frozenset(
         "TCP_KEEPALIVE_COUNT",
         "TCP_KEEPALIVE_IDLE_S",
         "TCP_KEEPALIVE_INTERVAL_S",
+        "TLS_CERT_POLL_INTERVAL_S",
         "WS_PER_MESSAGE_DEFLATE",
         "WS_PING_INTERVAL_S",
         "WS_PING_TIMEOUT_S",

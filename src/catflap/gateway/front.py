@@ -18,7 +18,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 from catflap.contract import limits
 from catflap.contract.closecodes import CloseCode
@@ -34,7 +34,7 @@ from catflap.gateway.refusal import Refusals
 from catflap.gateway.upgrade import is_websocket_path
 from catflap.logs import LogBudget, not_logged
 
-__all__ = ["Front", "FrontRoutes", "GatewayConnection"]
+__all__ = ["Front", "FrontRoutes", "GatewayConnection", "Pending"]
 
 log = logging.getLogger("catflap.gateway")
 
@@ -69,6 +69,14 @@ class FrontRoutes:
     refusals: Refusals
 
 
+class Pending(Protocol):
+    """A connection counted in the budget before a :class:`GatewayConnection` owns it: a TLS
+    connection during its handshake (:mod:`catflap.gateway.tls`)."""
+
+    def drop(self) -> None:
+        """Close it now: the budget needs its place (it has sent no request yet)."""
+
+
 class Front:
     """The connections not handed off yet, and the budget every open connection counts in."""
 
@@ -92,21 +100,58 @@ class Front:
         self._handed_off = handed_off
         #: In opening order, so the oldest idle one is found first.
         self.connections: dict[GatewayConnection, None] = {}
+        #: TLS connections still in their handshake, oldest first: counted, not yet connections.
+        self.pending: dict[Pending, None] = {}
 
     def __call__(self) -> GatewayConnection:
         """A protocol for a new client connection (``loop.create_server``'s factory)."""
         return GatewayConnection(self)
 
     def open_connections(self) -> int:
-        """Client connections open now: not yet handed off, in the API, or relayed."""
-        return len(self.connections) + self._handed_off()
+        """Client connections open now: in a TLS handshake, not yet handed off, in the API, or
+        relayed."""
+        return len(self.connections) + len(self.pending) + self._handed_off()
+
+    def make_room(self) -> TooManyConnections | None:
+        """Keep the open connections within ``max_connections`` for one more: when full, the
+        oldest connection that has not sent a complete head yet goes (a plain one first, else
+        the oldest TLS handshake).
+
+        Returns:
+            None when the newcomer fits; else the refusal to count and send it.
+        """
+        if self.open_connections() < self.max_connections:
+            return None
+        idle = next((c for c in self.connections if c.idle), None)
+        pending = next(iter(self.pending), None) if idle is None else None
+        refusal = TooManyConnections(
+            f"the gateway holds its maximum of {self.max_connections} connections; retry shortly"
+        )
+        if idle is None and pending is None:
+            _warn_at_capacity(refusal.message + "; refusing new ones")
+            return refusal
+        _warn_at_capacity(refusal.message + "; dropping the oldest idle one")
+        if idle is not None:
+            self.routes.refusals.reject(idle, refusal)
+        else:
+            assert pending is not None
+            self.routes.refusals.count(str(refusal.status), refusal)
+            self.pending.pop(pending, None)
+            pending.drop()
+        return None
 
 
 class GatewayConnection(asyncio.Protocol):
     """Owns a client connection until its first request head has been read."""
 
-    def __init__(self, front: Front) -> None:
+    def __init__(self, front: Front, *, pending: Pending | None = None) -> None:
+        """
+        Args:
+            pending: the TLS handshake this connection was counted as until now; it leaves
+                :attr:`Front.pending` when the connection is made, so it counts once.
+        """
         self.front = front
+        self._pending = pending
         self.transport: asyncio.Transport
         self.client_host: str | None = None
         self._parser: HeadParser | None = HeadParser()
@@ -126,37 +171,34 @@ class GatewayConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             _enable_keepalive(sock)
+        if self._pending is not None:
+            self.front.pending.pop(self._pending, None)
+            self._pending = None
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.front.head_timeout, self._head_timeout)
         if not self._admit_connection():
             return
         self.front.connections[self] = None
 
+    @property
+    def idle(self) -> bool:
+        """True until a complete request head has been read."""
+        return self._parser is not None
+
     def _admit_connection(self) -> bool:
-        """Keep the open connections within ``max_connections``: the oldest connection that
-        has not sent a complete head yet goes first; with none, this one is refused."""
-        front = self.front
-        if front.open_connections() < front.max_connections:
+        """Keep the open connections within ``max_connections`` (:meth:`Front.make_room`);
+        with no room, this one is refused."""
+        refusal = self.front.make_room()
+        if refusal is None:
             return True
-        idle = next((c for c in front.connections if c._parser is not None), None)
-        refusal = TooManyConnections(
-            f"the gateway holds its maximum of {front.max_connections} connections; retry shortly"
-        )
-        _warn_at_capacity(
-            refusal.message
-            + ("; refusing new ones" if idle is None else "; dropping the oldest idle one")
-        )
-        if idle is None:
-            # Not lingering: a newcomer has sent nothing yet, so closing cannot reset its
-            # answer, and a connect flood must not hold uncounted sockets for seconds.
-            front.routes.refusals.count(str(refusal.status), refusal)
-            self._parser = None
-            self._cancel_timer()
-            self.transport.write(http_error_response(refusal))
-            self.transport.close()
-            return False
-        front.routes.refusals.reject(idle, refusal)
-        return True
+        # Not lingering: a newcomer has sent nothing yet, so closing cannot reset its answer,
+        # and a connect flood must not hold uncounted sockets for seconds.
+        self.front.routes.refusals.count(str(refusal.status), refusal)
+        self._parser = None
+        self._cancel_timer()
+        self.transport.write(http_error_response(refusal))
+        self.transport.close()
+        return False
 
     def handed_off(self) -> None:
         """Another protocol owns the connection now (the API, or a relay leg)."""

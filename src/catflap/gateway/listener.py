@@ -25,6 +25,7 @@ from catflap.gateway.metricslistener import MetricsListener
 from catflap.gateway.relay import Relay
 from catflap.gateway.relaying import LiveRelays
 from catflap.gateway.timings import Timings
+from catflap.gateway.tls import TlsListener
 from catflap.metrics import GatewayMetrics
 from catflap.pool.interface import SessionPool
 from catflap.sessions.recent import RecentRecords
@@ -77,10 +78,12 @@ class Gateway:
         store: SessionStore,
         replay: ReplayStore,
         metrics: GatewayMetrics,
+        tls: TlsListener | None = None,
         closers: Sequence[Callable[[], Awaitable[None]]] = (),
     ) -> None:
         """
         Args:
+            tls: the ``listen_tls`` listener, when there is one; :meth:`start` binds it.
             tasks: the registry every session task runs in (the drain waits for them).
             closers: what :meth:`close` closes after the pool: the parts the composition
                 opened itself (a caller's own store or replay store stays the caller's).
@@ -100,6 +103,8 @@ class Gateway:
         self._closers = tuple(closers)
         self._pool_started = False
         self._server: asyncio.Server | None = None
+        self.tls = tls
+        self._tls_watch: asyncio.Task[None] | None = None
         #: The ``[gateway] metrics_listen`` server, from :meth:`start` to :meth:`shutdown`.
         self.metrics_listener: MetricsListener | None = None
 
@@ -132,6 +137,19 @@ class Gateway:
         assert self._server is not None and self._server.sockets
         return int(self._server.sockets[0].getsockname()[1])
 
+    @property
+    def tls_port(self) -> int:
+        """The ``listen_tls`` port (after :meth:`start`)."""
+        assert self.tls is not None, "no listen_tls in the configuration"
+        return self.tls.port
+
+    def reload_tls(self) -> None:
+        """SIGHUP: reload the TLS certificate (only a flag; the watcher reloads)."""
+        if self.tls is None:
+            log.info("= SIGHUP: no listen_tls, no certificate to reload")
+            return
+        self.tls.certificate.request_reload()
+
     # --- start -----------------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> None:
@@ -148,6 +166,19 @@ class Gateway:
             self.front, host, port, reuse_address=True, backlog=2048
         )
         log.info("= gateway listening on %s:%d", host, self.port)
+        tls_address = self.config.tls_host_port
+        if self.tls is not None and tls_address is not None:
+            try:
+                self.tls.listen(*tls_address)
+            except OSError:
+                self._server.close()
+                raise
+            log.info(
+                "= gateway listening for TLS on %s:%d (certificate %s)",
+                tls_address[0],
+                self.tls.port,
+                self.tls.certificate.cert,
+            )
         settings = self.config.gateway
         metrics_address = settings.metrics_host_port
         if metrics_address is not None:
@@ -157,8 +188,14 @@ class Gateway:
             except OSError:
                 # Do not leave the main port open when catflap is about to exit with an error.
                 self._server.close()
+                if self.tls is not None:
+                    self.tls.close()
                 raise
             self.metrics_listener = listener
+        if self.tls is not None:
+            self._tls_watch = asyncio.create_task(
+                self.tls.certificate.watch(), name="TLS certificate watch"
+            )
         if settings.native_relay:
             if fastlane.available():
                 self._relays.lane = fastlane.FastLane(nice=settings.relay_thread_nice)
@@ -196,6 +233,10 @@ class Gateway:
         self._relays.close_all(CloseCode.SERVICE_RESTART, "gateway shutting down")
         if self._server is not None:
             self._server.close()
+        if self.tls is not None:
+            self.tls.close()
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
         self.api.shutdown()
         if running := self._tasks.running():
             # Closed sessions still record themselves once their bot has ended.

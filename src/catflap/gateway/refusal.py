@@ -47,6 +47,11 @@ class Refusals:
         if isinstance(rejected, TokenRejected):
             self._metrics.token_verifications.labels(rejected.reason).inc()
 
+    def count_tls(self, reason: str) -> None:
+        """Count a connection to ``listen_tls`` closed before any HTTP (status ``tls``):
+        ``tls_handshake_failed``, ``tls_handshake_timeout`` or ``not_tls``."""
+        self._metrics.refusals.labels("tls", reason).inc()
+
     def count_token(self, result: str) -> None:
         """Count a token check that did not end in a refusal (``ok``)."""
         self._metrics.token_verifications.labels(result).inc()

@@ -29,6 +29,8 @@ class Timings:
     close_wait: float = limits.CLOSE_WAIT_S
     #: A provider's opening messages (``[gateway] provider_handshake_timeout``).
     provider_handshake: float = limits.PROVIDER_HANDSHAKE_TIMEOUT_S
+    #: A ``listen_tls`` connection's first byte and TLS handshake, from its accept.
+    tls_handshake: float = limits.TLS_HANDSHAKE_TIMEOUT_S
     #: Live sessions may end by themselves this long after shutdown began (``drain_timeout``).
     drain: float = limits.DRAIN_TIMEOUT_S
     #: The session proxy waits this long for a session whose ``bot()`` is not running yet.

@@ -77,6 +77,7 @@ __all__ = [
 
 logger = logging.getLogger("catflap.runtime.webrtc")
 
+
 class OfferTimeout(Exception):
     """No offer arrived within ``WEBRTC_OFFER_TIMEOUT_S`` of the session's start; the session
     ends as ``agent_start_timeout``, ``bot()`` never having run."""
@@ -230,9 +231,7 @@ class WebRTCSessions:
         peer = WebRTCPeer(
             session_id=session_id,
             body=body,
-            handler=module.SmallWebRTCRequestHandler(
-                connection_mode=module.ConnectionMode.SINGLE
-            ),
+            handler=module.SmallWebRTCRequestHandler(connection_mode=module.ConnectionMode.SINGLE),
             opened=asyncio.get_running_loop().create_future(),
         )
         self._peers[session_id] = peer
@@ -394,4 +393,3 @@ def _signalling_error(exc: Exception, what: str) -> Exception:
         return PeerConnectionNotFound(f"{detail}: send the pc_id of the session's offer answer")
     logger.info("! the %s was refused by aiortc: %r", what, exc)
     return InvalidOffer(cut_error(f"the {what} could not be applied: {type(exc).__name__}: {exc}"))
-

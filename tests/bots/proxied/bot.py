@@ -108,7 +108,6 @@ async def teapot() -> Response:
     return response
 
 
-
 @app.post("/release")
 async def release(request: Request) -> dict:
     session_id = request.headers.get("x-daily-session-id", "")
