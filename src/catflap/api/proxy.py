@@ -19,7 +19,7 @@ body's end, so the client cannot mistake it for a whole answer.
 # No ``from __future__ import annotations``: FastAPI reads the route's annotations at run time.
 
 import logging
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, Request
@@ -99,6 +99,17 @@ class ProxiedResponse(StreamingResponse):
                 await self._answer.aclose()
 
 
+#: The methods whose body the OpenAPI document describes (the others' bodies pass through too).
+_METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
+_PASSED_THROUGH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": False,
+        "description": "Passed to the bot unchanged, up to 1 MiB (413 beyond it).",
+        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
 def session_proxy_router(*, agents: "AgentDirectory", proxy: SessionProxy | None) -> APIRouter:
     """The proxy's route over the agent directory and the gateway's :class:`SessionProxy`
     (None: every proxied request gets 503)."""
@@ -155,5 +166,7 @@ def session_proxy_router(*, agents: "AgentDirectory", proxy: SessionProxy | None
             operation_id=f"session_proxy_{method.lower()}",
             responses=error_responses(400, 401, 404, 413, 502, 503, 504),
             summary="Reach a route of a running session's bot",
+            # The body is the bot's business: any bytes, passed through as they are.
+            openapi_extra=_PASSED_THROUGH_BODY if method in _METHODS_WITH_BODY else None,
         )
     return router
