@@ -42,6 +42,7 @@ from catflap.runtime.args import (
 from catflap.runtime.botloader import LoadedBot
 from catflap.runtime.botlogs import BotOutputCapture
 from catflap.runtime.metrics import RuntimeMetrics
+from catflap.runtime.resources import SessionSampler
 from catflap.runtime.running import RunningBots
 
 __all__ = [
@@ -104,6 +105,8 @@ class SessionRunner:
     cancel_grace_s: float = limits.BOT_CANCEL_GRACE_S
     #: ``POST /bot`` is refused with 503 while this many sessions run; ``None`` is no limit.
     max_sessions: int | None = None
+    #: Makes the sampler of one session's CPU and memory (``session_ended.resources``).
+    sampler: Callable[[], SessionSampler] = SessionSampler
 
     async def run(self, websocket: WebSocket) -> None:
         """Serve one ``/ws`` connection from the upgrade to ``session_ended``; never raises."""
@@ -225,6 +228,8 @@ class SessionRunner:
         self.metrics.session_started()
         log.info("= session started (%s, budget=%s s)", describe, budget)
         started = self.clock()
+        sampler = self.sampler()
+        sampler.start()
         task = asyncio.create_task(call_bot(), name=f"bot[{session_id}]")
         stop = self.running.add(session_id, task)
         try:
@@ -234,6 +239,7 @@ class SessionRunner:
             self.running.remove(session_id)
             if not task.done():
                 task.cancel()  # this handler itself was cancelled (forced server exit)
+            resources = await sampler.stop()
         bot_seconds = self.clock() - started
         self.metrics.session_ended(outcome.status, bot_seconds)
         client_disconnected = await end_transport(outcome)
@@ -249,6 +255,7 @@ class SessionRunner:
                 "error": outcome.error,
                 "client_disconnected": client_disconnected,
                 "bot_seconds": round(bot_seconds, 6),
+                "resources": resources,
             }
         )
         return outcome.status
