@@ -227,6 +227,7 @@ def _wire(
             spawn=tasks.spawn,
             accept_timeout=timings.upstream_handshake,
         ),
+        readiness=getattr(pool, "readiness", None),  # a local pool's own, as instance_states
     )
     api = ApiConnections(lambda: _control_api(api_deps), on_refusal=refusals.count)
     steps = SessionSteps(
