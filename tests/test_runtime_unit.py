@@ -36,8 +36,8 @@ from catflap.runtime.args import PipecatSessionArguments
 from catflap.runtime.botloader import LoadedBot
 from catflap.runtime.control_loop import ControlLoop
 from catflap.runtime.metrics import RuntimeMetrics
-from catflap.runtime.running import RunningBots
 from catflap.runtime.resources import SessionSampler
+from catflap.runtime.running import RunningBots
 from catflap.runtime.session import SessionRunner
 
 from .conftest import seconds

@@ -29,10 +29,16 @@ import contextlib
 import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Annotated, Any, Literal, TypeVar
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    NotRequired,  # pydantic needs these on 3.11
+    TypeVar,
+)
 
 from pydantic import Field, TypeAdapter, ValidationError
-from typing_extensions import NotRequired, TypedDict  # pydantic needs these on 3.11
+from typing_extensions import TypedDict
 
 from catflap.contract.errors import CatflapError
 from catflap.contract.resources import ResourceMetrics

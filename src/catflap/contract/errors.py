@@ -28,6 +28,8 @@
     │   ├── AtCapacity                429 PCC-AGENT-AT-CAPACITY (+ Retry-After)
     │   ├── HeadersTooLarge           431 headers_too_large
     │   ├── InternalError             500 internal_error (details only in the log)
+    │   ├── NotSupportedSelfHosted    501 not_supported_self_hosted (a PCC call with no
+    │   │                             meaning self-hosted: deploy, builds, regions, ...)
     │   └── ServiceUnavailable        503 (+ Retry-After)
     │       ├── AgentNotReady         503 PCC-1001
     │       ├── Draining              503 draining (gateway or runtime shutting down)
@@ -78,6 +80,7 @@ __all__ = [
     "MissingSessionId",
     "MetricsForbidden",
     "NotFound",
+    "NotSupportedSelfHosted",
     "RequestRejected",
     "RequestTimeout",
     "RequestTooLarge",
@@ -269,6 +272,14 @@ class HeadersTooLarge(RequestRejected):
 class InternalError(RequestRejected):
     status = 500
     code = "internal_error"
+
+
+class NotSupportedSelfHosted(RequestRejected):
+    """501: a Pipecat Cloud API call that has no meaning in a self-hosted gateway (deploys,
+    builds, regions, billing, ...); the message says what catflap does instead."""
+
+    status = 501
+    code = "not_supported_self_hosted"
 
 
 class ServiceUnavailable(RequestRejected):

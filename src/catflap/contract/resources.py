@@ -31,26 +31,23 @@ __all__ = ["ResourceMetrics", "ResourcePoint", "ResourceSamples", "summarize"]
 
 #: One point of the timeseries: seconds since the session started, CPU millicores over the
 #: interval ending at ``t``, resident memory bytes at ``t`` (PCC's ``{t, c, m}``).
-ResourcePoint = TypedDict("ResourcePoint", {"t": float, "c": int, "m": int})
+class ResourcePoint(TypedDict):
+    t: float
+    c: int
+    m: int
 
 #: PCC's ``resourceMetrics``: percentiles over the points, their count, and the points.
-ResourceMetrics = TypedDict(
-    "ResourceMetrics",
-    {
-        "cpuMillicoresP50": int,
-        "cpuMillicoresP90": int,
-        "cpuMillicoresP95": int,
-        "cpuMillicoresP99": int,
-        "memoryBytesP50": int,
-        "memoryBytesP90": int,
-        "memoryBytesP95": int,
-        "memoryBytesP99": int,
-        "sampleCount": int,
-        "timeseries": Annotated[
-            list[ResourcePoint], Field(max_length=limits.RESOURCE_SAMPLES_MAX)
-        ],
-    },
-)
+class ResourceMetrics(TypedDict):
+    cpuMillicoresP50: int
+    cpuMillicoresP90: int
+    cpuMillicoresP95: int
+    cpuMillicoresP99: int
+    memoryBytesP50: int
+    memoryBytesP90: int
+    memoryBytesP95: int
+    memoryBytesP99: int
+    sampleCount: int
+    timeseries: Annotated[list[ResourcePoint], Field(max_length=limits.RESOURCE_SAMPLES_MAX)]
 
 
 class ResourceSamples:

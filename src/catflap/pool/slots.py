@@ -116,9 +116,7 @@ class AgentSlots:
         live = self.live()
         waiting = backoff.remaining(self._clock())
         return AgentReadiness(
-            open_instances=sum(
-                i.state is InstanceState.READY and i.free_slots > 0 for i in live
-            ),
+            open_instances=sum(i.state is InstanceState.READY and i.free_slots > 0 for i in live),
             instances=self.state_counts(),
             can_start=len(live) < self.max_agents and waiting <= 0,
             problem=backoff.last_error_line() if waiting > 0 else None,

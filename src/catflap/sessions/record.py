@@ -13,8 +13,9 @@ Completion statuses (documented in docs/operations.md):
 ``error``          the gateway's relay failed and sent 1011 both ways
 =================  ==============================================================
 
-Each status has one PCC ``endState`` (``contract.status.END_STATES``), which :meth:`SessionRecord.to_api`
-adds; ``resourceMetrics`` is what the runtime sampled of its process while ``bot()`` ran.
+Each status has one PCC ``endState`` (``contract.status.END_STATES``), which
+:meth:`SessionRecord.to_api` adds; ``resourceMetrics`` is what the runtime sampled of its
+process while ``bot()`` ran.
 
 ``error`` is cut to :data:`~catflap.contract.limits.RECORD_ERROR_MAX_CHARS` characters, marker
 included, whenever it is set (:func:`cut_error`): a bot raising with a 500 KB message would
