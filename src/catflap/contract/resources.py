@@ -74,8 +74,13 @@ class ResourceSamples:
         last, self._last = self._last, (t, cpu_seconds)
         if last is None or t <= last[0]:
             return
+        if self.points and t - last[0] < self.interval / 4:
+            # Too short to measure CPU (the reading at the end, just after a periodic one):
+            # the shutdown's burst would pass for a whole interval's load.
+            self._last = last
+            return
         millicores = max(0.0, (cpu_seconds - last[1]) / (t - last[0]) * 1000)
-        self.points.append({"t": round(t, 3), "c": round(millicores), "m": max(0, rss_bytes)})
+        self.points.append({"t": round(t, 1), "c": round(millicores), "m": max(0, rss_bytes)})
         if len(self.points) >= self.max_points:
             self._merge()
 
