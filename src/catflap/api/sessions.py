@@ -136,8 +136,9 @@ class SessionModel(BaseModel):
 class PccSessionModel(SessionModel):
     """One session record as Pipecat Cloud's CLI reads it: times are ISO 8601 UTC strings."""
 
-    createdAt: str = Field(description="when the session was accepted, ISO 8601 UTC")  # noqa: N815
-    endedAt: str | None = Field(default=None, description="null while the session is active")  # noqa: N815
+    # The fields' types change (Unix seconds -> ISO 8601 text): pydantic allows it, mypy not.
+    createdAt: str = Field(description="when the session was accepted, ISO 8601 UTC")  # type: ignore[assignment]  # noqa: N815, E501
+    endedAt: str | None = Field(default=None, description="null while the session is active")  # type: ignore[assignment]  # noqa: N815, E501
 
 
 class SessionList(BaseModel):
