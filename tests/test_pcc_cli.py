@@ -233,3 +233,16 @@ def test_another_organization_in_the_path_is_404_naming_the_keys_own(served: Ser
     assert response.status_code == 404
     assert response.json()["code"] == "404"
     assert "set PIPECAT_ORG=my-org" in response.json()["error"]
+
+
+def test_openapi_documents_both_path_sets(served: Served) -> None:
+    with httpx.Client(base_url=served.http, timeout=seconds(10)) as client:
+        paths = client.get("/openapi.json").json()["paths"]
+    for path in (
+        "/v1/agents/{agent}/sessions",
+        "/v1/organizations/{org}/services/{agent}/sessions/{session_id}",
+        "/v1/organizations/{org}/services/{agent}/logs",
+        "/v1/organizations/{org}/services/{agent}",
+    ):
+        assert "get" in paths[path], path
+    assert set(paths["/v1/organizations/{org}/services"]) == {"get", "post", "put"}

@@ -13,6 +13,7 @@ has no key yet. The ``secrets`` paths are not here: catflap keeps secret sets.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -193,11 +194,16 @@ def selfhosted_router() -> APIRouter:
             f"catflap is self-hosted and does not do {route.what}: {route.instead}; "
             "see README's 'Operating with the Pipecat Cloud CLI'"
         )
-        router.add_api_route(
-            route.path,
-            _refusal(message),
-            methods=list(route.methods),
-            responses=error_responses(501),
-            summary=f"Not self-hosted: {route.what}",
-        )
+        slug = re.sub(r"[^a-z0-9]+", "_", route.path.lower()).strip("_")
+        for method in route.methods:
+            # One route per method: FastAPI names a multi-method route's operation after its
+            # first method only, and a duplicate id fails /openapi.json under -W error.
+            router.add_api_route(
+                route.path,
+                _refusal(message),
+                methods=[method],
+                operation_id=f"not_self_hosted_{method.lower()}_{slug}",
+                responses=error_responses(501),
+                summary=f"Not self-hosted: {route.what}",
+            )
     return router
