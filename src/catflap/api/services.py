@@ -14,8 +14,8 @@ session now: a ready instance has a free slot, or a new instance may start (belo
 ``max_agents`` and not backing off after failed starts; then ``errors`` carries the failure).
 In cluster mode, where instances live on agent hosts, it is true while the agent is not at
 capacity. Agents are what ``catflap.toml`` configures: there are no deployments, so
-``activeDeploymentId`` is null and ``createdAt``/``updatedAt`` are when this gateway loaded
-its configuration. Checks run in the sessions API's order: key (401), organization and agent
+``activeDeploymentId`` is null and ``createdAt``/``updatedAt`` are when this gateway built its
+control API (on its first API request). Checks run in the sessions API's order: key (401), organization and agent
 (404).
 """
 
@@ -63,7 +63,7 @@ def services_router(
         organization: the private-key dependency (:func:`catflap.api.auth.private_key_org`).
         sessions: the live sessions, counted per agent (``activeSessionCount``).
         readiness: the local pool's readiness; None: from ``pool.at_capacity`` alone.
-        loaded_at: when the configuration was loaded (Unix seconds): the agents' timestamps.
+        loaded_at: when the API was built (Unix seconds): the agents' timestamps.
     """
     router = APIRouter(tags=["agents"], route_class=ParamCheckedRoute)
     in_path = organization_in_path(organization)
