@@ -15,8 +15,8 @@ session now: a ready instance has a free slot, or a new instance may start (belo
 In cluster mode, where instances live on agent hosts, it is true while the agent is not at
 capacity. Agents are what ``catflap.toml`` configures: there are no deployments, so
 ``activeDeploymentId`` is null and ``createdAt``/``updatedAt`` are when this gateway built its
-control API (on its first API request). Checks run in the sessions API's order: key (401), organization and agent
-(404).
+control API (on its first API request). Checks run in the sessions API's order: key (401),
+organization and agent (404).
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at run
