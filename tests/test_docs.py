@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from typing import Any, get_args
 
 from catflap.contract.closecodes import CLOSE_CODE_EXPLANATIONS, SENDABLE
+from catflap.contract.status import END_STATES, CompletionStatus, EndState
 
 from .conftest import ROOT
 from .render_docs import ARCHITECTURE, RENDERED, section
@@ -47,3 +49,21 @@ def test_architecture_state_tables_are_rendered_from_the_code() -> None:
         assert section(text, name) == render().strip(), (
             f"docs/architecture.md's {name} table is stale: run python -m tests.render_docs"
         )
+
+
+def _literal_values(annotation: Any) -> set[str]:
+    """Every string of a ``Literal``, or of a union of them."""
+    args = get_args(annotation)
+    if all(isinstance(arg, str) for arg in args):
+        return set(args)
+    return set().union(*(_literal_values(arg) for arg in args))
+
+
+def test_operations_end_state_table_is_the_one_mapping() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    table = text.split("<!-- end-states:start -->")[1].split("<!-- end-states:end -->")[0]
+    rows = re.findall(r"^\| `(\w+)` \| `(\w+)` \|$", table, flags=re.MULTILINE)
+    assert rows == list(END_STATES.items())
+    # Every completion status has a row, and every state is one PCC's CLI knows.
+    assert set(END_STATES) == _literal_values(CompletionStatus)
+    assert set(END_STATES.values()) <= set(get_args(EndState))

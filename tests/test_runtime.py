@@ -234,7 +234,11 @@ async def test_session_gets_id_body_and_transport_and_echoes_byte_exact(spawn: S
         "error": None,
         "client_disconnected": True,
         "bot_seconds": ended["bot_seconds"],
+        "resources": ended["resources"],
     }
+    resources = ended["resources"]
+    assert resources["sampleCount"] == len(resources["timeseries"]) >= 1
+    assert resources["memoryBytesP50"] > 10 * 2**20  # a Python process with FastAPI loaded
 
 
 async def test_without_headers_the_id_is_generated_and_body_and_transport_are_none(

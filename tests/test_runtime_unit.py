@@ -29,12 +29,14 @@ from catflap.contract.control import (
     ControlProtocolError,
     ParentCommand,
 )
+from catflap.contract.resources import ResourcePoint, summarize
 from catflap.logs import SessionContext
 from catflap.runtime.app import RESERVED_PATHS, ReservedRouteError, check_bot_routes, create_app
 from catflap.runtime.args import PipecatSessionArguments
 from catflap.runtime.botloader import LoadedBot
 from catflap.runtime.control_loop import ControlLoop
 from catflap.runtime.metrics import RuntimeMetrics
+from catflap.runtime.resources import SessionSampler
 from catflap.runtime.running import RunningBots
 from catflap.runtime.session import SessionRunner
 
@@ -141,8 +143,18 @@ class Runtime:
             clock=self.time.clock,
             sleep=self.time.sleep,
             max_sessions=hooks.get("max_sessions"),
+            sampler=self.sampler,
         )
         self.app = create_app(self.sessions, hooks.get("app"))
+
+    def sampler(self) -> SessionSampler:
+        """Reads a process that uses a quarter of a core and 64 MiB, only at the session's
+        start and end (its interval never passes on the fake clock)."""
+
+        def read() -> tuple[float, int]:
+            return self.time.clock() * FAKE_CPU_SHARE, FAKE_RSS
+
+        return SessionSampler(read=read, clock=self.time.clock, sleep=_forever)
 
     async def emit(self, event: ChildEvent) -> None:
         self.log.append(f"event {event['event']}")
@@ -195,8 +207,23 @@ class Runtime:
         return value
 
 
+FAKE_CPU_SHARE = 0.25
+FAKE_RSS = 64 * 2**20
+
+
+async def _forever(_: float) -> None:
+    await asyncio.Event().wait()
+
+
 def ended(session_id: str, status: str, **fields: Any) -> dict[str, Any]:
-    """The session_ended event, with the fields a test does not name at their usual values."""
+    """The session_ended event, with the fields a test does not name at their usual values;
+    ``resources`` is what the fake process gives over ``bot_seconds`` (none for 0 s)."""
+    seconds = fields.get("bot_seconds", 0.0)
+    point: ResourcePoint = {
+        "t": round(seconds, 1),
+        "c": round(FAKE_CPU_SHARE * 1000),
+        "m": FAKE_RSS,
+    }
     return {
         "event": "session_ended",
         "session_id": session_id,
@@ -204,6 +231,7 @@ def ended(session_id: str, status: str, **fields: Any) -> dict[str, Any]:
         "error": None,
         "client_disconnected": False,
         "bot_seconds": 0.0,
+        "resources": summarize([point]) if seconds > 0 else None,
         **fields,
     }
 

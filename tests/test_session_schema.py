@@ -57,7 +57,7 @@ def test_types_nulls_defaults_and_keys(column: Column, sqlite: str, postgres: st
 
 def test_every_kind_has_a_type_in_every_dialect() -> None:
     for dialect in (SQLITE, POSTGRES):
-        assert set(dialect.types) == {"text", "integer", "real", "boolean"}
+        assert set(dialect.types) == {"text", "integer", "real", "boolean", "json"}
 
 
 @pytest.mark.parametrize(

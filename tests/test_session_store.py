@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import pytest_asyncio
 
 from catflap.contract.errors import ConfigError
+from catflap.contract.resources import summarize
+from catflap.contract.status import END_STATES, EndState, statuses_ending_as
 from catflap.sessions.postgres import PostgresSessionStore
 from catflap.sessions.query import SessionQuery
 from catflap.sessions.record import SessionRecord
@@ -39,6 +41,8 @@ def _value(field: dataclasses.Field[Any], index: int) -> Any:
         return T0 + index / 3  # needs every bit of a double
     if base == "CompletionStatus":
         return "bot_error"
+    if base == "ResourceMetrics":
+        return summarize([{"t": 1.0, "c": 250, "m": 2**33 + index}, {"t": 2.0, "c": 750, "m": 9}])
     assert base == "str", f"add a test value for {field.name}: {field.type}"
     return f"{field.name}-value-é"
 
@@ -251,3 +255,33 @@ async def test_a_store_adds_the_columns_an_older_table_lacks(stores: StoreFactor
     assert await store.get("old") == record("old", at=T0)
     await store.save(full_record())
     assert await store.get(full_record().session_id) == full_record()
+
+
+async def test_start_type_filter_splits_cold_from_warm(stores: StoreFactory) -> None:
+    store = stores.open()
+    for index in range(3):
+        rec = record(f"s{index}", at=T0 + index)
+        rec.cold_start = index == 1
+        await store.save(rec)
+    total, page = await store.query(query(start_type="cold"))
+    assert (total, [r.session_id for r in page]) == (1, ["s1"])
+    total, page = await store.query(query(start_type="warm"))
+    assert (total, [r.session_id for r in page]) == (2, ["s2", "s0"])
+    assert (await store.query(query(start_type="all")))[0] == 3
+
+
+async def test_end_state_filter_reads_the_one_mapping_backwards(stores: StoreFactory) -> None:
+    store = stores.open()
+    statuses = list(END_STATES)
+    for index, status in enumerate(statuses):
+        rec = record(status, at=T0 + index, ended=True)
+        rec.completion_status = status
+        await store.save(rec)
+    await store.save(record("live", at=T0 + 100))
+    for state in get_args(EndState):
+        total, page = await store.query(query(end_state=state, limit=100))
+        expected = ["live"] if state == "active" else statuses_ending_as(state)[::-1]
+        assert (total, [r.session_id for r in page]) == (len(expected), expected), state
+        assert all(r.end_state == state for r in page)
+    combined = query(end_state="terminated", start_time=T0 + 5, status="ended")
+    assert [r.session_id for r in (await store.query(combined))[1]] == ["drained", "time_limit"]

@@ -259,6 +259,7 @@ def _wire(
             timeout=timings.proxy_timeout,
             send_timeout=timings.slow_peer,
         ),
+        readiness=getattr(pool, "readiness", None),  # a local pool's own, as instance_states
     )
     api = ApiConnections(lambda: _control_api(api_deps), on_refusal=refusals.count)
     steps = SessionSteps(

@@ -33,6 +33,8 @@ from catflap.api.dashboard import dashboard_router
 from catflap.api.logs import logs_router
 from catflap.api.metrics import metrics_router
 from catflap.api.proxy import session_proxy_router
+from catflap.api.selfhosted import selfhosted_router
+from catflap.api.services import services_router
 from catflap.api.sessions import SessionRecords, sessions_router
 from catflap.api.telephony import TELEPHONY_TRANSPORTS, provider_ws_url
 from catflap.auth.tokens import mint_token
@@ -430,6 +432,17 @@ def create_api(deps: ApiDeps) -> FastAPI:
     app.include_router(
         logs_router(organization=organization, records=records, log_dir=deps.config.log_dir)
     )
+    app.include_router(
+        services_router(
+            organization=organization,
+            agents=deps.agents,
+            sessions=deps.sessions,
+            pool=deps.pool,
+            readiness=deps.readiness,
+            loaded_at=deps.clock(),
+        )
+    )
+    app.include_router(selfhosted_router())
     if deps.config.gateway.dashboard:
         app.include_router(
             dashboard_router(

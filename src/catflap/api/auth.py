@@ -19,7 +19,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
-from catflap.contract.errors import BadRequest, Unauthorized
+from catflap.contract.errors import AgentNotFound, BadRequest, Unauthorized
 
 if TYPE_CHECKING:
     from catflap.config import OrgConfig
@@ -34,6 +34,7 @@ __all__ = [
     "canonical_session_id",
     "error_responses",
     "key_in",
+    "organization_in_path",
     "private_key_org",
     "public_key_org",
 ]
@@ -180,3 +181,31 @@ def public_key_org(agents: "AgentDirectory") -> OrganizationDependency:
         return org
 
     return organization
+
+
+def organization_in_path(organization: OrganizationDependency) -> OrganizationDependency:
+    """The private-key dependency for Pipecat Cloud's org-scoped paths
+    (``/v1/organizations/{org}/...``, what the ``pipecat cloud`` CLI calls): the key's
+    organization, which must be the one the path names.
+
+    Args:
+        organization: :func:`private_key_org`'s dependency.
+    """
+
+    async def in_path(  # async: a plain def would run on a worker thread
+        org: str, owner: Annotated[str, Depends(organization)]
+    ) -> str:
+        """The organization of the path, once the key is known to belong to it.
+
+        Raises:
+            Unauthorized: 401, no valid private key.
+            AgentNotFound: 404, the key belongs to another organization.
+        """
+        if org != owner:
+            raise AgentNotFound(
+                f"no organization {org[:64]!r} for this private key: it belongs to "
+                f"{owner!r}; set PIPECAT_ORG={owner} (or pass --organization {owner})"
+            )
+        return org
+
+    return in_path

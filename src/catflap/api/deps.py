@@ -8,7 +8,7 @@ a callable or a read-only view, never copied.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from catflap.gateway.botsession import BotSessions
     from catflap.gateway.sessionproxy import SessionProxy
     from catflap.metrics import GatewayMetrics, RelayTraffic
-    from catflap.pool.interface import SessionPool
+    from catflap.pool.interface import AgentReadiness, SessionPool
     from catflap.secretsets.store import SecretStore
     from catflap.sessions.recent import RecentRecords
     from catflap.sessions.store import SessionStore
@@ -55,3 +55,7 @@ class ApiDeps:
     #: Forwards ``/v1/public/{agent}/sessions/{id}/{path}`` to the session's instance. None (an
     #: API built from parts, in a test): the proxy answers 503.
     session_proxy: SessionProxy | None = None
+    #: Whether an agent would take a session now, by ``agent.org`` (a local pool's
+    #: ``readiness``). None (cluster mode, where instances live on agent hosts): an agent counts
+    #: as ready while the pool is not at capacity.
+    readiness: Callable[[str], Awaitable[AgentReadiness]] | None = None

@@ -6,6 +6,10 @@
         {"total": {"value": n, "relation": "eq"},
          "logs": [{"log": line, "timestamp": iso, "sessionId": id, "level": .., "stream": ..}]}
 
+The same route answers at ``/v1/organizations/{org}/services/{agent}/logs``, where the
+``pipecat cloud agent logs`` CLI asks (with ``limit``, ``sessionId`` and ``deploymentId``, which
+catflap ignores: it has no deployments); the path's organization must be the key's.
+
 Lines come from the session log files the agent runtimes write
 (:mod:`catflap.runtime.botlogs`, read by :mod:`catflap.logstore`): the bot's own ``logging``,
 ``loguru`` and ``print`` output, and the runtime's lines about the session. Without
@@ -30,8 +34,9 @@ from catflap.api.auth import (
     ParamCheckedRoute,
     canonical_session_id,
     error_responses,
+    organization_in_path,
 )
-from catflap.api.sessions import SessionNotFound, SessionRecords
+from catflap.api.sessions import AGENT_PREFIX, ORG_PREFIX, SessionNotFound, SessionRecords
 from catflap.contract import limits
 from catflap.contract.errors import InternalError
 from catflap.logstore import LogPage, LogStore
@@ -75,62 +80,72 @@ def logs_router(
     errors = error_responses(400, 401, 404, 500)
     logs = LogStore(log_dir)
 
-    @router.get(
-        "/v1/agents/{agent}/logs",
-        response_model=LogsAnswer,
-        responses=errors,
-        summary="Read an agent's log lines",
+    routes = (
+        (AGENT_PREFIX, organization, ""),
+        (ORG_PREFIX, organization_in_path(organization), " (Pipecat Cloud CLI path)"),
     )
-    async def agent_logs(
-        agent: str,
-        org: Annotated[str, Depends(organization)],
-        session_id: Annotated[
-            str | None,
-            Query(
-                alias="sessionId",
-                description="one session's lines; without it, the agent's "
-                f"{limits.LOGS_RECENT_SESSIONS_MAX} most recent sessions, merged by time",
-            ),
-        ] = None,
-        limit: Annotated[int, Query(ge=1, le=limits.LOGS_LIMIT_MAX)] = limits.LOGS_LIMIT_DEFAULT,
-        offset: Annotated[
-            int, Query(ge=0, le=limits.API_OFFSET_MAX, description="skip this many lines first")
-        ] = 0,
-        order: Annotated[
-            Literal["asc", "desc"], Query(description="asc: oldest first; desc: newest first")
-        ] = "desc",
-    ) -> dict[str, Any]:
-        """Log lines of one session (or of the agent's recent sessions), with their total.
+    for prefix, dependency, suffix in routes:
 
-        Raises:
-            BadRequest: 400, a query parameter is invalid or sessionId is not a UUID.
-            Unauthorized: 401, no private key.
-            AgentNotFound: 404, the agent is not in the key's organization.
-            SessionNotFound: 404, the agent has no such session.
-            InternalError: 500, the log files or the session store could not be read.
-        """
-        sid = canonical_session_id(session_id) if session_id is not None else None
-        records.check_agent(org, agent)
-        try:
-            page: LogPage
-            if sid is None:
-                page = await asyncio.to_thread(
-                    logs.read_recent, org, agent, limit=limit, offset=offset, order=order
-                )
-            elif await asyncio.to_thread(logs.has_session, org, agent, sid):
-                page = await asyncio.to_thread(
-                    logs.read_session, org, agent, sid, limit=limit, offset=offset, order=order
-                )
-            elif await records.of_agent(org, agent, sid) is not None:
-                page = LogPage(0, [])  # no line written (yet), or pruned
-            else:
-                raise SessionNotFound(f"no session {sid} for agent {agent!r}")
-        except OSError:
-            log.exception("! could not read the session logs")
-            raise InternalError("could not read the session logs; see the gateway log") from None
-        return {
-            "total": {"value": page.total, "relation": "eq"},
-            "logs": [entry.to_api() for entry in page.entries],
-        }
+        @router.get(
+            f"{prefix}/logs",
+            response_model=LogsAnswer,
+            responses=errors,
+            summary="Read an agent's log lines" + suffix,
+        )
+        async def agent_logs(
+            agent: str,
+            org: Annotated[str, Depends(dependency)],
+            session_id: Annotated[
+                str | None,
+                Query(
+                    alias="sessionId",
+                    description="one session's lines; without it, the agent's "
+                    f"{limits.LOGS_RECENT_SESSIONS_MAX} most recent sessions, merged by time",
+                ),
+            ] = None,
+            limit: Annotated[
+                int, Query(ge=1, le=limits.LOGS_LIMIT_MAX)
+            ] = limits.LOGS_LIMIT_DEFAULT,
+            offset: Annotated[
+                int, Query(ge=0, le=limits.API_OFFSET_MAX, description="skip this many lines first")
+            ] = 0,
+            order: Annotated[
+                Literal["asc", "desc"], Query(description="asc: oldest first; desc: newest first")
+            ] = "desc",
+        ) -> dict[str, Any]:
+            """Log lines of one session (or of the agent's recent sessions), with their total.
+
+            Raises:
+                BadRequest: 400, a query parameter is invalid or sessionId is not a UUID.
+                Unauthorized: 401, no private key.
+                AgentNotFound: 404, the agent is not in the key's organization.
+                SessionNotFound: 404, the agent has no such session.
+                InternalError: 500, the log files or the session store could not be read.
+            """
+            sid = canonical_session_id(session_id) if session_id is not None else None
+            records.check_agent(org, agent)
+            try:
+                page: LogPage
+                if sid is None:
+                    page = await asyncio.to_thread(
+                        logs.read_recent, org, agent, limit=limit, offset=offset, order=order
+                    )
+                elif await asyncio.to_thread(logs.has_session, org, agent, sid):
+                    page = await asyncio.to_thread(
+                        logs.read_session, org, agent, sid, limit=limit, offset=offset, order=order
+                    )
+                elif await records.of_agent(org, agent, sid) is not None:
+                    page = LogPage(0, [])  # no line written (yet), or pruned
+                else:
+                    raise SessionNotFound(f"no session {sid} for agent {agent!r}")
+            except OSError:
+                log.exception("! could not read the session logs")
+                raise InternalError(
+                    "could not read the session logs; see the gateway log"
+                ) from None
+            return {
+                "total": {"value": page.total, "relation": "eq"},
+                "logs": [entry.to_api() for entry in page.entries],
+            }
 
     return router

@@ -6,6 +6,12 @@
     GET    /v1/agents/{agent}/sessions/{session_id}    one session record
     DELETE /v1/agents/{agent}/sessions/{session_id}    {"status": "terminated", "session_id": id}
 
+The same three routes, one implementation, also answer under
+``/v1/organizations/{org}/services/{agent}``: the paths the ``pipecat cloud`` CLI calls. There
+the path's organization must be the key's, and ``createdAt``/``endedAt`` are ISO 8601 UTC
+strings (``2026-12-02T08:15:57.123Z``), which the CLI parses; catflap's own paths keep Unix
+seconds. Both list filters take PCC's ``startType`` (cold, warm) and ``endState``.
+
 Every call needs ``Authorization: Bearer sk_...``: the private key picks the organization, as a
 public key does for ``/start``. Checks run in this order: key (401), query and session id
 format (400), agent in the key's organization (404), session (404).
@@ -22,6 +28,8 @@ cancel ``bot()``; the client then gets close 1000 "session stopped" and the reco
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query
@@ -32,12 +40,14 @@ from catflap.api.auth import (
     ParamCheckedRoute,
     canonical_session_id,
     error_responses,
+    organization_in_path,
 )
 from catflap.contract import limits
 from catflap.contract.errors import AgentNotFound, BadRequest, InternalError, NotFound
-from catflap.contract.status import CompletionStatus
+from catflap.contract.resources import ResourceMetrics
+from catflap.contract.status import CompletionStatus, EndState
 from catflap.logs import session_log
-from catflap.sessions.query import SessionQuery
+from catflap.sessions.query import SessionQuery, StartTypeFilter, StatusFilter
 from catflap.sessions.record import SessionRecord
 
 if TYPE_CHECKING:
@@ -47,13 +57,19 @@ if TYPE_CHECKING:
     from catflap.sessions.store import SessionStore
 
 __all__ = [
+    "AGENT_PREFIX",
     "LIST_LIMIT_DEFAULT",
     "LIST_LIMIT_MAX",
+    "ORG_PREFIX",
+    "PccSessionList",
+    "PccSessionModel",
     "SessionList",
     "SessionModel",
     "SessionNotFound",
     "SessionRecords",
     "StopResponse",
+    "iso_time",
+    "pcc_session",
     "sessions_router",
 ]
 
@@ -63,6 +79,10 @@ log = logging.getLogger("catflap.api")
 LIST_LIMIT_DEFAULT = 10
 #: Largest page: bounds the rows one request reads and the size of its answer.
 LIST_LIMIT_MAX = 1000
+#: catflap's session paths (PCC's documented REST paths): times in Unix seconds.
+AGENT_PREFIX = "/v1/agents/{agent}"
+#: The same sessions where Pipecat Cloud's CLI and SDK look for them: times in ISO 8601.
+ORG_PREFIX = "/v1/organizations/{org}/services/{agent}"
 
 _T = TypeVar("_T")
 
@@ -101,6 +121,24 @@ class SessionModel(BaseModel):
     bytesAgentToClient: int = 0  # noqa: N815
     framesClientToAgent: int = 0  # noqa: N815
     framesAgentToClient: int = 0  # noqa: N815
+    endState: EndState = Field(  # noqa: N815
+        default="active",
+        description="PCC's endState: completionStatus mapped by the one table of "
+        "docs/operations.md (active while the session runs)",
+    )
+    resourceMetrics: ResourceMetrics | None = Field(  # noqa: N815
+        default=None,
+        description="CPU millicores and resident memory bytes of the instance's process while "
+        "the session ran: p50/p90/p95/p99, sampleCount, timeseries [{t, c, m}]",
+    )
+
+
+class PccSessionModel(SessionModel):
+    """One session record as Pipecat Cloud's CLI reads it: times are ISO 8601 UTC strings."""
+
+    # The fields' types change (Unix seconds -> ISO 8601 text): pydantic allows it, mypy not.
+    createdAt: str = Field(description="when the session was accepted, ISO 8601 UTC")  # type: ignore[assignment]  # noqa: N815, E501
+    endedAt: str | None = Field(default=None, description="null while the session is active")  # type: ignore[assignment]  # noqa: N815, E501
 
 
 class SessionList(BaseModel):
@@ -110,11 +148,93 @@ class SessionList(BaseModel):
     sessions: list[SessionModel]
 
 
+class PccSessionList(BaseModel):
+    """One page of an agent's sessions, newest first, with ISO 8601 times."""
+
+    total_count: int = Field(description="sessions matching the filters, on every page")
+    sessions: list[PccSessionModel]
+
+
 class StopResponse(BaseModel):
     """Answer of ``DELETE /v1/agents/{agent}/sessions/{session_id}``."""
 
     status: Literal["terminated"]
     session_id: str
+
+
+def iso_time(seconds: float) -> str:
+    """Unix seconds as ISO 8601 UTC with milliseconds and a ``Z``, the form the ``pipecat
+    cloud`` CLI parses (``%Y-%m-%dT%H:%M:%S.%fZ``)."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def pcc_session(record: SessionRecord) -> dict[str, Any]:
+    """The record as the org-scoped paths answer it: :meth:`SessionRecord.to_api` with ISO
+    8601 times."""
+    fields = record.to_api()
+    for name in ("createdAt", "endedAt"):
+        if fields[name] is not None:
+            fields[name] = iso_time(fields[name])
+    return fields
+
+
+@dataclass(frozen=True, slots=True)
+class ListFilters:
+    """The query of ``GET .../sessions``, checked (see :func:`_list_filters`)."""
+
+    status: StatusFilter
+    limit: int
+    offset: int
+    start_time: float | None
+    end_time: float | None
+    start_type: StartTypeFilter
+    end_state: EndState | None
+
+
+def _list_filters(
+    status: Annotated[
+        StatusFilter, Query(description="active: not ended yet; ended: has an endedAt")
+    ] = "all",
+    limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX)] = LIST_LIMIT_DEFAULT,
+    offset: Annotated[
+        int, Query(ge=0, le=limits.API_OFFSET_MAX, description="skip this many sessions first")
+    ] = 0,
+    start_time: Annotated[
+        float | None,
+        Query(
+            alias="startTime",
+            ge=0,
+            allow_inf_nan=False,
+            description="only sessions created at or after this Unix time (seconds)",
+        ),
+    ] = None,
+    end_time: Annotated[
+        float | None,
+        Query(
+            alias="endTime",
+            ge=0,
+            allow_inf_nan=False,
+            description="only sessions created at or before this Unix time (seconds)",
+        ),
+    ] = None,
+    start_type: Annotated[
+        StartTypeFilter,
+        Query(alias="startType", description="cold: waited for a new instance; warm: did not"),
+    ] = "all",
+    end_state: Annotated[
+        EndState | None,
+        Query(alias="endState", description="PCC's endState (docs/operations.md's table)"),
+    ] = None,
+) -> ListFilters:
+    """The list filters, one dependency for both path sets.
+
+    Raises:
+        BadRequest: 400, startTime is after endTime (a bad value: 400 naming it).
+    """
+    if start_time is not None and end_time is not None and start_time > end_time:
+        raise BadRequest(f"startTime ({start_time:g}) is after endTime ({end_time:g})")
+    return ListFilters(status, limit, offset, start_time, end_time, start_type, end_state)
 
 
 async def _from_store(call: Callable[[], Awaitable[_T]]) -> _T:
@@ -167,14 +287,35 @@ class SessionRecords:
 def sessions_router(
     *, organization: OrganizationDependency, records: SessionRecords, pool: "SessionPool"
 ) -> APIRouter:
-    """The sessions API, as a router for :func:`catflap.api.app.create_api`.
+    """The sessions API, as a router for :func:`catflap.api.app.create_api`: the same routes
+    under :data:`AGENT_PREFIX` and :data:`ORG_PREFIX`.
 
     Args:
         organization: the private-key dependency (:func:`catflap.api.auth.private_key_org`).
         pool: stops a live session wherever it runs.
     """
     router = APIRouter(tags=["sessions"], route_class=ParamCheckedRoute)
+    _add_routes(router, AGENT_PREFIX, organization, records, pool, pcc=False)
+    _add_routes(router, ORG_PREFIX, organization_in_path(organization), records, pool, pcc=True)
+    return router
+
+
+def _add_routes(
+    router: APIRouter,
+    prefix: str,
+    organization: OrganizationDependency,
+    records: SessionRecords,
+    pool: "SessionPool",
+    *,
+    pcc: bool,
+) -> None:
+    """List, show and stop under ``prefix``; ``pcc``: Pipecat Cloud's times (ISO 8601)."""
     errors = error_responses(400, 401, 404, 500)
+    render: Callable[[SessionRecord], dict[str, Any]] = pcc_session if pcc else SessionRecord.to_api
+    one_model = PccSessionModel if pcc else SessionModel
+    list_model = PccSessionList if pcc else SessionList
+    # Distinct operation ids: FastAPI derives them from the function name and the path.
+    suffix = " (Pipecat Cloud CLI path)" if pcc else ""
 
     async def find(org: str, agent: str, session_id: str) -> SessionRecord:
         record = await records.of_agent(org, agent, session_id)
@@ -183,41 +324,15 @@ def sessions_router(
         return record
 
     @router.get(
-        "/v1/agents/{agent}/sessions",
-        response_model=SessionList,
+        f"{prefix}/sessions",
+        response_model=list_model,
         responses=errors,
-        summary="List an agent's sessions",
+        summary="List an agent's sessions" + suffix,
     )
     async def list_sessions(
         agent: str,
-        org: Annotated[str, Depends(organization)],
-        status: Annotated[
-            Literal["active", "ended", "all"],
-            Query(description="active: not ended yet; ended: has an endedAt"),
-        ] = "all",
-        limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX)] = LIST_LIMIT_DEFAULT,
-        offset: Annotated[
-            int,
-            Query(ge=0, le=limits.API_OFFSET_MAX, description="skip this many sessions first"),
-        ] = 0,
-        start_time: Annotated[
-            float | None,
-            Query(
-                alias="startTime",
-                ge=0,
-                allow_inf_nan=False,
-                description="only sessions created at or after this Unix time (seconds)",
-            ),
-        ] = None,
-        end_time: Annotated[
-            float | None,
-            Query(
-                alias="endTime",
-                ge=0,
-                allow_inf_nan=False,
-                description="only sessions created at or before this Unix time (seconds)",
-            ),
-        ] = None,
+        owner: Annotated[str, Depends(organization)],
+        filters: Annotated[ListFilters, Depends(_list_filters)],
     ) -> dict[str, Any]:
         """An agent's sessions, newest first, with the total number that match.
 
@@ -227,29 +342,29 @@ def sessions_router(
             AgentNotFound: 404, the agent is not in the key's organization.
             InternalError: 500, the session store failed.
         """
-        if start_time is not None and end_time is not None and start_time > end_time:
-            raise BadRequest(f"startTime ({start_time:g}) is after endTime ({end_time:g})")
-        records.check_agent(org, agent)
+        records.check_agent(owner, agent)
         query = SessionQuery(
-            org=org,
+            org=owner,
             agent=agent,
-            status=status,
-            limit=limit,
-            offset=offset,
-            start_time=start_time,
-            end_time=end_time,
+            status=filters.status,
+            limit=filters.limit,
+            offset=filters.offset,
+            start_time=filters.start_time,
+            end_time=filters.end_time,
+            start_type=filters.start_type,
+            end_state=filters.end_state,
         )
         total, page = await records.page(query)
-        return {"total_count": total, "sessions": [record.to_api() for record in page]}
+        return {"total_count": total, "sessions": [render(record) for record in page]}
 
     @router.get(
-        "/v1/agents/{agent}/sessions/{session_id}",
-        response_model=SessionModel,
+        f"{prefix}/sessions/{{session_id}}",
+        response_model=one_model,
         responses=errors,
-        summary="Show one session",
+        summary="Show one session" + suffix,
     )
     async def show_session(
-        agent: str, session_id: str, org: Annotated[str, Depends(organization)]
+        agent: str, session_id: str, owner: Annotated[str, Depends(organization)]
     ) -> dict[str, Any]:
         """One session's record, active or ended.
 
@@ -261,17 +376,17 @@ def sessions_router(
             InternalError: 500, the session store failed.
         """
         sid = canonical_session_id(session_id)
-        records.check_agent(org, agent)
-        return (await find(org, agent, sid)).to_api()
+        records.check_agent(owner, agent)
+        return render(await find(owner, agent, sid))
 
     @router.delete(
-        "/v1/agents/{agent}/sessions/{session_id}",
+        f"{prefix}/sessions/{{session_id}}",
         response_model=StopResponse,
         responses=errors,
-        summary="Stop a live session",
+        summary="Stop a live session" + suffix,
     )
     async def stop_session(
-        agent: str, session_id: str, org: Annotated[str, Depends(organization)]
+        agent: str, session_id: str, owner: Annotated[str, Depends(organization)]
     ) -> dict[str, str]:
         """Stop a live session: ``bot()`` is cancelled and the client gets close 1000.
 
@@ -286,8 +401,8 @@ def sessions_router(
             InternalError: 500, the session store failed.
         """
         sid = canonical_session_id(session_id)
-        records.check_agent(org, agent)
-        record = await find(org, agent, sid)
+        records.check_agent(owner, agent)
+        record = await find(owner, agent, sid)
         if record.ended_at is not None:
             raise SessionNotFound(
                 f"session {sid} has already ended ({record.completion_status}); "
@@ -300,7 +415,5 @@ def sessions_router(
                 f"session {sid} is not running (it has ended, or no gateway of this "
                 "deployment serves it); only live sessions can be stopped"
             )
-        session_log(log, sid, agent=agent, org=org).info("x stop requested through the API")
+        session_log(log, sid, agent=agent, org=owner).info("x stop requested through the API")
         return {"status": "terminated", "session_id": sid}
-
-    return router

@@ -288,6 +288,7 @@ class RedisPool:
                                 error=data.get("error"),
                                 client_disconnected=bool(data.get("client_disconnected")),
                                 bot_seconds=data.get("bot_seconds"),
+                                resources=data.get("resources"),
                             ),
                         )
             except (RedisError, OSError) as exc:

@@ -187,6 +187,7 @@ class AgentHost:
                 "error": end.error,
                 "client_disconnected": end.client_disconnected,
                 "bot_seconds": end.bot_seconds,
+                "resources": end.resources,
             }
         )
 

@@ -61,8 +61,7 @@ class RedisSessionStore:
                 if raw is None:
                     continue
                 record = SessionRecord(**json.loads(raw))
-                ended = record.ended_at is not None
-                if query.status == "all" or (query.status == "ended") == ended:
+                if query.matches(record):
                     matched.append(record)
         return len(matched), matched[query.offset : query.offset + query.limit]
 

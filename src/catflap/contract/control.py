@@ -10,7 +10,7 @@ Child -> parent events::
     {"event":"start_failed","error":str}
     {"event":"session_started","session_id":str}
     {"event":"session_ended","session_id":str,"status":SessionStatus,"error":str|null,
-     "client_disconnected":bool,"bot_seconds":float}
+     "client_disconnected":bool,"bot_seconds":float,"resources":ResourceMetrics|null}
     {"event":"pong","seq":int}
 
 Parent -> child commands::
@@ -29,12 +29,19 @@ import contextlib
 import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Annotated, Any, Literal, TypeVar
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    NotRequired,  # pydantic needs these on 3.11
+    TypeVar,
+)
 
 from pydantic import Field, TypeAdapter, ValidationError
-from typing_extensions import TypedDict  # pydantic needs it to validate TypedDicts on 3.11
+from typing_extensions import TypedDict
 
 from catflap.contract.errors import CatflapError
+from catflap.contract.resources import ResourceMetrics
 from catflap.contract.status import BotStatus
 
 __all__ = [
@@ -91,6 +98,9 @@ class SessionEndedEvent(TypedDict):
     error: str | None
     client_disconnected: bool
     bot_seconds: float
+    #: CPU and memory of the instance's process while the session ran
+    #: (:mod:`catflap.contract.resources`); absent or null when it could not be read.
+    resources: NotRequired[ResourceMetrics | None]
 
 
 class PongEvent(TypedDict):

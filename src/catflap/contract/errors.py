@@ -42,6 +42,8 @@
     │   ├── AtCapacity                429 PCC-AGENT-AT-CAPACITY (+ Retry-After)
     │   ├── HeadersTooLarge           431 headers_too_large
     │   ├── InternalError             500 internal_error (details only in the log)
+    │   ├── NotSupportedSelfHosted    501 not_supported_self_hosted (a PCC call with no
+    │   │                             meaning self-hosted: deploy, builds, regions, ...)
     │   ├── WebRTCUnavailable         501 webrtc_unavailable (no pipecat-ai[webrtc] in the agent)
     │   ├── SessionUnreachable        502 session_unreachable (the session proxy)
     │   ├── DailyApiError             502 daily_api_error (Daily's REST API refused or broke)
@@ -105,6 +107,7 @@ __all__ = [
     "MetricsForbidden",
     "MissingSessionId",
     "NotFound",
+    "NotSupportedSelfHosted",
     "OfferConflict",
     "PeerConnectionNotFound",
     "PlainHttpOnTlsPort",
@@ -445,6 +448,14 @@ class WebRTCUnavailable(RequestRejected):
 
     status = 501
     code = "webrtc_unavailable"
+
+
+class NotSupportedSelfHosted(RequestRejected):
+    """501: a Pipecat Cloud API call that has no meaning in a self-hosted gateway (deploys,
+    builds, regions, billing, ...); the message says what catflap does instead."""
+
+    status = 501
+    code = "not_supported_self_hosted"
 
 
 class ServiceUnavailable(RequestRejected):

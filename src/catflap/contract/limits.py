@@ -62,6 +62,8 @@ __all__ = [
     "RELAY_LOW_WATER_BYTES",
     "REPLAY_BUSY_TIMEOUT_S",
     "REPLAY_MAINTENANCE_INTERVAL_S",
+    "RESOURCE_SAMPLES_MAX",
+    "RESOURCE_SAMPLE_INTERVAL_S",
     "REQUEST_BODY_TIMEOUT_S",
     "REQUEST_HEADER_LINES_MAX",
     "REQUEST_HEADER_LINE_MAX_BYTES",
@@ -394,6 +396,14 @@ API_OFFSET_MAX = 2**31 - 1
 LOGS_PAGE_MAX_BYTES = 4 * 1024 * 1024
 #: Without ``sessionId``, the logs API reads this many of the agent's most recent session files.
 LOGS_RECENT_SESSIONS_MAX = 20
+#: How often the runtime samples its process's CPU and memory while a session runs, at first:
+#: Pipecat Cloud's ``resourceMetrics`` timeseries is per second too, and a /proc read costs
+#: microseconds.
+RESOURCE_SAMPLE_INTERVAL_S = 1.0
+#: Samples kept per session. When full, every other sample is dropped and the interval doubles,
+#: so a 4 h session still spans its whole length in at most this many points: the record, the
+#: control line and each sessions API answer stay a few KiB (the CLI's sparkline shows 50).
+RESOURCE_SAMPLES_MAX = 120
 
 # --- Secret sets -------------------------------------------------------------------------------
 
@@ -507,6 +517,8 @@ OTHER_LIMITS: frozenset[str] = frozenset(
         "RELAY_LOW_WATER_BYTES",
         "REPLAY_BUSY_TIMEOUT_S",
         "REPLAY_MAINTENANCE_INTERVAL_S",
+        "RESOURCE_SAMPLES_MAX",
+        "RESOURCE_SAMPLE_INTERVAL_S",
         "RETRY_AFTER_AT_CAPACITY_S",
         "RETRY_AFTER_NOT_READY_S",
         "TCP_KEEPALIVE_COUNT",

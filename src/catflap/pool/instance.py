@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass, field
 
 from catflap.contract.errors import CatflapMisuse
+from catflap.contract.resources import ResourceMetrics
 from catflap.contract.status import EndStatus
 from catflap.pool.launcher import LaunchedProcess
 
@@ -83,6 +84,8 @@ class SessionEnd:
     error: str | None = None
     client_disconnected: bool = False
     bot_seconds: float | None = None
+    #: The runtime's samples of its process while the session ran (None: none reported).
+    resources: ResourceMetrics | None = None
 
 
 @dataclass(eq=False)

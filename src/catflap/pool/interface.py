@@ -12,7 +12,7 @@ from typing import Protocol
 
 from catflap.pool.instance import SessionEnd
 
-__all__ = ["SessionLease", "SessionPlace", "SessionPool"]
+__all__ = ["AgentReadiness", "SessionLease", "SessionPlace", "SessionPool"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +23,25 @@ class SessionPlace:
     address: str | None
     #: The runtime reported ``session_started``: ``bot()`` runs and can be reached.
     running: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AgentReadiness:
+    """Whether an agent can take a session now: what ``GET .../services/{agent}`` reports."""
+
+    #: Ready instances with a free slot.
+    open_instances: int
+    #: Every live instance by state (starting, idle, busy, draining).
+    instances: dict[str, int]
+    #: A new instance may be started now: below ``max_agents`` and not backing off.
+    can_start: bool
+    #: The last start failure while the agent backs off from it (its exception line).
+    problem: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        """A session would be placed now, on a ready instance or a new one."""
+        return self.open_instances > 0 or self.can_start
 
 
 class SessionLease(Protocol):

@@ -20,7 +20,7 @@ from catflap.contract import limits
 from catflap.contract.errors import AgentNotFound, AgentNotReady
 from catflap.pool.clock import Clock, Sleep, done_within
 from catflap.pool.instance import Instance, InstanceState, Lease
-from catflap.pool.interface import SessionLease, SessionPlace
+from catflap.pool.interface import AgentReadiness, SessionLease, SessionPlace
 from catflap.pool.launcher import Launcher
 from catflap.pool.observer import PoolObserver
 from catflap.pool.slots import AgentSlots
@@ -207,6 +207,11 @@ class LocalPool:
 
     async def at_capacity(self, agent_key: str) -> bool:
         return self._pool(agent_key).at_capacity()
+
+    async def readiness(self, agent_key: str) -> AgentReadiness:
+        """Whether the agent would take a session now (``GET .../services/{agent}``)."""
+        pool = self._pool(agent_key)
+        return pool.slots.readiness(pool.supervisor.backoff)
 
     async def acquire(
         self, agent_key: str, session_id: str, *, avoid: frozenset[str] = frozenset()

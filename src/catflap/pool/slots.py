@@ -13,6 +13,7 @@ from catflap.contract.errors import AgentNotReady, AtCapacity
 from catflap.pool.backoff import StartBackoff
 from catflap.pool.clock import Clock
 from catflap.pool.instance import Instance, InstanceState, Lease, SessionEnd
+from catflap.pool.interface import AgentReadiness
 from catflap.pool.observer import PoolObserver
 
 __all__ = ["INSTANCE_METRIC_STATES", "AgentSlots"]
@@ -109,6 +110,17 @@ class AgentSlots:
             self.session_ended(
                 instance, session_id, SessionEnd(status="agent_crashed", error=error)
             )
+
+    def readiness(self, backoff: StartBackoff) -> AgentReadiness:
+        """Whether a session would be placed now (see :meth:`place`), without placing one."""
+        live = self.live()
+        waiting = backoff.remaining(self._clock())
+        return AgentReadiness(
+            open_instances=sum(i.state is InstanceState.READY and i.free_slots > 0 for i in live),
+            instances=self.state_counts(),
+            can_start=len(live) < self.max_agents and waiting <= 0,
+            problem=backoff.last_error_line() if waiting > 0 else None,
+        )
 
     def state_counts(self) -> dict[str, int]:
         """How many live instances are in each of :data:`INSTANCE_METRIC_STATES`."""

@@ -275,6 +275,7 @@ class Supervisor:
                         error=event["error"],
                         client_disconnected=event["client_disconnected"],
                         bot_seconds=event["bot_seconds"],
+                        resources=event.get("resources"),
                     )
                     self._slots.session_ended(instance, event["session_id"], end)
         except Exception:

@@ -44,6 +44,7 @@ from catflap.runtime.args import (
 from catflap.runtime.botloader import LoadedBot
 from catflap.runtime.botlogs import BotOutputCapture
 from catflap.runtime.metrics import RuntimeMetrics
+from catflap.runtime.resources import SessionSampler
 from catflap.runtime.running import RunningBots
 from catflap.runtime.webrtc import OfferTimeout, WebRTCSessions
 
@@ -112,6 +113,8 @@ class SessionRunner:
     max_sessions: int | None = None
     #: The WebRTC sessions waiting for or holding a peer connection, and their signalling.
     webrtc: WebRTCSessions = field(default_factory=WebRTCSessions)
+    #: Makes the sampler of one session's CPU and memory (``session_ended.resources``).
+    sampler: Callable[[], SessionSampler] = SessionSampler
 
     async def run(self, websocket: WebSocket) -> None:
         """Serve one ``/ws`` connection from the upgrade to ``session_ended``; never raises."""
@@ -252,6 +255,8 @@ class SessionRunner:
         self.metrics.session_started()
         log.info("= session started (%s, budget=%s s)", describe, budget)
         started = self.clock()
+        sampler = self.sampler()
+        sampler.start()
         task = asyncio.create_task(call_bot(), name=f"bot[{session_id}]")
         stop = self.running.add(session_id, task)
         try:
@@ -261,6 +266,7 @@ class SessionRunner:
             self.running.remove(session_id)
             if not task.done():
                 task.cancel()  # this handler itself was cancelled (forced server exit)
+            resources = await sampler.stop()
         bot_seconds = self.clock() - started
         self.metrics.session_ended(outcome.status, bot_seconds)
         client_disconnected = await end_transport(outcome)
@@ -276,6 +282,7 @@ class SessionRunner:
                 "error": outcome.error,
                 "client_disconnected": client_disconnected,
                 "bot_seconds": round(bot_seconds, 6),
+                "resources": resources,
             }
         )
         return outcome.status

@@ -11,7 +11,12 @@ Completion statuses (documented in docs/operations.md):
 ``time_limit``           ``max_session_duration`` ran out and ``bot()`` was cancelled
 ``agent_start_timeout``  a WebRTC session's client sent no offer in time; ``bot()`` never ran
 ``drained``              the gateway shut down and its drain deadline passed
+``error``                the gateway's relay failed and sent 1011 both ways
 =======================  ==============================================================
+
+Each status has one PCC ``endState`` (``contract.status.END_STATES``), which
+:meth:`SessionRecord.to_api` adds; ``resourceMetrics`` is what the runtime sampled of its
+process while ``bot()`` ran.
 
 ``error`` is cut to :data:`~catflap.contract.limits.RECORD_ERROR_MAX_CHARS` characters, marker
 included, whenever it is set (:func:`cut_error`): a bot raising with a 500 KB message would
@@ -26,7 +31,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from catflap.contract.errors import cut_error
-from catflap.contract.status import CompletionStatus
+from catflap.contract.resources import ResourceMetrics
+from catflap.contract.status import CompletionStatus, EndState, end_state
 from catflap.pool.instance import SessionEnd
 
 __all__ = ["RelayStats", "SessionRecord", "completion_status"]
@@ -87,6 +93,9 @@ class SessionRecord:
     bytes_agent_to_client: int = 0
     frames_client_to_agent: int = 0
     frames_agent_to_client: int = 0
+    #: CPU and memory of the instance's process while the session ran, as PCC names them
+    #: (:mod:`catflap.contract.resources`); None while active, or when none was reported.
+    resource_metrics: ResourceMetrics | None = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Every write of ``error`` passes here: the dataclass __init__ (records built by the
@@ -108,10 +117,20 @@ class SessionRecord:
         self.bytes_agent_to_client = stats.bytes_agent_to_client
         self.frames_client_to_agent = stats.frames_client_to_agent
         self.frames_agent_to_client = stats.frames_agent_to_client
+        self.resource_metrics = end.resources
+
+    @property
+    def end_state(self) -> EndState:
+        """PCC's ``endState`` (``contract.status.END_STATES``)."""
+        return end_state(self.completion_status)
 
     def to_api(self) -> dict[str, Any]:
+        """The record's fields in camelCase (PCC's names), with PCC's derived ``endState``."""
+
         def camel(name: str) -> str:
             head, *rest = name.split("_")
             return head + "".join(part.title() for part in rest)
 
-        return {camel(key): value for key, value in asdict(self).items()}
+        fields = {camel(key): value for key, value in asdict(self).items()}
+        fields["endState"] = self.end_state
+        return fields

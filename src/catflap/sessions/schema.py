@@ -8,10 +8,12 @@ What differs between SQLite and PostgreSQL (type names, parameter marks) is a
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import MISSING, Field, dataclass, fields
 from typing import Any, Literal, NamedTuple
 
+from catflap.contract.status import ACTIVE_END_STATE, statuses_ending_as
 from catflap.sessions.query import SessionQuery
 from catflap.sessions.record import SessionRecord
 
@@ -27,7 +29,8 @@ __all__ = [
     "row_values",
 ]
 
-ColumnKind = Literal["text", "integer", "real", "boolean"]
+#: ``json``: a structured field (``resourceMetrics``), kept as its JSON text.
+ColumnKind = Literal["text", "integer", "real", "boolean", "json"]
 
 #: Kind of each Python annotation of :class:`SessionRecord` (annotations are strings there).
 _KINDS: dict[str, ColumnKind] = {
@@ -36,6 +39,7 @@ _KINDS: dict[str, ColumnKind] = {
     "float": "real",
     "int": "integer",
     "bool": "boolean",
+    "ResourceMetrics": "json",
 }
 
 
@@ -75,6 +79,7 @@ COLUMNS: tuple[Column, ...] = tuple(_column(field) for field in fields(SessionRe
 _NAMES = [column.name for column in COLUMNS]
 _INTEGERS = frozenset(column.name for column in COLUMNS if column.kind == "integer")
 _BOOLEANS = frozenset(column.name for column in COLUMNS if column.kind == "boolean")
+_JSON = frozenset(column.name for column in COLUMNS if column.kind == "json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +109,25 @@ class Dialect:
 
 SQLITE = Dialect(
     name="sqlite",
-    types={"text": "TEXT", "integer": "INTEGER", "real": "REAL", "boolean": "INTEGER"},
+    types={
+        "text": "TEXT",
+        "integer": "INTEGER",
+        "real": "REAL",
+        "boolean": "INTEGER",
+        "json": "TEXT",
+    },
     numbered_parameters=False,
 )
 #: 64-bit integers (byte counts pass 2**31) and doubles, as Python's int and float hold them.
 POSTGRES = Dialect(
     name="postgres",
-    types={"text": "TEXT", "integer": "BIGINT", "real": "DOUBLE PRECISION", "boolean": "BOOLEAN"},
+    types={
+        "text": "TEXT",
+        "integer": "BIGINT",
+        "real": "DOUBLE PRECISION",
+        "boolean": "BOOLEAN",
+        "json": "TEXT",
+    },
     numbered_parameters=True,
 )
 
@@ -178,6 +195,18 @@ class Statements:
         if query.end_time is not None:
             params.append(query.end_time)
             clauses.append(f"created_at <= {mark(len(params))}")
+        if query.start_type != "all":
+            params.append(query.start_type == "cold")
+            clauses.append(f"cold_start = {mark(len(params))}")
+        if query.end_state == ACTIVE_END_STATE:
+            clauses.append("ended_at IS NULL")
+        elif query.end_state is not None:
+            # The one mapping (contract/status.py) read backwards: the statuses of this state.
+            statuses = statuses_ending_as(query.end_state)
+            params.extend(statuses)
+            first = len(params) - len(statuses) + 1
+            marks = ", ".join(mark(index) for index in range(first, len(params) + 1))
+            clauses.append(f"completion_status IN ({marks})" if statuses else "1 = 0")
         where = " AND ".join(clauses)
         count = f"SELECT COUNT(*) FROM {self.table} WHERE {where}"
         page = (
@@ -190,7 +219,11 @@ class Statements:
 def row_values(record: SessionRecord) -> list[Any]:
     """The record's values in column order."""
     # Plain attribute reads: asdict() deep-copies, and this runs twice per session.
-    return [getattr(record, name) for name in _NAMES]
+    values = [getattr(record, name) for name in _NAMES]
+    for index, name in enumerate(_NAMES):
+        if name in _JSON and values[index] is not None:
+            values[index] = json.dumps(values[index], separators=(",", ":"))
+    return values
 
 
 def record_from_row(row: Sequence[Any]) -> SessionRecord:
@@ -203,5 +236,7 @@ def record_from_row(row: Sequence[Any]) -> SessionRecord:
             value = int(value)
         elif value is not None and name in _BOOLEANS:
             value = bool(value)
+        elif value is not None and name in _JSON:
+            value = json.loads(value)
         values[name] = value
     return SessionRecord(**values)
