@@ -228,7 +228,11 @@ def _toml_value(value: Any) -> str:
 
 
 def gateway_config(
-    agents: dict[str, dict[str, Any]], port: int, *, native_relay: bool = True
+    agents: dict[str, dict[str, Any]],
+    port: int,
+    *,
+    native_relay: bool = True,
+    fork_server: bool = True,
 ) -> str:
     """A ``catflap.toml`` with one organization (``bench-org``) and the given agents."""
     lines = [
@@ -237,6 +241,7 @@ def gateway_config(
         "agent_ready_timeout = 60",
         "drain_timeout = 1",
         f"native_relay = {'true' if native_relay else 'false'}",
+        f"fork_server = {'true' if fork_server else 'false'}",
         f"[organizations.{ORG}]",
         'public_keys = ["pk_bench"]',
     ]
@@ -288,11 +293,19 @@ def catflap_gateway(
     load_cpus: set[int],
     name: str = "catflap",
     native_relay: bool = True,
+    fork_server: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Gateway]:
-    """``python -m catflap serve --config <generated>`` on a free port, pinned to ``relay_cpus``."""
+    """``python -m catflap serve --config <generated>`` on a free port, pinned to ``relay_cpus``.
+
+    ``env`` is added to this process's environment for the gateway (and so for its fork
+    servers and agent instances).
+    """
     port = free_port()
     config = workdir / f"{name}.toml"
-    config.write_text(gateway_config(agents, port, native_relay=native_relay))
+    config.write_text(
+        gateway_config(agents, port, native_relay=native_relay, fork_server=fork_server)
+    )
     child = spawn(
         name,
         [sys.executable, "-m", "catflap", "serve", "--config", str(config)]
@@ -300,6 +313,7 @@ def catflap_gateway(
         cpus=relay_cpus,
         log_path=workdir / f"{name}.log",
         cwd=workdir,
+        env=None if env is None else {**os.environ, **env},
     )
     try:
         wait_port(port, timeout=START_TIMEOUT_S, child=child)

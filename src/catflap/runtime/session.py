@@ -104,6 +104,10 @@ class SessionRunner:
     cancel_grace_s: float = limits.BOT_CANCEL_GRACE_S
     #: ``POST /bot`` is refused with 503 while this many sessions run; ``None`` is no limit.
     max_sessions: int | None = None
+    #: Called after each session has been reported ended, to give its memory back
+    #: (:func:`~catflap.runtime.memory.release_memory`; returns the seconds it took). ``None``
+    #: releases nothing.
+    release_memory: Callable[[], float] | None = None
 
     async def run(self, websocket: WebSocket) -> None:
         """Serve one ``/ws`` connection from the upgrade to ``session_ended``; never raises."""
@@ -251,6 +255,10 @@ class SessionRunner:
                 "bot_seconds": round(bot_seconds, 6),
             }
         )
+        if self.release_memory is not None:
+            # After the report: the pool may route the next session here meanwhile; it waits
+            # for the release (milliseconds) rather than the report waiting for it.
+            log.debug("= memory released in %.1f ms", 1000 * self.release_memory())
         return outcome.status
 
     async def _await_outcome(
