@@ -296,6 +296,7 @@ def gateway_config(
     native_relay: bool = True,
     relay_thread_nice: int | None = None,
     tls: tuple[int, TlsFiles] | None = None,
+    fork_server: bool = True,
 ) -> str:
     """A ``catflap.toml`` with one organization (``bench-org``) and the given agents;
     ``relay_thread_nice`` None keeps catflap's default; ``tls``: a ``listen_tls`` port and its
@@ -313,6 +314,7 @@ def gateway_config(
         "drain_timeout = 1",
         f"native_relay = {'true' if native_relay else 'false'}",
         *([] if relay_thread_nice is None else [f"relay_thread_nice = {relay_thread_nice}"]),
+        f"fork_server = {'true' if fork_server else 'false'}",
         f"[organizations.{ORG}]",
         'public_keys = ["pk_bench"]',
     ]
@@ -369,9 +371,15 @@ def catflap_gateway(
     native_relay: bool = True,
     relay_thread_nice: int | None = None,
     tls: TlsFiles | None = None,
+    fork_server: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Gateway]:
     """``python -m catflap serve --config <generated>`` on a free port, pinned to ``relay_cpus``;
-    with ``tls``, on a ``listen_tls`` port beside it too."""
+    with ``tls``, on a ``listen_tls`` port beside it too.
+
+    ``env`` is added to this process's environment for the gateway (and so for its fork
+    servers and agent instances).
+    """
     port = free_port()
     tls_port = None if tls is None else free_port()
     config = workdir / f"{name}.toml"
@@ -383,6 +391,7 @@ def catflap_gateway(
             native_relay=native_relay,
             relay_thread_nice=relay_thread_nice,
             tls=tls_listen,
+            fork_server=fork_server,
         )
     )
     child = spawn(
@@ -392,6 +401,7 @@ def catflap_gateway(
         cpus=relay_cpus,
         log_path=workdir / f"{name}.log",
         cwd=workdir,
+        env=None if env is None else {**os.environ, **env},
     )
     try:
         wait_port(port, timeout=START_TIMEOUT_S, child=child)

@@ -36,7 +36,9 @@ __all__ = [
     "raise_nofile",
     "reset_peak_rss",
     "rss_kb",
+    "smaps_kb",
     "spawn",
+    "thread_count",
 ]
 
 #: Core for the load client and the upstream echo; the relay gets the other one (anchors §2.3).
@@ -185,6 +187,34 @@ def rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def smaps_kb(pid: int) -> dict[str, int]:
+    """USS, PSS and RSS of ``pid`` in KiB, from ``/proc/<pid>/smaps_rollup``.
+
+    USS (unique set size) is ``Private_Clean + Private_Dirty``: the memory that goes away when
+    the process exits, i.e. what one more instance costs. PSS charges each shared page to its
+    sharers in equal parts, so the PSS of all processes adds up to what they use together.
+    """
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            parts = rest.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                fields[name] = int(parts[0])
+    return {
+        "uss_kb": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0),
+        "pss_kb": fields.get("Pss", 0),
+        "rss_kb": fields.get("Rss", 0),
+        "private_dirty_kb": fields.get("Private_Dirty", 0),
+        "anonymous_kb": fields.get("Anonymous", 0),
+    }
+
+
+def thread_count(pid: int) -> int:
+    """Threads of ``pid`` (entries of ``/proc/<pid>/task``)."""
+    return len(os.listdir(f"/proc/{pid}/task"))
 
 
 def peak_rss_kb(pid: int) -> int:

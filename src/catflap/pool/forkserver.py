@@ -26,15 +26,21 @@ preloaded: one that reads the environment at import time sees none of the secret
 have them from the start); such a library is best imported inside ``bot()``, or started with
 ``fork_server = false``.
 
-Module-level code in ``bot.py`` therefore runs once in the fork server as well as once per
-instance; so does ``pipecatcloud_system``, whose app (and the routes the bot adds to it) each
-instance makes afresh.
+No bot code runs in the fork server: it reads ``bot.py`` and imports the modules it imports
+(:func:`bot_dependencies`; the bot's own sibling modules excepted), so an instance starts from
+a state that no bot code has touched, and ``bot.py`` and its siblings are imported afresh in
+each instance. Memory (:mod:`catflap.runtime.memory`): before each fork the fork server
+collects and freezes its objects, so that the children keep sharing them, and it warms
+native libraries' process-wide state once; see ``docs/benchmarks.md`` for what each saves.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -46,8 +52,15 @@ from pathlib import Path
 
 from catflap.config import AgentSpec
 from catflap.pool.launcher import ProcessRef, SubprocessLauncher
+from catflap.runtime import memory
 
-__all__ = ["FORK_MESSAGE_MAX_BYTES", "ForkServerLauncher", "ForkedRef", "serve_forks"]
+__all__ = [
+    "FORK_MESSAGE_MAX_BYTES",
+    "ForkServerLauncher",
+    "ForkedRef",
+    "bot_dependencies",
+    "serve_forks",
+]
 
 log = logging.getLogger("catflap.pool")
 
@@ -191,18 +204,96 @@ class ForkServerLauncher(SubprocessLauncher):
         self._servers.clear()
 
 
+def bot_dependencies(bot_dir: Path) -> list[str]:
+    """The modules ``bot_dir/bot.py`` imports at module level, in order, without running it.
+
+    ``import a.b`` gives ``a.b``; ``from a.b import c`` gives ``a.b`` and, when ``a.b`` is a
+    package, ``a.b.c`` (which may be a submodule). Imports under ``if __name__ ==
+    "__main__":`` and inside functions are left out (they are not what an instance runs at
+    start), as are relative imports and modules from the bot's folder (those are bot code).
+    A ``bot.py`` that cannot be read or parsed gives ``[]``; the instance reports the error.
+    """
+    try:
+        tree = ast.parse((bot_dir / "bot.py").read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return []
+    found: list[str] = []
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.Import):
+                found.extend(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.append(node.module)
+                found.extend(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.If) and not _is_main_guard(node.test):
+                visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+                for handler in node.handlers:
+                    visit(handler.body)
+                visit(node.orelse)
+                visit(node.finalbody)
+            elif isinstance(node, ast.With):
+                visit(node.body)
+
+    visit(tree.body)
+    bot_dir = bot_dir.resolve()
+    return [name for name in dict.fromkeys(found) if not _in_folder(name, bot_dir)]
+
+
+def _is_main_guard(test: ast.expr) -> bool:
+    return (
+        isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id == "__name__"
+        and any(isinstance(c, ast.Constant) and c.value == "__main__" for c in test.comparators)
+    )
+
+
+def _in_folder(name: str, folder: Path) -> bool:
+    """Whether the top-level module of ``name`` is found in ``folder`` (a sibling of bot.py)."""
+    try:
+        spec = importlib.util.find_spec(name.partition(".")[0])
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    places = [spec.origin] if spec.origin else list(spec.submodule_search_locations or [])
+    return any(Path(place).resolve().is_relative_to(folder) for place in places if place)
+
+
+def _import_quietly(name: str) -> None:
+    """Import ``name`` if it is a module; anything it raises only means a slower start."""
+    parent, _, attr = name.rpartition(".")
+    loaded = sys.modules.get(parent) if parent else None
+    if loaded is not None and (hasattr(loaded, attr) or not hasattr(loaded, "__path__")):
+        return  # ``from a.b import c`` where ``c`` is a name in ``a.b``, not a submodule
+    with contextlib.suppress(Exception):
+        importlib.import_module(name)
+
+
 def _preload(bot_dir: Path) -> None:
     """Import what every instance needs; failures only mean a slower start, never an error."""
     import catflap.runtime.main  # noqa: F401 - FastAPI, uvicorn, the runtime
+    import pipecatcloud_system  # noqa: F401 - bots add routes to its app in the instance
     from catflap.runtime.args import session_args_class
     from catflap.runtime.botloader import BotImportError, load_bot
 
     session_args_class()  # pipecatcloud / pipecat, when installed
-    with contextlib.suppress(BotImportError):
-        load_bot(bot_dir)  # the bot's own imports; the child imports bot.py afresh
-    # That import added the bot's routes to pipecatcloud_system.app, bound to this process's
-    # module state. Each child must build its app from its own import of bot.py: left here,
-    # these stale routes would come first and answer with state no bot() of the child sees.
+    if memory.step_on("scan-imports"):
+        for name in bot_dependencies(bot_dir):
+            _import_quietly(name)
+    else:  # as before the memory work: bot.py itself runs here (for measuring only)
+        with contextlib.suppress(BotImportError):
+            load_bot(bot_dir)
+    if memory.step_on("warm-native"):
+        memory.warm_shared_state()
+    # An import of bot.py (or of what it imports) may have added routes to
+    # pipecatcloud_system.app, bound to this process's module state. Each child must build its
+    # app from its own import of bot.py: left here, these stale routes would come first and
+    # answer with state no bot() of the child sees.
     sys.modules.pop("pipecatcloud_system", None)
     _forget_modules_under(bot_dir.resolve())
 
@@ -227,7 +318,10 @@ def serve_forks(fd: int, bot_dir: Path) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway decides when we stop
     _preload(bot_dir)
+    freeze = memory.step_on("freeze")
     while True:
+        if freeze:
+            memory.freeze_for_fork()  # before the wait: a fork request is answered at once
         payload, fds, _, _ = socket.recv_fds(sock, FORK_MESSAGE_MAX_BYTES, 1)
         if not payload:
             return

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from catflap.contract import limits
 from catflap.contract.control import ChildEvent, ControlChannel, EventSink
 from catflap.logs import LOG_FORMATS, LogFormat
+from catflap.runtime import memory
 from catflap.runtime.app import check_bot_routes, create_app
 from catflap.runtime.args import session_args_class
 from catflap.runtime.botloader import BotImportError, load_bot
@@ -230,6 +231,7 @@ async def run_agent(options: AgentOptions) -> int:
         capture=capture,
         max_sessions=options.sessions_per_instance,
         webrtc=WebRTCSessions(offer_timeout=options.webrtc_offer_timeout),
+        release_memory=memory.release_memory if memory.step_on("release") else None,
     )
     server = uvicorn.Server(
         make_server_config(create_app(sessions, app), log_level=options.log_level)

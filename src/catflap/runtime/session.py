@@ -115,6 +115,10 @@ class SessionRunner:
     webrtc: WebRTCSessions = field(default_factory=WebRTCSessions)
     #: Makes the sampler of one session's CPU and memory (``session_ended.resources``).
     sampler: Callable[[], SessionSampler] = SessionSampler
+    #: Called after each session has been reported ended, to give its memory back
+    #: (:func:`~catflap.runtime.memory.release_memory`; returns the seconds it took). ``None``
+    #: releases nothing.
+    release_memory: Callable[[], float] | None = None
 
     async def run(self, websocket: WebSocket) -> None:
         """Serve one ``/ws`` connection from the upgrade to ``session_ended``; never raises."""
@@ -285,6 +289,10 @@ class SessionRunner:
                 "resources": resources,
             }
         )
+        if self.release_memory is not None:
+            # After the report: the pool may route the next session here meanwhile; it waits
+            # for the release (milliseconds) rather than the report waiting for it.
+            log.debug("= memory released in %.1f ms", 1000 * self.release_memory())
         return outcome.status
 
     async def _await_outcome(

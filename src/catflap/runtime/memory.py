@@ -1,0 +1,175 @@
+"""Keeping instances small: what the fork server does before it forks, and what an instance
+gives back between sessions.
+
+Each session runs in an instance process of its own, so an instance's private memory (USS) is
+what one more session costs. A forked instance shares its parent's pages until it writes to
+them; CPython writes to far more than it seems:
+
+- every reference taken to an inherited object writes its reference count;
+- a garbage collection writes the GC header of every object it traverses, and the first full
+  collection in a child traverses all of them, so it copies nearly every page of the heap.
+
+The fork server therefore collects once and *freezes* (:func:`freeze_for_fork`): ``gc.freeze()``
+moves every object it holds to a permanent generation that collections in the child never
+traverse. It also warms native libraries whose first use allocates process-wide state
+(:func:`warm_shared_state`: onnxruntime's environment and kernel registries), so that the
+child inherits that state read-only instead of building a private copy with its first model.
+
+An instance releases memory after every session (:func:`release_memory`): a collection (a
+session's pipeline is full of reference cycles) and glibc's ``malloc_trim(0)``, which hands
+free heap pages back to the kernel, as Pipecat Cloud's base image does between sessions.
+
+Each measure can be switched off with the environment variable :data:`MEMORY_STEPS_OFF_ENV`
+(a comma-separated list of :data:`MEMORY_STEPS`), read by the fork server and the runtime.
+That is for measuring each step on its own (``python -m bench instance-memory``); in
+production every step stays on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from functools import cache
+from typing import Any, Final
+
+__all__ = [
+    "MEMORY_STEPS",
+    "MEMORY_STEPS_OFF_ENV",
+    "freeze_for_fork",
+    "release_memory",
+    "step_on",
+    "warm_shared_state",
+]
+
+logger = logging.getLogger("catflap.runtime")
+
+#: Names a comma-separated list of :data:`MEMORY_STEPS` to switch off (benchmarks only).
+MEMORY_STEPS_OFF_ENV: Final = "CATFLAP_MEMORY_OFF"
+
+#: The measures, each of which can be switched off on its own:
+#:
+#: - ``scan-imports``: the fork server imports the modules ``bot.py`` imports, found by reading
+#:   it, instead of importing ``bot.py`` itself (no bot code runs in the fork server);
+#: - ``freeze``: ``gc.collect()`` then ``gc.freeze()`` in the fork server before each fork;
+#: - ``warm-native``: :func:`warm_shared_state` in the fork server;
+#: - ``release``: :func:`release_memory` in the instance after each session.
+MEMORY_STEPS: Final = ("scan-imports", "freeze", "warm-native", "release")
+
+
+def step_on(step: str) -> bool:
+    """Whether ``step`` (one of :data:`MEMORY_STEPS`) is on; all are unless switched off."""
+    if step not in MEMORY_STEPS:
+        raise ValueError(f"unknown memory step {step!r}; known: {', '.join(MEMORY_STEPS)}")
+    off = {s.strip() for s in os.environ.get(MEMORY_STEPS_OFF_ENV, "").split(",")}
+    return step not in off and "all" not in off
+
+
+def freeze_for_fork() -> None:
+    """Collect, then freeze every object this process holds, so that children keep sharing them.
+
+    Called in the fork server before each fork: the first call freezes the preloaded modules,
+    later ones only what the fork loop allocated since (a few objects), so each is quick.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def warm_shared_state() -> list[str]:
+    """Build, once and before forking, the process-wide state of the native libraries that are
+    imported already; returns what was warmed.
+
+    onnxruntime (Silero VAD, smart-turn) creates its environment, logging manager and CPU
+    kernel registries with the first ``InferenceSession``. Built in the fork server, the
+    children share them; built in each child, they cost every instance about 10 MB. The
+    session made here uses one thread (none besides the caller) and is dropped at once.
+    Nothing the bot creates is made here: every instance still builds its own models.
+    """
+    warmed = []
+    for name, warm in _WARMERS.items():
+        if name not in sys.modules:
+            continue
+        try:
+            warm()
+        except Exception as exc:  # a warm-up only saves memory; never fail a start over it
+            logger.debug("could not warm %s: %r", name, exc)
+        else:
+            warmed.append(name)
+    return warmed
+
+
+def _warm_onnxruntime() -> None:
+    onnxruntime: Any = sys.modules["onnxruntime"]  # imported already (untyped)
+
+    # Any model builds the process-wide state; onnxruntime's own sample is the smallest.
+    model = _onnxruntime_sample_model() or _silero_model_path()
+    if model is None:
+        return
+    options = onnxruntime.SessionOptions()
+    options.inter_op_num_threads = 1
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        model, sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    del session
+
+
+def _silero_model_path() -> str | None:
+    """Pipecat's Silero VAD model, when pipecat ships one: the model every voice bot loads."""
+    from importlib import resources
+
+    with contextlib.suppress(ImportError, OSError, TypeError, ValueError):
+        path = resources.files("pipecat.audio.vad.data").joinpath("silero_vad.onnx")
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def _onnxruntime_sample_model() -> str | None:
+    from importlib import resources
+
+    with contextlib.suppress(ImportError, OSError, TypeError, ValueError):
+        path = resources.files("onnxruntime.datasets").joinpath("sigmoid.onnx")
+        if path.is_file():
+            return str(path)
+    return None
+
+
+_WARMERS: dict[str, Callable[[], None]] = {"onnxruntime": _warm_onnxruntime}
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``; None on other C libraries (musl, macOS), which have none."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+def release_memory() -> float:
+    """Collect garbage and give free heap pages back to the kernel; returns the seconds it took.
+
+    Called by the runtime after each session: what the session's objects held goes back to
+    the kernel, not only to the allocator, so an instance that has served sessions costs about
+    what a fresh one does. It blocks the event loop (about 10–30 ms for a Pipecat instance);
+    sessions still running on the instance wait that long once per session end.
+    """
+    started = time.perf_counter()
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+    return time.perf_counter() - started
