@@ -47,6 +47,8 @@ def _agents(**scaling: int) -> dict[str, dict[str, Any]]:
         AGENT: {
             "path": PROXIED,
             "websocket_auth": "token",
+            # Instances see only what pass_env names of the gateway's environment.
+            "pass_env": ["PROXIED_BOT_IMPORT_GATE"],
             "scaling": {"min_agents": 1, **scaling},
         }
     }
@@ -313,7 +315,7 @@ async def test_a_live_websocket_session_is_reached_and_one_still_starting_waits_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = tmp_path / "gate"
-    monkeypatch.setenv("CATFLAP_TEST_IMPORT_GATE", str(gate))  # instances wait in their import
+    monkeypatch.setenv("PROXIED_BOT_IMPORT_GATE", str(gate))  # instances wait in their import
     async with proxied_gateway(warm=False, timings={"proxy_start_wait": 1.0}) as gw:
         async with httpx.AsyncClient(base_url=gw.http) as client:
             started = await client.post(

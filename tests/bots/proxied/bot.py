@@ -12,7 +12,7 @@ proxy: each shows exactly what the bot received, or answers in a shape a test ch
 - ``POST /release``: ends the ``bot()`` of the session in ``x-daily-session-id``.
 
 ``bot(args)`` echoes a WebSocket session's messages until the client leaves; a session without
-a transport runs until released (or stopped). With ``CATFLAP_TEST_IMPORT_GATE`` set, importing
+a transport runs until released (or stopped). With ``PROXIED_BOT_IMPORT_GATE`` set, importing
 this file waits (at most 30 s) until that file exists: a test holds an instance in its cold start.
 """
 
@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pipecatcloud_system import app
 
-_GATE = os.environ.get("CATFLAP_TEST_IMPORT_GATE")
+_GATE = os.environ.get("PROXIED_BOT_IMPORT_GATE")
 if _GATE:
     _until = time.monotonic() + 30
     while not os.path.exists(_GATE) and time.monotonic() < _until:
