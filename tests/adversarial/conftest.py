@@ -54,10 +54,13 @@ def hostile_config(directory: Path, *, extra: str = "", agents: str = "") -> Pat
         f'public_keys = ["{PUBLIC_KEY}"]\nprivate_keys = ["{PRIVATE_KEY}"]\n'
         f"[organizations.{ORG}.agents.{OPEN_AGENT}]\n"
         f'path = "{ECHO}"\n'
+        # test_serve_start.py finds the instances by this variable in their environment.
+        'pass_env = ["ADVERSARIAL_TEST_START_MARKER"]\n'
         f"[organizations.{ORG}.agents.{OPEN_AGENT}.scaling]\n"
         "min_agents = 1\nmax_agents = 2\n"
         f"[organizations.{ORG}.agents.{TOKEN_AGENT}]\n"
         f'path = "{ECHO}"\nwebsocket_auth = "token"\n'
+        'pass_env = ["ADVERSARIAL_TEST_START_MARKER"]\n'
         f"[organizations.{ORG}.agents.{TOKEN_AGENT}.scaling]\n"
         "min_agents = 0\nmax_agents = 1\n"
         f"{agents}"

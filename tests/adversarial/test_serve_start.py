@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
 #: Every process catflap serve starts inherits its environment (the fork server, and the
 #: instances forked from it, alike), so this variable finds them in /proc even after the
 #: gateway is gone: orphans are re-parented, but keep their environment.
-MARKER = "CATFLAP_TEST_START_MARKER"
+MARKER = "ADVERSARIAL_TEST_START_MARKER"
 
 
 def marked_processes(marker: str) -> list[int]:

@@ -122,6 +122,18 @@ def _described(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or ''}" if parts.scheme != "data" else "a data: URL"
 
 
+class _WithoutUrl(logging.Filter):
+    """Drops httpx's own ``HTTP Request: GET <url>`` lines about ``url``: an ICE config URL may
+    carry a credential in its path or query, and httpx logs the whole URL at INFO."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.url not in record.getMessage()
+
+
 async def _fetch(url: str) -> bytes:
     """The document at ``url`` (``data:``, ``http:`` or ``https:``), within the ICE bounds."""
     scheme = urllib.parse.urlsplit(url).scheme
@@ -139,6 +151,16 @@ async def _fetch(url: str) -> bytes:
         return raw
     if scheme not in ("http", "https"):
         raise ValueError(f"scheme {scheme!r} is neither data, http nor https")
+    hide = _WithoutUrl(url)
+    logging.getLogger("httpx").addFilter(hide)
+    try:
+        return await _fetch_http(url)
+    finally:
+        logging.getLogger("httpx").removeFilter(hide)
+
+
+async def _fetch_http(url: str) -> bytes:
+    """The body of ``GET url``, within the ICE bounds."""
     async with (
         asyncio.timeout(limits.ICE_CONFIG_FETCH_TIMEOUT_S),
         httpx.AsyncClient(trust_env=False) as client,
