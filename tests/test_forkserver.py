@@ -82,3 +82,55 @@ async def test_an_environment_too_large_for_one_fork_request_starts_the_slow_way
     assert message.startswith(f"! {agent.key}: an environment of ")
     assert int(message.split()[5]) > FORK_MESSAGE_MAX_BYTES
     assert "x" * 100 not in message
+
+
+# --- what the fork server preloads: bot.py's imports, read without running it ---------------
+
+
+def test_bot_dependencies_are_the_module_level_imports_without_running_bot_py(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from catflap.pool.forkserver import bot_dependencies
+
+    # As in the fork server, whose working directory is the bot's folder: siblings are found
+    # there, and are bot code, not dependencies to preload.
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    (tmp_path / "helpers.py").write_text("")
+    (tmp_path / "bot.py").write_text(
+        "import json, os.path\n"
+        "from email import message\n"
+        "from . import sibling\n"
+        "import helpers\n"
+        "try:\n    import tomllib\nexcept ImportError:\n    import tomli\n"
+        "else:\n    import csv\nfinally:\n    import array\n"
+        "if True:\n    import zlib\nelse:\n    import bz2\n"
+        "with open(__file__):\n    import heapq\n"
+        "if __name__ == '__main__':\n    import argparse\n"
+        "def bot():\n    import socket\n"
+        "raise SystemExit('bot.py must not run in the fork server')\n"
+    )
+    assert bot_dependencies(tmp_path) == [
+        "json",
+        "os.path",
+        "email",
+        "email.message",
+        "tomllib",
+        "tomli",
+        "csv",
+        "array",
+        "zlib",
+        "bz2",
+        "heapq",
+    ]
+
+
+@pytest.mark.parametrize(
+    "source", [None, "def broken(:\n", "\x00"], ids=["missing", "syntax", "nul"]
+)
+def test_bot_dependencies_of_an_unreadable_bot_are_none(tmp_path: Path, source: str | None) -> None:
+    from catflap.pool.forkserver import bot_dependencies
+
+    if source is not None:
+        (tmp_path / "bot.py").write_text(source)
+    assert bot_dependencies(tmp_path) == []
