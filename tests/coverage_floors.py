@@ -19,11 +19,11 @@ import coverage
 #: same day after the fork server's preloading and memory work (pool/forkserver.py: the code
 #: runs in the fork server process, which coverage does not follow; tested end to end by
 #: tests/test_forkserver.py and tests/test_secrets_env.py) and the TLS listener's handshake
-#: paths (gateway/tls.py): pool 85.1, gateway 92.9 measured then. Raise them back by measuring
+#: paths (gateway/tls.py): pool 88.6, gateway 92.9 measured then. Raise them back by measuring
 #: subprocesses (coverage's ``patch = subprocess``), not by lowering them again.
 FLOORS: dict[str, float] = {
     "gateway": 92.5,
-    "pool": 85.0,
+    "pool": 88.5,
     "auth": 98.0,
     "contract": 98.0,
 }
