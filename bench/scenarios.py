@@ -342,6 +342,27 @@ def _summarize(runs: list[dict[str, Any]], nginx_runs: list[dict[str, Any]]) -> 
     }
 
 
+def _rotating_rounds(
+    settings: Settings,
+    label: str,
+    names: tuple[str, ...],
+    run: Callable[[str], dict[str, Any]],
+) -> dict[str, list[dict[str, Any]]]:
+    """``settings.rounds`` runs of each contestant in ``names``, the order rotating each round
+    so that drift on a shared machine does not always favour the same one."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for i in range(settings.rounds):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            log(
+                f"{label} round {i + 1}/{settings.rounds}: {name}, "
+                f"{settings.sessions} sessions for {settings.seconds:g} s"
+            )
+            runs[name].append(run(name))
+            time.sleep(settings.pause)
+    return runs
+
+
 def telephony(settings: Settings) -> dict[str, Any]:
     """N sessions x 320 B every 20 ms for T s, through each contestant, ``rounds`` times.
 
@@ -350,7 +371,6 @@ def telephony(settings: Settings) -> dict[str, Any]:
     (its numbers are not used).
     """
     names = ("direct", "nginx", "catflap")
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     result: dict[str, Any] = {
         "sessions": settings.sessions,
         "seconds": settings.seconds,
@@ -361,16 +381,14 @@ def telephony(settings: Settings) -> dict[str, Any]:
         "agent_hop": "direct, nginx: TCP to a standalone runtime; catflap: Unix socket to its own",
     }
     with fleet(settings, names) as (endpoints, workdir):
-        for i in range(settings.rounds):
-            for name in names[i % 3 :] + names[: i % 3]:
-                log(
-                    f"telephony round {i + 1}/{settings.rounds}: {name}, "
-                    f"{settings.sessions} sessions for {settings.seconds:g} s"
-                )
-                runs[name].append(
-                    telephony_run(endpoints[name], settings.sessions, settings.seconds, workdir)
-                )
-                time.sleep(settings.pause)
+        runs = _rotating_rounds(
+            settings,
+            "telephony",
+            names,
+            lambda name: telephony_run(
+                endpoints[name], settings.sessions, settings.seconds, workdir
+            ),
+        )
         if settings.profile_dir is not None:
             result["profile"] = _profile_relays(settings, endpoints, workdir)
     result["contestants"] = {name: _summarize(runs[name], runs["nginx"]) for name in names}
@@ -386,7 +404,6 @@ def telephony_tls(settings: Settings) -> dict[str, Any]:
     ciphertext), so this measures its asyncio SSL transport against nginx's OpenSSL use.
     """
     names = ("nginx", "catflap")
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     result: dict[str, Any] = {
         "sessions": settings.sessions,
         "seconds": settings.seconds,
@@ -421,22 +438,14 @@ def telephony_tls(settings: Settings) -> dict[str, Any]:
         assert gateway.tls_port is not None
         cs.probe(gateway.tls_port, gateway.path("bench"), tls=tls.client())
         endpoints["catflap"] = gateway.endpoint("bench")
-        for i in range(settings.rounds):
-            for name in names[i % 2 :] + names[: i % 2]:
-                log(
-                    f"telephony-tls round {i + 1}/{settings.rounds}: {name}, "
-                    f"{settings.sessions} sessions for {settings.seconds:g} s"
-                )
-                runs[name].append(
-                    telephony_run(
-                        endpoints[name],
-                        settings.sessions,
-                        settings.seconds,
-                        workdir,
-                        tls_ca=tls.cert,
-                    )
-                )
-                time.sleep(settings.pause)
+        runs = _rotating_rounds(
+            settings,
+            "telephony-tls",
+            names,
+            lambda name: telephony_run(
+                endpoints[name], settings.sessions, settings.seconds, workdir, tls_ca=tls.cert
+            ),
+        )
     result["contestants"] = {name: _summarize(runs[name], runs["nginx"]) for name in names}
     result["negotiated"] = {name: runs[name][0].get("tls") for name in names}
     return result
