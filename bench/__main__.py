@@ -93,7 +93,10 @@ def _parser() -> argparse.ArgumentParser:
         help="results folder (default bench/results; a temporary folder with --quick)",
     )
     parser.add_argument(
-        "--rounds", type=int, help="telephony runs per contestant, medians reported (default 3)"
+        "--rounds",
+        type=int,
+        help="telephony runs per contestant, and hostile quiet/attacked pairs; medians "
+        "reported (default 3)",
     )
     parser.add_argument(
         "--echo",
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown := sorted(set(settings.attack_variants) - known):
             _parser().error(f"unknown attacks {unknown}; known: {', '.join(sorted(known))}")
     if args.rounds is not None:
-        settings.rounds = args.rounds
+        settings.rounds = settings.hostile_rounds = args.rounds
     settings.echo = args.echo
     settings.native_relay = not args.event_loop_relay
     settings.relay_thread_nice = args.relay_thread_nice

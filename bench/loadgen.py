@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from bench.procs import cpu_ticks, cpu_times, machine_load, raise_nofile, rss_kb
+from bench.procs import cpu_ticks, cpu_times, descendants_of, machine_load, raise_nofile, rss_kb
 
 __all__ = ["FrameTemplate", "Stats", "WSClient", "main", "percentiles"]
 
@@ -398,6 +398,32 @@ def sample_cpu(pids: dict[str, int]) -> dict[str, int]:
     return ticks
 
 
+def sample_trees(trees: dict[str, int], skip: set[int]) -> dict[str, dict[int, int]]:
+    """CPU ticks of every process below each root in ``trees`` (label -> root pid), but the
+    ``skip`` ones (measured on their own)."""
+    out: dict[str, dict[int, int]] = {}
+    for label, root in trees.items():
+        ticks: dict[int, int] = {}
+        for pid in descendants_of(root):
+            if pid not in skip:
+                with contextlib.suppress(OSError):
+                    ticks[pid] = cpu_ticks(pid)
+        out[label] = ticks
+    return out
+
+
+def tree_delta(
+    before: dict[str, dict[int, int]], after: dict[str, dict[int, int]]
+) -> dict[str, float]:
+    """CPU seconds per tree between two :func:`sample_trees`: a process born in between counts
+    whole (all its CPU is in the window); one that died in between is lost (unknowable)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    return {
+        label: sum(t - before.get(label, {}).get(pid, 0) for pid, t in ticks.items()) / hz
+        for label, ticks in after.items()
+    }
+
+
 async def _drain(stats: Stats, limit: float) -> None:
     """Wait up to ``limit`` s for every echo still in flight (polled every 5 ms)."""
     for _ in range(int(limit / 0.005)):
@@ -447,7 +473,10 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
         buckets[i % nslots].append(client)
     await asyncio.sleep(0.5)  # let handshake stragglers settle before the window opens
     stats.reset()
-    cpu0 = sample_cpu(pids)
+    # The gateway's own instances (e.g. the ones attack sessions land on) are the system
+    # under test, not other programs: their CPU is measured, not counted as foreign.
+    trees, skip = spec.get("cpu_trees", {}), set(pids.values())
+    cpu0, tree0 = sample_cpu(pids), sample_trees(trees, skip)
     machine0 = cpu_times()
     t0 = loop.time()
     t0_ns = _now()
@@ -467,6 +496,7 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
     await _drain(stats, float(spec.get("drain", 3.0)))
     t1 = loop.time()
     cpu = cpu_delta(cpu0, sample_cpu(pids))
+    cpu.update(tree_delta(tree0, sample_trees(trees, skip)))
     machine = _machine(machine0, cpu)
     alive = sum(not c.closed.done() for c in clients)
     lingering = await close_all(clients)

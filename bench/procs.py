@@ -343,6 +343,28 @@ def children_of(pid: int) -> list[int]:
     return sorted(found)
 
 
+def descendants_of(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...), from one scan of ``/proc``."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        ppid = int(data[data.rindex(b")") + 2 :].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return sorted(found)
+
+
 def cpu_times() -> dict[str, tuple[int, int, int, int]]:
     """Per-CPU (busy, steal, total, interrupt) ticks from ``/proc/stat`` (key ``cpu`` is the
     sum); interrupt (irq + softirq) is part of busy."""

@@ -83,6 +83,8 @@ class Settings:
     #: The hostile scenario: telephony sessions and seconds per run, attacker connections.
     hostile_sessions: int = 200
     hostile_seconds: float = 15.0
+    #: Quiet / under-attack pairs, the order alternating; the p99 ratio is their median.
+    hostile_rounds: int = 3
     attackers: int = 50
     #: Seconds each attacker waits between two attacks (0: back to back).
     attack_pause: float = 0.0
@@ -112,6 +114,7 @@ class Settings:
             pause=0.1,
             hostile_sessions=20,
             hostile_seconds=2.0,
+            hostile_rounds=1,
             attackers=10,
             attack_ramp=0.5,
         )
@@ -830,6 +833,7 @@ def _watched(settings: Settings, gateway: cs.Gateway, workdir: Path, attackers: 
                     )
                     spec["cpu_pids"]["attackers"] = child.pid
                     time.sleep(settings.attack_ramp)
+                spec["cpu_trees"] = {"instances": pid}
                 yield extra
             finally:
                 if child is not None:
@@ -840,24 +844,40 @@ def _watched(settings: Settings, gateway: cs.Gateway, workdir: Path, attackers: 
     return around
 
 
-def _hostile_targets(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    quiet, hostile = runs["quiet"], runs["hostile"]
-    q99, h99 = quiet["latency_us"].get("p99"), hostile["latency_us"].get("p99")
-    qmem, hmem = quiet["gateway_memory"]["peak_kb"], hostile["gateway_memory"]["peak_kb"]
+def _p99_ratio(pair: dict[str, dict[str, Any]]) -> float | None:
+    q99, h99 = pair["quiet"]["latency_us"].get("p99"), pair["hostile"]["latency_us"].get("p99")
+    return round(h99 / q99, 3) if q99 and h99 else None
+
+
+def _hostile_targets(
+    runs: dict[str, dict[str, Any]], pairs: list[dict[str, dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Frames lost over every run under attack; the p99 ratio as the median of the rounds'
+    (each round's quiet and attacked runs are neighbours in time); the worst peak RSS."""
+    attacked = [p["hostile"] for p in pairs]
+    lost, sent = sum(r["lost"] for r in attacked), sum(r["sent"] for r in attacked)
+    quiet_lost = sum(p["quiet"]["lost"] for p in pairs)
+    ratios = [_p99_ratio(p) for p in pairs]
+    ratio = _median(ratios)
+    qmem = min(p["quiet"]["gateway_memory"]["peak_kb"] for p in pairs)
+    hmem = max(r["gateway_memory"]["peak_kb"] for r in attacked)
+    shown = ", ".join("–" if r is None else f"{r:.2f}×" for r in ratios)
     targets = [
         {
             "target": "frames lost under attack: 0",
-            "measured": f"{hostile['lost']:,} of {hostile['sent']:,} "
-            f"(quiet run {quiet['lost']:,}, after {runs['after']['lost']:,})",
-            "met": hostile["lost"] == 0 and hostile["connected"] == hostile["sessions"],
+            "measured": f"{lost:,} of {sent:,} "
+            f"(quiet runs {quiet_lost:,}, after {runs['after']['lost']:,})",
+            "met": lost == 0 and all(r["connected"] == r["sessions"] for r in attacked),
         },
         {
             "target": f"p99 echo latency under attack ≤ {HOSTILE_P99_RATIO}× the quiet run's",
-            "measured": f"{h99 / 1000:.2f} ms vs {q99 / 1000:.2f} ms = {h99 / q99:.2f}× "
-            f"(after the attack: {runs['after']['latency_us'].get('p99', 0) / 1000:.2f} ms)"
-            if q99 and h99
+            "measured": f"median of {len(pairs)} round(s) {ratio:.2f}× ({shown}; representative "
+            f"round {runs['hostile']['latency_us']['p99'] / 1000:.2f} ms vs "
+            f"{runs['quiet']['latency_us']['p99'] / 1000:.2f} ms; after the attack: "
+            f"{runs['after']['latency_us'].get('p99', 0) / 1000:.2f} ms)"
+            if ratio is not None
             else "no latency",
-            "met": bool(q99 and h99 and h99 <= HOSTILE_P99_RATIO * q99),
+            "met": ratio is not None and ratio <= HOSTILE_P99_RATIO,
         },
         {
             "target": f"gateway peak RSS under attack < quiet run's + {HOSTILE_RSS_MIB} MiB",
@@ -916,20 +936,57 @@ def hostile(settings: Settings) -> dict[str, Any]:
     ):
         cs.probe(gateway.port, gateway.path("bench"))
         endpoint = gateway.endpoint("bench")
-        for label, attackers in (("quiet", 0), ("hostile", settings.attackers), ("after", 0)):
+
+        def one(label: str, attackers: int, where: str) -> dict[str, Any]:
             log(
-                f"hostile: {label} run, {sessions} sessions for {seconds:g} s"
+                f"hostile: {where}{label} run, {sessions} sessions for {seconds:g} s"
                 + (f", {attackers} attackers" if attackers else "")
             )
             around = _watched(settings, gateway, workdir, attackers)
-            # At most one repeat: the scenario should stay within ~90 s.
-            runs[label] = telephony_run(
-                endpoint, sessions, seconds, workdir, around=around, attempts=2
-            )
+            # At most one repeat: each run should stay within ~30 s.
+            r = telephony_run(endpoint, sessions, seconds, workdir, around=around, attempts=2)
             time.sleep(settings.pause)
+            return r
+
+        # Quiet and attacked runs in pairs, the order alternating, so drift on a shared
+        # machine (or a neighbour on the host) does not always land on the same side.
+        rounds = settings.hostile_rounds
+        pairs: list[dict[str, dict[str, Any]]] = []
+        for i in range(rounds):
+            order = (("quiet", 0), ("hostile", settings.attackers))
+            pair = {
+                label: one(label, attackers, f"round {i + 1}/{rounds}, ")
+                for label, attackers in (order if i % 2 == 0 else order[::-1])
+            }
+            pairs.append(pair)
+        runs["after"] = one("after", 0, "")
+        # The detailed tables show the round whose p99 ratio is the median one.
+        ranked = sorted(range(rounds), key=lambda i: _p99_ratio(pairs[i]) or 0.0)
+        representative = ranked[(rounds - 1) // 2]
+        runs = {**pairs[representative], "after": runs["after"]}
+        result["representative_round"] = representative + 1
         if not gateway.child.alive():
             raise RuntimeError(f"the gateway exited:\n{gateway.child.log_tail()}")
         result["gateway_log_problems"] = _log_problems(gateway.child)
     result["runs"] = runs
-    result["targets"] = _hostile_targets(runs)
+    result["rounds"] = [
+        {
+            "order": list(p),
+            "p99_ratio": _p99_ratio(p),
+            **{
+                label: {
+                    "latency_us": r["latency_us"],
+                    "lost": r["lost"],
+                    "peak_kb": r["gateway_memory"]["peak_kb"],
+                    "cpu_us_per_frame": r["cpu_us_per_frame"],
+                    "foreign_cpu_s": r["machine"].get("foreign_cpu_s"),
+                    "steal": r["machine"].get("cpu_steal", 0.0),
+                    "window_s": r.get("window_s"),
+                }
+                for label, r in p.items()
+            },
+        }
+        for p in pairs
+    ]
+    result["targets"] = _hostile_targets(runs, pairs)
     return result
