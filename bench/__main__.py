@@ -20,8 +20,15 @@ from typing import Any
 from bench import scenarios
 from bench.attackers import ATTACKS
 from bench.contestants import ensure_nginx, nginx_version
+from bench.instance_memory import instance_memory
 from bench.procs import raise_nofile, set_quiet_budget
-from bench.report import machine_info, plot_sweep, write_latest, write_result
+from bench.report import (
+    machine_info,
+    plot_instance_memory,
+    plot_sweep,
+    write_latest,
+    write_result,
+)
 
 __all__ = ["main"]
 
@@ -37,20 +44,24 @@ SCENARIOS: dict[str, tuple[Callable[[scenarios.Settings], dict[str, Any]], str]]
     "throughput": (scenarios.throughput, "100 connections in a closed loop, 400 B and 8 KiB"),
     "start": (scenarios.start, "warm session starts (p50/p99, rate) and Pipecat cold starts"),
     "memory": (scenarios.memory, "gateway RSS with 0, 1,000 and 5,000 idle sessions"),
+    "instance-memory": (
+        instance_memory,
+        "USS/PSS/RSS per idle and live VAD-bot instance, fork server vs fresh, PNG",
+    ),
     "sweep": (scenarios.sweep, "latency vs sessions (100..1,000), catflap vs nginx, PNG"),
     "hostile": (scenarios.hostile, "200 telephony sessions via catflap, quiet vs 50 attackers"),
 }
 
 #: Scenarios that run catflap only.
-NO_NGINX = {"hostile"}
+NO_NGINX = {"hostile", "instance-memory"}
 
 
 def _parser() -> argparse.ArgumentParser:
-    listing = "\n".join(f"  {name:<11} {doc}" for name, (_, doc) in SCENARIOS.items())
+    listing = "\n".join(f"  {name:<15} {doc}" for name, (_, doc) in SCENARIOS.items())
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="catflap benchmark suite: catflap vs nginx vs a direct connection.",
-        epilog=f"scenarios:\n  {'all':<11} every scenario below, in this order\n{listing}",
+        epilog=f"scenarios:\n  {'all':<15} every scenario below, in this order\n{listing}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -158,7 +169,21 @@ def _failed(name: str, data: dict[str, Any]) -> str:
         return "connect failures" if data["connect_failures"] else ""
     if name == "hostile":
         return "; ".join(_hostile_problems(data))
+    if name == "instance-memory":
+        return "; ".join(_instance_memory_problems(data))
     return ""
+
+
+def _instance_memory_problems(data: dict[str, Any]) -> list[str]:
+    """Variants whose instances died meanwhile, or whose live sessions got no echo back."""
+    problems = []
+    for v in [*data["variants"], *data["shared_instance"]["variants"]]:
+        if v.get("instances_replaced"):
+            problems.append(f"{v['name']}: an instance died and was replaced during the run")
+        silent = sum(1 for r in v["rounds"] for echoed in r["live"]["echoed_bytes"] if echoed == 0)
+        if silent:
+            problems.append(f"{v['name']}: {silent} live session(s) got no echo back")
+    return problems
 
 
 def _hostile_problems(data: dict[str, Any]) -> list[str]:
@@ -237,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
                 data["plot"] = plot_sweep(out, data, meta["date"][:10])
             except Exception as exc:  # a plot must not cost the measurements
                 problems.append(f"sweep: no plot ({type(exc).__name__}: {exc})")
+        if name == "instance-memory":
+            try:
+                data["plot"] = plot_instance_memory(out, data, meta["date"][:10])
+            except Exception as exc:  # a plot must not cost the measurements
+                problems.append(f"instance-memory: no plot ({type(exc).__name__}: {exc})")
         path = write_result(out, name, meta, data)
         scenarios.log(f"{name}: done in {data['elapsed_s']:g} s -> {path}")
         if lost := _lost(name, data):

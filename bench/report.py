@@ -17,10 +17,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["evaluate_targets", "machine_info", "plot_sweep", "write_latest", "write_result"]
+__all__ = [
+    "evaluate_targets",
+    "machine_info",
+    "plot_instance_memory",
+    "plot_sweep",
+    "write_latest",
+    "write_result",
+]
 
-SCENARIOS = ("telephony", "telephony-tls", "throughput", "start", "memory", "sweep", "hostile")
+SCENARIOS = (
+    "telephony",
+    "telephony-tls",
+    "throughput",
+    "start",
+    "memory",
+    "instance-memory",
+    "sweep",
+    "hostile",
+)
 PLOT_NAME = "latency-vs-sessions.png"
+INSTANCE_PLOT_NAME = "instance-memory.png"
 
 
 def _version(package: str) -> str:
@@ -301,6 +318,106 @@ def _memory_md(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _instance_memory_md(res: dict[str, Any]) -> list[str]:
+    rows = []
+    for v in res["variants"]:
+        idle, live = v["idle"]["summary"], v["rounds"][0]["live"]["summary"]
+        live_max = max(r["live"]["summary"].get("uss_max_mib", 0) for r in v["rounds"])
+        rows.append(
+            [
+                f"`{v['name']}`: {v['label']}",
+                idle.get("uss_mib"),
+                idle.get("pss_mib"),
+                idle.get("rss_mib"),
+                live.get("uss_mib"),
+                live.get("pss_mib"),
+                live.get("rss_mib"),
+                live_max,
+                _mib_of(v.get("fork_server_process")),
+                v.get("sessions_per_gib_uss"),
+                v.get("sessions_per_gib_total"),
+            ]
+        )
+    header = [
+        "variant",
+        "idle USS MiB",
+        "idle PSS",
+        "idle RSS",
+        "live USS MiB",
+        "live PSS",
+        "live RSS",
+        "live USS max, all rounds",
+        "fork server PSS",
+        "sessions / GiB (USS)",
+        "sessions / GiB (PSS, all)",
+    ]
+    lines = [
+        f"Bot `{res['bot']}` (`examples/pipecat-echo` plus Silero VAD). Per variant one gateway "
+        f"with {res['instances']} warm instances (`sessions_per_instance = 1`); idle: every "
+        f"instance ready and settled {res['settle_s']:g} s; live: one WebSocket session per "
+        f"instance for {res['live_seconds']:g} s ({res['audio']}), the last per-second sample. "
+        "Medians over the instances of `/proc/PID/smaps_rollup` (USS = private clean + private "
+        "dirty). Each fork-server row adds one memory step to the row above "
+        "(`CATFLAP_MEMORY_OFF` switches the others off); `fresh` and `fork` are the defaults.",
+        "",
+        *_table(header, rows),
+        "",
+        "Sessions per GiB: **(USS)** = 1024 / median live USS, the marginal cost of one more "
+        "session once the gateway and fork server are paid for; **(PSS, all)** = 1024 / "
+        f"((sum of the {res['instances']} live instances' PSS + the fork server's PSS) / "
+        f"{res['instances']}), everything the agent uses shared by that many sessions.",
+    ]
+    shared = res.get("shared_instance") or {}
+    if shared.get("variants"):
+        n = shared["sessions_per_instance"]
+        srows = []
+        for v in shared["variants"]:
+            idle = v["idle"]["summary"].get("uss_mib")
+            for i, r in enumerate(v["rounds"], 1):
+                live = r["live"]["summary"].get("uss_mib")
+                after = r["after"]["summary"].get("uss_mib")
+                srows.append(
+                    [
+                        f"`{v['name']}`: {v['label']}",
+                        i,
+                        idle,
+                        live,
+                        None if live is None else round(live / n, 1),
+                        after,
+                        None if after is None or idle is None else round(after - idle, 1),
+                    ]
+                )
+        lines += [
+            "",
+            f"One instance with `sessions_per_instance = {n}`: {n} sessions at once, round "
+            "after round on the same instance; `after` is the instance idle again once a round's "
+            "sessions closed (release between sessions = `gc.collect()` + `malloc_trim(0)`).",
+            "",
+            *_table(
+                [
+                    "variant",
+                    "round",
+                    "idle USS MiB (before round 1)",
+                    "live USS MiB",
+                    "live USS / session",
+                    "after USS MiB",
+                    "after − idle MiB",
+                ],
+                srows,
+            ),
+        ]
+    if res.get("plot"):
+        lines += ["", f"![instance memory]({res['plot']})"]
+    return lines
+
+
+def _mib_of(samples: list[dict[str, Any]] | None) -> float | None:
+    """The summed PSS (MiB) of a list of process samples, or None when there are none."""
+    if not samples:
+        return None
+    return round(sum(float(s["pss_mib"]) for s in samples), 1)
+
+
 def _sweep_md(res: dict[str, Any]) -> list[str]:
     rows = []
     for level in res["levels"]:
@@ -574,6 +691,7 @@ _SECTIONS = {
     "throughput": ("Throughput", _throughput_md),
     "start": ("Session start", _start_md),
     "memory": ("Memory", _memory_md),
+    "instance-memory": ("Instance memory", _instance_memory_md),
     "sweep": ("Latency vs sessions", _sweep_md),
     "hostile": ("Under attack", _hostile_md),
 }
@@ -641,6 +759,9 @@ def evaluate_targets(latest: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 bool(t["met"]),
                 bool(t.get("disturbed")),
             )
+    if "instance-memory" in latest:
+        for t in latest["instance-memory"]["results"].get("targets", []):
+            add(f"instance memory: {t['target']}", t["measured"], bool(t["met"]))
     if "memory" in latest:
         res = latest["memory"]["results"]
         kb = res.get("gateway_kb_per_session")
@@ -689,7 +810,13 @@ def write_latest(out: Path) -> Path:
             "command and git revision. See `docs/benchmarks.md` for what each number means.",
         ]
     if targets:
-        lines += ["", "## Targets", "", "Issue #5's, and the hardening issue's (`hardening:`).", ""]
+        lines += [
+            "",
+            "## Targets",
+            "",
+            "Issue #5's, the hardening issue's (`hardening:`), issue #15's (`instance memory:`).",
+            "",
+        ]
         lines += _table(
             ["target", "measured", "met"],
             [[t["target"], t["measured"], _met(t)] for t in targets],
@@ -723,6 +850,86 @@ def plot_sweep(out: Path, res: dict[str, Any], date: str) -> str | None:
             return None
     shutil.copyfile(path, out / PLOT_NAME)
     return PLOT_NAME
+
+
+def plot_instance_memory(out: Path, res: dict[str, Any], date: str) -> str | None:
+    """Bars of idle and live USS/PSS per variant, the targets, and the shared instance's rounds.
+
+    Returns the PNG's file name (``instance-memory.png``, also kept as ``<date>-…``), or None
+    without matplotlib.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{date}-instance-memory.png"
+    variants = res["variants"]
+    shared = (res.get("shared_instance") or {}).get("variants") or []
+    fig, axes = plt.subplots(
+        1, 2 if shared else 1, figsize=(12 if shared else 8, 4.6), dpi=110, squeeze=False
+    )
+    ax = axes[0][0]
+    names = [v["name"] for v in variants]
+    xs = range(len(names))
+    width = 0.2
+    bars = (
+        ("idle USS", lambda v: v["idle"]["summary"].get("uss_mib"), "tab:blue", ""),
+        ("idle PSS", lambda v: v["idle"]["summary"].get("pss_mib"), "tab:blue", "//"),
+        ("live USS", lambda v: v["rounds"][0]["live"]["summary"].get("uss_mib"), "tab:orange", ""),
+        (
+            "live PSS",
+            lambda v: v["rounds"][0]["live"]["summary"].get("pss_mib"),
+            "tab:orange",
+            "//",
+        ),
+    )
+    for i, (label, get, colour, hatch) in enumerate(bars):
+        ys = [get(v) or 0.0 for v in variants]
+        offset = (i - 1.5) * width
+        ax.bar(
+            [x + offset for x in xs],
+            ys,
+            width,
+            label=label,
+            color=colour,
+            alpha=0.55 if hatch else 0.9,
+            hatch=hatch,
+            edgecolor="white" if not hatch else colour,
+        )
+    for value, colour, label in ((20.0, "tab:blue", "idle target"), (40.0, "tab:orange", "live")):
+        ax.axhline(value, color=colour, ls="--", lw=1, label=f"{label} ≤ {value:g} MiB USS")
+    ax.set_xticks(list(xs), names, rotation=25, ha="right")
+    ax.set_ylabel("MiB per instance (median)")
+    ax.set_title("VAD bot instance: idle and with a live session")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    if shared:
+        ax2 = axes[0][1]
+        n = res["shared_instance"]["sessions_per_instance"]
+        for v in shared:
+            ys = [v["idle"]["summary"].get("uss_mib") or 0.0]
+            labels = ["idle"]
+            for i, r in enumerate(v["rounds"], 1):
+                ys += [
+                    r["live"]["summary"].get("uss_mib") or 0.0,
+                    r["after"]["summary"].get("uss_mib") or 0.0,
+                ]
+                labels += [f"live {i}", f"after {i}"]
+            ax2.plot(range(len(ys)), ys, "-o", markersize=4, label=v["name"])
+        ax2.set_xticks(range(len(labels)), labels, rotation=25, ha="right")
+        ax2.set_ylabel("instance USS (MiB)")
+        ax2.set_title(f"One instance, {n} sessions at once per round")
+        ax2.grid(True, alpha=0.3)
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    shutil.copyfile(path, out / INSTANCE_PLOT_NAME)
+    return INSTANCE_PLOT_NAME
 
 
 def _series(res: dict[str, Any], name: str, key: str) -> tuple[list[int], list[float]]:
