@@ -8,7 +8,8 @@ instead, rather than the bare 404 of a path nothing serves. :data:`NOT_SUPPORTED
 list; README's "Operating with the Pipecat Cloud CLI" table follows it.
 
 No key is needed to be told this: the answer reveals nothing, and ``pipecat cloud auth login``
-has no key yet. The ``secrets`` paths are not here: catflap keeps secret sets.
+has no key yet. The ``secrets`` paths are not here (:mod:`catflap.api.secrets`): catflap keeps
+secret sets; only referencing a Kubernetes Secret is.
 """
 
 from __future__ import annotations
@@ -148,6 +149,13 @@ NOT_SUPPORTED: tuple[NotSupportedRoute, ...] = (
         "/v1/organizations/{org}/apiKeys/{rest:path}",
         "API keys",
         "remove the key from catflap.toml's public_keys or private_keys and restart",
+    ),
+    NotSupportedRoute(
+        ("POST",),
+        "/v1/organizations/{org}/secrets/references",
+        "referenced Kubernetes Secrets (secrets reference)",
+        "give agent hosts the variables in their own environment and name them in the agent's "
+        "pass_env (deploy/kubernetes/agent.yaml), or keep them in a secret set",
     ),
     NotSupportedRoute(
         ("GET",),
