@@ -25,6 +25,9 @@ first); instances started from then on get it, running ones keep what they start
 set is in region ``self-hosted``; a ``region`` in a request or a query is not read (catflap has
 one region). Image pull secrets answer 501: catflap pulls no images.
 
+``GET /v1/organizations/{org}/properties`` is here too, answering only ``defaultRegion``: the
+CLI's ``secrets set`` reads it before it asks for confirmation, and fails without it.
+
 Checks run in the other private-key routes' order: key (401), organization (404), then the
 names (400 ``invalid_secret_name``) and the body.
 """
@@ -66,6 +69,7 @@ if TYPE_CHECKING:
     from catflap.secretsets.store import SecretStore
 
 __all__ = [
+    "OrganizationProperties",
     "SecretField",
     "SecretPair",
     "SecretPutRequest",
@@ -120,6 +124,12 @@ class SecretsOk(BaseModel):
 
     status: Literal["OK"] = "OK"
     region: str | None = Field(default=None, description="PUT only: where the set is")
+
+
+class OrganizationProperties(BaseModel):
+    """``GET /v1/organizations/{org}/properties``: PCC's ``{"properties": {...}}``."""
+
+    properties: dict[str, str]
 
 
 class SecretPair(BaseModel):
@@ -418,6 +428,23 @@ def secrets_router(
             owner,
         )
         return SecretsOk()
+
+    @router.get(
+        "/v1/organizations/{org}/properties",
+        response_model=OrganizationProperties,
+        responses=error_responses(401, 404),
+        summary="The organization's properties",
+    )
+    async def properties(owner: Annotated[str, Depends(in_path)]) -> OrganizationProperties:
+        """Only ``defaultRegion``, ``self-hosted``: ``pipecat cloud secrets set`` reads it to show
+        where a set will be before it asks to go on (``organizations properties list`` prints
+        it too). Changing a property is not done here: they are catflap.toml's.
+
+        Raises:
+            Unauthorized: 401, no private key.
+            AgentNotFound: 404, the key belongs to another organization.
+        """
+        return OrganizationProperties(properties={"defaultRegion": SELF_HOSTED_REGION})
 
     return router
 

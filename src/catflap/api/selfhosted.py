@@ -26,7 +26,9 @@ from catflap.contract.errors import NotSupportedSelfHosted
 
 __all__ = ["NOT_SUPPORTED", "NotSupportedRoute", "selfhosted_router"]
 
-_CONFIG = "catflap.toml's [organizations.<org>.agents.<agent>]"
+#: No square brackets in these messages: the CLI prints API errors as rich markup, which
+#: swallows "[organizations...]" whole.
+_CONFIG = "catflap.toml (its organizations.<org>.agents.<agent> table)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +102,7 @@ NOT_SUPPORTED: tuple[NotSupportedRoute, ...] = (
         ("GET", "PUT"),
         "/v1/organizations/{org}/spend-limit",
         "the spend limit",
-        "catflap bills nothing; cap sessions with [scaling] max_agents",
+        "catflap bills nothing; cap sessions with max_agents (the agent's scaling table)",
     ),
     NotSupportedRoute(
         ("GET", "POST", "DELETE"),
@@ -127,9 +129,9 @@ NOT_SUPPORTED: tuple[NotSupportedRoute, ...] = (
         "size the machines (or containers) that run catflap; instances share them",
     ),
     NotSupportedRoute(
-        ("GET", "PATCH"),
+        ("PATCH",),
         "/v1/organizations/{org}/properties",
-        "organization properties",
+        "changing organization properties",
         "set them in catflap.toml",
     ),
     NotSupportedRoute(
