@@ -191,6 +191,14 @@ _PUT_BODY: dict[str, Any] = {
 }
 
 
+#: The two bodies a PUT takes, as error messages name them. No square brackets: the CLI prints
+#: API errors as rich markup.
+_SHAPES = (
+    'send one secret as {"secretKey": NAME, "secretValue": VALUE}, or several as '
+    '{"secrets": a list of those}'
+)
+
+
 def _check_secret_name(name: str) -> None:
     problem = secret_name_problem("secret", name)
     if problem:
@@ -233,11 +241,7 @@ async def _read_put(request: Request, set_name: str) -> dict[str, str]:
     except ValidationError as exc:
         first = exc.errors(include_input=False)[0]  # the input may be a value: never echoed
         where = ".".join(str(part) for part in first["loc"]) or "request"
-        raise BadRequest(
-            f"invalid request: {where}: {first['msg']}; send "
-            '{"secretKey": NAME, "secretValue": VALUE} or '
-            '{"secrets": [{"secretKey": NAME, "secretValue": VALUE}, ...]}'
-        ) from None
+        raise BadRequest(f"invalid request: {where}: {first['msg']}; {_SHAPES}") from None
     if body.isImagePullSecret:
         raise NotSupportedSelfHosted(
             "catflap is self-hosted and does not do image pull secrets: it pulls no images "
@@ -251,10 +255,7 @@ async def _read_put(request: Request, set_name: str) -> dict[str, str]:
         )
     single = body.secretKey is not None or body.secretValue is not None
     if single == (body.secrets is not None):
-        raise BadRequest(
-            'send one secret as {"secretKey", "secretValue"}, or several as '
-            '{"secrets": [{"secretKey", "secretValue"}, ...]} (one of the two)'
-        )
+        raise BadRequest(f"{_SHAPES} (one of the two)")
     if body.secrets is not None:
         pairs = [(pair.secretKey, pair.secretValue) for pair in body.secrets]
     elif body.secretKey is None or body.secretValue is None:
