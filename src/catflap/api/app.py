@@ -33,6 +33,7 @@ from catflap.api.dashboard import dashboard_router
 from catflap.api.logs import logs_router
 from catflap.api.metrics import metrics_router
 from catflap.api.proxy import session_proxy_router
+from catflap.api.secrets import secrets_router
 from catflap.api.selfhosted import selfhosted_router
 from catflap.api.services import services_router
 from catflap.api.sessions import SessionRecords, sessions_router
@@ -442,6 +443,7 @@ def create_api(deps: ApiDeps) -> FastAPI:
             loaded_at=deps.clock(),
         )
     )
+    app.include_router(secrets_router(organization=organization, store=deps.secrets))
     app.include_router(selfhosted_router())
     if deps.config.gateway.dashboard:
         app.include_router(

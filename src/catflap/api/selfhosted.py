@@ -8,7 +8,8 @@ instead, rather than the bare 404 of a path nothing serves. :data:`NOT_SUPPORTED
 list; README's "Operating with the Pipecat Cloud CLI" table follows it.
 
 No key is needed to be told this: the answer reveals nothing, and ``pipecat cloud auth login``
-has no key yet. The ``secrets`` paths are not here: catflap keeps secret sets.
+has no key yet. The ``secrets`` paths are not here (:mod:`catflap.api.secrets`): catflap keeps
+secret sets; only referencing a Kubernetes Secret is.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from catflap.contract.errors import NotSupportedSelfHosted
 
 __all__ = ["NOT_SUPPORTED", "NotSupportedRoute", "selfhosted_router"]
 
-_CONFIG = "catflap.toml's [organizations.<org>.agents.<agent>]"
+#: No square brackets in these messages: the CLI prints API errors as rich markup, which
+#: swallows "[organizations...]" whole.
+_CONFIG = "catflap.toml (its organizations.<org>.agents.<agent> table)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +102,7 @@ NOT_SUPPORTED: tuple[NotSupportedRoute, ...] = (
         ("GET", "PUT"),
         "/v1/organizations/{org}/spend-limit",
         "the spend limit",
-        "catflap bills nothing; cap sessions with [scaling] max_agents",
+        "catflap bills nothing; cap sessions with max_agents (the agent's scaling table)",
     ),
     NotSupportedRoute(
         ("GET", "POST", "DELETE"),
@@ -126,9 +129,9 @@ NOT_SUPPORTED: tuple[NotSupportedRoute, ...] = (
         "size the machines (or containers) that run catflap; instances share them",
     ),
     NotSupportedRoute(
-        ("GET", "PATCH"),
+        ("PATCH",),
         "/v1/organizations/{org}/properties",
-        "organization properties",
+        "changing organization properties",
         "set them in catflap.toml",
     ),
     NotSupportedRoute(
@@ -148,6 +151,13 @@ NOT_SUPPORTED: tuple[NotSupportedRoute, ...] = (
         "/v1/organizations/{org}/apiKeys/{rest:path}",
         "API keys",
         "remove the key from catflap.toml's public_keys or private_keys and restart",
+    ),
+    NotSupportedRoute(
+        ("POST",),
+        "/v1/organizations/{org}/secrets/references",
+        "referenced Kubernetes Secrets (secrets reference)",
+        "give agent hosts the variables in their own environment and name them in the agent's "
+        "pass_env (deploy/kubernetes/agent.yaml), or keep them in a secret set",
     ),
     NotSupportedRoute(
         ("GET",),

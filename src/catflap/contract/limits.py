@@ -76,6 +76,8 @@ __all__ = [
     "SECRET_SETS_PER_ORG_MAX",
     "SECRET_SET_MAX_BYTES",
     "SECRET_VALUE_MAX_BYTES",
+    "SECRETS_PER_REQUEST_MAX",
+    "SECRETS_REQUEST_MAX_BYTES",
     "SERVICE_HOST_MAX_LEN",
     "SESSION_PROXY_BODY_MAX_BYTES",
     "SESSION_PROXY_START_WAIT_S",
@@ -423,6 +425,15 @@ SECRET_SET_MAX_BYTES = 64 * 1024
 #: one Redis hash per organisation) stays bounded by 100 x 64 KiB. Past it: 400
 #: ``too_many_secret_sets``.
 SECRET_SETS_PER_ORG_MAX = 100
+#: A ``PUT /v1/organizations/{org}/secrets/{set}`` body: room for a whole set
+#: (``SECRET_SET_MAX_BYTES`` of names and values) in PCC's REST shape, JSON-escaped (text that
+#: needs escaping grows, ``\uXXXX`` being 6 bytes for 1-3; 4x covers any set of ordinary text).
+#: Larger bodies get 413 ``request_too_large`` before they are read.
+SECRETS_REQUEST_MAX_BYTES = 4 * SECRET_SET_MAX_BYTES
+#: Secrets in one such body's ``secrets`` array: each one is validated and merged, so the count
+#: bounds that work (a 256 KiB body of tiny pairs would be ~15,000 of them). A ``.env`` file
+#: rarely holds more than a hundred. Past it: 413 ``request_too_large``.
+SECRETS_PER_REQUEST_MAX = 1000
 
 # --- Which limits guard what a peer sends ------------------------------------------------------
 
@@ -468,6 +479,8 @@ PEER_INPUT_LIMITS: frozenset[str] = frozenset(
         "SECRET_SETS_PER_ORG_MAX",
         "SECRET_SET_MAX_BYTES",
         "SECRET_VALUE_MAX_BYTES",
+        "SECRETS_PER_REQUEST_MAX",
+        "SECRETS_REQUEST_MAX_BYTES",
         "SERVICE_HOST_MAX_LEN",
         "SESSION_PROXY_BODY_MAX_BYTES",
         "SESSION_PROXY_START_WAIT_S",

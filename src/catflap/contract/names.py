@@ -102,9 +102,11 @@ def secret_name_problem(kind: str, name: str) -> str | None:
             f"{kind} name {_quote(name)} contains characters other than a-z, A-Z, 0-9, '_' and '-'"
         )
     example = "MY_API_KEY" if kind == "secret" else "my-secrets"
+    # No brackets in the sentence: Pipecat Cloud's CLI prints API errors as rich markup,
+    # which would swallow a "[a-zA-Z0-9_-]" whole.
     return (
-        f"{reason}: it must match [a-zA-Z0-9_-] and be 1 to {limits.SECRET_NAME_MAX_LEN} "
-        f"characters long, e.g. {example}"
+        f"{reason}: it must be 1 to {limits.SECRET_NAME_MAX_LEN} characters long, each a letter "
+        f"(a-z, A-Z), a digit (0-9), '_' or '-', e.g. {example}"
     )
 
 
