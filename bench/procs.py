@@ -326,25 +326,8 @@ def agent_instances_of(gateway_pid: int) -> list[int]:
     return sorted(found)
 
 
-def children_of(pid: int) -> list[int]:
-    """Direct children of ``pid``, from a scan of ``/proc``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        ppid = int(data[data.rindex(b")") + 2 :].split()[1])
-        if ppid == pid:
-            found.append(int(entry))
-    return sorted(found)
-
-
-def descendants_of(pid: int) -> list[int]:
-    """Every process below ``pid`` (children, grandchildren, ...), from one scan of ``/proc``."""
+def _children_by_parent() -> dict[int, list[int]]:
+    """Every process's direct children, keyed by parent pid, from one scan of ``/proc``."""
     parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -356,6 +339,17 @@ def descendants_of(pid: int) -> list[int]:
             continue
         ppid = int(data[data.rindex(b")") + 2 :].split()[1])
         parents.setdefault(ppid, []).append(int(entry))
+    return parents
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid``, from a scan of ``/proc``."""
+    return sorted(_children_by_parent().get(pid, []))
+
+
+def descendants_of(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...), from one scan of ``/proc``."""
+    parents = _children_by_parent()
     found: list[int] = []
     todo = [pid]
     while todo:
