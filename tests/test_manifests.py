@@ -546,7 +546,7 @@ def test_probe_drain_stops_dispatch_to_this_pod_and_waits_for_its_sessions(
 # --- docs/scaling.md -----------------------------------------------------------------------
 
 
-def test_scaling_doc_names_every_redis_key_and_channel() -> None:
+def test_scaling_doc_names_every_redis_key_and_stream() -> None:
     text = (ROOT / "docs" / "scaling.md").read_text()
     keys = Keys("catflap")
     patterns = [
@@ -558,8 +558,8 @@ def test_scaling_doc_names_every_redis_key_and_channel() -> None:
         keys.session("{session_id}"),
         keys.agent_sessions("{org}", "{agent}"),
         keys.secret_sets("{org}"),
-        keys.stop_channel,
-        keys.ended_channel,
+        keys.stop_stream,
+        keys.ended_stream,
     ]
     for pattern in patterns:
         assert f"`{pattern}`" in text, pattern

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import time
@@ -23,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from catflap.cluster.keys import HEARTBEAT_TTL_S, RESERVATION_TTL_S, Keys
+from catflap.cluster.streams import StreamReader, append_event
 from catflap.config import AgentSpec
 from catflap.contract.errors import AgentNotFound, AtCapacity, ServiceUnavailable
 from catflap.pool.instance import SessionEnd
@@ -130,7 +130,7 @@ class RedisPool:
         self._tasks = TaskSet("cluster dispatch")
 
     def start(self) -> None:
-        self._tasks.spawn(self._listen_for_endings(), name="ended subscription")
+        self._tasks.spawn(self._listen_for_endings(), name="ended events")
         self._tasks.spawn(self._watch_instances(), name="instance watch")
 
     async def close(self) -> None:
@@ -235,13 +235,20 @@ class RedisPool:
             await self._redis.zrem(self._keys.reserved(lease.instance_id), lease.session_id)
 
     async def stop_session(self, session_id: str) -> bool:
+        """Ask every agent host to stop the session; the one running it cancels ``bot()``.
+
+        The request is appended to the stop stream, so a host that is reconnecting to Redis
+        reads it once it is back. True once it is there: which host (if any) holds the session
+        shows only when its ``ended`` event arrives.
+
+        Raises:
+            ServiceUnavailable: 503, Redis is unreachable.
+        """
         try:
-            receivers = await self._redis.publish(
-                self._keys.stop_channel, json.dumps({"session_id": session_id})
-            )
+            await append_event(self._redis, self._keys.stop_stream, {"session_id": session_id})
         except (RedisError, OSError) as exc:
             raise _unavailable(exc) from None
-        return int(receivers) > 0
+        return True
 
     async def locate(self, agent_key: str, session_id: str) -> SessionPlace | None:
         """Where the session is in the cluster (see :meth:`SessionPool.locate`).
@@ -270,31 +277,24 @@ class RedisPool:
             lease.ended.set_result(end)
 
     async def _listen_for_endings(self) -> None:
-        """Follow the ``ended`` channel; reconnect with backoff when Redis goes away."""
-        delay = 0.1
-        while True:
-            try:
-                async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self._keys.ended_channel)
-                    delay = 0.1
-                    async for message in pubsub.listen():
-                        if message.get("type") != "message":
-                            continue
-                        data = json.loads(message["data"])
-                        self._resolve(
-                            str(data["session_id"]),
-                            SessionEnd(
-                                status=data["status"],
-                                error=data.get("error"),
-                                client_disconnected=bool(data.get("client_disconnected")),
-                                bot_seconds=data.get("bot_seconds"),
-                                resources=data.get("resources"),
-                            ),
-                        )
-            except (RedisError, OSError) as exc:
-                log.warning("! lost the Redis subscription (%s); retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        """Follow the ``ended`` stream from where this gateway got to, across reconnects."""
+        await StreamReader(
+            self._redis, self._keys.ended_stream, self._on_ended, what="ended events"
+        ).run()
+
+    async def _on_ended(self, data: dict[str, Any]) -> None:
+        # Every gateway reads every event; those of sessions relayed elsewhere (or already
+        # resolved, when a host appends an event again) find no lease here and change nothing.
+        self._resolve(
+            str(data["session_id"]),
+            SessionEnd(
+                status=data["status"],
+                error=data.get("error"),
+                client_disconnected=bool(data.get("client_disconnected")),
+                bot_seconds=data.get("bot_seconds"),
+                resources=data.get("resources"),
+            ),
+        )
 
     async def _watch_instances(self) -> None:
         """A session whose instance vanished (its host died) ends as ``agent_crashed``.

@@ -11,12 +11,15 @@ instance ready      hash ``inst:{id}`` (address, capacity, state), added to the
                     agent's set if the cluster has fewer than ``max_agents``
 heartbeat           every TTL/3: refresh the TTL of ``inst:{id}`` and its sets
 session started     reservation -> active set (the slot is now held by a bot)
-session ended       leave the active set; publish on ``ended``
+session ended       leave the active set; append to the ``ended`` stream
 instance gone       delete its keys
 ==================  ===========================================================
 
 Redis updates go through one ordered queue, so ``started`` never lands after ``ended``; while
-Redis is away they wait and retry, and live sessions are not touched.
+Redis is away they wait and retry, and live sessions are not touched. Stop requests are read
+from the ``stop`` stream (:mod:`catflap.cluster.streams`), so none is lost while reconnecting.
+When Redis turns out to have lost this host's keys (a restart without persistence), the ended
+events of the last ``ENDED_REPLAY_WINDOW_S`` are appended again: gateways ignore duplicates.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import secrets
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,7 +38,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from catflap.cluster.keys import HEARTBEAT_TTL_S, Keys
+from catflap.cluster.streams import StreamReader, append_event
 from catflap.config import AgentSpec
+from catflap.contract.limits import ENDED_REPLAY_WINDOW_S, LIFECYCLE_STREAM_MAXLEN
 from catflap.pool.instance import Instance, InstanceState, SessionEnd
 from catflap.pool.launcher import Launcher
 from catflap.pool.pool import AgentPool
@@ -102,6 +108,10 @@ class AgentHost:
         self._draining = False
         #: Set whenever the last running session on this host ends.
         self._idle = asyncio.Event()
+        #: (monotonic time, event) of recent ends, appended again if Redis loses its data.
+        self._recent_ended: deque[tuple[float, dict[str, Any]]] = deque(
+            maxlen=LIFECYCLE_STREAM_MAXLEN
+        )
 
     def instance_key(self, instance: Instance) -> str:
         return f"{self.host_id}-{instance.instance_id}"
@@ -111,7 +121,7 @@ class AgentHost:
     def start(self) -> None:
         self._tasks.spawn(self._apply_ops(), name="redis updates")
         self._tasks.spawn(self._heartbeat(), name="heartbeat")
-        self._tasks.spawn(self._listen_for_stops(), name="stop subscription")
+        self._tasks.spawn(self._listen_for_stops(), name="stop requests")
         self.pool.start()
 
     async def close(
@@ -180,23 +190,24 @@ class AgentHost:
 
     def session_ended(self, instance: Instance, session_id: str, end: SessionEnd) -> None:
         iid = self.instance_key(instance)
-        message = json.dumps(
-            {
-                "session_id": session_id,
-                "status": end.status,
-                "error": end.error,
-                "client_disconnected": end.client_disconnected,
-                "bot_seconds": end.bot_seconds,
-                "resources": end.resources,
-            }
-        )
+        event = {
+            "session_id": session_id,
+            "status": end.status,
+            "error": end.error,
+            "client_disconnected": end.client_disconnected,
+            "bot_seconds": end.bot_seconds,
+            "resources": end.resources,
+        }
+        self._recent_ended.append((time.monotonic(), event))
 
         async def ended() -> None:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.srem(self._keys.active(iid), session_id)
                 pipe.zrem(self._keys.reserved(iid), session_id)
-                pipe.publish(self._keys.ended_channel, message)
                 await pipe.execute()
+            # Only once the slot is free: whoever reads the end finds the session gone from
+            # its instance (a retry after a failure repeats the idempotent removals).
+            await append_event(self._redis, self._keys.ended_stream, event)
 
         self._ops.put_nowait(ended)
         if not any(i.leases for i in self.pool.live()):
@@ -282,22 +293,29 @@ class AgentHost:
                 log.warning("! heartbeat failed (%s)", exc)
                 continue
             if results and not all(results[0::2]):
-                # Redis lost our keys (it restarted): register again.
+                # Redis lost our keys (it restarted): register again, and append the recent
+                # ends again, since one appended just before the restart may be lost with it.
                 for instance in self.pool.live():
                     self._ops.put_nowait(functools.partial(self._register_instance, instance))
+                self._ops.put_nowait(self._replay_ended)
+
+    async def _replay_ended(self) -> None:
+        cutoff = time.monotonic() - ENDED_REPLAY_WINDOW_S
+        while self._recent_ended and self._recent_ended[0][0] < cutoff:
+            self._recent_ended.popleft()
+        if not self._recent_ended:
+            return
+        log.info("= appending %d recent ended event(s) again", len(self._recent_ended))
+        for _, event in list(self._recent_ended):
+            await append_event(self._redis, self._keys.ended_stream, event)
 
     async def _listen_for_stops(self) -> None:
-        delay = 0.1
-        while True:
-            try:
-                async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self._keys.stop_channel)
-                    delay = 0.1
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            session_id = str(json.loads(message["data"])["session_id"])
-                            await self.pool.stop_session(session_id)
-            except (RedisError, OSError) as exc:
-                log.warning("! lost the stop subscription (%s); retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        """Follow the stop stream from where this host got to, across reconnects: a stop
+        appended while this host was cut off from Redis still reaches its session."""
+        await StreamReader(
+            self._redis, self._keys.stop_stream, self._on_stop, what="stop requests"
+        ).run()
+
+    async def _on_stop(self, data: dict[str, Any]) -> None:
+        # Every host reads every stop; the pool ignores sessions it does not run.
+        await self.pool.stop_session(str(data["session_id"]))

@@ -1,4 +1,4 @@
-"""Every Redis key, channel and TTL catflap uses, in one place (documented in docs/scaling.md)."""
+"""Every Redis key, stream and TTL catflap uses, in one place (documented in docs/scaling.md)."""
 
 from __future__ import annotations
 
@@ -61,11 +61,13 @@ class Keys:
         return f"{self.prefix}:secrets:{org}"
 
     @property
-    def stop_channel(self) -> str:
-        """Pub/sub: ``{"session_id"}``; the host holding the session stops it."""
+    def stop_stream(self) -> str:
+        """Stream of ``{"session_id"}`` stop requests; the host holding the session stops it.
+        About ``LIFECYCLE_STREAM_MAXLEN`` entries (:mod:`catflap.cluster.streams`)."""
         return f"{self.prefix}:stop"
 
     @property
-    def ended_channel(self) -> str:
-        """Pub/sub: ``{"session_id", "status", "error", ...}`` when ``bot()`` has ended."""
+    def ended_stream(self) -> str:
+        """Stream of ``{"session_id", "status", "error", ...}`` once ``bot()`` has ended.
+        About ``LIFECYCLE_STREAM_MAXLEN`` entries (:mod:`catflap.cluster.streams`)."""
         return f"{self.prefix}:ended"

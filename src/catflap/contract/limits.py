@@ -25,12 +25,14 @@ __all__ = [
     "DAILY_ROOM_URL_MAX_CHARS",
     "DISPATCH_ATTEMPTS",
     "DRAIN_TIMEOUT_S",
+    "ENDED_REPLAY_WINDOW_S",
     "FRAME_HEADER_MAX_BYTES",
     "FRAME_SCANNER_PARTIAL_MAX_BYTES",
     "ICE_CONFIG_FETCH_TIMEOUT_S",
     "ICE_CONFIG_MAX_BYTES",
     "IDLE_REAP_S",
     "KEEPALIVE_IDLE_TIMEOUT_S",
+    "LIFECYCLE_STREAM_MAXLEN",
     "LEASE_END_TIMEOUT_S",
     "LINGERING_CLOSE_MAX_BYTES",
     "LINGERING_CLOSE_S",
@@ -435,6 +437,21 @@ SECRETS_REQUEST_MAX_BYTES = 4 * SECRET_SET_MAX_BYTES
 #: rarely holds more than a hundred. Past it: 413 ``request_too_large``.
 SECRETS_PER_REQUEST_MAX = 1000
 
+# --- Cluster lifecycle streams (Redis Streams) ------------------------------------------------
+
+#: Entries kept in each lifecycle stream (``{prefix}:ended`` and ``{prefix}:stop``), trimmed
+#: approximately (``XADD MAXLEN ~``) at every append. A reader that was away (a gateway or host
+#: reconnecting to Redis) reads on from its last id, so this bounds the outage it can make up
+#: for: 10,000 ends is 1,000 s at 10 sessions ending per second, far beyond the 5 s reconnect
+#: backoff. An entry is about 200 bytes, so a full stream is about 2 MiB of Redis memory.
+LIFECYCLE_STREAM_MAXLEN = 10_000
+#: When an agent host finds that Redis lost its keys (a restart without persistence), it appends
+#: the ``ended`` events of the sessions that ended this long ago or less once more: one appended
+#: just before the restart may not have reached every gateway. Gateways ignore duplicates. A
+#: minute covers the restart, the hosts' reconnect backoff (5 s) and the heartbeat that notices
+#: (a third of a TTL).
+ENDED_REPLAY_WINDOW_S = 60.0
+
 # --- Which limits guard what a peer sends ------------------------------------------------------
 
 #: Limits on what a client, a provider or an agent's wire may make the gateway hold or wait for.
@@ -511,11 +528,13 @@ OTHER_LIMITS: frozenset[str] = frozenset(
         "CLOSE_REASON_MAX_BYTES",
         "DISPATCH_ATTEMPTS",
         "DRAIN_TIMEOUT_S",
+        "ENDED_REPLAY_WINDOW_S",
         "FRAME_HEADER_MAX_BYTES",
         "ICE_CONFIG_FETCH_TIMEOUT_S",
         "ICE_CONFIG_MAX_BYTES",
         "IDLE_REAP_S",
         "LEASE_END_TIMEOUT_S",
+        "LIFECYCLE_STREAM_MAXLEN",
         "LOGS_LIMIT_DEFAULT",
         "LOGS_RECENT_SESSIONS_MAX",
         "LOG_LINE_MAX_CHARS",
