@@ -2,7 +2,7 @@
 gateway or host cut off from Redis, and a host restart.
 
 Real gateways and agent hosts (``catflap gateway``, ``catflap agent-host``) on a real Redis. A
-process "cut off from Redis" talks to it through :class:`RedisCut`, a TCP proxy in the test
+process "cut off from Redis" talks to it through ``tests/rediscut.py``, a TCP proxy in the test
 that can drop every connection and refuse new ones; the Redis-restart test runs a private
 ``redis-server`` without persistence, so the restart loses every stream and key, the hardest
 case.
@@ -11,13 +11,10 @@ case.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -26,9 +23,9 @@ import redis.asyncio
 import websockets
 
 from catflap.cluster.keys import HEARTBEAT_TTL_S
-from catflap.contract import limits
 
 from .conftest import ROOT, seconds
+from .rediscut import redis_cut
 from .test_cluster import (
     REDIS_URL,
     Cluster,
@@ -44,69 +41,6 @@ pytestmark = pytest.mark.slow  # end to end: real gateways, agent hosts and Redi
 
 LIFECYCLE = ROOT / "tests" / "bots" / "lifecycle"
 SECRET = {"Authorization": "Bearer sk_test"}
-
-
-class RedisCut:
-    """A TCP proxy in front of Redis that a test can cut (every connection dropped, new ones
-    closed at once) and heal, to cut one process off from Redis while the others stay on."""
-
-    def __init__(self, target: str) -> None:
-        self._target_port = int(target.rsplit(":", 1)[1].split("/")[0])
-        self._cut = False
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._cut:
-            writer.transport.abort()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.transport.abort()
-
-        try:
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        finally:
-            self._writers -= {writer, up_writer}
-
-    def cut(self) -> None:
-        self._cut = True
-        for writer in list(self._writers):
-            writer.transport.abort()
-
-    def heal(self) -> None:
-        self._cut = False
-
-    async def close(self) -> None:
-        self.cut()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
-@asynccontextmanager
-async def redis_cut(target: str = REDIS_URL) -> AsyncIterator[RedisCut]:
-    proxy = RedisCut(target)
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
 
 
 def _common(cl: Cluster, redis_url: str) -> list[str]:
@@ -185,7 +119,8 @@ def _ended_in_stream(url: str, prefix: str, session_id: str) -> bool:
 async def test_an_end_appended_while_a_gateway_is_cut_off_from_redis_is_applied_after() -> None:
     """Pub/sub lost this event: the gateway was not subscribed while the host published it,
     and the record stayed active until the session's time limit."""
-    async with redis_cut() as proxy, cluster(gateways=0, hosts=1, slots=1, bot=LIFECYCLE) as cl:
+    cut = redis_cut(REDIS_URL)
+    async with cut as proxy, cluster(gateways=0, hosts=1, slots=1, bot=LIFECYCLE) as cl:
         gateway = _add_gateway(cl, proxy.url)
         ws, hello = await _open(cl, gateway)
         sid = hello["session_id"]
@@ -207,7 +142,7 @@ async def test_an_end_appended_while_a_gateway_is_cut_off_from_redis_is_applied_
 async def test_a_stop_appended_while_the_host_is_cut_off_from_redis_reaches_it() -> None:
     """Shorter than the heartbeat TTL, so the instance stays registered throughout: only the
     stop request itself has to survive the cut (pub/sub dropped it)."""
-    async with redis_cut() as proxy, cluster(gateways=2, hosts=0, bot=LIFECYCLE) as cl:
+    async with redis_cut(REDIS_URL) as proxy, cluster(gateways=2, hosts=0, bot=LIFECYCLE) as cl:
         _add_host(cl, proxy.url, slots=1)
         await _registered(cl, 1)
         ws, hello = await _open(cl, 0)
@@ -305,25 +240,3 @@ async def test_a_host_that_restarts_leaves_right_records_and_its_successor_takes
         await ws.close()
         # The lost session's record was not touched by the new host's events.
         assert await _final_status(cl, 0, lost, within=1) == "agent_crashed"
-
-
-async def test_every_append_trims_the_stream_to_about_its_bound() -> None:
-    """Every append trims to about the documented bound: fill a stream past it and look."""
-    from catflap.cluster.streams import append_event
-
-    client = redis.asyncio.Redis.from_url(REDIS_URL)
-    stream = f"cftest-{os.getpid()}-{time.monotonic_ns()}:ended"
-
-    try:
-        async with client.pipeline(transaction=False) as pipe:
-            for n in range(limits.LIFECYCLE_STREAM_MAXLEN):
-                pipe.xadd(stream, {"data": json.dumps({"session_id": str(n)})})
-            await pipe.execute()
-        for n in range(200):
-            await append_event(client, stream, {"session_id": f"more-{n}"})
-        length = int(await client.xlen(stream))
-    finally:
-        await client.delete(stream)
-        await client.aclose()
-    # Approximate trimming removes whole nodes (100 entries each by default), never below.
-    assert limits.LIFECYCLE_STREAM_MAXLEN <= length < limits.LIFECYCLE_STREAM_MAXLEN + 200

@@ -17,10 +17,12 @@ Theory of operation:
   reader that loses Redis for a while retries with backoff and reads on from that id, so
   nothing appended meanwhile is lost, within the stream's bound.
 - A reader starts at the stream's end (what was appended before it existed is not its
-  business). After a reconnect it checks that the stream is still the one it was reading: if
-  Redis lost it (restarted without persistence) or holds a newer one whose ids are below the
-  kept id (another server, its clock behind), it reads the new stream from its start; if the
-  bound trimmed entries it had not read, it says so in the log.
+  business). After a reconnect it reads on from its kept id if that entry is still in the
+  stream. If it is not, the stream is not the one it was reading (Redis restarted without
+  persistence, or was replaced) or the bound trimmed it: the reader then reads the stream from
+  its start. That may hand it events it already handled, which is harmless by design: a
+  gateway resolves a session's lease once, and a stop of a session that already stopped finds
+  nothing to stop. Only a trim past entries never read loses events; the log says so.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from catflap.contract.limits import LIFECYCLE_STREAM_MAXLEN
 
@@ -115,46 +117,32 @@ class StreamReader:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX_S)
 
-    async def _info(self) -> dict[str, Any] | None:
-        try:
-            info: dict[str, Any] = await self._redis.xinfo_stream(self._stream)
-        except ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return None
-            raise
-        return info
-
     async def _end(self) -> bytes:
-        """The id after which entries are new to this reader: the stream's last id, or 0-0."""
-        info = await self._info()
-        return b"0-0" if info is None else _as_bytes(info["last-generated-id"])
+        """The id after which entries are new to this reader: the last entry's, or 0-0."""
+        last: Any = await self._redis.xrevrange(self._stream, count=1)
+        return _as_bytes(last[0][0]) if last else b"0-0"
 
     async def _check_continuity(self) -> None:
+        """After a reconnect: read on from the kept id if its entry is still there, else from
+        the start of what the stream holds (handlers take a repeated event calmly)."""
         assert self.last_id is not None
-        info = await self._info()
-        if info is None:
-            if self.last_id != b"0-0":
-                log.warning(
-                    "! the %s stream is gone from Redis (restarted without persistence?); "
-                    "reading the new one from its start",
-                    self._what,
-                )
-                self.last_id = b"0-0"
+        if self.last_id == b"0-0" or await self._redis.xrange(
+            self._stream, min=self.last_id, max=self.last_id, count=1
+        ):
             return
-        kept = stream_id(self.last_id)
-        if stream_id(info["last-generated-id"]) < kept:
+        self.last_id = b"0-0"
+        length = int(await self._redis.xlen(self._stream))
+        if length < LIFECYCLE_STREAM_MAXLEN:
             log.warning(
-                "! the %s stream in Redis is older than what was read (Redis was replaced?); "
-                "reading it from its start",
+                "! the %s stream in Redis is not the one read before (Redis restarted "
+                "without persistence, or was replaced); reading it from its start",
                 self._what,
             )
-            self.last_id = b"0-0"
-            return
-        deleted = info.get("max-deleted-entry-id")
-        if deleted is not None and stream_id(deleted) > kept:
+        else:
             log.error(
-                "! some %s were trimmed from the stream before they were read (the outage "
-                "outlasted its %d entries); sessions they concern may keep stale records",
+                "! the last of the %s read was trimmed from the stream meanwhile (the outage "
+                "outlasted its %d entries): reading what is left from its start; events "
+                "trimmed before they were read are lost, and their sessions' records with them",
                 self._what,
                 LIFECYCLE_STREAM_MAXLEN,
             )
