@@ -10,10 +10,11 @@ Theory of operation:
   (:data:`~catflap.cluster.dispatch.DISPATCH_LUA`), so two gateways can never take the same
   slot. The reservation lives until the runtime reports ``session_started`` (the host then
   moves it to the instance's active set) or expires.
-- When ``bot()`` ends, the host frees the slot and publishes the outcome; the gateway that
-  relays the session hears it and finishes the record.
-- Tokens are single use across gateways (``SET jti NX PXAT exp``); stop requests travel by
-  pub/sub to whichever host holds the session.
+- When ``bot()`` ends, the host frees the slot and appends the outcome to the ``ended``
+  stream; the gateway that relays the session reads it and finishes the record.
+- Tokens are single use across gateways (``SET jti NX PXAT exp``); stop requests travel on
+  the ``stop`` stream to whichever host holds the session. Every reader of a stream reads on
+  from its last id after a reconnect (:mod:`catflap.cluster.streams`), so no event is lost.
 - Frames never pass through Redis: the media path is gateway -> instance over TCP.
 
 Every key name and TTL is in :mod:`catflap.cluster.keys`.
