@@ -122,6 +122,7 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
     from catflap.auth.tokens import KeyRing
     from catflap.cluster.dispatch import RedisPool
     from catflap.cluster.keys import Keys
+    from catflap.cluster.liveness import GatewayLiveness
     from catflap.cluster.store import RedisSessionStore
     from catflap.compose import Overrides, build_gateway
     from catflap.secretsets.redisstore import RedisSecretStore
@@ -135,9 +136,11 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
         if cfg.database_url
         else RedisSessionStore(client, keys)
     )
+    # This gateway's heartbeat and session list, and the reaper of dead gateways' records.
+    liveness = GatewayLiveness(client, keys, store)
     overrides = Overrides(
         keyring=keyring,
-        pool=RedisPool(client, keys, cfg.agents()),
+        pool=RedisPool(client, keys, cfg.agents(), liveness=liveness),
         store=store,
         replay=RedisReplayStore(client, keys),
         secrets=RedisSecretStore(client, keys),
@@ -151,6 +154,8 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
         await store.close()
         await client.aclose()
         raise listen_failure(exc, host, port, tls=cfg.tls_host_port) from None
+    liveness.start()
+    log.info("= gateway %s in the cluster (prefix %s)", liveness.gateway_id, prefix)
     # SIGHUP reloads the TLS certificate (listen_tls), as in `catflap serve`.
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gw.reload_tls)
     second = await _until_signalled()
@@ -159,6 +164,7 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
     await gw.shutdown()
     second_task.cancel()
     await gw.close()
+    await liveness.close()
     await store.close()
     await client.aclose()
 

@@ -21,7 +21,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from catflap.cluster.keys import HEARTBEAT_TTL_S, RESERVATION_TTL_S, Keys
+from catflap.cluster.keys import (
+    HEARTBEAT_TTL_S,
+    INSTANCE_PROBE_TIMEOUT_S,
+    RESERVATION_TTL_S,
+    Keys,
+)
+from catflap.cluster.liveness import GatewayLiveness
 from catflap.cluster.streams import StreamReader, append_event
 from catflap.config import AgentSpec
 from catflap.contract.errors import AgentNotFound, AtCapacity, ServiceUnavailable
@@ -118,14 +124,24 @@ def _unavailable(exc: Exception) -> ServiceUnavailable:
 class RedisPool:
     """Cluster-wide dispatch for one gateway."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, agents: Iterable[AgentSpec]) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        agents: Iterable[AgentSpec],
+        *,
+        liveness: GatewayLiveness | None = None,
+    ) -> None:
+        """``liveness``: lists this gateway's sessions in Redis, so that a survivor finishes
+        their records should this gateway die."""
         self._redis = client
+        self._liveness = liveness
         self._keys = keys
         self._agents = {agent.key: agent for agent in agents}
         self._dispatch = client.register_script(DISPATCH_LUA)
         self._locate = client.register_script(LOCATE_LUA)
         self._leases: dict[str, ClusterLease] = {}
-        #: Consecutive checks that found a lease's instance missing from Redis.
+        #: Consecutive checks that found an instance (by id) missing from Redis and unreachable.
         self._missing: dict[str, int] = {}
         self._tasks = TaskSet("cluster dispatch")
 
@@ -213,12 +229,14 @@ class RedisPool:
             instance_address=address.decode() if isinstance(address, bytes) else address,
         )
         self._leases[session_id] = lease
+        if self._liveness is not None:
+            self._liveness.opened(session_id, lease.instance_id)
         return lease
 
     def cancel(self, lease: SessionLease) -> None:
         """Give the reservation back (the session never reached ``bot()``)."""
         assert isinstance(lease, ClusterLease)
-        self._leases.pop(lease.session_id, None)
+        self._forget(lease.session_id)
         if not lease.ended.done():
             lease.ended.cancel()
         self._tasks.spawn(self._unreserve(lease), name=f"unreserve {lease.session_id}")
@@ -227,7 +245,7 @@ class RedisPool:
         """The host never reported the end: forget the lease here. The host's own pool
         bounds its instances (pings, cancellation grace) and frees the slot in Redis."""
         assert isinstance(lease, ClusterLease)
-        self._leases.pop(lease.session_id, None)
+        self._forget(lease.session_id)
         log.warning("! %s: %s", lease.instance_label, problem)
 
     async def _unreserve(self, lease: ClusterLease) -> None:
@@ -271,9 +289,18 @@ class RedisPool:
             running=bool(int(running)),
         )
 
-    def _resolve(self, session_id: str, end: SessionEnd) -> None:
+    def _forget(self, session_id: str) -> ClusterLease | None:
         lease = self._leases.pop(session_id, None)
-        if lease is not None and not lease.ended.done():
+        if lease is not None and self._liveness is not None:
+            self._liveness.closed(session_id)
+        return lease
+
+    def _resolve(self, session_id: str, end: SessionEnd) -> None:
+        lease = self._forget(session_id)
+        if lease is None:
+            if self._liveness is not None:  # perhaps a dead gateway's session
+                self._liveness.foreign_end(session_id, end)
+        elif not lease.ended.done():
             lease.ended.set_result(end)
 
     async def _listen_for_endings(self) -> None:
@@ -283,8 +310,9 @@ class RedisPool:
         ).run()
 
     async def _on_ended(self, data: dict[str, Any]) -> None:
-        # Every gateway reads every event; those of sessions relayed elsewhere (or already
-        # resolved, when a host appends an event again) find no lease here and change nothing.
+        # Every gateway reads every event. Those of sessions relayed elsewhere (or already
+        # resolved, when a host appends an event again) find no lease here; they still go to
+        # _resolve, so that liveness can finish the record of a session a dead gateway relayed.
         self._resolve(
             str(data["session_id"]),
             SessionEnd(
@@ -297,26 +325,57 @@ class RedisPool:
         )
 
     async def _watch_instances(self) -> None:
-        """A session whose instance vanished (its host died) ends as ``agent_crashed``.
+        """A session whose instance died with its host ends as ``agent_crashed``.
 
-        An instance must be missing at three checks in a row (1.5 heartbeat TTLs): after a
-        Redis restart, live hosts register their instances again within a third of a TTL,
-        and their sessions must not be written off meanwhile.
+        Missing from Redis is not enough: a host cut off from Redis (a partition) lets its
+        instances' hashes expire while their sessions go on, relayed over the gateway's own TCP
+        connections. So an instance must be missing from Redis *and* fail to answer
+        ``GET /livez`` at its address, at three checks in a row (1.5 heartbeat TTLs; after a
+        Redis restart, live hosts register again within a third of a TTL). A session whose
+        instance answers is never ended early: its host reports the end once it reaches Redis
+        again, or the recorder's own deadline ends it.
         """
         while True:
             await asyncio.sleep(HEARTBEAT_TTL_S / 2)
-            for session_id, lease in list(self._leases.items()):
+            by_instance: dict[str, list[ClusterLease]] = {}
+            for lease in self._leases.values():
+                by_instance.setdefault(lease.instance_id, []).append(lease)
+            missing: dict[str, int] = {}
+            for instance_id, leases in by_instance.items():
                 try:
-                    alive = await self._redis.exists(self._keys.instance(lease.instance_id))
+                    alive = await self._redis.exists(self._keys.instance(instance_id))
                 except (RedisError, OSError):
-                    break  # cannot tell; try again later
-                if alive:
-                    self._missing.pop(session_id, None)
+                    missing = self._missing  # cannot tell; try again later
+                    break
+                if alive or await _answers(leases[0].instance_address):
                     continue
-                misses = self._missing[session_id] = self._missing.get(session_id, 0) + 1
-                if misses >= 3:
-                    self._missing.pop(session_id, None)
+                misses = missing[instance_id] = self._missing.get(instance_id, 0) + 1
+                if misses < 3:
+                    continue
+                del missing[instance_id]
+                for lease in leases:
                     self._resolve(
-                        session_id,
+                        lease.session_id,
                         SessionEnd(status="agent_crashed", error="agent host lost"),
                     )
+            self._missing = missing
+
+
+async def _answers(address: str) -> bool:
+    """True when the runtime at ``tcp:host:port`` answers ``GET /livez`` with 200 in time."""
+    kind, _, rest = address.partition(":")
+    host, _, port = rest.rpartition(":")
+    if kind != "tcp" or not port.isdigit():
+        return False
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(INSTANCE_PROBE_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            writer.write(b"GET /livez HTTP/1.1\r\nHost: catflap\r\nConnection: close\r\n\r\n")
+            status_line = await reader.readline()
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+    return status_line.split(b" ", 2)[1:2] == [b"200"]

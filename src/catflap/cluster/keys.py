@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "GATEWAY_TTL_S",
     "HEARTBEAT_TTL_S",
+    "INSTANCE_PROBE_TIMEOUT_S",
     "RESERVATION_TTL_S",
     "SESSION_RETENTION_S",
     "Keys",
@@ -14,6 +16,16 @@ __all__ = [
 #: An instance not heard from for this long stops receiving sessions. Hosts refresh it three
 #: times per TTL, so one lost heartbeat does not drop a healthy instance.
 HEARTBEAT_TTL_S = 5.0
+#: A session's instance missing from Redis is asked ``GET /livez`` over TCP, as the relay reaches
+#: it, and must answer within this time to count as alive (its host is only cut off from Redis).
+#: A live runtime answers in milliseconds; a third of the TTL keeps a round of checks short.
+INSTANCE_PROBE_TIMEOUT_S = HEARTBEAT_TTL_S / 3
+#: A gateway not heard from for this long is dead: another gateway finishes the records of the
+#: sessions it relayed (``gateway_lost``). Gateways refresh it three times per TTL, as hosts do.
+#: Longer would leave a dead gateway's records open longer; shorter would risk reaping a
+#: gateway whose event loop is merely slow (its live sessions are safe anyway: a session its
+#: host still runs is never reaped).
+GATEWAY_TTL_S = 5.0
 #: A slot reserved by a gateway is held this long for the session to start. It covers the
 #: upstream handshake bound (10 s) with margin; a gateway that dies mid-handshake frees its
 #: reservations after this.
@@ -59,6 +71,25 @@ class Keys:
     def secret_sets(self, org: str) -> str:
         """Hash: secret set name -> Fernet token of its JSON ``{name: value}``; no expiry."""
         return f"{self.prefix}:secrets:{org}"
+
+    def gateway(self, gateway_id: str) -> str:
+        """String: the gateway's last heartbeat (ms since the epoch); expires after
+        :data:`GATEWAY_TTL_S`. Its absence means the gateway is dead."""
+        return f"{self.prefix}:gw:{gateway_id}"
+
+    def gateway_sessions(self, gateway_id: str) -> str:
+        """Hash: session id -> instance id, the sessions the gateway relays now. No TTL: it
+        must outlive its gateway, for the survivor that finishes their records."""
+        return f"{self.prefix}:gw:{gateway_id}:sessions"
+
+    def gateway_claim(self, gateway_id: str) -> str:
+        """String: the id of the live gateway finishing a dead gateway's records (``SET NX``)."""
+        return f"{self.prefix}:gw:{gateway_id}:claim"
+
+    @property
+    def gateways(self) -> str:
+        """Sorted set: gateway id -> its last heartbeat (ms), so a survivor finds dead ones."""
+        return f"{self.prefix}:gateways"
 
     @property
     def stop_stream(self) -> str:

@@ -34,6 +34,9 @@ CompletionStatus = (
         "client_closed",  # the bot completed after the client closed first
         "drained",  # the gateway's drain deadline closed the session (1012)
         "error",  # the gateway's relay failed (RelayStats.relay_failed) and sent 1011 both ways
+        # the gateway relaying the session died (its heartbeat lapsed); another gateway finished
+        # the record (cluster mode, catflap.cluster.liveness)
+        "gateway_lost",
     ]
 )
 
@@ -57,9 +60,10 @@ ACTIVE_END_STATE: EndState = "active"
 #: renders it; tests/test_docs.py checks the two agree). The rule: the bot finishing on its own
 #: is ``completed``, whoever hung up first; a bot that raised or whose process died is
 #: ``agent_error``; catflap ending the bot (an operator's stop, the time limit, the drain) is
-#: ``terminated``; the gateway's own relay failure is ``unknown``. catflap records a session only
-#: once the agent runs ``bot()`` for it: a start that fails is refused at ``/start`` or at the
-#: upgrade (429, 503) and leaves no record, so ``ended_before_agent_start`` is never stored
+#: ``terminated``; the gateway's own relay failure, or the gateway dying under the session
+#: (nobody saw how it ended), is ``unknown``. catflap records a session only once the agent
+#: runs ``bot()`` for it: a start that fails is refused at ``/start`` or at the upgrade (429,
+#: 503) and leaves no record, so ``ended_before_agent_start`` is never stored
 #: (filtering on it finds nothing); a WebRTC session whose client sent no offer in time is
 #: ``agent_start_timeout``, PCC's own name for it.
 END_STATES: dict[CompletionStatus, EndState] = {
@@ -72,6 +76,7 @@ END_STATES: dict[CompletionStatus, EndState] = {
     "drained": "terminated",
     "agent_start_timeout": "agent_start_timeout",
     "error": "unknown",
+    "gateway_lost": "unknown",
 }
 
 

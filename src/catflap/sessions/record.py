@@ -12,6 +12,7 @@ Completion statuses (documented in docs/operations.md):
 ``agent_start_timeout``  a WebRTC session's client sent no offer in time; ``bot()`` never ran
 ``drained``              the gateway shut down and its drain deadline passed
 ``error``                the gateway's relay failed and sent 1011 both ways
+``gateway_lost``         cluster mode: the relaying gateway died; another one finished the record
 =======================  ==============================================================
 
 Each status has one PCC ``endState`` (``contract.status.END_STATES``), which
