@@ -142,8 +142,11 @@ async def cluster(
     redis_url: str = REDIS_URL,
     bot: Path = EXCLUSIVE,
     org_settings: str = "",
+    sessions_per_instance: int = 1,
+    host_redis_url: str | None = None,
 ) -> AsyncIterator[Cluster]:
-    """``org_settings``: more lines for ``[organizations.my-org]`` (e.g. its Daily API key)."""
+    """``org_settings``: more lines for ``[organizations.my-org]`` (e.g. its Daily API key);
+    ``host_redis_url``: the agent hosts' ``--redis`` (a proxy), when not ``redis_url``."""
     workdir = Path(tempfile.mkdtemp(prefix="cfcl"))
     prefix = f"cftest-{uuid.uuid4().hex[:8]}"
     config = workdir / "catflap.toml"
@@ -153,6 +156,7 @@ async def cluster(
         + f'[organizations.my-org.agents.echo]\npath = "{bot}"\n'
         'websocket_auth = "token"\n'
         f"[organizations.my-org.agents.echo.scaling]\nmax_agents = {max_agents}\n"
+        f"sessions_per_instance = {sessions_per_instance}\n"
         '[logs]\ndir = "logs"\n'  # agent hosts write there, gateways read it
     )
     running = Cluster(redis_url, prefix, config)
@@ -173,6 +177,7 @@ async def cluster(
                     [
                         "agent-host",
                         *common,
+                        *(["--redis", host_redis_url] if host_redis_url else []),
                         "--agent",
                         "echo.my-org",
                         "--slots",
