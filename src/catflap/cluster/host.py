@@ -235,19 +235,17 @@ class AgentHost:
             "pid": instance.pid or 0,
         }
         flat = [str(x) for pair in fields.items() for x in pair]
+        running = [sid for sid, lease in instance.leases.items() if lease.started]
+        # An instance with running sessions is registering again (Redis lost it, or this host
+        # was cut off from Redis and dispatch pruned it meanwhile): it is no new instance, and
+        # refusing it at max_agents would stop its live calls. So it always gets back in.
+        max_agents = self.agent.config.scaling.max_agents if not running else 1 << 30
         ok = await self._register(
             keys=[self._keys.agent_instances(self.agent.key), self._keys.instance(iid)],
-            args=[
-                iid,
-                self.agent.config.scaling.max_agents,
-                int(self._ttl * 1000),
-                self._keys.prefix,
-                *flat,
-            ],
+            args=[iid, max_agents, int(self._ttl * 1000), self._keys.prefix, *flat],
         )
         if ok:
             self._registered.add(iid)
-            running = [sid for sid, lease in instance.leases.items() if lease.started]
             if running:
                 # Redis may have lost the instance (it restarted): its running sessions must
                 # hold their slots again, or a busy instance would take a second session.
