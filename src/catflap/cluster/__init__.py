@@ -15,6 +15,9 @@ Theory of operation:
 - Tokens are single use across gateways (``SET jti NX PXAT exp``); stop requests travel on
   the ``stop`` stream to whichever host holds the session. Every reader of a stream reads on
   from its last id after a reconnect (:mod:`catflap.cluster.streams`), so no event is lost.
+- Gateways heartbeat in Redis too and list the sessions they relay: when one dies, a survivor
+  finishes its open records (``gateway_lost``), leaving those its hosts still run to the hosts'
+  reports (:mod:`catflap.cluster.liveness`).
 - Frames never pass through Redis: the media path is gateway -> instance over TCP.
 
 Every key name and TTL is in :mod:`catflap.cluster.keys`.
