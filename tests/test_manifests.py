@@ -560,6 +560,10 @@ def test_scaling_doc_names_every_redis_key_and_stream() -> None:
         keys.secret_sets("{org}"),
         keys.stop_stream,
         keys.ended_stream,
+        keys.gateway("{id}"),
+        keys.gateways,
+        keys.gateway_sessions("{id}"),
+        keys.gateway_claim("{id}"),
     ]
     for pattern in patterns:
         assert f"`{pattern}`" in text, pattern
