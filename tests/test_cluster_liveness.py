@@ -158,6 +158,21 @@ async def test_a_dead_gateways_session_its_host_still_runs_gets_the_hosts_report
             await ws.close()
 
 
+async def test_a_killed_agent_hosts_sessions_are_recorded_agent_crashed() -> None:
+    async with cluster(gateways=2, hosts=1, slots=1) as cl:
+        ws, hello = await _open(cl, 0)
+        sid = hello["session_id"]
+        os.kill(cl.hosts[0].pid, signal.SIGKILL)
+        killed = time.perf_counter()
+        # Its instance stops with it (the control channel closed), so it neither stays in
+        # Redis nor answers /livez: the watcher ends the session after three checks.
+        (record,) = await _wait_for_status(cl, 1, [sid], "agent_crashed", within=20)
+        assert record["error"] == "agent host lost"
+        assert time.perf_counter() - killed < HEARTBEAT_TTL_S + 3 * HEARTBEAT_TTL_S / 2 + 3
+        with contextlib.suppress(Exception):
+            await ws.close()
+
+
 class RedisCut:
     """A TCP proxy to Redis that can be cut (a partition) and restored."""
 
