@@ -340,20 +340,28 @@ class RedisPool:
             by_instance: dict[str, list[ClusterLease]] = {}
             for lease in self._leases.values():
                 by_instance.setdefault(lease.instance_id, []).append(lease)
+            ids = list(by_instance)
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for instance_id in ids:
+                        pipe.exists(self._keys.instance(instance_id))
+                    present = await pipe.execute()
+            except (RedisError, OSError):
+                continue  # cannot tell; try again later
+            gone = [iid for iid, alive in zip(ids, present, strict=True) if not alive]
+            # Probed at once: a vanished node makes each probe wait for its timeout.
+            answered = await asyncio.gather(
+                *(_answers(by_instance[iid][0].instance_address) for iid in gone)
+            )
             missing: dict[str, int] = {}
-            for instance_id, leases in by_instance.items():
-                try:
-                    alive = await self._redis.exists(self._keys.instance(instance_id))
-                except (RedisError, OSError):
-                    missing = self._missing  # cannot tell; try again later
-                    break
-                if alive or await _answers(leases[0].instance_address):
+            for instance_id, answers in zip(gone, answered, strict=True):
+                if answers:
                     continue
                 misses = missing[instance_id] = self._missing.get(instance_id, 0) + 1
                 if misses < 3:
                     continue
                 del missing[instance_id]
-                for lease in leases:
+                for lease in by_instance[instance_id]:
                     self._resolve(
                         lease.session_id,
                         SessionEnd(status="agent_crashed", error="agent host lost"),
