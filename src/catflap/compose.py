@@ -96,6 +96,8 @@ class Overrides:
     clock: Callable[[], float] = time.time
     #: None: :meth:`Timings.from_settings` of ``[gateway]``.
     timings: Timings | None = None
+    #: What ``/readyz`` checks besides draining (``ApiDeps.dependencies``); None: nothing.
+    dependencies: Callable[[], Awaitable[list[str]]] | None = None
 
 
 def local_pool(
@@ -195,6 +197,7 @@ async def build_gateway(
         timings=overrides.timings or Timings.from_settings(config.gateway),
         certificate=certificate,
         closers=closers,
+        dependencies=overrides.dependencies,
     )
 
 
@@ -210,6 +213,7 @@ def _wire(
     timings: Timings,
     certificate: Certificate | None,
     closers: list[Callable[[], Awaitable[None]]],
+    dependencies: Callable[[], Awaitable[list[str]]] | None = None,
 ) -> Gateway:
     directory = AgentDirectory(config)
     sessions = RecentRecords()
@@ -260,6 +264,7 @@ def _wire(
             send_timeout=timings.slow_peer,
         ),
         readiness=getattr(pool, "readiness", None),  # a local pool's own, as instance_states
+        dependencies=dependencies,
     )
     api = ApiConnections(lambda: _control_api(api_deps), on_refusal=refusals.count)
     steps = SessionSteps(

@@ -275,8 +275,18 @@ def create_api(deps: ApiDeps) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
+        # 503 takes the gateway out of the load balancer's rotation; live sessions go on.
         if deps.draining():
             return JSONResponse({"status": "draining"}, status_code=503)
+        if deps.dependencies is not None:
+            # Cluster mode: a gateway that cannot reach Redis (or the records' database)
+            # refuses every new session, so another gateway should get them. Names only:
+            # why they failed is in the log, not in an unauthenticated answer.
+            unreachable = await deps.dependencies()
+            if unreachable:
+                return JSONResponse(
+                    {"status": "unavailable", "unreachable": unreachable}, status_code=503
+                )
         return JSONResponse({"status": "ok"})
 
     @app.post(

@@ -59,3 +59,7 @@ class ApiDeps:
     #: ``readiness``). None (cluster mode, where instances live on agent hosts): an agent counts
     #: as ready while the pool is not at capacity.
     readiness: Callable[[str], Awaitable[AgentReadiness]] | None = None
+    #: The services new sessions need beyond this process (cluster mode: Redis, and the
+    #: records' PostgreSQL), as ``/readyz`` checks them: the names of those that do not
+    #: answer, empty when all do. None (``catflap serve``): nothing to check.
+    dependencies: Callable[[], Awaitable[list[str]]] | None = None

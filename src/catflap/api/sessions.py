@@ -4,7 +4,9 @@
 
     GET    /v1/agents/{agent}/sessions                 {"total_count": n, "sessions": [...]}
     GET    /v1/agents/{agent}/sessions/{session_id}    one session record
-    DELETE /v1/agents/{agent}/sessions/{session_id}    {"status": "terminated", "session_id": id}
+    DELETE /v1/agents/{agent}/sessions/{session_id}    once bot() ended: 200
+        {"status": "terminated", "session_id": id, "completionStatus": ..., "endState": ...}
+        or, with bot() still running after STOP_WAIT_S: 202 {"status": "stopping", "session_id": id}
 
 The same three routes, one implementation, also answer under
 ``/v1/organizations/{org}/services/{agent}``: the paths the ``pipecat cloud`` CLI calls. There
@@ -18,14 +20,21 @@ format (400), agent in the key's organization (404), session (404).
 
 Records come from the session store, which the gateway writes when a session starts and again
 when it ends; a record this gateway still holds in memory is fresher and replaces the stored
-copy. Stopping is asynchronous: the answer comes once the agent's runtime has been told to
-cancel ``bot()``; the client then gets close 1000 "session stopped" and the record ends with
-``completionStatus`` ``stopped``.
+copy.
+
+A stop answers once ``bot()`` has ended: the runtime cancels it, the client gets close 1000
+"session stopped", the gateway relaying the session finishes its record (``completionStatus``
+``stopped``), and the stop, which polls that record (from memory when this gateway relays the
+session, else from the shared store, so it works whichever gateway relays it), answers 200
+with the final status. ``bot()`` still running after :data:`~catflap.contract.limits.STOP_WAIT_S`
+(a bot swallowing cancellation, which its runtime kills after ``BOT_CANCEL_GRACE_S``): 202
+``{"status": "stopping"}``, and the record ends later.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at run
 # time, and they name dependencies local to ``sessions_router``.
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,6 +42,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from catflap.api.auth import (
@@ -51,6 +61,7 @@ from catflap.sessions.query import SessionQuery, StartTypeFilter, StatusFilter
 from catflap.sessions.record import SessionRecord
 
 if TYPE_CHECKING:
+    from catflap.config import AgentSpec
     from catflap.directory import AgentDirectory
     from catflap.pool.interface import SessionPool
     from catflap.sessions.recent import RecentRecords
@@ -68,6 +79,7 @@ __all__ = [
     "SessionNotFound",
     "SessionRecords",
     "StopResponse",
+    "StoppingResponse",
     "iso_time",
     "pcc_session",
     "sessions_router",
@@ -156,9 +168,22 @@ class PccSessionList(BaseModel):
 
 
 class StopResponse(BaseModel):
-    """Answer of ``DELETE /v1/agents/{agent}/sessions/{session_id}``."""
+    """200 to ``DELETE /v1/agents/{agent}/sessions/{session_id}``: ``bot()`` has ended. PCC's
+    ``StopResponse`` (``status``, ``session_id``) plus how the final record says it ended."""
 
     status: Literal["terminated"]
+    session_id: str
+    completionStatus: CompletionStatus = Field(  # noqa: N815 - the record's wire names
+        description="the final record's: stopped, or how the session ended first (a session "
+        "that ended on its own meanwhile; a bot killed for ignoring cancellation)"
+    )
+    endState: EndState = Field(description="PCC's endState of completionStatus")  # noqa: N815
+
+
+class StoppingResponse(BaseModel):
+    """202 to ``DELETE``: the runtime has the order, ``bot()`` still ran after ``STOP_WAIT_S``."""
+
+    status: Literal["stopping"]
     session_id: str
 
 
@@ -260,14 +285,16 @@ class SessionRecords:
         self._sessions = sessions
         self._store = store
 
-    def check_agent(self, org: str, agent: str) -> None:
-        """Check that ``org`` has an agent named ``agent``.
+    def check_agent(self, org: str, agent: str) -> "AgentSpec":
+        """``org``'s agent named ``agent``.
 
         Raises:
-            AgentNotFound: 404, it has not.
+            AgentNotFound: 404, it has none.
         """
-        if self._agents.agent(org, agent) is None:
+        spec = self._agents.agent(org, agent)
+        if spec is None:
             raise AgentNotFound(f"no agent {agent!r} in organization {org!r}")
+        return spec
 
     async def of_agent(self, org: str, agent: str, session_id: str) -> SessionRecord | None:
         """The session's freshest record, if it is one of this agent's."""
@@ -277,6 +304,30 @@ class SessionRecords:
         if record is None or (record.organization, record.agent) != (org, agent):
             return None
         return record
+
+    async def until_ended(
+        self, org: str, agent: str, session_id: str, *, within: float
+    ) -> SessionRecord | None:
+        """The session's record once it is finished; None if it is still active (or gone)
+        after ``within`` seconds.
+
+        Polls every :data:`~catflap.contract.limits.STOP_POLL_INTERVAL_S`: this gateway's
+        memory first, else the store every gateway shares, so it sees the end whichever gateway
+        relays the session. A read that fails only costs its turn (it is logged).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            try:
+                record = await self.of_agent(org, agent, session_id)
+            except InternalError:
+                record = None
+            if record is not None and record.ended_at is not None:
+                return record
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            await asyncio.sleep(min(limits.STOP_POLL_INTERVAL_S, remaining))
 
     async def page(self, query: SessionQuery) -> tuple[int, list[SessionRecord]]:
         """The records matching ``query`` (and how many match in all), freshest copies."""
@@ -382,16 +433,24 @@ def _add_routes(
     @router.delete(
         f"{prefix}/sessions/{{session_id}}",
         response_model=StopResponse,
-        responses=errors,
+        responses={
+            202: {
+                "model": StoppingResponse,
+                "description": f"bot() still runs {limits.STOP_WAIT_S:g} s after the stop",
+            },
+            **errors,
+        },
         summary="Stop a live session" + suffix,
     )
     async def stop_session(
         agent: str, session_id: str, owner: Annotated[str, Depends(organization)]
-    ) -> dict[str, str]:
+    ) -> Any:
         """Stop a live session: ``bot()`` is cancelled and the client gets close 1000.
 
-        The answer comes as soon as the agent's runtime has the order; the record then ends
-        with ``completionStatus`` ``stopped``.
+        The answer comes once ``bot()`` has ended and the session's record is final (200,
+        with its ``completionStatus``: ``stopped``), or after ``STOP_WAIT_S`` with ``bot()``
+        still running (202 ``stopping``; its runtime kills a bot that ignores cancellation
+        after ``BOT_CANCEL_GRACE_S``, and the record ends then).
 
         Raises:
             BadRequest: 400, the session id is not a UUID.
@@ -401,7 +460,7 @@ def _add_routes(
             InternalError: 500, the session store failed.
         """
         sid = canonical_session_id(session_id)
-        records.check_agent(owner, agent)
+        spec = records.check_agent(owner, agent)
         record = await find(owner, agent, sid)
         if record.ended_at is not None:
             raise SessionNotFound(
@@ -409,11 +468,25 @@ def _add_routes(
                 "only live sessions can be stopped"
             )
         # The pool reaches the session wherever it runs: this machine, or (cluster mode) the
-        # agent host that holds it, through Redis.
-        if not await pool.stop_session(sid):
+        # agent host that holds it, through Redis. A record with no slot behind it anywhere
+        # (its gateway died before finishing it) has nothing to stop, nor to wait for.
+        if await pool.locate(spec.key, sid) is None or not await pool.stop_session(sid):
             raise SessionNotFound(
                 f"session {sid} is not running (it has ended, or no gateway of this "
                 "deployment serves it); only live sessions can be stopped"
             )
-        session_log(log, sid, agent=agent, org=owner).info("x stop requested through the API")
-        return {"status": "terminated", "session_id": sid}
+        slog = session_log(log, sid, agent=agent, org=owner)
+        slog.info("x stop requested through the API")
+        final = await records.until_ended(owner, agent, sid, within=limits.STOP_WAIT_S)
+        if final is None:
+            slog.warning(
+                "! bot() still runs %g s after the stop; answering 202 stopping",
+                limits.STOP_WAIT_S,
+            )
+            return JSONResponse({"status": "stopping", "session_id": sid}, status_code=202)
+        return {
+            "status": "terminated",
+            "session_id": sid,
+            "completionStatus": final.completion_status,
+            "endState": final.end_state,
+        }

@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from catflap.cluster.keys import Keys
-from catflap.contract.errors import ServiceUnavailable
+from catflap.contract.errors import RedisUnreachable
 
 __all__ = ["RedisReplayStore"]
 
@@ -30,15 +30,13 @@ class RedisReplayStore:
         """True on the first use of ``jti``.
 
         Raises:
-            ServiceUnavailable: 503, Redis is unreachable (a token is never accepted blind).
+            RedisUnreachable: 503, Redis is unreachable (a token is never accepted blind).
         """
         try:
             first = await self._redis.set(self._keys.jti(jti), b"1", nx=True, exat=exp)
         except (RedisError, OSError) as exc:
             log.error("! Redis unreachable while spending a token (%s)", exc)
-            raise ServiceUnavailable(
-                "the session broker (Redis) is unreachable; retry shortly"
-            ) from None
+            raise RedisUnreachable() from None
         return bool(first)
 
     async def release(self, jti: str) -> None:

@@ -123,6 +123,7 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
     from catflap.cluster.dispatch import RedisPool
     from catflap.cluster.keys import Keys
     from catflap.cluster.liveness import GatewayLiveness
+    from catflap.cluster.readiness import cluster_dependencies
     from catflap.cluster.store import RedisSessionStore
     from catflap.compose import Overrides, build_gateway
     from catflap.secretsets.redisstore import RedisSecretStore
@@ -144,6 +145,8 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
         store=store,
         replay=RedisReplayStore(client, keys),
         secrets=RedisSecretStore(client, keys),
+        # /readyz: Redis, and PostgreSQL when the records live there.
+        dependencies=cluster_dependencies(client, store if cfg.database_url else None),
     )
     gw = await build_gateway(cfg, overrides)
     host, port = cfg.host_port

@@ -30,7 +30,12 @@ from catflap.cluster.keys import (
 from catflap.cluster.liveness import GatewayLiveness
 from catflap.cluster.streams import StreamReader, append_event
 from catflap.config import AgentSpec
-from catflap.contract.errors import AgentNotFound, AtCapacity, ServiceUnavailable
+from catflap.contract.errors import (
+    AgentNotFound,
+    AtCapacity,
+    RedisUnreachable,
+    ServiceUnavailable,
+)
 from catflap.pool.instance import SessionEnd
 from catflap.pool.interface import SessionLease, SessionPlace
 from catflap.tasks import TaskSet
@@ -116,9 +121,9 @@ class ClusterLease:
         return self.instance_id
 
 
-def _unavailable(exc: Exception) -> ServiceUnavailable:
+def _unavailable(exc: Exception) -> RedisUnreachable:
     log.error("! Redis unreachable (%s); refusing new sessions until it is back", exc)
-    return ServiceUnavailable("the session broker (Redis) is unreachable; retry shortly")
+    return RedisUnreachable()
 
 
 class RedisPool:

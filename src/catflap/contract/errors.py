@@ -51,6 +51,7 @@
     │   │   ├── AgentNotReady         503 PCC-1001
     │   │   ├── Draining              503 draining (gateway or runtime shutting down)
     │   │   ├── InstanceFull          503 instance_full (the runtime's POST /bot)
+    │   │   ├── RedisUnreachable      503 redis_unreachable (cluster mode: no new session)
     │   │   └── SessionStarting       503 session_starting (the session proxy)
     │   ├── SessionProxyTimeout       504 session_proxy_timeout (the session proxy)
     │   └── DailyApiTimeout           504 daily_api_timeout (Daily's REST API did not answer)
@@ -111,6 +112,7 @@ __all__ = [
     "OfferConflict",
     "PeerConnectionNotFound",
     "PlainHttpOnTlsPort",
+    "RedisUnreachable",
     "RequestRejected",
     "RequestTimeout",
     "RequestTooLarge",
@@ -481,6 +483,16 @@ class InstanceFull(ServiceUnavailable):
     """The runtime's ``POST /bot`` finds the instance at its ``sessions_per_instance``."""
 
     code = "instance_full"
+
+
+class RedisUnreachable(ServiceUnavailable):
+    """Cluster mode: the gateway cannot reach Redis, so it can neither spend a token nor
+    reserve a slot; it refuses new sessions (live ones go on) and its ``/readyz`` answers 503."""
+
+    code = "redis_unreachable"
+
+    def __init__(self) -> None:
+        super().__init__("the session broker (Redis) is unreachable; retry shortly")
 
 
 class SessionStarting(ServiceUnavailable):

@@ -58,6 +58,7 @@ __all__ = [
     "PROVIDER_OPENING_FRAME_MAX_BYTES",
     "PROVIDER_OPENING_MAX_BYTES",
     "PROVIDER_OPENING_MAX_FRAMES",
+    "READINESS_CHECK_TIMEOUT_S",
     "RECORD_ERROR_MAX_CHARS",
     "REFUSAL_LOG_LINES_PER_S",
     "RELAY_HIGH_WATER_BYTES",
@@ -85,6 +86,8 @@ __all__ = [
     "SESSION_PROXY_START_WAIT_S",
     "SESSION_PROXY_TIMEOUT_S",
     "SLOW_PEER_TIMEOUT_S",
+    "STOP_POLL_INTERVAL_S",
+    "STOP_WAIT_S",
     "START_REQUEST_MAX_BYTES",
     "TCP_KEEPALIVE_COUNT",
     "TCP_KEEPALIVE_IDLE_S",
@@ -230,6 +233,16 @@ AGENT_PING_TIMEOUT_S = 20.0
 #: A bot that ignores cancellation this long has its process killed and replaced, so that an
 #: instance is never reused while a bot may still be running in it.
 BOT_CANCEL_GRACE_S = 5.0
+#: ``DELETE .../sessions/{id}`` answers once ``bot()`` has ended, waiting at most this long,
+#: then 202 ``stopping``. A bot that lets cancellation through ends within milliseconds; one
+#: that swallows it is killed after ``BOT_CANCEL_GRACE_S``. Shorter than that grace so that the
+#: caller (a CLI, a script with a 5 s HTTP timeout) hears back promptly even then; the record
+#: says how the session ended.
+STOP_WAIT_S = 3.0
+#: While it waits, the stop reads the session's record this often: from memory when this
+#: gateway relays the session (free), else one read of the shared store (Redis or PostgreSQL),
+#: so at most 60 reads per stop.
+STOP_POLL_INTERVAL_S = 0.05
 #: How long a handshake may wait for a cold-starting instance before 503. A real Pipecat import
 #: takes about 1 s here; PCC's cold start is 10 s at best.
 AGENT_READY_TIMEOUT_S = 30.0
@@ -237,6 +250,10 @@ AGENT_READY_TIMEOUT_S = 30.0
 RETRY_AFTER_AT_CAPACITY_S = 1
 #: ``Retry-After`` on 503 (agent not ready, draining, upstream unreachable). LiveKit uses 1.
 RETRY_AFTER_NOT_READY_S = 2
+#: ``/readyz`` of a cluster gateway pings Redis (and the records' PostgreSQL) within this bound:
+#: under the Kubernetes probe's 2 s ``timeoutSeconds``, and a Redis that takes longer than this
+#: to answer a PING cannot dispatch a session in time either.
+READINESS_CHECK_TIMEOUT_S = 1.0
 
 # --- Sessions ----------------------------------------------------------------------------------
 
@@ -553,6 +570,9 @@ OTHER_LIMITS: frozenset[str] = frozenset(
         "RESOURCE_SAMPLE_INTERVAL_S",
         "RETRY_AFTER_AT_CAPACITY_S",
         "RETRY_AFTER_NOT_READY_S",
+        "READINESS_CHECK_TIMEOUT_S",
+        "STOP_POLL_INTERVAL_S",
+        "STOP_WAIT_S",
         "TCP_KEEPALIVE_COUNT",
         "TCP_KEEPALIVE_IDLE_S",
         "TCP_KEEPALIVE_INTERVAL_S",
