@@ -7,7 +7,9 @@ a fake pool and a clock the test sets. Each test asserts the exact status and JS
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -27,7 +29,7 @@ from catflap.directory import AgentDirectory
 from catflap.gateway.httphead import HeadParser
 from catflap.gateway.metricslistener import MetricsListener
 from catflap.metrics import CONTENT_TYPE, GatewayMetrics, MetricSources
-from catflap.pool.interface import SessionLease
+from catflap.pool.interface import SessionLease, SessionPlace
 from catflap.sessions.recent import RecentRecords
 from catflap.sessions.record import SessionRecord
 from catflap.sessions.sqlite import SqliteSessionStore
@@ -72,6 +74,8 @@ class FakePool:
     full: set[str] = field(default_factory=set)
     running: set[str] = field(default_factory=set)
     stopped: list[str] = field(default_factory=list)
+    #: What the agent's runtime does with a stop (ends the record, as the gateway would).
+    on_stop: Callable[[str], None] | None = None
 
     async def at_capacity(self, agent_key: str) -> bool:
         return agent_key in self.full
@@ -89,7 +93,13 @@ class FakePool:
 
     async def stop_session(self, session_id: str) -> bool:
         self.stopped.append(session_id)
+        if self.on_stop is not None:
+            self.on_stop(session_id)
         return session_id in self.running
+
+    async def locate(self, agent_key: str, session_id: str) -> SessionPlace | None:
+        running = session_id in self.running
+        return SessionPlace(address="tcp:127.0.0.1:1", running=True) if running else None
 
 
 class Traffic:
@@ -147,6 +157,7 @@ async def make_api(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     async def make(
         store_class: type[SqliteSessionStore] = SqliteSessionStore,
         pool_states: dict[tuple[str, str], int] | None = None,
+        dependencies: Callable[[], Any] | None = None,
         **gateway: Any,
     ) -> Api:
         cfg = config(tmp_path, **gateway)
@@ -170,6 +181,7 @@ async def make_api(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             metrics=metrics,
             draining=draining,
             relays=relays,
+            dependencies=dependencies,
         )
         client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=create_api(deps)), base_url="http://gateway.test"
@@ -205,6 +217,32 @@ async def test_readyz_answers_503_draining_once_shutdown_began(api: Api) -> None
     assert (await api.get("/livez")).json() == {"status": "ok"}
     assert (await api.get("/readyz")).json() == {"status": "ok"}
     api.draining.now = True
+    response = await api.get("/readyz")
+    assert (response.status_code, response.json()) == (503, {"status": "draining"})
+
+
+async def test_readyz_answers_503_naming_the_dependencies_that_do_not_answer(
+    make_api: Callable[..., Any],
+) -> None:
+    down: list[str] = []
+
+    async def dependencies() -> list[str]:
+        return list(down)
+
+    api: Api = await make_api(dependencies=dependencies)
+    assert ((await api.get("/readyz")).status_code, (await api.get("/readyz")).json()) == (
+        200,
+        {"status": "ok"},
+    )
+    down[:] = ["database", "redis"]
+    response = await api.get("/readyz")
+    assert (response.status_code, response.json()) == (
+        503,
+        {"status": "unavailable", "unreachable": ["database", "redis"]},
+    )
+    down.clear()
+    assert (await api.get("/readyz")).status_code == 200
+    api.draining.now = True  # draining comes first
     response = await api.get("/readyz")
     assert (response.status_code, response.json()) == (503, {"status": "draining"})
 
@@ -477,15 +515,50 @@ async def test_sessions_refusals(
     assert (response.status_code, response.json()) == (status, expected)
 
 
-async def test_stop_asks_the_pool_and_answers_terminated(api: Api) -> None:
+async def test_stop_asks_the_pool_and_answers_terminated_once_the_record_ended(
+    api: Api,
+) -> None:
     api.deps.sessions.started(record(SID))
     api.pool.running.add(SID)
+
+    def bot_ends_later(session_id: str) -> None:
+        ended = record(session_id, ended_at=1010.0, completion_status="stopped")
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, api.deps.sessions.ended_now, ended)
+
+    api.pool.on_stop = bot_ends_later
+    started = time.perf_counter()
     response = await api.client.delete(
         f"{SESSIONS}/{SID}", headers={"authorization": f"Bearer {PRIVATE_KEY}"}
     )
+    assert time.perf_counter() - started >= 0.3
     assert (response.status_code, response.json()) == (
         200,
-        {"status": "terminated", "session_id": SID},
+        {
+            "status": "terminated",
+            "session_id": SID,
+            "completionStatus": "stopped",
+            "endState": "terminated",
+        },
+    )
+    assert api.pool.stopped == [SID]
+
+
+async def test_a_stop_that_bot_outlives_answers_202_stopping(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(limits, "STOP_WAIT_S", 0.3)
+    api.deps.sessions.started(record(SID))
+    api.pool.running.add(SID)  # the runtime has the order; bot() never ends
+    started = time.perf_counter()
+    response = await api.client.delete(
+        f"/v1/organizations/my-org/services/echo/sessions/{SID}",
+        headers={"authorization": f"Bearer {PRIVATE_KEY}"},
+    )
+    assert 0.3 <= time.perf_counter() - started < 2.0
+    assert (response.status_code, response.json()) == (
+        202,
+        {"status": "stopping", "session_id": SID},
     )
     assert api.pool.stopped == [SID]
 
@@ -512,7 +585,7 @@ async def test_stop_refuses_a_session_that_ended_or_runs_nowhere(api: Api) -> No
             "404",
         ),
     )
-    assert api.pool.stopped == [SID]  # the ended one never reached the pool
+    assert api.pool.stopped == []  # neither reached the pool: one runs nowhere, one ended
 
 
 async def test_a_failing_store_is_a_500_that_points_at_the_log(

@@ -7,7 +7,9 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -16,9 +18,11 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from catflap.api.sessions import SessionModel
+from catflap.contract import limits
+from catflap.contract.body import encode_body
 from catflap.sessions.record import SessionRecord
 
-from .conftest import PRIVATE_KEY, PUBLIC_KEY, RunningGateway, running_gateway, seconds
+from .conftest import BOTS, PRIVATE_KEY, PUBLIC_KEY, RunningGateway, running_gateway, seconds
 from .sessionstores import BACKENDS, store_factory
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -26,8 +30,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 AGENTS: dict[str, dict[str, Any]] = {
     "echo": {"scaling": {"min_agents": 1, "max_agents": 5}},
     "other": {"scaling": {"min_agents": 0}},
+    "slowstop": {"path": BOTS / "slowstop", "scaling": {"min_agents": 1}},
+    "stubborn": {"path": BOTS / "stubborn", "scaling": {"min_agents": 1}},
 }
 ECHO = "/ws/generic/echo.my-org"
+#: The slowstop bot's answer when it is stopped, as the first DELETE of a live session gets it.
+TERMINATED = {"status": "terminated", "completionStatus": "stopped", "endState": "terminated"}
 SESSIONS = "/v1/agents/echo/sessions"
 
 
@@ -84,6 +92,24 @@ async def until_ended(gw: RunningGateway, sid: str) -> dict[str, Any]:
         while (record := await show(gw, sid))["endedAt"] is None:
             await asyncio.sleep(0.02)
     return record
+
+
+async def until_listed_on(gw: RunningGateway, agent: str, sid: str) -> None:
+    """Wait until the store has the session's first record (it is saved asynchronously)."""
+    async with asyncio.timeout(seconds(10)):
+        while (await api(gw, "GET", f"/v1/agents/{agent}/sessions/{sid}")).status_code != 200:
+            await asyncio.sleep(0.02)
+
+
+async def until_ended_on(gw: RunningGateway, agent: str, sid: str) -> dict[str, Any]:
+    async with asyncio.timeout(seconds(15)):
+        while True:
+            record: dict[str, Any] = (
+                await api(gw, "GET", f"/v1/agents/{agent}/sessions/{sid}")
+            ).json()
+            if record.get("endedAt") is not None:
+                return record
+            await asyncio.sleep(0.05)
 
 
 async def until_listed(gw: RunningGateway, sid: str, status: str) -> dict[str, Any]:
@@ -210,7 +236,7 @@ async def test_delete_stops_a_live_session_and_the_client_gets_1000(gw: RunningG
         await ws.send("__sleep_forever__")  # bot() stops reading; only a cancel ends it
         response = await api(gw, "DELETE", f"{SESSIONS}/{sid}")
         assert response.status_code == 200, response.text
-        assert response.json() == {"status": "terminated", "session_id": sid}
+        assert response.json() == {**TERMINATED, "session_id": sid}
         with pytest.raises(websockets.ConnectionClosedOK):
             async with asyncio.timeout(seconds(2)):
                 await ws.recv()
@@ -228,10 +254,61 @@ async def test_delete_accepts_an_upper_case_session_id(gw: RunningGateway) -> No
         sid = await session_id(ws)
         await until_listed(gw, sid, "active")
         response = await api(gw, "DELETE", f"{SESSIONS}/{sid.upper()}")
-        assert response.json() == {"status": "terminated", "session_id": sid}
+        assert response.json() == {**TERMINATED, "session_id": sid}
         with pytest.raises(websockets.ConnectionClosedOK):
             async with asyncio.timeout(seconds(2)):
                 await ws.recv()
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/agents/slowstop", "/v1/organizations/my-org/services/slowstop"]
+)
+async def test_delete_answers_once_bot_has_ended_and_the_record_is_final(
+    gw: RunningGateway, tmp_path: Path, path: str
+) -> None:
+    """The bot takes 1 s to unwind; the answer comes after that, with the final record."""
+    await gw.wait_ready("slowstop.my-org")
+    body = quote(encode_body({"marker_dir": str(tmp_path)}))
+    async with connect(f"{gw.ws}/ws/generic/slowstop.my-org?body={body}") as ws:
+        sid = await session_id(ws)
+        await until_listed_on(gw, "slowstop", sid)
+        started = time.perf_counter()
+        response = await api(gw, "DELETE", f"{path}/sessions/{sid}")
+        took = time.perf_counter() - started
+        # At the moment of the answer: bot() has returned, the record is final.
+        assert (tmp_path / f"{sid}.ended").read_text() == "ended"
+        live = gw.gateway.sessions.get(sid)
+        assert live is not None and live.completion_status == "stopped"
+        assert response.status_code == 200, response.text
+        assert response.json() == {**TERMINATED, "session_id": sid}
+        assert 1.0 <= took < limits.STOP_WAIT_S
+        with pytest.raises(websockets.ConnectionClosedOK):
+            async with asyncio.timeout(seconds(2)):
+                await ws.recv()
+    assert (ws.close_code, ws.close_reason) == (1000, "session stopped")
+    stored = await gw.gateway.store.get(sid)
+    assert stored is not None and stored.completion_status == "stopped"
+
+
+async def test_delete_of_a_bot_that_ignores_cancellation_answers_202_stopping(
+    gw: RunningGateway,
+) -> None:
+    await gw.wait_ready("stubborn.my-org")
+    async with connect(f"{gw.ws}/ws/generic/stubborn.my-org") as ws:
+        assert await asyncio.wait_for(ws.recv(), seconds(10)) == "ready"
+        (sid,) = [r.session_id for r in gw.gateway.sessions.live.values() if r.agent == "stubborn"]
+        started = time.perf_counter()
+        response = await api(gw, "DELETE", f"/v1/agents/stubborn/sessions/{sid}")
+        took = time.perf_counter() - started
+        assert (response.status_code, response.json()) == (
+            202,
+            {"status": "stopping", "session_id": sid},
+        )
+        assert limits.STOP_WAIT_S <= took < limits.STOP_WAIT_S + seconds(1)
+        # The runtime gives up on the bot after its grace; the record ends then, as stopped.
+        record = await until_ended_on(gw, "stubborn", sid)
+    assert record["completionStatus"] == "stopped"
+    assert record["error"] == "bot ignored cancellation"
 
 
 # --- refusals ------------------------------------------------------------------------------------
