@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from catflap.auth.tokens import KeyRing
 from catflap.cluster.dispatch import DISPATCH_LUA
 from catflap.cluster.keys import Keys
 from catflap.config import CatflapConfig, load_config
+from catflap.contract import limits
 
 from .conftest import ECHO, ROOT, seconds
 
@@ -375,7 +377,7 @@ def test_agent_probes_and_drain_use_the_probe_script() -> None:
     dockerfile = (DOCKER / "Dockerfile.agent").read_text()
     assert "deploy/docker/catflap-agent-probe.py /usr/local/bin/catflap-agent-probe" in dockerfile
     for probe, mode in (
-        ("startupProbe", "ready"),
+        ("startupProbe", "started"),
         ("readinessProbe", "ready"),
         ("livenessProbe", "live"),
     ):
@@ -472,6 +474,25 @@ def test_probe_finds_a_runtime_and_its_health_routes(runtime: tuple[str, int]) -
     assert probe._http_ok(*runtime, "/readyz")
     assert probe._http_ok(*runtime, "/livez")
     assert probe.check("/readyz") == 0
+
+
+def test_probe_ready_also_needs_redis_and_started_does_not(
+    runtime: tuple[str, int],
+    redis_client: tuple[redis.Redis, Keys],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    probe = _load_probe()
+    monkeypatch.delenv("CATFLAP_REDIS_URL", raising=False)
+    assert probe.main(["ready"]) == 0  # no Redis configured: the runtime alone
+    monkeypatch.setenv("CATFLAP_REDIS_URL", REDIS_URL)
+    assert probe.main(["ready"]) == 0
+    with socket.socket() as closed:  # a port nothing listens on: Redis is down
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("CATFLAP_REDIS_URL", f"redis://127.0.0.1:{closed.getsockname()[1]}/0")
+    started = time.monotonic()
+    assert probe.main(["ready"]) == 1
+    assert time.monotonic() - started < limits.READINESS_CHECK_TIMEOUT_S + seconds(1)
+    assert probe.main(["started"]) == 0
 
 
 @pytest.fixture

@@ -6,12 +6,18 @@
 with ``GET /livez`` and ``GET /readyz``. This script gives the kubelet something honest to
 check, and gives the pod the drain that ``catflap agent-host`` does not do on SIGTERM.
 
-    catflap-agent-probe ready    exit 0 if at least one local runtime answers GET /readyz 200
+    catflap-agent-probe started  exit 0 if at least one local runtime answers GET /readyz 200
+    catflap-agent-probe ready    the same, and Redis (CATFLAP_REDIS_URL, when set) answers PING
     catflap-agent-probe live     exit 0 if at least one local runtime answers GET /livez 200
     catflap-agent-probe drain [--timeout S]
                                  preStop: mark this pod's instances "draining" in Redis so no
                                  gateway dispatches to them, then wait until none of them holds
                                  or has reserved a session (or until the timeout), exit 0
+
+``ready`` includes Redis because an agent host cut off from Redis gets no new session (its
+instances' keys expire) even though its runtimes are fine: a rolling update should not count
+such a pod as available. ``started`` (the startup probe) leaves Redis out, so that a Redis
+outage while a pod starts does not get its container restarted, which would not help.
 
 Runtimes are found through /proc: processes whose command line runs ``catflap.runtime.main``,
 and the listening TCP sockets they own. Nothing here is guessed from port numbers.
@@ -143,6 +149,35 @@ def check(path: str) -> int:
     return 1
 
 
+def redis_ok(url: str) -> bool:
+    """True when the Redis at ``url`` answers PING within ``READINESS_CHECK_TIMEOUT_S``."""
+    import redis
+    from redis.exceptions import RedisError
+
+    from catflap.contract.limits import READINESS_CHECK_TIMEOUT_S
+
+    client = redis.Redis.from_url(
+        url,
+        socket_timeout=READINESS_CHECK_TIMEOUT_S,
+        socket_connect_timeout=READINESS_CHECK_TIMEOUT_S,
+    )
+    try:
+        return bool(client.ping())
+    except (RedisError, OSError) as exc:
+        print(f"Redis unreachable ({exc})")
+        return False
+    finally:
+        client.close()
+
+
+def ready() -> int:
+    """0 when a local runtime is ready and Redis (if configured) answers."""
+    if check("/readyz") != 0:
+        return 1
+    url = os.environ.get("CATFLAP_REDIS_URL")
+    return 0 if url is None or redis_ok(url) else 1
+
+
 def _address_prefix(pod_ip: str) -> str:
     """The start of this pod's instance addresses, as the runtime reports them."""
     ip = ipaddress.ip_address(pod_ip)
@@ -192,13 +227,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Probes and the preStop drain for a pod running catflap agent-host.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("ready", help="a local runtime answers GET /readyz with 200")
+    sub.add_parser("started", help="a local runtime answers GET /readyz with 200")
+    sub.add_parser("ready", help="started, and Redis ($CATFLAP_REDIS_URL) answers PING")
     sub.add_parser("live", help="a local runtime answers GET /livez with 200")
     drain_parser = sub.add_parser("drain", help="preStop: mark draining, wait for sessions")
     drain_parser.add_argument("--timeout", type=float, default=3600.0)
     options = parser.parse_args(argv)
-    if options.command == "ready":
+    if options.command == "started":
         return check("/readyz")
+    if options.command == "ready":
+        return ready()
     if options.command == "live":
         return check("/livez")
     return drain(options.timeout)
