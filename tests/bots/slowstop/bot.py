@@ -5,7 +5,6 @@ session's body): a test reads it to know that ``bot()`` had ended by a given mom
 import asyncio
 import json
 import os
-from pathlib import Path
 
 UNWIND_S = 1.0
 
@@ -24,4 +23,5 @@ async def bot(args):
     finally:
         marker_dir = (args.body or {}).get("marker_dir")
         if marker_dir:
-            Path(marker_dir, f"{args.session_id}.ended").write_text("ended")
+            with open(os.path.join(marker_dir, f"{args.session_id}.ended"), "w") as marker:
+                marker.write("ended")
