@@ -144,14 +144,17 @@ async def cluster(
     org_settings: str = "",
     sessions_per_instance: int = 1,
     host_redis_url: str | None = None,
+    settings: str = "",
 ) -> AsyncIterator[Cluster]:
     """``org_settings``: more lines for ``[organizations.my-org]`` (e.g. its Daily API key);
-    ``host_redis_url``: the agent hosts' ``--redis`` (a proxy), when not ``redis_url``."""
+    ``host_redis_url``: the agent hosts' ``--redis`` (a proxy), when not ``redis_url``;
+    ``settings``: top-level lines of the config file (e.g. ``database_url``)."""
     workdir = Path(tempfile.mkdtemp(prefix="cfcl"))
     prefix = f"cftest-{uuid.uuid4().hex[:8]}"
     config = workdir / "catflap.toml"
     config.write_text(
-        '[organizations.my-org]\npublic_keys = ["pk_test"]\nprivate_keys = ["sk_test"]\n'
+        settings
+        + '[organizations.my-org]\npublic_keys = ["pk_test"]\nprivate_keys = ["sk_test"]\n'
         + org_settings
         + f'[organizations.my-org.agents.echo]\npath = "{bot}"\n'
         'websocket_auth = "token"\n'

@@ -27,6 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from catflap.contract import limits
 
 from .conftest import BOTS, die_with_test_process, seconds
+from .sessionstores import DATABASE_URL
 from .test_cluster import Cluster, _free_port, cluster
 
 pytestmark = pytest.mark.slow
@@ -64,10 +65,14 @@ async def _connect(cl: Cluster, gateway: int, started: dict[str, Any]) -> Client
     return ws
 
 
+@pytest.mark.parametrize("records", ["redis", "postgres"])
 async def test_delete_through_another_gateway_answers_once_bot_has_ended(
-    tmp_path: Path,
+    tmp_path: Path, records: str
 ) -> None:
-    async with cluster(gateways=2, hosts=1, slots=1, bot=SLOWSTOP) as cl:
+    """Gateway A relays the session, gateway B gets the DELETE: B sees the end in the shared
+    records, Redis or PostgreSQL."""
+    settings = f'database_url = "{DATABASE_URL}"\n' if records == "postgres" else ""
+    async with cluster(gateways=2, hosts=1, slots=1, bot=SLOWSTOP, settings=settings) as cl:
         started = await _start(cl, 0, body={"marker_dir": str(tmp_path)})
         sid = started["sessionId"]
         ws = await _connect(cl, 0, started)  # relayed by gateway A
@@ -96,6 +101,12 @@ async def test_delete_through_another_gateway_answers_once_bot_has_ended(
         with pytest.raises(websockets.ConnectionClosedOK):
             await asyncio.wait_for(ws.recv(), seconds(5))
         assert (ws.close_code, ws.close_reason) == (1000, "session stopped")
+        client = redis.Redis.from_url(cl.redis_url)
+        try:  # the records really live where the parameter says
+            in_redis = bool(client.exists(f"{cl.prefix}:session:{sid}"))
+        finally:
+            client.close()
+        assert in_redis == (records == "redis")
 
 
 async def test_delete_of_a_session_no_host_holds_is_404() -> None:
