@@ -235,9 +235,9 @@ AGENT_PING_TIMEOUT_S = 20.0
 BOT_CANCEL_GRACE_S = 5.0
 #: ``DELETE .../sessions/{id}`` answers once ``bot()`` has ended, waiting at most this long,
 #: then 202 ``stopping``. A bot that lets cancellation through ends within milliseconds; one
-#: that swallows it is killed after ``BOT_CANCEL_GRACE_S``. Shorter than that grace so that the
-#: caller (a CLI, a script with a 5 s HTTP timeout) hears back promptly even then; the record
-#: says how the session ended.
+#: that swallows it is killed after ``BOT_CANCEL_GRACE_S``. Shorter than that grace, and than
+#: the live view's 5 s request limit (``catflap sessions stop`` allows 10 s), so that the
+#: caller hears back promptly even then; the record says how the session ended.
 STOP_WAIT_S = 3.0
 #: While it waits, the stop reads the session's record this often: from memory when this
 #: gateway relays the session (free), else one read of the shared store (Redis or PostgreSQL),
