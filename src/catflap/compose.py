@@ -44,6 +44,7 @@ from catflap.gateway.steps import SessionSteps
 from catflap.gateway.timings import Timings
 from catflap.gateway.tls import Certificate, TlsListener
 from catflap.logs import LogFormat
+from catflap.logstore import FileLogSource, LogSource, LogStore
 from catflap.metrics import GatewayMetrics, MetricSources
 from catflap.pool.environment import SecretSource
 from catflap.pool.pool import LocalPool
@@ -92,6 +93,9 @@ class Overrides:
     replay: ReplayStore | None = None
     #: None: the encrypted file in ``state_dir`` (``catflap secrets``'s); the cluster's Redis.
     secrets: SecretStore | None = None
+    #: None: the session log files in ``[logs] dir``; the cluster: what agent hosts ship to
+    #: Redis.
+    logs: LogSource | None = None
     #: Wall-clock seconds: token expiry and record timestamps.
     clock: Callable[[], float] = time.time
     #: None: :meth:`Timings.from_settings` of ``[gateway]``.
@@ -193,6 +197,7 @@ async def build_gateway(
         replay=replay,
         keyring=keyring,
         secrets=secrets,
+        logs=overrides.logs or FileLogSource(LogStore(config.log_dir)),
         clock=overrides.clock,
         timings=overrides.timings or Timings.from_settings(config.gateway),
         certificate=certificate,
@@ -209,6 +214,7 @@ def _wire(
     replay: ReplayStore,
     keyring: KeyRing,
     secrets: SecretStore,
+    logs: LogSource,
     clock: Callable[[], float],
     timings: Timings,
     certificate: Certificate | None,
@@ -265,6 +271,7 @@ def _wire(
         ),
         readiness=getattr(pool, "readiness", None),  # a local pool's own, as instance_states
         dependencies=dependencies,
+        logs=logs,
     )
     api = ApiConnections(lambda: _control_api(api_deps), on_refusal=refusals.count)
     steps = SessionSteps(

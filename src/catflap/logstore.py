@@ -25,16 +25,21 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, TypeVar
+from typing import IO, Any, Literal, Protocol, TypeVar
 
 from catflap.contract import limits
 
 __all__ = [
+    "RECENT_SESSION_MAX_BYTES",
+    "FileLogSource",
     "LogEntry",
     "LogPage",
+    "LogSource",
     "LogStore",
     "Order",
     "PruneResult",
+    "merge_recent",
+    "page_of",
     "prune_forever",
 ]
 
@@ -47,7 +52,7 @@ _BLOCK_BYTES = 1024 * 1024
 _SUFFIX = ".jsonl"
 #: Without a session id, each of the recent files contributes at most this many bytes of lines:
 #: bounds memory (20 files), at the price of short pages deep into sessions of huge lines.
-_RECENT_FILE_MAX_BYTES = limits.LOGS_PAGE_MAX_BYTES // 4
+RECENT_SESSION_MAX_BYTES = limits.LOGS_PAGE_MAX_BYTES // 4
 
 _Item = TypeVar("_Item")
 
@@ -175,9 +180,34 @@ def _read_file(
     with handle:
         total = _count_lines(handle)
         lines = _lines_forward(handle) if order == "asc" else _lines_backward(handle)
-        wanted = itertools.islice(lines, skip, skip + take)
-        entries = [_entry(raw, session_id) for raw in _within(wanted, len, budget)]
-    return LogPage(total, entries)
+        return page_of(total, itertools.islice(lines, skip, skip + take), session_id, budget)
+
+
+def page_of(total: int, records: Iterable[bytes], session_id: str, max_bytes: int) -> LogPage:
+    """The page of one session's raw ``.jsonl`` records (already skipped to the first wanted
+    one, in the page's order), cut once they pass ``max_bytes``: what every
+    :class:`LogSource` returns for one session."""
+    return LogPage(total, [_entry(raw, session_id) for raw in _within(records, len, max_bytes)])
+
+
+def merge_recent(
+    pages: Iterable[LogPage], *, limit: int, offset: int, order: Order
+) -> LogPage:
+    """Several sessions' pages (each of their first ``offset + limit`` lines in ``order``)
+    merged by timestamp into one page: the answer without a session id, for every
+    :class:`LogSource`."""
+    total = 0
+    entries: list[list[LogEntry]] = []
+    for page in pages:
+        total += page.total
+        entries.append(page.entries)
+
+    def key(entry: LogEntry) -> str:
+        return entry.timestamp or ""
+
+    merged = heapq.merge(*entries, key=key, reverse=order == "desc")
+    wanted = itertools.islice(merged, offset, offset + limit)
+    return LogPage(total, list(_within(wanted, _line_size, limits.LOGS_PAGE_MAX_BYTES)))
 
 
 def _within(
@@ -258,26 +288,18 @@ class LogStore:
         Raises:
             ValueError: a name that could reach outside the log folder.
         """
-        total = 0
-        pages: list[list[LogEntry]] = []
-        for path in self.recent_sessions(org, agent, sessions):
-            page = _read_file(
+        pages = [
+            _read_file(
                 path,
                 path.stem,
                 skip=0,
                 take=offset + limit,
                 order=order,
-                max_bytes=_RECENT_FILE_MAX_BYTES,
+                max_bytes=RECENT_SESSION_MAX_BYTES,
             )
-            total += page.total
-            pages.append(page.entries)
-
-        def key(entry: LogEntry) -> str:
-            return entry.timestamp or ""
-
-        merged = heapq.merge(*pages, key=key, reverse=order == "desc")
-        wanted = itertools.islice(merged, offset, offset + limit)
-        return LogPage(total, list(_within(wanted, _line_size, limits.LOGS_PAGE_MAX_BYTES)))
+            for path in self.recent_sessions(org, agent, sessions)
+        ]
+        return merge_recent(pages, limit=limit, offset=offset, order=order)
 
     def prune(self, *, now: float, max_age_s: float, max_total_bytes: int) -> PruneResult:
         """Delete files last written more than ``max_age_s`` ago, then the oldest files until
@@ -306,6 +328,56 @@ class LogStore:
             removed_files += 1
             removed_bytes += size
         return PruneResult(removed_files, removed_bytes)
+
+
+class LogSource(Protocol):
+    """Where the logs API reads session lines: files on this machine (:class:`FileLogSource`)
+    or, in cluster mode, what agent hosts shipped to Redis
+    (:class:`~catflap.cluster.logship.RedisLogSource`). Both answer with :func:`page_of` and
+    :func:`merge_recent`, so paging, order and the byte bounds are the same.
+
+    Raises (both methods):
+        ValueError: a name that could reach outside the log folder (files only).
+        OSError: the lines could not be read (the API answers 500).
+    """
+
+    async def read_session(
+        self, org: str, agent: str, session_id: str, *, limit: int, offset: int, order: Order
+    ) -> LogPage | None:
+        """One page of a session's lines; None when the source has no line of it."""
+        ...
+
+    async def read_recent(
+        self, org: str, agent: str, *, limit: int, offset: int, order: Order
+    ) -> LogPage:
+        """A page across the agent's most recent sessions, merged by timestamp."""
+        ...
+
+
+class FileLogSource:
+    """A :class:`LogSource` on the session log files below one folder (``catflap serve``)."""
+
+    def __init__(self, store: LogStore) -> None:
+        self.store = store
+
+    async def read_session(
+        self, org: str, agent: str, session_id: str, *, limit: int, offset: int, order: Order
+    ) -> LogPage | None:
+        def read() -> LogPage | None:
+            if not self.store.has_session(org, agent, session_id):
+                return None
+            return self.store.read_session(
+                org, agent, session_id, limit=limit, offset=offset, order=order
+            )
+
+        return await asyncio.to_thread(read)
+
+    async def read_recent(
+        self, org: str, agent: str, *, limit: int, offset: int, order: Order
+    ) -> LogPage:
+        return await asyncio.to_thread(
+            self.store.read_recent, org, agent, limit=limit, offset=offset, order=order
+        )
 
 
 async def prune_forever(

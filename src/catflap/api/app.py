@@ -63,6 +63,7 @@ from catflap.contract.errors import (
 from catflap.contract.ice import ice_config_document
 from catflap.gateway.botsession import encode_bot_body
 from catflap.gateway.daily import create_daily_room, daily_api_key
+from catflap.logstore import FileLogSource, LogStore
 from catflap.requestbody import read_bounded_body
 
 if TYPE_CHECKING:
@@ -441,7 +442,11 @@ def create_api(deps: ApiDeps) -> FastAPI:
     records = SessionRecords(deps.agents, deps.sessions, deps.store)
     app.include_router(sessions_router(organization=organization, records=records, pool=deps.pool))
     app.include_router(
-        logs_router(organization=organization, records=records, log_dir=deps.config.log_dir)
+        logs_router(
+            organization=organization,
+            records=records,
+            source=deps.logs or FileLogSource(LogStore(deps.config.log_dir)),
+        )
     )
     app.include_router(
         services_router(

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from catflap.directory import AgentDirectory
     from catflap.gateway.botsession import BotSessions
     from catflap.gateway.sessionproxy import SessionProxy
+    from catflap.logstore import LogSource
     from catflap.metrics import GatewayMetrics, RelayTraffic
     from catflap.pool.interface import AgentReadiness, SessionPool
     from catflap.secretsets.store import SecretStore
@@ -63,3 +64,6 @@ class ApiDeps:
     #: records' PostgreSQL), as ``/readyz`` checks them: the names of those that do not
     #: answer, empty when all do. None (``catflap serve``): nothing to check.
     dependencies: Callable[[], Awaitable[list[str]]] | None = None
+    #: Where the logs API reads session lines. None (an API built from parts, in a test): the
+    #: files in ``config.log_dir``.
+    logs: LogSource | None = None

@@ -11,9 +11,11 @@ The same route answers at ``/v1/organizations/{org}/services/{agent}/logs``, whe
 catflap ignores: it has no deployments); the path's organization must be the key's.
 
 Lines come from the session log files the agent runtimes write
-(:mod:`catflap.runtime.botlogs`, read by :mod:`catflap.logstore`): the bot's own ``logging``,
-``loguru`` and ``print`` output, and the runtime's lines about the session. Without
-``sessionId`` the answer merges the agent's most recent session files by timestamp.
+(:mod:`catflap.runtime.botlogs`): the bot's own ``logging``, ``loguru`` and ``print`` output,
+and the runtime's lines about the session. A :class:`~catflap.logstore.LogSource` reads them:
+the files themselves (``catflap serve``), or in cluster mode the copies agent hosts ship to
+Redis (:mod:`catflap.cluster.logship`). Without ``sessionId`` the answer merges the agent's
+most recent sessions by timestamp.
 Checks run in the sessions API's order: key (401), query and session id format (400), agent in
 the key's organization (404), session (404).
 """
@@ -21,9 +23,7 @@ the key's organization (404), session (404).
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at run
 # time, and they name dependencies local to ``logs_router``.
 
-import asyncio
 import logging
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
@@ -39,7 +39,7 @@ from catflap.api.auth import (
 from catflap.api.sessions import AGENT_PREFIX, ORG_PREFIX, SessionNotFound, SessionRecords
 from catflap.contract import limits
 from catflap.contract.errors import InternalError
-from catflap.logstore import LogPage, LogStore
+from catflap.logstore import LogPage, LogSource
 
 __all__ = ["LogLine", "LogsAnswer", "LogsTotal", "logs_router"]
 
@@ -67,18 +67,17 @@ class LogsAnswer(BaseModel):
 
 
 def logs_router(
-    *, organization: OrganizationDependency, records: SessionRecords, log_dir: Path
+    *, organization: OrganizationDependency, records: SessionRecords, source: LogSource
 ) -> APIRouter:
     """The logs API, as a router for :func:`catflap.api.app.create_api`.
 
     Args:
         organization: the private-key dependency (:func:`catflap.api.auth.private_key_org`).
         records: where a session with no log file (yet) is known to exist.
-        log_dir: the session log files the agent runtimes write (``CatflapConfig.log_dir``).
+        source: where the lines are read (files in ``CatflapConfig.log_dir``, or Redis).
     """
     router = APIRouter(tags=["logs"], route_class=ParamCheckedRoute)
     errors = error_responses(400, 401, 404, 500)
-    logs = LogStore(log_dir)
 
     routes = (
         (AGENT_PREFIX, organization, ""),
@@ -125,19 +124,19 @@ def logs_router(
             sid = canonical_session_id(session_id) if session_id is not None else None
             records.check_agent(org, agent)
             try:
-                page: LogPage
+                page: LogPage | None
                 if sid is None:
-                    page = await asyncio.to_thread(
-                        logs.read_recent, org, agent, limit=limit, offset=offset, order=order
+                    page = await source.read_recent(
+                        org, agent, limit=limit, offset=offset, order=order
                     )
-                elif await asyncio.to_thread(logs.has_session, org, agent, sid):
-                    page = await asyncio.to_thread(
-                        logs.read_session, org, agent, sid, limit=limit, offset=offset, order=order
-                    )
-                elif await records.of_agent(org, agent, sid) is not None:
-                    page = LogPage(0, [])  # no line written (yet), or pruned
                 else:
-                    raise SessionNotFound(f"no session {sid} for agent {agent!r}")
+                    page = await source.read_session(
+                        org, agent, sid, limit=limit, offset=offset, order=order
+                    )
+                    if page is None and await records.of_agent(org, agent, sid) is None:
+                        raise SessionNotFound(f"no session {sid} for agent {agent!r}")
+                if page is None:
+                    page = LogPage(0, [])  # no line written (yet), or pruned
             except OSError:
                 log.exception("! could not read the session logs")
                 raise InternalError(
