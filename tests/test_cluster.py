@@ -65,6 +65,9 @@ class Cluster:
     config: Path
     gateways: list[tuple[Proc, int]] = field(default_factory=list)
     hosts: list[Proc] = field(default_factory=list)
+    #: With ``own_dirs``: each host's folder, then each gateway's (working dir, config file,
+    #: state_dir and logs below it).
+    dirs: list[Path] = field(default_factory=list)
 
     def url(self, index: int) -> str:
         return f"ws://127.0.0.1:{self.gateways[index][1]}"
@@ -91,7 +94,12 @@ class Cluster:
             client.close()
 
 
-def _spawn(args: list[str], ready_marker: str | None, env: dict[str, str] | None = None) -> Proc:
+def _spawn(
+    args: list[str],
+    ready_marker: str | None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Proc:
     popen = subprocess.Popen(
         [sys.executable, "-m", "catflap", *args],
         stderr=subprocess.PIPE,
@@ -99,6 +107,7 @@ def _spawn(args: list[str], ready_marker: str | None, env: dict[str, str] | None
         text=True,
         preexec_fn=die_with_test_process,
         env={**os.environ, **KEYS_ENV, **(env or {})},
+        cwd=cwd,
     )
     proc = Proc(popen)
     ready = threading.Event()
@@ -145,27 +154,42 @@ async def cluster(
     sessions_per_instance: int = 1,
     host_redis_url: str | None = None,
     settings: str = "",
+    own_dirs: bool = False,
 ) -> AsyncIterator[Cluster]:
     """``org_settings``: more lines for ``[organizations.my-org]`` (e.g. its Daily API key);
     ``host_redis_url``: the agent hosts' ``--redis`` (a proxy), when not ``redis_url``;
-    ``settings``: top-level lines of the config file (e.g. ``database_url``)."""
+    ``settings``: top-level lines of the config file (e.g. ``database_url``).
+    ``own_dirs``: every process gets a folder of its own (its working directory, config file,
+    state_dir and logs), so none shares a file with another; else they share one config
+    file and its ``logs`` folder."""
     workdir = Path(tempfile.mkdtemp(prefix="cfcl"))
     prefix = f"cftest-{uuid.uuid4().hex[:8]}"
     config = workdir / "catflap.toml"
-    config.write_text(
+    text = (
         settings
-        + '[organizations.my-org]\npublic_keys = ["pk_test"]\nprivate_keys = ["sk_test"]\n'
+        + 'state_dir = "state"\n'
+        '[organizations.my-org]\npublic_keys = ["pk_test"]\nprivate_keys = ["sk_test"]\n'
         + org_settings
         + f'[organizations.my-org.agents.echo]\npath = "{bot}"\n'
         'websocket_auth = "token"\n'
         f"[organizations.my-org.agents.echo.scaling]\nmax_agents = {max_agents}\n"
         f"sessions_per_instance = {sessions_per_instance}\n"
-        '[logs]\ndir = "logs"\n'  # agent hosts write there, gateways read it
+        '[logs]\ndir = "logs"\n'  # below the config file's folder
     )
+    config.write_text(text)
     running = Cluster(redis_url, prefix, config)
+
+    def place() -> tuple[Path | None, list[str]]:
+        """The next process's working dir and config arguments."""
+        if not own_dirs:
+            return None, ["--config", str(config)]
+        folder = workdir / f"p{len(running.dirs)}"
+        folder.mkdir()
+        (folder / "catflap.toml").write_text(text)
+        running.dirs.append(folder)
+        return folder, ["--config", str(folder / "catflap.toml")]
+
     common = [
-        "--config",
-        str(config),
         "--redis",
         redis_url,
         "--prefix",
@@ -175,10 +199,12 @@ async def cluster(
     ]
     try:
         for _ in range(hosts):
+            cwd, config_args = place()
             running.hosts.append(
                 _spawn(
                     [
                         "agent-host",
+                        *config_args,
                         *common,
                         *(["--redis", host_redis_url] if host_redis_url else []),
                         "--agent",
@@ -189,12 +215,16 @@ async def cluster(
                         str(slots),
                     ],
                     None,
+                    cwd=cwd,
                 )
             )
         for _ in range(gateways):
             port = _free_port()
+            cwd, config_args = place()
             proc = _spawn(
-                ["gateway", *common, "--listen", f"127.0.0.1:{port}"], "gateway listening on"
+                ["gateway", *config_args, *common, "--listen", f"127.0.0.1:{port}"],
+                "gateway listening on",
+                cwd=cwd,
             )
             running.gateways.append((proc, port))
         want = min(hosts * slots, max_agents)

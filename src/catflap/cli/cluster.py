@@ -87,8 +87,7 @@ def gateway(
 ) -> None:
     """Run one gateway of a cluster: relay and control API, dispatching through Redis.
 
-    The logs API reads [logs] dir (default <state_dir>/logs): point agent hosts' --log-dir at
-    it (same machine or a shared filesystem) for it to find their sessions' lines.
+    The logs API reads the session lines agent hosts ship to Redis (no shared disk needed).
     """
     configure_logging(log_level, log_format)
     cfg = with_dashboard(_load(config_file), dashboard)
@@ -123,6 +122,7 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
     from catflap.cluster.dispatch import RedisPool
     from catflap.cluster.keys import Keys
     from catflap.cluster.liveness import GatewayLiveness
+    from catflap.cluster.logship import RedisLogSource
     from catflap.cluster.readiness import cluster_dependencies
     from catflap.cluster.store import RedisSessionStore
     from catflap.compose import Overrides, build_gateway
@@ -147,6 +147,7 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
         secrets=RedisSecretStore(client, keys),
         # /readyz: Redis, and PostgreSQL when the records live there.
         dependencies=cluster_dependencies(client, store if cfg.database_url else None),
+        logs=RedisLogSource(client, keys),
     )
     gw = await build_gateway(cfg, overrides)
     host, port = cfg.host_port
@@ -216,7 +217,8 @@ def agent_host(
 ) -> None:
     """Run one agent's instances on this machine and register them in Redis.
 
-    Session logs go to --log-dir and are pruned every minute ([logs] limits).
+    Session logs go to --log-dir and are pruned every minute ([logs] limits); their lines
+    are also shipped to Redis, where every gateway's logs API reads them.
     """
     configure_logging(log_level, log_format)
     cfg = _load(config_file)
@@ -262,6 +264,7 @@ async def _agent_host(
 
     from catflap.cluster.host import AgentHost
     from catflap.cluster.keys import Keys
+    from catflap.cluster.logship import LogShipper
     from catflap.config import AgentSpec
     from catflap.pool.forkserver import ForkServerLauncher
     from catflap.pool.launcher import SubprocessLauncher
@@ -290,6 +293,13 @@ async def _agent_host(
             slots=slots,
             warm=warm,
             ready_timeout=cfg.gateway.agent_ready_timeout,
+            log_shipper=LogShipper(
+                client,
+                Keys(prefix),
+                logging_.dir.resolve(),
+                org=spec.service_host.org,
+                agent=spec.service_host.agent,
+            ),
         )
         host.start()
         pruner = start_pruner(cfg, logging_.dir)

@@ -38,6 +38,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from catflap.cluster.keys import HEARTBEAT_TTL_S, Keys
+from catflap.cluster.logship import LogShipper
 from catflap.cluster.streams import StreamReader, append_event
 from catflap.config import AgentSpec
 from catflap.contract.limits import ENDED_REPLAY_WINDOW_S, LIFECYCLE_STREAM_MAXLEN
@@ -86,7 +87,10 @@ class AgentHost:
         warm: int,
         ready_timeout: float,
         heartbeat_ttl: float = HEARTBEAT_TTL_S,
+        log_shipper: LogShipper | None = None,
     ) -> None:
+        """``log_shipper``: copies the sessions' log lines to Redis (None: they stay in the
+        files on this host)."""
         self._redis = client
         self._keys = keys
         self.agent = agent
@@ -112,6 +116,7 @@ class AgentHost:
         self._recent_ended: deque[tuple[float, dict[str, Any]]] = deque(
             maxlen=LIFECYCLE_STREAM_MAXLEN
         )
+        self._log_shipper = log_shipper
 
     def instance_key(self, instance: Instance) -> str:
         return f"{self.host_id}-{instance.instance_id}"
@@ -156,6 +161,8 @@ class AgentHost:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2):
                 await self._ops.join()
+        if self._log_shipper is not None:
+            await self._log_shipper.close()
         await self._tasks.aclose()
 
     # --- PoolObserver -------------------------------------------------------------------------
@@ -186,9 +193,13 @@ class AgentHost:
                 await pipe.execute()
 
         self._ops.put_nowait(started)
+        if self._log_shipper is not None:
+            self._log_shipper.session_started(session_id)
         self._grow_if_full()
 
     def session_ended(self, instance: Instance, session_id: str, end: SessionEnd) -> None:
+        if self._log_shipper is not None:  # its last lines before the end: see logship
+            self._ops.put_nowait(functools.partial(self._log_shipper.finish, session_id))
         iid = self.instance_key(instance)
         event = {
             "session_id": session_id,

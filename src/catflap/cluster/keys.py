@@ -68,6 +68,21 @@ class Keys:
         """Sorted set: session id -> created_at, the index for listing an agent's sessions."""
         return f"{self.prefix}:sessions:{org}:{agent}"
 
+    def session_log(self, org: str, agent: str, session_id: str) -> str:
+        """Stream: one session's log records (field ``r``, the ``.jsonl`` line), entry id
+        ``0-<line number>``; trimmed to ``LOGSHIP_STREAM_MAXLEN``, expires
+        ``LOGSHIP_RETENTION_S`` after its last line (:mod:`catflap.cluster.logship`)."""
+        return f"{self.session_log_prefix(org, agent)}{session_id}"
+
+    def session_log_prefix(self, org: str, agent: str) -> str:
+        """What :meth:`session_log` puts before the session id (the shipping script's)."""
+        return f"{self.prefix}:log:{org}:{agent}:"
+
+    def agent_logs(self, org: str, agent: str) -> str:
+        """Sorted set: session id -> its last shipped line (ms), the agent's sessions with
+        lines in Redis; at most ``LOGSHIP_SESSIONS_PER_AGENT_MAX``."""
+        return f"{self.prefix}:logs:{org}:{agent}"
+
     def secret_sets(self, org: str) -> str:
         """Hash: secret set name -> Fernet token of its JSON ``{name: value}``; no expiry."""
         return f"{self.prefix}:secrets:{org}"

@@ -40,6 +40,12 @@ __all__ = [
     "LOGS_LIMIT_MAX",
     "LOGS_PAGE_MAX_BYTES",
     "LOGS_RECENT_SESSIONS_MAX",
+    "LOGSHIP_BATCH_MAX_BYTES",
+    "LOGSHIP_POLL_INTERVAL_S",
+    "LOGSHIP_RECORD_MAX_BYTES",
+    "LOGSHIP_RETENTION_S",
+    "LOGSHIP_SESSIONS_PER_AGENT_MAX",
+    "LOGSHIP_STREAM_MAXLEN",
     "LOG_LINE_MAX_CHARS",
     "LOG_MAX_TOTAL_MB_DEFAULT",
     "LOG_PRUNE_INTERVAL_S",
@@ -417,6 +423,29 @@ API_OFFSET_MAX = 2**31 - 1
 LOGS_PAGE_MAX_BYTES = 4 * 1024 * 1024
 #: Without ``sessionId``, the logs API reads this many of the agent's most recent session files.
 LOGS_RECENT_SESSIONS_MAX = 20
+#: Cluster mode: a session's newest lines kept in its Redis stream (exact ``MAXLEN``). Half
+#: of ``LOGS_LIMIT_MAX``: a 10-minute Pipecat call at INFO logs a few hundred to 2,000 lines,
+#: so a whole call fits; a chattier session keeps its tail. The agent host's file has them all.
+LOGSHIP_STREAM_MAXLEN = 5_000
+#: Cluster mode: one record in Redis, in bytes; a longer ``line`` is cut (with a note saying
+#: so). A Python traceback fits; with ``LOGSHIP_STREAM_MAXLEN`` it bounds one session's stream
+#: at 40 MiB, where the 64 KiB lines of ``LOG_LINE_MAX_CHARS`` would allow 320 MiB.
+LOGSHIP_RECORD_MAX_BYTES = 8 * 1024
+#: Cluster mode: a session's lines stay in Redis this long after its last line (the stream's
+#: TTL, refreshed as lines arrive). A day answers "what did yesterday's call say" from any
+#: gateway; the agent host's files keep ``[logs] retention_days``.
+LOGSHIP_RETENTION_S = 24 * 3600.0
+#: Cluster mode: sessions per agent whose lines Redis keeps; shipping a newer one deletes the
+#: oldest one's stream. Bounds Redis's memory whatever the session rate (about 1 GiB for a
+#: typical agent's 1,000 sessions; docs/scaling.md has the sums).
+LOGSHIP_SESSIONS_PER_AGENT_MAX = 1_000
+#: Cluster mode: how often an agent host reads its live sessions' files for new lines: the
+#: delay a follower (``catflap logs --follow`` polls every 0.5 s) sees, at one small read each.
+LOGSHIP_POLL_INTERVAL_S = 0.25
+#: Cluster mode: bytes of a file read (and shipped in one Redis call) at a time. Above the
+#: largest record the runtime writes (64 Ki characters, JSON-escaped), so a batch always holds
+#: a whole line, and small enough that one call never stalls Redis.
+LOGSHIP_BATCH_MAX_BYTES = 1024 * 1024
 #: How often the runtime samples its process's CPU and memory while a session runs, at first:
 #: Pipecat Cloud's ``resourceMetrics`` timeseries is per second too, and a /proc read costs
 #: microseconds.
@@ -493,6 +522,9 @@ PEER_INPUT_LIMITS: frozenset[str] = frozenset(
         "LINGERING_CLOSE_S",
         "LOGS_LIMIT_MAX",
         "LOGS_PAGE_MAX_BYTES",
+        "LOGSHIP_RECORD_MAX_BYTES",
+        "LOGSHIP_SESSIONS_PER_AGENT_MAX",
+        "LOGSHIP_STREAM_MAXLEN",
         "MAX_CONNECTIONS_DEFAULT",
         "METRICS_MAX_CONNECTIONS",
         "ORG_NAME_MAX_LEN",
@@ -554,6 +586,9 @@ OTHER_LIMITS: frozenset[str] = frozenset(
         "LIFECYCLE_STREAM_MAXLEN",
         "LOGS_LIMIT_DEFAULT",
         "LOGS_RECENT_SESSIONS_MAX",
+        "LOGSHIP_BATCH_MAX_BYTES",
+        "LOGSHIP_POLL_INTERVAL_S",
+        "LOGSHIP_RETENTION_S",
         "LOG_LINE_MAX_CHARS",
         "LOG_MAX_TOTAL_MB_DEFAULT",
         "LOG_PRUNE_INTERVAL_S",
