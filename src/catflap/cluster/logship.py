@@ -108,7 +108,8 @@ def fit_record(raw: bytes, max_bytes: int = limits.LOGSHIP_RECORD_MAX_BYTES) -> 
         excess = len(_dump({**record, "line": line + _CUT_NOTE})) - max_bytes
         if excess <= 0:
             break
-        line = line[: max(0, len(line) - excess)]  # a character is at least one byte
+        encoded = line.encode()
+        line = encoded[: max(0, len(encoded) - excess)].decode("utf-8", "ignore")
     fitted = _dump({**record, "line": line + _CUT_NOTE})
     return fitted if len(fitted) <= max_bytes else raw[:max_bytes]
 
