@@ -190,9 +190,7 @@ def page_of(total: int, records: Iterable[bytes], session_id: str, max_bytes: in
     return LogPage(total, [_entry(raw, session_id) for raw in _within(records, len, max_bytes)])
 
 
-def merge_recent(
-    pages: Iterable[LogPage], *, limit: int, offset: int, order: Order
-) -> LogPage:
+def merge_recent(pages: Iterable[LogPage], *, limit: int, offset: int, order: Order) -> LogPage:
     """Several sessions' pages (each of their first ``offset + limit`` lines in ``order``)
     merged by timestamp into one page: the answer without a session id, for every
     :class:`LogSource`."""
