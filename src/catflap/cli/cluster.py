@@ -141,7 +141,13 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
     liveness = GatewayLiveness(client, keys, store)
     overrides = Overrides(
         keyring=keyring,
-        pool=RedisPool(client, keys, cfg.agents(), liveness=liveness),
+        pool=RedisPool(
+            client,
+            keys,
+            cfg.agents(),
+            liveness=liveness,
+            ready_timeout=cfg.gateway.agent_ready_timeout,
+        ),
         store=store,
         replay=RedisReplayStore(client, keys),
         secrets=RedisSecretStore(client, keys),

@@ -2,15 +2,19 @@
 
 :class:`RedisPool` implements :class:`~catflap.pool.interface.SessionPool`. Its one Redis round
 trip per handshake is :data:`DISPATCH_LUA`, which prunes dead instances and expired
-reservations, then reserves a slot on the first instance with room, starting at a random
-offset so that load spreads across hosts. Lua runs atomically, so no two gateways can take
-the same slot.
+reservations, then reserves a slot on an instance drawn at random in proportion to its free
+slots, so that load spreads across hosts. Lua runs atomically, so no two gateways can take
+the same slot. With no free slot, the session asks the agent hosts for a start (a request in
+a Redis list that one host with room claims) and waits for an instance to register, woken by
+the ``ready`` channel, up to ``agent_ready_timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
 import logging
 import random
 import time
@@ -25,13 +29,16 @@ from catflap.cluster.keys import (
     HEARTBEAT_TTL_S,
     INSTANCE_PROBE_TIMEOUT_S,
     RESERVATION_TTL_S,
+    WAIT_POLL_S,
     Keys,
 )
 from catflap.cluster.liveness import GatewayLiveness
 from catflap.cluster.streams import StreamReader, append_event
 from catflap.config import AgentSpec
+from catflap.contract import limits
 from catflap.contract.errors import (
     AgentNotFound,
+    AgentNotReady,
     AtCapacity,
     RedisUnreachable,
     ServiceUnavailable,
@@ -44,37 +51,85 @@ __all__ = ["DISPATCH_LUA", "LOCATE_LUA", "ClusterLease", "RedisPool"]
 
 log = logging.getLogger("catflap.cluster")
 
-#: KEYS[1]: the agent's instance set. ARGV: prefix, now_ms, session_id, reservation expiry
-#: (ms), random offset, then instance ids to avoid (a retry after a failed connect).
-#: Returns {instance_id, address, live_count} or {false, false, live}.
+#: KEYS[1]: the agent's instance set, KEYS[2]: its hosts' room hash, KEYS[3]: its start
+#: request list. ARGV: prefix, now_ms, session_id, reservation expiry (ms), a random integer in
+#: [0, 2^30), max_agents, the start request to push if no slot is free ('' for none), the
+#: request this session pushed before ('' for none), then instance ids to avoid (a retry after
+#: a failed connect).
+#:
+#: Each ready instance weighs its free slots, and one is drawn at random in proportion (the
+#: capacity-weighted choice of LiveKit's dispatcher), so a burst spreads over hosts by their
+#: room. With no free slot: a session that already asked for a start keeps ``waiting``; else,
+#: if the hosts' room (spare starting instances, plus slots they may start within
+#: ``max_agents``) exceeds the unexpired requests, it pushes its request (``requested``); else
+#: ``full`` (429) when live plus starting instances reach ``max_agents``, or ``no_host`` (503).
+#: Returns {instance_id, address, live, 'ok'} or {false, false, live, outcome}.
 DISPATCH_LUA = """
+local now = tonumber(ARGV[2])
 local ids = redis.call('SMEMBERS', KEYS[1])
 local avoid = {}
-for i = 6, #ARGV do avoid[ARGV[i]] = true end
-local n = #ids
-local live = 0
-local chosen = nil
-for i = 0, n - 1 do
-  local id = ids[((i + tonumber(ARGV[5])) % n) + 1]
+for i = 9, #ARGV do avoid[ARGV[i]] = true end
+local live, total = 0, 0
+local cands, weights = {}, {}
+for _, id in ipairs(ids) do
   local ikey = ARGV[1] .. ':inst:' .. id
   if redis.call('EXISTS', ikey) == 0 then
     redis.call('SREM', KEYS[1], id)
   else
     live = live + 1
-    if chosen == nil and not avoid[id] and redis.call('HGET', ikey, 'state') == 'ready' then
+    if not avoid[id] and redis.call('HGET', ikey, 'state') == 'ready' then
       local rkey = ikey .. ':resv'
-      redis.call('ZREMRANGEBYSCORE', rkey, '-inf', ARGV[2])
-      local used = redis.call('SCARD', ikey .. ':active') + redis.call('ZCARD', rkey)
-      if used < tonumber(redis.call('HGET', ikey, 'capacity')) then
-        redis.call('ZADD', rkey, ARGV[4], ARGV[3])
-        redis.call('PEXPIREAT', rkey, ARGV[4])
-        chosen = {id, redis.call('HGET', ikey, 'address')}
+      redis.call('ZREMRANGEBYSCORE', rkey, '-inf', now)
+      local free = tonumber(redis.call('HGET', ikey, 'capacity') or '0')
+        - redis.call('SCARD', ikey .. ':active') - redis.call('ZCARD', rkey)
+      if free > 0 then
+        total = total + free
+        cands[#cands + 1] = id
+        weights[#weights + 1] = free
       end
     end
   end
 end
-if chosen then return {chosen[1], chosen[2], live} end
-return {false, false, live}
+if total > 0 then
+  local pick = tonumber(ARGV[5]) % total
+  for i, id in ipairs(cands) do
+    pick = pick - weights[i]
+    if pick < 0 then
+      local ikey = ARGV[1] .. ':inst:' .. id
+      redis.call('ZADD', ikey .. ':resv', ARGV[4], ARGV[3])
+      redis.call('PEXPIREAT', ikey .. ':resv', ARGV[4])
+      return {id, redis.call('HGET', ikey, 'address'), live, 'ok'}
+    end
+  end
+end
+if (ARGV[8] or '') ~= '' then return {false, false, live, 'waiting'} end
+if KEYS[2] == nil then return {false, false, live, 'no_host'} end
+local free, spare, starting = 0, 0, 0
+local hosts = redis.call('HGETALL', KEYS[2])
+for i = 1, #hosts, 2 do
+  local f, s, st, exp = string.match(hosts[i + 1], '^(%d+) (%d+) (%d+) (%d+)$')
+  if f == nil or tonumber(exp) < now then
+    redis.call('HDEL', KEYS[2], hosts[i])
+  else
+    free = free + tonumber(f)
+    spare = spare + tonumber(s)
+    starting = starting + tonumber(st)
+  end
+end
+local pending = 0
+for _, item in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
+  local exp = tonumber(string.match(item, '^(%d+) '))
+  if exp and exp > now then pending = pending + 1 end
+end
+local max_agents = tonumber(ARGV[6])
+local room = math.max(math.min(free, max_agents - live - starting), 0)
+if ARGV[7] ~= '' and spare + room - pending > 0 then
+  redis.call('RPUSH', KEYS[3], ARGV[7])
+  redis.call('PEXPIREAT', KEYS[3], string.match(ARGV[7], '^(%d+) '))
+  return {false, false, live, 'requested'}
+end
+if live + starting >= max_agents then return {false, false, live, 'full'} end
+return {false, false, live, 'no_host'}
 """
 
 #: KEYS[1]: the agent's instance set. ARGV: prefix, session_id, now_ms. Finds the instance that
@@ -121,6 +176,10 @@ class ClusterLease:
         return self.instance_id
 
 
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _unavailable(exc: Exception) -> RedisUnreachable:
     log.error("! Redis unreachable (%s); refusing new sessions until it is back", exc)
     return RedisUnreachable()
@@ -136,23 +195,33 @@ class RedisPool:
         agents: Iterable[AgentSpec],
         *,
         liveness: GatewayLiveness | None = None,
+        ready_timeout: float = limits.AGENT_READY_TIMEOUT_S,
+        rng: random.Random | None = None,
     ) -> None:
         """``liveness``: lists this gateway's sessions in Redis, so that a survivor finishes
-        their records should this gateway die."""
+        their records should this gateway die. ``ready_timeout``: how long a session waits
+        for a cold start (``[gateway] agent_ready_timeout``). ``rng``: the weighted choice's
+        randomness (tests seed it)."""
         self._redis = client
         self._liveness = liveness
         self._keys = keys
         self._agents = {agent.key: agent for agent in agents}
+        self._ready_timeout = ready_timeout
+        self._rng = rng or random.Random()
         self._dispatch = client.register_script(DISPATCH_LUA)
         self._locate = client.register_script(LOCATE_LUA)
         self._leases: dict[str, ClusterLease] = {}
         #: Consecutive checks that found an instance (by id) missing from Redis and unreachable.
         self._missing: dict[str, int] = {}
+        #: Sessions waiting for a cold start, per agent, oldest first: a ``ready`` message
+        #: wakes as many as the new instance has slots.
+        self._waiters: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self._tasks = TaskSet("cluster dispatch")
 
     def start(self) -> None:
         self._tasks.spawn(self._listen_for_endings(), name="ended events")
         self._tasks.spawn(self._watch_instances(), name="instance watch")
+        self._tasks.spawn(self._listen_for_ready(), name="ready subscription")
 
     async def close(self) -> None:
         await self._tasks.aclose()
@@ -164,25 +233,38 @@ class RedisPool:
             raise AgentNotFound(f"no agent {agent_key!r}") from None
 
     async def _run_dispatch(
-        self, agent_key: str, session_id: str, avoid: frozenset[str]
-    ) -> tuple[Any, Any, int]:
+        self,
+        agent: AgentSpec,
+        session_id: str,
+        avoid: frozenset[str],
+        *,
+        request: str = "",
+        pushed: str = "",
+    ) -> tuple[Any, Any, int, str]:
         now_ms = int(time.time() * 1000)
         try:
             result = await self._dispatch(
-                keys=[self._keys.agent_instances(agent_key)],
+                keys=[
+                    self._keys.agent_instances(agent.key),
+                    self._keys.agent_hosts(agent.key),
+                    self._keys.start_requests(agent.key),
+                ],
                 args=[
                     self._keys.prefix,
                     now_ms,
                     session_id,
                     now_ms + int(RESERVATION_TTL_S * 1000),
-                    random.randrange(1 << 30),
+                    self._rng.randrange(1 << 30),
+                    agent.config.scaling.max_agents,
+                    request,
+                    pushed,
                     *sorted(avoid),
                 ],
             )
         except (RedisError, OSError) as exc:
             raise _unavailable(exc) from None
-        instance_id, address, live = result
-        return instance_id, address, int(live)
+        instance_id, address, live, outcome = result
+        return instance_id, address, int(live), _text(outcome)
 
     async def at_capacity(self, agent_key: str) -> bool:
         """True when every registered instance is full and there are ``max_agents`` of them."""
@@ -209,34 +291,109 @@ class RedisPool:
     async def acquire(
         self, agent_key: str, session_id: str, *, avoid: frozenset[str] = frozenset()
     ) -> SessionLease:
-        """Reserve a slot anywhere in the cluster.
+        """Reserve a slot anywhere in the cluster; with none free, ask the agent hosts for a
+        start and wait for it, up to ``ready_timeout`` (cancellation, when the client leaves,
+        withdraws the request).
 
         Raises:
-            AtCapacity: 429, the agent has ``max_agents`` live instances and all are full.
-            ServiceUnavailable: 503, no instance has room yet (hosts are starting more), or
-                Redis is unreachable.
+            AtCapacity: 429, the agent's live and starting instances reach ``max_agents`` and
+                none has a free slot.
+            AgentNotReady: 503, no instance became free within ``ready_timeout``.
+            ServiceUnavailable: 503, no agent host has room to start one, or Redis is
+                unreachable.
         """
         agent = self._agent(agent_key)
-        instance_id, address, live = await self._run_dispatch(agent_key, session_id, avoid)
-        if not instance_id:
-            if live >= agent.config.scaling.max_agents:
-                raise AtCapacity(
-                    f"agent {agent_key} is at max_agents={agent.config.scaling.max_agents} "
-                    "across the cluster and every instance is busy; retry shortly"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ready_timeout
+        request = f"{int((time.time() + self._ready_timeout) * 1000)} {session_id}"
+        pushed = ""
+        try:
+            while True:
+                instance_id, address, live, outcome = await self._run_dispatch(
+                    agent, session_id, avoid, request=request, pushed=pushed
                 )
-            raise ServiceUnavailable(
-                f"no idle instance of {agent_key} right now ({live} registered); "
-                "agent hosts are starting more, retry shortly"
-            )
+                if instance_id:
+                    break
+                if outcome == "requested":
+                    pushed = request
+                    log.info("= %s: no free slot; asked the agent hosts to start one", agent.key)
+                elif outcome == "full":
+                    raise AtCapacity(
+                        f"agent {agent_key} is at max_agents={agent.config.scaling.max_agents} "
+                        "across the cluster and every instance is busy; retry shortly"
+                    )
+                elif outcome != "waiting":
+                    raise ServiceUnavailable(
+                        f"no idle instance of {agent_key} and no agent host with a free slot "
+                        f"({live} registered); retry shortly, or add agent hosts"
+                    )
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise AgentNotReady(
+                        f"no instance of {agent_key} became free within "
+                        f"{self._ready_timeout:g} s (agent_ready_timeout); retry shortly"
+                    )
+                await self._wait_for_instance(
+                    agent.key, min(remaining, WAIT_POLL_S * (0.5 + self._rng.random()))
+                )
+        finally:
+            if pushed:
+                self._tasks.spawn(
+                    self._withdraw(agent.key, pushed), name=f"withdraw {session_id}"
+                )
         lease = ClusterLease(
             session_id=session_id,
-            instance_id=instance_id.decode() if isinstance(instance_id, bytes) else instance_id,
-            instance_address=address.decode() if isinstance(address, bytes) else address,
+            instance_id=_text(instance_id),
+            instance_address=_text(address),
+            cold_start=bool(pushed),
         )
         self._leases[session_id] = lease
         if self._liveness is not None:
             self._liveness.opened(session_id, lease.instance_id)
         return lease
+
+    async def _wait_for_instance(self, agent_key: str, within: float) -> None:
+        """Until a ``ready`` message wakes this waiter, or ``within`` seconds."""
+        waiter = asyncio.get_running_loop().create_future()
+        queue = self._waiters.setdefault(agent_key, collections.deque())
+        queue.append(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, within)
+        finally:
+            with contextlib.suppress(ValueError):
+                queue.remove(waiter)
+
+    def _wake(self, agent_key: str, count: int) -> None:
+        queue = self._waiters.get(agent_key)
+        while queue and count > 0:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
+
+    async def _withdraw(self, agent_key: str, request: str) -> None:
+        """Take back a start request that no host claimed yet (served, gave up, or left)."""
+        with contextlib.suppress(RedisError, OSError):  # else it expires by itself
+            await self._redis.lrem(self._keys.start_requests(agent_key), 1, request)
+
+    async def _listen_for_ready(self) -> None:
+        """Follow the ``ready`` channel and wake waiting sessions; reconnect with backoff."""
+        delay = 0.1
+        while True:
+            try:
+                async with self._redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self._keys.ready_channel)
+                    delay = 0.1
+                    async for message in pubsub.listen():
+                        if message.get("type") != "message":
+                            continue
+                        data = json.loads(message["data"])
+                        self._wake(str(data["agent"]), max(int(data["capacity"]), 1))
+            except (RedisError, OSError) as exc:
+                log.warning("! lost the ready subscription (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def cancel(self, lease: SessionLease) -> None:
         """Give the reservation back (the session never reached ``bot()``)."""

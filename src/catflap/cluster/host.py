@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import secrets
 import time
@@ -37,7 +38,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from catflap.cluster.keys import HEARTBEAT_TTL_S, Keys
+from catflap.cluster.keys import HEARTBEAT_TTL_S, HOST_ROOM_TTL_S, START_POLL_S, Keys
 from catflap.cluster.logship import LogShipper
 from catflap.cluster.streams import StreamReader, append_event
 from catflap.config import AgentSpec
@@ -47,7 +48,7 @@ from catflap.pool.launcher import Launcher
 from catflap.pool.pool import AgentPool
 from catflap.tasks import TaskSet
 
-__all__ = ["REGISTER_LUA", "AgentHost"]
+__all__ = ["CLAIM_LUA", "REGISTER_LUA", "AgentHost"]
 
 log = logging.getLogger("catflap.cluster")
 
@@ -69,6 +70,35 @@ redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('SADD', KEYS[1], ARGV[1])
 return 1
 """
+
+#: KEYS[1]: the agent's hosts' room hash, KEYS[2]: its start request list. ARGV: host id,
+#: now_ms, free, spare, starting (see :meth:`Keys.agent_hosts`), the entry's expiry (ms).
+#: With room, pops start requests until an unexpired one (expired ones are dropped: their
+#: session gave up) and counts it against the room before writing the entry, all atomically,
+#: so two hosts never serve one request and gateways never see room already promised.
+#: Returns the claimed request, or false.
+CLAIM_LUA = """
+local free, spare, starting = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local claimed = false
+if free + spare > 0 then
+  while true do
+    local item = redis.call('LPOP', KEYS[2])
+    if not item then break end
+    local exp = tonumber(string.match(item, '^(%d+) '))
+    if exp and exp > tonumber(ARGV[2]) then claimed = item break end
+  end
+  if claimed then
+    if spare > 0 then spare = spare - 1 else free = free - 1 starting = starting + 1 end
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], free .. ' ' .. spare .. ' ' .. starting .. ' ' .. ARGV[6])
+return claimed
+"""
+
+#: Seconds a host that the cluster refused at ``max_agents`` starts no more than it has
+#: registered: long enough not to loop start -> refused -> start, short enough to take room
+#: freed elsewhere in the cluster.
+CAPPED_S = 30.0
 
 Op = Callable[[], Awaitable[Any]]
 
@@ -103,9 +133,23 @@ class AgentHost:
         local_agent = AgentSpec(
             agent.service_host, agent.config.model_copy(update={"scaling": scaling})
         )
-        self.pool = AgentPool(local_agent, launcher, ready_timeout=ready_timeout, observer=self)
+        self._warm = min(warm, slots)
+        self.pool = AgentPool(
+            local_agent,
+            launcher,
+            ready_timeout=ready_timeout,
+            observer=self,
+            warm=self._warm_target,
+        )
         self._launcher = launcher
         self._register = client.register_script(REGISTER_LUA)
+        self._claim = client.register_script(CLAIM_LUA)
+        #: Starting instances promised to waiting sessions (claimed start requests); never
+        #: more than the instances starting.
+        self._assigned = 0
+        #: Until when (monotonic) this host starts no more instances than it has registered:
+        #: the cluster refused one at ``max_agents``, and retrying at once would loop.
+        self._capped_until = 0.0
         self._ops: asyncio.Queue[Op] = asyncio.Queue()
         self._tasks = TaskSet("agent host")
         self._registered: set[str] = set()
@@ -127,6 +171,7 @@ class AgentHost:
         self._tasks.spawn(self._apply_ops(), name="redis updates")
         self._tasks.spawn(self._heartbeat(), name="heartbeat")
         self._tasks.spawn(self._listen_for_stops(), name="stop requests")
+        self._tasks.spawn(self._offer_room(), name="start requests")
         self.pool.start()
 
     async def close(
@@ -164,6 +209,8 @@ class AgentHost:
         if self._log_shipper is not None:
             await self._log_shipper.close()
         await self._tasks.aclose()
+        with contextlib.suppress(RedisError, OSError):  # else it expires by itself
+            await self._redis.hdel(self._keys.agent_hosts(self.agent.key), self.host_id)
 
     # --- PoolObserver -------------------------------------------------------------------------
 
@@ -195,7 +242,7 @@ class AgentHost:
         self._ops.put_nowait(started)
         if self._log_shipper is not None:
             self._log_shipper.session_started(session_id)
-        self._grow_if_full()
+        self.pool.supervisor.replenish()  # the warm target follows the busy instances
 
     def session_ended(self, instance: Instance, session_id: str, end: SessionEnd) -> None:
         if self._log_shipper is not None:  # its last lines before the end: see logship
@@ -226,12 +273,83 @@ class AgentHost:
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _grow_if_full(self) -> None:
-        """Keep one idle instance spare while under ``--slots`` (PCC's auto-scaling buffer)."""
+    def _limit(self) -> int:
+        """Instances this host may run now: ``--slots``, or what it has registered while the
+        cluster is at ``max_agents``."""
+        if time.monotonic() < self._capped_until:
+            return min(self._slots, len(self._registered))
+        return self._slots
+
+    def _warm_target(self) -> int:
+        """Instances to keep running: the busy ones, those promised to waiting sessions, and
+        ``--warm`` idle ones on top (at least one once any is busy: PCC's buffer), within
+        :meth:`_limit`. The supervisor starts up to it and reaps idle ones above it."""
+        if self._draining:
+            return 0
         live = self.pool.live()
-        idle = [i for i in live if i.free_slots > 0]
-        if not idle and len(live) < self._slots:
+        busy = sum(1 for i in live if i.state is InstanceState.READY and i.free_slots <= 0)
+        spare = max(self._warm, 1) if busy else self._warm
+        return min(self._limit(), busy + self._assigned + spare)
+
+    def _room(self) -> tuple[int, int, int]:
+        """(slots it may still start, starting instances not promised to anyone, starting
+        instances): what this host offers for cold starts."""
+        live = self.pool.live()
+        starting = sum(1 for i in live if i.state is InstanceState.STARTING)
+        self._assigned = min(self._assigned, starting)
+        if self._draining:
+            return 0, 0, starting
+        can_start = self.pool.slots.readiness(self.pool.supervisor.backoff).can_start
+        free = max(0, self._limit() - len(live)) if can_start else 0
+        return free, starting - self._assigned, starting
+
+    async def _offer_room(self) -> None:
+        """Every :data:`START_POLL_S`, publish this host's room and claim one start request
+        while there is room; a claimed request is served at once and the next one tried."""
+        while True:
+            free, spare, starting = self._room()
+            now_ms = int(time.time() * 1000)
+            try:
+                claimed = await self._claim(
+                    keys=[
+                        self._keys.agent_hosts(self.agent.key),
+                        self._keys.start_requests(self.agent.key),
+                    ],
+                    args=[
+                        self.host_id,
+                        now_ms,
+                        free,
+                        spare,
+                        starting,
+                        now_ms + int(HOST_ROOM_TTL_S * 1000),
+                    ],
+                )
+            except (RedisError, OSError) as exc:
+                log.debug("! could not offer room for starts (%s)", exc)
+                claimed = None
+            if claimed:
+                await self._start_for(claimed.decode() if isinstance(claimed, bytes) else claimed)
+                continue
+            await asyncio.sleep(START_POLL_S)
+
+    async def _start_for(self, request: str) -> None:
+        """Serve a claimed start request: promise a starting spare, or start an instance."""
+        free, spare, _ = self._room()
+        if spare > 0:
+            self._assigned += 1
+            self.pool.supervisor.replenish()  # keep --warm idle on top of the promised one
+            return
+        before = len(self.pool.live())
+        if free > 0:
             self.pool.spawn_one()
+        if len(self.pool.live()) > before:
+            self._assigned += 1
+            log.info("= %s: starting an instance for a waiting session", self.agent.key)
+            self.pool.supervisor.replenish()
+            return
+        # Room went between the claim and now: hand the request to another host.
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.lpush(self._keys.start_requests(self.agent.key), request)
 
     async def _register_instance(self, instance: Instance) -> None:
         if instance.state is not InstanceState.READY or instance.address is None:
@@ -257,6 +375,12 @@ class AgentHost:
         )
         if ok:
             self._registered.add(iid)
+            if not self._draining and instance.free_slots > 0:
+                # Wakes sessions waiting for a cold start on any gateway.
+                await self._redis.publish(
+                    self._keys.ready_channel,
+                    json.dumps({"agent": self.agent.key, "capacity": instance.free_slots}),
+                )
             if running:
                 # Redis may have lost the instance (it restarted): its running sessions must
                 # hold their slots again, or a busy instance would take a second session.
@@ -269,6 +393,7 @@ class AgentHost:
             log.warning(
                 "! %s is at max_agents across the cluster; stopping %s", self.agent.key, iid
             )
+            self._capped_until = time.monotonic() + CAPPED_S
             self.pool.stop_instance(instance)
 
     async def _apply_ops(self) -> None:

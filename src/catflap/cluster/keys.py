@@ -8,8 +8,11 @@ __all__ = [
     "GATEWAY_TTL_S",
     "HEARTBEAT_TTL_S",
     "INSTANCE_PROBE_TIMEOUT_S",
+    "HOST_ROOM_TTL_S",
     "RESERVATION_TTL_S",
     "SESSION_RETENTION_S",
+    "START_POLL_S",
+    "WAIT_POLL_S",
     "Keys",
 ]
 
@@ -30,6 +33,15 @@ GATEWAY_TTL_S = 5.0
 #: upstream handshake bound (10 s) with margin; a gateway that dies mid-handshake frees its
 #: reservations after this.
 RESERVATION_TTL_S = 15.0
+#: How often an agent host with room looks for start requests (and refreshes its room entry):
+#: it bounds how long a cold start waits before a host picks it up.
+START_POLL_S = 0.1
+#: A host's room entry counts this long after its last refresh (ten refreshes): a dead host's
+#: slots stop drawing start requests within a second.
+HOST_ROOM_TTL_S = 1.0
+#: A session waiting for a cold start re-runs dispatch at least this often (jittered), in case
+#: the ``ready`` message that should wake it was lost or a slot freed on a running instance.
+WAIT_POLL_S = 0.5
 #: Session records kept in Redis (when no PostgreSQL is configured): one week.
 SESSION_RETENTION_S = 7 * 24 * 3600
 
@@ -55,6 +67,19 @@ class Keys:
     def agent_instances(self, agent_key: str) -> str:
         """Set of the agent's registered instance ids (pruned when their hash is gone)."""
         return f"{self.prefix}:agent:{agent_key}:instances"
+
+    def agent_hosts(self, agent_key: str) -> str:
+        """Hash: host id -> ``"free spare starting expiry_ms"``, each host's room for cold
+        starts (slots it may still start, its starting instances not yet promised to a waiting
+        session, all its starting instances). Refreshed every :data:`START_POLL_S`; an entry
+        past its expiry is ignored and removed."""
+        return f"{self.prefix}:agent:{agent_key}:hosts"
+
+    def start_requests(self, agent_key: str) -> str:
+        """List of ``"expiry_ms session_id"``: sessions waiting for an instance to be started.
+        Gateways push, a host with room pops one atomically and starts an instance; a waiting
+        session that is served, gives up or leaves removes its own."""
+        return f"{self.prefix}:agent:{agent_key}:starts"
 
     def jti(self, jti: str) -> str:
         """A spent token id; expires at the token's ``exp``."""
@@ -111,6 +136,12 @@ class Keys:
         """Stream of ``{"session_id"}`` stop requests; the host holding the session stops it.
         About ``LIFECYCLE_STREAM_MAXLEN`` entries (:mod:`catflap.cluster.streams`)."""
         return f"{self.prefix}:stop"
+
+    @property
+    def ready_channel(self) -> str:
+        """Pub/sub: ``{"agent", "capacity"}`` when an instance registered; wakes that many
+        sessions waiting for a cold start of that agent."""
+        return f"{self.prefix}:ready"
 
     @property
     def ended_stream(self) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from catflap.config import AgentSpec, ScalingConfig
 from catflap.contract import limits
@@ -43,7 +43,10 @@ class AgentPool:
         ping_interval: float = limits.AGENT_PING_INTERVAL_S,
         ping_timeout: float = limits.AGENT_PING_TIMEOUT_S,
         observer: PoolObserver | None = None,
+        warm: Callable[[], int] | None = None,
     ) -> None:
+        """``warm``: how many instances to keep running; default ``min_agents`` (an agent host
+        passes its own figure, which follows its busy instances)."""
         self.agent = agent
         #: Set by an agent host when the cluster refused an instance (cluster max_agents).
         self._ready_timeout = ready_timeout
@@ -56,7 +59,7 @@ class AgentPool:
             timing=Timing(
                 ready_timeout=ready_timeout, ping_interval=ping_interval, ping_timeout=ping_timeout
             ),
-            warm=lambda: self.min_agents,
+            warm=warm or (lambda: self.min_agents),
             clock=clock,
             sleep=sleep,
             observer=observer,
