@@ -166,8 +166,7 @@ async def cluster(
     prefix = f"cftest-{uuid.uuid4().hex[:8]}"
     config = workdir / "catflap.toml"
     text = (
-        settings
-        + 'state_dir = "state"\n'
+        settings + 'state_dir = "state"\n'
         '[organizations.my-org]\npublic_keys = ["pk_test"]\nprivate_keys = ["sk_test"]\n'
         + org_settings
         + f'[organizations.my-org.agents.echo]\npath = "{bot}"\n'

@@ -338,9 +338,7 @@ class RedisPool:
                 )
         finally:
             if pushed:
-                self._tasks.spawn(
-                    self._withdraw(agent.key, pushed), name=f"withdraw {session_id}"
-                )
+                self._tasks.spawn(self._withdraw(agent.key, pushed), name=f"withdraw {session_id}")
         lease = ClusterLease(
             session_id=session_id,
             instance_id=_text(instance_id),
