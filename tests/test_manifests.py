@@ -549,12 +549,16 @@ def test_probe_drain_stops_dispatch_to_this_pod_and_waits_for_its_sessions(
     # catflap's own dispatch script no longer picks the draining instance.
     dispatch = client.register_script(DISPATCH_LUA)
     now_ms = int(time.time() * 1000)
-    for offset in range(4):  # whatever the random start offset, other-1 is chosen
-        chosen, _, live = dispatch(
-            keys=[keys.agent_instances(agent)],
-            args=[keys.prefix, now_ms, str(uuid.uuid4()), now_ms + 15_000, offset],
+    for draw in range(4):  # whatever the random draw, other-1 is chosen
+        chosen, _, live, outcome = dispatch(
+            keys=[
+                keys.agent_instances(agent),
+                keys.agent_hosts(agent),
+                keys.start_requests(agent),
+            ],
+            args=[keys.prefix, now_ms, str(uuid.uuid4()), now_ms + 15_000, draw, 50, "", ""],
         )
-        assert chosen == b"other-1" and live == 2
+        assert chosen == b"other-1" and live == 2 and outcome == b"ok"
         client.delete(keys.reserved("other-1"))
 
     # Once the session is gone, the drain returns promptly.

@@ -62,7 +62,8 @@ log = logging.getLogger("catflap.cluster")
 #: room. With no free slot: a session that already asked for a start keeps ``waiting``; else,
 #: if the hosts' room (spare starting instances, plus slots they may start within
 #: ``max_agents``) exceeds the unexpired requests, it pushes its request (``requested``); else
-#: ``full`` (429) when live plus starting instances reach ``max_agents``, or ``no_host`` (503).
+#: ``full`` (429) when live and starting instances, and the requests that will need new ones,
+#: reach ``max_agents``; else ``no_host`` (503): the hosts are full.
 #: Returns {instance_id, address, live, 'ok'} or {false, false, live, outcome}.
 DISPATCH_LUA = """
 local now = tonumber(ARGV[2])
@@ -128,7 +129,10 @@ if ARGV[7] ~= '' and spare + room - pending > 0 then
   redis.call('PEXPIREAT', KEYS[3], string.match(ARGV[7], '^(%d+) '))
   return {false, false, live, 'requested'}
 end
-if live + starting >= max_agents then return {false, false, live, 'full'} end
+-- Requests that spare starting instances do not cover will each need a new instance.
+if live + starting + math.max(pending - spare, 0) >= max_agents then
+  return {false, false, live, 'full'}
+end
 return {false, false, live, 'no_host'}
 """
 

@@ -1,0 +1,266 @@
+"""The gateway's cluster dispatch (``RedisPool`` and ``DISPATCH_LUA``) on the real Redis.
+
+Instances and hosts' room entries are written in Redis's layout (``catflap.cluster.keys``) by
+the test, standing in for agent hosts; everything the gateway does runs for real. The agent
+hosts' side runs as real processes in ``tests/test_cluster_coldstart.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from catflap.cluster.dispatch import ClusterLease, RedisPool
+from catflap.cluster.keys import WAIT_POLL_S, Keys
+from catflap.config import AgentSpec
+from catflap.config.models import AgentConfig, ScalingConfig
+from catflap.contract.errors import AgentNotReady, AtCapacity, ServiceUnavailable
+from catflap.contract.names import parse_service_host
+
+from .conftest import seconds
+
+REDIS_URL = os.environ.get("CATFLAP_TEST_REDIS", "redis://127.0.0.1:6379/0")
+AGENT = "echo.my-org"
+
+
+def agent_spec(max_agents: int = 50) -> AgentSpec:
+    config = AgentConfig(path=Path("/nonexistent"), scaling=ScalingConfig(max_agents=max_agents))
+    return AgentSpec(parse_service_host(AGENT), config)
+
+
+class Fixture:
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+
+    async def instance(self, iid: str, capacity: int = 1, *, used: int = 0) -> None:
+        await self.client.hset(
+            self.keys.instance(iid),
+            mapping={
+                "agent": AGENT,
+                "address": f"tcp:127.0.0.1:{40000 + len(iid)}",
+                "capacity": capacity,
+                "state": "ready",
+            },
+        )
+        await self.client.pexpire(self.keys.instance(iid), 60_000)
+        for n in range(used):
+            await self.client.sadd(self.keys.active(iid), f"busy-{iid}-{n}")
+        await self.client.sadd(self.keys.agent_instances(AGENT), iid)
+
+    async def host_room(self, host: str, free: int, spare: int = 0, starting: int = 0) -> None:
+        expiry = int(time.time() * 1000) + 60_000
+        await self.client.hset(
+            self.keys.agent_hosts(AGENT), host, f"{free} {spare} {starting} {expiry}"
+        )
+
+    async def requests(self) -> list[str]:
+        raw = await self.client.lrange(self.keys.start_requests(AGENT), 0, -1)
+        return [r.decode() for r in raw]
+
+    async def reserved(self) -> int:
+        total = 0
+        async for key in self.client.scan_iter(f"{self.keys.prefix}:inst:*:resv"):
+            total += int(await self.client.zcard(key))
+        return total
+
+
+@pytest.fixture
+async def redis_fixture() -> AsyncIterator[Fixture]:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except (redis.ConnectionError, OSError):
+        await client.aclose()
+        pytest.skip(f"no Redis at {REDIS_URL}")
+    keys = Keys(f"cfdisp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield Fixture(client, keys)
+    finally:
+        leftovers = [k async for k in client.scan_iter(f"{keys.prefix}:*")]
+        if leftovers:
+            await client.delete(*leftovers)
+        await client.aclose()
+
+
+def _pool(fx: Fixture, *, ready_timeout: float = 30.0, max_agents: int = 50) -> RedisPool:
+    return RedisPool(
+        fx.client,
+        fx.keys,
+        [agent_spec(max_agents)],
+        ready_timeout=ready_timeout,
+        rng=random.Random(1234),
+    )
+
+
+async def test_the_choice_is_weighted_by_free_slots(redis_fixture: Fixture) -> None:
+    fx = redis_fixture
+    # Free slots 1, 3 and 6 (one instance half used): expected shares 1/10, 3/10, 6/10.
+    await fx.instance("a-1", capacity=1)
+    await fx.instance("b-1", capacity=3)
+    await fx.instance("c-1", capacity=8, used=2)
+    pool = _pool(fx)
+    picks: Counter[str] = Counter()
+    n = 3000
+    for i in range(n):
+        lease = await pool.acquire(AGENT, f"s{i}")
+        assert isinstance(lease, ClusterLease)
+        picks[lease.instance_id] += 1
+        pool.cancel(lease)
+        # Gone before the next draw, so the free slots stay 1, 3 and 6.
+        await fx.client.zrem(fx.keys.reserved(lease.instance_id), lease.session_id)
+    await pool.close()
+    assert sum(picks.values()) == n
+    for iid, share in (("a-1", 0.1), ("b-1", 0.3), ("c-1", 0.6)):
+        # Within 5 standard deviations of the binomial (the seed fixes the draws anyway).
+        margin = 5 * math.sqrt(n * share * (1 - share))
+        assert abs(picks[iid] - n * share) < margin, (iid, picks)
+    assert await fx.reserved() == 0
+
+
+async def test_a_full_instance_is_never_chosen(redis_fixture: Fixture) -> None:
+    fx = redis_fixture
+    await fx.instance("full-1", capacity=2, used=2)
+    await fx.instance("free-1", capacity=1)
+    pool = _pool(fx)
+    for i in range(20):
+        lease = await pool.acquire(AGENT, f"s{i}")
+        assert isinstance(lease, ClusterLease) and lease.instance_id == "free-1"
+        assert not lease.cold_start
+        pool.cancel(lease)
+        await asyncio.sleep(0)
+    await pool.close()
+
+
+async def test_no_free_slot_asks_for_a_start_and_an_instance_that_registers_serves_it(
+    redis_fixture: Fixture,
+) -> None:
+    fx = redis_fixture
+    await fx.instance("busy-1", capacity=1, used=1)
+    await fx.host_room("h1", free=1)
+    pool = _pool(fx)
+    pool.start()
+    waiting = asyncio.ensure_future(pool.acquire(AGENT, "cold"))
+    async with asyncio.timeout(seconds(5)):
+        while not await fx.requests():
+            await asyncio.sleep(0.01)
+    (request,) = await fx.requests()
+    expiry, session_id = request.split(" ")
+    assert session_id == "cold"
+    assert int(expiry) > (time.time() + 25) * 1000  # ready_timeout ahead
+    assert not waiting.done()
+    # A host starts the instance: it registers and announces it on the ready channel.
+    await asyncio.sleep(0.2)  # the subscription is up
+    await fx.instance("new-1", capacity=1)
+    announced = time.monotonic()
+    await fx.client.publish(fx.keys.ready_channel, json.dumps({"agent": AGENT, "capacity": 1}))
+    lease = await asyncio.wait_for(waiting, seconds(5))
+    assert time.monotonic() - announced < WAIT_POLL_S / 2  # woken, not polled
+    assert isinstance(lease, ClusterLease)
+    assert lease.instance_id == "new-1" and lease.cold_start
+    await asyncio.sleep(0.1)
+    assert await fx.requests() == []  # withdrawn (here nobody claimed it)
+    await pool.close()
+
+
+async def test_a_waiting_session_that_leaves_withdraws_its_request_and_holds_nothing(
+    redis_fixture: Fixture,
+) -> None:
+    fx = redis_fixture
+    await fx.instance("busy-1", capacity=1, used=1)
+    await fx.host_room("h1", free=2)
+    pool = _pool(fx)
+    pool.start()
+    waiting = asyncio.ensure_future(pool.acquire(AGENT, "leaver"))
+    async with asyncio.timeout(seconds(5)):
+        while not await fx.requests():
+            await asyncio.sleep(0.01)
+    waiting.cancel()  # what admission does when the client goes
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    async with asyncio.timeout(seconds(5)):
+        while await fx.requests():
+            await asyncio.sleep(0.01)
+    assert await fx.reserved() == 0
+    await pool.close()
+
+
+async def test_a_start_that_never_comes_gives_503_at_the_ready_timeout(
+    redis_fixture: Fixture,
+) -> None:
+    fx = redis_fixture
+    await fx.host_room("h1", free=1)
+    pool = _pool(fx, ready_timeout=0.6)
+    started = time.monotonic()
+    with pytest.raises(AgentNotReady) as refused:
+        await pool.acquire(AGENT, "late")
+    waited = time.monotonic() - started
+    assert 0.6 <= waited < 0.6 + seconds(1)
+    assert refused.value.status == 503
+    assert "within 0.6 s (agent_ready_timeout)" in refused.value.message
+    await asyncio.sleep(0.1)
+    assert await fx.requests() == []
+    await pool.close()
+
+
+async def test_requests_stop_at_the_hosts_room_then_503_or_429(redis_fixture: Fixture) -> None:
+    fx = redis_fixture
+    await fx.instance("busy-1", capacity=1, used=1)
+    await fx.host_room("h1", free=1, spare=1, starting=1)
+    pool = _pool(fx, max_agents=10)
+    first = asyncio.ensure_future(pool.acquire(AGENT, "one"))
+    second = asyncio.ensure_future(pool.acquire(AGENT, "two"))
+    async with asyncio.timeout(seconds(5)):
+        while len(await fx.requests()) < 2:
+            await asyncio.sleep(0.01)
+    # Room for two (a spare starting, one slot): a third finds no host with room.
+    with pytest.raises(ServiceUnavailable) as no_host:
+        await pool.acquire(AGENT, "three")
+    assert type(no_host.value) is ServiceUnavailable
+    assert "no agent host with a free slot" in no_host.value.message
+    first.cancel()
+    second.cancel()
+    await asyncio.gather(first, second, return_exceptions=True)
+    await pool.close()
+
+
+async def test_live_and_starting_instances_at_max_agents_give_429(redis_fixture: Fixture) -> None:
+    fx = redis_fixture
+    await fx.instance("busy-1", capacity=1, used=1)
+    await fx.host_room("h1", free=5, spare=0, starting=1)
+    pool = _pool(fx, max_agents=3)
+    waiting = asyncio.ensure_future(pool.acquire(AGENT, "fits"))  # the third instance
+    async with asyncio.timeout(seconds(5)):
+        while not await fx.requests():
+            await asyncio.sleep(0.01)
+    with pytest.raises(AtCapacity) as refused:
+        await pool.acquire(AGENT, "past-max")
+    assert refused.value.status == 429
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    await pool.close()
+
+
+async def test_an_expired_host_entry_offers_no_room(redis_fixture: Fixture) -> None:
+    fx = redis_fixture
+    await fx.instance("busy-1", capacity=1, used=1)
+    gone = int(time.time() * 1000) - 1
+    await fx.client.hset(fx.keys.agent_hosts(AGENT), "dead", f"4 0 0 {gone}")
+    pool = _pool(fx)
+    with pytest.raises(ServiceUnavailable):
+        await pool.acquire(AGENT, "nobody")
+    assert not await fx.client.hexists(fx.keys.agent_hosts(AGENT), "dead")  # pruned
+    assert await fx.requests() == []
+    await pool.close()
