@@ -155,13 +155,16 @@ async def cluster(
     host_redis_url: str | None = None,
     settings: str = "",
     own_dirs: bool = False,
+    warm: int | None = None,
 ) -> AsyncIterator[Cluster]:
     """``org_settings``: more lines for ``[organizations.my-org]`` (e.g. its Daily API key);
     ``host_redis_url``: the agent hosts' ``--redis`` (a proxy), when not ``redis_url``;
-    ``settings``: top-level lines of the config file (e.g. ``database_url``).
+    ``settings``: top-level lines of the config file (e.g. ``database_url``);
+    ``warm``: each host's ``--warm`` (default: ``slots``).
     ``own_dirs``: every process gets a folder of its own (its working directory, config file,
     state_dir and logs), so none shares a file with another; else they share one config
     file and its ``logs`` folder."""
+    warm = slots if warm is None else warm
     workdir = Path(tempfile.mkdtemp(prefix="cfcl"))
     prefix = f"cftest-{uuid.uuid4().hex[:8]}"
     config = workdir / "catflap.toml"
@@ -211,7 +214,7 @@ async def cluster(
                         "--slots",
                         str(slots),
                         "--warm",
-                        str(slots),
+                        str(warm),
                     ],
                     None,
                     cwd=cwd,
@@ -226,7 +229,7 @@ async def cluster(
                 cwd=cwd,
             )
             running.gateways.append((proc, port))
-        want = min(hosts * slots, max_agents)
+        want = min(hosts * warm, max_agents)
         async with asyncio.timeout(seconds(60)):
             while running.registered() < want:
                 await asyncio.sleep(0.1)
