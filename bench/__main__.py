@@ -50,10 +50,14 @@ SCENARIOS: dict[str, tuple[Callable[[scenarios.Settings], dict[str, Any]], str]]
     ),
     "sweep": (scenarios.sweep, "latency vs sessions (100..1,000), catflap vs nginx, PNG"),
     "hostile": (scenarios.hostile, "200 telephony sessions via catflap, quiet vs 50 attackers"),
+    "dispatch": (
+        scenarios.dispatch,
+        "500 session starts in 5 s, 2 gateways x 3 agent hosts on Redis: p50/p99, spread",
+    ),
 }
 
 #: Scenarios that run catflap only.
-NO_NGINX = {"hostile", "instance-memory"}
+NO_NGINX = {"hostile", "instance-memory", "dispatch"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -171,6 +175,8 @@ def _failed(name: str, data: dict[str, Any]) -> str:
         return "; ".join(_hostile_problems(data))
     if name == "instance-memory":
         return "; ".join(_instance_memory_problems(data))
+    if name == "dispatch" and data["ok"] != data["count"]:
+        return f"{data['count'] - data['ok']} of {data['count']} starts failed: {data['statuses']}"
     return ""
 
 

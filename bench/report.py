@@ -35,6 +35,7 @@ SCENARIOS = (
     "instance-memory",
     "sweep",
     "hostile",
+    "dispatch",
 )
 PLOT_NAME = "latency-vs-sessions.png"
 INSTANCE_PLOT_NAME = "instance-memory.png"
@@ -685,6 +686,44 @@ def _telephony_tls_md(res: dict[str, Any]) -> list[str]:
     return lines + _telephony_md(res)
 
 
+def _dispatch_md(res: dict[str, Any]) -> list[str]:
+    spec = res.get("spec", {})
+    start = res.get("start_us", {})
+    lines = [
+        f"{res.get('count')} session starts in {_fmt(spec.get('seconds'))} s over "
+        f"{spec.get('gateways')} gateways × {spec.get('hosts')} agent hosts on one Redis "
+        f"(`--slots {spec.get('slots')} --warm {spec.get('warm')}`, "
+        f"{spec.get('sessions_per_instance')} sessions per instance, each held "
+        f"{_fmt(spec.get('hold_s'))} s); {res.get('cold_starts')} instances cold-started "
+        "during the run.",
+        "",
+    ]
+    lines += _table(
+        ["ok", "statuses", "start p50 ms", "p90 ms", "p99 ms", "max ms", "load s"],
+        [
+            [
+                f"{res.get('ok')}/{res.get('count')}",
+                ", ".join(f"{k}: {v}" for k, v in res.get("statuses", {}).items()),
+                _ms(start.get("p50")),
+                _ms(start.get("p90")),
+                _ms(start.get("p99")),
+                _ms(start.get("max")),
+                res.get("load_s"),
+            ]
+        ],
+    )
+    ok = res.get("ok") or 0
+    lines += [""]
+    lines += _table(
+        ["agent host", "sessions", "share", "instances at the end"],
+        [
+            [h["host"], h["sessions"], _pct(h["sessions"] / ok if ok else None), h["instances"]]
+            for h in res.get("per_host", [])
+        ],
+    )
+    return lines
+
+
 _SECTIONS = {
     "telephony": ("Telephony", _telephony_md),
     "telephony-tls": ("Telephony over TLS", _telephony_tls_md),
@@ -694,6 +733,7 @@ _SECTIONS = {
     "instance-memory": ("Instance memory", _instance_memory_md),
     "sweep": ("Latency vs sessions", _sweep_md),
     "hostile": ("Under attack", _hostile_md),
+    "dispatch": ("Cluster dispatch", _dispatch_md),
 }
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import contestants as cs
+from bench.dispatch import DispatchSpec, run_dispatch
 from bench.procs import (
     Child,
     MemoryWatch,
@@ -37,6 +38,7 @@ from bench.profile import recorder_for, summarize
 
 __all__ = [
     "Settings",
+    "dispatch",
     "hostile",
     "memory",
     "run_loadgen",
@@ -92,6 +94,10 @@ class Settings:
     attack_ramp: float = 1.0
     #: Attack variants to run (names in :data:`bench.attackers.ATTACKS`); empty: every one.
     attack_variants: tuple[str, ...] = ()
+    #: The dispatch scenario: session starts, over how many seconds, each host's --slots.
+    dispatch_count: int = 500
+    dispatch_seconds: float = 5.0
+    dispatch_slots: int = 4
 
     @classmethod
     def quick_mode(cls) -> Settings:
@@ -117,6 +123,9 @@ class Settings:
             hostile_rounds=1,
             attackers=10,
             attack_ramp=0.5,
+            dispatch_count=24,
+            dispatch_seconds=1.0,
+            dispatch_slots=2,
         )
 
 
@@ -638,6 +647,18 @@ def _pipecat_starts(settings: Settings) -> dict[str, Any]:
         "samples_ms": [round(s.get("first_frame_us", 0) / 1000, 1) for s in samples],
     }
     return {"cold": cold, "pipecat_warm": pipecat_warm}
+
+
+def dispatch(settings: Settings) -> dict[str, Any]:
+    """Session starts over 2 gateways x 3 agent hosts on one Redis: latency and spread."""
+    spec = DispatchSpec(
+        count=settings.dispatch_count,
+        seconds=settings.dispatch_seconds,
+        slots=settings.dispatch_slots,
+        hold_s=0.1 if settings.quick else DispatchSpec.hold_s,
+    )
+    with _workdir() as workdir:
+        return run_dispatch(spec, workdir)
 
 
 def _wait_only(pid: int, keep: list[int], *, timeout: float) -> None:
