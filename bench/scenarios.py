@@ -655,7 +655,7 @@ def dispatch(settings: Settings) -> dict[str, Any]:
         count=settings.dispatch_count,
         seconds=settings.dispatch_seconds,
         slots=settings.dispatch_slots,
-        hold_s=0.1 if settings.quick else DispatchSpec.hold_s,
+        hold_s=0.5 if settings.quick else DispatchSpec.hold_s,  # quick: some cold starts
     )
     with _workdir() as workdir:
         return run_dispatch(spec, workdir)
