@@ -13,15 +13,18 @@ import time
 from typing import Any
 
 import pytest
+import redis
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from catflap.contract.limits import AGENT_READY_TIMEOUT_S
 
-from .conftest import seconds
+from .conftest import ROOT, seconds
 from .test_cluster import Cluster, _token, cluster
 
 pytestmark = pytest.mark.slow  # end to end: real gateways, agent processes
+
+SLOW_START = ROOT / "tests" / "bots" / "slow_start"
 
 
 async def _connect(cl: Cluster, gateway: int, token: dict[str, Any]) -> ClientConnection:
@@ -81,3 +84,27 @@ async def test_a_burst_past_the_warm_pool_starts_on_every_host_then_429_past_max
                 await asyncio.sleep(0.05)
         for ws in opened:
             await ws.close()
+
+
+async def test_a_client_that_leaves_while_waiting_for_a_cold_start_holds_nothing() -> None:
+    # slow_start's import takes 2 s: the second session waits for the host's next instance.
+    async with cluster(gateways=1, hosts=1, slots=2, warm=1, bot=SLOW_START) as cl:
+        first = await _token(cl, 0)
+        async with connect(f"{cl.url(0)}/ws/generic/echo.my-org/{first['token']}") as live:
+            assert await asyncio.wait_for(live.recv(), seconds(10)) == "ready"
+            second = await _token(cl, 0)
+            url = f"{cl.url(0)}/ws/generic/echo.my-org/{second['token']}"
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(connect(url), 0.5)  # leaves mid-handshake
+            client = redis.Redis.from_url(cl.redis_url)
+            try:
+                async with asyncio.timeout(seconds(5)):
+                    while client.llen(f"{cl.prefix}:agent:echo.my-org:starts"):
+                        await asyncio.sleep(0.05)  # withdrawn (or claimed by the host)
+                for key in client.scan_iter(f"{cl.prefix}:inst:*:resv"):
+                    assert client.zcard(key) == 0  # no slot reserved for the departed client
+            finally:
+                client.close()
+            # The token was given back: the same one starts the session once it can.
+            async with connect(url, open_timeout=AGENT_READY_TIMEOUT_S + seconds(5)) as again:
+                assert await asyncio.wait_for(again.recv(), seconds(10)) == "ready"

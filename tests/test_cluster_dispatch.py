@@ -23,6 +23,7 @@ import redis
 import redis.asyncio as aioredis
 
 from catflap.cluster.dispatch import ClusterLease, RedisPool
+from catflap.cluster.host import CLAIM_LUA
 from catflap.cluster.keys import WAIT_POLL_S, Keys
 from catflap.config import AgentSpec
 from catflap.config.models import AgentConfig, ScalingConfig
@@ -60,15 +61,13 @@ class Fixture:
             await self.client.sadd(self.keys.active(iid), f"busy-{iid}-{n}")
         await self.client.sadd(self.keys.agent_instances(AGENT), iid)
 
-    async def host_room(self, host: str, free: int, spare: int = 0, starting: int = 0) -> None:
+    async def host_room(self, host: str, free: int, starting: int = 0) -> None:
         expiry = int(time.time() * 1000) + 60_000
-        await self.client.hset(
-            self.keys.agent_hosts(AGENT), host, f"{free} {spare} {starting} {expiry}"
-        )
+        await self.client.hset(self.keys.agent_hosts(AGENT), host, f"{free} {starting} {expiry}")
 
-    async def requests(self) -> list[str]:
-        raw = await self.client.lrange(self.keys.start_requests(AGENT), 0, -1)
-        return [r.decode() for r in raw]
+    async def waiting(self) -> dict[str, float]:
+        raw = await self.client.zrange(self.keys.waiting(AGENT), 0, -1, withscores=True)
+        return {member.decode(): score for member, score in raw}
 
     async def reserved(self) -> int:
         total = 0
@@ -144,7 +143,7 @@ async def test_a_full_instance_is_never_chosen(redis_fixture: Fixture) -> None:
     await pool.close()
 
 
-async def test_no_free_slot_asks_for_a_start_and_an_instance_that_registers_serves_it(
+async def test_no_free_slot_waits_for_a_start_and_an_instance_that_registers_serves_it(
     redis_fixture: Fixture,
 ) -> None:
     fx = redis_fixture
@@ -154,12 +153,11 @@ async def test_no_free_slot_asks_for_a_start_and_an_instance_that_registers_serv
     pool.start()
     waiting = asyncio.ensure_future(pool.acquire(AGENT, "cold"))
     async with asyncio.timeout(seconds(5)):
-        while not await fx.requests():
+        while not await fx.waiting():
             await asyncio.sleep(0.01)
-    (request,) = await fx.requests()
-    expiry, session_id = request.split(" ")
+    ((session_id, expiry),) = (await fx.waiting()).items()
     assert session_id == "cold"
-    assert int(expiry) > (time.time() + 25) * 1000  # ready_timeout ahead
+    assert expiry > (time.time() + 25) * 1000  # ready_timeout ahead
     assert not waiting.done()
     # A host starts the instance: it registers and announces it on the ready channel.
     await asyncio.sleep(0.2)  # the subscription is up
@@ -171,11 +169,11 @@ async def test_no_free_slot_asks_for_a_start_and_an_instance_that_registers_serv
     assert isinstance(lease, ClusterLease)
     assert lease.instance_id == "new-1" and lease.cold_start
     await asyncio.sleep(0.1)
-    assert await fx.requests() == []  # withdrawn (here nobody claimed it)
+    assert await fx.waiting() == {}  # it left the set as it got the slot
     await pool.close()
 
 
-async def test_a_waiting_session_that_leaves_withdraws_its_request_and_holds_nothing(
+async def test_a_waiting_session_that_leaves_stops_waiting_and_holds_nothing(
     redis_fixture: Fixture,
 ) -> None:
     fx = redis_fixture
@@ -185,13 +183,13 @@ async def test_a_waiting_session_that_leaves_withdraws_its_request_and_holds_not
     pool.start()
     waiting = asyncio.ensure_future(pool.acquire(AGENT, "leaver"))
     async with asyncio.timeout(seconds(5)):
-        while not await fx.requests():
+        while not await fx.waiting():
             await asyncio.sleep(0.01)
     waiting.cancel()  # what admission does when the client goes
     with pytest.raises(asyncio.CancelledError):
         await waiting
     async with asyncio.timeout(seconds(5)):
-        while await fx.requests():
+        while await fx.waiting():
             await asyncio.sleep(0.01)
     assert await fx.reserved() == 0
     await pool.close()
@@ -211,21 +209,21 @@ async def test_a_start_that_never_comes_gives_503_at_the_ready_timeout(
     assert refused.value.status == 503
     assert "within 0.6 s (agent_ready_timeout)" in refused.value.message
     await asyncio.sleep(0.1)
-    assert await fx.requests() == []
+    assert await fx.waiting() == {}
     await pool.close()
 
 
-async def test_requests_stop_at_the_hosts_room_then_503_or_429(redis_fixture: Fixture) -> None:
+async def test_sessions_wait_only_within_the_hosts_room_then_503(redis_fixture: Fixture) -> None:
     fx = redis_fixture
     await fx.instance("busy-1", capacity=1, used=1)
-    await fx.host_room("h1", free=1, spare=1, starting=1)
+    await fx.host_room("h1", free=1, starting=1)
     pool = _pool(fx, max_agents=10)
     first = asyncio.ensure_future(pool.acquire(AGENT, "one"))
     second = asyncio.ensure_future(pool.acquire(AGENT, "two"))
     async with asyncio.timeout(seconds(5)):
-        while len(await fx.requests()) < 2:
+        while len(await fx.waiting()) < 2:
             await asyncio.sleep(0.01)
-    # Room for two (a spare starting, one slot): a third finds no host with room.
+    # Room for two (one instance starting, one slot): a third finds no host with room.
     with pytest.raises(ServiceUnavailable) as no_host:
         await pool.acquire(AGENT, "three")
     assert type(no_host.value) is ServiceUnavailable
@@ -239,17 +237,19 @@ async def test_requests_stop_at_the_hosts_room_then_503_or_429(redis_fixture: Fi
 async def test_live_and_starting_instances_at_max_agents_give_429(redis_fixture: Fixture) -> None:
     fx = redis_fixture
     await fx.instance("busy-1", capacity=1, used=1)
-    await fx.host_room("h1", free=5, spare=0, starting=1)
+    await fx.host_room("h1", free=5, starting=1)
     pool = _pool(fx, max_agents=3)
-    waiting = asyncio.ensure_future(pool.acquire(AGENT, "fits"))  # the third instance
+    # One live, one starting, room for one more: two sessions wait, the third is refused.
+    waiters = [asyncio.ensure_future(pool.acquire(AGENT, f"fits{i}")) for i in range(2)]
     async with asyncio.timeout(seconds(5)):
-        while not await fx.requests():
+        while len(await fx.waiting()) < 2:
             await asyncio.sleep(0.01)
     with pytest.raises(AtCapacity) as refused:
         await pool.acquire(AGENT, "past-max")
     assert refused.value.status == 429
-    waiting.cancel()
-    await asyncio.gather(waiting, return_exceptions=True)
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
     await pool.close()
 
 
@@ -257,10 +257,48 @@ async def test_an_expired_host_entry_offers_no_room(redis_fixture: Fixture) -> N
     fx = redis_fixture
     await fx.instance("busy-1", capacity=1, used=1)
     gone = int(time.time() * 1000) - 1
-    await fx.client.hset(fx.keys.agent_hosts(AGENT), "dead", f"4 0 0 {gone}")
+    await fx.client.hset(fx.keys.agent_hosts(AGENT), "dead", f"4 0 {gone}")
     pool = _pool(fx)
     with pytest.raises(ServiceUnavailable):
         await pool.acquire(AGENT, "nobody")
     assert not await fx.client.hexists(fx.keys.agent_hosts(AGENT), "dead")  # pruned
-    assert await fx.requests() == []
+    assert await fx.waiting() == {}
     await pool.close()
+
+
+async def test_hosts_start_one_instance_per_waiting_session_across_the_cluster(
+    redis_fixture: Fixture,
+) -> None:
+    fx = redis_fixture
+    claim = fx.client.register_script(CLAIM_LUA)
+    await fx.instance("busy-1", capacity=1, used=1)
+    later = int(time.time() * 1000) + 60_000
+    await fx.client.zadd(fx.keys.waiting(AGENT), {"w1": later, "w2": later, "w3": later})
+
+    async def offer(host: str, free: int, starting: int, max_agents: int = 50) -> int:
+        now_ms = int(time.time() * 1000)
+        keys = [fx.keys.agent_hosts(AGENT), fx.keys.waiting(AGENT), fx.keys.agent_instances(AGENT)]
+        args = [host, now_ms, free, starting, now_ms + 1000, max_agents, fx.keys.prefix]
+        return int(await claim(keys=keys, args=args))
+
+    async def entry(host: str) -> str:
+        raw = await fx.client.hget(fx.keys.agent_hosts(AGENT), host)
+        assert raw is not None
+        return " ".join(raw.decode().split(" ")[:2])  # free and starting, not the expiry
+
+    # Host a has two free slots: it starts two, counting each in its entry at once.
+    assert await offer("a", free=2, starting=0) == 1
+    assert await entry("a") == "1 1"
+    assert await offer("a", free=1, starting=1) == 1
+    assert await offer("a", free=0, starting=2) == 0  # no slot left
+    # Host b sees a's two starts: it starts only the third, then nothing more.
+    assert await offer("b", free=4, starting=0) == 1
+    assert await offer("b", free=3, starting=1) == 0
+    assert await entry("b") == "3 1"
+    # A waiting session that leaves makes the starts outnumber the waiters: no more starts.
+    await fx.client.zrem(fx.keys.waiting(AGENT), "w3")
+    assert await offer("b", free=3, starting=1) == 0
+    # max_agents counts live and starting instances: 1 live + 3 starting at max_agents 4.
+    await fx.client.zadd(fx.keys.waiting(AGENT), {"w4": later, "w5": later})
+    assert await offer("c", free=4, starting=0, max_agents=4) == 0
+    assert await offer("c", free=4, starting=0, max_agents=5) == 1

@@ -554,7 +554,7 @@ def test_probe_drain_stops_dispatch_to_this_pod_and_waits_for_its_sessions(
             keys=[
                 keys.agent_instances(agent),
                 keys.agent_hosts(agent),
-                keys.start_requests(agent),
+                keys.waiting(agent),
             ],
             args=[keys.prefix, now_ms, str(uuid.uuid4()), now_ms + 15_000, draw, 50, "", ""],
         )

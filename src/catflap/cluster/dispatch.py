@@ -4,8 +4,8 @@
 trip per handshake is :data:`DISPATCH_LUA`, which prunes dead instances and expired
 reservations, then reserves a slot on an instance drawn at random in proportion to its free
 slots, so that load spreads across hosts. Lua runs atomically, so no two gateways can take
-the same slot. With no free slot, the session asks the agent hosts for a start (a request in
-a Redis list that one host with room claims) and waits for an instance to register, woken by
+the same slot. With no free slot, the session joins the agent's waiting set in Redis, which
+agent hosts with room answer by starting instances, and waits for one to register, woken by
 the ``ready`` channel, up to ``agent_ready_timeout``.
 """
 
@@ -51,19 +51,20 @@ __all__ = ["DISPATCH_LUA", "LOCATE_LUA", "ClusterLease", "RedisPool"]
 
 log = logging.getLogger("catflap.cluster")
 
-#: KEYS[1]: the agent's instance set, KEYS[2]: its hosts' room hash, KEYS[3]: its start
-#: request list. ARGV: prefix, now_ms, session_id, reservation expiry (ms), a random integer in
-#: [0, 2^30), max_agents, the start request to push if no slot is free ('' for none), the
-#: request this session pushed before ('' for none), then instance ids to avoid (a retry after
-#: a failed connect).
+#: KEYS[1]: the agent's instance set, KEYS[2]: its hosts' room hash, KEYS[3]: its waiting
+#: sessions. ARGV: prefix, now_ms, session_id, reservation expiry (ms), a random integer in
+#: [0, 2^30), max_agents, the expiry (ms) a wait for a cold start would have ('' to never
+#: wait), '1' when this session already waits, then instance ids to avoid (a retry after a
+#: failed connect).
 #:
 #: Each ready instance weighs its free slots, and one is drawn at random in proportion (the
 #: capacity-weighted choice of LiveKit's dispatcher), so a burst spreads over hosts by their
-#: room. With no free slot: a session that already asked for a start keeps ``waiting``; else,
-#: if the hosts' room (spare starting instances, plus slots they may start within
-#: ``max_agents``) exceeds the unexpired requests, it pushes its request (``requested``); else
-#: ``full`` (429) when live and starting instances, and the requests that will need new ones,
-#: reach ``max_agents``; else ``no_host`` (503): the hosts are full.
+#: room; a waiting session that gets a slot leaves the waiting set in the same step. With no
+#: free slot: a session that waits goes on ``waiting``; else, when the instances being
+#: started plus those the hosts may still start (within ``max_agents``) outnumber the waiting
+#: sessions, it joins them (``requested``: hosts see it and start one); else ``full`` (429)
+#: when live instances plus the larger of starting instances and waiting sessions reach
+#: ``max_agents``; else ``no_host`` (503): the hosts have no room.
 #: Returns {instance_id, address, live, 'ok'} or {false, false, live, outcome}.
 DISPATCH_LUA = """
 local now = tonumber(ARGV[2])
@@ -99,40 +100,38 @@ if total > 0 then
       local ikey = ARGV[1] .. ':inst:' .. id
       redis.call('ZADD', ikey .. ':resv', ARGV[4], ARGV[3])
       redis.call('PEXPIREAT', ikey .. ':resv', ARGV[4])
+      if KEYS[3] ~= nil then redis.call('ZREM', KEYS[3], ARGV[3]) end
       return {id, redis.call('HGET', ikey, 'address'), live, 'ok'}
     end
   end
 end
-if (ARGV[8] or '') ~= '' then return {false, false, live, 'waiting'} end
-if KEYS[2] == nil then return {false, false, live, 'no_host'} end
-local free, spare, starting = 0, 0, 0
+if KEYS[3] == nil then return {false, false, live, 'no_host'} end
+if ARGV[8] == '1' then
+  -- Still waiting (added again should Redis have lost the set, so hosts keep counting it).
+  redis.call('ZADD', KEYS[3], 'NX', ARGV[7], ARGV[3])
+  return {false, false, live, 'waiting'}
+end
+local free, starting = 0, 0
 local hosts = redis.call('HGETALL', KEYS[2])
 for i = 1, #hosts, 2 do
-  local f, s, st, exp = string.match(hosts[i + 1], '^(%d+) (%d+) (%d+) (%d+)$')
+  local f, st, exp = string.match(hosts[i + 1], '^(%d+) (%d+) (%d+)$')
   if f == nil or tonumber(exp) < now then
     redis.call('HDEL', KEYS[2], hosts[i])
   else
     free = free + tonumber(f)
-    spare = spare + tonumber(s)
     starting = starting + tonumber(st)
   end
 end
-local pending = 0
-for _, item in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
-  local exp = tonumber(string.match(item, '^(%d+) '))
-  if exp and exp > now then pending = pending + 1 end
-end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+local waiting = redis.call('ZCARD', KEYS[3])
 local max_agents = tonumber(ARGV[6])
 local room = math.max(math.min(free, max_agents - live - starting), 0)
-if ARGV[7] ~= '' and spare + room - pending > 0 then
-  redis.call('RPUSH', KEYS[3], ARGV[7])
-  redis.call('PEXPIREAT', KEYS[3], string.match(ARGV[7], '^(%d+) '))
+if ARGV[7] ~= '' and starting + room - waiting > 0 then
+  redis.call('ZADD', KEYS[3], ARGV[7], ARGV[3])
+  redis.call('PEXPIREAT', KEYS[3], ARGV[7])
   return {false, false, live, 'requested'}
 end
--- Requests that spare starting instances do not cover will each need a new instance.
-if live + starting + math.max(pending - spare, 0) >= max_agents then
-  return {false, false, live, 'full'}
-end
+if live + math.max(starting, waiting) >= max_agents then return {false, false, live, 'full'} end
 return {false, false, live, 'no_host'}
 """
 
@@ -242,8 +241,8 @@ class RedisPool:
         session_id: str,
         avoid: frozenset[str],
         *,
-        request: str = "",
-        pushed: str = "",
+        wait_until_ms: str = "",
+        waiting: bool = False,
     ) -> tuple[Any, Any, int, str]:
         now_ms = int(time.time() * 1000)
         try:
@@ -251,7 +250,7 @@ class RedisPool:
                 keys=[
                     self._keys.agent_instances(agent.key),
                     self._keys.agent_hosts(agent.key),
-                    self._keys.start_requests(agent.key),
+                    self._keys.waiting(agent.key),
                 ],
                 args=[
                     self._keys.prefix,
@@ -260,8 +259,8 @@ class RedisPool:
                     now_ms + int(RESERVATION_TTL_S * 1000),
                     self._rng.randrange(1 << 30),
                     agent.config.scaling.max_agents,
-                    request,
-                    pushed,
+                    wait_until_ms,
+                    "1" if waiting else "",
                     *sorted(avoid),
                 ],
             )
@@ -295,13 +294,13 @@ class RedisPool:
     async def acquire(
         self, agent_key: str, session_id: str, *, avoid: frozenset[str] = frozenset()
     ) -> SessionLease:
-        """Reserve a slot anywhere in the cluster; with none free, ask the agent hosts for a
-        start and wait for it, up to ``ready_timeout`` (cancellation, when the client leaves,
-        withdraws the request).
+        """Reserve a slot anywhere in the cluster; with none free, join the waiting sessions
+        that agent hosts start instances for, and wait up to ``ready_timeout`` (cancellation,
+        when the client leaves, takes the session out of the waiting set).
 
         Raises:
-            AtCapacity: 429, the agent's live and starting instances reach ``max_agents`` and
-                none has a free slot.
+            AtCapacity: 429, no free slot, and the agent's live instances plus the starting
+                ones or the waiting sessions (the larger) reach ``max_agents``.
             AgentNotReady: 503, no instance became free within ``ready_timeout``.
             ServiceUnavailable: 503, no agent host has room to start one, or Redis is
                 unreachable.
@@ -309,18 +308,20 @@ class RedisPool:
         agent = self._agent(agent_key)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._ready_timeout
-        request = f"{int((time.time() + self._ready_timeout) * 1000)} {session_id}"
-        pushed = ""
+        wait_until_ms = str(int((time.time() + self._ready_timeout) * 1000))
+        waiting = False
         try:
             while True:
                 instance_id, address, live, outcome = await self._run_dispatch(
-                    agent, session_id, avoid, request=request, pushed=pushed
+                    agent, session_id, avoid, wait_until_ms=wait_until_ms, waiting=waiting
                 )
                 if instance_id:
                     break
                 if outcome == "requested":
-                    pushed = request
-                    log.info("= %s: no free slot; asked the agent hosts to start one", agent.key)
+                    waiting = True
+                    log.info(
+                        "= %s: no free slot; waiting for an agent host to start one", agent.key
+                    )
                 elif outcome == "full":
                     raise AtCapacity(
                         f"agent {agent_key} is at max_agents={agent.config.scaling.max_agents} "
@@ -340,14 +341,15 @@ class RedisPool:
                 await self._wait_for_instance(
                     agent.key, min(remaining, WAIT_POLL_S * (0.5 + self._rng.random()))
                 )
-        finally:
-            if pushed:
-                self._tasks.spawn(self._withdraw(agent.key, pushed), name=f"withdraw {session_id}")
+        except BaseException:
+            if waiting:  # served, it left the set in the dispatch itself
+                self._tasks.spawn(self._stop_waiting(agent.key, session_id), name="stop waiting")
+            raise
         lease = ClusterLease(
             session_id=session_id,
             instance_id=_text(instance_id),
             instance_address=_text(address),
-            cold_start=bool(pushed),
+            cold_start=waiting,
         )
         self._leases[session_id] = lease
         if self._liveness is not None:
@@ -374,10 +376,10 @@ class RedisPool:
                 waiter.set_result(None)
                 count -= 1
 
-    async def _withdraw(self, agent_key: str, request: str) -> None:
-        """Take back a start request that no host claimed yet (served, gave up, or left)."""
+    async def _stop_waiting(self, agent_key: str, session_id: str) -> None:
+        """The session gave up or left: hosts must not start an instance for it."""
         with contextlib.suppress(RedisError, OSError):  # else it expires by itself
-            await self._redis.lrem(self._keys.start_requests(agent_key), 1, request)
+            await self._redis.zrem(self._keys.waiting(agent_key), session_id)
 
     async def _listen_for_ready(self) -> None:
         """Follow the ``ready`` channel and wake waiting sessions; reconnect with backoff."""

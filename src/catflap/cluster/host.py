@@ -71,28 +71,44 @@ redis.call('SADD', KEYS[1], ARGV[1])
 return 1
 """
 
-#: KEYS[1]: the agent's hosts' room hash, KEYS[2]: its start request list. ARGV: host id,
-#: now_ms, free, spare, starting (see :meth:`Keys.agent_hosts`), the entry's expiry (ms).
-#: With room, pops start requests until an unexpired one (expired ones are dropped: their
-#: session gave up) and counts it against the room before writing the entry, all atomically,
-#: so two hosts never serve one request and gateways never see room already promised.
-#: Returns the claimed request, or false.
+#: KEYS[1]: the agent's hosts' room hash, KEYS[2]: its waiting sessions, KEYS[3]: its
+#: instance set. ARGV: host id, now_ms, free, starting (see :meth:`Keys.agent_hosts`), the
+#: entry's expiry (ms), max_agents, key prefix. Writes this host's entry; when more sessions
+#: wait than instances are starting across the cluster, and this host has a free slot and the
+#: cluster is under ``max_agents``, it counts one more start in the entry and returns 1: the
+#: host then starts an instance. Atomic, so two hosts never start one instance for the same
+#: waiting session, and a gateway never sees room already taken.
 CLAIM_LUA = """
-local free, spare, starting = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local claimed = false
-if free + spare > 0 then
-  while true do
-    local item = redis.call('LPOP', KEYS[2])
-    if not item then break end
-    local exp = tonumber(string.match(item, '^(%d+) '))
-    if exp and exp > tonumber(ARGV[2]) then claimed = item break end
-  end
-  if claimed then
-    if spare > 0 then spare = spare - 1 else free = free - 1 starting = starting + 1 end
+local now = tonumber(ARGV[2])
+local free, starting = tonumber(ARGV[3]), tonumber(ARGV[4])
+local start = 0
+if free > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  local waiting = redis.call('ZCARD', KEYS[2])
+  if waiting > starting then
+    local total = starting
+    local hosts = redis.call('HGETALL', KEYS[1])
+    for i = 1, #hosts, 2 do
+      if hosts[i] ~= ARGV[1] then
+        local st, exp = string.match(hosts[i + 1], '^%d+ (%d+) (%d+)$')
+        if st ~= nil and tonumber(exp) >= now then total = total + tonumber(st) end
+      end
+    end
+    if waiting > total then
+      local live = 0
+      for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+        live = live + redis.call('EXISTS', ARGV[7] .. ':inst:' .. id)
+      end
+      if live + total < tonumber(ARGV[6]) then
+        start = 1
+        free = free - 1
+        starting = starting + 1
+      end
+    end
   end
 end
-redis.call('HSET', KEYS[1], ARGV[1], free .. ' ' .. spare .. ' ' .. starting .. ' ' .. ARGV[6])
-return claimed
+redis.call('HSET', KEYS[1], ARGV[1], free .. ' ' .. starting .. ' ' .. ARGV[5])
+return start
 """
 
 #: Seconds a host that the cluster refused at ``max_agents`` starts no more than it has
@@ -144,9 +160,6 @@ class AgentHost:
         self._launcher = launcher
         self._register = client.register_script(REGISTER_LUA)
         self._claim = client.register_script(CLAIM_LUA)
-        #: Starting instances promised to waiting sessions (claimed start requests); never
-        #: more than the instances starting.
-        self._assigned = 0
         #: Until when (monotonic) this host starts no more instances than it has registered:
         #: the cluster refused one at ``max_agents``, and retrying at once would loop.
         self._capped_until = 0.0
@@ -281,75 +294,67 @@ class AgentHost:
         return self._slots
 
     def _warm_target(self) -> int:
-        """Instances to keep running: the busy ones, those promised to waiting sessions, and
-        ``--warm`` idle ones on top (at least one once any is busy: PCC's buffer), within
-        :meth:`_limit`. The supervisor starts up to it and reaps idle ones above it."""
+        """Instances to keep running: the busy ones and ``--warm`` idle ones on top (at least
+        one once any is busy: PCC's buffer), within :meth:`_limit`. The supervisor starts up
+        to it and reaps idle ones above it; instances started for waiting sessions come on
+        top, and are reaped like any idle one once nobody took them."""
         if self._draining:
             return 0
         live = self.pool.live()
         busy = sum(1 for i in live if i.state is InstanceState.READY and i.free_slots <= 0)
         spare = max(self._warm, 1) if busy else self._warm
-        return min(self._limit(), busy + self._assigned + spare)
+        return min(self._limit(), busy + spare)
 
-    def _room(self) -> tuple[int, int, int]:
-        """(slots it may still start, starting instances not promised to anyone, starting
-        instances): what this host offers for cold starts."""
-        live = self.pool.live()
-        starting = sum(1 for i in live if i.state is InstanceState.STARTING)
-        self._assigned = min(self._assigned, starting)
+    def _room(self) -> tuple[int, int]:
+        """(instances it may still start, instances starting and not registered yet): what
+        this host offers for cold starts."""
         if self._draining:
-            return 0, 0, starting
+            return 0, 0
+        live = self.pool.live()
+        starting = sum(
+            1
+            for i in live
+            if i.state is InstanceState.STARTING
+            or (i.state is InstanceState.READY and self.instance_key(i) not in self._registered)
+        )
         can_start = self.pool.slots.readiness(self.pool.supervisor.backoff).can_start
         free = max(0, self._limit() - len(live)) if can_start else 0
-        return free, starting - self._assigned, starting
+        return free, starting
 
     async def _offer_room(self) -> None:
-        """Every :data:`START_POLL_S`, publish this host's room and claim one start request
-        while there is room; a claimed request is served at once and the next one tried."""
+        """Every :data:`START_POLL_S`, publish this host's room, and start an instance when
+        :data:`CLAIM_LUA` says sessions wait for one; then check again at once."""
         while True:
-            free, spare, starting = self._room()
+            free, starting = self._room()
             now_ms = int(time.time() * 1000)
             try:
-                claimed = await self._claim(
+                start = await self._claim(
                     keys=[
                         self._keys.agent_hosts(self.agent.key),
-                        self._keys.start_requests(self.agent.key),
+                        self._keys.waiting(self.agent.key),
+                        self._keys.agent_instances(self.agent.key),
                     ],
                     args=[
                         self.host_id,
                         now_ms,
                         free,
-                        spare,
                         starting,
                         now_ms + int(HOST_ROOM_TTL_S * 1000),
+                        self.agent.config.scaling.max_agents,
+                        self._keys.prefix,
                     ],
                 )
             except (RedisError, OSError) as exc:
                 log.debug("! could not offer room for starts (%s)", exc)
-                claimed = None
-            if claimed:
-                await self._start_for(claimed.decode() if isinstance(claimed, bytes) else claimed)
-                continue
+                start = 0
+            if start:
+                before = len(self.pool.live())
+                self.pool.spawn_one()
+                if len(self.pool.live()) > before:
+                    log.info("= %s: starting an instance for a waiting session", self.agent.key)
+                    continue
+                # No start after all (backoff, closing): the next entry says so.
             await asyncio.sleep(START_POLL_S)
-
-    async def _start_for(self, request: str) -> None:
-        """Serve a claimed start request: promise a starting spare, or start an instance."""
-        free, spare, _ = self._room()
-        if spare > 0:
-            self._assigned += 1
-            self.pool.supervisor.replenish()  # keep --warm idle on top of the promised one
-            return
-        before = len(self.pool.live())
-        if free > 0:
-            self.pool.spawn_one()
-        if len(self.pool.live()) > before:
-            self._assigned += 1
-            log.info("= %s: starting an instance for a waiting session", self.agent.key)
-            self.pool.supervisor.replenish()
-            return
-        # Room went between the claim and now: hand the request to another host.
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.lpush(self._keys.start_requests(self.agent.key), request)
 
     async def _register_instance(self, instance: Instance) -> None:
         if instance.state is not InstanceState.READY or instance.address is None:

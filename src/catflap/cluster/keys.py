@@ -33,7 +33,7 @@ GATEWAY_TTL_S = 5.0
 #: upstream handshake bound (10 s) with margin; a gateway that dies mid-handshake frees its
 #: reservations after this.
 RESERVATION_TTL_S = 15.0
-#: How often an agent host with room looks for start requests (and refreshes its room entry):
+#: How often an agent host refreshes its room entry and checks whether sessions wait for a start:
 #: it bounds how long a cold start waits before a host picks it up.
 START_POLL_S = 0.1
 #: A host's room entry counts this long after its last refresh (ten refreshes): a dead host's
@@ -69,17 +69,17 @@ class Keys:
         return f"{self.prefix}:agent:{agent_key}:instances"
 
     def agent_hosts(self, agent_key: str) -> str:
-        """Hash: host id -> ``"free spare starting expiry_ms"``, each host's room for cold
-        starts (slots it may still start, its starting instances not yet promised to a waiting
-        session, all its starting instances). Refreshed every :data:`START_POLL_S`; an entry
-        past its expiry is ignored and removed."""
+        """Hash: host id -> ``"free starting expiry_ms"``, each host's room for cold starts
+        (instances it may still start, instances it is starting and has not registered yet).
+        Refreshed every :data:`START_POLL_S`; an entry past its expiry is ignored and removed."""
         return f"{self.prefix}:agent:{agent_key}:hosts"
 
-    def start_requests(self, agent_key: str) -> str:
-        """List of ``"expiry_ms session_id"``: sessions waiting for an instance to be started.
-        Gateways push, a host with room pops one atomically and starts an instance; a waiting
-        session that is served, gives up or leaves removes its own."""
-        return f"{self.prefix}:agent:{agent_key}:starts"
+    def waiting(self, agent_key: str) -> str:
+        """Sorted set: session id -> expiry (ms), the sessions waiting for a cold start. A
+        gateway adds its session when it finds no free slot, and removes it when the session
+        is served, gives up or leaves; hosts start instances while there are more waiting
+        sessions than starting instances."""
+        return f"{self.prefix}:agent:{agent_key}:waiting"
 
     def jti(self, jti: str) -> str:
         """A spent token id; expires at the token's ``exp``."""
