@@ -192,7 +192,8 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
 @click.option(
     "--warm",
     type=click.IntRange(min=0),
-    help="Instances kept running when idle. [default: the agent's min_agents, at most --slots]",
+    help="Idle instances kept running on top of the busy ones, within --slots. "
+    "[default: the agent's min_agents]",
 )
 @click.option(
     "--advertise",

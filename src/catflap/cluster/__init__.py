@@ -8,8 +8,13 @@ Theory of operation:
   one TTL.
 - A **gateway** (``catflap gateway``) reserves a slot with one Lua script
   (:data:`~catflap.cluster.dispatch.DISPATCH_LUA`), so two gateways can never take the same
-  slot. The reservation lives until the runtime reports ``session_started`` (the host then
+  slot, and draws the instance at random weighted by its free slots, so bursts spread over
+  hosts. The reservation lives until the runtime reports ``session_started`` (the host then
   moves it to the instance's active set) or expires.
+- A session that finds no free slot joins the agent's waiting set; agent hosts with room start
+  instances while waiting sessions outnumber starting ones (``CLAIM_LUA``, atomic), and the
+  session dispatches again when one registers (the ``ready`` channel), up to
+  ``agent_ready_timeout``. Past ``max_agents``: 429.
 - When ``bot()`` ends, the host frees the slot and appends the outcome to the ``ended``
   stream; the gateway that relays the session reads it and finishes the record.
 - Tokens are single use across gateways (``SET jti NX PXAT exp``); stop requests travel on

@@ -8,12 +8,18 @@ and mirrors what happens into Redis as the :class:`~catflap.pool.observer.PoolOb
 pool event          Redis
 ==================  ===========================================================
 instance ready      hash ``inst:{id}`` (address, capacity, state), added to the
-                    agent's set if the cluster has fewer than ``max_agents``
+                    agent's set if the cluster has fewer than ``max_agents``;
+                    publish on ``ready`` (wakes sessions waiting for it)
 heartbeat           every TTL/3: refresh the TTL of ``inst:{id}`` and its sets
 session started     reservation -> active set (the slot is now held by a bot)
 session ended       leave the active set; append to the ``ended`` stream
 instance gone       delete its keys
+every 0.1 s         this host's room (``CLAIM_LUA``); start an instance when more
+                    sessions wait for one than instances are starting
 ==================  ===========================================================
+
+The host keeps ``--warm`` instances idle on top of its busy ones (within ``--slots``); the
+supervisor reaps idle ones above that after ``idle_timeout``.
 
 Redis updates go through one ordered queue, so ``started`` never lands after ``ended``; while
 Redis is away they wait and retry, and live sessions are not touched. Stop requests are read
