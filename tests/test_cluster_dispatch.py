@@ -158,6 +158,7 @@ async def test_no_free_slot_waits_for_a_start_and_an_instance_that_registers_ser
     ((session_id, expiry),) = (await fx.waiting()).items()
     assert session_id == "cold"
     assert expiry > (time.time() + 25) * 1000  # ready_timeout ahead
+    assert await fx.client.pttl(fx.keys.waiting(AGENT)) > 25_000  # the set expires with it
     assert not waiting.done()
     # A host starts the instance: it registers and announces it on the ready channel.
     await asyncio.sleep(0.2)  # the subscription is up

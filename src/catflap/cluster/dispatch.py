@@ -128,7 +128,8 @@ local max_agents = tonumber(ARGV[6])
 local room = math.max(math.min(free, max_agents - live - starting), 0)
 if ARGV[7] ~= '' and starting + room - waiting > 0 then
   redis.call('ZADD', KEYS[3], ARGV[7], ARGV[3])
-  redis.call('PEXPIREAT', KEYS[3], ARGV[7])
+  local ttl = redis.call('PTTL', KEYS[3])
+  if ttl < 0 or now + ttl < tonumber(ARGV[7]) then redis.call('PEXPIREAT', KEYS[3], ARGV[7]) end
   return {false, false, live, 'requested'}
 end
 if live + math.max(starting, waiting) >= max_agents then return {false, false, live, 'full'} end
