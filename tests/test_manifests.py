@@ -585,6 +585,8 @@ def test_scaling_doc_names_every_redis_key_and_stream() -> None:
         keys.session("{session_id}"),
         keys.agent_sessions("{org}", "{agent}"),
         keys.secret_sets("{org}"),
+        keys.session_log("{org}", "{agent}", "{session_id}"),
+        keys.agent_logs("{org}", "{agent}"),
         keys.stop_stream,
         keys.ended_stream,
         keys.ready_channel,
@@ -595,5 +597,9 @@ def test_scaling_doc_names_every_redis_key_and_stream() -> None:
     ]
     for pattern in patterns:
         assert f"`{pattern}`" in text, pattern
-    public = {name for name in vars(Keys) if not name.startswith("_")} - {"prefix"}
+    # session_log_prefix is session_log's front part (for the shipping script), no key.
+    public = {name for name in vars(Keys) if not name.startswith("_")} - {
+        "prefix",
+        "session_log_prefix",
+    }
     assert len(public) == len(patterns), "a Redis key was added: document it in scaling.md"

@@ -264,16 +264,21 @@ class SessionRunner:
         task = asyncio.create_task(call_bot(), name=f"bot[{session_id}]")
         stop = self.running.add(session_id, task)
         try:
-            await self.emit({"event": "session_started", "session_id": session_id})
-            outcome = await self._await_outcome(stop, task, budget, log)
+            try:
+                await self.emit({"event": "session_started", "session_id": session_id})
+                outcome = await self._await_outcome(stop, task, budget, log)
+            finally:
+                if not task.done():
+                    task.cancel()  # this handler itself was cancelled (forced server exit)
+                resources = await sampler.stop()
+            bot_seconds = self.clock() - started
+            self.metrics.session_ended(outcome.status, bot_seconds)
+            client_disconnected = await end_transport(outcome)
         finally:
+            # Only once the transport is closed: a drain, or the pool's departure, waits for
+            # no session to run and then has uvicorn close whatever is left with 1012, which
+            # would beat this session's own close ("session stopped") under load.
             self.running.remove(session_id)
-            if not task.done():
-                task.cancel()  # this handler itself was cancelled (forced server exit)
-            resources = await sampler.stop()
-        bot_seconds = self.clock() - started
-        self.metrics.session_ended(outcome.status, bot_seconds)
-        client_disconnected = await end_transport(outcome)
         log.info("= session ended: %s after %.3f s", outcome.status, bot_seconds)
         if self.capture is not None:
             # Before session_ended: once the gateway records the end, the file is complete.
