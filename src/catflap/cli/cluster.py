@@ -115,10 +115,9 @@ def gateway(
 
 
 async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: str) -> None:
-    import redis.asyncio as aioredis
-
     from catflap.auth.redis_replay import RedisReplayStore
     from catflap.auth.tokens import KeyRing
+    from catflap.cluster.client import connect
     from catflap.cluster.dispatch import RedisPool
     from catflap.cluster.keys import Keys
     from catflap.cluster.liveness import GatewayLiveness
@@ -130,7 +129,7 @@ async def _gateway(cfg: CatflapConfig, keyring: object, redis_url: str, prefix: 
     from catflap.sessions.store import SessionStore, open_store
 
     assert isinstance(keyring, KeyRing)
-    client = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    client = connect(redis_url)
     keys = Keys(prefix)
     store: SessionStore = (
         open_store(cfg.database_url, cfg.state_dir)
@@ -267,8 +266,7 @@ async def _agent_host(
     advertise: str,
     logging_: _HostLogging,
 ) -> None:
-    import redis.asyncio as aioredis
-
+    from catflap.cluster.client import connect
     from catflap.cluster.host import AgentHost
     from catflap.cluster.keys import Keys
     from catflap.cluster.logship import LogShipper
@@ -279,7 +277,7 @@ async def _agent_host(
     from catflap.secretsets.redisstore import RedisSecretStore
 
     assert isinstance(spec, AgentSpec)
-    client = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    client = connect(redis_url)
     with tempfile.TemporaryDirectory(prefix="catflap-host-") as workdir:
         launcher_class = ForkServerLauncher if cfg.gateway.fork_server else SubprocessLauncher
         launcher = launcher_class(

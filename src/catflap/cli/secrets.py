@@ -113,14 +113,11 @@ class _Target:
                     return await action(store)
                 finally:
                     await store.close()
-            import redis.asyncio as aioredis
-
+            from catflap.cluster.client import connect
             from catflap.cluster.keys import Keys
             from catflap.secretsets.redisstore import RedisSecretStore
 
-            client = aioredis.Redis.from_url(
-                self.redis_url, socket_timeout=2, socket_connect_timeout=2
-            )
+            client = connect(self.redis_url)
             try:
                 return await action(RedisSecretStore(client, Keys(self.prefix)))
             finally:

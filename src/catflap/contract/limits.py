@@ -66,6 +66,9 @@ __all__ = [
     "PROVIDER_OPENING_MAX_FRAMES",
     "READINESS_CHECK_TIMEOUT_S",
     "RECORD_ERROR_MAX_CHARS",
+    "REDIS_CONNECTION_RETRIES",
+    "REDIS_RETRY_BACKOFF_MAX_S",
+    "REDIS_SOCKET_TIMEOUT_S",
     "REFUSAL_LOG_LINES_PER_S",
     "RELAY_HIGH_WATER_BYTES",
     "RELAY_LOW_WATER_BYTES",
@@ -499,6 +502,22 @@ LIFECYCLE_STREAM_MAXLEN = 10_000
 #: (a third of a TTL).
 ENDED_REPLAY_WINDOW_S = 60.0
 
+# --- Cluster Redis connections ------------------------------------------------------------
+
+#: A command to Redis (gateway, agent host, ``catflap secrets --redis``) gets an answer within
+#: this, or fails (the caller's outage handling takes over: 503, queue and retry). Connecting
+#: has the same bound.
+REDIS_SOCKET_TIMEOUT_S = 2.0
+#: A command that meets a dead connection is sent again on a new one, this many times. After
+#: a Redis restart every pooled connection is dead, and without a retry the first command on
+#: each fails (a session record's save was lost so). Only connection errors are retried, where
+#: the command did not reach Redis or its answer was lost with the connection; never a
+#: timeout, whose command may still run. redis-py's own ``Retry``.
+REDIS_CONNECTION_RETRIES = 2
+#: The wait before each such retry doubles from 50 ms up to this: a restarting Redis accepts
+#: connections again within a second, and a handshake waits at most 2 x 0.1 s more.
+REDIS_RETRY_BACKOFF_MAX_S = 0.1
+
 # --- Which limits guard what a peer sends ------------------------------------------------------
 
 #: Limits on what a client, a provider or an agent's wire may make the gateway hold or wait for.
@@ -607,6 +626,9 @@ OTHER_LIMITS: frozenset[str] = frozenset(
         "RETRY_AFTER_AT_CAPACITY_S",
         "RETRY_AFTER_NOT_READY_S",
         "READINESS_CHECK_TIMEOUT_S",
+        "REDIS_CONNECTION_RETRIES",
+        "REDIS_RETRY_BACKOFF_MAX_S",
+        "REDIS_SOCKET_TIMEOUT_S",
         "STOP_POLL_INTERVAL_S",
         "STOP_WAIT_S",
         "TCP_KEEPALIVE_COUNT",
