@@ -96,13 +96,29 @@ def _adjust(changes: dict[str, Any]) -> Any:
 
 
 class Client:
-    """One aiortc peer connection signalled through catflap, as Pipecat's JS client does."""
+    """One aiortc peer connection signalled through catflap, as Pipecat's JS client does.
 
-    def __init__(self, gw: RunningGateway, http: httpx.AsyncClient) -> None:
+    ``gw`` is the in-process gateway whose ended sessions :meth:`ended` watches (None in
+    cluster mode, where tests/webrtc_cluster_driver.py polls the record instead); ``signal``
+    is where the offer and its PATCHes go, when not ``http`` (another gateway of a cluster).
+    """
+
+    #: The agent's name and the organisation's keys (the cluster's config has its own).
+    agent = AGENT
+    public_key = PUBLIC_KEY
+    private_key = PRIVATE_KEY
+
+    def __init__(
+        self,
+        gw: RunningGateway | None,
+        http: httpx.AsyncClient,
+        signal: httpx.AsyncClient | None = None,
+    ) -> None:
         from aiortc import RTCPeerConnection
 
         self.gw = gw
         self.http = http
+        self.signal_http = http if signal is None else signal
         self.pc = RTCPeerConnection()
         self.received: list[Any] = []
         self.session_id = ""
@@ -124,23 +140,23 @@ class Client:
 
     async def start(self, **extra: Any) -> httpx.Response:
         response = await self.http.post(
-            f"/v1/public/{AGENT}/start",
+            f"/v1/public/{self.agent}/start",
             json={"transport": "webrtc", **extra},
-            headers={"authorization": f"Bearer {PUBLIC_KEY}"},
+            headers={"authorization": f"Bearer {self.public_key}"},
         )
         if response.status_code == 200:
             self.session_id = response.json()["sessionId"]
         return response
 
     def offer_url(self) -> str:
-        return f"/v1/public/{AGENT}/sessions/{self.session_id}/api/offer"
+        return f"/v1/public/{self.agent}/sessions/{self.session_id}/api/offer"
 
     async def signal(self, method: str, payload: dict[str, Any]) -> httpx.Response:
-        return await self.http.request(
+        return await self.signal_http.request(
             method,
             self.offer_url(),
             json=payload,
-            headers={"authorization": f"Bearer {PUBLIC_KEY}"},
+            headers={"authorization": f"Bearer {self.public_key}"},
         )
 
     async def offer(self, *, pc_id: str | None = None, **extra: Any) -> httpx.Response:
@@ -170,12 +186,13 @@ class Client:
 
     async def record(self) -> dict[str, Any]:
         response = await self.http.get(
-            f"/v1/agents/{AGENT}/sessions/{self.session_id}",
-            headers={"authorization": f"Bearer {PRIVATE_KEY}"},
+            f"/v1/agents/{self.agent}/sessions/{self.session_id}",
+            headers={"authorization": f"Bearer {self.private_key}"},
         )
         return {"status": response.status_code, **response.json()}
 
     async def ended(self, timeout: float = 20) -> dict[str, Any]:
+        assert self.gw is not None
         async with asyncio.timeout(timeout):
             while self.session_id not in self.gw.gateway.sessions.ended:
                 await asyncio.sleep(0.05)
