@@ -695,7 +695,9 @@ def _dispatch_md(res: dict[str, Any]) -> list[str]:
         f"(`--slots {spec.get('slots')} --warm {spec.get('warm')}`, "
         f"{spec.get('sessions_per_instance')} sessions per instance, each held "
         f"{_fmt(spec.get('hold_s'))} s); {res.get('cold_starts')} instances cold-started "
-        "during the run.",
+        "during the run. A 429 is the contract's answer when every slot of `max_agents` "
+        "instances is taken or promised to a waiting session: the burst outran the cold "
+        "starts. Start latencies are those of the 101s.",
         "",
     ]
     lines += _table(

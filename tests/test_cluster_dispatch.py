@@ -36,8 +36,9 @@ REDIS_URL = os.environ.get("CATFLAP_TEST_REDIS", "redis://127.0.0.1:6379/0")
 AGENT = "echo.my-org"
 
 
-def agent_spec(max_agents: int = 50) -> AgentSpec:
-    config = AgentConfig(path=Path("/nonexistent"), scaling=ScalingConfig(max_agents=max_agents))
+def agent_spec(max_agents: int = 50, per_instance: int = 1) -> AgentSpec:
+    scaling = ScalingConfig(max_agents=max_agents, sessions_per_instance=per_instance)
+    config = AgentConfig(path=Path("/nonexistent"), scaling=scaling)
     return AgentSpec(parse_service_host(AGENT), config)
 
 
@@ -94,11 +95,13 @@ async def redis_fixture() -> AsyncIterator[Fixture]:
         await client.aclose()
 
 
-def _pool(fx: Fixture, *, ready_timeout: float = 30.0, max_agents: int = 50) -> RedisPool:
+def _pool(
+    fx: Fixture, *, ready_timeout: float = 30.0, max_agents: int = 50, per_instance: int = 1
+) -> RedisPool:
     return RedisPool(
         fx.client,
         fx.keys,
-        [agent_spec(max_agents)],
+        [agent_spec(max_agents, per_instance)],
         ready_timeout=ready_timeout,
         rng=random.Random(1234),
     )
@@ -254,6 +257,30 @@ async def test_live_and_starting_instances_at_max_agents_give_429(redis_fixture:
     await pool.close()
 
 
+async def test_one_starting_instance_takes_as_many_waiters_as_it_has_slots(
+    redis_fixture: Fixture,
+) -> None:
+    """``sessions_per_instance = 4`` at ``max_agents = 2``: one live instance is full and one
+    is starting, so four sessions wait for its four slots, and only the fifth gets 429 (it
+    used to be the second: starts were counted against sessions one for one)."""
+    fx = redis_fixture
+    await fx.instance("busy-1", capacity=4, used=4)
+    await fx.host_room("h1", free=3, starting=1)
+    pool = _pool(fx, max_agents=2, per_instance=4)
+    waiters = [asyncio.ensure_future(pool.acquire(AGENT, f"fits{i}")) for i in range(4)]
+    async with asyncio.timeout(seconds(5)):
+        while len(await fx.waiting()) < 4:
+            await asyncio.sleep(0.01)
+    with pytest.raises(AtCapacity) as refused:
+        await pool.acquire(AGENT, "past-max")
+    assert refused.value.status == 429
+    assert len(await fx.waiting()) == 4
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    await pool.close()
+
+
 async def test_an_expired_host_entry_offers_no_room(redis_fixture: Fixture) -> None:
     fx = redis_fixture
     await fx.instance("busy-1", capacity=1, used=1)
@@ -276,10 +303,21 @@ async def test_hosts_start_one_instance_per_waiting_session_across_the_cluster(
     later = int(time.time() * 1000) + 60_000
     await fx.client.zadd(fx.keys.waiting(AGENT), {"w1": later, "w2": later, "w3": later})
 
-    async def offer(host: str, free: int, starting: int, max_agents: int = 50) -> int:
+    async def offer(
+        host: str, free: int, starting: int, max_agents: int = 50, per_instance: int = 1
+    ) -> int:
         now_ms = int(time.time() * 1000)
         keys = [fx.keys.agent_hosts(AGENT), fx.keys.waiting(AGENT), fx.keys.agent_instances(AGENT)]
-        args = [host, now_ms, free, starting, now_ms + 1000, max_agents, fx.keys.prefix]
+        args = [
+            host,
+            now_ms,
+            free,
+            starting,
+            now_ms + 1000,
+            max_agents,
+            fx.keys.prefix,
+            per_instance,
+        ]
         return int(await claim(keys=keys, args=args))
 
     async def entry(host: str) -> str:
@@ -303,3 +341,11 @@ async def test_hosts_start_one_instance_per_waiting_session_across_the_cluster(
     await fx.client.zadd(fx.keys.waiting(AGENT), {"w4": later, "w5": later})
     assert await offer("c", free=4, starting=0, max_agents=4) == 0
     assert await offer("c", free=4, starting=0, max_agents=5) == 1
+    # With 4 sessions an instance, one start serves 4 waiters: 5 waiting need exactly 2.
+    await fx.client.delete(fx.keys.agent_hosts(AGENT))
+    await fx.client.zadd(fx.keys.waiting(AGENT), {"w6": later, "w7": later})  # w1 w2 w4-w7
+    await fx.client.zrem(fx.keys.waiting(AGENT), "w1")  # 5 wait
+    assert await offer("d", free=4, starting=0, per_instance=4) == 1
+    assert await offer("d", free=3, starting=1, per_instance=4) == 1
+    assert await offer("d", free=2, starting=2, per_instance=4) == 0
+    assert await entry("d") == "2 2"

@@ -556,7 +556,7 @@ def test_probe_drain_stops_dispatch_to_this_pod_and_waits_for_its_sessions(
                 keys.agent_hosts(agent),
                 keys.waiting(agent),
             ],
-            args=[keys.prefix, now_ms, str(uuid.uuid4()), now_ms + 15_000, draw, 50, "", ""],
+            args=[keys.prefix, now_ms, str(uuid.uuid4()), now_ms + 15_000, draw, 50, "", "", 1],
         )
         assert chosen == b"other-1" and live == 2 and outcome == b"ok"
         client.delete(keys.reserved("other-1"))

@@ -54,23 +54,24 @@ log = logging.getLogger("catflap.cluster")
 #: KEYS[1]: the agent's instance set, KEYS[2]: its hosts' room hash, KEYS[3]: its waiting
 #: sessions. ARGV: prefix, now_ms, session_id, reservation expiry (ms), a random integer in
 #: [0, 2^30), max_agents, the expiry (ms) a wait for a cold start would have ('' to never
-#: wait), '1' when this session already waits, then instance ids to avoid (a retry after a
-#: failed connect).
+#: wait), '1' when this session already waits, the agent's ``sessions_per_instance``, then
+#: instance ids to avoid (a retry after a failed connect).
 #:
 #: Each ready instance weighs its free slots, and one is drawn at random in proportion (the
 #: capacity-weighted choice of LiveKit's dispatcher), so a burst spreads over hosts by their
 #: room; a waiting session that gets a slot leaves the waiting set in the same step. With no
-#: free slot: a session that waits goes on ``waiting``; else, when the instances being
-#: started plus those the hosts may still start (within ``max_agents``) outnumber the waiting
-#: sessions, it joins them (``requested``: hosts see it and start one); else ``full`` (429)
-#: when live instances plus the larger of starting instances and waiting sessions reach
-#: ``max_agents``; else ``no_host`` (503): the hosts have no room.
+#: free slot: a session that waits goes on ``waiting``; else, when the slots of the instances
+#: being started plus those the hosts may still start (within ``max_agents``) outnumber the
+#: waiting sessions, it joins them (``requested``: hosts see it and start one); else ``full``
+#: (429) when live instances plus the larger of starting instances and the instances the
+#: waiting sessions fill reach ``max_agents``; else ``no_host`` (503): the hosts have no room.
+#: Slots are instances times ``sessions_per_instance``: one start serves that many waiters.
 #: Returns {instance_id, address, live, 'ok'} or {false, false, live, outcome}.
 DISPATCH_LUA = """
 local now = tonumber(ARGV[2])
 local ids = redis.call('SMEMBERS', KEYS[1])
 local avoid = {}
-for i = 9, #ARGV do avoid[ARGV[i]] = true end
+for i = 10, #ARGV do avoid[ARGV[i]] = true end
 local live, total = 0, 0
 local cands, weights = {}, {}
 for _, id in ipairs(ids) do
@@ -125,14 +126,17 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 local waiting = redis.call('ZCARD', KEYS[3])
 local max_agents = tonumber(ARGV[6])
+local per = tonumber(ARGV[9])
 local room = math.max(math.min(free, max_agents - live - starting), 0)
-if ARGV[7] ~= '' and starting + room - waiting > 0 then
+if ARGV[7] ~= '' and (starting + room) * per - waiting > 0 then
   redis.call('ZADD', KEYS[3], ARGV[7], ARGV[3])
   local ttl = redis.call('PTTL', KEYS[3])
   if ttl < 0 or now + ttl < tonumber(ARGV[7]) then redis.call('PEXPIREAT', KEYS[3], ARGV[7]) end
   return {false, false, live, 'requested'}
 end
-if live + math.max(starting, waiting) >= max_agents then return {false, false, live, 'full'} end
+if live + math.max(starting, math.ceil(waiting / per)) >= max_agents then
+  return {false, false, live, 'full'}
+end
 return {false, false, live, 'no_host'}
 """
 
@@ -262,6 +266,7 @@ class RedisPool:
                     agent.config.scaling.max_agents,
                     wait_until_ms,
                     "1" if waiting else "",
+                    agent.config.scaling.sessions_per_instance,
                     *sorted(avoid),
                 ],
             )

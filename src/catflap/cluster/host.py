@@ -79,19 +79,21 @@ return 1
 
 #: KEYS[1]: the agent's hosts' room hash, KEYS[2]: its waiting sessions, KEYS[3]: its
 #: instance set. ARGV: host id, now_ms, free, starting (see :meth:`Keys.agent_hosts`), the
-#: entry's expiry (ms), max_agents, key prefix. Writes this host's entry; when more sessions
-#: wait than instances are starting across the cluster, and this host has a free slot and the
+#: entry's expiry (ms), max_agents, key prefix, sessions_per_instance. Writes this host's
+#: entry; when more sessions wait than the instances starting across the cluster will hold
+#: (each ``sessions_per_instance``), and this host has a free slot and the
 #: cluster is under ``max_agents``, it counts one more start in the entry and returns 1: the
 #: host then starts an instance. Atomic, so two hosts never start one instance for the same
 #: waiting session, and a gateway never sees room already taken.
 CLAIM_LUA = """
 local now = tonumber(ARGV[2])
 local free, starting = tonumber(ARGV[3]), tonumber(ARGV[4])
+local per = tonumber(ARGV[8])
 local start = 0
 if free > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   local waiting = redis.call('ZCARD', KEYS[2])
-  if waiting > starting then
+  if waiting > starting * per then
     local total = starting
     local hosts = redis.call('HGETALL', KEYS[1])
     for i = 1, #hosts, 2 do
@@ -100,7 +102,7 @@ if free > 0 then
         if st ~= nil and tonumber(exp) >= now then total = total + tonumber(st) end
       end
     end
-    if waiting > total then
+    if waiting > total * per then
       local live = 0
       for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
         live = live + redis.call('EXISTS', ARGV[7] .. ':inst:' .. id)
@@ -348,6 +350,7 @@ class AgentHost:
                         now_ms + int(HOST_ROOM_TTL_S * 1000),
                         self.agent.config.scaling.max_agents,
                         self._keys.prefix,
+                        self.agent.config.scaling.sessions_per_instance,
                     ],
                 )
             except (RedisError, OSError) as exc:
