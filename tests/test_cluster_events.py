@@ -195,11 +195,16 @@ async def test_records_end_right_when_sessions_end_across_a_redis_restart() -> N
             await leaving.close()
             await restarting
             expected = ["completed", "bot_error", "completed", "client_closed"]
-            for (_, sid, relayed_by), status in zip(sessions, expected, strict=True):
-                # The relaying gateway finishes the record with what its event says, and its
-                # save lands although every pooled connection died with the old server
-                # (catflap.cluster.client retries it), so the other gateway reads the same.
+            for n, ((_, sid, relayed_by), status) in enumerate(
+                zip(sessions, expected, strict=True)
+            ):
+                # The relaying gateway finishes the record with what its event says.
                 assert await _final_status(cl, relayed_by, sid, within=30) == status, sid
+                if n == 0:
+                    continue  # its final save may have gone with the old server's memory
+                # Ended while Redis was down, so saved after the restart: the save lands
+                # although every pooled connection died with the old server
+                # (catflap.cluster.client sends it again), and the other gateway reads it.
                 assert await _final_status(cl, 1 - relayed_by, sid, within=10) == status, sid
             for ws, _, _ in sessions:
                 await ws.close()
