@@ -123,3 +123,26 @@ async def test_a_gateway_whose_heartbeat_is_back_is_not_reaped(
     record = await store.get("s1")
     assert record is not None and record.completion_status is None
     assert await client.exists(keys.gateway_claim(dead)) == 0
+
+
+async def test_a_session_retried_on_another_instance_keeps_its_entry(
+    redis_keys: tuple[aioredis.Redis, Keys],
+) -> None:
+    """Dispatch cancels a lease whose instance failed and acquires again with the same id:
+    the first lease's delayed removal must not delete the second one's entry."""
+    client, keys = redis_keys
+    liveness = GatewayLiveness(client, keys, RedisSessionStore(client, keys), ttl=TTL)
+    liveness.start()
+    entry = keys.gateway_sessions(liveness.gateway_id)
+    try:
+        liveness.opened("retried", "h-1")
+        liveness.closed("retried")  # the connect to h-1 failed
+        liveness.opened("retried", "h-2")  # the retry
+        await asyncio.sleep(TTL + 0.3)  # past the first lease's delayed removal
+        assert await client.hget(entry, "retried") == b"h-2"
+        liveness.closed("retried")  # the session ends: its entry goes a TTL later
+        async with asyncio.timeout(5):
+            while await client.hexists(entry, "retried"):
+                await asyncio.sleep(0.02)
+    finally:
+        await liveness.close()

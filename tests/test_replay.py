@@ -4,6 +4,7 @@ consume_or_reject."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -601,3 +602,57 @@ def test_sqlite_and_memory_stores_match_a_model_with_releases(
         asyncio.run(run())
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def test_redis_store_a_set_whose_answer_was_lost_is_not_taken_for_a_replay() -> None:
+    """The connection dies after Redis ran the ``SET NX`` but before its answer came back;
+    the cluster client sends it again on a new connection (catflap.cluster.client), where
+    ``NX`` fails. The token's first use must still be accepted, once."""
+    from catflap.cluster.client import connect
+
+    upstream_host, upstream_port = "127.0.0.1", int(REDIS_URL.rsplit(":", 1)[1].split("/")[0])
+    dropped: list[bool] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection(upstream_host, upstream_port)
+        if not dropped:
+            # The first connection: pass commands through until the jti SET, then hang up
+            # without passing Redis's answer back.
+            while data := await client_r.read(65536):
+                redis_w.write(data)
+                await redis_w.drain()
+                if b"lost-answer" in data:  # the token's SET, not the handshake
+                    await asyncio.sleep(0.1)  # Redis runs it
+                    dropped.append(True)
+                    client_w.transport.abort()
+                    redis_w.close()
+                    return
+                client_w.write(await redis_r.read(65536))
+                await client_w.drain()
+            return
+        await asyncio.gather(pipe(client_r, redis_w), pipe(redis_r, client_w))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect(f"redis://127.0.0.1:{port}")
+    keys = Keys(f"cftest-{uuid.uuid4().hex[:8]}")
+    store = RedisReplayStore(client, keys)
+    admin = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        exp = int(time.time()) + 300
+        assert await store.consume("lost-answer", exp) is True
+        assert dropped == [True]  # the answer really was lost once
+        assert await admin.exists(keys.jti("lost-answer")) == 1
+        assert await store.consume("lost-answer", exp) is False  # a real replay still is one
+    finally:
+        await client.aclose()
+        await admin.delete(keys.jti("lost-answer"))
+        await admin.aclose()
+        server.close()

@@ -1,8 +1,9 @@
-"""Single-use tokens across gateways: ``SET jti 1 NX EXAT exp`` on the shared Redis."""
+"""Single-use tokens across gateways: ``SET jti <nonce> NX EXAT exp`` on the shared Redis."""
 
 from __future__ import annotations
 
 import logging
+import secrets
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -32,12 +33,19 @@ class RedisReplayStore:
         Raises:
             RedisUnreachable: 503, Redis is unreachable (a token is never accepted blind).
         """
+        # The value is this attempt's own: the client sends a command again when its
+        # connection died (catflap.cluster.client), and a SET that ran before the answer was
+        # lost must not make its own retry look like a replay.
+        mine = secrets.token_bytes(16)
+        key = self._keys.jti(jti)
         try:
-            first = await self._redis.set(self._keys.jti(jti), b"1", nx=True, exat=exp)
+            first = await self._redis.set(key, mine, nx=True, exat=exp)
+            if first:
+                return True
+            return bool(await self._redis.get(key) == mine)
         except (RedisError, OSError) as exc:
             log.error("! Redis unreachable while spending a token (%s)", exc)
             raise RedisUnreachable() from None
-        return bool(first)
 
     async def release(self, jti: str) -> None:
         """Forget ``jti`` (``DEL``), so its token opens a session after all.

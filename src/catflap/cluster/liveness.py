@@ -157,7 +157,13 @@ class GatewayLiveness:
         final save, the survivor still finds the session."""
         if self._open.pop(session_id, None) is None:
             return
-        asyncio.get_running_loop().call_later(self._ttl, self._queue, session_id, None)
+        asyncio.get_running_loop().call_later(self._ttl, self._forget_later, session_id)
+
+    def _forget_later(self, session_id: str) -> None:
+        # A retry on another instance opens the same session id again (dispatch cancels the
+        # first lease, then acquires): its entry must stay.
+        if session_id not in self._open:
+            self._queue(session_id, None)
 
     def _queue(self, session_id: str, instance_id: str | None) -> None:
         self._pending[session_id] = instance_id
