@@ -349,3 +349,20 @@ async def test_hosts_start_one_instance_per_waiting_session_across_the_cluster(
     assert await offer("d", free=3, starting=1, per_instance=4) == 1
     assert await offer("d", free=2, starting=2, per_instance=4) == 0
     assert await entry("d") == "2 2"
+
+
+async def test_dispatch_run_again_for_the_same_session_returns_its_reservation(
+    redis_fixture: Fixture,
+) -> None:
+    """The client sends the script again when its connection died (catflap.cluster.client):
+    one that ran before its answer was lost must not reserve a second slot."""
+    fx = redis_fixture
+    for n in range(3):
+        await fx.instance(f"i-{n}", capacity=4)
+    pool = _pool(fx)
+    first = await pool._run_dispatch(agent_spec(), "same", frozenset())
+    again = [await pool._run_dispatch(agent_spec(), "same", frozenset()) for _ in range(5)]
+    assert first[3] == "ok"
+    assert all(a[:2] == first[:2] for a in again)
+    assert await fx.reserved() == 1
+    await pool.close()

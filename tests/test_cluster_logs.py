@@ -266,3 +266,26 @@ def test_a_record_longer_than_the_bound_is_cut_with_a_note() -> None:
     short = json.dumps({"line": "hi"}).encode()
     assert fit_record(short) is short
     assert fit_record(b"x" * 10_000) == b"x" * limits.LOGSHIP_RECORD_MAX_BYTES
+
+
+async def test_reading_logs_while_redis_is_away_is_503_redis_unreachable() -> None:
+    """Not a plain-text 500: the logs API answers as every cluster read does then."""
+    import socket
+
+    from catflap.cluster.client import connect as redis_connect
+    from catflap.contract.errors import RedisUnreachable
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = redis_connect(f"redis://127.0.0.1:{port}")
+    source = RedisLogSource(client, Keys("cftest-away"))
+    try:
+        with pytest.raises(RedisUnreachable) as one:
+            await source.read_session("my-org", "echo", "s", limit=10, offset=0, order="asc")
+        with pytest.raises(RedisUnreachable) as recent:
+            await source.read_recent("my-org", "echo", limit=10, offset=0, order="desc")
+        for refused in (one.value, recent.value):
+            assert (refused.status, refused.code) == (503, "redis_unreachable")
+    finally:
+        await client.aclose()

@@ -83,6 +83,12 @@ for _, id in ipairs(ids) do
     if not avoid[id] and redis.call('HGET', ikey, 'state') == 'ready' then
       local rkey = ikey .. ':resv'
       redis.call('ZREMRANGEBYSCORE', rkey, '-inf', now)
+      if redis.call('ZSCORE', rkey, ARGV[3]) then
+        -- This session's own reservation: the script ran before, its answer was lost and the
+        -- client sent it again. The same slot, not a second one held for nobody.
+        if KEYS[3] ~= nil then redis.call('ZREM', KEYS[3], ARGV[3]) end
+        return {id, redis.call('HGET', ikey, 'address'), live, 'ok'}
+      end
       local free = tonumber(redis.call('HGET', ikey, 'capacity') or '0')
         - redis.call('SCARD', ikey .. ':active') - redis.call('ZCARD', rkey)
       if free > 0 then
@@ -316,11 +322,16 @@ class RedisPool:
         deadline = loop.time() + self._ready_timeout
         wait_until_ms = str(int((time.time() + self._ready_timeout) * 1000))
         waiting = False
+        #: True while a dispatch call is in flight: cancelled then (the client left), the
+        #: script may have added the session to the waiting set without this knowing.
+        in_flight = False
         try:
             while True:
+                in_flight = True
                 instance_id, address, live, outcome = await self._run_dispatch(
                     agent, session_id, avoid, wait_until_ms=wait_until_ms, waiting=waiting
                 )
+                in_flight = False
                 if instance_id:
                     break
                 if outcome == "requested":
@@ -348,7 +359,7 @@ class RedisPool:
                     agent.key, min(remaining, WAIT_POLL_S * (0.5 + self._rng.random()))
                 )
         except BaseException:
-            if waiting:  # served, it left the set in the dispatch itself
+            if waiting or in_flight:  # served, it left the set in the dispatch itself
                 self._tasks.spawn(self._stop_waiting(agent.key, session_id), name="stop waiting")
             raise
         lease = ClusterLease(
@@ -398,8 +409,13 @@ class RedisPool:
                     async for message in pubsub.listen():
                         if message.get("type") != "message":
                             continue
-                        data = json.loads(message["data"])
-                        self._wake(str(data["agent"]), max(int(data["capacity"]), 1))
+                        try:
+                            data = json.loads(message["data"])
+                            agent, capacity = str(data["agent"]), int(data["capacity"])
+                        except (ValueError, KeyError, TypeError):
+                            log.warning("! ignoring a malformed ready message")
+                            continue
+                        self._wake(agent, max(capacity, 1))
             except (RedisError, OSError) as exc:
                 log.warning("! lost the ready subscription (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)

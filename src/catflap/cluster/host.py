@@ -277,7 +277,9 @@ class AgentHost:
             "bot_seconds": end.bot_seconds,
             "resources": end.resources,
         }
-        self._recent_ended.append((time.monotonic(), event))
+        now = time.monotonic()
+        self._recent_ended.append((now, event))
+        self._forget_old_ends(now)
 
         async def ended() -> None:
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -447,10 +449,15 @@ class AgentHost:
                     self._ops.put_nowait(functools.partial(self._register_instance, instance))
                 self._ops.put_nowait(self._replay_ended)
 
-    async def _replay_ended(self) -> None:
-        cutoff = time.monotonic() - ENDED_REPLAY_WINDOW_S
+    def _forget_old_ends(self, now: float) -> None:
+        """Only the last ``ENDED_REPLAY_WINDOW_S`` are ever appended again: an event carries
+        its session's resource time series (up to ~10 KB), so older ones go at once."""
+        cutoff = now - ENDED_REPLAY_WINDOW_S
         while self._recent_ended and self._recent_ended[0][0] < cutoff:
             self._recent_ended.popleft()
+
+    async def _replay_ended(self) -> None:
+        self._forget_old_ends(time.monotonic())
         if not self._recent_ended:
             return
         log.info("= appending %d recent ended event(s) again", len(self._recent_ended))

@@ -48,9 +48,11 @@ from redis.exceptions import RedisError
 
 from catflap.cluster.keys import Keys
 from catflap.contract import limits
+from catflap.contract.errors import RedisUnreachable
 from catflap.logs import session_log
 from catflap.logstore import RECENT_SESSION_MAX_BYTES, LogPage, Order, merge_recent, page_of
 from catflap.runtime.botlogs import session_log_path
+from catflap.tasks import TaskSet
 
 __all__ = ["SHIP_LUA", "LogShipper", "RedisLogSource", "fit_record"]
 
@@ -181,15 +183,15 @@ class LogShipper:
         self._clock = clock
         self._ship_script = client.register_script(SHIP_LUA)
         self._tails: dict[str, _Tail] = {}
+        #: The followers, so that one that fails unexpectedly is logged, not lost.
+        self._tasks = TaskSet("log shipping")
 
     def session_started(self, session_id: str) -> None:
         """Start shipping the session's lines as they are written."""
         if session_id in self._tails:
             return
         tail = self._tail(session_id)
-        tail.task = asyncio.get_running_loop().create_task(
-            self._follow(tail), name=f"log shipping {session_id}"
-        )
+        tail.task = self._tasks.spawn(self._follow(tail), name=f"log shipping {session_id}")
 
     async def finish(self, session_id: str) -> None:
         """Ship the session's remaining lines, then stop following its file.
@@ -209,11 +211,8 @@ class LogShipper:
 
     async def close(self) -> None:
         """Stop following every file (a host going down ships what :meth:`finish` got)."""
-        tasks = [t.task for t in self._tails.values() if t.task is not None]
         self._tails.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.aclose()
 
     @property
     def following(self) -> int:
@@ -288,21 +287,35 @@ class RedisLogSource:
     async def read_session(
         self, org: str, agent: str, session_id: str, *, limit: int, offset: int, order: Order
     ) -> LogPage | None:
+        """Raises:
+        RedisUnreachable: 503, as every cluster read while Redis is away."""
         key = self._keys.session_log(org, agent, session_id)
-        return await self._page(key, session_id, limit, offset, order, limits.LOGS_PAGE_MAX_BYTES)
+        try:
+            return await self._page(
+                key, session_id, limit, offset, order, limits.LOGS_PAGE_MAX_BYTES
+            )
+        except (RedisError, OSError) as exc:
+            raise _unreachable(exc) from None
 
     async def read_recent(
         self, org: str, agent: str, *, limit: int, offset: int, order: Order
     ) -> LogPage:
+        """Raises:
+        RedisUnreachable: 503, as every cluster read while Redis is away."""
         index = self._keys.agent_logs(org, agent)
-        ids = await self._redis.zrevrange(index, 0, limits.LOGS_RECENT_SESSIONS_MAX - 1)
-        pages: list[LogPage] = []
-        for raw_id in ids:
-            sid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-            key = self._keys.session_log(org, agent, sid)
-            page = await self._page(key, sid, offset + limit, 0, order, RECENT_SESSION_MAX_BYTES)
-            if page is not None:
-                pages.append(page)
+        try:
+            ids = await self._redis.zrevrange(index, 0, limits.LOGS_RECENT_SESSIONS_MAX - 1)
+            pages: list[LogPage] = []
+            for raw_id in ids:
+                sid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+                key = self._keys.session_log(org, agent, sid)
+                page = await self._page(
+                    key, sid, offset + limit, 0, order, RECENT_SESSION_MAX_BYTES
+                )
+                if page is not None:
+                    pages.append(page)
+        except (RedisError, OSError) as exc:
+            raise _unreachable(exc) from None
         return merge_recent(pages, limit=limit, offset=offset, order=order)
 
     async def _page(
@@ -335,3 +348,8 @@ class RedisLogSource:
                 size += len(record)
                 at = _line_number(entry_id) + step
         return page_of(total, records, session_id, max_bytes)
+
+
+def _unreachable(exc: Exception) -> RedisUnreachable:
+    log.error("! Redis unreachable while reading session logs (%s)", exc)
+    return RedisUnreachable()

@@ -165,8 +165,11 @@ class StreamReader:
             if not isinstance(event, dict):
                 raise ValueError("the entry is not a JSON object")
             await self._handle(event)
-        except (RedisError, OSError):
-            raise  # a handler that talks to Redis: retry the entry after reconnecting
+        except RedisError:
+            # A handler that talks to Redis: retry the entry after reconnecting. Not OSError:
+            # a handler's own socket error (an instance's control channel) would retry the
+            # same entry forever and stall every later one.
+            raise
         except Exception:
             log.exception("! skipping an unreadable entry of %s", self._what)
 

@@ -493,7 +493,9 @@ SECRETS_PER_REQUEST_MAX = 1000
 #: approximately (``XADD MAXLEN ~``) at every append. A reader that was away (a gateway or host
 #: reconnecting to Redis) reads on from its last id, so this bounds the outage it can make up
 #: for: 10,000 ends is 1,000 s at 10 sessions ending per second, far beyond the 5 s reconnect
-#: backoff. An entry is about 200 bytes, so a full stream is about 2 MiB of Redis memory.
+#: backoff. A stop entry is about 100 bytes; an ended entry carries the session's resource
+#: time series (``RESOURCE_SAMPLES_MAX`` points) and error text, measured about 6.4 KB and at
+#: most about 10 KB, so a full ``ended`` stream is 64-100 MB of Redis memory.
 LIFECYCLE_STREAM_MAXLEN = 10_000
 #: When an agent host finds that Redis lost its keys (a restart without persistence), it appends
 #: the ``ended`` events of the sessions that ended this long ago or less once more: one appended
