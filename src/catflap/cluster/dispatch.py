@@ -470,7 +470,13 @@ class RedisPool:
         except (RedisError, OSError) as exc:
             raise _unavailable(exc) from None
         if not found or found[0] is None:
-            return None
+            lease = self._leases.get(session_id)
+            if lease is None:
+                return None
+            # This gateway relays it, but Redis no longer lists its instance: the host was
+            # cut off from Redis for more than a heartbeat TTL, and the session goes on (a
+            # stop reaches it through the stream once the host is back).
+            return SessionPlace(address=lease.instance_address, running=True)
         address, running = found
         return SessionPlace(
             address=address.decode() if isinstance(address, bytes) else str(address),
