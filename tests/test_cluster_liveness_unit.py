@@ -96,8 +96,12 @@ async def test_a_session_its_host_still_runs_waits_for_the_hosts_report(
     await asyncio.sleep(0.1)
     running = await store.get("running")
     assert running is not None and running.completion_status is None
-    # The host ends the bot: its report wins.
+    # The host ends the bot: it leaves :active first and appends its report a round trip
+    # later; a round in between waits one more round for it.
     await client.srem(keys.active("h-1"), "running")
+    await a.reap_once()
+    running = await store.get("running")
+    assert running is not None and running.completion_status is None
     a.foreign_end(
         "running", SessionEnd(status="completed", client_disconnected=True, bot_seconds=3.0)
     )
@@ -146,3 +150,22 @@ async def test_a_session_retried_on_another_instance_keeps_its_entry(
                 await asyncio.sleep(0.02)
     finally:
         await liveness.close()
+
+
+async def test_an_adopted_session_whose_report_never_comes_is_lost_after_two_rounds(
+    redis_keys: tuple[aioredis.Redis, Keys],
+) -> None:
+    client, keys = redis_keys
+    store = RedisSessionStore(client, keys)
+    await client.sadd(keys.active("h-1"), "orphan")
+    await _dead_gateway(client, keys, store, {"orphan": "h-1"})
+    survivor = GatewayLiveness(client, keys, store, ttl=TTL)
+    await survivor.reap_once()  # adopted: its host runs it
+    await client.srem(keys.active("h-1"), "orphan")  # it ends; the report is lost
+    await survivor.reap_once()  # one round of grace
+    record = await store.get("orphan")
+    assert record is not None and record.completion_status is None
+    await survivor.reap_once()
+    record = await store.get("orphan")
+    assert record is not None and record.completion_status == "gateway_lost"
+    await survivor.close()

@@ -32,6 +32,7 @@ back it writes its sessions again and finishes their records itself.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import logging
 import secrets
@@ -83,6 +84,8 @@ class _Adopted:
 
     gateway_id: str
     instance_id: str
+    #: Rounds that found it gone from the instance's ``:active`` set; see ``_finish_gateway``.
+    missing: int = 0
 
 
 def _text(value: object) -> str:
@@ -268,6 +271,12 @@ class GatewayLiveness:
                         instance_id,
                     )
                 self._adopted[session_id] = _Adopted(gateway_id, instance_id)
+                continue
+            adopted = self._adopted.get(session_id)
+            if adopted is not None and adopted.missing == 0:
+                # Seen running after the gateway died, gone now: its host leaves :active one
+                # round trip before it appends the end, so give the report one more round.
+                self._adopted[session_id] = dataclasses.replace(adopted, missing=1)
                 continue
             # Seen running after the gateway died: it ended between two rounds, and its host's
             # report was missed. Else it ended with the gateway.
