@@ -32,8 +32,8 @@ back it writes its sessions again and finishes their records itself.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
