@@ -349,6 +349,13 @@ async def test_hosts_start_one_instance_per_waiting_session_across_the_cluster(
     assert await offer("d", free=3, starting=1, per_instance=4) == 1
     assert await offer("d", free=2, starting=2, per_instance=4) == 0
     assert await entry("d") == "2 2"
+    # A ready instance's free slot serves a waiter that has not dispatched yet: no start.
+    await fx.client.delete(fx.keys.agent_hosts(AGENT), fx.keys.waiting(AGENT))
+    await fx.client.zadd(fx.keys.waiting(AGENT), {"w8": later})
+    await fx.instance("fresh-1", capacity=1)
+    assert await offer("e", free=4, starting=0) == 0
+    await fx.client.zadd(fx.keys.waiting(AGENT), {"w9": later})  # one more than it holds
+    assert await offer("e", free=4, starting=0) == 1
 
 
 async def test_dispatch_run_again_for_the_same_session_returns_its_reservation(

@@ -103,11 +103,22 @@ if free > 0 then
       end
     end
     if waiting > total * per then
-      local live = 0
+      -- Free slots on ready instances count too: a waiter whose instance just registered
+      -- has not dispatched yet, and must not get a second start.
+      local live, idle = 0, 0
       for _, id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-        live = live + redis.call('EXISTS', ARGV[7] .. ':inst:' .. id)
+        local ikey = ARGV[7] .. ':inst:' .. id
+        if redis.call('EXISTS', ikey) == 1 then
+          live = live + 1
+          if redis.call('HGET', ikey, 'state') == 'ready' then
+            local f = tonumber(redis.call('HGET', ikey, 'capacity') or '0')
+              - redis.call('SCARD', ikey .. ':active')
+              - redis.call('ZCOUNT', ikey .. ':resv', now, '+inf')
+            if f > 0 then idle = idle + f end
+          end
+        end
       end
-      if live + total < tonumber(ARGV[6]) then
+      if waiting > total * per + idle and live + total < tonumber(ARGV[6]) then
         start = 1
         free = free - 1
         starting = starting + 1
