@@ -36,16 +36,17 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from catflap.contract.limits import LIFECYCLE_STREAM_MAXLEN
+from catflap.contract.limits import LIFECYCLE_STREAM_MAXLEN, REDIS_SOCKET_TIMEOUT_S
 
 __all__ = ["StreamReader", "append_event", "stream_id"]
 
 log = logging.getLogger("catflap.cluster")
 
-#: How long one ``XREAD`` blocks waiting for an entry. It must stay below the Redis client's
-#: ``socket_timeout`` (2 s, ``cli/cluster.py``), or every quiet second would look like a lost
-#: connection; an entry arriving meanwhile ends the wait at once.
-READ_BLOCK_MS = 1000
+#: How long one ``XREAD`` blocks waiting for an entry: half the Redis client's socket timeout
+#: (``REDIS_SOCKET_TIMEOUT_S``, :mod:`catflap.cluster.client`), which it must stay below, or
+#: every quiet stretch would look like a lost connection; an entry arriving meanwhile ends the
+#: wait at once.
+READ_BLOCK_MS = int(REDIS_SOCKET_TIMEOUT_S * 1000 / 2)
 #: Entries handled per ``XREAD``: a reader making up for an outage catches up in batches.
 READ_BATCH = 500
 #: Reconnect backoff, first and longest wait (as the hosts' queued updates use).
