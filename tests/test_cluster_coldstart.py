@@ -17,6 +17,7 @@ import redis
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from catflap.cluster.keys import Keys
 from catflap.contract.limits import AGENT_READY_TIMEOUT_S
 
 from .conftest import ROOT, seconds
@@ -98,9 +99,10 @@ async def test_a_client_that_leaves_while_waiting_for_a_cold_start_holds_nothing
                 await asyncio.wait_for(connect(url), 0.5)  # leaves mid-handshake
             client = redis.Redis.from_url(cl.redis_url)
             try:
+                waiting = Keys(cl.prefix).waiting("echo.my-org")
                 async with asyncio.timeout(seconds(5)):
-                    while client.llen(f"{cl.prefix}:agent:echo.my-org:starts"):
-                        await asyncio.sleep(0.05)  # withdrawn (or claimed by the host)
+                    while client.zcard(waiting):
+                        await asyncio.sleep(0.05)  # the departed client left the waiting set
                 for key in client.scan_iter(f"{cl.prefix}:inst:*:resv"):
                     assert client.zcard(key) == 0  # no slot reserved for the departed client
             finally:
