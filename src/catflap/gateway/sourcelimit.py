@@ -144,9 +144,10 @@ class StartRateLimiter:
         else:
             # A refused source is seen too: one that keeps trying stays tracked, and limited.
             buckets.move_to_end(key)
-            elapsed = max(0.0, now - bucket.stamp)
-            bucket.tokens = min(float(self.burst), bucket.tokens + elapsed * self.rate)
-            bucket.stamp = now
+            if now > bucket.stamp:  # a clock that steps back refills nothing
+                elapsed = now - bucket.stamp
+                bucket.tokens = min(float(self.burst), bucket.tokens + elapsed * self.rate)
+                bucket.stamp = now
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return
