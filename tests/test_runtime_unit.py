@@ -440,7 +440,9 @@ async def test_a_stop_request_cancels_the_bot_and_closes_1000() -> None:
     assert runtime.running.stuck == set()
 
 
-async def test_a_stopped_session_has_closed_its_socket_before_the_runtime_counts_as_idle() -> None:
+async def test_a_stopped_session_has_closed_its_socket_before_the_runtime_counts_as_idle() -> (
+    None
+):
     """A drain or the pool's departure waits for idle, then uvicorn closes what is left with
     1012: the session's own close must already be out (it lost that race under load)."""
     runtime = Runtime(sleep_forever)
