@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import time
 from collections.abc import Iterator
 
@@ -27,6 +28,8 @@ from .conftest import (
     MiB,
     RssWatch,
     assert_healthy,
+    client_frame,
+    close_code_of,
     hostile_gateway,
     http_get,
     mint_token,
@@ -283,4 +286,59 @@ def test_a_flood_of_starts_from_one_address_is_refused_in_bounded_memory(
     assert flood - admitted >= flood - (took * RATE + 1)
     assert took < seconds(30)
     watch.assert_below(16 * MiB)
+    healthy(gateway)
+
+
+def _twilio_start(service_host: str) -> bytes:
+    start = {
+        "event": "start",
+        "sequenceNumber": "1",
+        "start": {
+            "accountSid": "AC" + "1" * 32,
+            "streamSid": "MZ" + "2" * 32,
+            "callSid": "CA" + "3" * 32,
+            "tracks": ["inbound"],
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            "customParameters": {"_pipecatCloudServiceHost": service_host},
+        },
+        "streamSid": "MZ" + "2" * 32,
+    }
+    return client_frame(0x1, json.dumps(start).encode())
+
+
+def test_a_twilio_stream_over_the_rate_is_closed_1013_once_its_start_names_the_agent(
+    gateway: HostileGateway,
+) -> None:
+    """Twilio without ``?serviceHost=``: the agent is known only from the ``start`` message,
+    after the gateway's own 101, so the refusal is a close (1013, as for capacity)."""
+    port = gateway.port
+    source = "127.0.0.5"
+
+    async def use_up_the_burst() -> list[int]:
+        answers = await asyncio.gather(*(attempt(port, source) for _ in range(BURST)))
+        for answer in answers:
+            answer.writer.close()
+        return [a.status for a in answers]
+
+    before = sessions_of(gateway, MANY)
+    assert asyncio.run(use_up_the_burst()) == [101] * BURST
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=seconds(10), source_address=(source, 0)
+    ) as sock:
+        sock.sendall(upgrade_request("/ws/twilio"))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        assert status_of(head) == 101
+        sock.sendall(_twilio_start(f"{MANY}.{ORG}"))
+        while len(rest) < 2 or len(rest) < 2 + rest[1]:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+    assert close_code_of(rest) == 1013
+    assert rest[4 : 2 + rest[1]].decode() == MESSAGE  # the whole message fits a close reason
+    wait_for_sessions(gateway, MANY, before + BURST)
+    gateway.wait_for_log(f"twilio: {MESSAGE}")
     healthy(gateway)
