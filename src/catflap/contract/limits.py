@@ -186,8 +186,8 @@ START_REQUEST_MAX_BYTES = BOT_BODY_MAX_BYTES + 64 * 1024
 #: attack's 88 starts a second from one address made other sessions' p99 latency 5x worse on
 #: a 2-core host. A person starts a call every few seconds at most; a telephony provider or a
 #: proxy, which funnel many callers through one address, are what ``session_starts_exempt``
-#: is for. Past it: 429
-#: ``too_many_starts`` with ``Retry-After``, before any token is spent or slot reserved.
+#: is for. Past it: 429 ``too_many_starts`` with ``Retry-After``, before any token is spent or
+#: slot reserved.
 SESSION_STARTS_PER_SOURCE_DEFAULT = 20.0
 #: ...and this many at once above that rate (``[gateway] session_starts_burst``): a load test
 #: or a page that opens a few sessions together is not refused. nginx's ``burst`` is the same
@@ -195,9 +195,9 @@ SESSION_STARTS_PER_SOURCE_DEFAULT = 20.0
 SESSION_STARTS_BURST_DEFAULT = 100
 #: Sources (an IPv4 address, or an IPv6 /64) whose buckets are kept; past it the least
 #: recently seen is forgotten, so an attacker with many addresses cannot grow the table. About
-#: 250 bytes a source, so 4 MiB at most; nginx's ``limit_req_zone`` holds about 16,000 states
-#: per MiB of zone and likewise drops the least recently used one when full. A forgotten source
-#: starts again with a full burst, which is the cost of the bound.
+#: 210 bytes a source (tracemalloc), so 3.3 MiB at most; nginx's ``limit_req_zone`` holds about
+#: 16,000 states per MiB of zone and likewise drops the least recently used one when full. A
+#: forgotten source starts again with a full burst, which is the cost of the bound.
 SESSION_START_SOURCES_MAX = 16384
 #: Open connections the separate ``/metrics`` listener (``[gateway] metrics_listen``) holds at
 #: most. A Prometheus server keeps one scrape per target in flight, so a few scrapers and a
