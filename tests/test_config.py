@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from catflap.config import load_config, token_keyring, zero_config
+from catflap.contract import limits
 from catflap.contract.errors import ConfigError
 
 from .conftest import ECHO
@@ -126,6 +127,43 @@ def test_logs_settings_default_and_resolve_against_the_config_file(tmp_path: Pat
 def test_bad_logs_settings_are_refused(tmp_path: Path, table: str, key: str, problem: str) -> None:
     err = error(tmp_path, DOCUMENTED.format(path=ECHO) + table)
     assert (err.key, problem in err.problem) == (key, True)
+
+
+def test_session_start_limits_default_and_load(tmp_path: Path) -> None:
+    gateway = load_config(write(tmp_path, DOCUMENTED.format(path=ECHO))).gateway
+    assert (gateway.session_starts_per_source, gateway.session_starts_burst) == (
+        limits.SESSION_STARTS_PER_SOURCE_DEFAULT,
+        limits.SESSION_STARTS_BURST_DEFAULT,
+    )
+    assert gateway.session_starts_exempt == [] and gateway.exempt_networks == []
+    text = DOCUMENTED.format(path=ECHO) + (
+        "[gateway]\nsession_starts_per_source = 0\nsession_starts_burst = 3\n"
+        'session_starts_exempt = ["10.0.0.0/8", "203.0.113.7", "2001:db8::/32"]\n'
+    )
+    gateway = load_config(write(tmp_path, text)).gateway
+    assert (gateway.session_starts_per_source, gateway.session_starts_burst) == (0, 3)
+    assert [str(n) for n in gateway.exempt_networks] == [
+        "10.0.0.0/8",
+        "203.0.113.7/32",
+        "2001:db8::/32",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("setting", "problem"),
+    [
+        ('session_starts_exempt = ["10.0.0.1/8"]', "'10.0.0.1/8' is not a network in CIDR"),
+        ('session_starts_exempt = ["proxy.internal"]', "'proxy.internal' is not a network"),
+        ('session_starts_exempt = ["10.0.0.0/33"]', 'write e.g. "10.0.0.0/8"'),
+        ("session_starts_per_source = -1", "greater than or equal to 0"),
+        ("session_starts_per_source = inf", "finite number"),
+        ("session_starts_burst = 0", "greater than or equal to 1"),
+    ],
+)
+def test_bad_session_start_limits_are_refused(tmp_path: Path, setting: str, problem: str) -> None:
+    err = error(tmp_path, DOCUMENTED.format(path=ECHO) + f"[gateway]\n{setting}\n")
+    assert err.key == f"gateway.{setting.split(' ')[0]}"
+    assert problem in err.problem, err.problem
 
 
 def test_missing_bot_py_is_refused(tmp_path: Path) -> None:

@@ -571,6 +571,42 @@ async def test_at_max_agents_a_daily_session_gets_429_before_any_room_is_made(
 
 
 @pytest.mark.slow
+async def test_over_the_start_rate_daily_and_webrtc_sessions_get_429_before_any_room_is_made(
+    tmp_path: Path,
+) -> None:
+    """The address's one start goes to a bot; then a Daily room, a WebRTC session and another
+    bot are refused with 429 ``too_many_starts``: no room is made, no slot taken."""
+    out = tmp_path / "received.jsonl"
+    async with fake_daily() as fake:
+        with_daily = _with_daily(fake)
+
+        def adjust(config: CatflapConfig) -> CatflapConfig:
+            config = with_daily(config)
+            settings = config.gateway.model_copy(  # one start per 1000 s
+                update={"session_starts_per_source": 0.001, "session_starts_burst": 1}
+            )
+            return config.model_copy(update={"gateway": settings})
+
+        async with warm_gateway(adjust=adjust) as gw:
+            first = await _start(gw, {"body": {"out": str(out)}})
+            assert first.status_code == 200, first.text
+            await ended_record(gw, first.json()["sessionId"])
+            for payload in (
+                {"createDailyRoom": True, "body": {"out": str(out)}},
+                {"transport": "webrtc"},
+                {"body": {"out": str(out)}},
+            ):
+                refused = await _start(gw, payload)
+                assert refused.status_code == 429, refused.text
+                assert refused.json()["code"] == "too_many_starts"
+                # The next start is 1000 s after the first, less the seconds gone since.
+                assert 900 <= int(refused.headers["retry-after"]) <= 1000
+                _no_session_ran(gw)
+            assert not fake.calls
+    assert len(await received_by_bot(out)) == 1
+
+
+@pytest.mark.slow
 async def test_the_sdk_starts_a_daily_session_with_use_daily(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

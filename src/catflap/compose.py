@@ -8,7 +8,7 @@ comes from :class:`~catflap.config.CatflapConfig`.
 
 The request path it wires, each step taking only its own collaborators::
 
-    Front (accept, read the head)  -> check_upgrade (pure)
+    Front (accept, read the head)  -> check_upgrade (pure)  -> StartRateLimiter (per source)
         -> Admission (replay store, pool, upstream)  -> LiveRelays (relay)  -> Recorder
 """
 
@@ -27,7 +27,7 @@ from catflap.auth.sqlite_replay import SqliteReplayStore
 from catflap.auth.tokens import KeyRing
 from catflap.config import CatflapConfig, token_keyring
 from catflap.contract import limits
-from catflap.contract.errors import CatflapMisuse, StartupError
+from catflap.contract.errors import CatflapMisuse, StartupError, TooManyStarts
 from catflap.directory import AgentDirectory
 from catflap.gateway.admission import Admission
 from catflap.gateway.apiconnections import ApiConnections
@@ -40,6 +40,7 @@ from catflap.gateway.refusal import Refusals
 from catflap.gateway.relaying import LiveRelays
 from catflap.gateway.session import run_session
 from catflap.gateway.sessionproxy import SessionProxy
+from catflap.gateway.sourcelimit import StartRateLimiter
 from catflap.gateway.steps import SessionSteps
 from catflap.gateway.timings import Timings
 from catflap.gateway.tls import Certificate, TlsListener
@@ -236,6 +237,16 @@ def _wire(
         )
     )
     refusals = Refusals(metrics)
+    # One set of buckets for every path that starts a bot: the WebSocket endpoints and /start.
+    start_limit = StartRateLimiter.from_settings(config.gateway)
+
+    def limit_api_start(client_host: str | None, what: str) -> None:
+        try:
+            start_limit.check(client_host)
+        except TooManyStarts as rejected:
+            refusals.refused_by_api(rejected, what)
+            raise
+
     recorder = Recorder(
         sessions=sessions,
         store=store,
@@ -272,6 +283,7 @@ def _wire(
         readiness=getattr(pool, "readiness", None),  # a local pool's own, as instance_states
         dependencies=dependencies,
         logs=logs,
+        start_limit=limit_api_start,
     )
     api = ApiConnections(lambda: _control_api(api_deps), on_refusal=refusals.count)
     steps = SessionSteps(
@@ -289,6 +301,7 @@ def _wire(
         relays=relays,
         recorder=recorder,
         provider_handshake_timeout=timings.provider_handshake,
+        start_limit=start_limit,
     )
 
     def upgrade(conn: GatewayConnection, head: RequestHead, trailing: bytes) -> None:

@@ -337,10 +337,13 @@ def create_api(deps: ApiDeps) -> FastAPI:
         transport = payload.transport
         if transport is None and payload.createDailyRoom:
             transport = "daily"
+        client_host = request.client.host if request.client else None
         if transport is None or transport == "daily":
-            return await _start_bot(org, spec, payload, daily=transport == "daily")
+            return await _start_bot(
+                org, spec, payload, daily=transport == "daily", client_host=client_host
+            )
         if transport == "webrtc":
-            return await _start_webrtc(spec, payload)
+            return await _start_webrtc(spec, payload, client_host=client_host)
         if transport not in START_TRANSPORTS:
             raise UnsupportedTransport(
                 f"transport {transport!r} is not supported: send one of "
@@ -378,8 +381,18 @@ def create_api(deps: ApiDeps) -> FastAPI:
             response["body"] = body_b64
         return response
 
+    def _limit_start(spec: AgentSpec, client_host: str | None) -> None:
+        """Take a start from the client's address, once nothing else refuses the session."""
+        if deps.start_limit is not None:
+            deps.start_limit(client_host, f"POST /start of {spec.key}")
+
     async def _start_bot(
-        org: str, spec: AgentSpec, payload: StartRequest, *, daily: bool
+        org: str,
+        spec: AgentSpec,
+        payload: StartRequest,
+        *,
+        daily: bool,
+        client_host: str | None,
     ) -> dict[str, Any]:
         """A session on the runtime's ``POST /bot``, in a new Daily room when ``daily``.
 
@@ -392,11 +405,13 @@ def create_api(deps: ApiDeps) -> FastAPI:
         if deps.bot_sessions is None:
             raise ServiceUnavailable("this API starts no sessions without a transport")
         if not daily:
+            _limit_start(spec, client_host)
             return {"sessionId": await deps.bot_sessions.start(spec, body)}
         settings = deps.config.organizations[org]
         api_key = daily_api_key(org, settings)
         if await deps.pool.at_capacity(spec.key):
             raise AtCapacity(f"agent {spec.key} is at max_agents; retry shortly")
+        _limit_start(spec, client_host)  # before the room: a refusal costs Daily nothing
         room = await create_daily_room(
             api_url=settings.daily_api_url,
             api_key=api_key,
@@ -407,7 +422,9 @@ def create_api(deps: ApiDeps) -> FastAPI:
         session_id = await deps.bot_sessions.start(spec, body, daily=room)
         return {"sessionId": session_id, "dailyRoom": room.url, "dailyToken": room.token}
 
-    async def _start_webrtc(spec: AgentSpec, payload: StartRequest) -> dict[str, Any]:
+    async def _start_webrtc(
+        spec: AgentSpec, payload: StartRequest, *, client_host: str | None
+    ) -> dict[str, Any]:
         """A SmallWebRTC session: a ``POST /bot`` that waits for the client's offer, which it
         sends to ``/v1/public/{agent}/sessions/{sessionId}/api/offer`` (the session proxy)."""
         if deps.draining():
@@ -415,6 +432,7 @@ def create_api(deps: ApiDeps) -> FastAPI:
         body = encode_bot_body(payload.body)
         if deps.bot_sessions is None:
             raise ServiceUnavailable("this API starts no sessions without a WebSocket")
+        _limit_start(spec, client_host)
         response: dict[str, Any] = {
             "sessionId": await deps.bot_sessions.start(spec, body, webrtc=True)
         }

@@ -53,6 +53,11 @@ class ApiDeps:
     #: Starts sessions without a transport (``POST /bot`` on an instance). None (an API built
     #: from parts, in a test): such a ``/start`` is refused with 503.
     bot_sessions: BotSessions | None = None
+    #: Takes one session start from a client address (the gateway's
+    #: :class:`~catflap.gateway.sourcelimit.StartRateLimiter`, shared with the WebSocket
+    #: endpoints), with what the request is for the log; raises 429 ``too_many_starts``. None
+    #: (an API built from parts, in a test): no limit.
+    start_limit: Callable[[str | None, str], None] | None = None
     #: Forwards ``/v1/public/{agent}/sessions/{id}/{path}`` to the session's instance. None (an
     #: API built from parts, in a test): the proxy answers 503.
     session_proxy: SessionProxy | None = None

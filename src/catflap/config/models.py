@@ -7,6 +7,7 @@ can check; reading the files, merging an agent folder's ``pcc-deploy.toml`` unde
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,6 +234,17 @@ class GatewaySettings(_Strict):
     #: Serve ``/docs`` and ``/redoc`` (Swagger UI and ReDoc); off by default, since they load
     #: scripts onto the gateway's origin. ``/openapi.json`` is always served.
     api_docs: bool = False
+    #: New sessions one client address (an IPv4 address, an IPv6 /64) may start per second,
+    #: a token bucket as nginx's ``limit_req``; past it 429 ``too_many_starts``. 0: no bound.
+    #: Behind a load balancer every connection comes from its address: exempt it, or set 0.
+    session_starts_per_source: float = Field(
+        default=limits.SESSION_STARTS_PER_SOURCE_DEFAULT, ge=0, allow_inf_nan=False
+    )
+    #: Starts one address may make at once above that rate (the bucket's size).
+    session_starts_burst: int = Field(default=limits.SESSION_STARTS_BURST_DEFAULT, ge=1)
+    #: Networks (CIDR, e.g. ``"10.0.0.0/8"``, ``"2001:db8::/32"``; a bare address is a /32 or
+    #: /128) never limited: the load balancer's address, a telephony provider's ranges.
+    session_starts_exempt: list[str] = Field(default_factory=list)
 
     @field_validator("metrics_listen")
     @classmethod
@@ -254,6 +266,24 @@ class GatewaySettings(_Strict):
                     "(e.g. the output of `openssl rand -hex 32`)"
                 )
         return value
+
+    @field_validator("session_starts_exempt")
+    @classmethod
+    def _exempt_are_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{entry!r} is not a network in CIDR notation ({exc}); write e.g. "
+                    '"10.0.0.0/8", "203.0.113.7" or "2001:db8::/32"'
+                ) from None
+        return value
+
+    @property
+    def exempt_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """``session_starts_exempt`` as networks."""
+        return [ipaddress.ip_network(entry) for entry in self.session_starts_exempt]
 
     @property
     def metrics_host_port(self) -> tuple[str, int] | None:

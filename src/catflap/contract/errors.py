@@ -40,6 +40,8 @@
     │   ├── UnsupportedMediaType      415 unsupported_media_type
     │   ├── UpgradeRequired           426 upgrade_required
     │   ├── AtCapacity                429 PCC-AGENT-AT-CAPACITY (+ Retry-After)
+    │   ├── TooManyStarts             429 too_many_starts (one address over
+    │   │                             session_starts_per_source; + Retry-After)
     │   ├── HeadersTooLarge           431 headers_too_large
     │   ├── InternalError             500 internal_error (details only in the log)
     │   ├── NotSupportedSelfHosted    501 not_supported_self_hosted (a PCC call with no
@@ -129,6 +131,7 @@ __all__ = [
     "StartupError",
     "TokenRejected",
     "TooManyConnections",
+    "TooManyStarts",
     "TooManySecretSets",
     "Unauthorized",
     "UnsupportedMediaType",
@@ -402,6 +405,18 @@ class AtCapacity(RequestRejected):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers=[("retry-after", str(limits.RETRY_AFTER_AT_CAPACITY_S))])
+
+
+class TooManyStarts(RequestRejected):
+    """One client address started sessions faster than ``[gateway] session_starts_per_source``
+    (:mod:`catflap.gateway.sourcelimit`); ``Retry-After`` says when its next start is allowed."""
+
+    status = 429
+    code = "too_many_starts"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, headers=[("retry-after", str(retry_after))])
+        self.retry_after = retry_after
 
 
 class HeadersTooLarge(RequestRejected):

@@ -94,6 +94,9 @@ __all__ = [
     "SESSION_PROXY_BODY_MAX_BYTES",
     "SESSION_PROXY_START_WAIT_S",
     "SESSION_PROXY_TIMEOUT_S",
+    "SESSION_STARTS_BURST_DEFAULT",
+    "SESSION_STARTS_PER_SOURCE_DEFAULT",
+    "SESSION_START_SOURCES_MAX",
     "SLOW_PEER_TIMEOUT_S",
     "STOP_POLL_INTERVAL_S",
     "STOP_WAIT_S",
@@ -176,6 +179,26 @@ MAX_CONNECTIONS_DEFAULT = 16384
 #: without a WebSocket may be ``BOT_BODY_MAX_BYTES`` (PCC's 1 MB) on its own; 64 KiB is room for
 #: the other fields (``dailyRoomProperties`` and the like). Anything larger is refused with 413.
 START_REQUEST_MAX_BYTES = BOT_BODY_MAX_BYTES + 64 * 1024
+#: New sessions one client address may start per second (``[gateway]
+#: session_starts_per_source``; 0 turns the bound off), a token bucket per source as nginx's
+#: ``limit_req``. Each start costs an agent instance CPU (3.6 ms each, measured by
+#: bench/attackers.py ``close-declares-16MiB``) and, in production, LLM and TTS money: that
+#: attack's 88 starts a second from one address made other sessions' p99 latency 5x worse on
+#: a 2-core host. A person starts a call every few seconds at most; a telephony provider or a
+#: proxy, which funnel many callers through one address, are what ``session_starts_exempt``
+#: is for. Past it: 429 ``too_many_starts`` with ``Retry-After``, before any token is spent or
+#: slot reserved.
+SESSION_STARTS_PER_SOURCE_DEFAULT = 20.0
+#: ...and this many at once above that rate (``[gateway] session_starts_burst``): a load test
+#: or a page that opens a few sessions together is not refused. nginx's ``burst`` is the same
+#: idea; 100 is five seconds' worth of the rate.
+SESSION_STARTS_BURST_DEFAULT = 100
+#: Sources (an IPv4 address, or an IPv6 /64) whose buckets are kept; past it the least
+#: recently seen is forgotten, so an attacker with many addresses cannot grow the table. About
+#: 210 bytes a source (tracemalloc), so 3.3 MiB at most; nginx's ``limit_req_zone`` holds about
+#: 16,000 states per MiB of zone and likewise drops the least recently used one when full. A
+#: forgotten source starts again with a full burst, which is the cost of the bound.
+SESSION_START_SOURCES_MAX = 16384
 #: Open connections the separate ``/metrics`` listener (``[gateway] metrics_listen``) holds at
 #: most. A Prometheus server keeps one scrape per target in flight, so a few scrapers and a
 #: curl fit with room to spare; past it new connections get 503 at once, so that listener
@@ -573,6 +596,9 @@ PEER_INPUT_LIMITS: frozenset[str] = frozenset(
         "SESSION_PROXY_BODY_MAX_BYTES",
         "SESSION_PROXY_START_WAIT_S",
         "SESSION_PROXY_TIMEOUT_S",
+        "SESSION_STARTS_BURST_DEFAULT",
+        "SESSION_STARTS_PER_SOURCE_DEFAULT",
+        "SESSION_START_SOURCES_MAX",
         "SLOW_PEER_TIMEOUT_S",
         "START_REQUEST_MAX_BYTES",
         "TLS_HANDSHAKE_TIMEOUT_S",

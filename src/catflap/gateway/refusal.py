@@ -82,6 +82,20 @@ class Refusals:
             )
         self.reject(conn, rejected)
 
+    def refused_by_api(self, rejected: RequestRejected, what: str) -> None:
+        """Log (within the budget) and count a refusal the control API answers itself (its
+        exception handler writes the response): ``what`` names the request."""
+        skipped = refusal_log_budget.take()
+        if skipped is not None:
+            accepted_log(None).info(
+                "! %s -> %d %s%s",
+                what,
+                rejected.status,
+                rejected.to_body()["code"],
+                not_logged(skipped),
+            )
+        self.count(str(rejected.status), rejected)
+
     def close_stream(
         self,
         conn: Refusable,

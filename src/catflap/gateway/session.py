@@ -3,7 +3,8 @@
 Steps, in order; on the generic endpoint any failure before step 5 is an HTTP error with no bot
 started:
 
-1. the pure upgrade check (:func:`~catflap.gateway.upgrade.check_upgrade`);
+1. the pure upgrade check (:func:`~catflap.gateway.upgrade.check_upgrade`), then the client
+   address's start rate (:mod:`~catflap.gateway.sourcelimit`, 429 ``too_many_starts``);
 2. spend the token's ``jti`` (a replay is 403);
 3. reserve a pool slot (429 at capacity, 503 when no instance can be made ready);
 4. forward the upgrade to the instance and wait for its 101 (503 if it does not come);
@@ -92,6 +93,12 @@ async def _run_session(
     request = build_upstream_request(
         head, accepted, client_host=conn.client_host, transport_type=transport_type
     )
+    try:
+        # Last of the checks that hold nothing: a start refused here spends no token.
+        steps.start_limit.check(conn.client_host)
+    except RequestRejected as rejected:
+        refusals.refuse(conn, head, rejected, accepted)
+        return
     try:
         (lease, reply), early = await while_client_waits(
             conn, steps.admission.start_on_agent(accepted, request)

@@ -6,12 +6,13 @@ stream:
 
 1. Checks that need no messages run before the upgrade, with HTTP statuses as on the generic
    endpoint: a malformed or unknown ``?serviceHost=`` (400/404), a token agent without a valid
-   path token (403), ``?body=`` (400/413), and, when the agent is known, capacity (429/503).
+   path token (403), ``?body=`` (400/413), and, when the agent is known, the client address's
+   start rate (429 ``too_many_starts``) and capacity (429/503).
 2. The gateway answers 101 and reads frames until the ``start`` message
    (:mod:`catflap.gateway.providers` judges them). A stream that is not the provider, or that
    stays silent past ``provider_handshake_timeout``, is closed with 1008; no bot starts.
 3. For Twilio without ``?serviceHost=``, the ``start`` message names the agent; routing and
-   token failures found now are closed with 1008, capacity with 1013.
+   token failures found now are closed with 1008, the start rate and capacity with 1013.
 4. The gateway opens ``/ws`` on the instance with a key of its own and no
    ``x-catflap-transport-type`` header (pipecat then auto-detects the provider), replays the
    opening frames exactly as received, in order, and from then on relays bytes as on the
@@ -34,6 +35,7 @@ from catflap.contract.errors import (
     InternalError,
     RequestRejected,
     ServiceUnavailable,
+    TooManyStarts,
 )
 from catflap.gateway.frames import ControlFrameError, FrameReader
 from catflap.gateway.httphead import RequestHead
@@ -189,6 +191,7 @@ async def run_provider_session(
     # 1. Known agent: capacity is still an HTTP answer.
     if accepted.agent is not None:
         try:
+            steps.start_limit.check(conn.client_host)  # before any token or slot
             lease, early = await while_client_waits(conn, admission.admit(accepted))
             trailing += early
         except ClientLeft:
@@ -229,12 +232,13 @@ async def run_provider_session(
                     session_id=claims.jti if claims else accepted.session_id,
                 )
                 slog = accepted_log(accepted)
+                steps.start_limit.check(conn.client_host)
                 lease, early = await while_client_waits(conn, admission.admit(accepted))
                 rest += early
             except ClientLeft:
                 slog.info("! %s: client left before its session started", provider.name)
                 return
-            except (AtCapacity, ServiceUnavailable) as busy:
+            except (AtCapacity, TooManyStarts, ServiceUnavailable) as busy:
                 refusals.close_stream(
                     conn, CloseCode.TRY_AGAIN_LATER, busy, slog, provider=provider.name
                 )
