@@ -194,6 +194,9 @@ class AttackContext:
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.port = int(spec["port"])
+        #: The attackers' own source address: not the load client's 127.0.0.1, which the
+        #: bench's gateway exempts from the per-address start rate.
+        self.source: str = spec.get("source", "127.0.0.2")
         self.generic_path: str = spec["generic_path"]
         self.start_path: str = spec["start_path"]
         self.public_key: str = spec["public_key"]
@@ -212,6 +215,7 @@ class AttackContext:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
+            sock.bind((self.source, 0))
             async with asyncio.timeout_at(until):
                 await self.loop.sock_connect(sock, ("127.0.0.1", self.port))
         except BaseException:
@@ -427,6 +431,9 @@ class Attack:
     expected: str
     deadline_s: float
     run: Callable[[AttackContext, float], Awaitable[Outcome]]
+    #: Other outcomes that are right too: an attack that starts a session meets the
+    #: per-address start rate (``[gateway] session_starts_per_source``) past its burst.
+    also: tuple[str, ...] = ()
 
 
 def _attacks() -> list[Attack]:
@@ -449,7 +456,14 @@ def _attacks() -> list[Attack]:
             _big_upgrade("Cookie: " + "c" * 9 * 1024 + "\r\n"),
         ),
         Attack(4, "upgrade-130-headers", "HTTP 431", 5.0, _big_upgrade("X-Empty:\r\n" * 130)),
-        Attack(5, "close-declares-16MiB", "close 1002", 5.0, close_declares_16mib),
+        Attack(
+            5,
+            "close-declares-16MiB",
+            "close 1002",
+            5.0,
+            close_declares_16mib,
+            also=("upgrade HTTP 429",),
+        ),
     ]
 
 
@@ -483,12 +497,14 @@ class Tally:
         answer = percentiles(self.answers_ns)
         return {
             "kind": self.attack.kind,
-            "expected": self.attack.expected,
+            "expected": " or ".join((self.attack.expected, *self.attack.also)),
             "attackers": self.attackers,
             "done": self.done,
             "per_s": round(self.done / seconds, 1) if seconds else None,
             "outcomes": dict(self.outcomes.most_common()),
-            "as_expected": self.outcomes.get(self.attack.expected, 0),
+            "as_expected": sum(
+                self.outcomes.get(name, 0) for name in (self.attack.expected, *self.attack.also)
+            ),
             "answer_ms": {k: round(v / 1000, 1) for k, v in answer.items() if k != "count"},
             "not_closed_after_answer": self.not_closed,
             "cut_short": self.cut_short,

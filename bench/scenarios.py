@@ -750,6 +750,10 @@ HOSTILE_RSS_MIB = 64
 #: (as the load's sessions share one here, for economy) would measure the bench bot's event
 #: loop, not the gateway.
 ATTACKED_AGENT = "attacked"
+#: Where the attackers connect from: an address of their own, as attackers on the internet
+#: have, so the gateway's per-address start rate applies to them and not to the load client
+#: (127.0.0.1, exempt in the bench's config as a telephony provider's range would be).
+ATTACKER_SOURCE = "127.0.0.2"
 
 
 def _start_attackers(
@@ -767,6 +771,7 @@ def _start_attackers(
         "pause": settings.attack_pause,
         "variants": list(settings.attack_variants),
         "sched_idle": True,
+        "source": ATTACKER_SOURCE,
     }
     child = spawn(
         "attackers",
