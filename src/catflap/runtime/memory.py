@@ -64,9 +64,18 @@ MEMORY_STEPS_OFF_ENV: Final = "CATFLAP_MEMORY_OFF"
 #:   it, instead of importing ``bot.py`` itself (no bot code runs in the fork server);
 #: - ``freeze``: ``gc.collect()`` then ``gc.freeze()`` in the fork server before each fork;
 #: - ``warm-native``: :func:`warm_shared_state` in the fork server;
+#: - ``preload-runtime``: the fork server imports what the runtime imports only when it starts
+#:   serving (uvicorn's protocols, FastAPI's ``pydantic.v1``; ``catflap.pool.forkserver``);
 #: - ``release``: :func:`release_memory` in the instance after each session;
 #: - ``mmap-threshold``: :func:`fix_mmap_threshold` in the instance before it imports ``bot.py``.
-MEMORY_STEPS: Final = ("scan-imports", "freeze", "warm-native", "release", "mmap-threshold")
+MEMORY_STEPS: Final = (
+    "scan-imports",
+    "freeze",
+    "warm-native",
+    "release",
+    "mmap-threshold",
+    "preload-runtime",
+)
 
 #: glibc's ``mallopt`` parameter for the mmap threshold (``M_MMAP_THRESHOLD`` in malloc.h).
 _M_MMAP_THRESHOLD: Final = -3
