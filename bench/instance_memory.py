@@ -51,7 +51,14 @@ TARGET_IDLE_MIB = 20.0
 TARGET_LIVE_MIB = 40.0
 SAMPLE_RATE = 16000
 CHUNK_S = 0.02
-_ALL_STEPS = ("scan-imports", "freeze", "warm-native", "release", "mmap-threshold")
+_ALL_STEPS = (
+    "scan-imports",
+    "freeze",
+    "warm-native",
+    "release",
+    "mmap-threshold",
+    "preload-runtime",
+)
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ VARIANTS = (
     Variant("fresh-before", "fresh interpreter, no release", False, _ALL_STEPS),
     Variant(
         "fresh",
-        "fresh interpreter (`fork_server = false`), release and mmap threshold on",
+        "fresh interpreter (`fork_server = false`), release and mmap threshold on (default)",
         False,
     ),
     Variant("fork-before", "fork server as before (bot.py run in it; no freeze)", True, _ALL_STEPS),
@@ -80,27 +87,38 @@ VARIANTS = (
         "fork-scan",
         "+ fork server imports bot.py's imports, not bot.py",
         True,
-        ("freeze", "warm-native", "release", "mmap-threshold"),
+        ("freeze", "warm-native", "release", "mmap-threshold", "preload-runtime"),
     ),
     Variant(
         "fork-freeze",
         "+ gc.collect() + gc.freeze() before each fork",
         True,
-        ("warm-native", "release", "mmap-threshold"),
+        ("warm-native", "release", "mmap-threshold", "preload-runtime"),
     ),
     Variant(
         "fork-warm",
         "+ onnxruntime warmed in the fork server",
         True,
-        ("release", "mmap-threshold"),
+        ("release", "mmap-threshold", "preload-runtime"),
     ),
     Variant(
         "fork-release",
         "+ release after each session (gc + malloc_trim)",
         True,
-        ("mmap-threshold",),
+        ("mmap-threshold", "preload-runtime"),
     ),
-    Variant("fork", "+ glibc's mmap threshold pinned at 128 KiB: default", True),
+    Variant(
+        "fork-mmap",
+        "+ glibc's mmap threshold pinned at 128 KiB in each instance",
+        True,
+        ("preload-runtime",),
+    ),
+    Variant(
+        "fork",
+        "+ fork server imports what the runtime imports once serving (uvicorn, pydantic.v1): "
+        "default",
+        True,
+    ),
 )
 
 #: The shared-instance part: release between sessions off and on, fork server and fresh.
