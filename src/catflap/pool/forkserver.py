@@ -346,6 +346,8 @@ def serve_forks(fd: int, bot_dir: Path) -> None:
     sock = socket.socket(fileno=fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps our children
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway decides when we stop
+    if memory.step_on("mmap-threshold"):
+        memory.fix_mmap_threshold()  # before the preload allocates (and frees)
     _preload(bot_dir)
     freeze = memory.step_on("freeze")
     while True:

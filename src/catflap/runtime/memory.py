@@ -77,12 +77,17 @@ MEMORY_STEPS: Final = (
     "preload-runtime",
 )
 
-#: glibc's ``mallopt`` parameter for the mmap threshold (``M_MMAP_THRESHOLD`` in malloc.h).
+#: glibc's ``mallopt`` parameters (malloc.h): the mmap threshold and the trim threshold.
 _M_MMAP_THRESHOLD: Final = -3
+_M_TRIM_THRESHOLD: Final = -1
 
 #: Allocations at least this large get a mapping of their own, given back whole by ``free``.
 #: glibc's own initial value (128 KiB); setting it explicitly keeps glibc from raising it.
 MMAP_THRESHOLD_BYTES: Final = 128 * 1024
+
+#: Free memory at the top of the heap beyond this much goes back to the kernel; glibc's own
+#: initial value (128 KiB), which it raises along with the mmap threshold.
+TRIM_THRESHOLD_BYTES: Final = 128 * 1024
 
 
 def step_on(step: str) -> bool:
@@ -197,10 +202,20 @@ def fix_mmap_threshold() -> bool:
     block of 128 KiB or more, which a session's per-frame work (20 ms of audio, a few KB)
     does not allocate.
 
-    Called once in each instance, before it imports ``bot.py``.
+    Called in each instance before it imports ``bot.py``, and in the fork server before it
+    preloads: its children then inherit a heap in which the preloading left fewer freed large
+    blocks, and thresholds glibc has not raised (measured as above, with the fork server's
+    pinned too: idle 13.0 -> 12.7 MiB, live 30.7 -> 30.2 to 30.7 MiB).
     """
     mallopt = _mallopt()
-    return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    if mallopt is None:
+        return False
+    # Both: raising the mmap threshold also raised the trim threshold (to twice as much), and
+    # a forked instance inherits its fork server's, raised by whatever the fork server freed.
+    return (
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+        and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
+    )
 
 
 @cache
