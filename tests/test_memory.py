@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
 import pytest
 
+from catflap.pool import forkserver
 from catflap.runtime import memory
 
 
@@ -32,6 +34,7 @@ def test_the_mmap_threshold_is_pinned_and_large_blocks_are_given_back_when_freed
     # In a process of its own: the threshold stays set for the rest of a process's life.
     script = """
 import ctypes, sys
+from catflap.pool import forkserver
 from catflap.runtime import memory
 
 def rss_kb():
@@ -55,7 +58,10 @@ print("ok")
     assert done.stdout.strip() == "ok", done.stderr
 
 
-def test_the_fork_server_preloads_what_the_runtime_imports_once_it_serves() -> None:
+def test_the_fork_server_preloads_what_the_runtime_imports_once_it_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # In a fresh interpreter, where nothing has imported them yet.
     script = """
 import sys
 from catflap.pool import forkserver
@@ -66,3 +72,8 @@ print(" ".join(sorted(sys.modules)))
     loaded = set(done.stdout.split())
     assert {"uvicorn.protocols.http.httptools_impl", "uvicorn.lifespan.on"} <= loaded, done.stderr
     assert "pydantic.v1" in loaded
+    # And here, for coverage (it follows no fork server); uvicorn's Config sets its loggers'
+    # levels, which the other tests must get back.
+    for name in ("uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+    forkserver._preload_runtime_lazy_imports()
