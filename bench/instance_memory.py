@@ -51,7 +51,14 @@ TARGET_IDLE_MIB = 20.0
 TARGET_LIVE_MIB = 40.0
 SAMPLE_RATE = 16000
 CHUNK_S = 0.02
-_ALL_STEPS = ("scan-imports", "freeze", "warm-native", "release")
+_ALL_STEPS = (
+    "scan-imports",
+    "freeze",
+    "warm-native",
+    "release",
+    "mmap-threshold",
+    "preload-runtime",
+)
 
 
 @dataclass(frozen=True)
@@ -70,22 +77,48 @@ class Variant:
 #: In the order the steps were added; each fork variant adds one step to the one before.
 VARIANTS = (
     Variant("fresh-before", "fresh interpreter, no release", False, _ALL_STEPS),
-    Variant("fresh", "fresh interpreter (`fork_server = false`), release on", False),
+    Variant(
+        "fresh",
+        "fresh interpreter (`fork_server = false`), release and mmap threshold on (default)",
+        False,
+    ),
     Variant("fork-before", "fork server as before (bot.py run in it; no freeze)", True, _ALL_STEPS),
     Variant(
         "fork-scan",
         "+ fork server imports bot.py's imports, not bot.py",
         True,
-        ("freeze", "warm-native", "release"),
+        ("freeze", "warm-native", "release", "mmap-threshold", "preload-runtime"),
     ),
     Variant(
         "fork-freeze",
         "+ gc.collect() + gc.freeze() before each fork",
         True,
-        ("warm-native", "release"),
+        ("warm-native", "release", "mmap-threshold", "preload-runtime"),
     ),
-    Variant("fork-warm", "+ onnxruntime warmed in the fork server", True, ("release",)),
-    Variant("fork", "+ release after each session (gc + malloc_trim): default", True),
+    Variant(
+        "fork-warm",
+        "+ onnxruntime warmed in the fork server",
+        True,
+        ("release", "mmap-threshold", "preload-runtime"),
+    ),
+    Variant(
+        "fork-release",
+        "+ release after each session (gc + malloc_trim)",
+        True,
+        ("mmap-threshold", "preload-runtime"),
+    ),
+    Variant(
+        "fork-mmap",
+        "+ glibc's mmap threshold pinned at 128 KiB in each instance",
+        True,
+        ("preload-runtime",),
+    ),
+    Variant(
+        "fork",
+        "+ fork server imports what the runtime imports once serving (uvicorn, pydantic.v1): "
+        "default",
+        True,
+    ),
 )
 
 #: The shared-instance part: release between sessions off and on, fork server and fresh.
@@ -275,6 +308,9 @@ def _gateway(
     agent = {
         "path": VAD_ECHO,
         "websocket_auth": "none",
+        # The fork server and the instances see only what pass_env names: without it the
+        # variants' CATFLAP_MEMORY_OFF never reached them (every row measured the defaults).
+        "pass_env": ["CATFLAP_MEMORY_OFF"],
         "scaling": {
             "min_agents": instances,
             "max_agents": instances,

@@ -15,6 +15,12 @@ traverse. It also warms native libraries whose first use allocates process-wide 
 (:func:`warm_shared_state`: onnxruntime's environment and kernel registries), so that the
 child inherits that state read-only instead of building a private copy with its first model.
 
+The fork server also imports what the runtime would import only once it serves (uvicorn's
+protocols, FastAPI's lazy imports; ``preload-runtime``). Instances and the fork server pin
+glibc's mmap threshold (:func:`fix_mmap_threshold`), so that the large temporary buffers a
+native library allocates and frees (onnxruntime loading a model) go back to the kernel when
+freed instead of staying in the heap.
+
 An instance releases memory after every session (:func:`release_memory`): a collection (a
 session's pipeline is full of reference cycles) and glibc's ``malloc_trim(0)``, which hands
 free heap pages back to the kernel, as Pipecat Cloud's base image does between sessions.
@@ -42,6 +48,7 @@ from typing import Any, Final
 __all__ = [
     "MEMORY_STEPS",
     "MEMORY_STEPS_OFF_ENV",
+    "fix_mmap_threshold",
     "freeze_for_fork",
     "release_memory",
     "step_on",
@@ -59,8 +66,32 @@ MEMORY_STEPS_OFF_ENV: Final = "CATFLAP_MEMORY_OFF"
 #:   it, instead of importing ``bot.py`` itself (no bot code runs in the fork server);
 #: - ``freeze``: ``gc.collect()`` then ``gc.freeze()`` in the fork server before each fork;
 #: - ``warm-native``: :func:`warm_shared_state` in the fork server;
-#: - ``release``: :func:`release_memory` in the instance after each session.
-MEMORY_STEPS: Final = ("scan-imports", "freeze", "warm-native", "release")
+#: - ``preload-runtime``: the fork server imports what the runtime imports only when it starts
+#:   serving (uvicorn's protocols, FastAPI's ``pydantic.v1``; ``catflap.pool.forkserver``);
+#: - ``release``: :func:`release_memory` in the instance after each session;
+#: - ``mmap-threshold``: :func:`fix_mmap_threshold` in the instance before it imports ``bot.py``.
+MEMORY_STEPS: Final = (
+    "scan-imports",
+    "freeze",
+    "warm-native",
+    "release",
+    "mmap-threshold",
+    "preload-runtime",
+)
+
+#: glibc's ``mallopt`` parameters (malloc.h): the mmap threshold and the trim threshold.
+_M_MMAP_THRESHOLD: Final = -3
+_M_TRIM_THRESHOLD: Final = -1
+
+#: Allocations at least this large get a mapping of their own, given back whole by ``free``.
+#: glibc's own initial value (128 KiB); setting it explicitly keeps glibc from raising it.
+MMAP_THRESHOLD_BYTES: Final = 128 * 1024
+
+#: Free memory at the top of a heap beyond this much goes back to the kernel. Not glibc's
+#: 128 KiB: with it, the Silero VAD's executor thread gave its arena's top back (``madvise``)
+#: and faulted it in again at every 32 ms window (379 calls in 10 s of one live session);
+#: from 256 KiB on there were none, and an instance's USS was the same (29.9 MiB live).
+TRIM_THRESHOLD_BYTES: Final = 512 * 1024
 
 
 def step_on(step: str) -> bool:
@@ -144,21 +175,6 @@ def _onnxruntime_sample_model() -> str | None:
 _WARMERS: dict[str, Callable[[], None]] = {"onnxruntime": _warm_onnxruntime}
 
 
-@cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``; None on other C libraries (musl, macOS), which have none."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
-
-
 def release_memory() -> float:
     """Collect garbage and give free heap pages back to the kernel; returns the seconds it took.
 
@@ -173,3 +189,68 @@ def release_memory() -> float:
     if trim is not None:
         trim(0)
     return time.perf_counter() - started
+
+
+def fix_mmap_threshold() -> bool:
+    """Pin glibc's mmap and trim thresholds (:data:`MMAP_THRESHOLD_BYTES`,
+    :data:`TRIM_THRESHOLD_BYTES`); whether they could be set.
+
+    glibc serves allocations of 128 KiB and more with a mapping of their own, but raises that
+    threshold (up to 32 MiB) each time such a block is freed, so later large blocks come from
+    the heap; freed, they stay there, below live objects, where glibc cannot give them back
+    (``malloc_trim`` can, but only runs between sessions). onnxruntime building Silero's
+    session (a 2.3 MB model) allocates and frees blocks of a few MB: measured in a forked
+    instance of ``bench/bots/vad-echo``, ``SileroVADAnalyzer()`` made the instance 17 MiB
+    larger with the threshold left to glibc and 12 MiB with it pinned, and an instance with a
+    live session measured 34.5 MiB instead of 39.5 MiB (USS). Setting the value explicitly
+    turns the raising off (``mallopt(3)``); the cost is an ``mmap``/``munmap`` pair for each
+    block of 128 KiB or more, which a session's per-frame work does not allocate (strace of
+    an instance through 10 s of a live session: one ``mmap``, no ``munmap``).
+
+    Called in each instance before it imports ``bot.py``, and in the fork server before it
+    preloads: its children then inherit a heap in which the preloading left fewer freed large
+    blocks, and thresholds glibc has not raised (measured as above, with the fork server's
+    pinned too: idle 13.0 -> 12.7 MiB, live 30.7 -> 30.2 to 30.7 MiB).
+    """
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    # Both: glibc raises the trim threshold with the mmap threshold (to twice as much), and a
+    # forked instance inherits its fork server's.
+    return (
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+        and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
+    )
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``; None on other C libraries (musl, macOS), which have none."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim  # type: ignore[no-any-return]
+
+
+@cache
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``; None on other C libraries (musl has none, macOS's differs)."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt  # type: ignore[no-any-return]

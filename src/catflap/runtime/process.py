@@ -190,6 +190,8 @@ async def run_agent(options: AgentOptions) -> int:
     Raises:
         ConfigError: ``options.listen`` cannot be parsed.
     """
+    if memory.step_on("mmap-threshold"):
+        memory.fix_mmap_threshold()  # before bot.py and its libraries allocate
     address = parse_listen(options.listen)
     channel = None
     if options.control_fd is not None:
