@@ -208,7 +208,9 @@ def _hostile_problems(data: dict[str, Any]) -> list[str]:
     if attack.get("stopped_by") not in (None, "stdin closed"):
         problems.append(f"the attackers stopped by {attack['stopped_by']}, before the run ended")
     for name, v in attack.get("variants", {}).items():
-        other = {k: n for k, n in v["outcomes"].items() if k != v["expected"]}
+        # "expected" names every right answer, joined with " or " (bench/attackers.py).
+        right = v["expected"].split(" or ")
+        other = {k: n for k, n in v["outcomes"].items() if k not in right}
         if other:
             problems.append(f"{name}: expected {v['expected']}, also got {other}")
         if v.get("not_closed_after_answer"):
