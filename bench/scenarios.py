@@ -876,9 +876,7 @@ def _p99_ratio(pair: dict[str, dict[str, Any]]) -> float | None:
 
 
 def _hostile_targets(
-    runs: dict[str, dict[str, Any]],
-    pairs: list[dict[str, dict[str, Any]]],
-    anchors: list[dict[str, dict[str, Any]]],
+    runs: dict[str, dict[str, Any]], pairs: list[dict[str, dict[str, Any]]]
 ) -> list[dict[str, Any]]:
     """Frames lost over every run under attack; the p99 ratio as the median of the rounds'
     (each round's quiet and attacked runs are neighbours in time); the worst peak RSS."""
@@ -890,16 +888,6 @@ def _hostile_targets(
     qmem = min(p["quiet"]["gateway_memory"]["peak_kb"] for p in pairs)
     hmem = max(r["gateway_memory"]["peak_kb"] for r in attacked)
     shown = ", ".join("–" if r is None else f"{r:.2f}×" for r in ratios)
-    anchor_ratios = [_p99_ratio(a) for a in anchors]
-    anchor = _median(anchor_ratios)
-    anchor_shown = ", ".join("–" if r is None else f"{r:.2f}×" for r in anchor_ratios)
-    anchor_note = (
-        f"; anchor, the same attack with the load straight to the echo bot (no relay): "
-        f"median {anchor:.2f}× ({anchor_shown}), so the relay's own share is "
-        f"{ratio / anchor:.2f}×"
-        if anchor and ratio
-        else ""
-    )
     targets = [
         {
             "target": "frames lost under attack: 0",
@@ -912,7 +900,7 @@ def _hostile_targets(
             "measured": f"median of {len(pairs)} round(s) {ratio:.2f}× ({shown}; representative "
             f"round {runs['hostile']['latency_us']['p99'] / 1000:.2f} ms vs "
             f"{runs['quiet']['latency_us']['p99'] / 1000:.2f} ms; after the attack: "
-            f"{runs['after']['latency_us'].get('p99', 0) / 1000:.2f} ms{anchor_note})"
+            f"{runs['after']['latency_us'].get('p99', 0) / 1000:.2f} ms)"
             if ratio is not None
             else "no latency",
             "met": ratio is not None and ratio <= HOSTILE_P99_RATIO,
@@ -971,22 +959,18 @@ def hostile(settings: Settings) -> dict[str, Any]:
             native_relay=settings.native_relay,
             relay_thread_nice=settings.relay_thread_nice,
         ) as gateway,
-        cs.upstream(workdir, load) as direct,
     ):
         cs.probe(gateway.port, gateway.path("bench"))
         endpoint = gateway.endpoint("bench")
 
-        def one(
-            label: str, attackers: int, where: str, target: cs.Endpoint = endpoint
-        ) -> dict[str, Any]:
+        def one(label: str, attackers: int, where: str) -> dict[str, Any]:
             log(
                 f"hostile: {where}{label} run, {sessions} sessions for {seconds:g} s"
-                + (" straight to the echo bot (anchor)" if target is direct else "")
                 + (f", {attackers} attackers" if attackers else "")
             )
             around = _watched(settings, gateway, workdir, attackers)
             # At most one repeat: each run should stay within ~30 s.
-            r = telephony_run(target, sessions, seconds, workdir, around=around, attempts=2)
+            r = telephony_run(endpoint, sessions, seconds, workdir, around=around, attempts=2)
             time.sleep(settings.pause)
             return r
 
@@ -994,7 +978,6 @@ def hostile(settings: Settings) -> dict[str, Any]:
         # machine (or a neighbour on the host) does not always land on the same side.
         rounds = settings.hostile_rounds
         pairs: list[dict[str, dict[str, Any]]] = []
-        anchors: list[dict[str, dict[str, Any]]] = []
         for i in range(rounds):
             order = (("quiet", 0), ("hostile", settings.attackers))
             pair = {
@@ -1002,15 +985,6 @@ def hostile(settings: Settings) -> dict[str, Any]:
                 for label, attackers in (order if i % 2 == 0 else order[::-1])
             }
             pairs.append(pair)
-            # The anchor: the same attack on the gateway while the load goes straight to a
-            # standalone echo bot on the load core. Its ratio is what the attack costs the
-            # machine (the kernel, the load core) without catflap's relay in the path.
-            anchors.append(
-                {
-                    label: one(label, attackers, f"round {i + 1}/{rounds}, ", direct)
-                    for label, attackers in (order if i % 2 == 0 else order[::-1])
-                }
-            )
         runs["after"] = one("after", 0, "")
         # The detailed tables show the round whose p99 ratio is the median one.
         ranked = sorted(range(rounds), key=lambda i: _p99_ratio(pairs[i]) or 0.0)
@@ -1040,14 +1014,5 @@ def hostile(settings: Settings) -> dict[str, Any]:
         }
         for p in pairs
     ]
-    result["anchor_rounds"] = [
-        {
-            "p99_ratio": _p99_ratio(a),
-            "quiet_p99_us": a["quiet"]["latency_us"].get("p99"),
-            "hostile_p99_us": a["hostile"]["latency_us"].get("p99"),
-            "lost": a["hostile"]["lost"],
-        }
-        for a in anchors
-    ]
-    result["targets"] = _hostile_targets(runs, pairs, anchors)
+    result["targets"] = _hostile_targets(runs, pairs)
     return result
