@@ -41,6 +41,7 @@ from typing import Any
 
 from bench import contestants as cs
 from bench.procs import agent_instances_of, children_of, cores, smaps_kb
+from catflap.runtime.memory import MEMORY_STEPS
 
 __all__ = ["VAD_ECHO", "VARIANTS", "Variant", "instance_memory"]
 
@@ -51,14 +52,6 @@ TARGET_IDLE_MIB = 20.0
 TARGET_LIVE_MIB = 40.0
 SAMPLE_RATE = 16000
 CHUNK_S = 0.02
-_ALL_STEPS = (
-    "scan-imports",
-    "freeze",
-    "warm-native",
-    "release",
-    "mmap-threshold",
-    "preload-runtime",
-)
 
 
 @dataclass(frozen=True)
@@ -76,13 +69,15 @@ class Variant:
 
 #: In the order the steps were added; each fork variant adds one step to the one before.
 VARIANTS = (
-    Variant("fresh-before", "fresh interpreter, no release", False, _ALL_STEPS),
+    Variant("fresh-before", "fresh interpreter, no release", False, MEMORY_STEPS),
     Variant(
         "fresh",
         "fresh interpreter (`fork_server = false`), release and mmap threshold on (default)",
         False,
     ),
-    Variant("fork-before", "fork server as before (bot.py run in it; no freeze)", True, _ALL_STEPS),
+    Variant(
+        "fork-before", "fork server as before (bot.py run in it; no freeze)", True, MEMORY_STEPS
+    ),
     Variant(
         "fork-scan",
         "+ fork server imports bot.py's imports, not bot.py",

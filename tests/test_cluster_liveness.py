@@ -1,8 +1,8 @@
 """Liveness in cluster mode, with real processes on the real Redis: a dead gateway's records are
 finished by a survivor, and an agent host cut off from Redis is not taken for a dead one.
 
-The partition runs the host's Redis traffic through a TCP proxy in this process, which the
-test cuts (every connection closed, new ones refused) and restores.
+The partition runs the host's Redis traffic through a TCP proxy in this process
+(tests/rediscut.py), which the test cuts (every connection closed, new ones refused) and heals.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import signal
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -24,6 +23,7 @@ from websockets.exceptions import ConnectionClosedOK
 from catflap.cluster.keys import GATEWAY_TTL_S, HEARTBEAT_TTL_S
 
 from .conftest import seconds
+from .rediscut import redis_cut
 from .test_cluster import REDIS_URL, Cluster, _open, cluster
 
 pytestmark = pytest.mark.slow  # end to end: real gateways, agent hosts and instances
@@ -174,60 +174,6 @@ async def test_a_killed_agent_hosts_sessions_are_recorded_agent_crashed() -> Non
             await ws.close()
 
 
-class RedisCut:
-    """A TCP proxy to Redis that can be cut (a partition) and restored."""
-
-    def __init__(self, target: str) -> None:
-        parts = urlsplit(target)
-        self._target = (parts.hostname or "127.0.0.1", parts.port or 6379)
-        self._db = parts.path
-        self._cut = False
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._server: asyncio.Server | None = None
-        self.url = ""
-
-    async def __aenter__(self) -> RedisCut:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.url = f"redis://127.0.0.1:{port}{self._db}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.cut()
-        assert self._server is not None
-        self._server.close()
-
-    def cut(self) -> None:
-        self._cut = True
-        for writer in list(self._writers):
-            writer.close()
-        self._writers.clear()
-
-    def restore(self) -> None:
-        self._cut = False
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._cut:
-            writer.close()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}
-
-
 async def _echo(ws: ClientConnection, text: str) -> None:
     await ws.send(text)
     assert await asyncio.wait_for(ws.recv(), seconds(5)) == text
@@ -235,7 +181,7 @@ async def _echo(ws: ClientConnection, text: str) -> None:
 
 async def test_a_host_cut_off_from_redis_for_three_ttls_keeps_its_records_right() -> None:
     async with (
-        RedisCut(REDIS_URL) as proxy,
+        redis_cut(REDIS_URL) as proxy,
         cluster(gateways=2, hosts=1, slots=2, host_redis_url=proxy.url) as cl,
     ):
         early, early_hello = await _open(cl, 0)
@@ -270,7 +216,7 @@ async def test_a_host_cut_off_from_redis_for_three_ttls_keeps_its_records_right(
             )
             assert elsewhere.status_code == 404, elsewhere.text
         await _echo(late, "still here after the stop request")
-        proxy.restore()
+        proxy.heal()
         # The host registers again, publishes the end it queued meanwhile, and reads the
         # stop from the stream: the late session is stopped.
         with pytest.raises(ConnectionClosedOK) as closed:
