@@ -110,8 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rounds",
         type=int,
-        help="telephony runs per contestant, and hostile quiet/attacked pairs; medians "
-        "reported (default 3)",
+        help="telephony runs per contestant (default 3), and hostile quiet/attacked pairs "
+        "(default 5); medians reported",
     )
     parser.add_argument(
         "--echo",
@@ -140,6 +140,19 @@ def _parser() -> argparse.ArgumentParser:
         "--relay-thread-nice",
         type=int,
         help="catflap's [gateway] relay_thread_nice (default: catflap's, -10); 0 for comparison",
+    )
+    parser.add_argument(
+        "--relay-thread-slice-us",
+        type=int,
+        help="catflap's [gateway] relay_thread_slice_us (default: catflap's, 100); 0 for the "
+        "kernel's default, for comparison",
+    )
+    parser.add_argument(
+        "--attackers-on",
+        choices=scenarios.ATTACKERS_ON,
+        default=scenarios.ATTACKERS_ON[0],
+        help="the core the hostile scenario's attackers and attacked instance run on (default "
+        "relay: the gateway's; see ATTACKERS_ON in bench/scenarios.py)",
     )
     parser.add_argument(
         "--quick",
@@ -241,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     settings.echo = args.echo
     settings.native_relay = not args.event_loop_relay
     settings.relay_thread_nice = args.relay_thread_nice
+    settings.relay_thread_slice_us = args.relay_thread_slice_us
+    settings.attackers_on = args.attackers_on
     os.environ["CATFLAP_BENCH_ECHO"] = args.echo  # read by bench/bots/fast-echo/bot.py
     set_quiet_budget(0.0 if args.quick else args.quiet_budget)
     out: Path = args.out or (

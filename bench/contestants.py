@@ -295,12 +295,13 @@ def gateway_config(
     *,
     native_relay: bool = True,
     relay_thread_nice: int | None = None,
+    relay_thread_slice_us: int | None = None,
     tls: tuple[int, TlsFiles] | None = None,
     fork_server: bool = True,
 ) -> str:
     """A ``catflap.toml`` with one organization (``bench-org``) and the given agents;
-    ``relay_thread_nice`` None keeps catflap's default; ``tls``: a ``listen_tls`` port and its
-    certificate."""
+    ``relay_thread_nice`` and ``relay_thread_slice_us`` None keep catflap's defaults; ``tls``:
+    a ``listen_tls`` port and its certificate."""
     lines = [f'listen = "127.0.0.1:{port}"']
     if tls is not None:
         lines += [
@@ -314,6 +315,11 @@ def gateway_config(
         "drain_timeout = 1",
         f"native_relay = {'true' if native_relay else 'false'}",
         *([] if relay_thread_nice is None else [f"relay_thread_nice = {relay_thread_nice}"]),
+        *(
+            []
+            if relay_thread_slice_us is None
+            else [f"relay_thread_slice_us = {relay_thread_slice_us}"]
+        ),
         f"fork_server = {'true' if fork_server else 'false'}",
         # Every bench client connects from 127.0.0.1, hundreds of starts a second: exempt it
         # from the per-address start rate, which would otherwise refuse most of the load. (An
@@ -351,15 +357,25 @@ class Gateway:
         """The pids of the agent instances the gateway started."""
         return agent_instances_of(self.child.pid)
 
-    def pin_agents(self) -> list[int]:
-        """Move every agent instance to the load core (they inherit the gateway's core)."""
-        pids = self.agents()
-        for pid in pids:
+    def pin_agents(self, *, leave: Path | None = None) -> list[int]:
+        """Move every agent instance to the load core (they inherit the gateway's core), but
+        those of the bot at ``leave``; returns the pids moved."""
+        pids = []
+        for pid in self.agents():
+            if leave is not None:
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        # A fork server's children keep its command line, which names the bot.
+                        if str(leave).encode() in f.read().split(b"\0"):
+                            continue
+                except OSError:
+                    continue
             pin(pid, self.load_cpus)
+            pids.append(pid)
         return pids
 
-    def endpoint(self, agent: str) -> Endpoint:
-        pids = self.pin_agents()
+    def endpoint(self, agent: str, *, leave: Path | None = None) -> Endpoint:
+        pids = self.pin_agents(leave=leave)
         port = self.port if self.tls_port is None else self.tls_port
         return Endpoint("catflap", port, self.path(agent), [self.child.pid], pids[0] if pids else 0)
 
@@ -374,6 +390,7 @@ def catflap_gateway(
     name: str = "catflap",
     native_relay: bool = True,
     relay_thread_nice: int | None = None,
+    relay_thread_slice_us: int | None = None,
     tls: TlsFiles | None = None,
     fork_server: bool = True,
     env: dict[str, str] | None = None,
@@ -394,6 +411,7 @@ def catflap_gateway(
             port,
             native_relay=native_relay,
             relay_thread_nice=relay_thread_nice,
+            relay_thread_slice_us=relay_thread_slice_us,
             tls=tls_listen,
             fork_server=fork_server,
         )

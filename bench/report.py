@@ -602,6 +602,10 @@ def _hostile_md(res: dict[str, Any]) -> list[str]:
         f"the load client starts until it is done; "
         + ("back to back" if not pause else f"{pause:g} s between attacks")
         + ("" if variants == "all" else f"; only {', '.join(variants)}")
+        + (
+            "; the attackers at SCHED_IDLE and the attacked agent's instance on the "
+            + ("load client's core" if res.get("attackers_on") == "load" else "gateway's core")
+        )
         + "), then quiet again. Gateway CPU per frame is all of the gateway's CPU (the "
         "attacks' included) over the legitimate frames it forwarded; the CPU of the gateway's "
         "agent instances is measured too (not counted as other programs'); peak RSS is "

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import statistics
 import subprocess
 import sys
@@ -80,14 +81,19 @@ class Settings:
     nginx_binary: str = "nginx"
     #: catflap's ``[gateway] native_relay``: False relays every session on the event loop.
     native_relay: bool = True
-    #: catflap's ``[gateway] relay_thread_nice``; None: catflap's default.
+    #: catflap's ``[gateway] relay_thread_nice`` and ``relay_thread_slice_us``; None: catflap's
+    #: defaults.
     relay_thread_nice: int | None = None
+    relay_thread_slice_us: int | None = None
     #: The hostile scenario: telephony sessions and seconds per run, attacker connections.
     hostile_sessions: int = 200
     hostile_seconds: float = 15.0
     #: Quiet / under-attack pairs, the order alternating; the p99 ratio is their median.
-    hostile_rounds: int = 3
+    hostile_rounds: int = 5
     attackers: int = 50
+    #: The core the attackers (at ``SCHED_IDLE``) and the attacked agent's instance run on:
+    #: ``relay`` (the gateway's) or ``load`` (the load client's); see :data:`ATTACKERS_ON`.
+    attackers_on: str = "relay"
     #: Seconds each attacker waits between two attacks (0: back to back).
     attack_pause: float = 0.0
     #: Seconds the attackers run before the load client starts.
@@ -218,10 +224,11 @@ def clean_run(
     return best
 
 
-def fast_echo_agent(sessions_per_instance: int) -> dict[str, Any]:
-    """One warm instance of the fast echo bot that holds every session of the run."""
+def fast_echo_agent(sessions_per_instance: int, path: Path = cs.FAST_ECHO) -> dict[str, Any]:
+    """One warm instance of the fast echo bot (or of a copy of it at ``path``) that holds every
+    session of the run."""
     return {
-        "path": cs.FAST_ECHO,
+        "path": path,
         "websocket_auth": "none",
         "scaling": {
             "min_agents": 1,
@@ -257,6 +264,7 @@ def fleet(
                     load_cpus=load,
                     native_relay=settings.native_relay,
                     relay_thread_nice=settings.relay_thread_nice,
+                    relay_thread_slice_us=settings.relay_thread_slice_us,
                 )
             )
             cs.probe(gateway.port, gateway.path("bench"))
@@ -608,6 +616,7 @@ def _pipecat_starts(settings: Settings) -> dict[str, Any]:
             name="catflap-pipecat",
             native_relay=settings.native_relay,
             relay_thread_nice=settings.relay_thread_nice,
+            relay_thread_slice_us=settings.relay_thread_slice_us,
         ) as gateway,
     ):
         cs.probe(gateway.port, gateway.path("pwarm"), payload=bytes.fromhex(first))
@@ -688,6 +697,7 @@ def memory(settings: Settings) -> dict[str, Any]:
             load_cpus=load,
             native_relay=settings.native_relay,
             relay_thread_nice=settings.relay_thread_nice,
+            relay_thread_slice_us=settings.relay_thread_slice_us,
         ) as gateway,
     ):
         cs.probe(gateway.port, gateway.path("bench"))
@@ -750,17 +760,31 @@ HOSTILE_RSS_MIB = 64
 #: (as the load's sessions share one here, for economy) would measure the bench bot's event
 #: loop, not the gateway.
 ATTACKED_AGENT = "attacked"
+#: The folder of the attacked agent's copy of the fast echo bot, in the run's workdir.
+ATTACKED_BOT = "attacked-bot"
 #: Where the attackers connect from: an address of their own, as attackers on the internet
 #: have, so the gateway's per-address start rate applies to them and not to the load client
 #: (127.0.0.1, exempt in the bench's config as a telephony provider's range would be).
 ATTACKER_SOURCE = "127.0.0.2"
+#: Why the attackers run on the gateway's core by default (``--attackers-on relay``): on
+#: loopback the kernel does a receiver's TCP work in the sender's context, so attackers on the
+#: load core made that core do the gateway's receive work for ~1 GiB of attack bytes a run,
+#: and the load client and the bench bot, which measure the latency, waited behind it
+#: (measured with /proc/<pid>/task/<tid>/schedstat: the bench bot's mean wait per wake-up
+#: 97 µs quiet, 175 µs under attack; the load core 100 % busy). With a NIC that work is the
+#: server's. On the relay core at ``SCHED_IDLE``, the attackers' own code takes only time the
+#: gateway leaves idle, while the kernel work their bytes cause lands on the gateway's core,
+#: where it belongs; the load core runs as in the quiet run (the bot's wait 74 µs quiet, 83 µs
+#: under attack). The attacked agent's instance goes with them: its work is the attack's too.
+ATTACKERS_ON = ("relay", "load")
 
 
 def _start_attackers(
     settings: Settings, gateway: cs.Gateway, workdir: Path, attackers: int, seconds: float
 ) -> tuple[Child, dict[str, Any]]:
-    """``python -m bench.attackers`` on the load core, at ``SCHED_IDLE``; waits for "ready"."""
-    load, _ = cores()
+    """``python -m bench.attackers`` on the core ``settings.attackers_on`` names, at
+    ``SCHED_IDLE``; waits for "ready"."""
+    load, relay = cores()
     spec = {
         "port": gateway.port,
         "generic_path": gateway.path(ATTACKED_AGENT),
@@ -776,7 +800,7 @@ def _start_attackers(
     child = spawn(
         "attackers",
         [sys.executable, "-m", "bench.attackers"],
-        cpus=load,
+        cpus=relay if settings.attackers_on == "relay" else load,
         cwd=REPO,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -927,8 +951,9 @@ def hostile(settings: Settings) -> dict[str, Any]:
 
     One gateway serves all three runs, with one warm agent instance for the load and one for
     the attacks that open sessions (:data:`ATTACKED_AGENT`). In the hostile run,
-    ``attackers`` connections (``python -m bench.attackers``, on the load core at
-    ``SCHED_IDLE``) loop over five attacks for as long as the load client runs. The gateway's
+    ``attackers`` connections (``python -m bench.attackers``, at ``SCHED_IDLE`` on the
+    gateway's core: :data:`ATTACKERS_ON`) loop over five attacks for as long as the load
+    client runs. The gateway's
     peak RSS (``VmHWM``, reset before each run) and open fds are watched through each run.
     """
     load, relay = cores()
@@ -944,56 +969,60 @@ def hostile(settings: Settings) -> dict[str, Any]:
         "attack_ramp_s": settings.attack_ramp,
         "attack_variants": list(settings.attack_variants) or "all",
         "relay_thread_nice": settings.relay_thread_nice,
+        "relay_thread_slice_us": settings.relay_thread_slice_us,
+        "attackers_on": settings.attackers_on,
     }
     runs: dict[str, dict[str, Any]] = {}
-    with (
-        _workdir() as workdir,
-        cs.catflap_gateway(
+    with _workdir() as workdir:
+        # A copy of its own, so that its instances can be told apart (by their command line).
+        attacked_bot = shutil.copytree(cs.FAST_ECHO, workdir / ATTACKED_BOT)
+        with cs.catflap_gateway(
             workdir,
             {
                 "bench": fast_echo_agent(sessions + 100),
-                ATTACKED_AGENT: fast_echo_agent(4 * settings.attackers + 100),
+                ATTACKED_AGENT: fast_echo_agent(4 * settings.attackers + 100, attacked_bot),
             },
             relay_cpus=relay,
             load_cpus=load,
             native_relay=settings.native_relay,
             relay_thread_nice=settings.relay_thread_nice,
-        ) as gateway,
-    ):
-        cs.probe(gateway.port, gateway.path("bench"))
-        endpoint = gateway.endpoint("bench")
+            relay_thread_slice_us=settings.relay_thread_slice_us,
+        ) as gateway:
+            cs.probe(gateway.port, gateway.path("bench"))
+            on_relay = attacked_bot if settings.attackers_on == "relay" else None
+            endpoint = gateway.endpoint("bench", leave=on_relay)
 
-        def one(label: str, attackers: int, where: str) -> dict[str, Any]:
-            log(
-                f"hostile: {where}{label} run, {sessions} sessions for {seconds:g} s"
-                + (f", {attackers} attackers" if attackers else "")
-            )
-            around = _watched(settings, gateway, workdir, attackers)
-            # At most one repeat: each run should stay within ~30 s.
-            r = telephony_run(endpoint, sessions, seconds, workdir, around=around, attempts=2)
-            time.sleep(settings.pause)
-            return r
+            def one(label: str, attackers: int, where: str) -> dict[str, Any]:
+                log(
+                    f"hostile: {where}{label} run, {sessions} sessions for {seconds:g} s"
+                    + (f", {attackers} attackers" if attackers else "")
+                )
+                around = _watched(settings, gateway, workdir, attackers)
+                # At most one repeat: each run should stay within ~30 s.
+                r = telephony_run(endpoint, sessions, seconds, workdir, around=around, attempts=2)
+                time.sleep(settings.pause)
+                return r
 
-        # Quiet and attacked runs in pairs, the order alternating, so drift on a shared
-        # machine (or a neighbour on the host) does not always land on the same side.
-        rounds = settings.hostile_rounds
-        pairs: list[dict[str, dict[str, Any]]] = []
-        for i in range(rounds):
-            order = (("quiet", 0), ("hostile", settings.attackers))
-            pair = {
-                label: one(label, attackers, f"round {i + 1}/{rounds}, ")
-                for label, attackers in (order if i % 2 == 0 else order[::-1])
-            }
-            pairs.append(pair)
-        runs["after"] = one("after", 0, "")
-        # The detailed tables show the round whose p99 ratio is the median one.
-        ranked = sorted(range(rounds), key=lambda i: _p99_ratio(pairs[i]) or 0.0)
-        representative = ranked[(rounds - 1) // 2]
-        runs = {**pairs[representative], "after": runs["after"]}
-        result["representative_round"] = representative + 1
-        if not gateway.child.alive():
-            raise RuntimeError(f"the gateway exited:\n{gateway.child.log_tail()}")
-        result["gateway_log_problems"] = _log_problems(gateway.child)
+            # Quiet and attacked runs in pairs, the order alternating, so drift on a shared
+            # machine (or a neighbour on the host) does not always land on the same side.
+            rounds = settings.hostile_rounds
+            pairs: list[dict[str, dict[str, Any]]] = []
+            for i in range(rounds):
+                order = (("quiet", 0), ("hostile", settings.attackers))
+                pair = {
+                    label: one(label, attackers, f"round {i + 1}/{rounds}, ")
+                    for label, attackers in (order if i % 2 == 0 else order[::-1])
+                }
+                pairs.append(pair)
+            runs["after"] = one("after", 0, "")
+            # The detailed tables show the round whose p99 ratio is the median one.
+            ranked = sorted(range(rounds), key=lambda i: _p99_ratio(pairs[i]) or 0.0)
+            representative = ranked[(rounds - 1) // 2]
+            runs = {**pairs[representative], "after": runs["after"]}
+            result["representative_round"] = representative + 1
+            if not gateway.child.alive():
+                raise RuntimeError(f"the gateway exited:\n{gateway.child.log_tail()}")
+            result["gateway_log_problems"] = _log_problems(gateway.child)
     result["runs"] = runs
     result["rounds"] = [
         {

@@ -743,15 +743,30 @@ needs_root = pytest.mark.skipif(
 )
 
 
+def _slice_ns(tid: int) -> int:
+    """The fair scheduler's time slice of thread ``tid`` of this process, in ns."""
+    for line in Path(f"/proc/self/task/{tid}/sched").read_text().splitlines():
+        if line.startswith("se.slice"):
+            return int(line.split(":")[1])
+    pytest.fail("this kernel's /proc/<pid>/sched shows no se.slice (EEVDF, Linux 6.6+)")
+
+
 @needs_root
-async def test_the_lane_thread_runs_at_the_configured_nice_and_the_loop_does_not() -> None:
-    lane = fastlane.FastLane(nice=-7)
+async def test_the_lane_thread_runs_at_the_configured_nice_and_slice_and_the_loop_does_not() -> (
+    None
+):
+    loop_slice = _slice_ns(threading.get_native_id())
+    lane = fastlane.FastLane(nice=-7, slice_us=250)
     try:
-        assert lane.nice == -7
+        assert (lane.nice, lane.slice_us) == (-7, 250)
         assert os.getpriority(os.PRIO_PROCESS, lane._native.thread_id) == -7
+        assert _slice_ns(lane._native.thread_id) == 250_000
         assert lane._native.thread_id != threading.get_native_id()
+        with open(f"/proc/self/task/{lane._native.thread_id}/comm") as comm:  # noqa: ASYNC230
+            assert comm.read() == "catflap-lane\n"
         # Only the lane thread: the event loop (and every process it spawns) keeps its own.
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0
+        assert _slice_ns(threading.get_native_id()) == loop_slice != 250_000
     finally:
         lane.close()
 
@@ -761,15 +776,20 @@ import asyncio, logging, os, sys
 logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
 from catflap.gateway import fastlane
 async def main() -> None:
-    lane = fastlane.FastLane(nice=-10)
-    print("nice", lane.nice, os.getpriority(os.PRIO_PROCESS, lane._native.thread_id))
+    lane = fastlane.FastLane(nice=-10, slice_us=100)
+    tid = lane._native.thread_id
+    sched = open(f"/proc/self/task/{tid}/sched").read().splitlines()
+    slice_ns = [int(l.split(":")[1]) for l in sched if l.startswith("se.slice")][0]
+    print("nice", lane.nice, os.getpriority(os.PRIO_PROCESS, tid), "slice", lane.slice_us, slice_ns)
     lane.close()
 asyncio.run(main())
 """
 
 
 @needs_root
-def test_without_cap_sys_nice_the_lane_warns_once_and_runs_at_nice_0() -> None:
+def test_without_cap_sys_nice_the_lane_warns_once_runs_at_nice_0_and_still_takes_its_slice() -> (
+    None
+):
     setpriv = shutil.which("setpriv")
     assert setpriv is not None, "util-linux's setpriv is needed to drop CAP_SYS_NICE"
     result = subprocess.run(
@@ -778,19 +798,20 @@ def test_without_cap_sys_nice_the_lane_warns_once_and_runs_at_nice_0() -> None:
         capture_output=True, text=True, timeout=seconds(30), check=True,
     )  # fmt: skip
     lines = result.stdout.splitlines()
-    assert lines[-1] == "nice 0 0"
+    assert lines[-1] == "nice 0 0 slice 100 100000"
     warnings = [line for line in lines if "could not take nice -10" in line]
     assert len(warnings) == 1, result.stdout
     assert "CAP_SYS_NICE or LimitNICE=30" in warnings[0]
     assert "relay_thread_nice = 0" in warnings[0]
 
 
-async def test_nice_0_leaves_the_thread_alone() -> None:
-    lane = fastlane.FastLane(nice=0)
+async def test_nice_0_and_slice_0_leave_the_thread_alone() -> None:
+    lane = fastlane.FastLane(nice=0, slice_us=0)
     try:
-        assert lane.nice == 0
+        assert (lane.nice, lane.slice_us) == (0, 0)
         assert os.getpriority(os.PRIO_PROCESS, lane._native.thread_id) == os.getpriority(
             os.PRIO_PROCESS, 0
         )
+        assert _slice_ns(lane._native.thread_id) == _slice_ns(threading.get_native_id())
     finally:
         lane.close()

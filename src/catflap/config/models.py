@@ -219,6 +219,11 @@ class GatewaySettings(_Strict):
     #: not delayed by whatever else the gateway does (a flood of hostile connections). Needs
     #: ``CAP_SYS_NICE`` or ``RLIMIT_NICE``; without them the gateway warns and runs at 0.
     relay_thread_nice: int = Field(default=-10, ge=-20, le=19)
+    #: The time slice in µs the fast lane thread asks the kernel for (Linux 6.12+; older
+    #: kernels ignore it): a short one lets the thread preempt the event loop the moment a
+    #: frame arrives. 100 is the kernel's smallest (it raises smaller ones to it); 0 keeps
+    #: the kernel's default (about 3 ms). Needs no privilege.
+    relay_thread_slice_us: int = Field(default=100, ge=0, le=100_000)
     provider_handshake_timeout: float = Field(default=limits.PROVIDER_HANDSHAKE_TIMEOUT_S, gt=0)
     #: Serve the live view at ``/dashboard`` (``--dashboard``); off unless asked for.
     dashboard: bool = False

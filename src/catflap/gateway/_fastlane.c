@@ -339,6 +339,8 @@ static void *run(void *arg) {
     struct epoll_event events[MAX_EVENTS];
     uint8_t *buf = lane->buf;
     lane->thread_id = (long)syscall(SYS_gettid);
+    /* Named, so that top -H, ps -L and /proc/<pid>/task/<tid>/comm tell it from the loop. */
+    pthread_setname_np(pthread_self(), "catflap-lane");
     sem_post(&lane->thread_up);
     for (;;) {
         pthread_mutex_lock(&lane->lock);
@@ -701,6 +703,42 @@ static PyObject *Lane_fileno(Lane *self, PyObject *Py_UNUSED(ignored)) {
 PyDoc_STRVAR(stop_doc,
     "stop() -> None\n\nStop the thread; every session still in the lane is handed back.");
 
+/* struct sched_attr of sched_setattr(2), its first version (48 bytes): glibc has no wrapper,
+ * and <linux/sched/types.h> clashes with glibc's <sched.h> on older systems. */
+struct lane_sched_attr {
+    uint32_t size;
+    uint32_t sched_policy;
+    uint64_t sched_flags;
+    int32_t sched_nice;
+    uint32_t sched_priority;
+    uint64_t sched_runtime;
+    uint64_t sched_deadline;
+    uint64_t sched_period;
+};
+
+PyDoc_STRVAR(prioritise_doc,
+    "prioritise(nice, slice_ns) -> None\n\n"
+    "Put the lane thread under SCHED_OTHER at `nice`, asking the kernel for time slices of\n"
+    "`slice_ns` (0: the kernel's default). Since Linux 6.12 the fair scheduler (EEVDF) gives a\n"
+    "task that asks for a shorter slice an earlier deadline, so it preempts the running task\n"
+    "when it wakes; older kernels ignore the slice. Raises OSError (EPERM: a nice value below\n"
+    "the current one without CAP_SYS_NICE or RLIMIT_NICE).");
+
+static PyObject *Lane_prioritise(Lane *self, PyObject *args) {
+    int nice;
+    unsigned long long slice_ns;
+    if (!PyArg_ParseTuple(args, "iK:prioritise", &nice, &slice_ns)) return NULL;
+    struct lane_sched_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.size = sizeof attr;
+    attr.sched_policy = 0; /* SCHED_OTHER */
+    attr.sched_nice = nice;
+    attr.sched_runtime = slice_ns;
+    if (syscall(SYS_sched_setattr, (pid_t)self->thread_id, &attr, 0u) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Lane_stop(Lane *self, PyObject *Py_UNUSED(ignored)) {
     lane_stop_thread(self);
     Py_RETURN_NONE;
@@ -720,6 +758,7 @@ static PyMethodDef Lane_methods[] = {
     {"take", (PyCFunction)Lane_take, METH_NOARGS, take_doc},
     {"fileno", (PyCFunction)Lane_fileno, METH_NOARGS, "The fd that is readable when take() has sessions."},
     {"stop", (PyCFunction)Lane_stop, METH_NOARGS, stop_doc},
+    {"prioritise", (PyCFunction)Lane_prioritise, METH_VARARGS, prioritise_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -730,7 +769,7 @@ static PyObject *Lane_get_thread_id(Lane *self, void *Py_UNUSED(closure)) {
 static PyGetSetDef Lane_getset[] = {
     {"active", (getter)Lane_get_active, NULL, "Sessions in the lane now.", NULL},
     {"thread_id", (getter)Lane_get_thread_id, NULL,
-     "The lane thread's kernel thread id (for os.setpriority).", NULL},
+     "The lane thread's kernel thread id.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -198,7 +198,9 @@ class Gateway:
             )
         if settings.native_relay:
             if fastlane.available():
-                self._relays.lane = fastlane.FastLane(nice=settings.relay_thread_nice)
+                self._relays.lane = fastlane.FastLane(
+                    nice=settings.relay_thread_nice, slice_us=settings.relay_thread_slice_us
+                )
             else:
                 log.warning(
                     "the fast lane extension is not built, so sessions relay on the event loop "
