@@ -39,11 +39,13 @@ import os
 import resource
 import socket
 import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.blocks import Blocks
 from bench.loadgen import OP_CLOSE, OP_PING, percentiles, upgrade_request
 
 __all__ = ["ATTACKS", "Attack", "main"]
@@ -519,10 +521,17 @@ def _error_name(exc: BaseException) -> str:
 
 
 async def _attacker(
-    ctx: AttackContext, tally: Tally, stop_at: float, pause: float, max_attacks: int
+    ctx: AttackContext,
+    tally: Tally,
+    stop_at: float,
+    pause: float,
+    max_attacks: int,
+    blocks: Blocks | None,
 ) -> None:
     attack = tally.attack
     for _ in range(max_attacks):
+        if blocks is not None and (wait := blocks.until_attack(time.monotonic_ns())) > 0:
+            await asyncio.sleep(wait)  # a quiet block: the next attack waits for the next one
         if ctx.now() >= stop_at:
             return
         until = min(ctx.now() + attack.deadline_s, stop_at + attack.deadline_s)
@@ -584,8 +593,10 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = loop.time()
     stop_at = t0 + float(spec["seconds"])
+    blocks = Blocks.from_spec(spec.get("blocks"))
     tasks = [
-        loop.create_task(_attacker(ctx, tally, stop_at, pause, max_attacks)) for tally in assignment
+        loop.create_task(_attacker(ctx, tally, stop_at, pause, max_attacks, blocks))
+        for tally in assignment
     ]
     print(json.dumps({"ready": True}), flush=True)
     with contextlib.suppress(TimeoutError):
@@ -600,6 +611,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "attackers": count,
         "pause_s": pause,
+        **({} if blocks is None else {"blocks": blocks.to_spec()}),
         "seconds": round(elapsed, 3),
         "stopped_by": stopped_by,
         "cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 3),

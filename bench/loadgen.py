@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from bench.blocks import Blocks
 from bench.procs import cpu_ticks, cpu_times, descendants_of, machine_load, raise_nofile, rss_kb
 
 __all__ = ["FrameTemplate", "Stats", "WSClient", "main", "percentiles"]
@@ -476,6 +477,7 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
     # The gateway's own instances (e.g. the ones attack sessions land on) are the system
     # under test, not other programs: their CPU is measured, not counted as foreign.
     trees, skip = spec.get("cpu_trees", {}), set(pids.values())
+    blocks = Blocks.from_spec(spec.get("blocks"))
     cpu0, tree0 = sample_cpu(pids), sample_trees(trees, skip)
     machine0 = cpu_times()
     t0 = loop.time()
@@ -513,11 +515,34 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
         "lost": stats.sent - stats.received,
         "latency_us": percentiles(stats.latencies),
         "timeline": timeline(stats, t0_ns, float(spec.get("timeline_step", 1.0))),
+        **({} if blocks is None else {"blocks": by_block(stats, blocks)}),
         "t0_ns": t0_ns,
         "cpu_s": cpu,
         "machine": machine,
         "close_lingering": lingering,
         "tls": target.negotiated,
+    }
+
+
+def by_block(stats: Stats, blocks: Blocks) -> dict[str, Any]:
+    """Echo latency percentiles of the frames sent in attack blocks and in quiet blocks (see
+    :mod:`bench.blocks`), and how many samples fell in a guard."""
+    # perf_counter_ns and monotonic_ns are both CLOCK_MONOTONIC on Linux; the offset is ~0 but
+    # costs nothing to apply.
+    offset = time.monotonic_ns() - _now()
+    sides: dict[str, list[int]] = {"attack": [], "quiet": []}
+    guarded = 0
+    for arrived, latency in zip(stats.arrivals, stats.latencies, strict=True):
+        side = blocks.side(arrived - latency + offset)
+        if side is None:
+            guarded += 1
+        else:
+            sides[side].append(latency)
+    return {
+        **blocks.to_spec(),
+        "attack": percentiles(sides["attack"]),
+        "quiet": percentiles(sides["quiet"]),
+        "guarded": guarded,
     }
 
 

@@ -504,6 +504,7 @@ def _rounds_md(res: dict[str, Any]) -> list[str]:
                 q["latency_us"].get("p99"),
                 h["latency_us"].get("p99"),
                 rnd["p99_ratio"],
+                " / ".join(_fmt(r.get("blocks_p99_ratio")) for r in (q, h)),
                 f"{q['lost']:,} / {h['lost']:,}",
                 _run_disturbance(q) or "–",
                 _run_disturbance(h) or "–",
@@ -523,6 +524,7 @@ def _rounds_md(res: dict[str, Any]) -> list[str]:
                 "quiet p99 µs",
                 "under attack p99 µs",
                 "ratio",
+                "block split quiet / attacked",
                 "frames lost quiet / attacked",
                 "quiet run disturbed by",
                 "attacked run disturbed by",
@@ -532,12 +534,47 @@ def _rounds_md(res: dict[str, Any]) -> list[str]:
     ]
 
 
+def _interleaved_md(res: dict[str, Any]) -> list[str]:
+    run = res.get("interleaved")
+    if not run or not run.get("blocks"):
+        return []
+    blocks = run["blocks"]
+    rows = [
+        [
+            side,
+            *(blocks[side].get(k) for k in ("p50", "p99", "p999", "max")),
+            blocks[side].get("count"),
+        ]
+        for side in ("attack", "quiet")
+    ]
+    lost = f"{run['lost']:,} of {run['sent']:,}"
+    return [
+        "",
+        f"Interleaved run ({run['seconds']:g} s; the attackers attack in even "
+        f"{blocks['block_s']:g} s blocks and pause in odd ones; each echo counts for the block "
+        f"its frame was sent in, the first {blocks['guard_s']:g} s of every block left out "
+        f"({blocks['guarded']:,} echoes); frames lost {lost}). The latency target compares "
+        "these two rows. The rounds table's block split is the same split of runs whose "
+        "blocks are alike (no attackers, or attackers throughout): the noise floor.",
+        "",
+        *_table(["blocks", "p50 µs", "p99 µs", "p999 µs", "max µs", "echoes"], rows),
+    ]
+
+
 def _hostile_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     """The scenario's targets, with the latency one marked when other programs disturbed it."""
     why = _disturbed(res)
     targets = []
     for t in res.get("targets", []):
         t = dict(t)
+        if t.get("interleaved"):
+            # Both sides of the interleaved run share the host, steal included: only other
+            # programs' CPU during it makes its comparison unclean.
+            run = res.get("interleaved", {})
+            why = _run_disturbance(
+                {**run, "steal": 0.0, "foreign_cpu_s": run.get("machine", {}).get("foreign_cpu_s")}
+            )
+            why = f"interleaved run: {why}" if why else ""
         if why and str(t["target"]).startswith("p99"):
             t["measured"] = f"{t['measured']}; {why}"
             t["disturbed"] = True
@@ -659,7 +696,7 @@ def _hostile_md(res: dict[str, Any]) -> list[str]:
                 arows,
             ),
         ]
-    lines += _rounds_md(res)
+    lines += _rounds_md(res) + _interleaved_md(res)
     fds = runs["hostile"].get("fds_back_s")
     problems = res.get("gateway_log_problems", {})
     lines += [
