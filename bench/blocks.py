@@ -5,9 +5,12 @@ Why: on a shared VM the machine itself drifts. Two neighbouring quiet runs of 15
 as the attack. In an interleaved run the attackers attack during even blocks (2 s) and pause
 during odd ones, and the load client files each echo by the block its frame was *sent* in: both
 sides see the same host, the same gateway and the same sessions, a few seconds apart, many
-times over. Samples sent within ``guard_s`` of a block's start are left out of both sides, so
-that attacks still in flight when a quiet block begins (and the first attacks of an attack
-block) are not counted as either.
+times over. The comparison is the one the whole runs' rounds make, with many short rounds: the
+median, over each attack block and the quiet block after it, of their p99s' ratio, so that a
+stall of the host (200 ms ones were seen on both sides) weighs as one round, not as the whole
+comparison; the pooled p99s are reported beside it. Samples sent within ``guard_s`` of a
+block's start are left out of both sides, so that attacks still in flight when a quiet block
+begins (and the first attacks of an attack block) are not counted as either.
 
 Both processes read ``CLOCK_MONOTONIC`` (``time.monotonic_ns``; the load client converts its
 ``perf_counter_ns`` stamps, the same clock on Linux), so one epoch in the spec is enough.
@@ -44,16 +47,19 @@ class Blocks:
     def to_spec(self) -> dict[str, Any]:
         return {"epoch_ns": self.epoch_ns, "block_s": self.block_s, "guard_s": self.guard_s}
 
-    def side(self, t_ns: int) -> Side | None:
-        """The side a frame sent at ``t_ns`` counts for; None before the epoch or in a guard."""
+    def block(self, t_ns: int) -> int | None:
+        """The block a frame sent at ``t_ns`` counts for (even: attack, odd: quiet); None
+        before the epoch or in a guard."""
         since = t_ns - self.epoch_ns
         if since < 0:
             return None
-        block_ns = int(self.block_s * 1e9)
-        index, into = divmod(since, block_ns)
-        if into < self.guard_s * 1e9:
-            return None
-        return "attack" if index % 2 == 0 else "quiet"
+        index, into = divmod(since, int(self.block_s * 1e9))
+        return None if into < self.guard_s * 1e9 else index
+
+    def side(self, t_ns: int) -> Side | None:
+        """The side a frame sent at ``t_ns`` counts for; None before the epoch or in a guard."""
+        index = self.block(t_ns)
+        return None if index is None else ("attack" if index % 2 == 0 else "quiet")
 
     def until_attack(self, t_ns: int) -> float:
         """Seconds from ``t_ns`` to the next attack block's start; 0 inside an attack block."""

@@ -530,18 +530,30 @@ def by_block(stats: Stats, blocks: Blocks) -> dict[str, Any]:
     # perf_counter_ns and monotonic_ns are both CLOCK_MONOTONIC on Linux; the offset is ~0 but
     # costs nothing to apply.
     offset = time.monotonic_ns() - _now()
-    sides: dict[str, list[int]] = {"attack": [], "quiet": []}
+    per_block: dict[int, list[int]] = {}
     guarded = 0
     for arrived, latency in zip(stats.arrivals, stats.latencies, strict=True):
-        side = blocks.side(arrived - latency + offset)
-        if side is None:
+        index = blocks.block(arrived - latency + offset)
+        if index is None:
             guarded += 1
         else:
-            sides[side].append(latency)
+            per_block.setdefault(index, []).append(latency)
+    # Each attack block (even) with the quiet block after it; pairs cut by the window's ends
+    # are left out, so that every pair's two halves are whole blocks.
+    ratios = []
+    for index in sorted(per_block):
+        if index % 2 == 0 and index + 1 in per_block:
+            a, q = percentiles(per_block[index]), percentiles(per_block[index + 1])
+            if a["count"] >= 100 and q["count"] >= 100:
+                ratios.append(round(a["p99"] / q["p99"], 3))
+    ratios.sort()
+    median = None if not ratios else (ratios[(len(ratios) - 1) // 2] + ratios[len(ratios) // 2]) / 2
     return {
         **blocks.to_spec(),
-        "attack": percentiles(sides["attack"]),
-        "quiet": percentiles(sides["quiet"]),
+        "attack": percentiles([x for i, v in per_block.items() if i % 2 == 0 for x in v]),
+        "quiet": percentiles([x for i, v in per_block.items() if i % 2 == 1 for x in v]),
+        "pair_p99_ratios": ratios,
+        "p99_ratio": None if median is None else round(median, 3),
         "guarded": guarded,
     }
 

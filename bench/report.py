@@ -553,9 +553,12 @@ def _interleaved_md(res: dict[str, Any]) -> list[str]:
         f"Interleaved run ({run['seconds']:g} s; the attackers attack in even "
         f"{blocks['block_s']:g} s blocks and pause in odd ones; each echo counts for the block "
         f"its frame was sent in, the first {blocks['guard_s']:g} s of every block left out "
-        f"({blocks['guarded']:,} echoes); frames lost {lost}). The latency target compares "
-        "these two rows. The rounds table's block split is the same split of runs whose "
-        "blocks are alike (no attackers, or attackers throughout): the noise floor.",
+        f"({blocks['guarded']:,} echoes); frames lost {lost}). The latency target is the "
+        "median, over each attack block and the quiet block after it, of their p99s' ratio "
+        f"({', '.join(f'{r:.2f}' for r in blocks.get('pair_p99_ratios', []))}); the rows "
+        "below pool every block of a side. The rounds table's block split is the same "
+        "statistic for runs whose blocks are alike (no attackers, or attackers throughout): "
+        "the noise floor.",
         "",
         *_table(["blocks", "p50 µs", "p99 µs", "p999 µs", "max µs", "echoes"], rows),
     ]
