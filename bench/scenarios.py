@@ -93,8 +93,8 @@ class Settings:
     hostile_rounds: int = 3
     #: The interleaved run (bench/blocks.py), whose p99 ratio is the target: its length, the
     #: length of each attack or quiet block, and the guard left out at each block's start.
-    interleaved_seconds: float = 60.0
-    block_s: float = 2.0
+    interleaved_seconds: float = 90.0
+    block_s: float = 1.0
     block_guard_s: float = 0.25
     attackers: int = 50
     #: The core the attackers (at ``SCHED_IDLE``) and the attacked agent's instance run on:
@@ -134,7 +134,6 @@ class Settings:
             hostile_seconds=2.0,
             hostile_rounds=1,
             interleaved_seconds=4.0,
-            block_s=1.0,
             attackers=10,
             attack_ramp=0.5,
             dispatch_count=24,
@@ -1048,7 +1047,7 @@ def hostile(settings: Settings) -> dict[str, Any]:
                     + (f" in {settings.block_s:g} s blocks" if interleaved else "")
                 )
                 around = _watched(settings, gateway, workdir, attackers, interleaved=interleaved)
-                # At most one repeat: each run should stay within ~30 s (~75 s interleaved).
+                # At most one repeat: each run should stay within ~30 s (~105 s interleaved).
                 r = telephony_run(endpoint, sessions, length, workdir, around=around, attempts=2)
                 time.sleep(settings.pause)
                 return r
