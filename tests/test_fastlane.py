@@ -10,6 +10,7 @@ uvloop (``LOOP_FACTORIES``, read by tests/conftest.py), since ``catflap serve`` 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -803,6 +805,29 @@ def test_without_cap_sys_nice_the_lane_warns_once_runs_at_nice_0_and_still_takes
     assert len(warnings) == 1, result.stdout
     assert "CAP_SYS_NICE or LimitNICE=30" in warnings[0]
     assert "relay_thread_nice = 0" in warnings[0]
+
+
+class _NoSchedSetattr:
+    """The native lane as seen under a seccomp filter that refuses sched_setattr (EPERM)."""
+
+    def __init__(self, native_lane: Any) -> None:
+        self.thread_id = native_lane.thread_id
+
+    def prioritise(self, nice: int, slice_ns: int) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+
+@needs_root
+async def test_where_sched_setattr_is_refused_the_lane_takes_the_nice_value_alone() -> None:
+    lane = fastlane.FastLane(nice=0, slice_us=0)
+    native_lane = lane._native
+    try:
+        lane._native = _NoSchedSetattr(native_lane)  # type: ignore[assignment]
+        assert lane._prioritise(-4, 100) == (-4, 0)
+        assert os.getpriority(os.PRIO_PROCESS, native_lane.thread_id) == -4
+    finally:
+        lane._native = native_lane
+        lane.close()
 
 
 async def test_nice_0_and_slice_0_leave_the_thread_alone() -> None:

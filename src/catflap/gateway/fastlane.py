@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import errno
 import logging
 import os
 from typing import Any, NamedTuple, NoReturn, Protocol
@@ -175,8 +174,8 @@ class FastLane:
             raise RuntimeError("catflap.gateway._fastlane is not built; reinstall catflap")
         self._loop = asyncio.get_running_loop()
         self._native = native.Lane()
-        #: The nice value the lane thread runs at (0 when it could not be lowered), and the
-        #: slice it asked for in µs (0 when it asked for none or could not).
+        #: The nice value the lane thread runs at (the process's when it could not be
+        #: lowered), and the slice it asked for in µs (0 when it asked for none or could not).
         self.nice, self.slice_us = self._prioritise(nice, slice_us)
         self._users: dict[int, LaneUser] = {}
         self._loop.add_reader(self._native.fileno(), self._dispatch)
@@ -199,37 +198,40 @@ class FastLane:
         process's nice value, still takes the slice (that needs no privilege), and this says
         so once.
         """
+        tid = self._native.thread_id
+        keep = os.getpriority(os.PRIO_PROCESS, tid)
         if nice == 0 and slice_us == 0:
-            return 0, 0
+            return keep, 0
+        want = keep if nice == 0 else nice  # 0: leave the nice value as it is
         try:
-            self._native.prioritise(nice, slice_us * 1000)
-            return nice, slice_us
+            self._native.prioritise(want, slice_us * 1000)
+            return want, slice_us
         except OSError as error:
-            if error.errno != errno.EPERM or nice >= 0:
-                # No sched_setattr (a seccomp filter): the nice value alone, the old way.
-                return self._renice(nice), 0
+            refused = error
+        try:
+            # The slice alone needs no privilege.
+            self._native.prioritise(keep, slice_us * 1000)
+            got = (keep, slice_us)
+        except OSError:
+            # sched_setattr itself is refused (a seccomp filter): the nice value alone.
+            got = (self._renice(want, keep), 0)
+        if got[0] != want:
             log.warning(
                 "! the fast lane thread could not take nice %d (%s), so under load relayed "
                 "frames wait behind the event loop; run catflap with CAP_SYS_NICE or "
                 "LimitNICE=%d, or set [gateway] relay_thread_nice = 0 to silence this",
-                nice,
-                error.strerror,
-                20 - nice,
+                want,
+                refused.strerror,
+                20 - want,
             )
-        if slice_us == 0:
-            return 0, 0
-        try:
-            self._native.prioritise(0, slice_us * 1000)
-        except OSError:
-            return 0, 0
-        return 0, slice_us
+        return got
 
-    def _renice(self, nice: int) -> int:
+    def _renice(self, want: int, keep: int) -> int:
         try:
-            os.setpriority(os.PRIO_PROCESS, self._native.thread_id, nice)
+            os.setpriority(os.PRIO_PROCESS, self._native.thread_id, want)
         except OSError:
-            return 0
-        return nice
+            return keep
+        return want
 
     @property
     def closed(self) -> bool:
