@@ -110,8 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rounds",
         type=int,
-        help="telephony runs per contestant (default 3), and hostile quiet/attacked pairs "
-        "(default 5); medians reported",
+        help="telephony runs per contestant, and hostile quiet/attacked pairs (default 3); "
+        "medians reported",
     )
     parser.add_argument(
         "--echo",

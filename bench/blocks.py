@@ -6,13 +6,16 @@ as the attack. In an interleaved run the attackers attack during even blocks (1 
 during odd ones, and the load client files each echo by the block its frame was *sent* in: both
 sides see the same host, the same gateway and the same sessions, a few seconds apart, many
 times over. The comparison is the one the whole runs' rounds make, with many short rounds: the
-median, over each attack block and the quiet block after it, of their p99s' ratio, so that a
+median, over the attack blocks, of each one's p99 over the mean of its two quiet neighbours'
+(so that a drift within the run favours neither side), so that a
 stall that is not the attack's weighs as one round, not as the whole comparison (on the
 reference VM, RabbitMQ's node starts a short-lived Erlang VM now and then, which took 200 ms of
 the load core at once: ``perf sched timehist`` showed it during a 264 ms echo); the pooled
-p99s are reported beside it. Samples sent within ``guard_s`` of a block's start are left out
-of both sides, so that attacks still in flight when a quiet block begins (and the first attacks
-of an attack block) are not counted as either.
+p99s are reported beside it. Only blocks wholly inside the load client's window count. Echoes
+sent within ``guard_s`` of a quiet block's start are left out, so that attacks still in flight
+when it begins are not counted as quiet; an attack block counts from its start, the attackers'
+synchronised burst included. Attacks that last longer than a block (kind 3's stalled requests,
+10 s) go on holding their idle connections through quiet blocks.
 
 Both processes read ``CLOCK_MONOTONIC`` (``time.monotonic_ns``; the load client converts its
 ``perf_counter_ns`` stamps, the same clock on Linux), so one epoch in the spec is enough.
@@ -51,12 +54,15 @@ class Blocks:
 
     def block(self, t_ns: int) -> int | None:
         """The block a frame sent at ``t_ns`` counts for (even: attack, odd: quiet); None
-        before the epoch or in a guard."""
+        before the epoch or in a quiet block's guard."""
         since = t_ns - self.epoch_ns
         if since < 0:
             return None
         index, into = divmod(since, int(self.block_s * 1e9))
-        return None if into < self.guard_s * 1e9 else index
+        return None if index % 2 == 1 and into < self.guard_s * 1e9 else index
+
+    def start_ns(self, index: int) -> int:
+        return self.epoch_ns + index * int(self.block_s * 1e9)
 
     def side(self, t_ns: int) -> Side | None:
         """The side a frame sent at ``t_ns`` counts for; None before the epoch or in a guard."""

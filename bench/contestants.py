@@ -360,18 +360,23 @@ class Gateway:
     def pin_agents(self, *, leave: Path | None = None) -> list[int]:
         """Move every agent instance to the load core (they inherit the gateway's core), but
         those of the bot at ``leave``; returns the pids moved."""
-        pids = []
+        pids, left = [], 0
         for pid in self.agents():
             if leave is not None:
                 try:
                     with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        # A fork server's children keep its command line, which names the bot.
-                        if str(leave).encode() in f.read().split(b"\0"):
-                            continue
+                        argv = f.read().split(b"\0")
                 except OSError:
+                    continue
+                # A fork server's children keep its command line, which names the bot's folder
+                # as catflap resolved it.
+                if any(Path(os.fsdecode(arg)).resolve() == leave.resolve() for arg in argv if arg):
+                    left += 1
                     continue
             pin(pid, self.load_cpus)
             pids.append(pid)
+        if leave is not None and not left:
+            raise RuntimeError(f"no agent instance of {leave} found to leave on the gateway's core")
         return pids
 
     def endpoint(self, agent: str, *, leave: Path | None = None) -> Endpoint:

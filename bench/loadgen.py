@@ -495,6 +495,7 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
             client.send()
         tick += 1
     sent_end = loop.time()
+    end_ns = t0_ns + int(seconds * 1e9)
     await _drain(stats, float(spec.get("drain", 3.0)))
     t1 = loop.time()
     cpu = cpu_delta(cpu0, sample_cpu(pids))
@@ -515,7 +516,7 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
         "lost": stats.sent - stats.received,
         "latency_us": percentiles(stats.latencies),
         "timeline": timeline(stats, t0_ns, float(spec.get("timeline_step", 1.0))),
-        **({} if blocks is None else {"blocks": by_block(stats, blocks)}),
+        **({} if blocks is None else {"blocks": by_block(stats, blocks, (t0_ns, end_ns))}),
         "t0_ns": t0_ns,
         "cpu_s": cpu,
         "machine": machine,
@@ -524,29 +525,34 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def by_block(stats: Stats, blocks: Blocks) -> dict[str, Any]:
+def by_block(stats: Stats, blocks: Blocks, window_ns: tuple[int, int]) -> dict[str, Any]:
     """Echo latency percentiles of the frames sent in attack blocks and in quiet blocks (see
-    :mod:`bench.blocks`), and how many samples fell in a guard."""
+    :mod:`bench.blocks`), counting only blocks wholly inside ``window_ns`` (when frames were
+    sent, ``perf_counter_ns``), and how many echoes fell in a guard or a cut block."""
     # perf_counter_ns and monotonic_ns are both CLOCK_MONOTONIC on Linux; the offset is ~0 but
     # costs nothing to apply.
     offset = time.monotonic_ns() - _now()
+    start, end = window_ns[0] + offset, window_ns[1] + offset
+    block_ns = int(blocks.block_s * 1e9)
     per_block: dict[int, list[int]] = {}
-    guarded = 0
+    left_out = 0
     for arrived, latency in zip(stats.arrivals, stats.latencies, strict=True):
         index = blocks.block(arrived - latency + offset)
-        if index is None:
-            guarded += 1
+        if (
+            index is None
+            or blocks.start_ns(index) < start
+            or blocks.start_ns(index) + block_ns > end
+        ):
+            left_out += 1
         else:
             per_block.setdefault(index, []).append(latency)
-    # Each attack block (even) with the quiet block after it; pairs cut by the window's ends
-    # are left out, so that every pair's two halves are whole blocks.
-    ratios = []
-    for index in sorted(per_block):
-        if index % 2 == 0 and index + 1 in per_block:
-            a, q = percentiles(per_block[index]), percentiles(per_block[index + 1])
-            if a["count"] >= 100 and q["count"] >= 100:
-                ratios.append(round(a["p99"] / q["p99"], 3))
-    ratios.sort()
+    p99 = {i: percentiles(v)["p99"] for i, v in per_block.items() if len(v) >= 100}
+    # Each attack block (even) against the mean of its two quiet neighbours.
+    ratios = sorted(
+        round(p99[i] / ((p99[i - 1] + p99[i + 1]) / 2), 3)
+        for i in p99
+        if i % 2 == 0 and i - 1 in p99 and i + 1 in p99
+    )
     median = None if not ratios else (ratios[(len(ratios) - 1) // 2] + ratios[len(ratios) // 2]) / 2
     return {
         **blocks.to_spec(),
@@ -554,7 +560,8 @@ def by_block(stats: Stats, blocks: Blocks) -> dict[str, Any]:
         "quiet": percentiles([x for i, v in per_block.items() if i % 2 == 1 for x in v]),
         "pair_p99_ratios": ratios,
         "p99_ratio": None if median is None else round(median, 3),
-        "guarded": guarded,
+        "attack_above": sum(r > 1 for r in ratios),
+        "left_out": left_out,
     }
 
 

@@ -3,23 +3,27 @@ echoes by block (bench.loadgen.by_block): the arithmetic the p99 target rests on
 
 from __future__ import annotations
 
+import time
+
 from bench.blocks import Blocks
 from bench.loadgen import Stats, by_block
 
 S = 1_000_000_000
+MS = 1_000_000
 BLOCKS = Blocks(epoch_ns=100 * S, block_s=2.0, guard_s=0.25)
 
 
-def test_a_frame_counts_for_the_block_it_was_sent_in_and_guards_count_for_neither() -> None:
+def test_a_frame_counts_for_the_block_it_was_sent_in_and_quiet_guards_for_neither() -> None:
     assert BLOCKS.side(99 * S) is None  # before the epoch
-    assert BLOCKS.side(100 * S) is None  # the first 0.25 s of a block
-    assert BLOCKS.side(100 * S + S // 4 - 1) is None
-    assert BLOCKS.side(100 * S + S // 4) == "attack"
+    assert BLOCKS.side(100 * S) == "attack"  # an attack block counts from its start
     assert BLOCKS.side(102 * S - 1) == "attack"
+    assert BLOCKS.side(102 * S) is None  # the first 0.25 s of a quiet block
+    assert BLOCKS.side(102 * S + S // 4 - 1) is None
     assert BLOCKS.side(102 * S + S // 4) == "quiet"
     assert BLOCKS.side(104 * S + S // 2) == "attack"
     assert BLOCKS.block(105 * S) == 2
     assert BLOCKS.block(106 * S + S // 2) == 3
+    assert BLOCKS.start_ns(3) == 106 * S
 
 
 def test_attackers_wait_for_the_next_attack_block() -> None:
@@ -35,39 +39,50 @@ def test_the_spec_round_trips() -> None:
     assert Blocks.from_spec(None) is None
 
 
-def _stats(samples: list[tuple[float, int]]) -> Stats:
-    """Echoes sent at ``t`` seconds after the epoch, each with ``latency`` ns."""
+def _split(samples: list[tuple[float, int]], window_s: tuple[float, float]) -> dict[str, object]:
+    """by_block over echoes sent ``t`` s after the epoch with ``latency`` ns each, the load
+    client's window from ``window_s[0]`` to ``window_s[1]`` s after the epoch (the two clocks
+    are read apart, so a bound exactly on a block edge is given a millisecond of slack)."""
+    # The load client stamps with perf_counter_ns, the blocks use monotonic_ns.
+    to_perf = time.perf_counter_ns() - time.monotonic_ns()
     stats = Stats()
     for t, latency in samples:
-        sent = BLOCKS.epoch_ns + int(t * S)
+        sent = BLOCKS.epoch_ns + int(t * S) + to_perf
         stats.arrivals.append(sent + latency)
         stats.latencies.append(latency)
-    return stats
+    window = tuple(BLOCKS.epoch_ns + int(w * S) + to_perf for w in window_s)
+    return by_block(stats, BLOCKS, (window[0], window[1]))
 
 
-def test_the_ratio_is_the_median_over_block_pairs_of_their_p99s() -> None:
-    # Blocks 0-5: three attack/quiet pairs, 200 echoes each, sent mid-block; then a lone attack
-    # block 6 (its quiet partner never came: the window ended), and 50 echoes in guards.
-    # Attack blocks' latencies are 2x, 3x and 100x their quiet partner's (a host stall in the
-    # last pair): the median pair says 3x whatever one block did.
-    factors = {0: 2, 2: 3, 4: 100}
+def test_each_attack_block_is_compared_with_the_mean_of_its_quiet_neighbours() -> None:
+    # Blocks 0-10 (22 s); quiet block i's echoes take i ms, so attack block i's neighbours
+    # average i ms, and attack block i takes factor x i ms. Blocks 0 and 10 lack a neighbour.
+    factors = {0: 50, 2: 2, 4: 3, 6: 4, 8: 100, 10: 50}
     samples: list[tuple[float, int]] = []
-    for block in range(7):
-        quiet_latency = 1_000_000 * (2 + block - block % 2)  # a pair's quiet block's
-        latency = quiet_latency * factors.get(block, 1) if block % 2 == 0 else quiet_latency
+    for block in range(11):
+        latency = block * MS if block % 2 else factors[block] * block * MS + MS
         samples += [(block * 2.0 + 1.0, latency)] * 200
-    samples += [(block * 2.0 + 0.1, 7) for block in range(5) for _ in range(10)]
-    result = by_block(_stats(samples), BLOCKS)
-    assert result["pair_p99_ratios"] == [2.0, 3.0, 100.0]
-    assert result["p99_ratio"] == 3.0
-    assert result["guarded"] == 50
-    assert result["attack"]["count"] == 4 * 200  # the lone block counts in the pooled rows
-    assert result["quiet"]["count"] == 3 * 200
-    assert result["block_s"] == 2.0 and result["guard_s"] == 0.25
+    samples += [(block * 2.0 + 0.1, 7) for block in (1, 3, 5) for _ in range(10)]  # quiet guards
+    result = _split(samples, (-0.001, 22.001))
+    ratios = result["pair_p99_ratios"]
+    assert ratios == sorted(ratios) and len(ratios) == 4
+    # Attack block i: (factor x i + 1) ms over i ms.
+    assert ratios == [round((f * i + 1) / i, 3) for i, f in sorted(factors.items()) if 0 < i < 10]
+    assert result["p99_ratio"] == round((ratios[1] + ratios[2]) / 2, 3)
+    assert result["attack_above"] == 4
+    assert result["left_out"] == 30
+    assert result["attack"]["count"] == 6 * 200  # every whole attack block counts when pooled
+    assert result["quiet"]["count"] == 5 * 200
 
 
-def test_a_pair_with_too_few_echoes_is_left_out() -> None:
-    samples = [(1.0, 2_000_000)] * 200 + [(3.0, 1_000_000)] * 99
-    result = by_block(_stats(samples), BLOCKS)
-    assert result["pair_p99_ratios"] == []
-    assert result["p99_ratio"] is None
+def test_blocks_cut_by_the_window_and_thin_blocks_are_left_out() -> None:
+    samples = [(block * 2.0 + 1.5, 1 + block * MS) for block in range(5) for _ in range(200)]
+    samples += [(9.0, 3 * MS)] * 99  # block 4 gets 99 more: still counted, it has 299
+    result = _split(samples, (0.5, 10.001))  # block 0 starts before the window
+    assert result["left_out"] == 200
+    assert result["attack"]["count"] == 200 + 299  # blocks 2 and 4
+    assert len(result["pair_p99_ratios"]) == 1  # block 2, between quiet blocks 1 and 3
+    # Attack block 2 between quiet blocks 1 (200 echoes) and 3 (99: too few for a p99).
+    thin = [(3.0, MS)] * 200 + [(5.0, MS)] * 200 + [(7.0, MS)] * 99
+    assert _split(thin, (0.0, 8.001))["pair_p99_ratios"] == []
+    assert _split(thin + [(7.0, MS)], (0.0, 8.001))["pair_p99_ratios"] == [1.0]

@@ -166,6 +166,32 @@ def test_bad_session_start_limits_are_refused(tmp_path: Path, setting: str, prob
     assert problem in err.problem, err.problem
 
 
+@pytest.mark.parametrize(
+    ("setting", "problem"),
+    [
+        ("relay_thread_slice_us = 50", "must be 0 (the kernel's default) or at least 100"),
+        ("relay_thread_slice_us = -1", "greater than or equal to 0"),
+        ("relay_thread_slice_us = 100001", "less than or equal to 100000"),
+    ],
+)
+def test_a_slice_the_kernel_would_not_give_is_refused(
+    tmp_path: Path, setting: str, problem: str
+) -> None:
+    err = error(tmp_path, DOCUMENTED.format(path=ECHO) + f"[gateway]\n{setting}\n")
+    assert err.key == "gateway.relay_thread_slice_us"
+    assert problem in err.problem, err.problem
+
+
+def test_the_relay_thread_slice_defaults_to_100_us_and_0_or_100_are_taken(tmp_path: Path) -> None:
+    for setting, expected in (
+        ("", 100),
+        ("relay_thread_slice_us = 0", 0),
+        ("relay_thread_slice_us = 100", 100),
+    ):
+        text = DOCUMENTED.format(path=ECHO) + f"[gateway]\n{setting}\n"
+        assert load_config(write(tmp_path, text)).gateway.relay_thread_slice_us == expected
+
+
 def test_missing_bot_py_is_refused(tmp_path: Path) -> None:
     err = error(tmp_path, DOCUMENTED.format(path=tmp_path))
     assert err.key == "organizations.my-org.agents.my-agent.path"

@@ -217,12 +217,14 @@ class GatewaySettings(_Strict):
     native_relay: bool = True
     #: The fast lane thread's nice value: below the event loop's 0, so that relayed frames are
     #: not delayed by whatever else the gateway does (a flood of hostile connections). Needs
-    #: ``CAP_SYS_NICE`` or ``RLIMIT_NICE``; without them the gateway warns and runs at 0.
+    #: ``CAP_SYS_NICE`` or ``RLIMIT_NICE``; without them the gateway warns and keeps the
+    #: process's nice value.
     relay_thread_nice: int = Field(default=-10, ge=-20, le=19)
     #: The time slice in µs the fast lane thread asks the kernel for (Linux 6.12+; older
     #: kernels ignore it): a short one lets the thread preempt the event loop the moment a
-    #: frame arrives. 100 is the kernel's smallest (it raises smaller ones to it); 0 keeps
-    #: the kernel's default (about 3 ms). Needs no privilege.
+    #: frame arrives. 0 keeps the kernel's default (0.7 ms × (1 + log2 CPUs), at most 8: 1.4 ms
+    #: on 2 CPUs, 2.8 ms from 8); otherwise 100 (the kernel's smallest) to 100,000. Needs no
+    #: privilege.
     relay_thread_slice_us: int = Field(default=100, ge=0, le=100_000)
     provider_handshake_timeout: float = Field(default=limits.PROVIDER_HANDSHAKE_TIMEOUT_S, gt=0)
     #: Serve the live view at ``/dashboard`` (``--dashboard``); off unless asked for.
@@ -294,6 +296,15 @@ class GatewaySettings(_Strict):
     def metrics_host_port(self) -> tuple[str, int] | None:
         """``metrics_listen`` as ``(host, port)``, or None when ``/metrics`` is on the main port."""
         return None if self.metrics_listen is None else split_listen(self.metrics_listen)
+
+    @field_validator("relay_thread_slice_us")
+    @classmethod
+    def _a_slice_the_kernel_takes(cls, value: int) -> int:
+        # The kernel raises a smaller request to 100 µs: say so rather than report a slice
+        # the thread does not get.
+        if 0 < value < 100:
+            raise ValueError("must be 0 (the kernel's default) or at least 100 (µs)")
+        return value
 
 
 class LogsConfig(_Strict):

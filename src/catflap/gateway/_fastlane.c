@@ -34,6 +34,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -716,27 +717,44 @@ struct lane_sched_attr {
     uint64_t sched_period;
 };
 
+_Static_assert(sizeof(struct lane_sched_attr) == 48, "SCHED_ATTR_SIZE_VER0");
+
 PyDoc_STRVAR(prioritise_doc,
-    "prioritise(nice, slice_ns) -> None\n\n"
-    "Put the lane thread under SCHED_OTHER at `nice`, asking the kernel for time slices of\n"
-    "`slice_ns` (0: the kernel's default). Since Linux 6.12 the fair scheduler (EEVDF) gives a\n"
-    "task that asks for a shorter slice an earlier deadline, so it preempts the running task\n"
-    "when it wakes; older kernels ignore the slice. Raises OSError (EPERM: a nice value below\n"
-    "the current one without CAP_SYS_NICE or RLIMIT_NICE).");
+    "prioritise(policy, nice, slice_ns) -> None\n\n"
+    "Put the lane thread under the fair `policy` (SCHED_OTHER or SCHED_BATCH) at `nice`,\n"
+    "asking the kernel for time slices of `slice_ns` (0: the kernel's default). Since Linux\n"
+    "6.12 the fair scheduler (EEVDF) gives a task that asks for a shorter slice an earlier\n"
+    "deadline, so it preempts the running task when it wakes; older kernels ignore the slice.\n"
+    "Raises OSError (EPERM: a nice value below the current one without CAP_SYS_NICE or\n"
+    "RLIMIT_NICE; ENOSYS: no sched_setattr) and RuntimeError once the thread has stopped.");
 
 static PyObject *Lane_prioritise(Lane *self, PyObject *args) {
-    int nice;
+    int policy, nice;
     unsigned long long slice_ns;
-    if (!PyArg_ParseTuple(args, "iK:prioritise", &nice, &slice_ns)) return NULL;
+    if (!PyArg_ParseTuple(args, "iiK:prioritise", &policy, &nice, &slice_ns)) return NULL;
+    if (!self->thread_started) {
+        /* Its thread id may belong to another thread by now. */
+        PyErr_SetString(PyExc_RuntimeError, "the lane thread has stopped");
+        return NULL;
+    }
+    if (policy != SCHED_OTHER && policy != SCHED_BATCH) {
+        PyErr_SetString(PyExc_ValueError, "policy must be SCHED_OTHER or SCHED_BATCH");
+        return NULL;
+    }
+#ifndef SYS_sched_setattr
+    errno = ENOSYS;
+    return PyErr_SetFromErrno(PyExc_OSError);
+#else
     struct lane_sched_attr attr;
     memset(&attr, 0, sizeof attr);
     attr.size = sizeof attr;
-    attr.sched_policy = 0; /* SCHED_OTHER */
+    attr.sched_policy = (uint32_t)policy;
     attr.sched_nice = nice;
     attr.sched_runtime = slice_ns;
     if (syscall(SYS_sched_setattr, (pid_t)self->thread_id, &attr, 0u) != 0)
         return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
+#endif
 }
 
 static PyObject *Lane_stop(Lane *self, PyObject *Py_UNUSED(ignored)) {

@@ -175,7 +175,8 @@ class FastLane:
         self._loop = asyncio.get_running_loop()
         self._native = native.Lane()
         #: The nice value the lane thread runs at (the process's when it could not be
-        #: lowered), and the slice it asked for in µs (0 when it asked for none or could not).
+        #: lowered), and the slice it asked the kernel for in µs (0 when it asked for none or
+        #: could not ask).
         self.nice, self.slice_us = self._prioritise(nice, slice_us)
         self._users: dict[int, LaneUser] = {}
         self._loop.add_reader(self._native.fileno(), self._dispatch)
@@ -183,8 +184,9 @@ class FastLane:
         self._reading = True
 
     def _prioritise(self, nice: int, slice_us: int) -> tuple[int, int]:
-        """Run the lane thread at ``nice``, in slices of ``slice_us`` (Linux schedules threads
-        one by one); returns what it got.
+        """Run the lane thread at ``nice``, asking for slices of ``slice_us`` (Linux schedules
+        threads one by one); returns the nice value it runs at and the slice it asked for (0
+        when it could not ask; kernels before 6.12 take the request and ignore it).
 
         Why: the event loop thread does everything that is not a steady relay, including
         answering every hostile connection. On a saturated core the scheduler shares time
@@ -192,25 +194,29 @@ class FastLane:
         p99 echo latency 1.1 ms quiet, 6.1 ms under the hostile benchmark). A lower nice value
         gives the thread a larger share; a short slice (Linux 6.12+, EEVDF) gives it an early
         deadline, so it preempts the event loop as soon as a frame arrives (measured under the
-        hostile benchmark: the thread's mean wait per wake-up 15.6 µs at the default 3 ms
+        hostile benchmark: the thread's mean wait per wake-up 15.6 µs at the kernel's default
         slice, 7.9 µs at 100 µs). Lowering a nice value needs ``CAP_SYS_NICE`` or
         ``RLIMIT_NICE`` (systemd's ``LimitNICE=``); without them the thread keeps the
         process's nice value, still takes the slice (that needs no privilege), and this says
-        so once.
+        so once. A gateway run under a real-time or idle policy (``chrt``) keeps it.
         """
         tid = self._native.thread_id
         keep = os.getpriority(os.PRIO_PROCESS, tid)
         if nice == 0 and slice_us == 0:
             return keep, 0
+        policy = os.sched_getscheduler(tid)
+        if policy not in (os.SCHED_OTHER, os.SCHED_BATCH):
+            log.info("the fast lane thread keeps the gateway's scheduling policy %d", policy)
+            return keep, 0
         want = keep if nice == 0 else nice  # 0: leave the nice value as it is
         try:
-            self._native.prioritise(want, slice_us * 1000)
+            self._native.prioritise(policy, want, slice_us * 1000)
             return want, slice_us
         except OSError as error:
             refused = error
         try:
             # The slice alone needs no privilege.
-            self._native.prioritise(keep, slice_us * 1000)
+            self._native.prioritise(policy, keep, slice_us * 1000)
             got = (keep, slice_us)
         except OSError:
             # sched_setattr itself is refused (a seccomp filter): the nice value alone.
@@ -223,6 +229,15 @@ class FastLane:
                 want,
                 refused.strerror,
                 20 - want,
+            )
+        if got[1] != slice_us:
+            log.warning(
+                "! the fast lane thread could not ask for %d µs time slices (%s: sched_setattr "
+                "refused), so under load a relayed frame may wait a whole slice of the event "
+                "loop; allow sched_setattr in the seccomp profile, or set [gateway] "
+                "relay_thread_slice_us = 0 to silence this",
+                slice_us,
+                refused.strerror,
             )
         return got
 
