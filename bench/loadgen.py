@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import ssl
+import statistics
 import struct
 import sys
 import time
@@ -535,17 +536,15 @@ def by_block(stats: Stats, blocks: Blocks, window_ns: tuple[int, int]) -> dict[s
     start, end = window_ns[0] + offset, window_ns[1] + offset
     block_ns = int(blocks.block_s * 1e9)
     per_block: dict[int, list[int]] = {}
-    left_out = 0
+    guarded = 0
     for arrived, latency in zip(stats.arrivals, stats.latencies, strict=True):
         index = blocks.block(arrived - latency + offset)
-        if (
-            index is None
-            or blocks.start_ns(index) < start
-            or blocks.start_ns(index) + block_ns > end
-        ):
-            left_out += 1
+        if index is None:
+            guarded += 1
         else:
             per_block.setdefault(index, []).append(latency)
+    cut = [i for i in per_block if not start <= blocks.start_ns(i) <= end - block_ns]
+    left_out = guarded + sum(len(per_block.pop(i)) for i in cut)
     p99 = {i: percentiles(v)["p99"] for i, v in per_block.items() if len(v) >= 100}
     # Each attack block (even) against the mean of its two quiet neighbours.
     ratios = sorted(
@@ -553,13 +552,13 @@ def by_block(stats: Stats, blocks: Blocks, window_ns: tuple[int, int]) -> dict[s
         for i in p99
         if i % 2 == 0 and i - 1 in p99 and i + 1 in p99
     )
-    median = None if not ratios else (ratios[(len(ratios) - 1) // 2] + ratios[len(ratios) // 2]) / 2
+    median = round(statistics.median(ratios), 3) if ratios else None
     return {
         **blocks.to_spec(),
         "attack": percentiles([x for i, v in per_block.items() if i % 2 == 0 for x in v]),
         "quiet": percentiles([x for i, v in per_block.items() if i % 2 == 1 for x in v]),
         "pair_p99_ratios": ratios,
-        "p99_ratio": None if median is None else round(median, 3),
+        "p99_ratio": median,
         "attack_above": sum(r > 1 for r in ratios),
         "left_out": left_out,
     }

@@ -561,7 +561,7 @@ def _interleaved_md(res: dict[str, Any]) -> list[str]:
         f"{blocks['block_s']:g} s blocks and pause in odd ones; each echo counts for the block "
         f"its frame was sent in, the first {blocks['guard_s']:g} s of every quiet block and "
         "blocks cut by the window's ends left out "
-        f"({blocks.get('left_out', blocks.get('guarded', 0)):,} echoes); frames lost {lost}). "
+        f"({blocks['left_out']:,} echoes); frames lost {lost}). "
         "The latency target is the median, over the attack blocks, of each one's p99 over the "
         "mean of its two quiet neighbours' "
         f"({', '.join(f'{r:.2f}' for r in blocks.get('pair_p99_ratios', []))}); the rows "

@@ -92,7 +92,7 @@ class Settings:
     #: Quiet / under-attack pairs, the order alternating.
     hostile_rounds: int = 3
     #: The interleaved run (bench/blocks.py), whose p99 ratio is the target: its length, the
-    #: length of each attack or quiet block, and the guard left out at each block's start.
+    #: length of each attack or quiet block, and the guard left out at each quiet block's start.
     interleaved_seconds: float = 90.0
     block_s: float = 1.0
     block_guard_s: float = 0.25
@@ -999,8 +999,9 @@ def hostile(settings: Settings) -> dict[str, Any]:
     the attacks that open sessions (:data:`ATTACKED_AGENT`). In the hostile run,
     ``attackers`` connections (``python -m bench.attackers``, at ``SCHED_IDLE`` on the
     gateway's core: :data:`ATTACKERS_ON`) loop over five attacks for as long as the load
-    client runs. The gateway's
-    peak RSS (``VmHWM``, reset before each run) and open fds are watched through each run.
+    client runs; in the interleaved run (:mod:`bench.blocks`) only in every other second. The
+    gateway's peak RSS (``VmHWM``, reset before each run) and open fds are watched through each
+    run.
     """
     load, relay = cores()
     sessions, seconds = settings.hostile_sessions, settings.hostile_seconds
