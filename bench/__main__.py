@@ -155,6 +155,13 @@ def _parser() -> argparse.ArgumentParser:
         "relay: the gateway's; see ATTACKERS_ON in bench/scenarios.py)",
     )
     parser.add_argument(
+        "--workdir-on",
+        choices=scenarios.WORKDIR_ON,
+        default=scenarios.WORKDIR_ON[0],
+        help="where each run's folder (the gateway's state_dir, sockets, logs) goes: memory "
+        "(/dev/shm, the default) or disk, for comparison (see WORKDIR_ON in bench/scenarios.py)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke test (< 60 s): tiny loads; fails if a scenario fails or loses a frame",
@@ -256,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.relay_thread_nice = args.relay_thread_nice
     settings.relay_thread_slice_us = args.relay_thread_slice_us
     settings.attackers_on = args.attackers_on
+    settings.workdir_on = args.workdir_on
     os.environ["CATFLAP_BENCH_ECHO"] = args.echo  # read by bench/bots/fast-echo/bot.py
     set_quiet_budget(0.0 if args.quick else args.quiet_budget)
     out: Path = args.out or (

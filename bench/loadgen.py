@@ -449,6 +449,67 @@ def _machine(
     return load
 
 
+#: Other programs' CPU within one second of the window above which that second was disturbed,
+#: in CPU seconds. Why a second as well as the whole window (``FOREIGN_CPU_LIMIT``, 5 % of a
+#: core): on the reference VM, RabbitMQ's node starts a short-lived Erlang VM about once a
+#: minute that takes ~0.2-0.4 s of CPU across both cores within a fraction of a second, and
+#: stalls every echo meanwhile (``perf sched timehist``), yet over a 15 s run that is 2 % of a
+#: core. The per-second reading has the ticks' resolution (10 ms per process), and the
+#: machine's services take ~0.03 s a second between such bursts, hence 0.15.
+BURST_CPU_LIMIT_S = 0.15
+
+
+class ForeignWatch:
+    """Other programs' CPU second by second over the send window: the machine's busy time
+    (``/proc/stat``, interrupts left out as in :func:`_machine`) minus the benchmark's own
+    processes' (``pids``, and every process below each root in ``trees``).
+
+    Each interval starts at ``epoch_ns + k * step_ns`` (``time.monotonic_ns``): with blocks,
+    the blocks' own epoch and length, so that interval ``k`` is block ``k``.
+    """
+
+    def __init__(
+        self, pids: dict[str, int], trees: dict[str, int], epoch_ns: int, step_ns: int
+    ) -> None:
+        self._pids, self._trees, self._skip = pids, trees, set(pids.values())
+        self.epoch_ns, self.step_ns = epoch_ns, step_ns
+        #: Interval index -> other programs' CPU seconds in it.
+        self.by_interval: dict[int, float] = {}
+
+    def _sample(
+        self,
+    ) -> tuple[dict[str, tuple[int, int, int, int]], dict[str, int], dict[str, dict[int, int]]]:
+        return cpu_times(), sample_cpu(self._pids), sample_trees(self._trees, self._skip)
+
+    async def run(self, until_ns: int) -> None:
+        """Sample at every interval boundary until ``until_ns`` (cancel to stop early)."""
+        # The first whole interval: from the first boundary that has not passed.
+        index = max(0, -(-(time.monotonic_ns() - self.epoch_ns) // self.step_ns))
+        await self._sleep_until(self.epoch_ns + index * self.step_ns)
+        before = self._sample()
+        while (end := self.epoch_ns + (index + 1) * self.step_ns) <= until_ns:
+            await self._sleep_until(end)
+            after = self._sample()
+            ours = cpu_delta(before[1], after[1])
+            ours.update(tree_delta(before[2], after[2]))
+            hz = os.sysconf("SC_CLK_TCK")
+            busy = (after[0]["cpu"][0] - before[0]["cpu"][0]) / hz
+            interrupt = (after[0]["cpu"][3] - before[0]["cpu"][3]) / hz
+            self.by_interval[index] = round(max(0.0, busy - interrupt - sum(ours.values())), 3)
+            before, index = after, index + 1
+
+    @staticmethod
+    async def _sleep_until(t_ns: int) -> None:
+        await asyncio.sleep(max(0, t_ns - time.monotonic_ns()) / 1e9)
+
+    def disturbed(self) -> set[int]:
+        """The intervals in which other programs took more than :data:`BURST_CPU_LIMIT_S`."""
+        return {i for i, cpu in self.by_interval.items() if cpu > BURST_CPU_LIMIT_S}
+
+    def peak_s(self) -> float:
+        return max(self.by_interval.values(), default=0.0)
+
+
 def cpu_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
     """CPU seconds used per process between two samples."""
     hz = os.sysconf("SC_CLK_TCK")
@@ -484,6 +545,14 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = loop.time()
     t0_ns = _now()
     end = t0 + seconds
+    # Other programs' CPU block by block (with blocks), else second by second from t0.
+    start_mono = time.monotonic_ns()
+    watch = (
+        ForeignWatch(pids, trees, blocks.epoch_ns, int(blocks.block_s * 1e9))
+        if blocks is not None
+        else ForeignWatch(pids, trees, start_mono, 1_000_000_000)
+    )
+    watching = asyncio.create_task(watch.run(start_mono + int(seconds * 1e9)))
     tick = 0
     while True:
         at = t0 + tick * slot
@@ -499,9 +568,14 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
     end_ns = t0_ns + int(seconds * 1e9)
     await _drain(stats, float(spec.get("drain", 3.0)))
     t1 = loop.time()
+    watching.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watching
     cpu = cpu_delta(cpu0, sample_cpu(pids))
     cpu.update(tree_delta(tree0, sample_trees(trees, skip)))
     machine = _machine(machine0, cpu)
+    machine["foreign_peak_s"] = watch.peak_s()
+    machine["foreign_by_second"] = [watch.by_interval[i] for i in sorted(watch.by_interval)]
     alive = sum(not c.closed.done() for c in clients)
     lingering = await close_all(clients)
     return {
@@ -517,7 +591,11 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
         "lost": stats.sent - stats.received,
         "latency_us": percentiles(stats.latencies),
         "timeline": timeline(stats, t0_ns, float(spec.get("timeline_step", 1.0))),
-        **({} if blocks is None else {"blocks": by_block(stats, blocks, (t0_ns, end_ns))}),
+        **(
+            {}
+            if blocks is None
+            else {"blocks": by_block(stats, blocks, (t0_ns, end_ns), watch.disturbed())}
+        ),
         "t0_ns": t0_ns,
         "cpu_s": cpu,
         "machine": machine,
@@ -526,10 +604,13 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def by_block(stats: Stats, blocks: Blocks, window_ns: tuple[int, int]) -> dict[str, Any]:
+def by_block(
+    stats: Stats, blocks: Blocks, window_ns: tuple[int, int], disturbed: set[int] | None = None
+) -> dict[str, Any]:
     """Echo latency percentiles of the frames sent in attack blocks and in quiet blocks (see
     :mod:`bench.blocks`), counting only blocks wholly inside ``window_ns`` (when frames were
-    sent, ``perf_counter_ns``), and how many echoes fell in a guard or a cut block."""
+    sent, ``perf_counter_ns``) and not ``disturbed`` (other programs' bursts: see
+    :class:`ForeignWatch`), and how many echoes fell in a guard or a left-out block."""
     # perf_counter_ns and monotonic_ns are both CLOCK_MONOTONIC on Linux; the offset is ~0 but
     # costs nothing to apply.
     offset = time.monotonic_ns() - _now()
@@ -545,6 +626,8 @@ def by_block(stats: Stats, blocks: Blocks, window_ns: tuple[int, int]) -> dict[s
             per_block.setdefault(index, []).append(latency)
     cut = [i for i in per_block if not start <= blocks.start_ns(i) <= end - block_ns]
     left_out = guarded + sum(len(per_block.pop(i)) for i in cut)
+    burst = sorted(i for i in per_block if i in (disturbed or set()))
+    left_out += sum(len(per_block.pop(i)) for i in burst)
     p99 = {i: percentiles(v)["p99"] for i, v in per_block.items() if len(v) >= 100}
     # Each attack block (even) against the mean of its two quiet neighbours.
     ratios = sorted(
@@ -561,6 +644,11 @@ def by_block(stats: Stats, blocks: Blocks, window_ns: tuple[int, int]) -> dict[s
         "p99_ratio": median,
         "attack_above": sum(r > 1 for r in ratios),
         "left_out": left_out,
+        #: Blocks left out because other programs took more than BURST_CPU_LIMIT_S in them.
+        "burst_blocks": {
+            "attack": sum(i % 2 == 0 for i in burst),
+            "quiet": sum(i % 2 == 1 for i in burst),
+        },
     }
 
 

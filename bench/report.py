@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.loadgen import BURST_CPU_LIMIT_S
+
 __all__ = [
     "evaluate_targets",
     "machine_info",
@@ -469,8 +471,11 @@ def _run_disturbance(r: dict[str, Any]) -> str:
     foreign = float(r.get("foreign_cpu_s") or 0.0)
     steal = float(r.get("steal") or 0.0)
     why = []
+    peak = float(r.get("foreign_peak_s") or 0.0)
     if foreign > FOREIGN_CPU_LIMIT * float(r.get("window_s") or 1.0):
         why.append(f"other programs {foreign:g} s of CPU")
+    elif peak > BURST_CPU_LIMIT_S:
+        why.append(f"other programs {peak:g} s of CPU in one second")
     if steal > STEAL_LIMIT:
         why.append(f"steal {steal:.0%}")
     return ", ".join(why)
@@ -483,6 +488,7 @@ def _disturbed(res: dict[str, Any]) -> str:
             label: {
                 **res["runs"][label],
                 "foreign_cpu_s": res["runs"][label]["machine"].get("foreign_cpu_s"),
+                "foreign_peak_s": res["runs"][label]["machine"].get("foreign_peak_s"),
             }
             for label in ("quiet", "hostile")
         }
@@ -541,6 +547,17 @@ def _rounds_md(res: dict[str, Any]) -> list[str]:
     ]
 
 
+def _burst_note(burst: dict[str, int] | None) -> str:
+    """The blocks left out for other programs' bursts (results before 2026-12-03 16:30 UTC
+    have no such count)."""
+    if burst is None:
+        return ""
+    return (
+        f", and blocks in which other programs took more than {BURST_CPU_LIMIT_S:g} s of CPU "
+        f"({burst['attack']} attack, {burst['quiet']} quiet; see BURST_CPU_LIMIT_S),"
+    )
+
+
 def _interleaved_md(res: dict[str, Any]) -> list[str]:
     run = res.get("interleaved")
     if not run or not run.get("blocks"):
@@ -560,8 +577,9 @@ def _interleaved_md(res: dict[str, Any]) -> list[str]:
         f"Interleaved run ({run['seconds']:g} s; the attackers attack in even "
         f"{blocks['block_s']:g} s blocks and pause in odd ones; each echo counts for the block "
         f"its frame was sent in, the first {blocks['guard_s']:g} s of every quiet block and "
-        "blocks cut by the window's ends left out "
-        f"({blocks['left_out']:,} echoes); frames lost {lost}). "
+        "blocks cut by the window's ends"
+        + _burst_note(blocks.get("burst_blocks"))
+        + f" left out ({blocks['left_out']:,} echoes); frames lost {lost}). "
         "The latency target is the median, over the attack blocks, of each one's p99 over the "
         "mean of its two quiet neighbours' "
         f"({', '.join(f'{r:.2f}' for r in blocks.get('pair_p99_ratios', []))}); the rows "
@@ -606,6 +624,15 @@ def _hostile_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
 def _met(t: dict[str, Any]) -> str:
     met = "yes" if t["met"] else "**no**"
     return f"{met} (disturbed)" if t.get("disturbed") else met
+
+
+def _workdir_note(where: str | None) -> str:
+    """Where the run folders were, for results that say (older ones do not)."""
+    if where == "memory":
+        return "; the gateway's state_dir and logs in memory (tmpfs: see WORKDIR_ON)"
+    if where == "disk":
+        return "; the gateway's state_dir and logs on the VM's disk"
+    return ""
 
 
 def _hostile_md(res: dict[str, Any]) -> list[str]:
@@ -664,6 +691,7 @@ def _hostile_md(res: dict[str, Any]) -> list[str]:
             "; the attackers at SCHED_IDLE and the attacked agent's instance on the "
             + ("load client's core" if res.get("attackers_on") == "load" else "gateway's core")
         )
+        + _workdir_note(res.get("workdir_on"))
         + "), then quiet again. Gateway CPU per frame is all of the gateway's CPU (the "
         "attacks' included) over the legitimate frames it forwarded; the CPU of the gateway's "
         "agent instances is measured too (not counted as other programs'); peak RSS is "

@@ -3,10 +3,12 @@ echoes by block (bench.loadgen.by_block): the arithmetic the p99 target rests on
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 
 from bench.blocks import Blocks
-from bench.loadgen import Stats, by_block
+from bench.loadgen import BURST_CPU_LIMIT_S, ForeignWatch, Stats, by_block
 
 S = 1_000_000_000
 MS = 1_000_000
@@ -39,7 +41,11 @@ def test_the_spec_round_trips() -> None:
     assert Blocks.from_spec(None) is None
 
 
-def _split(samples: list[tuple[float, int]], window_s: tuple[float, float]) -> dict[str, object]:
+def _split(
+    samples: list[tuple[float, int]],
+    window_s: tuple[float, float],
+    disturbed: set[int] | None = None,
+) -> dict[str, object]:
     """by_block over echoes sent ``t`` s after the epoch with ``latency`` ns each, the load
     client's window from ``window_s[0]`` to ``window_s[1]`` s after the epoch (the two clocks
     are read apart, so a bound exactly on a block edge is given a millisecond of slack)."""
@@ -51,7 +57,7 @@ def _split(samples: list[tuple[float, int]], window_s: tuple[float, float]) -> d
         stats.arrivals.append(sent + latency)
         stats.latencies.append(latency)
     window = tuple(BLOCKS.epoch_ns + int(w * S) + to_perf for w in window_s)
-    return by_block(stats, BLOCKS, (window[0], window[1]))
+    return by_block(stats, BLOCKS, (window[0], window[1]), disturbed)
 
 
 def test_each_attack_block_is_compared_with_the_mean_of_its_quiet_neighbours() -> None:
@@ -86,3 +92,57 @@ def test_blocks_cut_by_the_window_and_thin_blocks_are_left_out() -> None:
     thin = [(3.0, MS)] * 200 + [(5.0, MS)] * 200 + [(7.0, MS)] * 99
     assert _split(thin, (0.0, 8.001))["pair_p99_ratios"] == []
     assert _split(thin + [(7.0, MS)], (0.0, 8.001))["pair_p99_ratios"] == [1.0]
+
+
+def test_blocks_other_programs_burst_in_are_left_out_on_both_sides() -> None:
+    # Blocks 0-8; attack block 4 stalls (100 ms) and quiet block 5 too: both in a burst.
+    samples: list[tuple[float, int]] = []
+    for block in range(9):
+        latency = 100 * MS if block in (4, 5) else (2 * MS if block % 2 == 0 else MS)
+        samples += [(block * 2.0 + 1.0, latency)] * 200
+    clean = _split(samples, (-0.001, 18.001))
+    assert clean["burst_blocks"] == {"attack": 0, "quiet": 0}
+    assert clean["attack"]["max"] == 100_000.0
+    result = _split(samples, (-0.001, 18.001), disturbed={4, 5, 99})
+    assert result["burst_blocks"] == {"attack": 1, "quiet": 1}
+    assert result["left_out"] == 400
+    assert result["attack"]["count"] == 4 * 200 and result["quiet"]["count"] == 3 * 200
+    assert result["attack"]["max"] == 2000.0 and result["quiet"]["max"] == 1000.0
+    # Attack block 2 (quiet 1 and 3) is compared; 6 lost its neighbour 5, 4 is out.
+    assert result["pair_p99_ratios"] == [2.0]
+
+
+def test_the_watch_reports_the_intervals_over_the_limit() -> None:
+    watch = ForeignWatch({}, {}, epoch_ns=0, step_ns=S)
+    watch.by_interval = {0: 0.02, 1: BURST_CPU_LIMIT_S, 2: BURST_CPU_LIMIT_S + 0.01, 3: 0.4}
+    assert watch.disturbed() == {2, 3}
+    assert watch.peak_s() == 0.4
+    assert ForeignWatch({}, {}, epoch_ns=0, step_ns=S).peak_s() == 0.0
+
+
+def test_the_watch_sees_a_short_burst_by_a_program_not_the_benchmarks() -> None:
+    """A real burner outside the benchmark's processes (reparented to init by a shell that
+    exits at once) burns ~0.6 s within one 1 s interval: that interval is over the limit,
+    however busy the machine is otherwise (other load only adds to it)."""
+
+    async def watch_a_burst() -> ForeignWatch:
+        # This test's own process tree (pytest, its workers) is the benchmark's here.
+        ours = {"tests": os.getppid()}
+        epoch = time.monotonic_ns() + S // 5
+        watch = ForeignWatch({"self": os.getpid()}, ours, epoch_ns=epoch, step_ns=S)
+        task = asyncio.create_task(watch.run(epoch + 3 * S))
+        await asyncio.sleep((epoch + S + S // 10 - time.monotonic_ns()) / 1e9)  # interval 1
+        shell = await asyncio.create_subprocess_exec(
+            "sh",
+            "-c",
+            "timeout 0.6 sh -c 'while :; do :; done' >/dev/null 2>&1 &",
+            start_new_session=True,
+        )
+        assert await shell.wait() == 0
+        await task
+        return watch
+
+    watch = asyncio.run(watch_a_burst())
+    assert sorted(watch.by_interval) == [0, 1, 2]
+    assert watch.by_interval[1] >= 0.45, watch.by_interval
+    assert 1 in watch.disturbed()
