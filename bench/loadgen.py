@@ -34,7 +34,16 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from bench.blocks import Blocks
-from bench.procs import cpu_ticks, cpu_times, descendants_of, machine_load, raise_nofile, rss_kb
+from bench.procs import (
+    cpu_ticks,
+    cpu_times,
+    descendants_of,
+    machine_load,
+    others_cpu_s,
+    process_table,
+    raise_nofile,
+    rss_kb,
+)
 
 __all__ = ["FrameTemplate", "Stats", "WSClient", "main", "percentiles"]
 
@@ -454,48 +463,40 @@ def _machine(
 #: core): on the reference VM, RabbitMQ's node starts a short-lived Erlang VM about once a
 #: minute that takes ~0.2-0.4 s of CPU across both cores within a fraction of a second, and
 #: stalls every echo meanwhile (``perf sched timehist``), yet over a 15 s run that is 2 % of a
-#: core. The per-second reading has the ticks' resolution (10 ms per process), and the
-#: machine's services take ~0.03 s a second between such bursts, hence 0.15.
+#: core. The machine's services take ~0.01-0.03 s a second between such bursts, hence 0.15.
 BURST_CPU_LIMIT_S = 0.15
 
 
 class ForeignWatch:
-    """Other programs' CPU second by second over the send window: the machine's busy time
-    (``/proc/stat``, interrupts left out as in :func:`_machine`) minus the benchmark's own
-    processes' (``pids``, and every process below each root in ``trees``).
+    """Other programs' CPU interval by interval over the send window: every process outside
+    the benchmark's own tree (``root``, the suite's process: the load client, the relays, their
+    instances and the attackers are all below it), read from each process's own ticks
+    (:func:`~bench.procs.others_cpu_s`).
+
+    Not the machine's busy time less the benchmark's processes', as :func:`_machine` does for
+    the whole window: a process's ticks are its exact run time while ``/proc/stat`` samples at
+    the tick and leaves out steal, so under load the difference came out at 0 even through a
+    0.3 s Erlang VM burst.
 
     Each interval starts at ``epoch_ns + k * step_ns`` (``time.monotonic_ns``): with blocks,
     the blocks' own epoch and length, so that interval ``k`` is block ``k``.
     """
 
-    def __init__(
-        self, pids: dict[str, int], trees: dict[str, int], epoch_ns: int, step_ns: int
-    ) -> None:
-        self._pids, self._trees, self._skip = pids, trees, set(pids.values())
-        self.epoch_ns, self.step_ns = epoch_ns, step_ns
+    def __init__(self, root: int, epoch_ns: int, step_ns: int) -> None:
+        self.root, self.epoch_ns, self.step_ns = root, epoch_ns, step_ns
         #: Interval index -> other programs' CPU seconds in it.
         self.by_interval: dict[int, float] = {}
 
-    def _sample(
-        self,
-    ) -> tuple[dict[str, tuple[int, int, int, int]], dict[str, int], dict[str, dict[int, int]]]:
-        return cpu_times(), sample_cpu(self._pids), sample_trees(self._trees, self._skip)
-
     async def run(self, until_ns: int) -> None:
-        """Sample at every interval boundary until ``until_ns`` (cancel to stop early)."""
+        """Scan at every interval boundary until ``until_ns`` (cancel to stop early)."""
         # The first whole interval: from the first boundary that has not passed.
         index = max(0, -(-(time.monotonic_ns() - self.epoch_ns) // self.step_ns))
         await self._sleep_until(self.epoch_ns + index * self.step_ns)
-        before = self._sample()
+        before = process_table()
         while (end := self.epoch_ns + (index + 1) * self.step_ns) <= until_ns:
             await self._sleep_until(end)
-            after = self._sample()
-            ours = cpu_delta(before[1], after[1])
-            ours.update(tree_delta(before[2], after[2]))
-            hz = os.sysconf("SC_CLK_TCK")
-            busy = (after[0]["cpu"][0] - before[0]["cpu"][0]) / hz
-            interrupt = (after[0]["cpu"][3] - before[0]["cpu"][3]) / hz
-            self.by_interval[index] = round(max(0.0, busy - interrupt - sum(ours.values())), 3)
+            after = process_table()
+            self.by_interval[index] = round(others_cpu_s(before, after, self.root), 3)
             before, index = after, index + 1
 
     @staticmethod
@@ -547,10 +548,12 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
     end = t0 + seconds
     # Other programs' CPU block by block (with blocks), else second by second from t0.
     start_mono = time.monotonic_ns()
+    # The suite's own process started this one: everything it runs is below it.
+    suite = os.getppid()
     watch = (
-        ForeignWatch(pids, trees, blocks.epoch_ns, int(blocks.block_s * 1e9))
+        ForeignWatch(suite, blocks.epoch_ns, int(blocks.block_s * 1e9))
         if blocks is not None
-        else ForeignWatch(pids, trees, start_mono, 1_000_000_000)
+        else ForeignWatch(suite, start_mono, 1_000_000_000)
     )
     watching = asyncio.create_task(watch.run(start_mono + int(seconds * 1e9)))
     tick = 0

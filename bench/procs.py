@@ -342,6 +342,53 @@ def _children_by_parent() -> dict[int, list[int]]:
     return parents
 
 
+#: ``PF_KTHREAD`` in ``/proc/<pid>/stat``'s flags: a kernel thread.
+_PF_KTHREAD = 0x00200000
+
+
+def process_table() -> dict[int, tuple[int, int, bool]]:
+    """Every process: pid -> (parent pid, CPU ticks of itself and of its reaped children
+    (utime + stime + cutime + cstime), whether it is a kernel thread), from one scan of
+    ``/proc``. A child that ends within an interval shows up in its parent's ticks."""
+    table: dict[int, tuple[int, int, bool]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(b")") + 2 :].split()
+        ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))
+        table[int(entry)] = (int(fields[1]), ticks, bool(int(fields[6]) & _PF_KTHREAD))
+    return table
+
+
+def others_cpu_s(
+    before: dict[int, tuple[int, int, bool]], after: dict[int, tuple[int, int, bool]], root: int
+) -> float:
+    """CPU seconds that processes outside ``root``'s tree used between two
+    :func:`process_table` scans: other programs, not the kernel's threads (whose work here is
+    mostly the benchmark's own traffic). A process born in between counts whole; one that
+    ended counts through its parent's reaped-children ticks (a foreign process that was
+    already running and then ended is counted twice: a conservative error)."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in after.items():
+        children.setdefault(ppid, []).append(pid)
+    ours, todo = {root}, [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            ours.add(child)
+            todo.append(child)
+    ticks = 0
+    for pid, (_, now, kernel) in after.items():
+        if pid in ours or kernel:
+            continue
+        ticks += now - before[pid][1] if pid in before else now
+    return max(0, ticks) / CLOCK_TICKS
+
+
 def children_of(pid: int) -> list[int]:
     """Direct children of ``pid``, from a scan of ``/proc``."""
     return sorted(_children_by_parent().get(pid, []))

@@ -548,8 +548,7 @@ def _rounds_md(res: dict[str, Any]) -> list[str]:
 
 
 def _burst_note(burst: dict[str, int] | None) -> str:
-    """The blocks left out for other programs' bursts (results before 2026-12-03 16:30 UTC
-    have no such count)."""
+    """The blocks left out for other programs' bursts (older results have no such count)."""
     if burst is None:
         return ""
     return (

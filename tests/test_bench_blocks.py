@@ -9,6 +9,7 @@ import time
 
 from bench.blocks import Blocks
 from bench.loadgen import BURST_CPU_LIMIT_S, ForeignWatch, Stats, by_block
+from bench.procs import CLOCK_TICKS, others_cpu_s
 
 S = 1_000_000_000
 MS = 1_000_000
@@ -113,11 +114,40 @@ def test_blocks_other_programs_burst_in_are_left_out_on_both_sides() -> None:
 
 
 def test_the_watch_reports_the_intervals_over_the_limit() -> None:
-    watch = ForeignWatch({}, {}, epoch_ns=0, step_ns=S)
+    watch = ForeignWatch(root=1, epoch_ns=0, step_ns=S)
     watch.by_interval = {0: 0.02, 1: BURST_CPU_LIMIT_S, 2: BURST_CPU_LIMIT_S + 0.01, 3: 0.4}
     assert watch.disturbed() == {2, 3}
     assert watch.peak_s() == 0.4
-    assert ForeignWatch({}, {}, epoch_ns=0, step_ns=S).peak_s() == 0.0
+    assert ForeignWatch(root=1, epoch_ns=0, step_ns=S).peak_s() == 0.0
+
+
+def test_other_programs_are_every_process_outside_the_suites_tree_but_the_kernels() -> None:
+    hz = CLOCK_TICKS
+    # pid: (ppid, ticks of itself and its reaped children, kernel thread)
+    before = {
+        1: (0, 10 * hz, False),  # init
+        2: (0, 0, True),  # kthreadd
+        10: (1, 5 * hz, False),  # the suite
+        11: (10, 1 * hz, False),  # its load client
+        12: (11, 0, False),  # a grandchild
+        20: (1, 2 * hz, False),  # another program
+        21: (20, 0, False),  # its child, which ends in between
+        30: (2, 0, True),  # a kernel worker
+    }
+    after = {
+        1: (0, 10 * hz, False),
+        2: (0, 0, True),
+        10: (1, 6 * hz, False),
+        11: (10, 3 * hz, False),
+        12: (11, 2 * hz, False),
+        13: (10, 4 * hz, False),  # the suite's, born in between
+        20: (1, 2 * hz + hz // 2, False),  # +0.5 s, 0.25 s of it its ended child's
+        30: (2, 9 * hz, True),
+        40: (1, hz // 4, False),  # another program, born in between
+    }
+    assert others_cpu_s(before, after, root=10) == 0.75
+    # From init's point of view everything is its own, the kernel's threads left out still.
+    assert others_cpu_s(before, after, root=1) == 0.0
 
 
 def test_the_watch_sees_a_short_burst_by_a_program_not_the_benchmarks() -> None:
@@ -126,10 +156,9 @@ def test_the_watch_sees_a_short_burst_by_a_program_not_the_benchmarks() -> None:
     however busy the machine is otherwise (other load only adds to it)."""
 
     async def watch_a_burst() -> ForeignWatch:
-        # This test's own process tree (pytest, its workers) is the benchmark's here.
-        ours = {"tests": os.getppid()}
+        # This test's parent (pytest, or its workers' parent) stands for the suite.
         epoch = time.monotonic_ns() + S // 5
-        watch = ForeignWatch({"self": os.getpid()}, ours, epoch_ns=epoch, step_ns=S)
+        watch = ForeignWatch(os.getppid(), epoch_ns=epoch, step_ns=S)
         task = asyncio.create_task(watch.run(epoch + 3 * S))
         await asyncio.sleep((epoch + S + S // 10 - time.monotonic_ns()) / 1e9)  # interval 1
         shell = await asyncio.create_subprocess_exec(
