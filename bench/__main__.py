@@ -158,8 +158,9 @@ def _parser() -> argparse.ArgumentParser:
         "--workdir-on",
         choices=scenarios.WORKDIR_ON,
         default=scenarios.WORKDIR_ON[0],
-        help="where each run's folder (the gateway's state_dir, sockets, logs) goes: memory "
-        "(/dev/shm, the default) or disk, for comparison (see WORKDIR_ON in bench/scenarios.py)",
+        help="where each run's folder (the gateway's state_dir, sockets, logs) goes, in every "
+        "scenario but instance-memory: memory (/dev/shm, the default) or disk, for comparison "
+        "(see WORKDIR_ON in bench/scenarios.py)",
     )
     parser.add_argument(
         "--quick",
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         nginx = "not used"
     meta = machine_info(REPO, nginx)
+    folders = scenarios.workdir_parent(settings.workdir_on) or tempfile.gettempdir()
+    meta["run_folders"] = str(folders)
     if args.profile:
         settings.profile_dir = out / "profiles"
     problems: list[str] = []

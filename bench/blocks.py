@@ -8,10 +8,11 @@ sides see the same host, the same gateway and the same sessions, a few seconds a
 times over. The comparison is the one the whole runs' rounds make, with many short rounds: the
 median, over the attack blocks, of each one's p99 over the mean of its two quiet neighbours'
 (so that a drift within the run favours neither side), so that a
-stall that is not the attack's weighs as one round, not as the whole comparison (on the
-reference VM, RabbitMQ's node starts a short-lived Erlang VM now and then, which took 200 ms of
-the load core at once: ``perf sched timehist`` showed it during a 264 ms echo); the pooled
-p99s are reported beside it. Only blocks wholly inside the load client's window count. Echoes
+stall that is not the attack's weighs as one round, not as the whole comparison; blocks in
+which other programs took a burst of CPU are left out of both sides besides (on the reference
+VM, RabbitMQ's node starts a short-lived Erlang VM once a minute, 0.2-0.4 s of CPU at once:
+``bench.loadgen.ForeignWatch``); the pooled p99s are reported beside it. Only blocks wholly
+inside the load client's window count. Echoes
 sent within ``guard_s`` of a quiet block's start are left out, so that attacks still in flight
 when it begins are not counted as quiet; an attack block counts from its start, the attackers'
 synchronised burst included. Attacks that last longer than a block (kind 3's stalled requests,

@@ -35,6 +35,8 @@ from typing import Any, cast
 
 from bench.blocks import Blocks
 from bench.procs import (
+    BURST_CPU_LIMIT_S,
+    ProcessRow,
     cpu_ticks,
     cpu_times,
     descendants_of,
@@ -444,27 +446,22 @@ async def _drain(stats: Stats, limit: float) -> None:
 
 
 def _machine(
-    before: dict[str, tuple[int, int, int, int]], ours: dict[str, float]
+    before: dict[str, tuple[int, int, int, int]],
+    table: dict[int, ProcessRow],
+    root: int,
 ) -> dict[str, float]:
-    """Machine-wide CPU over the window, and how much of it was not the benchmark's.
+    """Machine-wide CPU over the window (``before``: :func:`~bench.procs.cpu_times` at its
+    start), and how much of it other programs used: every process outside the suite's tree
+    (``root``), from the process table at the window's start (``table``; see
+    :class:`ForeignWatch` for why not the machine's busy time less the suite's).
 
     Interrupt time (softirq: the kernel's loopback network stack) belongs to no process's
     utime/stime; it is the cost of the benchmark's own traffic (under attack, gigabytes of
-    it), so it is reported apart (``interrupt_cpu_s``) and not counted as other programs'.
+    it), and reported apart (``interrupt_cpu_s``).
     """
     load = machine_load(before)
-    process_cpu = load["busy_cpu_s"] - load["interrupt_cpu_s"]
-    load["foreign_cpu_s"] = round(max(0.0, process_cpu - sum(ours.values())), 3)
+    load["foreign_cpu_s"] = round(others_cpu_s(table, process_table(), root), 3)
     return load
-
-
-#: Other programs' CPU within one second of the window above which that second was disturbed,
-#: in CPU seconds. Why a second as well as the whole window (``FOREIGN_CPU_LIMIT``, 5 % of a
-#: core): on the reference VM, RabbitMQ's node starts a short-lived Erlang VM about once a
-#: minute that takes ~0.2-0.4 s of CPU across both cores within a fraction of a second, and
-#: stalls every echo meanwhile (``perf sched timehist``), yet over a 15 s run that is 2 % of a
-#: core. The machine's services take ~0.01-0.03 s a second between such bursts, hence 0.15.
-BURST_CPU_LIMIT_S = 0.15
 
 
 class ForeignWatch:
@@ -473,24 +470,28 @@ class ForeignWatch:
     instances and the attackers are all below it), read from each process's own ticks
     (:func:`~bench.procs.others_cpu_s`).
 
-    Not the machine's busy time less the benchmark's processes', as :func:`_machine` does for
-    the whole window: a process's ticks are its exact run time while ``/proc/stat`` samples at
-    the tick and leaves out steal, so under load the difference came out at 0 even through a
-    0.3 s Erlang VM burst.
+    Not the machine's busy time less the benchmark's processes' (as the whole window's share
+    was read before 2026-12-03): a process's ticks are its exact run time while ``/proc/stat``
+    samples at the tick and leaves out steal, so under load the difference came out at 0 even
+    through a 0.3 s Erlang VM burst.
 
     Each interval starts at ``epoch_ns + k * step_ns`` (``time.monotonic_ns``): with blocks,
     the blocks' own epoch and length, so that interval ``k`` is block ``k``.
     """
+
+    #: A burst split over two neighbouring intervals counts for both when together they pass
+    #: the limit and each holds at least this much of it (CPU seconds).
+    STRADDLE_FLOOR_S = 0.05
 
     def __init__(self, root: int, epoch_ns: int, step_ns: int) -> None:
         self.root, self.epoch_ns, self.step_ns = root, epoch_ns, step_ns
         #: Interval index -> other programs' CPU seconds in it.
         self.by_interval: dict[int, float] = {}
 
-    async def run(self, until_ns: int) -> None:
-        """Scan at every interval boundary until ``until_ns`` (cancel to stop early)."""
-        # The first whole interval: from the first boundary that has not passed.
-        index = max(0, -(-(time.monotonic_ns() - self.epoch_ns) // self.step_ns))
+    async def run(self, from_ns: int, until_ns: int) -> None:
+        """Scan at every interval boundary from the first at or after ``from_ns`` to the last
+        at or before ``until_ns``; returns after the last."""
+        index = max(0, -(-(from_ns - self.epoch_ns) // self.step_ns))
         await self._sleep_until(self.epoch_ns + index * self.step_ns)
         before = process_table()
         while (end := self.epoch_ns + (index + 1) * self.step_ns) <= until_ns:
@@ -504,8 +505,15 @@ class ForeignWatch:
         await asyncio.sleep(max(0, t_ns - time.monotonic_ns()) / 1e9)
 
     def disturbed(self) -> set[int]:
-        """The intervals in which other programs took more than :data:`BURST_CPU_LIMIT_S`."""
-        return {i for i, cpu in self.by_interval.items() if cpu > BURST_CPU_LIMIT_S}
+        """The intervals in which other programs took more than
+        :data:`~bench.procs.BURST_CPU_LIMIT_S`, or a burst over it was split with a neighbour."""
+        cpu = self.by_interval
+        over = {i for i, s in cpu.items() if s > BURST_CPU_LIMIT_S}
+        for i, s in cpu.items():
+            t = cpu.get(i + 1)
+            if t is not None and s + t > BURST_CPU_LIMIT_S and min(s, t) >= self.STRADDLE_FLOOR_S:
+                over |= {i, i + 1}
+        return over
 
     def peak_s(self) -> float:
         return max(self.by_interval.values(), default=0.0)
@@ -541,21 +549,22 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
     # under test, not other programs: their CPU is measured, not counted as foreign.
     trees, skip = spec.get("cpu_trees", {}), set(pids.values())
     blocks = Blocks.from_spec(spec.get("blocks"))
+    # The suite's own process started this one: everything it runs is below it.
+    suite = os.getppid()
     cpu0, tree0 = sample_cpu(pids), sample_trees(trees, skip)
-    machine0 = cpu_times()
+    machine0, table0 = cpu_times(), process_table()
     t0 = loop.time()
     t0_ns = _now()
     end = t0 + seconds
-    # Other programs' CPU block by block (with blocks), else second by second from t0.
-    start_mono = time.monotonic_ns()
-    # The suite's own process started this one: everything it runs is below it.
-    suite = os.getppid()
+    # Other programs' CPU block by block (with blocks), else second by second from t0, over
+    # the same window as by_block's (perf_counter_ns and monotonic_ns: the same clock).
+    start_mono = t0_ns + time.monotonic_ns() - _now()
     watch = (
         ForeignWatch(suite, blocks.epoch_ns, int(blocks.block_s * 1e9))
         if blocks is not None
         else ForeignWatch(suite, start_mono, 1_000_000_000)
     )
-    watching = asyncio.create_task(watch.run(start_mono + int(seconds * 1e9)))
+    watching = asyncio.create_task(watch.run(start_mono, start_mono + int(seconds * 1e9)))
     tick = 0
     while True:
         at = t0 + tick * slot
@@ -571,14 +580,12 @@ async def run_telephony(spec: dict[str, Any]) -> dict[str, Any]:
     end_ns = t0_ns + int(seconds * 1e9)
     await _drain(stats, float(spec.get("drain", 3.0)))
     t1 = loop.time()
-    watching.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watching
+    await watching  # its last scan is at the window's end, which has passed
     cpu = cpu_delta(cpu0, sample_cpu(pids))
     cpu.update(tree_delta(tree0, sample_trees(trees, skip)))
-    machine = _machine(machine0, cpu)
+    machine = _machine(machine0, table0, suite)
     machine["foreign_peak_s"] = watch.peak_s()
-    machine["foreign_by_second"] = [watch.by_interval[i] for i in sorted(watch.by_interval)]
+    machine["foreign_by_interval"] = watch.by_interval
     alive = sum(not c.closed.done() for c in clients)
     lingering = await close_all(clients)
     return {
@@ -686,7 +693,7 @@ async def run_closed(spec: dict[str, Any]) -> dict[str, Any]:
         client.on_message = again
     await asyncio.sleep(0.3)
     cpu0 = sample_cpu(pids)
-    machine0 = cpu_times()
+    machine0, table0 = cpu_times(), process_table()
     t0 = loop.time()
     for client in clients:
         client.send()
@@ -695,7 +702,7 @@ async def run_closed(spec: dict[str, Any]) -> dict[str, Any]:
     done = stats.received
     elapsed = loop.time() - t0
     cpu = cpu_delta(cpu0, sample_cpu(pids))
-    machine = _machine(machine0, cpu)
+    machine = _machine(machine0, table0, os.getppid())
     await _drain(stats, 3.0)
     lost = stats.sent - stats.received
     lingering = await close_all(clients)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.loadgen import BURST_CPU_LIMIT_S
+from bench.procs import BURST_CPU_LIMIT_S
 
 __all__ = [
     "evaluate_targets",
@@ -475,7 +475,7 @@ def _run_disturbance(r: dict[str, Any]) -> str:
     if foreign > FOREIGN_CPU_LIMIT * float(r.get("window_s") or 1.0):
         why.append(f"other programs {foreign:g} s of CPU")
     elif peak > BURST_CPU_LIMIT_S:
-        why.append(f"other programs {peak:g} s of CPU in one second")
+        why.append(f"other programs {peak:g} s of CPU in one interval")
     if steal > STEAL_LIMIT:
         why.append(f"steal {steal:.0%}")
     return ", ".join(why)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -19,10 +20,26 @@ def _filesystem_type(path: Path) -> str:
     ).stdout.strip()
 
 
-def test_memory_means_dev_shm_exactly_when_it_is_a_tmpfs() -> None:
-    is_tmpfs = _filesystem_type(scenarios.MEMORY_DIR) == "tmpfs"
-    expected = scenarios.MEMORY_DIR if is_tmpfs else None
-    assert scenarios.workdir_parent("memory") == expected
+def test_memory_means_dev_shm_exactly_when_it_is_a_roomy_tmpfs() -> None:
+    shm = scenarios.MEMORY_DIR.resolve()
+    usable = (
+        _filesystem_type(shm) == "tmpfs"
+        and shutil.disk_usage(shm).free >= scenarios.MEMORY_DIR_MIN_FREE
+    )
+    assert scenarios.workdir_parent("memory") == (shm if usable else None)
+
+
+def test_the_mount_on_top_is_the_one_that_counts() -> None:
+    mounts = (
+        "sysfs /sys sysfs rw 0 0\n"
+        "tmpfs /dev/shm tmpfs rw,nosuid,nodev 0 0\n"
+        "overlay /dev/shm overlay rw 0 0\n"
+        "tmpfs /run tmpfs rw 0 0\n"
+    )
+    assert scenarios.mount_type(Path("/dev/shm"), mounts) == "overlay"
+    assert scenarios.mount_type(Path("/run"), mounts) == "tmpfs"
+    assert scenarios.mount_type(Path("/run/shm"), mounts) is None
+    assert scenarios.mount_type(Path("/dev"), "") is None
 
 
 def test_disk_means_the_system_temporary_folder() -> None:
@@ -34,8 +51,8 @@ def test_an_unknown_place_is_refused() -> None:
         scenarios.workdir_parent("ssd")
 
 
-def test_a_folder_that_is_not_a_mount_point_is_not_a_tmpfs(tmp_path: Path) -> None:
-    assert not scenarios._is_tmpfs(tmp_path)
+def test_a_folder_that_is_not_a_mount_point_is_not_used(tmp_path: Path) -> None:
+    assert not scenarios._usable_tmpfs(tmp_path)
 
 
 @pytest.mark.parametrize("where", scenarios.WORKDIR_ON)
