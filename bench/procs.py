@@ -328,17 +328,13 @@ def agent_instances_of(gateway_pid: int) -> list[int]:
 
 def _children_by_parent() -> dict[int, list[int]]:
     """Every process's direct children, keyed by parent pid, from one scan of ``/proc``."""
+    return _children(process_table())
+
+
+def _children(table: dict[int, ProcessRow]) -> dict[int, list[int]]:
     parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        ppid = int(data[data.rindex(b")") + 2 :].split()[1])
-        parents.setdefault(ppid, []).append(int(entry))
+    for pid, row in table.items():
+        parents.setdefault(row.ppid, []).append(pid)
     return parents
 
 
@@ -415,9 +411,7 @@ def others_cpu_s(before: dict[int, ProcessRow], after: dict[int, ProcessRow], ro
 
 
 def _below(root: int, table: dict[int, ProcessRow]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, row in table.items():
-        children.setdefault(row.ppid, []).append(pid)
+    children = _children(table)
     found: set[int] = set()
     todo = [root]
     while todo:
@@ -434,14 +428,7 @@ def children_of(pid: int) -> list[int]:
 
 def descendants_of(pid: int) -> list[int]:
     """Every process below ``pid`` (children, grandchildren, ...), from one scan of ``/proc``."""
-    parents = _children_by_parent()
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return sorted(found)
+    return sorted(_below(pid, process_table()))
 
 
 def cpu_times() -> dict[str, tuple[int, int, int, int]]:
