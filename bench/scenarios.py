@@ -153,9 +153,9 @@ def log(message: str) -> None:
 #: spent jtis; the agents' sockets; the programs' logs) goes: ``memory`` (a tmpfs, see
 #: :data:`MEMORY_DIR`) or ``disk`` (the system's temporary folder).
 #:
-#: Why memory by default: on this kind of VM the host counts its own work for the VM's virtual
-#: disk against the VM's CPU quota, and when both vCPUs are busy it then stops the whole VM
-#: for up to ~30 ms of every 100 ms. Measured (2026-12-03, a 1 ms sleep loop on core 0 for
+#: Why memory by default: on this kind of VM, when the virtual disk is busy while both vCPUs
+#: are, the host stops the whole VM for up to ~30 ms of every 100 ms (it looks like a CPU quota
+#: on the host that counts the host's own work for the disk). Measured (2026-12-03, a 1 ms sleep loop on core 0 for
 #: 30 s): two ``SCHED_IDLE`` CPU burners alone, or a ``dd oflag=direct`` loop alone, gave no
 #: stall over 4 ms; both together gave 300 stalls of ~30 ms, one every 100 ms (8.9 s of 30).
 #: The hostile scenario's attack sessions make the gateway write ~1.4 MB/s of records and logs
