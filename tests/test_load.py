@@ -7,6 +7,7 @@ counts and checks bytes.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import struct
 import time
@@ -32,8 +33,10 @@ def frame(session: int, seq: int) -> bytes:
     return body + struct.pack("!I", zlib.crc32(body))
 
 
-async def one_session(url: str, index: int, stop_at: float) -> tuple[int, int, int, int]:
-    """Returns (sent, received, reordered, corrupted) for one session."""
+async def one_session(url: str, index: int, stop_at: float) -> tuple[int, int, int, int, int]:
+    """Returns (sent, received, reordered, corrupted, due) for one session: ``due`` is how many
+    frames its schedule held from its first send to ``stop_at``. Sends keep to that schedule
+    (not a sleep after each send, whose overhead would pile up on a loaded machine)."""
     received = reordered = corrupted = 0
     sent = 0
     sending = True
@@ -56,10 +59,12 @@ async def one_session(url: str, index: int, stop_at: float) -> tuple[int, int, i
                     all_back.set()
 
         reader = asyncio.create_task(read_all(ws))
-        while time.monotonic() < stop_at:
+        first = time.monotonic()
+        due = max(0, math.ceil((stop_at - first) / INTERVAL_S))
+        while sent < due:
             await ws.send(frame(index, sent))
             sent += 1
-            await asyncio.sleep(INTERVAL_S)
+            await asyncio.sleep(max(0.0, first + sent * INTERVAL_S - time.monotonic()))
         sending = False
         if received == sent:
             all_back.set()
@@ -68,7 +73,7 @@ async def one_session(url: str, index: int, stop_at: float) -> tuple[int, int, i
                 await all_back.wait()
         finally:
             reader.cancel()
-    return sent, received, reordered, corrupted
+    return sent, received, reordered, corrupted, due
 
 
 def _no_start_limit(config: CatflapConfig) -> CatflapConfig:
@@ -98,7 +103,10 @@ async def test_three_hundred_sessions_lose_nothing() -> None:
                 await asyncio.sleep(0.05)
         statuses = {r.completion_status for r in gw.gateway.sessions.ended.values()}
     sent = sum(r[0] for r in results)
-    assert sent >= SESSIONS * DURATION_S / INTERVAL_S * 0.8  # the load really ran
+    # The load really ran: the sessions were open together for most of the window (the
+    # handshakes of 300 take a few seconds on a loaded machine), each sending its schedule.
+    assert min(r[4] for r in results) >= DURATION_S / INTERVAL_S * 0.5
+    assert sent >= SESSIONS * DURATION_S / INTERVAL_S * 0.6
     assert sum(r[1] for r in results) == sent  # 0 lost
     assert sum(r[2] for r in results) == 0  # 0 reordered
     assert sum(r[3] for r in results) == 0  # 0 corrupted
