@@ -476,7 +476,9 @@ class ForeignWatch:
     through a 0.3 s Erlang VM burst.
 
     Each interval starts at ``epoch_ns + k * step_ns`` (``time.monotonic_ns``): with blocks,
-    the blocks' own epoch and length, so that interval ``k`` is block ``k``.
+    the blocks' own epoch and length, so that interval ``k`` is block ``k``. A scan of ~100
+    processes holds the load client's loop for ~2.5 ms once an interval, in attack and quiet
+    blocks alike (echoes that arrive meanwhile are read that much later).
     """
 
     #: A burst split over two neighbouring intervals counts for both when together they pass
