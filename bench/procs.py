@@ -341,6 +341,10 @@ def _children(table: dict[int, ProcessRow]) -> dict[int, list[int]]:
 #: ``PF_KTHREAD`` in ``/proc/<pid>/stat``'s flags: a kernel thread.
 _PF_KTHREAD = 0x00200000
 
+#: A run during which other programs used more than this share of a core was disturbed (the
+#: suite repeats it while its quiet budget lasts, and the report says so).
+FOREIGN_CPU_LIMIT = 0.05
+
 #: Other programs' CPU within one interval of a run (a block of the hostile scenario's
 #: interleaved run, else a second) above which that interval was disturbed, in CPU seconds.
 #: Why per interval as well as over the whole window (5 % of a core): on the reference VM,

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.procs import BURST_CPU_LIMIT_S
+from bench.procs import BURST_CPU_LIMIT_S, FOREIGN_CPU_LIMIT
 
 __all__ = [
     "evaluate_targets",
@@ -448,11 +448,6 @@ _RUN_LABELS = {
     "hostile": "under attack",
     "after": "quiet, after the attack",
 }
-
-
-#: As :data:`bench.scenarios.FOREIGN_CPU_LIMIT`: a run in which other programs used more than
-#: this share of a core was disturbed.
-FOREIGN_CPU_LIMIT = 0.05
 
 
 #: A run whose CPUs lost more than this share of their time to the hypervisor (steal) was

@@ -28,6 +28,7 @@ from bench.blocks import Blocks
 from bench.dispatch import DispatchSpec, run_dispatch
 from bench.procs import (
     BURST_CPU_LIMIT_S,
+    FOREIGN_CPU_LIMIT,
     Child,
     MemoryWatch,
     agent_instances_of,
@@ -155,15 +156,16 @@ def log(message: str) -> None:
 #:
 #: Why memory by default: on this kind of VM, when the virtual disk is busy while both vCPUs
 #: are, the host stops the whole VM for up to ~30 ms of every 100 ms (it looks like a CPU quota
-#: on the host that counts the host's own work for the disk). Measured (2026-12-03, a 1 ms sleep loop on core 0 for
-#: 30 s): two ``SCHED_IDLE`` CPU burners alone, or a ``dd oflag=direct`` loop alone, gave no
-#: stall over 4 ms; both together gave 300 stalls of ~30 ms, one every 100 ms (8.9 s of 30).
-#: The hostile scenario's attack sessions make the gateway write ~1.4 MB/s of records and logs
-#: (``vmstat``), while the attackers keep the gateway's core busy; with the folder on disk its
-#: attack blocks had stalls of 50-130 ms that stopped every session and both cores at once
-#: (``perf sched timehist``: tasks on both CPUs "running" for the same 12.9 ms), which is the
-#: host, not the relay. The gateway's CPU for those writes is still measured; only the
-#: virtual disk is left out. ``--workdir-on disk`` measures with it.
+#: on the host that counts the host's own work for the disk). Measured (2026-12-03, a 1 ms
+#: sleep loop on core 0 for 30 s): two ``SCHED_IDLE`` CPU burners alone, or a
+#: ``dd oflag=direct`` loop alone, gave no stall over 4 ms; both together gave 300 stalls of
+#: ~30 ms, one every 100 ms (8.9 s of 30). The hostile scenario's attack sessions make the
+#: gateway write ~1.4 MB/s of records and logs (``vmstat``), while the attackers keep the
+#: gateway's core busy; with the folder on disk its attack blocks had stalls of 50-130 ms that
+#: stopped every session and both cores at once (``perf sched timehist``: tasks on both CPUs
+#: "running" for the same 12.9 ms), which is the host, not the relay. The gateway's CPU for
+#: those writes is still measured; only the virtual disk is left out. ``--workdir-on disk``
+#: measures with it.
 WORKDIR_ON = ("memory", "disk")
 #: A tmpfs on every Linux with a shared-memory mount; used when it is one (else the disk).
 MEMORY_DIR = Path("/dev/shm")
@@ -237,10 +239,6 @@ def run_loadgen(spec: dict[str, Any], *, timeout: float, workdir: Path) -> dict[
     if child.popen.returncode != 0:
         raise RuntimeError(f"load client failed ({child.popen.returncode}):\n{child.log_tail()}")
     return dict(json.loads(out.decode().strip().splitlines()[-1]))
-
-
-#: A run during which other programs used more than this share of a core is repeated.
-FOREIGN_CPU_LIMIT = 0.05
 
 
 #: Wraps each attempt of :func:`clean_run`: it may amend the attempt's spec (a copy) before
